@@ -1,0 +1,134 @@
+"""User data → bounded, seeded lists of input batches (each a tuple of positional inputs).
+
+Accepted structures, from a `torch.save` file or from Python:
+a tensor (one batch, one input); a tuple (one batch of positional inputs); a dict (one batch of named
+inputs, bound to the model's forward signature); a list of any of those (several batches); any other
+iterable such as a DataLoader (several batches); or {"inputs": <any of those>, "targets": [...]}.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from rewrite.errors import RewriteError
+
+MAX_BATCHES = 8
+
+
+@dataclass
+class Data:
+    batches: list[tuple]
+    targets: list[Any] | None = None
+    synthetic: bool = False
+
+
+def load_file(path: str | Path, what: str) -> Any:
+    """torch.load with weights_only=True (no code runs), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise RewriteError(f"{what} file {str(path)!r} not found: give the path of a file saved with torch.save")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RewriteError(f"{what} file {str(path)!r} is not readable tensor data ({first[:120]}); "
+                           "save tensors, tuples, dicts or lists of them with torch.save") from exc
+
+
+def from_user(data: Any, model: nn.Module, what: str, max_batches: int = MAX_BATCHES) -> Data:
+    """Normalize any accepted structure into batches of positional inputs, checked for NaN/inf."""
+    targets = None
+    if isinstance(data, dict) and set(data) == {"inputs", "targets"}:
+        data, targets = data["inputs"], _as_list(data["targets"])
+    batches = [as_args(b, model, what) for b in itertools.islice(_batches(data, what), max_batches)]
+    if not batches:
+        raise RewriteError(f"{what} data is empty: give at least one batch")
+    for i, batch in enumerate(batches):
+        _check_finite(batch, f"{what} batch {i}")
+    return Data(batches, targets[:len(batches)] if targets is not None else None)
+
+
+def synthetic(example_inputs: tuple, seed: int, count: int = 4) -> Data:
+    """The example inputs plus seeded noise-perturbed copies of their float tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [tuple(example_inputs)]
+    for _ in range(count - 1):
+        batches.append(tuple(_jitter(x, gen) for x in example_inputs))
+    return Data(batches, synthetic=True)
+
+
+def _jitter(x: Any, gen: torch.Generator) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        scale = x.std() if x.numel() > 1 else torch.tensor(1.0)
+        return x + 0.1 * scale * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    return x
+
+
+def _batches(data: Any, what: str):
+    if isinstance(data, (torch.Tensor, tuple, dict)):
+        return [data]
+    if isinstance(data, list):
+        return data
+    if hasattr(data, "__iter__") and not isinstance(data, (str, bytes)):
+        return data
+    raise RewriteError(f"{what} data has the wrong structure ({type(data).__name__}): "
+                       "give a tensor, a tuple or dict of tensors, or a list of those")
+
+
+def as_args(batch: Any, model: nn.Module, what: str = "input") -> tuple:
+    """One batch → a tuple of positional inputs for `model`."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and all(_is_input(x) for x in batch):
+        return tuple(batch)
+    if isinstance(batch, dict) and all(isinstance(k, str) for k in batch):
+        return _bind(batch, model, what)
+    raise RewriteError(f"{what} batch has the wrong structure ({_shape_of(batch)}): "
+                       "each batch must be a tensor, a tuple of tensors or a dict of named tensors")
+
+
+def _is_input(x: Any) -> bool:
+    return isinstance(x, (torch.Tensor, int, float, bool)) or x is None
+
+
+def _bind(batch: dict, model: nn.Module, what: str) -> tuple:
+    try:
+        bound = inspect.signature(model.forward).bind_partial(**batch)
+    except TypeError as exc:
+        raise RewriteError(f"{what} batch keys {sorted(batch)} do not match the model's forward(): {exc}") from exc
+    bound.apply_defaults()
+    args = list(bound.arguments.values())
+    while args and args[-1] is None:  # trailing defaults need not be passed
+        args.pop()
+    return tuple(args)
+
+
+def _check_finite(batch: tuple, where: str) -> None:
+    for x in tree_leaves(batch):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise RewriteError(f"{where} contains NaN or inf: clean or drop those samples before calibrating")
+
+
+def _as_list(targets: Any) -> list[Any]:
+    return list(targets) if isinstance(targets, (list, tuple)) else [targets]
+
+
+def _shape_of(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {tuple(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        return f"{type(x).__name__} of {', '.join(_shape_of(v) for v in x[:4])}"
+    return type(x).__name__
+
+
+def describe(batches: list[tuple]) -> str:
+    first = batches[0]
+    shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in first)
+    return f"{len(batches)} batch(es) of ({shapes})"

@@ -1,0 +1,233 @@
+"""Capture: an nn.Module and example inputs become one torch.fx.GraphModule (torch.export first).
+
+Exported graphs are aten-level, so spelling variants collapse into one op and the same graph feeds
+`.pt2`, ONNX and AOTInductor. Every dimension is offered to export as `Dim.AUTO`: export keeps the
+ones the model allows dynamic (batch, sequence, spatial) and specializes the rest. Parametrized
+aten ops (linear, convNd, batch_norm) are lifted back into `call_module` nodes holding real
+`nn.Linear` / `nn.ConvNd` / `nn.BatchNormNd`, so module-level passes see the same layers in a
+graph as in an eager model that could not be captured.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from rewrite.errors import CaptureError
+from rewrite.patterns import set_submodule
+
+
+@dataclass
+class Captured:
+    """A captured model: a GraphModule (or the eager module when capture failed) and its example inputs."""
+
+    module: nn.Module
+    example_inputs: tuple
+    graph: bool
+    dynamic_dims: dict[int, list[int]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def dynamic_shapes(self) -> tuple:
+        """The `dynamic_shapes` to re-export with: the captured dynamic dims as Dim.AUTO."""
+        return tuple(
+            {d: Dim.AUTO for d in self.dynamic_dims.get(i, [])} if isinstance(x, torch.Tensor) else None
+            for i, x in enumerate(self.example_inputs)
+        )
+
+    def describe(self) -> str:
+        if not self.graph:
+            return f"eager (not captured): {self.note}"
+        if not any(self.dynamic_dims.values()):
+            return "graph; every shape specialized by export: re-run for other input shapes"
+        dims = "; ".join(f"input {i}: dims {v}" for i, v in self.dynamic_dims.items() if v)
+        return f"graph; dynamic {dims}"
+
+
+def capture(model: nn.Module, example_inputs: tuple) -> Captured:
+    """Capture a copy of `model` (the user's module is never modified). Falls back to eager on failure."""
+    model = copy.deepcopy(model).eval()
+    try:
+        gm, dynamic = _export(model, example_inputs)
+    except Exception as exc:  # export raises many types; all mean "not capturable"
+        return Captured(model, example_inputs, graph=False, note=explain_failure(exc, model))
+    lift_layers(gm)
+    return Captured(gm, example_inputs, graph=True, dynamic_dims=dynamic)
+
+
+def capture_or_raise(model: nn.Module, example_inputs: tuple) -> Captured:
+    captured = capture(model, example_inputs)
+    if not captured.graph:
+        raise CaptureError(captured.note)
+    return captured
+
+
+def _export(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]]:
+    auto = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
+    try:
+        ep = torch.export.export(model, inputs, dynamic_shapes=auto, strict=False)
+    except Exception:
+        # Some models trace only with static shapes; capture per shape then.
+        ep = torch.export.export(model, inputs, strict=False)
+    gm = ep.module()
+    return gm, _dynamic_dims(gm)
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> dict[int, list[int]]:
+    dims: dict[int, list[int]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims[i] = [d for d, s in enumerate(val.shape) if not isinstance(s, int)]
+    return dims
+
+
+def explain_failure(exc: BaseException, model: nn.Module) -> str:
+    """One line: which module, which source line, what export said."""
+    names = {id(m): n for n, m in model.named_modules()}
+    where, module = "", f"the model ({type(model).__name__})"
+    torch_dir = os.path.dirname(torch.__file__)
+    for frame, line in traceback.walk_tb(_innermost(exc).__traceback__):
+        path = frame.f_code.co_filename
+        if path.startswith(torch_dir):
+            continue
+        where = f" at {os.path.basename(path)}:{line}"
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            fqn = names[id(owner)] or "<root>"
+            module = f"module '{fqn}' ({type(owner).__name__})"
+    first = next((s.strip() for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
+    return f"cannot capture {module}{where}: {first[:200]}; graph passes are skipped, module passes run on the eager model"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+# --- lifting parametrized aten ops back into modules -------------------------------------------
+
+_CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d,
+         torch.ops.aten.conv3d.default: nn.Conv3d}
+
+
+def lift_layers(gm: fx.GraphModule) -> int:
+    """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        owner = _param_owner(gm, node)
+        if owner is None:
+            continue
+        layer = _build_layer(gm, node, owner)
+        if layer is None:
+            continue
+        set_submodule(gm, owner, layer)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(owner, (node.args[0],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        lifted += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return lifted
+
+
+def _param_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The module path holding this op's weight, if the op is a plain parametrized layer."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+        return None
+    return weight.target.rsplit(".", 1)[0]
+
+
+def _build_layer(gm: fx.GraphModule, node: fx.Node, owner: str) -> nn.Module | None:
+    holder = gm.get_submodule(owner)
+    if type(holder) is not nn.Module or any(True for _ in holder.children()):
+        return None  # already lifted, or a container the layer would hide
+    params = dict(holder.named_parameters(recurse=False)) | dict(holder.named_buffers(recurse=False))
+    if node.target == torch.ops.aten.linear.default:
+        return _linear(node, params)
+    if node.target in _CONV:
+        return _conv(node, params)
+    if node.target == torch.ops.aten.batch_norm.default:
+        return _batch_norm(node, params, owner)
+    return None
+
+
+def _args_are(node: fx.Node, params: dict, names: list[str]) -> bool:
+    """The op's parameter arguments are exactly get_attr nodes of this holder's tensors, and no others."""
+    if set(params) - set(names) - {"num_batches_tracked"}:
+        return False
+    args = list(node.args[1:1 + len(names)]) + [None] * len(names)
+    for arg, name in zip(args, names):
+        used = isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target.endswith("." + name)
+        if used != (name in params) or (arg is not None and not used):
+            return False
+    return True
+
+
+def _linear(node: fx.Node, params: dict) -> nn.Module | None:
+    if node.kwargs or not _args_are(node, params, ["weight", "bias"]):
+        return None
+    w = params["weight"]
+    layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in params, device="meta")
+    return _adopt(layer, params)
+
+
+def _conv(node: fx.Node, params: dict) -> nn.Module | None:
+    if node.kwargs or not _args_are(node, params, ["weight", "bias"]):
+        return None
+    w = params["weight"]
+    defaults = [1, 0, 1, 1]
+    stride, padding, dilation, groups = (list(node.args[3:]) + defaults[len(node.args) - 3:])[:4]
+    layer = _CONV[node.target](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
+                               padding=padding, dilation=dilation, groups=groups,
+                               bias="bias" in params, device="meta")
+    return _adopt(layer, params)
+
+
+def _batch_norm(node: fx.Node, params: dict, owner: str) -> nn.Module | None:
+    names = ["weight", "bias", "running_mean", "running_var"]
+    if node.kwargs or not _args_are(node, params, names) or node.args[5]:  # args[5]: training
+        return None
+    x = node.args[0].meta.get("val")
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3, 4, 5):
+        return None
+    kind = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()]
+    layer = kind(params["running_mean"].shape[0], eps=node.args[7], momentum=node.args[6],
+                 affine="weight" in params, device="meta").eval()
+    return _adopt(layer, params)
+
+
+def _adopt(layer: nn.Module, params: dict) -> nn.Module:
+    """Give a meta-device layer the holder's own tensors (shared, not copied)."""
+    for name, tensor in params.items():
+        if isinstance(tensor, nn.Parameter):
+            setattr(layer, name, tensor)
+        else:
+            layer.register_buffer(name, tensor)
+    return layer
+
+
+def layer_count(module: nn.Module) -> int:
+    """Layers that hold parameters: call_module nodes in a graph, parametrized leaf modules in eager."""
+    if isinstance(module, fx.GraphModule):
+        return sum(1 for n in module.graph.nodes
+                   if n.op == "call_module" and any(True for _ in module.get_submodule(n.target).parameters()))
+    return sum(1 for m in module.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
+
+
+def run(module: nn.Module, inputs: tuple) -> Any:
+    with torch.no_grad():
+        return module(*inputs)

@@ -1,0 +1,62 @@
+"""ONNX via torch.onnx.export(dynamo=True), checked with onnx.checker and run in onnxruntime for parity."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewrite import capture, verify
+from rewrite.capture import Captured
+from rewrite.report import Artifact
+
+
+def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True,
+                              dynamic_shapes=captured.dynamic_shapes, verbose=False)
+        except Exception:  # a rewrite may have made some dims static
+            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False)
+    import onnx
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session that does not spin (spinning threads fight torch for 2 cores)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def feed(sess: Any, inputs: tuple) -> dict[str, np.ndarray]:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    names = [i.name for i in sess.get_inputs()]
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def run(sess: Any, inputs: tuple) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feed(sess, inputs))]
+
+
+def emit_onnx(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
+    path = out_dir / "model.onnx"
+    try:
+        export_onnx(module, captured, path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Artifact("onnx", "", None, f"ONNX export failed: {first[:200]}")
+    inputs = captured.example_inputs
+    err = verify.compare([capture.run(module, inputs)], [run(session(path), inputs)])
+    return Artifact("onnx", str(path), err.to_dict())

@@ -1,0 +1,49 @@
+"""`.pt2` via torch.export.save; reloaded with torch.export.load and compared with the in-memory module."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewrite import capture, verify
+from rewrite.capture import Captured
+from rewrite.errors import RewriteError
+from rewrite.report import Artifact
+
+
+def export_program(module: nn.Module, captured: Captured) -> torch.export.ExportedProgram:
+    inputs = captured.example_inputs
+    try:
+        return torch.export.export(module, inputs, dynamic_shapes=captured.dynamic_shapes, strict=False)
+    except Exception:
+        return torch.export.export(module, inputs, strict=False)  # dims the rewrite made static
+
+
+def emit_pt2(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
+    try:
+        program = export_program(module, captured)
+    except Exception as exc:
+        return _pickled(module, out_dir, f"not exportable ({capture.explain_failure(exc, module)})")
+    path = out_dir / "model.pt2"
+    torch.export.save(program, path)
+    reloaded = torch.export.load(path).module()
+    inputs = captured.example_inputs
+    err = verify.compare([capture.run(module, inputs)], [capture.run(reloaded, inputs)])
+    return Artifact("pt2", str(path), err.to_dict())
+
+
+def _pickled(module: nn.Module, out_dir: Path, why: str) -> Artifact:
+    path = out_dir / "model.pt"
+    torch.save(module, path)
+    return Artifact("pt", str(path), None, f"saved as a pickled module instead: {why}")
+
+
+def load_pt2(path: str | Path) -> tuple[nn.Module, tuple]:
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise RewriteError(f"{str(path)!r} is not a readable .pt2 ExportedProgram ({type(exc).__name__}); "
+                           "re-save it with torch.export.save") from exc
+    args, kwargs = program.example_inputs or ((), {})
+    return program.module(), tuple(args) + tuple(kwargs.values())

@@ -1,0 +1,111 @@
+"""The pass contract: a frozen dataclass with a name, typed options, a numerics contract and one `call`.
+
+A pass never prints and never compares tensors itself: the pipeline runs it, verifies its declared
+contract on calibration inputs, and rolls it back when the contract is broken.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Outputs equal the input model's to float tolerance: |Δ| ≤ atol·max(1, max|ref|) + rtol·|ref|."""
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    def describe(self) -> str:
+        return "exact"
+
+
+@dataclass(frozen=True)
+class Approx:
+    """Outputs within an error budget: SQNR (dB) at least `min_sqnr_db`, cosine at least `min_cosine`."""
+
+    min_sqnr_db: float = 20.0
+    min_cosine: float | None = None
+
+    def describe(self) -> str:
+        cos = f", cos≥{self.min_cosine}" if self.min_cosine is not None else ""
+        return f"SQNR≥{self.min_sqnr_db:g} dB{cos}"
+
+
+Contract = Exact | Approx
+
+
+@dataclass
+class PassContext:
+    """What a pass may read: calibration batches (tuples of positional inputs), targets, the original model."""
+
+    calibration: list[tuple] = field(default_factory=list)
+    targets: list[Any] | None = None
+    original: nn.Module | None = None
+    seed: int = 0
+    synthetic_calibration: bool = False
+
+
+@dataclass
+class PassResult:
+    """What a pass returns. `skipped` lists (where, why) for everything that matched partly and was left alone."""
+
+    module: nn.Module
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every rewrite pass, built-in or plugin.
+
+    Subclasses set the ClassVars, declare options as dataclass fields with types and defaults,
+    and implement `call`. `level="graph"` passes need a captured `torch.fx.GraphModule`;
+    `level="module"` passes also run on an eager module that could not be captured.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    contract: ClassVar[Contract] = Exact()
+    needs_calibration: ClassVar[bool] = False
+    applies_to: ClassVar[str] = ""
+    level: ClassVar[str] = "graph"
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"pass {self.name!r} does not implement call()")
+
+    def spec(self) -> str:
+        """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""
+        changed = [
+            f"{f.name.replace('_', '-')}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != _default(f)
+        ]
+        return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Any]]:
+        """(option name, type, default) for every option, as the CLI spells them."""
+        return [(f.name.replace("_", "-"), _type_name(f.type), _default(f)) for f in dataclasses.fields(cls)]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def is_graph(module: nn.Module) -> bool:
+    return isinstance(module, torch.fx.GraphModule)

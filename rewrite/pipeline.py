@@ -1,0 +1,192 @@
+"""Parse `a,b{k=v}` pipelines and run passes in the user's order, verifying each against its contract.
+
+A pass that crashes or breaks its contract is rolled back (the model before it is restored) and the
+report says why; with `strict=True` that is an error naming the pass and the passes before it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import typing
+from typing import Any, Callable, Literal, get_args, get_origin
+
+from torch import nn
+
+from rewrite import capture, registry, verify
+from rewrite.errors import PassError, RewriteError
+from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
+from rewrite.report import PassRecord
+
+Progress = Callable[[str], None]
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+def parse_spec(spec: str | list[Pass]) -> list[Pass]:
+    """`"fold-bn,t1{mode=exact},dgq{group=128}"` → pass instances (a list of instances passes through)."""
+    if not isinstance(spec, str):
+        return list(spec)
+    parts = _split_top_level(spec)
+    if not parts:
+        raise RewriteError("no passes given: name at least one, e.g. --passes fold-bn (see `rewrite passes list`)")
+    return [_parse_one(part) for part in parts]
+
+
+def format_spec(passes: list[Pass]) -> str:
+    return ",".join(p.spec() for p in passes)
+
+
+def _split_top_level(spec: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise RewriteError(f"malformed pipeline {spec!r}: unbalanced braces; write name{{key=value,...}}")
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise RewriteError(f"malformed pipeline {spec!r}: missing '}}'; write name{{key=value,...}}")
+    parts.append(current.strip())
+    return [p for p in parts if p]
+
+
+def _parse_one(text: str) -> Pass:
+    name, _, rest = text.partition("{")
+    name = name.strip()
+    if rest and not rest.endswith("}"):
+        raise RewriteError(f"malformed pass {text!r}: text after '}}'; write name{{key=value,...}}")
+    cls = registry.load_pass(name)
+    options = _parse_options(name, rest[:-1]) if rest else {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, raw in options.items():
+        field = key.replace("-", "_")
+        if field not in fields:
+            known = ", ".join(f.replace("_", "-") for f in fields) or "none"
+            raise RewriteError(f"pass {name!r} has no option {key!r}; its options: {known}")
+        kwargs[field] = _coerce(name, key, raw, hints[field])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RewriteError(f"pass {name!r}: {exc}") from exc
+
+
+def _parse_options(name: str, body: str) -> dict[str, str]:
+    options = {}
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise RewriteError(f"malformed option {item!r} for pass {name!r}: write key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _coerce(name: str, key: str, raw: str, annotation: Any) -> Any:
+    """Turn option text into the field's declared type (int, float, bool, str, Literal, or a union)."""
+    choices = [annotation] if get_origin(annotation) not in (typing.Union, type(int | str)) else list(get_args(annotation))
+    for kind in choices:
+        value = _try_coerce(raw, kind)
+        if value is not _FAIL:
+            return value
+    wanted = " or ".join(_describe(k) for k in choices)
+    raise RewriteError(f"option {key}={raw!r} of pass {name!r} must be {wanted}")
+
+
+_FAIL = object()
+
+
+def _try_coerce(raw: str, kind: Any) -> Any:
+    if get_origin(kind) is Literal:
+        return raw if raw in get_args(kind) else _FAIL
+    if kind is bool:
+        return {"true": True, "on": True, "1": True, "yes": True,
+                "false": False, "off": False, "0": False, "no": False}.get(raw.lower(), _FAIL)
+    if kind is type(None):
+        return None if raw.lower() in ("none", "") else _FAIL
+    try:
+        return kind(raw)
+    except (TypeError, ValueError):
+        return _FAIL
+
+
+def _describe(kind: Any) -> str:
+    if get_origin(kind) is Literal:
+        return "one of " + "|".join(map(str, get_args(kind)))
+    return getattr(kind, "__name__", str(kind))
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext, *,
+               strict: bool = False, progress: Progress | None = None) -> tuple[nn.Module, list[PassRecord]]:
+    """Apply `passes` in order to `captured.module`; returns the final module and one record per pass."""
+    module = captured.module
+    outputs = [capture.run(module, batch) for batch in ctx.calibration]
+    records = []
+    for i, pass_ in enumerate(passes):
+        if progress:
+            progress(f"pass {i + 1}/{len(passes)}: {pass_.spec()}")
+        earlier = format_spec(passes[:i]) or "none"
+        module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict)
+        records.append(record)
+    return module, records
+
+
+def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, captured: capture.Captured,
+             earlier: str, strict: bool) -> tuple[nn.Module, list, PassRecord]:
+    record = PassRecord(name=pass_.name, spec=pass_.spec(), contract=pass_.contract.describe(),
+                        params_before=_params(module), layers_before=capture.layer_count(module))
+    if pass_.level == "graph" and not is_graph(module):
+        record.status, record.reason = "skipped", f"needs a graph: {captured.note}"
+        return module, outputs, record
+    snapshot, start = copy.deepcopy(module), time.perf_counter()
+    try:
+        result = _call(pass_, module, ctx)
+        new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
+        tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
+        err = verify.compare(outputs, new_outputs, tolerance) if result.modified else None
+        broken = verify.check(pass_.contract, err) if err else None
+    except RewriteError:
+        raise
+    except Exception as exc:  # a pass bug must not take the user's run down with it
+        result, err, broken = None, None, f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    record.seconds = time.perf_counter() - start
+    if result is not None:
+        record.stats, record.skipped = result.stats, [list(s) for s in result.skipped]
+    record.error = err.to_dict() if err else None
+    if broken:
+        if strict:
+            raise PassError(f"pass {pass_.name!r} {broken} (passes before it: {earlier}); "
+                            "fix the options or run without --strict to roll it back")
+        record.status, record.reason = "rolled back", broken
+        record.params_after, record.layers_after = record.params_before, record.layers_before
+        return snapshot, outputs, record
+    record.status = "applied" if result.modified else "nothing to rewrite"
+    if not result.modified:
+        record.reason = "; ".join(f"{w}: {why}" for w, why in result.skipped) or f"no layer matched ({pass_.applies_to})"
+    record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
+    return result.module, new_outputs, record
+
+
+def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:
+    before = set(module.graph.nodes) if is_graph(module) else set()
+    result = pass_.call(module, ctx)
+    if not isinstance(result, PassResult):
+        raise TypeError(f"call() returned {type(result).__name__}, not PassResult")
+    if is_graph(result.module) and result.modified:
+        for node in result.module.graph.nodes:
+            if node not in before:
+                node.meta.setdefault("rewrite.pass", pass_.name)
+        result.module.graph.lint()
+        result.module.recompile()
+    return result
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

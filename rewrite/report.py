@@ -1,0 +1,149 @@
+"""Reports are pure data: per-pass records and before/after measurements, rendered as text, Markdown or JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: status, what it rewrote and skipped, its error against its input, and its cost."""
+
+    name: str
+    spec: str
+    contract: str
+    status: str = "pending"  # applied | nothing to rewrite | rolled back | skipped
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    skipped: list[list[str]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    seconds: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    layers_before: int = 0
+    layers_after: int = 0
+
+
+@dataclass
+class Measurement:
+    """One model measured on one backend."""
+
+    label: str  # original | rewritten
+    backend: str  # torch | onnxruntime | ...
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    runs: int = 0
+    params: int | None = None
+    size_bytes: int = 0
+    layers: int | None = None
+    metric: float | None = None
+
+
+@dataclass
+class Artifact:
+    kind: str
+    path: str
+    parity: dict[str, Any] | None = None
+    note: str = ""
+
+
+@dataclass
+class RunReport:
+    pipeline: str
+    capture: str
+    inputs: str
+    records: list[PassRecord] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    error_vs_original: dict[str, Any] | None = None
+    metric_name: str | None = None
+    artifacts: list[Artifact] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    # --- views --------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def pass_rows(self) -> list[list[str]]:
+        header = ["pass", "status", "rewrote / skipped", "max|Δ|", "SQNR dB", "contract", "params", "layers", "time"]
+        rows = [header]
+        for r in self.records:
+            rows.append([r.spec, r.status + (f": {r.reason}" if r.reason else ""), _stats(r),
+                         _num(r.error, "max_abs", "{:.1e}"), _num(r.error, "sqnr_db", "{:.1f}"), r.contract,
+                         f"{r.params_before:,} → {r.params_after:,}", f"{r.layers_before} → {r.layers_after}",
+                         f"{r.seconds:.2f} s"])
+        return rows
+
+    def measurement_rows(self) -> list[list[str]]:
+        header = ["model", "backend", "p50 ms", "p90 ms", "runs", "params", "size", "layers"]
+        if self.metric_name:
+            header.append(self.metric_name)
+        rows = [header]
+        for m in self.measurements:
+            row = [m.label, m.backend, _ms(m.p50_ms), _ms(m.p90_ms), str(m.runs),
+                   "-" if m.params is None else f"{m.params:,}", _size(m.size_bytes),
+                   "-" if m.layers is None else str(m.layers)]
+            if self.metric_name:
+                row.append("" if m.metric is None else f"{m.metric:.4g}")
+            rows.append(row)
+        return rows
+
+    def verdicts(self) -> list[str]:
+        """Plain sentences: speed-up or slow-down per backend, error vs the original, parity of artifacts."""
+        lines = []
+        by_backend: dict[str, dict[str, Measurement]] = {}
+        for m in self.measurements:
+            by_backend.setdefault(m.backend, {})[m.label] = m
+        for backend, pair in by_backend.items():
+            a, b = pair.get("original"), pair.get("rewritten")
+            if a and b and a.p50_ms and b.p50_ms:
+                ratio = a.p50_ms / b.p50_ms
+                word = "faster" if ratio >= 1.03 else "SLOWER" if ratio <= 0.97 else "no faster"
+                lines.append(f"{backend}: rewritten model is {word} than the original "
+                             f"(p50 {a.p50_ms:.3g} → {b.p50_ms:.3g} ms, {ratio:.2f}x)")
+        if self.error_vs_original:
+            e = self.error_vs_original
+            lines.append(f"output vs original: max|Δ| {e['max_abs']:.2e}, rel L2 {e['rel_l2']:.2e}, "
+                         f"SQNR {e['sqnr_db']:.1f} dB, cosine {e['cosine']:.6f}")
+        for art in self.artifacts:
+            parity = f" parity max|Δ| {art.parity['max_abs']:.1e}" if art.parity else ""
+            lines.append(f"artifact {art.kind}: {art.path}{parity}{(' ' + art.note) if art.note else ''}")
+        return lines
+
+    def to_markdown(self) -> str:
+        parts = [f"# rewrite report\n\npipeline `{self.pipeline}`  \ncapture: {self.capture}  \ninputs: {self.inputs}\n"]
+        parts += [f"> warning: {w}\n" for w in self.warnings]
+        parts.append("## Passes\n\n" + _md_table(self.pass_rows()))
+        for r in self.records:
+            for where, why in r.skipped:
+                parts.append(f"- `{r.name}` skipped `{where}`: {why}")
+        if self.measurements:
+            parts.append("\n## Before / after\n\n" + _md_table(self.measurement_rows()))
+        parts.append("\n## Verdict\n\n" + "\n".join(f"- {line}" for line in self.verdicts()))
+        return "\n".join(parts) + "\n"
+
+
+def _stats(r: PassRecord) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+    return text + (f" ({len(r.skipped)} skipped)" if r.skipped else "")
+
+
+def _num(d: dict | None, key: str, fmt: str) -> str:
+    return fmt.format(d[key]) if d and d.get(key) is not None else "-"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    escape = [[c.replace("|", "\\|") for c in row] for row in rows]
+    lines = ["| " + " | ".join(escape[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in escape[1:]]
+    return "\n".join(lines) + "\n"
