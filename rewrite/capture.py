@@ -9,9 +9,13 @@ graph as in an eager model that could not be captured.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +72,52 @@ def capture_or_raise(model: nn.Module, example_inputs: tuple) -> Captured:
     return captured
 
 
+@contextlib.contextmanager
+def quiet_torch():
+    """Export logs each specialized Dim.AUTO and dumps graphs on failure; the report states outcomes instead."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]]:
+    with quiet_torch():
+        gm, dynamic = _export_loud(model, inputs)
+    if any(dynamic.values()) and not _dynamic_dims_hold(gm, model, inputs, dynamic):
+        # Export believed a dim was free, but the model bakes shape-specific constants (e.g. cached grids).
+        with quiet_torch():
+            gm = torch.export.export(model, inputs, strict=False).module()
+        dynamic = {i: [] for i in dynamic}
+    return gm, dynamic
+
+
+def _dynamic_dims_hold(gm: fx.GraphModule, model: nn.Module, inputs: tuple, dynamic: dict[int, list[int]]) -> bool:
+    """Run both at a grown shape (each dynamic dim + 1, by repeating a slice) and compare."""
+    grown = []
+    for i, x in enumerate(inputs):
+        for d in dynamic.get(i, []):
+            x = torch.cat([x, x.narrow(d, x.shape[d] - 1, 1)], dim=d)
+        grown.append(x)
+    try:
+        with torch.no_grad():
+            want, got = model(*grown), gm(*grown)
+    except Exception:
+        return False
+    from rewrite.verify import compare
+    try:
+        return compare([want], [got]).within_tolerance
+    except ValueError:
+        return False
+
+
+def _export_loud(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]]:
     auto = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
     try:
         ep = torch.export.export(model, inputs, dynamic_shapes=auto, strict=False)
@@ -94,23 +143,37 @@ def explain_failure(exc: BaseException, model: nn.Module) -> str:
     names = {id(m): n for n, m in model.named_modules()}
     where, module = "", f"the model ({type(model).__name__})"
     torch_dir = os.path.dirname(torch.__file__)
-    for frame, line in traceback.walk_tb(_innermost(exc).__traceback__):
-        path = frame.f_code.co_filename
-        if path.startswith(torch_dir):
-            continue
-        where = f" at {os.path.basename(path)}:{line}"
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in names:
-            fqn = names[id(owner)] or "<root>"
-            module = f"module '{fqn}' ({type(owner).__name__})"
+    for frame, line in _user_frames(exc, torch_dir):
+        where = f" at {os.path.basename(frame.f_code.co_filename)}:{line}"
+        code = frame.f_code
+        owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None  # `self`, however named
+        if isinstance(owner, nn.Module):
+            module = _module_name(owner, model, names)
     first = next((s.strip() for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
     return f"cannot capture {module}{where}: {first[:200]}; graph passes are skipped, module passes run on the eager model"
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
+def _module_name(owner: nn.Module, model: nn.Module, names: dict[int, str]) -> str:
+    """Export may run a copy of the model: fall back to the only submodule of the same class."""
+    name = names.get(id(owner))
+    if name is None:
+        same = [n for n, m in model.named_modules() if type(m) is type(owner)]
+        name = same[0] if len(same) == 1 else None
+    label = (name or "<root>") if name is not None else "?"
+    return f"module '{label}' ({type(owner).__name__})"
+
+
+def _user_frames(exc: BaseException, torch_dir: str) -> list:
+    """Frames outside torch, outermost first, from the exception chain that reaches deepest into user code."""
+    best: list = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = [(f, n) for f, n in traceback.walk_tb(exc.__traceback__)
+                  if not f.f_code.co_filename.startswith(torch_dir)]
+        best = frames if len(frames) >= len(best) else best
+        exc = exc.__cause__ or exc.__context__
+    return best
 
 
 # --- lifting parametrized aten ops back into modules -------------------------------------------
@@ -190,7 +253,8 @@ def _conv(node: fx.Node, params: dict) -> nn.Module | None:
         return None
     w = params["weight"]
     defaults = [1, 0, 1, 1]
-    stride, padding, dilation, groups = (list(node.args[3:]) + defaults[len(node.args) - 3:])[:4]
+    options = list(node.args[3:7])
+    stride, padding, dilation, groups = options + defaults[len(options):]
     layer = _CONV[node.target](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride,
                                padding=padding, dilation=dilation, groups=groups,
                                bias="bias" in params, device="meta")

@@ -1,0 +1,30 @@
+"""`rewrite diff ORIGINAL REWRITTEN --inputs FILE`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rewrite import api, calibration, loading
+from rewrite.cli import render
+from rewrite.cli.optimize import MODEL_HELP, _example_inputs
+
+
+def diff(
+    original: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    rewritten: Annotated[str, typer.Argument(help="the rewritten model, in any form MODEL accepts")],
+    inputs: Annotated[Optional[Path], typer.Option(help="inputs saved with torch.save")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="random inputs, e.g. 8,3,32,32")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine")] = None,
+) -> None:
+    """Outputs, latency, size and accuracy of two models side by side."""
+    a, bundled = loading.load(original)
+    b, bundled_b = loading.load(rewritten)
+    example = _example_inputs(inputs, input_shape, bundled or bundled_b)
+    eval_data = calibration.load_file(eval, "eval") if eval else None
+    with render.progress() as say:
+        say("measuring both models")
+        report = api.diff(a, b, example, eval=eval_data, metric=metric)
+    render.show_report(report)

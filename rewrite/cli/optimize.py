@@ -1,0 +1,61 @@
+"""`rewrite optimize MODEL --passes SPEC`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rewrite import api, calibration, loading
+from rewrite.cli import render
+from rewrite.errors import RewriteError
+
+MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), a module saved with torch.save(model) "
+              "(loading it runs code from the file: trust it), or package.module:factory / file.py:factory "
+              "returning a module or (module, example_inputs)")
+
+
+def optimize(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    passes: Annotated[str, typer.Option("--passes", "-p", help="pipeline, e.g. fold-bn,reparam or dgq{group=128}")],
+    inputs: Annotated[Optional[Path], typer.Option(help="example inputs saved with torch.save")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="calibration data saved with torch.save")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine")] = None,
+    emit: Annotated[str, typer.Option(help="artifacts besides .pt2: onnx, compiled")] = "",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [rewrite-out/<model>]")] = None,
+    force: Annotated[bool, typer.Option(help="write into an output folder that already holds files")] = False,
+    strict: Annotated[bool, typer.Option(help="a pass that breaks its contract is an error, not a rollback")] = False,
+    seed: Annotated[int, typer.Option(help="seed for synthetic data and randomized passes")] = 0,
+    latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
+) -> None:
+    """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
+    module, bundled = loading.load(model)
+    if Path(model).is_file() and Path(model).suffix != ".pt2":
+        render.errors.print(loading.PICKLE_NOTICE)
+    example = _example_inputs(inputs, input_shape, bundled)
+    out_dir = out or Path("rewrite-out") / _stem(model)
+    calib_data = calibration.load_file(calib, "calibration") if calib else None
+    eval_data = calibration.load_file(eval, "eval") if eval else None
+    with render.progress() as say:
+        result = api.optimize(module, example, passes, calib=calib_data, eval=eval_data, metric=metric,
+                              emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
+                              measure_latency=latency, progress=say)
+    render.show_report(result.report)
+    render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
+
+
+def _example_inputs(inputs: Path | None, shape: str | None, bundled: tuple | None) -> object:
+    if inputs is not None:
+        return calibration.load_file(inputs, "inputs")
+    if shape is not None:
+        return loading.input_shapes(shape)
+    if bundled is not None:
+        return bundled
+    raise RewriteError("no example inputs: give --inputs FILE or --input-shape 8,3,32,32")
+
+
+def _stem(model: str) -> str:
+    name = model.rpartition(":")[2] if ":" in model and not Path(model).exists() else Path(model).stem
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"

@@ -1,0 +1,49 @@
+"""`rewrite passes list` / `rewrite passes show NAME`."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from rewrite import registry
+from rewrite.cli import render
+
+app = typer.Typer(help="Registered passes, built-in or from plugins.", no_args_is_help=True)
+
+
+@app.command("list")
+@render.user_errors
+def list_passes(
+    markdown: Annotated[bool, typer.Option(help="a Markdown table with each pass's contract (imports passes)")] = False,
+) -> None:
+    """Every registered pass with the distribution that provides it (reads metadata only)."""
+    entries = registry.registered()
+    if markdown:
+        render.console.print(markdown_table(), markup=False, soft_wrap=True)
+        return
+    rows = [["pass", "from", "defined in"]] + [[e.name, e.distribution, e.value] for e in entries.values()]
+    render.console.print(render.table(rows, f"{len(entries)} passes"))
+
+
+@app.command("show")
+@render.user_errors
+def show(name: Annotated[str, typer.Argument(help="a pass name from `rewrite passes list`")]) -> None:
+    """A pass's contract, options (types and defaults), paper and what it applies to."""
+    cls = registry.load_pass(name)
+    entry = registry.registered()[name]
+    render.console.print(f"[bold]{cls.name}[/]  ({entry.distribution})\n{cls.summary}\n"
+                         f"paper: {cls.paper}\ncontract: {cls.contract.describe()}\n"
+                         f"applies to: {cls.applies_to}\nneeds calibration: {cls.needs_calibration}\n"
+                         f"works without a graph: {cls.level == 'module'}", markup=True)
+    rows = [["option", "type", "default"]] + [[n, t, repr(d)] for n, t, d in cls.options()]
+    if len(rows) > 1:
+        render.console.print(render.table(rows, "options"))
+
+
+def markdown_table() -> str:
+    lines = ["| pass | what it does | contract | calibration | paper |", "|---|---|---|---|---|"]
+    for name in registry.registered():
+        cls = registry.load_pass(name)
+        lines.append(f"| `{name}` | {cls.summary} | {cls.contract.describe()} | "
+                     f"{'needed' if cls.needs_calibration else 'optional'} | {cls.paper} |")
+    return "\n".join(lines)

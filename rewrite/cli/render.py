@@ -1,0 +1,70 @@
+"""Rich rendering of a RunReport for the terminal, and the progress display for long work."""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import typer
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rewrite.errors import RewriteError
+from rewrite.report import RunReport
+
+def _console(stderr: bool) -> Console:
+    probe = Console(stderr=stderr)
+    # Pipes and CI logs default to 80 columns, which folds every number in the tables.
+    return probe if probe.is_terminal else Console(stderr=stderr, width=160)
+
+
+console = _console(stderr=False)
+errors = _console(stderr=True)
+
+
+def table(rows: list[list[str]], title: str) -> Table:
+    t = Table(title=title, title_justify="left", show_lines=False)
+    for name in rows[0]:
+        t.add_column(name, overflow="fold")
+    for row in rows[1:]:
+        t.add_row(*row)
+    return t
+
+
+def show_report(report: RunReport) -> None:
+    console.print(f"[bold]pipeline[/] {report.pipeline}   [bold]capture[/] {report.capture}")
+    for w in report.warnings:
+        errors.print(f"[yellow]warning:[/] {w}")
+    if report.records:
+        console.print(table(report.pass_rows(), "passes"))
+        for r in report.records:
+            for where, why in r.skipped:
+                console.print(f"  [dim]{r.name} skipped {where}: {why}[/]")
+    if report.measurements:
+        console.print(table(report.measurement_rows(), "before / after"))
+    for line in report.verdicts():
+        style = "bold red" if "SLOWER" in line else ""
+        console.print(f"[{style}]{line}[/]" if style else line)
+
+
+@contextmanager
+def progress() -> Iterator:
+    """A spinner with the current stage and elapsed time; yields the callback the library calls."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=errors, transient=True) as bar:
+        task = bar.add_task("starting")
+        yield lambda message: bar.update(task, description=message)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Bad input → `error: <one line>` on stderr and exit code 2, never a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RewriteError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
