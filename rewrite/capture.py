@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 from rewrite.errors import CaptureError
 from rewrite.patterns import set_submodule
@@ -134,7 +135,7 @@ def _dynamic_dims(gm: fx.GraphModule) -> dict[int, list[int]]:
     for i, node in enumerate(placeholders):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            dims[i] = [d for d, s in enumerate(val.shape) if not isinstance(s, int)]
+            dims[i] = [d for d, s in enumerate(val.shape) if free_symbols(s)]
     return dims
 
 

@@ -174,17 +174,25 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:
-    before = set(module.graph.nodes) if is_graph(module) else set()
+    before = _layer_identities(module)
     result = pass_.call(module, ctx)
     if not isinstance(result, PassResult):
         raise TypeError(f"call() returned {type(result).__name__}, not PassResult")
     if is_graph(result.module) and result.modified:
-        for node in result.module.graph.nodes:
-            if node not in before:
+        # Provenance: nodes the pass created, and call_module nodes whose layer it swapped.
+        for node, layer in _layer_identities(result.module).items():
+            if before.get(node, layer) is not layer or node not in before:
                 node.meta.setdefault("rewrite.pass", pass_.name)
         result.module.graph.lint()
         result.module.recompile()
     return result
+
+
+def _layer_identities(module: nn.Module) -> dict:
+    """node → the layer object it calls (None for non-module nodes)."""
+    if not is_graph(module):
+        return {}
+    return {n: module.get_submodule(n.target) if n.op == "call_module" else None for n in module.graph.nodes}
 
 
 def _params(module: nn.Module) -> int:

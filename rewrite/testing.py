@@ -1,0 +1,95 @@
+"""Public test kit for pass authors (ours and plugins'): toy models and `check_pass`.
+
+`check_pass(MyPass(), model, inputs)` runs the pass through the real pipeline with `strict=True`,
+so the pass's declared contract is verified exactly as users get it, and checks graph hygiene.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from rewrite import api
+from rewrite.pass_base import Pass
+
+
+class ConvBN(nn.Module):
+    """conv → BN → ReLU, twice, then a Linear → BatchNorm1d head."""
+
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
+                    3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        self.conv1, self.bn1 = conv(3, 8, 3, padding=1), bn(8)
+        self.conv2, self.bn2 = conv(8, 8, 3, padding=1, bias=False), bn(8)
+        self.fc, self.bn_fc = nn.Linear(8, 4), nn.BatchNorm1d(4)
+        self.dims = dims
+        randomize_batchnorm(self)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn_fc(self.fc(x.mean(tuple(range(2, 2 + self.dims)))))
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(2, 3, *[8] * self.dims),)
+
+
+class ParallelBranches(nn.Module):
+    """UniRepLKNet-style: depthwise 5x5, 3x3 dilated 2 and 3x3 dilated 1 branches with BN, plus identity."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        specs = [(5, 1), (3, 2), (3, 1)]
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, k, padding=d * (k - 1) // 2, dilation=d,
+                                             groups=channels, bias=False) for k, d in specs)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in specs)
+        randomize_batchnorm(self)
+
+    def forward(self, x):
+        out = x
+        for conv, bn in zip(self.convs, self.bns):
+            out = out + bn(conv(x))
+        return out
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(2, 6, 12, 12),)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(4, 16),)
+
+
+TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so folding is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+            m.weight.data.copy_(1 + 0.3 * torch.randn(n, generator=gen))
+            m.bias.data.copy_(0.2 * torch.randn(n, generator=gen))
+    model.eval()
+
+
+def check_pass(pass_: Pass, model: nn.Module, inputs: tuple, calib: object = None) -> api.Result:
+    """Run one pass strictly (contract violations raise) and check the graph it leaves behind."""
+    result = api.optimize(model, inputs, [pass_], calib=calib, strict=True, measure_latency=False)
+    if isinstance(result.model, fx.GraphModule):
+        result.model.graph.lint()
+        record = result.report.records[0]
+        if record.status == "applied" and pass_.level == "graph":
+            stamped = [n for n in result.model.graph.nodes if n.meta.get("rewrite.pass") == pass_.name]
+            assert stamped, f"{pass_.name} changed the graph but stamped no node with its name"
+    return result

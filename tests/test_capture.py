@@ -1,0 +1,114 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+
+from rewrite import capture
+from rewrite.testing import ConvBN, TinyMLP
+from tests.conftest import minilm
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+
+
+def _same(model, captured, inputs):
+    with torch.no_grad():
+        want, got = model(*inputs), captured.module(*inputs)
+    want = want.last_hidden_state if hasattr(want, "last_hidden_state") else want
+    got = got.last_hidden_state if hasattr(got, "last_hidden_state") else got
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_module_keeps_batch_dynamic():
+    model = TinyMLP()
+    c = capture.capture(model, model.example_inputs())
+    assert c.graph and 0 in c.dynamic_dims[0]
+    _same(model, c, (torch.randn(7, 16),))  # another batch size than captured
+
+
+def test_cnn_with_batchnorm_lifts_layers_to_modules():
+    model = ConvBN()
+    c = capture.capture(model, model.example_inputs())
+    kinds = {type(c.module.get_submodule(n.target)) for n in c.module.graph.nodes if n.op == "call_module"}
+    assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.BatchNorm1d} <= kinds
+    _same(model, c, (torch.randn(3, 3, 10, 10),))
+
+
+def test_capture_never_touches_the_users_model():
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c = capture.capture(model, model.example_inputs())
+    for p in c.module.parameters():
+        p.data.add_(1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_handwritten_fno():
+    from fno import build
+    model, inputs = build()
+    c = capture.capture(model, inputs)
+    assert c.graph
+    _same(model, c, inputs)
+
+
+def test_neuraloperator_fno_is_captured_per_shape():
+    neuralop = pytest.importorskip("neuralop")
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1).eval()
+    inputs = (torch.randn(2, 1, 32, 32),)
+    c = capture.capture(model, inputs)
+    assert c.graph
+    # Its grid embedding caches a 32x32 grid: a dynamic capture would be wrong at other sizes.
+    assert not any(c.dynamic_dims.values()) and "specialized" in c.describe()
+    _same(model, c, inputs)
+
+
+def test_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    c = capture.capture(model, (torch.randn(2, 10, 32),))
+    assert c.graph
+    _same(model, c, (torch.randn(2, 10, 32),))
+
+
+@pytest.mark.slow
+def test_huggingface_bert_minilm_keeps_batch_and_sequence_dynamic():
+    model, inputs = minilm()
+    c = capture.capture(model, inputs)
+    assert c.graph and c.dynamic_dims[0] == [0, 1]
+    linears = [n for n in c.module.graph.nodes
+               if n.op == "call_module" and isinstance(c.module.get_submodule(n.target), nn.Linear)]
+    assert len(linears) == 6 * 6 + 1  # q, k, v, out, ffn-in, ffn-out per layer, and the pooler
+    ids = torch.randint(1000, 2000, (3, 17))
+    _same(model, c, (ids, torch.ones_like(ids)))
+
+
+class _Inner(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not capturable
+            return x * 2
+        return x
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 3)
+        self.gate = _Inner()
+
+    def forward(self, x):
+        return self.gate(self.body(x))
+
+
+def test_uncapturable_model_falls_back_to_eager_with_module_and_line():
+    model = _Outer()
+    c = capture.capture(model, (torch.randn(2, 3),))
+    assert not c.graph and not isinstance(c.module, fx.GraphModule)
+    assert "module 'gate' (_Inner)" in c.note and "test_capture.py:" in c.note
+    assert "\n" not in c.note
+
+
+def test_capture_or_raise_names_the_module():
+    with pytest.raises(capture.CaptureError, match="gate"):
+        capture.capture_or_raise(_Outer(), (torch.randn(2, 3),))

@@ -1,0 +1,127 @@
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import torch
+from torch import fx
+
+from rewrite import api, pipeline
+from rewrite.errors import PassError, RewriteError
+from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult
+from rewrite.passes.fold_bn import FoldBatchNorm
+from rewrite.testing import ConvBN, TinyMLP
+
+
+@dataclass(frozen=True)
+class _Options(Pass):
+    name = "options"
+    rank: int = 4
+    ratio: float = 0.5
+    on: bool = False
+    mode: Literal["exact", "t1"] = "exact"
+    limit: int | None = None
+
+
+def test_parse_maps_kebab_case_options_onto_typed_fields(monkeypatch):
+    monkeypatch.setattr(pipeline.registry, "load_pass", lambda name: {"options": _Options}.get(name) or FoldBatchNorm)
+    [fold, opts] = pipeline.parse_spec("fold-bn, options{rank=8,ratio=0.25,on=true,mode=t1,limit=none}")
+    assert isinstance(fold, FoldBatchNorm)
+    assert opts == _Options(rank=8, ratio=0.25, on=True, mode="t1", limit=None)
+    assert pipeline.format_spec([fold, opts]) == "fold-bn,options{rank=8,ratio=0.25,on=True,mode=t1}"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("options{rank=abc}", "must be int"),
+    ("options{mode=fast}", "one of exact|t1"),
+    ("options{nope=1}", "has no option 'nope'"),
+    ("options{rank}", "write key=value"),
+    ("options{rank=1", "missing '}'"),
+    ("options{rank=1}}", "unbalanced"),
+    ("", "no passes given"),
+])
+def test_malformed_specs_are_one_line_errors(monkeypatch, spec, message):
+    monkeypatch.setattr(pipeline.registry, "load_pass", lambda name: _Options)
+    with pytest.raises(RewriteError, match=message) as info:
+        pipeline.parse_spec(spec)
+    assert "\n" not in str(info.value)
+
+
+@dataclass(frozen=True)
+class _Breaks(Pass):
+    """Claims exactness but scales the first Linear's weight."""
+    name = "breaks"
+    contract = Exact()
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        gm.fc1.weight.data.mul_(1.5)
+        return PassResult(gm, True, {"scaled": 1})
+
+
+@dataclass(frozen=True)
+class _Crashes(Pass):
+    name = "crashes"
+
+    def call(self, gm, ctx):
+        raise IndexError("boom")
+
+
+@dataclass(frozen=True)
+class _Noisy(Pass):
+    """Approximate with a 20 dB floor; adds noise at a chosen SQNR."""
+    name = "noisy"
+    contract = Approx(min_sqnr_db=20.0)
+    level = "module"
+    scale: float = 0.01
+
+    def call(self, module, ctx):
+        with torch.no_grad():
+            list(module.parameters())[-1].add_(self.scale)  # the output layer's bias
+        return PassResult(module, True)
+
+
+def test_a_pass_that_breaks_its_contract_is_rolled_back():
+    model, x = TinyMLP(), torch.randn(4, 16)
+    result = api.optimize(model, (x,), [_Breaks(), FoldBatchNorm()], measure_latency=False)
+    broken, fold = result.report.records
+    assert broken.status == "rolled back" and "exceeds exact tolerance" in broken.reason
+    assert fold.status == "nothing to rewrite"
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_strict_turns_a_broken_contract_into_an_error_naming_earlier_passes():
+    model = TinyMLP()
+    with pytest.raises(PassError, match=r"'breaks'.*passes before it: fold-bn"):
+        api.optimize(model, model.example_inputs(), [FoldBatchNorm(), _Breaks()], strict=True, measure_latency=False)
+
+
+def test_a_crashing_pass_is_rolled_back_with_its_exception():
+    model = TinyMLP()
+    result = api.optimize(model, model.example_inputs(), [_Crashes()], measure_latency=False)
+    assert result.report.records[0].status == "rolled back"
+    assert "IndexError: boom" in result.report.records[0].reason
+
+
+def test_approximate_contract_uses_the_sqnr_floor():
+    model = TinyMLP()
+    ok = api.optimize(model, model.example_inputs(), [_Noisy(scale=1e-3)], measure_latency=False)
+    bad = api.optimize(model, model.example_inputs(), [_Noisy(scale=10.0)], measure_latency=False)
+    assert ok.report.records[0].status == "applied"
+    assert bad.report.records[0].status == "rolled back" and "below the 20 dB floor" in bad.report.records[0].reason
+    assert any("synthetic inputs" in w for w in ok.report.warnings)
+
+
+def test_created_and_swapped_nodes_record_the_pass():
+    model = ConvBN()
+    result = api.optimize(model, model.example_inputs(), "fold-bn", measure_latency=False)
+    stamped = {n.target for n in result.model.graph.nodes if n.meta.get("rewrite.pass") == "fold-bn"}
+    assert stamped == {"conv1", "conv2", "fc"}
+
+
+def test_graph_pass_on_an_uncapturable_model_is_skipped_with_the_reason():
+    from tests.test_capture import _Outer
+    model = _Outer()
+    result = api.optimize(model, (torch.randn(2, 3),), [FoldBatchNorm(), _Noisy(scale=1e-4)], measure_latency=False)
+    fold, noisy = result.report.records
+    assert fold.status == "skipped" and "module 'gate'" in fold.reason
+    assert noisy.status == "applied"  # a module-level pass still runs on the eager model
+    assert not isinstance(result.model, fx.GraphModule)
