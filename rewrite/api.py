@@ -139,10 +139,8 @@ def _score(report: RunReport, original: nn.Module, rewritten: nn.Module, eval: A
     if data.targets is None:
         raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
     report.metric_name = metric
-    for m in report.measurements:
-        if m.backend == "torch":
-            module = original if m.label == "original" else rewritten
-            m.metric = score([capture.run(module, b) for b in data.batches], data.targets)
+    for label, module in (("original", original), ("rewritten", rewritten)):
+        report.metric[label] = score([capture.run(module, b) for b in data.batches], data.targets)
 
 
 def _emitters(emit: str | list[str] | None, out: Any) -> list[str]:

@@ -37,7 +37,6 @@ class Measurement:
     params: int | None = None
     size_bytes: int = 0
     layers: int | None = None
-    metric: float | None = None
 
 
 @dataclass
@@ -57,6 +56,7 @@ class RunReport:
     measurements: list[Measurement] = field(default_factory=list)
     error_vs_original: dict[str, Any] | None = None
     metric_name: str | None = None
+    metric: dict[str, float] = field(default_factory=dict)  # label → score on the eval data
     artifacts: list[Artifact] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -77,16 +77,11 @@ class RunReport:
         return rows
 
     def measurement_rows(self) -> list[list[str]]:
-        header = ["model", "backend", "p50 ms", "p90 ms", "runs", "params", "size", "layers"]
-        if self.metric_name:
-            header.append(self.metric_name)
-        rows = [header]
+        rows = [["model", "backend", "p50 ms", "p90 ms", "runs", "params", "size", "layers"]]
         for m in self.measurements:
             row = [m.label, m.backend, _ms(m.p50_ms), _ms(m.p90_ms), str(m.runs),
                    "-" if m.params is None else f"{m.params:,}", _size(m.size_bytes),
                    "-" if m.layers is None else str(m.layers)]
-            if self.metric_name:
-                row.append("" if m.metric is None else f"{m.metric:.4g}")
             rows.append(row)
         return rows
 
@@ -103,6 +98,9 @@ class RunReport:
                 word = "faster" if ratio >= 1.03 else "SLOWER" if ratio <= 0.97 else "no faster"
                 lines.append(f"{backend}: rewritten model is {word} than the original "
                              f"(p50 {a.p50_ms:.3g} → {b.p50_ms:.3g} ms, {ratio:.2f}x)")
+        if self.metric_name and len(self.metric) == 2:
+            a, b = self.metric["original"], self.metric["rewritten"]
+            lines.append(f"{self.metric_name} on eval data: original {a:.4g} → rewritten {b:.4g} ({b - a:+.4g})")
         if self.error_vs_original:
             e = self.error_vs_original
             lines.append(f"output vs original: max|Δ| {e['max_abs']:.2e}, rel L2 {e['rel_l2']:.2e}, "

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rewrite import api, calibration, loading
+from rewrite import api, calibration, loading, pipeline
 from rewrite.cli import render
 from rewrite.errors import RewriteError
 
@@ -31,6 +31,7 @@ def optimize(
     latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
+    pipeline.parse_spec(passes)  # a typo fails before any model file is unpickled
     module, bundled = loading.load(model)
     if Path(model).is_file() and Path(model).suffix != ".pt2":
         render.errors.print(loading.PICKLE_NOTICE)

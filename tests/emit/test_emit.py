@@ -1,0 +1,61 @@
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from rewrite import api
+from rewrite.emit import onnx as onnx_emit
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    from cnn import build
+    model, inputs = build()
+    out = tmp_path_factory.mktemp("out")
+    result = api.optimize(model, inputs, "fold-bn,reparam", emit="onnx", out=out)
+    return model, inputs, result, out
+
+
+def test_pt2_reloads_and_matches_the_original(cnn_run):
+    model, inputs, result, out = cnn_run
+    reloaded = torch.export.load(out / "model.pt2").module()
+    x = torch.randn(3, 3, 40, 40)  # other batch and resolution: dims stayed dynamic
+    torch.testing.assert_close(reloaded(x), model(x), rtol=1e-4, atol=1e-5)
+    [pt2] = [a for a in result.report.artifacts if a.kind == "pt2"]
+    assert pt2.parity["max_abs"] == 0.0
+
+
+def test_onnx_passes_the_checker_and_matches_in_onnxruntime(cnn_run):
+    model, inputs, result, out = cnn_run
+    onnx.checker.check_model(str(out / "model.onnx"))
+    session = onnx_emit.session(out / "model.onnx")
+    x = torch.randn(5, 3, 32, 32)
+    got = onnx_emit.run(session, (x,))[0]
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_report_files_and_latency_per_backend(cnn_run):
+    _, _, result, out = cnn_run
+    assert {"report.md", "report.json", "recipe.json", "model.pt2", "model.onnx"} <= {p.name for p in out.iterdir()}
+    backends = {(m.label, m.backend) for m in result.report.measurements}
+    assert backends == {("original", "torch"), ("rewritten", "torch"),
+                        ("original", "onnxruntime"), ("rewritten", "onnxruntime")}
+    layers = {m.label: m.layers for m in result.report.measurements if m.backend == "torch"}
+    assert layers["rewritten"] < layers["original"]
+    assert "fold-bn" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_aotinductor_package(tmp_path):
+    from rewrite.testing import TinyMLP
+    model = TinyMLP().eval()
+    x = model.example_inputs()
+    result = api.optimize(model, x, "fold-bn", emit="compiled", out=tmp_path, measure_latency=False)
+    [art] = [a for a in result.report.artifacts if a.kind == "compiled"]
+    assert art.path, art.note
+    compiled = torch._inductor.aoti_load_package(art.path)
+    torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from torch import nn
+
+from rewrite.passes.fold_bn import FoldBatchNorm
+from rewrite.testing import ConvBN, check_pass, randomize_batchnorm
+
+
+def _kinds(gm):
+    return [type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_conv_and_linear_batchnorms_fold(dims):
+    model = ConvBN(dims)
+    result = check_pass(FoldBatchNorm(), model, model.example_inputs())
+    assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in _kinds(result.model))
+    assert result.report.records[0].stats == {"folded": 3}
+    x = model.example_inputs()[0]
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _SharedConv(nn.Module):
+    """The conv output feeds the BN and something else: folding would change the other use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        randomize_batchnorm(self)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _Untracked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _NoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def test_conv_with_another_user_is_skipped_with_reason():
+    result = check_pass(FoldBatchNorm(), _SharedConv(), (torch.randn(2, 3, 8, 8),))
+    record = result.report.records[0]
+    assert record.status == "nothing to rewrite" and "also used elsewhere" in record.reason
+
+
+def test_batchnorm_without_running_stats_is_left_alone():
+    result = check_pass(FoldBatchNorm(), _Untracked(), (torch.randn(2, 3, 8, 8),))
+    assert result.report.records[0].status == "nothing to rewrite"
+
+
+def test_no_batchnorm_means_nothing_to_rewrite():
+    result = check_pass(FoldBatchNorm(), _NoBN(), (torch.randn(2, 3, 8, 8),))
+    record = result.report.records[0]
+    assert record.status == "nothing to rewrite" and "BatchNorm" in record.reason

@@ -1,0 +1,38 @@
+import math
+
+import pytest
+import torch
+
+from rewrite.pass_base import Approx, Exact
+from rewrite.verify import check, compare
+
+
+def test_identical_outputs_are_exact():
+    x = [torch.randn(3, 4)]
+    err = compare(x, [x[0].clone()])
+    assert err.max_abs == 0 and err.sqnr_db == math.inf and check(Exact(), err) is None
+
+
+def test_sqnr_of_known_noise():
+    ref = torch.ones(10_000)
+    err = compare([ref], [ref + 0.1])  # signal 1, noise 0.01 → 20 dB
+    assert err.sqnr_db == pytest.approx(20.0, abs=1e-4)  # float32 0.1
+    assert check(Approx(min_sqnr_db=19), err) is None
+    assert "below the 21 dB floor" in check(Approx(min_sqnr_db=21), err)
+    assert "exceeds exact tolerance" in check(Exact(), err)
+
+
+def test_pytree_outputs_compare_leaf_by_leaf():
+    a = {"x": torch.randn(2), "y": (torch.randn(3), torch.tensor([1, 2]))}
+    b = {"x": a["x"], "y": (a["y"][0] + 1e-9, a["y"][1])}
+    assert compare([a], [b]).within_tolerance
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError):
+        compare([torch.randn(2)], [torch.randn(3)])
+
+
+def test_nan_output_breaks_any_contract():
+    err = compare([torch.ones(3)], [torch.tensor([1.0, float("nan"), 1.0])])
+    assert check(Approx(min_sqnr_db=0), err) is not None
