@@ -15,11 +15,12 @@ app = typer.Typer(help="Registered passes, built-in or from plugins.", no_args_i
 @render.user_errors
 def list_passes(
     markdown: Annotated[bool, typer.Option(help="a Markdown table with each pass's contract (imports passes)")] = False,
+    builtin: Annotated[bool, typer.Option(help="only the passes that ship with rewrite")] = False,
 ) -> None:
     """Every registered pass with the distribution that provides it (reads metadata only)."""
-    entries = registry.registered()
+    entries = {n: e for n, e in registry.registered().items() if not builtin or e.distribution.startswith("rewrite ")}
     if markdown:
-        render.console.print(markdown_table(), markup=False, soft_wrap=True)
+        render.console.print(markdown_table(list(entries)), markup=False, soft_wrap=True)
         return
     rows = [["pass", "from", "defined in"]] + [[e.name, e.distribution, e.value] for e in entries.values()]
     render.console.print(render.table(rows, f"{len(entries)} passes"))
@@ -40,9 +41,10 @@ def show(name: Annotated[str, typer.Argument(help="a pass name from `rewrite pas
         render.console.print(render.table(rows, "options"))
 
 
-def markdown_table() -> str:
+def markdown_table(names: list[str]) -> str:
+    """The README's pass table, generated from each pass's metadata so the docs cannot drift."""
     lines = ["| pass | what it does | contract | calibration | paper |", "|---|---|---|---|---|"]
-    for name in registry.registered():
+    for name in names:
         cls = registry.load_pass(name)
         lines.append(f"| `{name}` | {cls.summary} | {cls.contract.describe()} | "
                      f"{'needed' if cls.needs_calibration else 'optional'} | {cls.paper} |")
