@@ -1,0 +1,174 @@
+"""Truncated spectral convolutions as real GEMMs: the exact layer the `t1` pass swaps in.
+
+A spectral conv y = irfftₙ(P*(R ⊙ P(rfftₙ(x)))) + b keeps a product set of frequencies per axis.
+On those frequencies the DFT is a dense matrix, so (with real/imaginary parts split) the layer is:
+last axis x·[C|−S] (r2c), each other axis a complex (K×n) matmul, one batched (2Cin×2Cout) mix per
+mode, the inverse matmuls, and a real c2r matrix that weights bin 0 (and Nyquist) by 1, others by 2,
+dropping their imaginary parts exactly as irfft does. No complex tensors: ONNX-exportable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SpectralGEMM(nn.Module):
+    """A spectral conv for one grid size, as real matmuls.
+
+    Args:
+        weight: complex (Cin, Cout, K₁, …, K_d) per-mode weights, in the unnormalized DFT convention
+            (y = irfftn(R ⊙ rfftn(x)) with torch's default norm).
+        in_freqs / out_freqs: per axis, the signed frequencies read and written (last axis non-negative).
+        grid: spatial sizes (n₁, …, n_d) this layer is built for.
+        bias: (Cout,) or None.
+    """
+
+    def __init__(self, weight: torch.Tensor, in_freqs: list[list[int]], out_freqs: list[list[int]],
+                 grid: tuple[int, ...], bias: torch.Tensor | None):
+        super().__init__()
+        cin, cout, *modes = weight.shape
+        self.grid, self.modes, self.cout = tuple(grid), modes, cout
+        for a, (fin, fout, n) in enumerate(zip(in_freqs, out_freqs, grid)):
+            last = a == len(grid) - 1
+            fwd, inv = (_r2c(fin, n), _c2r(fout, n)) if last else (_dft(fin, n, -1), _dft(fout, n, +1, inverse=True))
+            self.register_buffer(f"fwd{a}", fwd.float())
+            self.register_buffer(f"inv{a}", inv.float())
+        w = weight.to(torch.complex128).reshape(cin, cout, -1).permute(2, 0, 1)  # (M, Cin, Cout)
+        block = torch.cat([torch.cat([w.real, w.imag], 2), torch.cat([-w.imag, w.real], 2)], 1)
+        self.register_buffer("mix", block.float().contiguous())  # (M, 2Cin, 2Cout)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(1, cout, *[1] * len(grid)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[2:]) != self.grid:
+            raise ValueError(f"this t1 layer was built for grid {self.grid}, got {tuple(x.shape[2:])}; "
+                             "re-run `rewrite optimize` with inputs of this size")
+        d = len(self.grid)
+        k = self.fwd_last.shape[1] // 2
+        z = x @ self.fwd_last  # (B, C, n₁…, 2K_d): [re | im] on the last axis
+        re, im = z[..., :k], z[..., k:]
+        for a in range(d - 1):
+            re, im = _complex_along(re, im, getattr(self, f"fwd{a}"), 2 + a)
+        b, c = x.shape[:2]
+        stacked = torch.cat([re, im], 1).reshape(b, 2 * c, -1).permute(2, 0, 1)  # (M, B, 2Cin)
+        mixed = torch.bmm(stacked, self.mix).permute(1, 2, 0)  # (B, 2Cout, M)
+        mixed = mixed.reshape(b, 2 * self.cout, *self.modes)
+        re, im = mixed[:, :self.cout], mixed[:, self.cout:]
+        for a in range(d - 1):
+            re, im = _complex_along(re, im, getattr(self, f"inv{a}"), 2 + a)
+        y = torch.cat([re, im], -1) @ self.inv_last
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def fwd_last(self) -> torch.Tensor:
+        return getattr(self, f"fwd{len(self.grid) - 1}")
+
+    @property
+    def inv_last(self) -> torch.Tensor:
+        return getattr(self, f"inv{len(self.grid) - 1}")
+
+
+def _complex_along(re: torch.Tensor, im: torch.Tensor, matrix: torch.Tensor, axis: int):
+    """(re + i·im) ×_axis (Mr + i·Mi), with `matrix` = [Mr; Mi] stacked on dim 0, each (out, in)."""
+    out = matrix.shape[0] // 2
+    both = torch.movedim(torch.stack([re, im]), axis + 1, -1) @ matrix.T  # (2, …, 2·out)
+    r = both[0, ..., :out] - both[1, ..., out:]
+    i = both[1, ..., :out] + both[0, ..., out:]
+    return torch.movedim(r, -1, axis), torch.movedim(i, -1, axis)
+
+
+def _angles(freqs: list[int], n: int) -> torch.Tensor:
+    return 2 * math.pi * torch.outer(torch.tensor(freqs, dtype=torch.float64), torch.arange(n, dtype=torch.float64)) / n
+
+
+def _dft(freqs: list[int], n: int, sign: int, inverse: bool = False) -> torch.Tensor:
+    """[Re; Im] of exp(sign·2πi f j / n) as a (2K, n) forward or (2n, K) inverse matrix (inverse scaled 1/n)."""
+    ang = _angles(freqs, n)
+    if inverse:
+        ang = ang.T
+    scale = 1.0 / n if inverse else 1.0
+    return torch.cat([torch.cos(ang), sign * torch.sin(ang)], 0) * scale
+
+
+def _r2c(freqs: list[int], n: int) -> torch.Tensor:
+    """(n, 2K): real input → [Re | Im] of its DFT at the non-negative `freqs`."""
+    ang = _angles(freqs, n).T
+    return torch.cat([torch.cos(ang), -torch.sin(ang)], 1)
+
+
+def _c2r(freqs: list[int], n: int) -> torch.Tensor:
+    """(2K, n): [Re | Im] of half-spectrum bins → real signal, as irfft (1/n, bins doubled but DC/Nyquist)."""
+    ang = _angles(freqs, n)
+    weight = torch.tensor([1.0 if f == 0 or 2 * f == n else 2.0 for f in freqs], dtype=torch.float64)[:, None]
+    return torch.cat([weight * torch.cos(ang), -weight * torch.sin(ang)], 0) / n
+
+
+# --- reading a spectral conv's operator ----------------------------------------------------------
+
+def from_probe(module: nn.Module, channels: int, grid: tuple[int, ...], tol: float = 1e-6) -> SpectralGEMM | str:
+    """Read R from the module's response to impulses (x = δ ⇒ rfftn(x) = 1). Returns a reason on failure.
+
+    Exact when the module is a truncated Fourier multiplier plus a constant bias; the caller verifies.
+    """
+    d = len(grid)
+    dims = tuple(range(2, 2 + d))
+    with torch.no_grad():
+        zero = module(torch.zeros(1, channels, *grid, dtype=torch.float32)).double()
+        bias = zero.mean(dim=dims).reshape(-1)
+        if (zero - zero.mean(dim=dims, keepdim=True)).abs().max() > tol * (1 + zero.abs().max()):
+            return "its output for a zero input is not spatially constant"
+        impulses = torch.zeros(channels, channels, *grid)
+        impulses[(torch.arange(channels), torch.arange(channels)) + (0,) * d] = 1.0
+        response = torch.fft.rfftn(module(impulses).double() - zero, dim=dims)  # (Cin, Cout, …)
+    magnitude = response.abs()
+    support = [_nonzero(magnitude, 2 + a, tol) for a in range(d)]
+    if any(not s for s in support):
+        return "its response is zero"
+    freqs = [[i if a == d - 1 or i <= n // 2 else i - n for i in s] for a, (s, n) in enumerate(zip(support, grid))]
+    weight = response[(slice(None), slice(None)) + tuple(torch.tensor(s)[_reshape(a, d)] for a, s in enumerate(support))]
+    return SpectralGEMM(weight, freqs, freqs, grid, bias if bias.abs().max() > 0 else None)
+
+
+def _nonzero(magnitude: torch.Tensor, axis: int, tol: float) -> list[int]:
+    other = [a for a in range(magnitude.dim()) if a != axis]
+    peak = magnitude.amax(dim=other)
+    return [i for i, v in enumerate(peak.tolist()) if v > tol * float(magnitude.max())]
+
+
+def _reshape(axis: int, d: int) -> tuple:
+    """Index shape that broadcasts one axis's index list against the others (outer-product selection)."""
+    return tuple(slice(None) if a == axis else None for a in range(d))
+
+
+def from_neuralop(conv: nn.Module, grid: tuple[int, ...]) -> SpectralGEMM | str:
+    """neuraloperator's SpectralConv read from its attributes, reproducing its conventions exactly.
+
+    It keeps centred modes (fftshift, slice) and shifts back with a second fftshift, not an ifftshift:
+    at an odd size along a non-last axis that synthesizes each coefficient one bin lower. We reproduce it.
+    """
+    if getattr(conv, "complex_data", False) or getattr(conv, "separable", False):
+        return "complex-data or separable spectral weights are not supported"
+    if getattr(conv, "resolution_scaling_factor", None) is not None:
+        return "it resamples its output (resolution_scaling_factor)"
+    if getattr(conv, "fno_block_precision", "full") != "full":
+        return "half/mixed precision spectral blocks are not supported"
+    weight = conv.weight.to_tensor() if hasattr(conv.weight, "to_tensor") else conv.weight
+    weight = weight.detach()
+    d = len(grid)
+    sizes = list(grid[:-1]) + [grid[-1] // 2 + 1]
+    index, in_freqs, out_freqs = [slice(None), slice(None)], [], []
+    for a, (size, n_mode, max_mode) in enumerate(zip(sizes, conv.n_modes, conv.max_n_modes)):
+        start = max_mode - min(size, n_mode)
+        last = a == d - 1
+        index.append(slice(None, -start) if last and start else slice(start // 2, -start // 2) if start else slice(None))
+        kept = len(range(max_mode)[index[-1]])
+        if last:
+            in_freqs.append(list(range(kept)))
+            out_freqs.append(list(range(kept)))
+            continue
+        freqs = list(range(-(kept // 2), kept // 2 + kept % 2))
+        in_freqs.append(freqs)
+        out_freqs.append([f - 1 for f in freqs] if grid[a] % 2 else freqs)
+    bias = conv.bias.detach().reshape(-1) if getattr(conv, "bias", None) is not None else None
+    return SpectralGEMM(weight[tuple(index)], in_freqs, out_freqs, grid, bias)
