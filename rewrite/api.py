@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +49,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     if not captured.graph:
         warns.append(captured.note)
     ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
-                      synthetic_calibration=data.synthetic)
+                      synthetic_calibration=data.synthetic, emit=tuple(emitters))
     rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
     report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
                        inputs=calibration.describe(data.batches), records=records, warnings=warns)
@@ -170,10 +169,11 @@ def _emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, capt
         report.artifacts.append(artifact)
         if name == "onnx" and artifact.path and measure_latency:
             say("measuring latency (onnxruntime)")
-            report.measurements += _ort_measurements(original, captured, Path(artifact.path))
+            report.measurements += _ort_measurements(report, original, captured, Path(artifact.path))
 
 
-def _ort_measurements(original: nn.Module, captured: capture.Captured, rewritten_path: Path) -> list[Measurement]:
+def _ort_measurements(report: RunReport, original: nn.Module, captured: capture.Captured,
+                      rewritten_path: Path) -> list[Measurement]:
     from rewrite.emit import onnx as onnx_emit
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,9 +183,8 @@ def _ort_measurements(original: nn.Module, captured: capture.Captured, rewritten
             onnx_emit.export_onnx(original, original_captured, original_path)
             rows.append(_ort_row("original", original_path, captured.example_inputs))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             rows.append(Measurement("original (not exportable to ONNX)", "onnxruntime"))
-            warnings.warn(f"original model does not export to ONNX: {first[:160]}")
+            report.warnings.append(f"the original model does not export to ONNX: {onnx_emit.first_line(exc)}")
     rows.append(_ort_row("rewritten", rewritten_path, captured.example_inputs))
     return rows
 

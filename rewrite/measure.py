@@ -36,7 +36,8 @@ def torch_latency(module: nn.Module, inputs: tuple, **kw: Any) -> tuple[float, f
 
 
 def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Real numbers held in parameters (a complex parameter counts twice, as it is stored)."""
+    return sum(p.numel() * (2 if p.is_complex() else 1) for p in module.parameters())
 
 
 def state_size(module: nn.Module) -> int:

@@ -48,6 +48,7 @@ class PassContext:
     original: nn.Module | None = None
     seed: int = 0
     synthetic_calibration: bool = False
+    emit: tuple[str, ...] = ()  # artifact kinds the user asked for (e.g. "onnx" forces exportable forms)
 
 
 @dataclass
@@ -79,6 +80,12 @@ class Pass:
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement call()")
+
+    @classmethod
+    def contract_text(cls) -> str:
+        """The contract in words; passes whose contract depends on an option override `contract_note`."""
+        note = getattr(cls, "contract_note", "")
+        return note or cls.contract.describe()
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""

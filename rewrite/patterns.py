@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import fx, nn
 
 # A matcher answers None (rewrite it) or the reason it is left alone.
@@ -48,3 +49,63 @@ def swap_modules(module: nn.Module, kinds: tuple[type, ...], match: Matcher,
         set_submodule(module, path, build(layer, path))
         done.append(path)
     return done, skipped
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """The module paths a captured node was traced inside, outermost first (from export's nn_module_stack)."""
+    return [path for path, _type in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def region(gm: fx.GraphModule, path: str) -> list[fx.Node]:
+    """The compute nodes traced inside module `path`.
+
+    Shape queries on the region's input (sym_size) are left out: export shares them with later code.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and path in module_paths(n)]
+    inside = set(nodes)
+    shared: set[fx.Node] = set()
+    for n in nodes:  # topological order: a size computed from shared sizes is shared too
+        if not _is_tensor(n) and all(a not in inside or a in shared for a in n.all_input_nodes):
+            shared.add(n)
+    return [n for n in nodes if n not in shared]
+
+
+def region_io(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(tensor inputs from outside, nodes used outside) of a region; parameters and sizes do not count."""
+    inside = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                                if a not in inside and a.op != "get_attr" and _is_tensor(a)))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    return inputs, outputs
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return node.op in ("placeholder", "call_module") or isinstance(val, torch.Tensor)
+
+
+def replace_region(gm: fx.GraphModule, path: str, module: nn.Module) -> str | None:
+    """Replace everything traced inside `path` by one call of `module` (registered at `path`).
+
+    Returns None on success or why the region cannot be replaced as a one-input, one-output layer.
+    """
+    nodes = region(gm, path)
+    inputs, outputs = region_io(nodes)
+    if len(inputs) != 1 or len(outputs) != 1:
+        return f"it has {len(inputs)} inputs and {len(outputs)} outputs in the graph (need 1 and 1)"
+    with gm.graph.inserting_before(outputs[0]):
+        call = gm.graph.call_module(path, (inputs[0],))
+    call.meta.update({k: v for k, v in outputs[0].meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+    outputs[0].replace_all_uses_with(call)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    # The old parameter holder at `path` can go unless something outside the region still reads it.
+    if any(_under(n, path) for n in gm.graph.nodes if n is not call):
+        call.target = path + "_rewritten"
+    set_submodule(gm, call.target, module)
+    return None
+
+
+def _under(node: fx.Node, path: str) -> bool:
+    return node.op in ("get_attr", "call_module") and (node.target == path or node.target.startswith(path + "."))

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 from torch import nn
 
-from rewrite import capture, registry, verify
+from rewrite import capture, measure, registry, verify
 from rewrite.errors import PassError, RewriteError
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
@@ -196,5 +196,5 @@ def _layer_identities(module: nn.Module) -> dict:
 
 
 def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return measure.param_count(module)
 

@@ -137,6 +137,8 @@ def _ms(v: float | None) -> str:
 
 
 def _size(n: int) -> str:
+    if not n:
+        return "-"
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 

@@ -67,7 +67,50 @@ class TinyMLP(nn.Module):
         return (torch.randn(4, 16),)
 
 
-TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP]
+class SpectralConv(nn.Module):
+    """A hand-written truncated spectral conv (Li et al. style corner modes), 1-D or 2-D."""
+
+    def __init__(self, channels: int, modes: int, dims: int):
+        super().__init__()
+        self.modes, self.dims = modes, dims
+        shape = (channels, channels) + (modes,) * dims
+        self.w = nn.Parameter(torch.randn(*shape, 2 if dims == 2 else 1, dtype=torch.cfloat) / channels)
+
+    def forward(self, x):
+        n = x.shape[2:]
+        m = self.modes
+        x_ft = torch.fft.rfftn(x, dim=tuple(range(2, 2 + self.dims)))
+        out = torch.zeros(x.shape[0], self.w.shape[1], *x_ft.shape[2:], dtype=torch.cfloat)
+        if self.dims == 1:
+            out[:, :, :m] = torch.einsum("bix,iox->box", x_ft[:, :, :m], self.w[..., 0])
+        else:
+            out[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m, :m], self.w[..., 0])
+            out[:, :, -m:, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, -m:, :m], self.w[..., 1])
+        return torch.fft.irfftn(out, s=n, dim=tuple(range(2, 2 + self.dims)))
+
+
+class ToyFNO(nn.Module):
+    """lift → 2 × (spectral + 1×1 skip, GELU) → project, on a 1-D or 2-D grid."""
+
+    def __init__(self, dims: int = 2, size: int = 16, channels: int = 6, modes: int = 4):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.dims, self.size = dims, size
+        self.lift, self.project = conv(1, channels, 1), conv(channels, 1, 1)
+        self.spectral = nn.ModuleList(SpectralConv(channels, modes, dims) for _ in range(2))
+        self.skips = nn.ModuleList(conv(channels, channels, 1) for _ in range(2))
+
+    def forward(self, x):
+        x = self.lift(x)
+        for spectral, skip in zip(self.spectral, self.skips):
+            x = torch.nn.functional.gelu(spectral(x) + skip(x))
+        return self.project(x)
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(2, 1, *[self.size] * self.dims),)
+
+
+TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:

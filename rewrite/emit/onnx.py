@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,16 @@ def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
             torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False)
     import onnx
     onnx.checker.check_model(str(path), full_check=False)
+
+
+def first_line(exc: BaseException) -> str:
+    """The exporter's messages are long and colored: keep the first plain sentence, and the root cause."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    texts = [re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() for e in (exc, root)]
+    parts = list(dict.fromkeys(t[0][:160] for t in texts if t))
+    return " / ".join(parts) or type(exc).__name__
 
 
 def session(path: str | Path, threads: int = 0):
@@ -55,8 +66,7 @@ def emit_onnx(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
     try:
         export_onnx(module, captured, path)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Artifact("onnx", "", None, f"ONNX export failed: {first[:200]}")
+        return Artifact("onnx", "", None, f"ONNX export failed: {first_line(exc)}")
     inputs = captured.example_inputs
     err = verify.compare([capture.run(module, inputs)], [run(session(path), inputs)])
     return Artifact("onnx", str(path), err.to_dict())

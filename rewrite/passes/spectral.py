@@ -36,8 +36,8 @@ class SpectralGEMM(nn.Module):
             self.register_buffer(f"fwd{a}", fwd.float())
             self.register_buffer(f"inv{a}", inv.float())
         w = weight.to(torch.complex128).reshape(cin, cout, -1).permute(2, 0, 1)  # (M, Cin, Cout)
-        block = torch.cat([torch.cat([w.real, w.imag], 2), torch.cat([-w.imag, w.real], 2)], 1)
-        self.register_buffer("mix", block.float().contiguous())  # (M, 2Cin, 2Cout)
+        self.weight_re = nn.Parameter(w.real.float().contiguous())
+        self.weight_im = nn.Parameter(w.imag.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(1, cout, *[1] * len(grid)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,9 @@ class SpectralGEMM(nn.Module):
             re, im = _complex_along(re, im, getattr(self, f"fwd{a}"), 2 + a)
         b, c = x.shape[:2]
         stacked = torch.cat([re, im], 1).reshape(b, 2 * c, -1).permute(2, 0, 1)  # (M, B, 2Cin)
-        mixed = torch.bmm(stacked, self.mix).permute(1, 2, 0)  # (B, 2Cout, M)
+        wr, wi = self.weight_re, self.weight_im  # complex mixing as one real (2Cin × 2Cout) block per mode
+        block = torch.cat([torch.cat([wr, wi], 2), torch.cat([-wi, wr], 2)], 1)
+        mixed = torch.bmm(stacked, block).permute(1, 2, 0)  # (B, 2Cout, M)
         mixed = mixed.reshape(b, 2 * self.cout, *self.modes)
         re, im = mixed[:, :self.cout], mixed[:, self.cout:]
         for a in range(d - 1):

@@ -1,0 +1,105 @@
+import pytest
+import torch
+from torch import fx, nn
+
+from rewrite import api
+from rewrite.emit import onnx as onnx_emit
+from rewrite.passes.spectral import SpectralGEMM, from_neuralop
+from rewrite.passes.t1 import TransformOnce
+from rewrite.testing import ConvBN, ToyFNO, check_pass
+
+FFT = ("fft_rfft", "fft_irfft", "_fft_r2c", "_fft_c2r")
+
+
+def _fft_ops(gm: fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and any(f in str(n.target) for f in FFT)]
+
+
+@pytest.mark.parametrize("dims, size", [(1, 16), (1, 15), (2, 16), (2, 15), (2, 13)])
+def test_toy_fno_becomes_fft_free_and_exact(dims, size):
+    model = ToyFNO(dims, size).eval()
+    x = model.example_inputs()
+    result = check_pass(TransformOnce(form="gemm"), model, x)
+    assert result.report.records[0].stats["spectral_layers"] == 2
+    assert _fft_ops(result.model) == []
+    assert sum(isinstance(m, SpectralGEMM) for m in result.model.modules()) == 2
+    torch.testing.assert_close(result.model(x[0]), model(x[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_parity_of_the_gemm_form(tmp_path):
+    model = ToyFNO(2, 15).eval()
+    x = model.example_inputs()
+    result = api.optimize(model, x, "t1", emit="onnx", out=tmp_path, measure_latency=False)
+    [art] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert art.path, art.note  # the original cannot export (complex tensors); the rewrite can
+    got = onnx_emit.run(onnx_emit.session(art.path), x)[0]
+    torch.testing.assert_close(got, model(*x).detach(), rtol=1e-4, atol=1e-5)
+
+
+neuralop = pytest.importorskip("neuralop")
+
+
+@pytest.mark.parametrize("kind", ["dense", "tucker", "cp"])
+@pytest.mark.parametrize("grid", [(32, 32), (33, 33), (63, 64), (6, 6)])
+def test_neuraloperator_spectral_conv_is_reproduced_exactly(kind, grid):
+    kw = {} if kind == "dense" else {"factorization": kind, "rank": 0.3}
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1, **kw).eval()
+    conv = model.fno_blocks.convs[0]
+    layer = from_neuralop(conv, grid)
+    x = torch.randn(2, 8, *grid)
+    with torch.no_grad():
+        want = conv(x)
+        # odd sizes exercise neuralop's double-fftshift quirk; (6, 6) is smaller than the kept modes
+        assert float((layer(x) - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory, shape", [
+    (lambda: neuralop.models.FNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1), (2, 1, 32, 32)),
+    (lambda: neuralop.models.TFNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1), (2, 1, 33, 33)),
+    (lambda: neuralop.models.FNO(n_modes=(12,), hidden_channels=16, in_channels=1, out_channels=1), (2, 1, 64)),
+])
+def test_neuraloperator_models_are_rewritten_whole(factory, shape, tmp_path):
+    model = factory().eval()
+    x = torch.randn(*shape)
+    result = api.optimize(model, (x,), "t1{form=gemm}", emit="onnx", out=tmp_path, measure_latency=False, strict=True)
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["spectral_layers"] == 4
+    assert _fft_ops(result.model) == []
+    [art] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert art.parity["max_abs"] < 1e-4, art.note
+
+
+def test_the_rewritten_layer_refuses_another_grid():
+    model = ToyFNO(2, 16).eval()
+    result = api.optimize(model, model.example_inputs(), "t1{form=gemm}", measure_latency=False)
+    with pytest.raises(ValueError, match="built for grid"):
+        result.model(torch.randn(2, 1, 20, 20))
+
+
+class _ShiftedSpectral(nn.Module):
+    """Uses FFTs but is not shift-equivariant (a spatial mask after the inverse): must be skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = torch.fft.irfft2(torch.fft.rfft2(self.inner(x))[..., :4, :4], s=x.shape[-2:])
+        return y * torch.linspace(0, 1, x.shape[-1])
+
+
+def test_non_multiplier_is_skipped_with_reason():
+    model = nn.Sequential(_ShiftedSpectral()).eval()
+    result = check_pass(TransformOnce(form="gemm"), model, (torch.randn(2, 4, 12, 12),))
+    record = result.report.records[0]
+    assert record.status == "nothing to rewrite" and "spatially constant" in record.reason
+
+
+def test_form_fft_and_cnn_leave_the_model_alone():
+    model = ToyFNO(2, 16).eval()
+    assert check_pass(TransformOnce(form="fft"), model, model.example_inputs()).report.records[0].status == \
+        "nothing to rewrite"
+    cnn = ConvBN()
+    record = check_pass(TransformOnce(), cnn, cnn.example_inputs()).report.records[0]
+    assert record.status == "nothing to rewrite"
