@@ -16,6 +16,7 @@ from torch import nn
 from rewrite import __version__, calibration, capture, measure, pipeline, registry, verify
 from rewrite.errors import RewriteError
 from rewrite.pass_base import Approx, Pass, PassContext
+from rewrite.recover import RecoverSpec
 from rewrite.report import Measurement, RunReport
 
 Progress = Callable[[str], None]
@@ -31,6 +32,7 @@ class Result:
 def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *, calib: Any = None,
              eval: Any = None, metric: str | None = None, emit: str | list[str] | None = None,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
+             recover: str | None = None, calib_batches: int = calibration.MAX_BATCHES,
              measure_latency: bool = True, progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
@@ -41,15 +43,16 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     inputs = _check_model_and_inputs(model, example_inputs)
     pass_list = pipeline.parse_spec(passes)
     emitters = _emitters(emit, out)
+    recovery = RecoverSpec.parse(recover)
     out_dir = _prepare_out(out, force) if out is not None else None
     torch.manual_seed(seed)
-    data, warns = _calibration(calib, model, inputs, seed, pass_list)
+    data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
     say("capturing")
     captured = capture.capture(model, inputs)
     if not captured.graph:
         warns.append(captured.note)
     ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
-                      synthetic_calibration=data.synthetic, emit=tuple(emitters))
+                      synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery)
     rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
     report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
                        inputs=calibration.describe(data.batches), records=records, warnings=warns)
@@ -106,15 +109,15 @@ def _check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return inputs
 
 
-def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int,
-                 passes: list[Pass]) -> tuple[calibration.Data, list[str]]:
+def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes: list[Pass],
+                 max_batches: int) -> tuple[calibration.Data, list[str]]:
     if calib is None:
         data = calibration.synthetic(inputs, seed)
         approximate = [p.name for p in passes if isinstance(p.contract, Approx) or p.needs_calibration]
         warns = [f"no calibration data: {', '.join(approximate)} verified on synthetic inputs only; "
                  "pass --calib for a trustworthy error"] if approximate else []
         return data, warns
-    data = calibration.from_user(calib, model, "calibration")
+    data = calibration.from_user(calib, model, "calibration", max_batches)
     for i, batch in enumerate(data.batches):
         try:
             capture.run(model, batch)

@@ -49,6 +49,7 @@ class PassContext:
     seed: int = 0
     synthetic_calibration: bool = False
     emit: tuple[str, ...] = ()  # artifact kinds the user asked for (e.g. "onnx" forces exportable forms)
+    recover: Any = None  # a rewrite.recover.RecoverSpec when the user asked for recovery
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     applies_to: ClassVar[str] = ""
     level: ClassVar[str] = "graph"
+    recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement call()")

@@ -132,13 +132,13 @@ def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext,
         if progress:
             progress(f"pass {i + 1}/{len(passes)}: {pass_.spec()}")
         earlier = format_spec(passes[:i]) or "none"
-        module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict)
+        module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict, progress)
         records.append(record)
     return module, records
 
 
 def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, captured: capture.Captured,
-             earlier: str, strict: bool) -> tuple[nn.Module, list, PassRecord]:
+             earlier: str, strict: bool, progress: Progress | None) -> tuple[nn.Module, list, PassRecord]:
     record = PassRecord(name=pass_.name, spec=pass_.spec(), contract=pass_.contract.describe(),
                         params_before=_params(module), layers_before=capture.layer_count(module))
     if pass_.level == "graph" and not is_graph(module):
@@ -147,6 +147,8 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     snapshot, start = copy.deepcopy(module), time.perf_counter()
     try:
         result = _call(pass_, module, ctx)
+        if result.modified and pass_.recoverable and ctx.recover is not None:
+            _recover(result, snapshot, outputs, ctx, progress)
         new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
         tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
         err = verify.compare(outputs, new_outputs, tolerance) if result.modified else None
@@ -171,6 +173,18 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         record.reason = "; ".join(f"{w}: {why}" for w, why in result.skipped) or f"no layer matched ({pass_.applies_to})"
     record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
     return result.module, new_outputs, record
+
+
+def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
+             progress: Progress | None) -> None:
+    """Distill the rewritten model toward the model before this pass; record the error before and after."""
+    from rewrite.recover import distill
+    before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration])
+    stats = distill(result.module, teacher, ctx.calibration, ctx.recover, targets=ctx.targets, seed=ctx.seed,
+                    progress=progress)
+    result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
+    result.stats["recovery_steps"] = stats["steps"]
+    result.stats["recovery_loss"] = f"{stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -29,7 +29,7 @@ class SpectralGEMM(nn.Module):
                  grid: tuple[int, ...], bias: torch.Tensor | None):
         super().__init__()
         cin, cout, *modes = weight.shape
-        self.grid, self.modes, self.cout = tuple(grid), modes, cout
+        self.grid, self.modes, self.cout, self.in_freqs = tuple(grid), modes, cout, in_freqs
         for a, (fin, fout, n) in enumerate(zip(in_freqs, out_freqs, grid)):
             last = a == len(grid) - 1
             fwd, inv = (_r2c(fin, n), _c2r(fout, n)) if last else (_dft(fin, n, -1), _dft(fout, n, +1, inverse=True))

@@ -11,8 +11,11 @@ GEMM form, the only exportable one. Layers are read from neuraloperator's `Spect
 (its odd-size fftshift quirk reproduced) or, for hand-written spectral convs, from their impulse
 response; each rewritten layer is checked against the original before it is kept.
 
-Not done here: removing FFT/iFFT pairs of a trained FNO. Every FNO block has a GELU between its iFFT
-and the next FFT, so no pair can be removed exactly.
+No FFT/iFFT pair of a trained FNO can be removed exactly: every block has a GELU between its iFFT and
+the next FFT. mode=t1 therefore converts neuraloperator FNO blocks into the paper's transform-once form
+(one transform in, all blocks on the kept modes, one transform out; see `t1_student.py`), an
+approximation that needs calibration data and is distilled with --recover. Contract (mode=t1):
+SQNR ≥ `min-sqnr` dB against the FNO after recovery.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ import torch
 from torch import fx, nn
 
 from rewrite import measure
-from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
-from rewrite.passes import spectral
+from rewrite.errors import RewriteError
+from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
+from rewrite.passes import spectral, t1_student
 from rewrite.patterns import module_paths, replace_region, set_submodule
 
 _FFT_OPS = {"fft_rfft", "fft_rfft2", "fft_rfftn", "_fft_r2c"}
@@ -37,13 +41,23 @@ class TransformOnce(Pass):
     name = "t1"
     paper = "Poli et al., Transform Once, NeurIPS 2022 (arXiv:2211.14453)"
     summary = "spectral convs (FNO/TFNO) as exact truncated-DFT GEMMs: faster at high resolution, ONNX-exportable"
-    contract = Exact()
-    applies_to = "spectral convolutions (rfft → keep modes → per-mode weights → irfft)"
+    contract_note = "exact (mode=exact); SQNR ≥ min-sqnr dB after recovery (mode=t1)"
+    applies_to = "spectral convolutions (rfft → keep modes → per-mode weights → irfft); mode=t1: FNO blocks"
     level = "module"
+    recoverable = True
 
+    mode: Literal["exact", "t1"] = "exact"
     form: Literal["auto", "gemm", "fft"] = "auto"
+    nonlinearity: Literal["pseudo", "coeff"] = "pseudo"
+    min_sqnr: float = 20.0
+
+    @property
+    def contract(self):  # type: ignore[override]
+        return Exact() if self.mode == "exact" else Approx(min_sqnr_db=self.min_sqnr)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        if self.mode == "t1":
+            return self._transform_once(module, ctx)
         original = ctx.original if ctx.original is not None else module
         paths = _graph_candidates(module) if is_graph(module) else _eager_candidates(module)
         shapes = _input_shapes(original, paths, ctx.calibration[0])
@@ -55,6 +69,25 @@ class TransformOnce(Pass):
             (skipped.append((path, reason)) if reason else done.append(path))
         grids = sorted({"x".join(map(str, shapes[p][2:])) for p in done})
         return PassResult(module, bool(done), {"spectral_layers": len(done), "grid": ",".join(grids)}, skipped)
+
+    def _transform_once(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        if ctx.synthetic_calibration:
+            raise RewriteError("t1{mode=t1} needs calibration data (--calib): the transform-once model is an "
+                               "approximation distilled toward the FNO on that data")
+        if not is_graph(module):
+            return PassResult(module, False, skipped=[("model", "mode=t1 needs a captured graph")])
+        paths = list(dict.fromkeys(path for n in module.graph.nodes for path, kind in
+                                   (n.meta.get("nn_module_stack") or {}).values() if kind.endswith("FNOBlocks")))
+        shapes = _input_shapes(ctx.original, paths, ctx.calibration[0])
+        done, skipped = [], []
+        for path in paths:
+            blocks = ctx.original.get_submodule(path)
+            reason = t1_student.why_not(blocks) or (None if path in shapes else "not run on the calibration inputs")
+            if reason is None:
+                student = t1_student.T1Blocks(blocks, tuple(shapes[path][2:]), self.nonlinearity)
+                reason = replace_region(module, path, student)
+            (skipped.append((path, reason)) if reason else done.append(path))
+        return PassResult(module, bool(done), {"fno_blocks": len(done), "nonlinearity": self.nonlinearity}, skipped)
 
     def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext):
         if shape is None:

@@ -1,0 +1,128 @@
+"""t1 on neuraloperator FNOs: speed (per spectral layer, whole model, ONNX) and Darcy-flow accuracy.
+
+Run: python benchmarks/t1_fno.py [--quick]
+Every number is a ratio measured in this process, original vs rewritten, one backend at a time.
+Darcy data comes from the neuraloperator 0.3.0 wheel (pip download, read from the zip; no network at
+run time beyond the package index).
+"""
+import argparse
+import glob
+import io
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, time_ort, time_torch  # noqa: E402
+
+import torch  # noqa: E402
+from neuralop.models import FNO  # noqa: E402
+
+import rewrite  # noqa: E402
+from rewrite.passes.spectral import from_neuralop  # noqa: E402
+
+
+def speed(sizes, batch=8, hidden=32, modes=16):
+    rows = [["grid", "what", "original ms", "exact ms", "exact ×", "T1 ms", "T1 ×"]]
+    for n in sizes:
+        torch.manual_seed(0)
+        model = FNO(n_modes=(modes, modes), hidden_channels=hidden, in_channels=1, out_channels=1).eval()
+        x = torch.randn(batch, 1, n, n)
+        conv = model.fno_blocks.convs[0]
+        h = torch.randn(batch, hidden, n, n)
+        layer_fft, layer_gemm = time_torch(conv, (h,)), time_torch(from_neuralop(conv, (n, n)), (h,))
+        rows.append([f"{n}²", "one spectral layer", f"{layer_fft:.2f}", f"{layer_gemm:.2f}",
+                     f"{layer_fft / layer_gemm:.2f}", "-", "-"])
+        exact = rewrite.optimize(model, (x,), "t1{form=gemm}", measure_latency=False).model
+        # Timing only: a random-init FNO on noise is no accuracy test (see the Darcy table), so no floor here.
+        t1 = rewrite.optimize(model, (x,), "t1{mode=t1,min-sqnr=-100}", calib=[x], measure_latency=False).model
+        base, e, t = time_torch(model, (x,)), time_torch(exact, (x,)), time_torch(t1, (x,))
+        rows.append([f"{n}²", "whole FNO", f"{base:.1f}", f"{e:.1f}", f"{base / e:.2f}", f"{t:.1f}", f"{base / t:.2f}"])
+    return table(rows)
+
+
+def onnx_speed(n=64, batch=8, hidden=32, modes=16):
+    torch.manual_seed(0)
+    model = FNO(n_modes=(modes, modes), hidden_channels=hidden, in_channels=1, out_channels=1).eval()
+    x = torch.randn(batch, 1, n, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = rewrite.optimize(model, (x,), "t1", emit="onnx", out=tmp, measure_latency=False)
+        [art] = [a for a in result.report.artifacts if a.kind == "onnx"]
+        base, ort = time_torch(model, (x,)), time_ort(art.path, (x,))
+    return table([["grid", "eager torch original ms", "onnxruntime exact-rewrite ms", "×", "ORT parity max|Δ|"],
+                  [f"{n}²", f"{base:.1f}", f"{ort:.1f}", f"{base / ort:.2f}", f"{art.parity['max_abs']:.1e}"]])
+
+
+def darcy():
+    """Train a small FNO on Darcy 16² (1000 samples), then compare original / exact / T1 after recovery."""
+    data = _darcy_files()
+    xtr, ytr = data["darcy_train_16"]
+    mean, std = ytr.mean(), ytr.std()
+    torch.manual_seed(0)
+    model = FNO(n_modes=(8, 8), hidden_channels=32, in_channels=1, out_channels=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 40)
+    start = time.time()
+    for _epoch in range(40):
+        for i in torch.randperm(len(xtr)).split(50):
+            opt.zero_grad()
+            loss = _rel_l2(model(xtr[i]), (ytr[i] - mean) / std)
+            loss.backward()
+            opt.step()
+        sched.step()
+    model.eval()
+    train_s = time.time() - start
+    rows = [["test grid", "original rel L2", "exact rel L2", "T1 rel L2 (before → after recovery)",
+             "T1 vs original", "exact ×", "T1 ×"]]
+    calib = [xtr[i:i + 50] for i in range(0, 400, 50)]
+    for key in ("darcy_test_16", "darcy_test_32"):
+        xte, yte = data[key]
+        n = xte.shape[-1]
+        cal = [torch.nn.functional.interpolate(c, size=(n, n), mode="nearest") for c in calib]
+        exact = rewrite.optimize(model, (xte[:50],), "t1{form=gemm}", measure_latency=False).model
+        raw = rewrite.optimize(model, (xte[:50],), "t1{mode=t1,min-sqnr=-100}", calib=cal, calib_batches=8,
+                               measure_latency=False).model
+        t1 = rewrite.optimize(model, (xte[:50],), "t1{mode=t1,min-sqnr=-100}", calib=cal, calib_batches=8,
+                              recover="steps=600,lr=1e-3,patience=200", measure_latency=False).model
+        with torch.no_grad():
+            err = {name: float(_rel_l2(m(xte) * std + mean, yte)) for name, m in
+                   [("orig", model), ("exact", exact), ("raw", raw), ("t1", t1)]}
+        base = time_torch(model, (xte,))
+        rows.append([f"{n}²", f"{err['orig']:.4f}", f"{err['exact']:.4f}", f"{err['raw']:.4f} → {err['t1']:.4f}",
+                     f"{err['t1'] / err['orig']:.2f}x", f"{base / time_torch(exact, (xte,)):.2f}",
+                     f"{base / time_torch(t1, (xte,)):.2f}"])
+    return f"trained FNO(modes 8, hidden 32) on Darcy 16² for 40 epochs in {train_s:.0f} s\n" + table(rows)
+
+
+def _rel_l2(out, target):
+    o, t = out.reshape(out.shape[0], -1), target.reshape(target.shape[0], -1)
+    return ((o - t).norm(dim=1) / t.norm(dim=1)).mean()
+
+
+def _darcy_files():
+    cache = Path(tempfile.gettempdir()) / "rewrite-bench-neuralop-0.3.0"
+    if not glob.glob(str(cache / "*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "neuraloperator==0.3.0", "--no-deps",
+                        "-d", str(cache)], check=True)
+    wheel = zipfile.ZipFile(glob.glob(str(cache / "*.whl"))[0])
+    out = {}
+    for name in ("darcy_train_16", "darcy_test_16", "darcy_test_32"):
+        d = torch.load(io.BytesIO(wheel.read(f"neuralop/datasets/data/{name}.pt")), weights_only=True)
+        out[name] = (d["x"].float().unsqueeze(1), d["y"].float().unsqueeze(1))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="64² only, no Darcy training")
+    args = parser.parse_args()
+    print("## speed, eager torch, batch 8, hidden 32, modes 16\n")
+    print(speed([64] if args.quick else [64, 256]))
+    print("\n## ONNX\n")
+    print(onnx_speed())
+    if not args.quick:
+        print("\n## Darcy flow accuracy (test relative L2, de-normalized)\n")
+        print(darcy())

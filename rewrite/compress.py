@@ -1,0 +1,107 @@
+"""Shared by the factorizing passes (lowrank, fwsvd): which Linears to touch, ranks from ratios, and
+a per-layer rank search against an output-error budget."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from rewrite import capture, verify
+from rewrite.patterns import layers, set_submodule
+
+_ACTIVATIONS = {"gelu", "relu", "silu", "tanh", "sigmoid", "gelu_", "relu_", "silu_"}
+
+
+def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
+    """`all` Linears, or `ffn`: Linear → activation → Linear pairs (both linears of each pair)."""
+    found = layers(module, (nn.Linear,))
+    if target == "all":
+        return found
+    ffn = _ffn_paths(module) if isinstance(module, fx.GraphModule) else _ffn_paths_eager(module)
+    return [(p, m) for p, m in found if p in ffn]
+
+
+def _ffn_paths(gm: fx.GraphModule) -> set[str]:
+    paths = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
+            act = _only_user(node)
+            if act is not None and act.op == "call_function" and _name(act) in _ACTIVATIONS:
+                second = _only_user(act)
+                if second is not None and second.op == "call_module" and isinstance(gm.get_submodule(second.target), nn.Linear):
+                    paths |= {node.target, second.target}
+    return paths
+
+
+def _ffn_paths_eager(model: nn.Module) -> set[str]:
+    """Without a graph, the usual names: HF BERT intermediate/output, *.fc1/fc2, *.mlp.*."""
+    names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    keys = ("intermediate.dense", "output.dense", "fc1", "fc2", "mlp.", "linear1", "linear2")
+    return {p for p in names if any(k in p for k in keys) and "attention" not in p}
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def break_even_rank(linear: nn.Linear) -> float:
+    """A rank-r factorization saves parameters only below in·out/(in+out)."""
+    return linear.in_features * linear.out_features / (linear.in_features + linear.out_features)
+
+
+def rank_for(linear: nn.Linear, rank: int, ratio: float) -> int:
+    """An explicit rank, or the rank whose two factors hold `ratio` of the layer's weights."""
+    return rank if rank > 0 else max(1, math.floor(ratio * break_even_rank(linear)))
+
+
+Build = Callable[[nn.Linear, str, float], nn.Module]  # (layer, path, ratio) → replacement
+
+
+def search_ratios(module: nn.Module, paths: list[str], build: Build, batches: list[tuple],
+                  reference: list, budget_db: float, grid: tuple[float, ...] = (0.2, 0.33, 0.5, 0.75)) -> dict[str, float]:
+    """Per-layer parameter ratios: greedy from the least sensitive layer, most compression first,
+    keeping a choice only while the whole model stays within `budget_db` SQNR of `reference`."""
+    originals = {p: module.get_submodule(p) for p in paths}
+    sensitivity = {p: _sqnr_with(module, p, build(originals[p], p, grid[0]), originals[p], batches, reference)
+                   for p in paths}
+    chosen: dict[str, float] = {}
+    for path in sorted(paths, key=lambda p: -sensitivity[p]):  # least sensitive (highest SQNR) first
+        for ratio in grid:
+            set_submodule(module, path, build(originals[path], path, ratio))
+            if _sqnr(module, batches, reference) >= budget_db:
+                chosen[path] = ratio
+                break
+            set_submodule(module, path, originals[path])
+    for path, layer in originals.items():  # the caller applies the choice
+        set_submodule(module, path, layer)
+    return chosen
+
+
+def _sqnr_with(module, path, candidate, original, batches, reference) -> float:
+    set_submodule(module, path, candidate)
+    value = _sqnr(module, batches, reference)
+    set_submodule(module, path, original)
+    return value
+
+
+def _sqnr(module: nn.Module, batches: list[tuple], reference: list) -> float:
+    return verify.compare(reference, [capture.run(module, b) for b in batches]).sqnr_db
+
+
+def reference_outputs(module: nn.Module, batches: list[tuple]) -> list:
+    return [capture.run(module, b) for b in batches]
+
+
+def weight_error(original: nn.Linear, replacement: nn.Module) -> float:
+    """Relative Frobenius error of the replacement's effective weight (probe with the identity)."""
+    with torch.no_grad():
+        eye = torch.eye(original.in_features)
+        bias = original.bias if original.bias is not None else 0
+        effective = (replacement(eye) - bias).T
+        return float((effective - original.weight).norm() / original.weight.norm())

@@ -1,0 +1,173 @@
+"""W x + b → U(V x) + b (LowRank) or U·blockdiag(V₁…V_B)·x + b (BlockDense): structured FFN layers.
+
+LowRank: truncated SVD W ≈ U_R S_R V_Rᵀ, V = √S_R V_Rᵀ, U = U_R √S_R (Eckart–Young optimal).
+BlockDense: W = [W₁ | … | W_B] by input blocks, each W_k ≈ rank-R/B SVD (Frobenius-optimal for that
+structure, since U·blockdiag(V)x = Σ_k U_k V_k x_k). Parameters: (N+M)R and R(M + N/B).
+
+Paper: Wei, Moalla, Pascanu, Gulcehre, "Building on Efficient Foundations: Effectively Training LLMs
+with Structured Feedforward Layers", NeurIPS 2024 (arXiv:2406.16450). The paper trains these layers;
+here they are fitted to a trained layer in closed form, then optionally recovered (--recover) with the
+paper's self-guided mixing: o = α·W x + (1−α)·structured(x), α falling 1 → 0 on a cosine schedule over
+the first half of recovery, after which the dense W is dropped.
+
+Contract: approximate, SQNR ≥ min-sqnr dB on calibration data (see compress.search_ratios for budgets).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rewrite import compress
+from rewrite.pass_base import Approx, Pass, PassContext, PassResult
+from rewrite.patterns import set_submodule
+
+
+class LowRankLinear(nn.Module):
+    """second(first(x)): first = Linear(in → r, no bias), second = Linear(r → out, original bias)."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.first = nn.Linear(first.shape[1], first.shape[0], bias=False)
+        self.second = nn.Linear(second.shape[1], second.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            self.first.weight.copy_(first)
+            self.second.weight.copy_(second)
+            if bias is not None:
+                self.second.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class BlockDenseLinear(nn.Module):
+    """U · blockdiag(V₁…V_B) · x + b with V: (B, R/B, N/B), U: (M, R)."""
+
+    def __init__(self, blocks: torch.Tensor, mix: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.blocks = nn.Parameter(blocks.clone())
+        self.mix = nn.Linear(mix.shape[1], mix.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            self.mix.weight.copy_(mix)
+            if bias is not None:
+                self.mix.bias.copy_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, r, n = self.blocks.shape
+        h = torch.einsum("...bn,brn->...br", x.reshape(*x.shape[:-1], b, n), self.blocks)
+        return self.mix(h.reshape(*x.shape[:-1], b * r))
+
+
+class GuidedLinear(nn.Module):
+    """Self-guided mixing for recovery: α·dense(x) + (1−α)·structured(x); the dense path is dropped at α=0."""
+
+    def __init__(self, dense: nn.Linear, structured: nn.Module):
+        super().__init__()
+        self.dense, self.structured, self.alpha = dense, structured, 1.0
+
+    def recovery_progress(self, fraction: float) -> None:
+        """Cosine from 1 to 0 over the first half of recovery (the paper uses 30–50% of training)."""
+        self.alpha = 0.5 * (1 + math.cos(math.pi * min(1.0, fraction / 0.5)))
+        if self.alpha == 0.0:
+            self.dense = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is None:
+            return self.structured(x)
+        return self.alpha * self.dense(x) + (1 - self.alpha) * self.structured(x)
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) with second @ first the best rank-`rank` approximation of `weight`."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
+
+
+def low_rank(linear: nn.Linear, rank: int) -> LowRankLinear:
+    first, second = svd_factors(linear.weight.detach(), rank)
+    return LowRankLinear(first, second, None if linear.bias is None else linear.bias.detach())
+
+
+def block_dense(linear: nn.Linear, rank: int, blocks: int) -> BlockDenseLinear:
+    w = linear.weight.detach()
+    per = rank // blocks
+    firsts, seconds = zip(*(svd_factors(chunk, per) for chunk in w.chunk(blocks, dim=1)))
+    return BlockDenseLinear(torch.stack(firsts), torch.cat(seconds, dim=1),
+                            None if linear.bias is None else linear.bias.detach())
+
+
+@dataclass(frozen=True)
+class StructuredFFN(Pass):
+    name = "lowrank"
+    paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
+    summary = "FFN Linears → low-rank or block-dense factors (truncated SVD closed forms)"
+    applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
+    level = "module"
+    recoverable = True
+
+    structure: Literal["lowrank", "blockdense"] = "lowrank"
+    rank: int = 0
+    param_ratio: float = 0.5
+    blocks: int = 4
+    target: Literal["ffn", "all"] = "ffn"
+    budget_sqnr: float = 0.0
+    guided: bool = False
+    min_sqnr: float = 10.0
+
+    def __post_init__(self):
+        if self.rank < 0 or not 0 < self.param_ratio < 1:
+            raise ValueError("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
+        if self.blocks < 1:
+            raise ValueError("blocks must be ≥ 1")
+
+    @property
+    def contract(self):  # type: ignore[override]
+        return Approx(min_sqnr_db=self.min_sqnr)
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        return factorize_linears(self, module, ctx, self._build)
+
+    def _build(self, linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
+        rank = compress.rank_for(linear, self.rank, ratio)
+        if self.structure == "blockdense":
+            if linear.in_features % self.blocks:
+                return f"in_features {linear.in_features} not divisible by blocks={self.blocks}"
+            rank = max(self.blocks, rank // self.blocks * self.blocks)
+            saves = rank * (linear.out_features + linear.in_features / self.blocks) < linear.weight.numel()
+            return block_dense(linear, rank, self.blocks) if saves else "rank would not save parameters"
+        if rank >= compress.break_even_rank(linear):
+            return f"rank {rank} ≥ in·out/(in+out) = {compress.break_even_rank(linear):.0f}: would not save parameters"
+        return low_rank(linear, rank)
+
+
+def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -> PassResult:
+    """The shared loop of lowrank and fwsvd: choose layers, ratios (global or searched), swap, report."""
+    targets = compress.target_linears(module, pass_.target)
+    ratios = {p: pass_.param_ratio for p, _ in targets}
+    if pass_.budget_sqnr > 0 and targets:
+        reference = compress.reference_outputs(module, ctx.calibration)
+        usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
+        ratios = compress.search_ratios(module, usable, lambda m, p, r: build(m, p, r), ctx.calibration,
+                                        reference, pass_.budget_sqnr)
+    done, skipped, errors = [], [], []
+    for path, linear in targets:
+        if path not in ratios:
+            skipped.append((path, f"no ratio keeps SQNR ≥ {pass_.budget_sqnr} dB"))
+            continue
+        replacement = build(linear, path, ratios[path])
+        if isinstance(replacement, str):
+            skipped.append((path, replacement))
+            continue
+        errors.append(compress.weight_error(linear, replacement))
+        if getattr(pass_, "guided", False) and ctx.recover is not None:
+            replacement = GuidedLinear(linear, replacement)
+        set_submodule(module, path, replacement)
+        done.append(path)
+    stats = {"factorized": len(done), "mean_weight_rel_err": round(sum(errors) / len(errors), 4) if errors else 0}
+    if pass_.budget_sqnr > 0:
+        stats["ratios"] = ",".join(f"{r:g}" for r in sorted(set(ratios.values())))
+    return PassResult(module, bool(done), stats, skipped)

@@ -1,0 +1,103 @@
+"""Recovery: distill a rewritten model toward its teacher's outputs (or ground truth) on calibration data.
+
+Used by approximate passes that declare `recoverable = True` (t1 mode=t1 now; snnk, lowrank, tconv,
+rpe-fft later): the pipeline runs it right after such a pass, then verifies the pass's contract on the
+recovered model. Seeded, bounded, early-stopping, with progress through the same callback as the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from rewrite.errors import RewriteError
+
+
+@dataclass(frozen=True)
+class RecoverSpec:
+    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover=."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    patience: int = 50
+
+    @classmethod
+    def parse(cls, text: str | None) -> RecoverSpec | None:
+        if not text:
+            return None
+        values: dict[str, Any] = {}
+        for item in text.split(","):
+            key, eq, raw = item.partition("=")
+            key = key.strip()
+            if not eq or key not in ("steps", "lr", "patience"):
+                raise RewriteError(f"malformed --recover {text!r}: write steps=N[,lr=X][,patience=N]")
+            try:
+                values[key] = float(raw) if key == "lr" else int(raw)
+            except ValueError as exc:
+                raise RewriteError(f"--recover {key}={raw!r} must be a number") from exc
+        spec = cls(**values)
+        if spec.steps <= 0 or spec.lr <= 0:
+            raise RewriteError(f"--recover {text!r}: steps and lr must be positive")
+        return spec
+
+
+def _loss(out: Any, target: Any) -> torch.Tensor:
+    """Relative squared error over the output's float leaves (scale-free, so one lr fits many models)."""
+    pairs = [(o, t) for o, t in zip(tree_leaves(out), tree_leaves(target))
+             if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    return sum(((o - t.detach()) ** 2).sum() / (t.detach() ** 2).sum().clamp_min(1e-12) for o, t in pairs)
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
+            targets: list[Any] | None = None, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        goals = targets if targets is not None else [teacher(*b) for b in batches]
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=spec.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
+    before = _mean_loss(student, batches, goals)
+    # No train()/eval() switching: captured graphs have eval semantics baked in (and refuse the call).
+    guided = [m for m in student.modules() if hasattr(m, "recovery_progress")]  # self-guided layers (lowrank)
+    best, best_state, since_best, step = before, _state(student), 0, 0
+    for step in range(spec.steps):
+        for m in guided:
+            m.recovery_progress(step / spec.steps)
+        if guided and guided[0].dense is not None:
+            best = math.inf  # the model is not the final structure yet: nothing to keep
+        i = step % len(batches)
+        optimizer.zero_grad()
+        loss = _loss(student(*batches[i]), goals[i])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, len(batches)) == 0:
+            current = _mean_loss(student, batches, goals)
+            if progress:
+                progress(f"recovering: step {step + 1}/{spec.steps}, loss {current:.3g} (start {before:.3g})")
+            best, best_state, since_best = (current, _state(student), 0) if current < best else (best, best_state, since_best + len(batches))
+            if since_best >= spec.patience:
+                break
+    for m in guided:
+        m.recovery_progress(1.0)
+    student.load_state_dict(best_state, strict=not guided)
+    for p in params:
+        p.requires_grad_(False)
+    return {"loss_before": before, "loss_after": best, "steps": step + 1}
+
+
+def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any]) -> float:
+    with torch.no_grad():
+        return sum(float(_loss(model(*b), g)) for b, g in zip(batches, goals)) / len(batches)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,78 @@
+import pytest
+import torch
+from torch import nn
+
+from rewrite import api
+from rewrite.passes.fwsvd import FisherSVD, fisher_importance, fisher_svd
+from rewrite.passes.lowrank import LowRankLinear
+from rewrite.testing import check_pass
+from tests.passes.test_lowrank import FFN
+
+
+def test_factors_reproduce_the_weighted_rank_r_matrix():
+    layer = nn.Linear(20, 12)
+    importance = torch.rand(20) + 0.1
+    new = fisher_svd(layer, importance, 4)
+    d = importance.double().sqrt()
+    u, s, vh = torch.linalg.svd(layer.weight.double() * d, full_matrices=False)
+    want = (u[:, :4] * s[:4]) @ vh[:4] / d
+    got = new.second.weight.double() @ new.first.weight.double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert new.first.bias is None and torch.equal(new.second.bias, layer.bias)
+
+
+def test_full_rank_is_the_layer_itself():
+    layer = nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fisher_svd(layer, torch.rand(8) + 0.1, 6)(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weighting_protects_the_important_inputs():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16, bias=False)
+    importance = torch.ones(16)
+    importance[:4] = 1e4  # only the first 4 inputs matter
+    x = torch.zeros(64, 16)
+    x[:, :4] = torch.randn(64, 4)
+    weighted = (fisher_svd(layer, importance, 4)(x) - layer(x)).norm()
+    plain = (fisher_svd(layer, None, 4)(x) - layer(x)).norm()
+    assert weighted < 0.05 * plain
+
+
+def test_exact_per_sample_fisher_differs_from_the_batch_estimate():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    batches = [(torch.randn(4, 32),)]
+    exact = fisher_importance(model, ["up1"], batches, None, per_sample=True, seed=0)["up1"]
+    batch = fisher_importance(model, ["up1"], batches, None, per_sample=False, seed=0)["up1"]
+    assert exact.shape == (32,) and (exact > 0).all() and not torch.allclose(exact, batch)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pass_replaces_ffn_linears_and_reports_the_fisher_kind():
+    model = FFN().eval()
+    calib = [torch.randn(8, 32) for _ in range(2)]
+    result = check_pass(FisherSVD(param_ratio=0.5, min_sqnr=0), model, (calib[0],), calib=calib)
+    assert sum(isinstance(m, LowRankLinear) for m in result.model.modules()) == 4
+    assert result.report.records[0].stats["fisher"] == "batch"
+
+
+def test_labels_give_a_cross_entropy_fisher():
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    x = torch.randn(32, 16)
+    calib = {"inputs": [x], "targets": [torch.randint(0, 5, (32,))]}
+    result = api.optimize(model, (x,), "fwsvd{param-ratio=0.5,min-sqnr=0}", calib=calib, measure_latency=False)
+    assert result.report.records[0].stats["fisher"] == "batch (labels)"
+
+
+def test_integer_outputs_without_gradients_are_a_clear_error():
+    class Argmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x))).argmax(-1)
+
+    with pytest.raises(api.RewriteError, match="no floating-point output|no gradient"):
+        api.optimize(Argmax(), (torch.randn(4, 8),), "fwsvd", calib=[torch.randn(4, 8)], measure_latency=False)
