@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite import capture, verify
+from rewrite import capture, kernels, verify
 from rewrite.capture import Captured
 from rewrite.report import Artifact
 
@@ -22,11 +22,13 @@ def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
+        table = kernels.onnx_translations()
         try:
-            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True,
-                              dynamic_shapes=captured.dynamic_shapes, verbose=False)
+            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False,
+                              dynamic_shapes=captured.dynamic_shapes, custom_translation_table=table)
         except Exception:  # a rewrite may have made some dims static
-            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False)
+            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False,
+                              custom_translation_table=table)
     import onnx
     onnx.checker.check_model(str(path), full_check=False)
 

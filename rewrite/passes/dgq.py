@@ -1,0 +1,217 @@
+"""W x + b → s_x·s1[o]·Σ_k x_q[k]·S[o,G(k)]·(q[o,k] − z[o,G(k)]) + b: Dual-Grained Quantization, A8W4.
+
+uint4 codes q with a zero point z per (row, group of 128 along K), an integer group scale S ∈ 1..127,
+and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the clamp of q to
+z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
+epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token.
+Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
+on calibration activations; then per row, 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
+error. search=off is the round-to-nearest baseline in the same format. Layers are quantized one at a
+time, each calibrated on activations produced by the already-quantized layers before it.
+
+Paper: Zhang et al., "Dual Grained Quantization: Efficient Fine-Grained Quantization for LLM",
+arXiv:2310.04836 (2023); code ilur98/DGQ. Contract: approximate, SQNR ≥ min-sqnr dB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rewrite import capture
+from rewrite.kernels import dgq as kernels
+from rewrite.pass_base import Approx, Pass, PassContext, PassResult
+from rewrite.patterns import layers, set_submodule
+
+GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
+CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
+MAX_TOKENS = 4096  # calibration rows kept per layer for the search
+
+
+@dataclass
+class DGQWeights:
+    """The canonical artefact: codes q (O, K) in 0..15, zeros z and integer scales S (O, K/G), s1 (O)."""
+
+    q: torch.Tensor
+    z: torch.Tensor
+    S: torch.Tensor
+    s1: torch.Tensor
+    group: int
+
+    def w_s8(self) -> torch.Tensor:
+        return (_expand(self.S, self.group) * (self.q - _expand(self.z, self.group))).to(torch.int8)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.s1[:, None] * self.w_s8().float()
+
+
+def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
+    return per_group.repeat_interleave(group, dim=1)
+
+
+def quantize_weight(w: torch.Tensor, x: torch.Tensor | None, group: int, search: bool) -> DGQWeights:
+    """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error)."""
+    w = w.double()
+    o, k = w.shape
+    gram = (x.double().T @ x.double()) if x is not None else torch.eye(k, dtype=torch.float64)
+    s_fine, z = _phase_one(w.reshape(o, k // group, group), gram, group, search)
+    return _phase_two(w, gram, s_fine, z, group, search)
+
+
+def _phase_one(wg: torch.Tensor, gram: torch.Tensor, group: int, search: bool):
+    """Per (row, group): asymmetric 4-bit scale and zero point minimizing the group's output error."""
+    o, n_groups, _ = wg.shape
+    blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(n_groups)])
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best = torch.full((o, n_groups), float("inf"), dtype=torch.float64)
+    best_s, best_z = torch.ones_like(best), torch.zeros_like(best)
+    for r in (GROUP_RATIOS if search else [1.0]):
+        s = ((hi - lo) * r / 15).clamp_min(1e-12)
+        z = torch.round(-lo * r / s).clamp(0, 15)
+        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, 15)
+        d = wg - (q - z[..., None]) * s[..., None]
+        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+        better = err < best
+        best, best_s, best_z = torch.where(better, err, best), torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool):
+    """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error."""
+    o, k = w.shape
+    peak = w.abs().amax(1).clamp_min(1e-12)
+    best = torch.full((o,), float("inf"), dtype=torch.float64)
+    result = None
+    for r in (CHANNEL_RATIOS if search else [1.0]):
+        s1 = r * peak / 127
+        S = torch.clamp(torch.round(s_fine / s1[:, None]), 1, 127)
+        limit = torch.floor(127 / S)
+        lo, hi = _expand((z - limit).clamp_min(0), group), _expand((z + limit).clamp_max(15), group)
+        clipped = torch.maximum(torch.minimum(w, (r * peak)[:, None]), -(r * peak)[:, None])
+        q = torch.round(clipped / (_expand(S, group) * s1[:, None])) + _expand(z, group)
+        q = torch.minimum(torch.maximum(q, lo), hi)
+        d = w - s1[:, None] * _expand(S, group) * (q - _expand(z, group))
+        err = ((d @ gram) * d).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        if result is None:
+            result = [q.clone(), S.clone(), s1.clone()]
+        result[0][better], result[1][better], result[2][better] = q[better], S[better], s1[better]
+    q, S, s1 = result
+    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group)
+
+
+class DGQLinear(nn.Module):
+    """A8W4 Linear. form="int8": bit-exact DGQ (int8 GEMM); form="w4": 4-bit storage (MatMulNBits in ONNX)."""
+
+    def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str):
+        super().__init__()
+        out = weights.q.shape[0]
+        self.form = form
+        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(out))
+        if form == "int8":
+            self.register_buffer("w_s8", weights.w_s8())
+            self.register_buffer("s1", weights.s1)
+            self.register_buffer("s_x", s_x.float().reshape(-1))
+        else:
+            codes = weights.q.reshape(out, -1, weights.group)
+            self.register_buffer("packed", (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous())
+            self.register_buffer("scales", (weights.S.float() * weights.s1[:, None]).contiguous())
+            self.register_buffer("zeros", weights.z.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "int8":
+            return kernels.a8w8_linear(x, self.w_s8, self.s1, self.bias, self.s_x)
+        return kernels.w4_linear(x, self.packed, self.scales, self.zeros, self.bias)
+
+    def stored_bits_per_weight(self) -> float:
+        weights = (self.w_s8 if self.form == "int8" else self.packed)
+        extra = [t for n, t in self.named_buffers() if n not in ("w_s8", "packed", "bias")]
+        count = self.w_s8.numel() if self.form == "int8" else self.packed.numel() * 2
+        return 8 * (weights.numel() * weights.element_size() + sum(t.numel() * t.element_size() for t in extra)) / count
+
+
+@dataclass(frozen=True)
+class DualGrainedQuant(Pass):
+    name = "dgq"
+    paper = "Zhang et al., Dual Grained Quantization (A8W4), arXiv:2310.04836"
+    summary = "Linears → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
+    applies_to = "Linear layers whose in_features is a multiple of the group size"
+    needs_calibration = True
+    level = "module"
+
+    group: int = 128
+    act: Literal["static", "per-token"] = "per-token"
+    search: bool = True
+    form: Literal["int8", "w4"] = "int8"
+    bits: int = 4
+    min_sqnr: float = 15.0
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ValueError(f"bits={self.bits} is not supported: DGQ stores 4-bit weights (bits=4)")
+        if self.group <= 0 or self.group % 2:
+            raise ValueError("group must be a positive even number (128 in the paper)")
+
+    @property
+    def contract(self):  # type: ignore[override]
+        return Approx(min_sqnr_db=self.min_sqnr)
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        done, skipped, errors, bits = [], [], {}, []
+        for path, linear in layers(module, (nn.Linear,)):
+            reason = self._why_not(linear)
+            if reason:
+                skipped.append((path, reason))
+                continue
+            x = _inputs_of(module, path, ctx.calibration)  # through the layers already quantized
+            if x.abs().max() == 0:
+                skipped.append((path, "its calibration activations are all zero: no scale can be set"))
+                continue
+            weights = quantize_weight(linear.weight.detach(), x, self.group, self.search)
+            layer = DGQLinear(weights, linear.bias, _static_scale(x) if self.act == "static" else torch.empty(0),
+                              self.form)
+            errors[path] = _relative_error(linear, layer, x)
+            bits.append(layer.stored_bits_per_weight())
+            set_submodule(module, path, layer)
+            done.append(path)
+        stats = {"quantized": len(done), "form": self.form, "act": self.act, "search": self.search,
+                 "bits_per_weight": round(sum(bits) / len(bits), 3) if bits else 0,
+                 "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors}
+        return PassResult(module, bool(done), stats, skipped)
+
+    def _why_not(self, linear: nn.Linear) -> str | None:
+        if linear.in_features % self.group:
+            return f"in_features {linear.in_features} is not a multiple of group={self.group}"
+        if not torch.isfinite(linear.weight).all():
+            return "weights contain NaN or inf"
+        if self.form == "w4" and self.group & (self.group - 1):
+            return "form=w4 (MatMulNBits) needs a power-of-two group"
+        return None
+
+
+def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tensor:
+    rows: list[torch.Tensor] = []
+    hook = module.get_submodule(path).register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].detach().reshape(-1, args[0].shape[-1])) and None)
+    try:
+        for batch in batches:
+            capture.run(module, batch)
+    finally:
+        hook.remove()
+    x = torch.cat(rows)
+    if x.shape[0] > MAX_TOKENS:
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_TOKENS]]
+    return x.float()
+
+
+def _static_scale(x: torch.Tensor) -> torch.Tensor:
+    return (x.abs().max() / 127).clamp_min(1e-12).reshape(1)
+
+
+def _relative_error(linear: nn.Linear, layer: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        want, got = linear(x), layer(x)
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
