@@ -60,6 +60,14 @@ def rank_for(linear: nn.Linear, rank: int, ratio: float) -> int:
     return rank if rank > 0 else max(1, math.floor(ratio * break_even_rank(linear)))
 
 
+def saving_rank(linear: nn.Linear, rank: int, ratio: float) -> int | str:
+    """`rank_for`, or the reason a rank-r factorization (two Linears) would not save parameters."""
+    r = rank_for(linear, rank, ratio)
+    if r >= break_even_rank(linear):
+        return f"rank {r} ≥ in·out/(in+out) = {break_even_rank(linear):.0f}: would not save parameters"
+    return r
+
+
 Build = Callable[[nn.Linear, str, float], nn.Module]  # (layer, path, ratio) → replacement
 
 

@@ -127,10 +127,8 @@ class FisherSVD(Pass):
             module, paths, ctx.calibration, ctx.targets, self.fisher == "exact", ctx.seed)
 
         def build(linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
-            rank = compress.rank_for(linear, self.rank, ratio)
-            if rank >= compress.break_even_rank(linear):
-                return f"rank {rank} ≥ in·out/(in+out) = {compress.break_even_rank(linear):.0f}: would not save parameters"
-            return fisher_svd(linear, importance.get(path), rank)
+            rank = compress.saving_rank(linear, self.rank, ratio)
+            return rank if isinstance(rank, str) else fisher_svd(linear, importance.get(path), rank)
 
         result = factorize_linears(self, module, ctx, build)
         result.stats["fisher"] = self.fisher + ("" if ctx.targets is None or self.fisher == "none" else " (labels)")

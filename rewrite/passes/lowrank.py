@@ -132,16 +132,16 @@ class StructuredFFN(Pass):
         return factorize_linears(self, module, ctx, self._build)
 
     def _build(self, linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
-        rank = compress.rank_for(linear, self.rank, ratio)
         if self.structure == "blockdense":
-            if linear.in_features % self.blocks:
-                return f"in_features {linear.in_features} not divisible by blocks={self.blocks}"
+            n, m = linear.in_features, linear.out_features
+            if n % self.blocks:
+                return f"in_features {n} not divisible by blocks={self.blocks}"
+            rank = self.rank or int(ratio * n * m / (m + n / self.blocks))  # params R(M + N/B) = ratio·N·M
             rank = max(self.blocks, rank // self.blocks * self.blocks)
             saves = rank * (linear.out_features + linear.in_features / self.blocks) < linear.weight.numel()
             return block_dense(linear, rank, self.blocks) if saves else "rank would not save parameters"
-        if rank >= compress.break_even_rank(linear):
-            return f"rank {rank} ≥ in·out/(in+out) = {compress.break_even_rank(linear):.0f}: would not save parameters"
-        return low_rank(linear, rank)
+        rank = compress.saving_rank(linear, self.rank, ratio)
+        return rank if isinstance(rank, str) else low_rank(linear, rank)
 
 
 def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -> PassResult:

@@ -1,0 +1,119 @@
+import pytest
+import torch
+from torch import nn
+
+from rewrite import api
+from rewrite.emit import onnx as onnx_emit
+from rewrite.errors import RewriteError
+from rewrite.kernels import dgq as kernels
+from rewrite.passes.dgq import DGQLinear, DualGrainedQuant, quantize_weight
+from tests.passes.test_lowrank import FFN
+
+
+def _layer_with_outliers(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    w[3, 17], w[40, 200] = 2.0, -1.5  # outliers stress the S·(q − z) range
+    x = torch.randn(512, 256, generator=g)
+    x[:, 5] *= 20  # an outlier activation channel
+    return w, x
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_format_invariants(search):
+    w, x = _layer_with_outliers()
+    q = quantize_weight(w, x, 128, search)
+    assert q.q.dtype == torch.uint8 and int(q.q.max()) <= 15
+    assert int(q.z.max()) <= 15 and int(q.S.min()) >= 1 and int(q.S.max()) <= 127
+    w_s8 = (q.S.repeat_interleave(128, 1).int() * (q.q.int() - q.z.repeat_interleave(128, 1).int()))
+    assert int(w_s8.abs().max()) <= 127  # no int8 overflow, ever
+    assert torch.equal(q.w_s8().int(), w_s8)
+
+
+def test_search_is_never_worse_than_round_to_nearest():
+    for seed in range(3):
+        w, x = _layer_with_outliers(seed)
+        ref = x @ w.T
+        errs = {s: float((x @ quantize_weight(w, x, 128, s).dequantized().T - ref).norm()) for s in (True, False)}
+        assert errs[True] <= errs[False]
+
+
+def _ints(x_q, w_s8):
+    return (x_q.double() @ w_s8.double().T)  # exact: |sums| < 2^53
+
+
+@pytest.mark.parametrize("act", ["static", "per-token"])
+def test_torch_kernel_onnx_graph_and_float_reference_agree_exactly(act, tmp_path):
+    w, x = _layer_with_outliers()
+    linear = nn.Linear(256, 64)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    weights = quantize_weight(w, x, 128, True)
+    s_x = (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0)
+    layer = DGQLinear(weights, linear.bias, s_x, "int8")
+    probe = x[:100]
+    got = layer(probe)
+    x_q, scale = kernels.quantize_activation(probe, s_x)
+    sums = _ints(x_q, weights.w_s8())
+    reference = (sums.float() * (scale * weights.s1) if act == "static" else sums.float() * weights.s1 * scale)
+    assert torch.equal(got, reference + linear.bias)  # the int32 sums are exact
+    result = api.optimize(nn.Sequential(linear), (probe,), f"dgq{{act={act},min-sqnr=0}}", calib=[x],
+                          emit="onnx", out=tmp_path, measure_latency=False)
+    ort_out = onnx_emit.run(onnx_emit.session(tmp_path / "model.onnx"), (probe,))[0]
+    torch.testing.assert_close(ort_out, result.model(probe), rtol=0, atol=0)
+
+
+def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):
+    import onnx
+    model = FFN(d=128, hidden=256).eval()
+    calib = [torch.randn(32, 128) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "dgq{form=w4,min-sqnr=0}", calib=calib, emit="onnx", out=tmp_path,
+                          measure_latency=False)
+    assert result.report.records[0].stats["bits_per_weight"] < 4.5
+    ops = {n.op_type for n in onnx.load(tmp_path / "model.onnx").graph.node}
+    assert "MatMulNBits" in ops
+    [art] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert art.parity["max_abs"] < 5e-2  # MatMulNBits quantizes activations per block: close, not exact
+
+
+def test_every_linear_is_quantized_or_skipped_with_reason():
+    model = FFN(d=128, hidden=256).eval()
+    model.proj = nn.Linear(128, 128)
+    calib = [torch.randn(16, 128) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "dgq{group=256,min-sqnr=0}", calib=calib, measure_latency=False)
+    record = result.report.records[0]
+    skipped = dict(record.skipped)
+    assert record.stats["quantized"] == 2  # the two down projections have in_features 256
+    assert "not a multiple of group=256" in skipped["proj"]
+    assert set(record.stats["layer_rel_err"]) == {"down1", "down2"}
+
+
+def test_nan_weights_and_silent_inputs_are_skipped():
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)).eval()
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    result = api.optimize(model, (torch.zeros(4, 128),), "dgq{min-sqnr=-1000}", calib=[torch.zeros(4, 128)],
+                          measure_latency=False)
+    reasons = " ".join(why for _, why in result.report.records[0].skipped)
+    assert "all zero" in reasons and "NaN" in reasons
+
+
+def test_unsupported_bits_is_a_clear_error():
+    with pytest.raises(RewriteError, match="bits=8 is not supported"):
+        api.optimize(FFN(), (torch.randn(2, 32),), "dgq{bits=8}", measure_latency=False)
+
+
+def test_group_must_be_even():
+    with pytest.raises(RewriteError, match="group must be"):
+        api.optimize(FFN(), (torch.randn(2, 32),), "dgq{group=3}", measure_latency=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_int8_kernel_runs_on_cuda_and_matches_cpu():
+    w, x = _layer_with_outliers()
+    weights = quantize_weight(w, x, 128, True)
+    layer = DGQLinear(weights, None, torch.empty(0), "int8")
+    want = layer(x[:64])
+    got = layer.cuda()(x[:64].cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
