@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from rewrite import capture
 from rewrite.kernels import dgq as kernels
@@ -146,6 +146,7 @@ class DualGrainedQuant(Pass):
     act: Literal["static", "per-token"] = "per-token"
     search: bool = True
     form: Literal["int8", "w4"] = "int8"
+    smooth: bool = False
     bits: int = 4
     min_sqnr: float = 15.0
 
@@ -161,6 +162,10 @@ class DualGrainedQuant(Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         done, skipped, errors, bits = [], [], {}, []
+        smoothed = 0
+        if self.smooth:
+            smoothed, why_not = smooth_outliers(module, ctx.calibration)
+            skipped += why_not
         for path, linear in layers(module, (nn.Linear,)):
             reason = self._why_not(linear)
             if reason:
@@ -177,7 +182,7 @@ class DualGrainedQuant(Pass):
             bits.append(layer.stored_bits_per_weight())
             set_submodule(module, path, layer)
             done.append(path)
-        stats = {"quantized": len(done), "form": self.form, "act": self.act, "search": self.search,
+        stats = {"quantized": len(done), "form": self.form, "act": self.act, "search": self.search, "smoothed_norms": smoothed,
                  "bits_per_weight": round(sum(bits) / len(bits), 3) if bits else 0,
                  "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors}
         return PassResult(module, bool(done), stats, skipped)
@@ -190,6 +195,39 @@ class DualGrainedQuant(Pass):
         if self.form == "w4" and self.group & (self.group - 1):
             return "form=w4 (MatMulNBits) needs a power-of-two group"
         return None
+
+
+def smooth_outliers(module: nn.Module, batches: list[tuple], top: float = 0.005) -> tuple[int, list]:
+    """Percentile clipping (DGQ §3.3): channels of a LayerNorm output above its top-0.5% abs-max are scaled
+    down into the norm's weight and bias, and up in the consuming Linears' input columns (exact in float).
+    Only where the norm feeds nothing but Linears: post-LN residuals (BERT) would see the scaling."""
+    if not isinstance(module, fx.GraphModule):
+        return 0, [("smooth", "needs a captured graph")]
+    done, skipped = 0, []
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.layer_norm.default or len(node.args) < 4:
+            continue
+        consumers = [u for u in node.users if u.op == "call_module" and isinstance(module.get_submodule(u.target), nn.Linear)]
+        weight, bias = node.args[2], node.args[3]
+        if len(consumers) != len(node.users) or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (weight, bias)):
+            skipped.append((node.name, "LayerNorm output also feeds non-Linear ops (e.g. a residual): not smoothed"))
+            continue
+        peak = _inputs_of(module, consumers[0].target, batches).abs().amax(0)
+        keep = int(top * peak.numel() + 1.5)
+        baseline = peak.sort().values[-keep]
+        scale = torch.where(peak > baseline, peak / baseline.clamp_min(1e-12), torch.ones_like(peak))
+        with torch.no_grad():
+            for attr in (weight, bias):
+                _attr(module, attr.target).div_(scale)
+            for user in consumers:
+                module.get_submodule(user.target).weight.mul_(scale)
+        done += 1
+    return done, skipped
+
+
+def _attr(module: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tensor:

@@ -117,3 +117,49 @@ def test_int8_kernel_runs_on_cuda_and_matches_cpu():
     want = layer(x[:64])
     got = layer.cuda()(x[:64].cuda()).cpu()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _PreNorm(nn.Module):
+    """A pre-LN block whose norm feeds only Linears, with one outlier activation channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(128)
+        self.q, self.k = nn.Linear(128, 128), nn.Linear(128, 128)
+        with torch.no_grad():
+            self.norm.weight[7] = 30.0
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h) * self.k(h)
+
+
+def test_smoothing_moves_outliers_into_the_weights_exactly_before_quantizing():
+    from rewrite import capture
+    from rewrite.passes.dgq import smooth_outliers
+    model = _PreNorm().eval()
+    x = torch.randn(32, 128)
+    captured = capture.capture(model, (x,))
+    before = captured.module(x)
+    count, skipped = smooth_outliers(captured.module, [(x,)])
+    assert count == 1 and not skipped
+    torch.testing.assert_close(captured.module(x), before, rtol=1e-4, atol=1e-4)  # float-exact transform
+    assert float(captured.module.norm.weight.detach().abs().max()) < 30.0
+
+
+def test_smoothing_skips_post_norm_residuals():
+    from rewrite import capture
+    from rewrite.passes.dgq import smooth_outliers
+
+    class PostNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(128), nn.Linear(128, 128)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return h + self.fc(h)
+
+    captured = capture.capture(PostNorm().eval(), (torch.randn(4, 128),))
+    count, skipped = smooth_outliers(captured.module, [(torch.randn(4, 128),)])
+    assert count == 0 and "residual" in skipped[0][1]
