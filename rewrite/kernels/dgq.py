@@ -42,11 +42,22 @@ def _(x, w_s8, s1, bias, s_x):
     return x.new_empty(*x.shape[:-1], w_s8.shape[0])
 
 
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """uint4 values along the last axis → uint8, two per byte, low nibble first (MatMulNBits' layout)."""
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], -1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)[..., :count]
+
+
 def unpack_w4(packed: Tensor, zeros: Tensor, scales: Tensor, block: int) -> Tensor:
-    """(N, K/block, block/2) uint8, low nibble first → float weights (N, K)."""
-    low, high = packed & 0x0F, packed >> 4
-    codes = torch.stack([low, high], dim=-1).reshape(packed.shape[0], packed.shape[1], block).float()
-    return ((codes - zeros[..., None].float()) * scales[..., None]).reshape(packed.shape[0], -1)
+    """(N, K/block, block/2) codes and (N, ⌈blocks/2⌉) zero points, packed → float weights (N, K)."""
+    codes = unpack_nibbles(packed, block).float()
+    zero = unpack_nibbles(zeros, packed.shape[1]).float()
+    return ((codes - zero[..., None]) * scales[..., None]).reshape(packed.shape[0], -1)
 
 
 @torch.library.custom_op(f"{_lib}::w4_linear", mutates_args=())
@@ -96,7 +107,7 @@ def onnx_translations() -> dict:
     def w4(x, packed, scales, zeros, bias):
         n, blocks, half = packed.shape
         k = blocks * half * 2
-        return matmul_nbits(x, packed, scales, op.Cast(zeros, to=onnxscript.ir.DataType.FLOAT), None, bias,
+        return matmul_nbits(x, packed, scales, zeros, None, bias,
                                 K=k, N=n, bits=4, block_size=half * 2, accuracy_level=4)
 
     return {torch.ops.rewrite.a8w8_linear.default: a8w8, torch.ops.rewrite.w4_linear.default: w4}

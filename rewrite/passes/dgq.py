@@ -116,10 +116,9 @@ class DGQLinear(nn.Module):
             self.register_buffer("s1", weights.s1)
             self.register_buffer("s_x", s_x.float().reshape(-1))
         else:
-            codes = weights.q.reshape(out, -1, weights.group)
-            self.register_buffer("packed", (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).contiguous())
+            self.register_buffer("packed", kernels.pack_nibbles(weights.q.reshape(out, -1, weights.group)))
             self.register_buffer("scales", (weights.S.float() * weights.s1[:, None]).contiguous())
-            self.register_buffer("zeros", weights.z.contiguous())
+            self.register_buffer("zeros", kernels.pack_nibbles(weights.z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "int8":

@@ -103,3 +103,20 @@ def test_form_fft_and_cnn_leave_the_model_alone():
     cnn = ConvBN()
     record = check_pass(TransformOnce(), cnn, cnn.example_inputs()).report.records[0]
     assert record.status == "nothing to rewrite"
+
+
+class _Uncapturable(ToyFNO):
+    def forward(self, x):
+        if x.mean() > 100:  # data-dependent branch: torch.export cannot capture this model
+            return x
+        return super().forward(x)
+
+
+def test_eager_fallback_swaps_spectral_modules_when_capture_fails():
+    model = _Uncapturable(2, 16).eval()
+    x = model.example_inputs()
+    result = api.optimize(model, x, "t1{form=gemm}", measure_latency=False, strict=True)
+    assert not isinstance(result.model, fx.GraphModule)
+    assert result.report.records[0].stats["spectral_layers"] == 2
+    assert sum(isinstance(m, SpectralGEMM) for m in result.model.modules()) == 2
+    torch.testing.assert_close(result.model(x[0]), model(x[0]), rtol=1e-4, atol=1e-5)
