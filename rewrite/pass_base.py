@@ -87,7 +87,11 @@ class Pass:
     def contract_text(cls) -> str:
         """The contract in words; passes whose contract depends on an option override `contract_note`."""
         note = getattr(cls, "contract_note", "")
-        return note or cls.contract.describe()
+        if note:
+            return note
+        if isinstance(cls.__dict__.get("contract"), property):  # depends on options: describe the defaults
+            return f"{cls().contract.describe()} (default; min-sqnr sets it)"
+        return cls.contract.describe()
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""

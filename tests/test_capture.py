@@ -59,8 +59,9 @@ def test_neuraloperator_fno_is_captured_per_shape():
     inputs = (torch.randn(2, 1, 32, 32),)
     c = capture.capture(model, inputs)
     assert c.graph
-    # Its grid embedding caches a 32x32 grid: a dynamic capture would be wrong at other sizes.
-    assert not any(c.dynamic_dims.values()) and "specialized" in c.describe()
+    # Its grid embedding caches a 32x32 grid: a capture dynamic in space would be wrong at other sizes.
+    # (Export sometimes keeps the batch dim dynamic, sometimes not; both are verified by the probe.)
+    assert not {2, 3} & set(c.dynamic_dims[0])
     _same(model, c, inputs)
 
 
