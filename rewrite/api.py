@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rewrite import __version__, calibration, capture, measure, pipeline, registry, verify
-from rewrite.errors import RewriteError
+from rewrite.errors import RewriteError, first_line
 from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.recover import RecoverSpec
 from rewrite.report import Measurement, RunReport
@@ -32,7 +32,8 @@ class Result:
 def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *, calib: Any = None,
              eval: Any = None, metric: str | None = None, emit: str | list[str] | None = None,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
-             recover: str | None = None, calib_batches: int = calibration.MAX_BATCHES,
+             recover: str | None = None, budget: str | None = None,
+             calib_batches: int = calibration.MAX_BATCHES,
              measure_latency: bool = True, progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
@@ -41,7 +42,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     say = progress or (lambda _msg: None)
     model = _private_copy(model)  # eval() and every measurement act on our copy, never the user's module
     inputs = _check_model_and_inputs(model, example_inputs)
-    pass_list = pipeline.parse_spec(passes)
+    pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)
     emitters = _emitters(emit, out)
     recovery = RecoverSpec.parse(recover)
     out_dir = _prepare_out(out, force) if out is not None else None
@@ -102,9 +103,8 @@ def _check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     try:
         capture.run(model, inputs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         shapes = calibration.describe([inputs])
-        raise RewriteError(f"the model rejects the example inputs {shapes}: {first[:160]}; "
+        raise RewriteError(f"the model rejects the example inputs {shapes}: {first_line(exc)}; "
                            "give inputs of the shape the model expects (--inputs or --input-shape)") from exc
     return inputs
 
@@ -123,7 +123,7 @@ def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes:
             capture.run(model, batch)
         except Exception as exc:
             raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
-                               f"{str(exc).strip().splitlines()[0][:160]}") from exc
+                               f"{first_line(exc)}") from exc
     return data, []
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from rewrite.errors import RewriteError
+from rewrite.errors import RewriteError, first_line
 
 MAX_BATCHES = 8
 
@@ -37,8 +37,7 @@ def load_file(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RewriteError(f"{what} file {str(path)!r} is not readable tensor data ({first[:120]}); "
+        raise RewriteError(f"{what} file {str(path)!r} is not readable tensor data ({first_line(exc, 120)}); "
                            "save tensors, tuples, dicts or lists of them with torch.save") from exc
 
 

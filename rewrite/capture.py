@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from rewrite.errors import CaptureError
+from rewrite.errors import CaptureError, first_line
 from rewrite.patterns import set_submodule
 
 
@@ -150,8 +150,8 @@ def explain_failure(exc: BaseException, model: nn.Module) -> str:
         owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None  # `self`, however named
         if isinstance(owner, nn.Module):
             module = _module_name(owner, model, names)
-    first = next((s.strip() for s in str(exc).splitlines() if s.strip()), type(exc).__name__)
-    return f"cannot capture {module}{where}: {first[:200]}; graph passes are skipped, module passes run on the eager model"
+    return (f"cannot capture {module}{where}: {first_line(exc, 200)}; "
+            "graph passes are skipped, module passes run on the eager model")
 
 
 def _module_name(owner: nn.Module, model: nn.Module, names: dict[int, str]) -> str:

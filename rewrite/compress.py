@@ -27,12 +27,19 @@ def _ffn_paths(gm: fx.GraphModule) -> set[str]:
     paths = set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
-            act = _only_user(node)
+            act = _skip_noops(_only_user(node))
             if act is not None and act.op == "call_function" and _name(act) in _ACTIVATIONS:
-                second = _only_user(act)
+                second = _skip_noops(_only_user(act))
                 if second is not None and second.op == "call_module" and isinstance(gm.get_submodule(second.target), nn.Linear):
                     paths |= {node.target, second.target}
     return paths
+
+
+def _skip_noops(node: fx.Node | None) -> fx.Node | None:
+    """Eval-mode dropout and clones between the FFN's layers do not break the pattern."""
+    while node is not None and node.op == "call_function" and _name(node) in ("dropout", "clone", "alias"):
+        node = _only_user(node)
+    return node
 
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:

@@ -1,4 +1,5 @@
 """Errors the user can act on. Each message is one line: the problem, then the fix."""
+import re
 
 
 class RewriteError(Exception):
@@ -11,3 +12,10 @@ class CaptureError(RewriteError):
 
 class PassError(RewriteError):
     """A pass failed or broke its contract under --strict (names the pass and the passes before it)."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an exception's message (ANSI colors removed), or its type's name."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    line = next((s.strip() for s in text.splitlines() if s.strip()), type(exc).__name__)
+    return line[:limit]

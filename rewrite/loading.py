@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewrite.errors import RewriteError
+from rewrite.errors import RewriteError, first_line
 
 PICKLE_NOTICE = "notice: loading a pickled module runs code stored in the file; load only files you trust"
 
@@ -41,8 +41,7 @@ def _from_pickle(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RewriteError(f"cannot read model file {str(path)!r} ({first[:120]}); "
+        raise RewriteError(f"cannot read model file {str(path)!r} ({first_line(exc, 120)}); "
                            "save the whole module with torch.save(model, path) or use a .pt2") from exc
     if isinstance(obj, dict):
         raise RewriteError(f"{str(path)!r} holds a state_dict, not a model: give package.module:factory that "

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, get_args, get_origin
 from torch import nn
 
 from rewrite import capture, measure, registry, verify
-from rewrite.errors import PassError, RewriteError
+from rewrite.errors import PassError, RewriteError, first_line
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
 
@@ -31,6 +31,23 @@ def parse_spec(spec: str | list[Pass]) -> list[Pass]:
     if not parts:
         raise RewriteError("no passes given: name at least one, e.g. --passes fold-bn (see `rewrite passes list`)")
     return [_parse_one(part) for part in parts]
+
+
+def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
+    """`--budget sqnr=X`: passes that search per-layer settings (option budget-sqnr) search within X dB."""
+    if not budget:
+        return passes
+    key, eq, raw = budget.partition("=")
+    if key.strip() != "sqnr" or not eq:
+        raise RewriteError(f"--budget {budget!r}: only sqnr=DB budgets are supported (e.g. --budget sqnr=30)")
+    try:
+        db = float(raw)
+    except ValueError as exc:
+        raise RewriteError(f"--budget sqnr={raw!r} must be a number of dB") from exc
+    searchable = [p for p in passes if hasattr(p, "budget_sqnr")]
+    if not searchable:
+        raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
+    return [dataclasses.replace(p, budget_sqnr=db) if p in searchable and p.budget_sqnr == 0 else p for p in passes]
 
 
 def format_spec(passes: list[Pass]) -> str:
@@ -156,7 +173,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     except RewriteError:
         raise
     except Exception as exc:  # a pass bug must not take the user's run down with it
-        result, err, broken = None, None, f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        result, err, broken = None, None, f"raised {type(exc).__name__}: {first_line(exc)}"
     record.seconds = time.perf_counter() - start
     if result is not None:
         record.stats, record.skipped = result.stats, [list(s) for s in result.skipped]

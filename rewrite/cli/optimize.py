@@ -29,6 +29,7 @@ def optimize(
     strict: Annotated[bool, typer.Option(help="a pass that breaks its contract is an error, not a rollback")] = False,
     seed: Annotated[int, typer.Option(help="seed for synthetic data and randomized passes")] = 0,
     recover: Annotated[Optional[str], typer.Option(help="distill approximate rewrites: steps=N[,lr=X]")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="per-layer search within sqnr=DB (fwsvd, lowrank)")] = None,
     calib_batches: Annotated[int, typer.Option(help="at most this many calibration batches")] = 8,
     latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
 ) -> None:
@@ -44,7 +45,7 @@ def optimize(
     with render.progress() as say:
         result = api.optimize(module, example, passes, calib=calib_data, eval=eval_data, metric=metric,
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
-                              recover=recover, calib_batches=calib_batches,
+                              recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, progress=say)
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")

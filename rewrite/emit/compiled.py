@@ -9,6 +9,7 @@ from torch import nn
 from rewrite import capture, verify
 from rewrite.capture import Captured
 from rewrite.emit.pt2 import export_program
+from rewrite.errors import first_line
 from rewrite.report import Artifact
 
 
@@ -19,8 +20,7 @@ def emit_compiled(module: nn.Module, captured: Captured, out_dir: Path) -> Artif
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         compiled = torch._inductor.aoti_load_package(str(path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return Artifact("compiled", "", None, f"AOTInductor compile failed: {first[:200]}")
+        return Artifact("compiled", "", None, f"AOTInductor compile failed: {first_line(exc, 200)}")
     inputs = captured.example_inputs
     err = verify.compare([capture.run(module, inputs)], [compiled(*inputs)])
     return Artifact("compiled", str(path), err.to_dict())

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite import capture, kernels, verify
+from rewrite import capture, errors, kernels, verify
 from rewrite.capture import Captured
 from rewrite.report import Artifact
 
@@ -34,13 +33,11 @@ def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
 
 
 def first_line(exc: BaseException) -> str:
-    """The exporter's messages are long and colored: keep the first plain sentence, and the root cause."""
+    """The exporter's messages are long: keep the first line of the error and of its root cause."""
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    texts = [re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() for e in (exc, root)]
-    parts = list(dict.fromkeys(t[0][:160] for t in texts if t))
-    return " / ".join(parts) or type(exc).__name__
+    return " / ".join(dict.fromkeys(errors.first_line(e) for e in (exc, root)))
 
 
 def session(path: str | Path, threads: int = 0):

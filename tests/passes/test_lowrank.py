@@ -124,3 +124,23 @@ def test_no_linear_means_nothing_to_rewrite():
     model = ConvBN()
     record = check_pass(StructuredFFN(), model, model.example_inputs()).report.records[0]
     assert record.status == "nothing to rewrite"
+
+
+def test_torch_transformer_encoder_ffns_are_found_through_dropout():
+    layer = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = (torch.randn(2, 12, 64),)
+    result = api.optimize(model, x, "lowrank{param-ratio=0.5,min-sqnr=0}", measure_latency=False)
+    swapped = sorted(p for p, m in result.model.named_modules() if isinstance(m, LowRankLinear))
+    assert swapped == [f"layers.{i}.{name}" for i in range(2) for name in ("linear1", "linear2")]
+
+
+def test_cli_budget_sets_the_search_and_rejects_other_kinds():
+    torch.manual_seed(0)
+    model = compressible(FFN())
+    calib = [torch.randn(16, 32) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "lowrank{min-sqnr=0}", calib=calib, budget="sqnr=25",
+                          measure_latency=False)
+    assert result.report.records[0].spec == "lowrank{budget-sqnr=25.0,min-sqnr=0.0}"
+    with pytest.raises(RewriteError, match="only sqnr"):
+        api.optimize(model, (calib[0],), "lowrank", budget="metric=0.9", measure_latency=False)

@@ -120,3 +120,34 @@ def test_eager_fallback_swaps_spectral_modules_when_capture_fails():
     assert result.report.records[0].stats["spectral_layers"] == 2
     assert sum(isinstance(m, SpectralGEMM) for m in result.model.modules()) == 2
     torch.testing.assert_close(result.model(x[0]), model(x[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_neuraloperator_3d_spectral_conv_is_exact():
+    model = neuralop.models.FNO(n_modes=(4, 4, 4), hidden_channels=4, in_channels=1, out_channels=1).eval()
+    conv = model.fno_blocks.convs[0]
+    x = torch.randn(2, 4, 9, 10, 7)
+    with torch.no_grad():
+        want = conv(x)
+        assert float((from_neuralop(conv, (9, 10, 7))(x) - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_mode_t1_without_calibration_data_refuses_with_the_reason():
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    with pytest.raises(api.RewriteError, match="needs calibration data"):
+        api.optimize(model, (torch.randn(2, 1, 16, 16),), "t1{mode=t1}", measure_latency=False)
+
+
+@pytest.mark.slow
+def test_mode_t1_builds_the_frequency_domain_model_and_recovery_helps():
+    torch.manual_seed(0)
+    model = neuralop.models.FNO(n_modes=(6, 6), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    grid = torch.linspace(0, 1, 16)
+    smooth = [torch.sin(2 * torch.pi * (k * grid[:, None] + grid[None, :]))[None, None].repeat(4, 1, 1, 1)
+              + 0.1 * torch.randn(4, 1, 16, 16) for k in range(1, 5)]
+    spec = "t1{mode=t1,min-sqnr=-100}"
+    raw = api.optimize(model, (smooth[0],), spec, calib=smooth, measure_latency=False)
+    rec = api.optimize(model, (smooth[0],), spec, calib=smooth, recover="steps=200,lr=1e-3", measure_latency=False)
+    assert raw.report.records[0].stats["fno_blocks"] == 1
+    assert _fft_ops(raw.model) == []  # one forward and one inverse transform, both as matmuls
+    assert rec.report.records[0].error["sqnr_db"] > raw.report.records[0].error["sqnr_db"]
+    assert "recovery_loss" in rec.report.records[0].stats
