@@ -52,8 +52,10 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     captured = capture.capture(model, inputs)
     if not captured.graph:
         warns.append(captured.note)
+    eval_data = _eval_data(eval, metric, model) if eval is not None else None
     ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
-                      synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery)
+                      synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
+                      evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric)
     rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
     report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
                        inputs=calibration.describe(data.batches), records=records, warnings=warns)
@@ -62,8 +64,8 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     if measure_latency:
         say("measuring latency (eager torch)")
         report.measurements += [_measure("original", model, inputs), _measure("rewritten", rewritten, inputs)]
-    if eval is not None:
-        _score(report, model, rewritten, eval, metric)
+    if eval_data is not None:
+        _score(report, model, rewritten, eval_data, metric)
     if out_dir is not None:
         _emit_all(report, model, rewritten, captured, emitters, out_dir, measure_latency, say)
         _write_report(report, out_dir, seed, inputs, pass_list)
@@ -80,7 +82,7 @@ def diff(original: nn.Module, rewritten: nn.Module, inputs: Any, *, eval: Any = 
     report.error_vs_original = verify.compare([capture.run(original, args)], [capture.run(rewritten, args)]).to_dict()
     report.measurements += [_measure("original", original, args), _measure("rewritten", rewritten, args)]
     if eval is not None:
-        _score(report, original, rewritten, eval, metric)
+        _score(report, original, rewritten, _eval_data(eval, metric, original), metric)
     return report
 
 
@@ -133,16 +135,20 @@ def _measure(label: str, module: nn.Module, inputs: tuple) -> Measurement:
                        capture.layer_count(module))
 
 
-def _score(report: RunReport, original: nn.Module, rewritten: nn.Module, eval: Any, metric: str | None) -> None:
+def _eval_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[list[tuple], list[Any]]:
     if metric is None:
         raise RewriteError("eval data given without a metric: add --metric rel-l2|top1|cosine")
-    score = measure.metric_fn(metric)
-    data = calibration.from_user(eval, original, "eval", max_batches=10_000)
+    measure.metric_fn(metric)  # unknown names fail here
+    data = calibration.from_user(eval, model, "eval", max_batches=10_000)
     if data.targets is None:
         raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
+    return data.batches, data.targets
+
+
+def _score(report: RunReport, original: nn.Module, rewritten: nn.Module, eval_data: tuple, metric: str) -> None:
     report.metric_name = metric
     for label, module in (("original", original), ("rewritten", rewritten)):
-        report.metric[label] = score([capture.run(module, b) for b in data.batches], data.targets)
+        report.metric[label] = measure.evaluator(metric, *eval_data)(module)
 
 
 def _emitters(emit: str | list[str] | None, out: Any) -> list[str]:

@@ -78,10 +78,11 @@ def saving_rank(linear: nn.Linear, rank: int, ratio: float) -> int | str:
 Build = Callable[[nn.Linear, str, float], nn.Module]  # (layer, path, ratio) → replacement
 
 
-def search_ratios(module: nn.Module, paths: list[str], build: Build, batches: list[tuple],
-                  reference: list, budget_db: float, grid: tuple[float, ...] = (0.2, 0.33, 0.5, 0.75)) -> dict[str, float]:
-    """Per-layer parameter ratios: greedy from the least sensitive layer, most compression first,
-    keeping a choice only while the whole model stays within `budget_db` SQNR of `reference`."""
+def search_ratios(module: nn.Module, paths: list[str], build: Build, batches: list[tuple], reference: list,
+                  within: Callable[[nn.Module], bool],
+                  grid: tuple[float, ...] = (0.2, 0.33, 0.5, 0.75)) -> dict[str, float]:
+    """Per-layer parameter ratios: greedy from the least sensitive layer (by output SQNR), most compression
+    first, keeping a choice only while `within(model)` holds for the whole model."""
     originals = {p: module.get_submodule(p) for p in paths}
     sensitivity = {p: _sqnr_with(module, p, build(originals[p], p, grid[0]), originals[p], batches, reference)
                    for p in paths}
@@ -89,7 +90,7 @@ def search_ratios(module: nn.Module, paths: list[str], build: Build, batches: li
     for path in sorted(paths, key=lambda p: -sensitivity[p]):  # least sensitive (highest SQNR) first
         for ratio in grid:
             set_submodule(module, path, build(originals[path], path, ratio))
-            if _sqnr(module, batches, reference) >= budget_db:
+            if within(module):
                 chosen[path] = ratio
                 break
             set_submodule(module, path, originals[path])
@@ -107,6 +108,25 @@ def _sqnr_with(module, path, candidate, original, batches, reference) -> float:
 
 def _sqnr(module: nn.Module, batches: list[tuple], reference: list) -> float:
     return verify.compare(reference, [capture.run(module, b) for b in batches]).sqnr_db
+
+
+def budget_check(sqnr_db: float, metric_floor: float, batches: list[tuple], reference: list,
+                 evaluate: Callable[[nn.Module], float] | None, metric: str | None) -> Callable[[nn.Module], bool]:
+    """The search's acceptance test: SQNR ≥ sqnr_db on calibration data and/or the eval metric within its floor."""
+    from rewrite.errors import RewriteError
+    from rewrite.measure import HIGHER_IS_BETTER
+    if metric_floor and evaluate is None:
+        raise RewriteError("a metric budget needs eval data and a metric: add --eval FILE --metric NAME")
+    higher = HIGHER_IS_BETTER.get(metric or "", True)
+
+    def within(module: nn.Module) -> bool:
+        if sqnr_db and _sqnr(module, batches, reference) < sqnr_db:
+            return False
+        if metric_floor:
+            score = evaluate(module)
+            return score >= metric_floor if higher else score <= metric_floor
+        return True
+    return within
 
 
 def reference_outputs(module: nn.Module, batches: list[tuple]) -> list:

@@ -82,6 +82,17 @@ def cosine(outputs: list[Any], targets: list[Any]) -> float:
 
 
 METRICS: dict[str, Callable[[list[Any], list[Any]], float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine}
+HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True}
+
+
+def evaluator(name: str, batches: list[tuple], targets: list[Any]) -> Callable[[nn.Module], float]:
+    """module → its score on the eval data."""
+    score = metric_fn(name)
+
+    def evaluate(module: nn.Module) -> float:
+        with torch.no_grad():
+            return score([module(*b) for b in batches], targets)
+    return evaluate
 
 
 def metric_fn(name: str) -> Callable[[list[Any], list[Any]], float]:

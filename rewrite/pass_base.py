@@ -50,6 +50,8 @@ class PassContext:
     synthetic_calibration: bool = False
     emit: tuple[str, ...] = ()  # artifact kinds the user asked for (e.g. "onnx" forces exportable forms)
     recover: Any = None  # a rewrite.recover.RecoverSpec when the user asked for recovery
+    evaluate: Any = None  # module → task metric on the eval data (when --eval and --metric are given)
+    metric: str | None = None
 
 
 @dataclass

@@ -34,20 +34,24 @@ def parse_spec(spec: str | list[Pass]) -> list[Pass]:
 
 
 def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
-    """`--budget sqnr=X`: passes that search per-layer settings (option budget-sqnr) search within X dB."""
+    """`--budget sqnr=DB | metric=Y`: passes that search per-layer settings (fwsvd, lowrank) search within it.
+
+    sqnr: the whole model's output SQNR on calibration data stays ≥ DB. metric: the --metric score on the
+    --eval data stays ≥ Y (≤ Y for rel-l2)."""
     if not budget:
         return passes
-    key, eq, raw = budget.partition("=")
-    if key.strip() != "sqnr" or not eq:
-        raise RewriteError(f"--budget {budget!r}: only sqnr=DB budgets are supported (e.g. --budget sqnr=30)")
+    key, eq, raw = (part.strip() for part in budget.partition("="))
+    if key not in ("sqnr", "metric") or not eq:
+        raise RewriteError(f"--budget {budget!r} is malformed: write sqnr=DB or metric=VALUE")
     try:
-        db = float(raw)
+        value = float(raw)
     except ValueError as exc:
-        raise RewriteError(f"--budget sqnr={raw!r} must be a number of dB") from exc
-    searchable = [p for p in passes if hasattr(p, "budget_sqnr")]
-    if not searchable:
+        raise RewriteError(f"--budget {key}={raw!r} must be a number") from exc
+    field = f"budget_{key}"
+    if not any(hasattr(p, field) for p in passes):
         raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
-    return [dataclasses.replace(p, budget_sqnr=db) if p in searchable and p.budget_sqnr == 0 else p for p in passes]
+    return [dataclasses.replace(p, **{field: value}) if hasattr(p, field) and not getattr(p, field) else p
+            for p in passes]
 
 
 def format_spec(passes: list[Pass]) -> str:

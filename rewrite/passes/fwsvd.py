@@ -109,6 +109,7 @@ class FisherSVD(Pass):
     fisher: Literal["batch", "exact", "none"] = "batch"
     target: Literal["ffn", "all"] = "ffn"
     budget_sqnr: float = 0.0
+    budget_metric: float = 0.0
     min_sqnr: float = 10.0
 
     def __post_init__(self):

@@ -115,6 +115,7 @@ class StructuredFFN(Pass):
     blocks: int = 4
     target: Literal["ffn", "all"] = "ffn"
     budget_sqnr: float = 0.0
+    budget_metric: float = 0.0
     guided: bool = False
     min_sqnr: float = 10.0
 
@@ -148,15 +149,17 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
     """The shared loop of lowrank and fwsvd: choose layers, ratios (global or searched), swap, report."""
     targets = compress.target_linears(module, pass_.target)
     ratios = {p: pass_.param_ratio for p, _ in targets}
-    if pass_.budget_sqnr > 0 and targets:
+    searching = bool(pass_.budget_sqnr or pass_.budget_metric)
+    if searching and targets:
         reference = compress.reference_outputs(module, ctx.calibration)
+        within = compress.budget_check(pass_.budget_sqnr, pass_.budget_metric, ctx.calibration, reference,
+                                       ctx.evaluate, ctx.metric)
         usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
-        ratios = compress.search_ratios(module, usable, lambda m, p, r: build(m, p, r), ctx.calibration,
-                                        reference, pass_.budget_sqnr)
+        ratios = compress.search_ratios(module, usable, build, ctx.calibration, reference, within)
     done, skipped, errors = [], [], []
     for path, linear in targets:
         if path not in ratios:
-            skipped.append((path, f"no ratio keeps SQNR ≥ {pass_.budget_sqnr} dB"))
+            skipped.append((path, "no ratio stays within the budget"))
             continue
         replacement = build(linear, path, ratios[path])
         if isinstance(replacement, str):
@@ -168,6 +171,6 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
         set_submodule(module, path, replacement)
         done.append(path)
     stats = {"factorized": len(done), "mean_weight_rel_err": round(sum(errors) / len(errors), 4) if errors else 0}
-    if pass_.budget_sqnr > 0:
+    if searching:
         stats["ratios"] = ",".join(f"{r:g}" for r in sorted(set(ratios.values())))
     return PassResult(module, bool(done), stats, skipped)

@@ -142,5 +142,18 @@ def test_cli_budget_sets_the_search_and_rejects_other_kinds():
     result = api.optimize(model, (calib[0],), "lowrank{min-sqnr=0}", calib=calib, budget="sqnr=25",
                           measure_latency=False)
     assert result.report.records[0].spec == "lowrank{budget-sqnr=25.0,min-sqnr=0.0}"
-    with pytest.raises(RewriteError, match="only sqnr"):
+    with pytest.raises(RewriteError, match="needs eval data"):
         api.optimize(model, (calib[0],), "lowrank", budget="metric=0.9", measure_latency=False)
+
+
+def test_metric_budget_searches_against_the_eval_metric():
+    torch.manual_seed(0)
+    model = compressible(FFN())
+    calib = [torch.randn(16, 32) for _ in range(2)]
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        eval_data = {"inputs": [x], "targets": [model(x)]}
+    result = api.optimize(model, (calib[0],), "lowrank{min-sqnr=0}", calib=calib, eval=eval_data, metric="rel-l2",
+                          budget="metric=0.05", measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    assert result.report.metric["rewritten"] <= 0.05
