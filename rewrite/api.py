@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +24,46 @@ Progress = Callable[[str], None]
 
 @dataclass
 class Result:
+    """The rewritten model, its report, and the capture it came from.
+
+    `model` is built for the shapes of the example inputs when export specialized them (the report's
+    capture line says so) or a pass did (t1 builds DFT matrices for one grid); `model_for(*inputs)`
+    captures and rewrites again for other shapes with the same passes, verified strictly on those
+    inputs, and caches the result by shape.
+    """
+
     model: nn.Module
     report: RunReport
     captured: capture.Captured
+    passes: list[Pass] = field(default_factory=list)
+    seed: int = 0
+    _by_shape: dict = field(default_factory=dict, repr=False)
+
+    def model_for(self, *inputs: Any) -> nn.Module:
+        key = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in inputs)
+        if key == _shape_key(self.captured):
+            return self.model
+        # Even a dynamic capture may have been made shape-specific by a pass (t1's DFT matrices): rewrite again.
+        if key not in self._by_shape:
+            self._by_shape[key] = self._rewrite_for(tuple(inputs))
+        return self._by_shape[key]
+
+    def _rewrite_for(self, inputs: tuple) -> nn.Module:
+        needy = [p.name for p in self.passes if p.needs_calibration or (p.recoverable and
+                                                                         getattr(p, "mode", "") == "t1")]
+        if needy:
+            raise RewriteError(f"{', '.join(needy)} need calibration data at this shape: run rewrite.optimize "
+                               "again with inputs and --calib of this shape")
+        original = self.captured.original
+        captured = capture.capture(original, inputs)
+        data = calibration.synthetic(inputs, self.seed)
+        ctx = PassContext(calibration=data.batches, original=original, seed=self.seed, synthetic_calibration=True)
+        module, _records = pipeline.run_passes(captured, self.passes, ctx, strict=True)
+        return module
+
+
+def _shape_key(captured: capture.Captured) -> tuple:
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in captured.example_inputs)
 
 
 def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *, calib: Any = None,
@@ -69,7 +106,7 @@ def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *,
     if out_dir is not None:
         _emit_all(report, model, rewritten, captured, emitters, out_dir, measure_latency, say)
         _write_report(report, out_dir, seed, inputs, pass_list)
-    return Result(rewritten, report, captured)
+    return Result(rewritten, report, captured, pass_list, seed)
 
 
 def diff(original: nn.Module, rewritten: nn.Module, inputs: Any, *, eval: Any = None,

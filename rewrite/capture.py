@@ -37,6 +37,7 @@ class Captured:
     graph: bool
     dynamic_dims: dict[int, list[int]] = field(default_factory=dict)
     note: str = ""
+    original: nn.Module | None = None  # the eager copy it was captured from (for re-capture at other shapes)
 
     @property
     def dynamic_shapes(self) -> tuple:
@@ -50,7 +51,7 @@ class Captured:
         if not self.graph:
             return f"eager (not captured): {self.note}"
         if not any(self.dynamic_dims.values()):
-            return "graph; every shape specialized by export: re-run for other input shapes"
+            return "graph; every shape specialized by export: Result.model_for(*inputs) rewrites for other shapes"
         dims = "; ".join(f"input {i}: dims {v}" for i, v in self.dynamic_dims.items() if v)
         return f"graph; dynamic {dims}"
 
@@ -61,9 +62,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     try:
         gm, dynamic = _export(model, example_inputs)
     except Exception as exc:  # export raises many types; all mean "not capturable"
-        return Captured(model, example_inputs, graph=False, note=explain_failure(exc, model))
+        return Captured(model, example_inputs, graph=False, note=explain_failure(exc, model), original=model)
     lift_layers(gm)
-    return Captured(gm, example_inputs, graph=True, dynamic_dims=dynamic)
+    return Captured(gm, example_inputs, graph=True, dynamic_dims=dynamic, original=model)
 
 
 def capture_or_raise(model: nn.Module, example_inputs: tuple) -> Captured:

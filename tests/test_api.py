@@ -50,3 +50,24 @@ def test_bert_minilm_end_to_end_has_nothing_for_conv_passes(tmp_path):
     ids = torch.randint(1000, 2000, (3, 9))
     want = model(ids, torch.ones_like(ids)).last_hidden_state
     torch.testing.assert_close(reloaded(ids, torch.ones_like(ids)).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+
+
+def test_model_for_rewrites_again_for_other_shapes_and_caches():
+    from rewrite.testing import ToyFNO
+    model = ToyFNO(2, 16).eval()
+    result = rewrite.optimize(model, model.example_inputs(), "t1{form=gemm}", measure_latency=False)
+    x = torch.randn(3, 1, 20, 20)
+    with pytest.raises(ValueError, match="built for grid"):
+        result.model(x)
+    other = result.model_for(x)
+    torch.testing.assert_close(other(x), model(x), rtol=1e-4, atol=1e-5)
+    assert result.model_for(x) is other and result.model_for(*model.example_inputs()) is result.model
+
+
+def test_model_for_refuses_passes_that_need_data_at_the_new_shape():
+    from rewrite.testing import TinyMLP
+    model = TinyMLP()
+    x = torch.randn(4, 16)
+    result = rewrite.optimize(model, (x,), "fwsvd{min-sqnr=-100}", calib=[x], measure_latency=False)
+    with pytest.raises(rewrite.RewriteError, match="need calibration data at this shape"):
+        result.model_for(torch.randn(5, 16))
