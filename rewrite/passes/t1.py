@@ -49,7 +49,13 @@ class TransformOnce(Pass):
     mode: Literal["exact", "t1"] = "exact"
     form: Literal["auto", "gemm", "fft"] = "auto"
     nonlinearity: Literal["pseudo", "coeff"] = "pseudo"
+    modes_ratio: float = 1.0
+    select: Literal["lowest", "energy"] = "lowest"
     min_sqnr: float = 20.0
+
+    def __post_init__(self):
+        if not 0 < self.modes_ratio <= 1:
+            raise ValueError("modes-ratio must be in (0, 1]: the share of the FNO's kept modes that t1 keeps")
 
     @property
     def contract(self):  # type: ignore[override]
@@ -60,7 +66,7 @@ class TransformOnce(Pass):
             return self._transform_once(module, ctx)
         original = ctx.original if ctx.original is not None else module
         paths = _graph_candidates(module) if is_graph(module) else _eager_candidates(module)
-        shapes = _input_shapes(original, paths, ctx.calibration[0])
+        shapes = {p: x.shape for p, x in _first_inputs(original, paths, ctx.calibration[0]).items()}
         done, skipped = [], []
         for path in paths:
             layer, reason = self._convert(original.get_submodule(path), shapes.get(path), ctx)
@@ -78,16 +84,26 @@ class TransformOnce(Pass):
             return PassResult(module, False, skipped=[("model", "mode=t1 needs a captured graph")])
         paths = list(dict.fromkeys(path for n in module.graph.nodes for path, kind in
                                    (n.meta.get("nn_module_stack") or {}).values() if kind.endswith("FNOBlocks")))
-        shapes = _input_shapes(ctx.original, paths, ctx.calibration[0])
-        done, skipped = [], []
+        inputs = _first_inputs(ctx.original, paths, ctx.calibration[0])
+        done, skipped, modes = [], [], ""
         for path in paths:
             blocks = ctx.original.get_submodule(path)
-            reason = t1_student.why_not(blocks) or (None if path in shapes else "not run on the calibration inputs")
+            reason = t1_student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
             if reason is None:
-                student = t1_student.T1Blocks(blocks, tuple(shapes[path][2:]), self.nonlinearity)
+                student = self._student(blocks, inputs[path])
+                modes = "x".join(map(str, student.modes))
                 reason = replace_region(module, path, student)
             (skipped.append((path, reason)) if reason else done.append(path))
-        return PassResult(module, bool(done), {"fno_blocks": len(done), "nonlinearity": self.nonlinearity}, skipped)
+        stats = {"fno_blocks": len(done), "nonlinearity": self.nonlinearity, "modes": modes, "select": self.select}
+        return PassResult(module, bool(done), stats, skipped)
+
+    def _student(self, blocks: nn.Module, x: torch.Tensor) -> nn.Module:
+        grid = tuple(x.shape[2:])
+        keep = None
+        if self.modes_ratio < 1:
+            freqs = t1_student.student_weights(blocks, grid)[2]
+            keep = t1_student.select_modes(freqs, x, self.modes_ratio, self.select)
+        return t1_student.T1Blocks(blocks, grid, self.nonlinearity, keep)
 
     def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext):
         if shape is None:
@@ -149,12 +165,13 @@ def _calls_fft(module: nn.Module) -> bool:
     return "rfft" in source and "irfft" in source
 
 
-def _input_shapes(model: nn.Module, paths: list[str], batch: tuple) -> dict[str, torch.Size]:
-    shapes: dict[str, torch.Size] = {}
+def _first_inputs(model: nn.Module, paths: list[str], batch: tuple) -> dict[str, torch.Tensor]:
+    """The input each module at `paths` first receives when the model runs on `batch`."""
+    shapes: dict[str, torch.Tensor] = {}
 
     def record(path: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(path, args[0].shape)
+            shapes.setdefault(path, args[0].detach())
         return hook
 
     hooks = [model.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]

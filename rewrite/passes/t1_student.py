@@ -56,9 +56,15 @@ def _channels(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor):
 class T1Blocks(nn.Module):
     """Replaces neuraloperator's FNOBlocks (all layers): space → kept modes → blocks → space."""
 
-    def __init__(self, blocks: nn.Module, grid: tuple[int, ...], nonlinearity: str):
+    def __init__(self, blocks: nn.Module, grid: tuple[int, ...], nonlinearity: str,
+                 keep: list[list[int]] | None = None):
         super().__init__()
         weights, biases, freqs = student_weights(blocks, grid)
+        if keep is not None:  # a subset of the teacher's modes (frequency selection)
+            freqs = [[f[i] for i in idx] for f, idx in zip(freqs, keep)]
+            index = tuple(torch.tensor(idx)[tuple(slice(None) if b == a else None for b in range(len(keep)))]
+                          for a, idx in enumerate(keep))
+            weights = [w[(slice(None), slice(None)) + index] for w in weights]
         dc = torch.zeros([len(f) for f in freqs])
         dc[tuple(f.index(0) for f in freqs)] = 1.0  # a constant (bias) lives only in the DC bin
         self.register_buffer("dc", dc)
@@ -154,3 +160,21 @@ def student_weights(blocks: nn.Module, grid: tuple[int, ...]):
         biases.append(None if layer.bias is None else layer.bias.reshape(-1))
         freqs = layer.in_freqs
     return weights, biases, freqs
+
+
+def select_modes(freqs: list[list[int]], x: torch.Tensor, ratio: float, how: str) -> list[list[int]]:
+    """Per axis, indices of the `ratio` share of the kept frequencies to keep: the lowest |f|, or those
+    carrying the most energy of the blocks' input `x` (B, C, *grid) on calibration data. DC always stays."""
+    d = x.dim() - 2
+    spectrum = torch.fft.rfftn(x.double(), dim=tuple(range(2, 2 + d))).abs().square().sum(dim=(0, 1))
+    chosen = []
+    for a, f in enumerate(freqs):
+        count = max(1, round(ratio * len(f)))
+        if how == "energy":
+            bins = torch.tensor([v % spectrum.shape[a] for v in f])
+            marginal = spectrum.sum(dim=tuple(b for b in range(d) if b != a))[bins]
+            order = sorted(range(len(f)), key=lambda i: (f[i] != 0, -float(marginal[i])))
+        else:
+            order = sorted(range(len(f)), key=lambda i: (abs(f[i]), f[i]))
+        chosen.append(sorted(order[:count]))
+    return chosen

@@ -151,3 +151,20 @@ def test_mode_t1_builds_the_frequency_domain_model_and_recovery_helps():
     assert _fft_ops(raw.model) == []  # one forward and one inverse transform, both as matmuls
     assert rec.report.records[0].error["sqnr_db"] > raw.report.records[0].error["sqnr_db"]
     assert "recovery_loss" in rec.report.records[0].stats
+
+
+def test_frequency_selection_keeps_a_subset_of_modes_with_dc():
+    from rewrite.passes.t1_student import select_modes
+    freqs = [[-2, -1, 0, 1], [0, 1, 2]]
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0] = torch.cos(2 * torch.pi * 2 * torch.arange(8) / 8)[None, :]  # energy at last-axis frequency 2
+    assert select_modes(freqs, x, 0.5, "lowest") == [[1, 2], [0, 1]]  # -1, 0 and 0, 1
+    assert select_modes(freqs, x, 0.5, "energy")[1] == [0, 2]  # DC always, then the energetic frequency 2
+
+
+def test_mode_t1_with_fewer_modes_builds_a_smaller_student():
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    calib = [torch.randn(2, 1, 16, 16) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "t1{mode=t1,modes-ratio=0.5,select=energy,min-sqnr=-100}",
+                          calib=calib, measure_latency=False)
+    assert result.report.records[0].stats["modes"] == "4x2"
