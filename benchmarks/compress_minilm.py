@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, time_ort, time_torch  # noqa: E402
+from _common import table, time_torch  # noqa: E402
 from sentences import CALIBRATION, EVALUATION  # noqa: E402
 
 import torch  # noqa: E402

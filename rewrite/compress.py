@@ -57,6 +57,12 @@ def _name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
+def check_rank_options(rank: int, ratio: float) -> None:
+    """Option validation shared by the factorizing passes (ValueError → a one-line user error)."""
+    if rank < 0 or not 0 < ratio < 1:
+        raise ValueError("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
+
+
 def break_even_rank(linear: nn.Linear) -> float:
     """A rank-r factorization saves parameters only below in·out/(in+out)."""
     return linear.in_features * linear.out_features / (linear.in_features + linear.out_features)

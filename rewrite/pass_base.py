@@ -6,6 +6,7 @@ contract on calibration inputs, and rolls it back when the contract is broken.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,7 +92,7 @@ class Pass:
         note = getattr(cls, "contract_note", "")
         if note:
             return note
-        if isinstance(cls.__dict__.get("contract"), property):  # depends on options: describe the defaults
+        if isinstance(inspect.getattr_static(cls, "contract"), property):  # depends on options: the defaults
             return f"{cls().contract.describe()} (default; min-sqnr sets it)"
         return cls.contract.describe()
 
@@ -108,6 +109,14 @@ class Pass:
     def options(cls) -> list[tuple[str, str, Any]]:
         """(option name, type, default) for every option, as the CLI spells them."""
         return [(f.name.replace("_", "-"), _type_name(f.type), _default(f)) for f in dataclasses.fields(cls)]
+
+
+class SqnrFloor:
+    """Mixin for approximate passes whose SQNR floor is their `min_sqnr` option (declare that field)."""
+
+    @property
+    def contract(self) -> Approx:
+        return Approx(min_sqnr_db=self.min_sqnr)
 
 
 def _default(f: dataclasses.Field) -> Any:

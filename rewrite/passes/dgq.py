@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from rewrite import capture
 from rewrite.kernels import dgq as kernels
-from rewrite.pass_base import Approx, Pass, PassContext, PassResult
+from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import layers, set_submodule
 
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
@@ -133,7 +133,7 @@ class DGQLinear(nn.Module):
 
 
 @dataclass(frozen=True)
-class DualGrainedQuant(Pass):
+class DualGrainedQuant(SqnrFloor, Pass):
     name = "dgq"
     paper = "Zhang et al., Dual Grained Quantization (A8W4), arXiv:2310.04836"
     summary = "Linears → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
@@ -154,10 +154,6 @@ class DualGrainedQuant(Pass):
             raise ValueError(f"bits={self.bits} is not supported: DGQ stores 4-bit weights (bits=4)")
         if self.group <= 0 or self.group % 2:
             raise ValueError("group must be a positive even number (128 in the paper)")
-
-    @property
-    def contract(self):  # type: ignore[override]
-        return Approx(min_sqnr_db=self.min_sqnr)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         done, skipped, errors, bits = [], [], {}, []

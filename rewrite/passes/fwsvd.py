@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewrite import compress
 from rewrite.errors import RewriteError
-from rewrite.pass_base import Approx, Pass, PassContext, PassResult
+from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.passes.lowrank import LowRankLinear, factorize_linears
 
 
@@ -96,7 +96,7 @@ def _loss(outputs: Any, target: Any, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FisherSVD(Pass):
+class FisherSVD(SqnrFloor, Pass):
     name = "fwsvd"
     paper = "Hsu et al., Language model compression with weighted low-rank factorization, ICLR 2022 (arXiv:2207.00112)"
     summary = "Linears → two low-rank Linears by Fisher-weighted SVD (fisher=none: plain SVD baseline)"
@@ -113,12 +113,7 @@ class FisherSVD(Pass):
     min_sqnr: float = 10.0
 
     def __post_init__(self):
-        if self.rank < 0 or not 0 < self.param_ratio < 1:
-            raise ValueError("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
-
-    @property
-    def contract(self):  # type: ignore[override]
-        return Approx(min_sqnr_db=self.min_sqnr)
+        compress.check_rank_options(self.rank, self.param_ratio)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         paths = [p for p, _ in compress.target_linears(module, self.target)]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rewrite import compress
-from rewrite.pass_base import Approx, Pass, PassContext, PassResult
+from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule
 
 
@@ -101,7 +101,7 @@ def block_dense(linear: nn.Linear, rank: int, blocks: int) -> BlockDenseLinear:
 
 
 @dataclass(frozen=True)
-class StructuredFFN(Pass):
+class StructuredFFN(SqnrFloor, Pass):
     name = "lowrank"
     paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
     summary = "FFN Linears → low-rank or block-dense factors (truncated SVD closed forms)"
@@ -120,14 +120,9 @@ class StructuredFFN(Pass):
     min_sqnr: float = 10.0
 
     def __post_init__(self):
-        if self.rank < 0 or not 0 < self.param_ratio < 1:
-            raise ValueError("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
+        compress.check_rank_options(self.rank, self.param_ratio)
         if self.blocks < 1:
             raise ValueError("blocks must be ≥ 1")
-
-    @property
-    def contract(self):  # type: ignore[override]
-        return Approx(min_sqnr_db=self.min_sqnr)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         return factorize_linears(self, module, ctx, self._build)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from rewrite.passes.reparam import ReparamLargeKernel, _densify
-from rewrite.testing import ParallelBranches, check_pass, randomize_batchnorm
+from rewrite.testing import ParallelBranches, check_pass
 
 
 def _convs(gm):
