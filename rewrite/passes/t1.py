@@ -49,6 +49,8 @@ class TransformOnce(Pass):
     mode: Literal["exact", "t1"] = "exact"
     form: Literal["auto", "gemm", "fft"] = "auto"
     nonlinearity: Literal["pseudo", "coeff"] = "pseudo"
+    transform: Literal["dft", "dct"] = "dft"
+    init: Literal["teacher", "vp"] = "teacher"
     modes_ratio: float = 1.0
     select: Literal["lowest", "energy"] = "lowest"
     min_sqnr: float = 20.0
@@ -90,20 +92,14 @@ class TransformOnce(Pass):
             blocks = ctx.original.get_submodule(path)
             reason = t1_student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
             if reason is None:
-                student = self._student(blocks, inputs[path])
+                student = t1_student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
+                                           self.modes_ratio, self.select, ctx.seed)
                 modes = "x".join(map(str, student.modes))
                 reason = replace_region(module, path, student)
             (skipped.append((path, reason)) if reason else done.append(path))
-        stats = {"fno_blocks": len(done), "nonlinearity": self.nonlinearity, "modes": modes, "select": self.select}
+        stats = {"fno_blocks": len(done), "transform": self.transform, "nonlinearity": self.nonlinearity,
+                 "init": self.init, "modes": modes, "select": self.select}
         return PassResult(module, bool(done), stats, skipped)
-
-    def _student(self, blocks: nn.Module, x: torch.Tensor) -> nn.Module:
-        grid = tuple(x.shape[2:])
-        keep = None
-        if self.modes_ratio < 1:
-            freqs = t1_student.student_weights(blocks, grid)[2]
-            keep = t1_student.select_modes(freqs, x, self.modes_ratio, self.select)
-        return t1_student.T1Blocks(blocks, grid, self.nonlinearity, keep)
 
     def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext):
         if shape is None:

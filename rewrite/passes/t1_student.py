@@ -1,16 +1,28 @@
-"""The transform-once student: neuraloperator FNO blocks rewritten to run on the kept Fourier modes.
+"""The transform-once student: neuraloperator FNO blocks rewritten to run on the kept modes.
 
-One forward transform (truncated rFFT, norm="forward") where the blocks begin, every block computed on
-the kept coefficients Z, one inverse transform where they end. What carries over from the teacher
-exactly (Transform Once, §3): the per-mode weights R, the 1×1 skip W and channel-MLP weights (channel
-mixing commutes with the DFT), biases (they live in the DC bin), soft-gating. What changes: the
-nonlinearity now acts on a band-limited signal, either
-  - "coeff" (T1 style): σ on the coefficients' real and imaginary parts, then a learned mode mixer per
-    axis (identity at start), or
+One forward transform where the blocks begin, every block computed on the kept coefficients Z, one
+inverse transform where they end (Transform Once, §3). The transform is the truncated rFFT the FNO
+itself uses (`transform="dft"`, periodic data) or, as in the paper, an orthonormal-type DCT-II
+(`transform="dct"`: real coefficients, an even extension instead of wrap-around, for non-periodic data).
+
+What carries over from the teacher exactly (for the DFT): the per-mode weights R, the 1×1 skip W and
+channel-MLP weights (channel mixing commutes with any spatial transform), biases (a constant lives only
+in the DC coefficient), soft-gating. For the DCT, R is not diagonal in the new basis: DCT mode k is
+frequency k/2, so R is resampled there (real part, averaged over ±f) as a starting point, or
+variance-preserving initialized (`init="vp"`: std = gain·√(N/(fan_in·m)), gain 1 for DCT, ½ for DFT,
+N grid points, m kept modes; Poli et al. §4). What changes: the nonlinearity now acts on a band-limited
+signal, either
+  - "coeff" (T1 style): σ on the coefficients, then a learned mode mixer per axis and channel
+    (identity at start; Kaiming with init="vp", as the paper), or
   - "pseudo" (pseudo-spectral): inverse to a small grid of ~3/2 the modes, σ there, forward back
-    (the truncation is the 2/3-rule dealiasing); its cost does not depend on the input resolution.
+    (the truncation is the 2/3-rule dealiasing); its cost does not depend on the input resolution,
 and the skip paths no longer carry the frequencies above the kept modes. So the student is approximate
 and is distilled toward the teacher (rewrite.recover).
+
+Coefficients are held as one real tensor (B, C, P, m₁…m_d), P = 2 (real, imaginary) for the DFT and 1
+for the DCT, in an amplitude convention (a constant field c has DC coefficient c on any grid), so the
+same coefficients mean the same function on the input grid and on the small pseudo-spectral grid.
+Every step is a matmul on that tensor: few, large ops instead of many small ones.
 """
 from __future__ import annotations
 
@@ -20,118 +32,163 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.passes.spectral import _c2r, _complex_along, _dft, _r2c, from_neuralop
+from rewrite.passes.spectral import from_neuralop
 
 
-class _Transform(nn.Module):
-    """Truncated real DFT (norm="forward") between a grid and the kept frequencies, as matmuls."""
+class Basis(nn.Module):
+    """Truncated DFT (kept signed frequencies per axis) or DCT-II (kept indices) on one grid, as matmuls."""
 
-    def __init__(self, freqs: list[list[int]], grid: tuple[int, ...]):
+    def __init__(self, kind: str, index: list[list[int]], grid: tuple[int, ...]):
         super().__init__()
-        self.d = len(grid)
-        for a, (f, n) in enumerate(zip(freqs, grid)):
-            last = a == self.d - 1
-            self.register_buffer(f"fwd{a}", ((_r2c(f, n) if last else _dft(f, n, -1)) / n).float())
-            self.register_buffer(f"inv{a}", ((_c2r(f, n) if last else _dft(f, n, +1, inverse=True)) * n).float())
+        self.kind, self.index, self.grid = kind, [list(i) for i in index], tuple(grid)
+        self.parts = 2 if kind == "dft" else 1
+        self.modes = [len(i) for i in index]
+        self.mixed_axes = len(grid) - 1 if kind == "dft" else len(grid)  # axes done as (P·out × P·in) matmuls
+        for a in range(self.mixed_axes):
+            fwd, inv = _axis_matrices(kind, index[a], grid[a])
+            self.register_buffer(f"fwd{a}", fwd.float())
+            self.register_buffer(f"inv{a}", inv.float())
+        if kind == "dft":  # the last axis turns real samples into [re | im] of non-negative bins and back
+            freqs, n = torch.tensor(index[-1], dtype=torch.float64), grid[-1]
+            ang = 2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), freqs) / n  # (n, K)
+            self.register_buffer("r2c", (torch.cat([torch.cos(ang), -torch.sin(ang)], 1) / n).float())
+            doubled = torch.tensor([1.0 if f == 0 or 2 * f == n else 2.0 for f in index[-1]], dtype=torch.float64)
+            self.register_buffer("c2r", torch.stack([doubled * torch.cos(ang), -doubled * torch.sin(ang)]).transpose(1, 2).float())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = x @ getattr(self, f"fwd{self.d - 1}")
-        k = z.shape[-1] // 2
-        re, im = z[..., :k], z[..., k:]
-        for a in range(self.d - 1):
-            re, im = _complex_along(re, im, getattr(self, f"fwd{a}"), 2 + a)
-        return re, im
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *grid) → (B, C, P, *modes)."""
+        if self.kind == "dft":
+            z = x @ self.r2c
+            z = z.unflatten(-1, (2, -1)).movedim(-2, 2)
+        else:
+            z = x.unsqueeze(2)
+        for a in range(self.mixed_axes):
+            z = _along(z, getattr(self, f"fwd{a}"), a)
+        return z
 
-    def inverse(self, re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
-        for a in range(self.d - 1):
-            re, im = _complex_along(re, im, getattr(self, f"inv{a}"), 2 + a)
-        return torch.cat([re, im], -1) @ getattr(self, f"inv{self.d - 1}")
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, P, *modes) → (B, C, *grid)."""
+        for a in range(self.mixed_axes):
+            z = _along(z, getattr(self, f"inv{a}"), a)
+        if self.kind == "dft":
+            return z[:, :, 0] @ self.c2r[0] + z[:, :, 1] @ self.c2r[1]
+        return z[:, :, 0]
+
+    def constant(self) -> torch.Tensor:
+        """The coefficients (P, *modes) of the constant field 1: where biases go."""
+        with torch.no_grad():
+            return self(torch.ones(1, 1, *self.grid))[0, 0]
 
 
-def _channels(w: torch.Tensor, re: torch.Tensor, im: torch.Tensor):
-    """1×1 channel mixing commutes with the DFT."""
-    return torch.einsum("oi,bi...->bo...", w, re), torch.einsum("oi,bi...->bo...", w, im)
+def _axis_matrices(kind: str, index: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (P·m × P·n) and inverse (P·n × P·m) real matrices along one axis."""
+    k = torch.tensor(index, dtype=torch.float64)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None, :]
+    if kind == "dct":  # a_k = (1/n) Σ x_j cos(πk(2j+1)/2n);  x_j = a₀ + 2 Σ_{k≥1} a_k cos(…)
+        cos = torch.cos(math.pi * k * (2 * j + 1) / (2 * n))
+        return cos / n, (cos * torch.where(k == 0, 1.0, 2.0)).T
+    ang = 2 * math.pi * k * j / n
+    return _complex_block(torch.cos(ang) / n, -torch.sin(ang) / n), _complex_block(torch.cos(ang).T, torch.sin(ang).T)
+
+
+def _complex_block(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    """The real matrix of z ↦ (re + i·im)·z acting on [Re z; Im z]."""
+    return torch.cat([torch.cat([re, -im], 1), torch.cat([im, re], 1)], 0)
+
+
+def _along(z: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    """Apply a (P·out × P·in) matrix to the (part, axis) pair of z (B, C, P, *modes)."""
+    moved = z.movedim(3 + axis, 3)
+    b, c, p, n = moved.shape[:4]
+    rest = moved.shape[4:]
+    # (…, rest, P·n) @ Mᵀ is one large GEMM; M @ (…, P·n, rest) would be B·C small ones (4x slower here)
+    out = (moved.reshape(b, c, p * n, -1).transpose(2, 3) @ matrix.T).transpose(2, 3)
+    return out.reshape(b, c, p, -1, *rest).movedim(3, 3 + axis)
 
 
 class T1Blocks(nn.Module):
     """Replaces neuraloperator's FNOBlocks (all layers): space → kept modes → blocks → space."""
 
-    def __init__(self, blocks: nn.Module, grid: tuple[int, ...], nonlinearity: str,
-                 keep: list[list[int]] | None = None):
+    def __init__(self, blocks: nn.Module, basis: Basis, small: Basis, weights: list[torch.Tensor],
+                 biases: list[torch.Tensor | None], nonlinearity: str, mixer_init: str = "identity",
+                 generator: torch.Generator | None = None):
         super().__init__()
-        weights, biases, freqs = student_weights(blocks, grid)
-        if keep is not None:  # a subset of the teacher's modes (frequency selection)
-            freqs = [[f[i] for i in idx] for f, idx in zip(freqs, keep)]
-            index = tuple(torch.tensor(idx)[tuple(slice(None) if b == a else None for b in range(len(keep)))]
-                          for a, idx in enumerate(keep))
-            weights = [w[(slice(None), slice(None)) + index] for w in weights]
-        dc = torch.zeros([len(f) for f in freqs])
-        dc[tuple(f.index(0) for f in freqs)] = 1.0  # a constant (bias) lives only in the DC bin
-        self.register_buffer("dc", dc)
-        self.spectral_b = nn.ParameterList(nn.Parameter(b.clone() if b is not None else torch.zeros(w.shape[1]))
+        self.basis, self.small, self.nonlinearity = basis, small, nonlinearity
+        self.n_layers, self.grid, self.modes = blocks.n_layers, basis.grid, basis.modes
+        self.register_buffer("dc", basis.constant().reshape(-1))
+        self.spectral = nn.ParameterList(nn.Parameter(w.float().contiguous()) for w in weights)  # (P, M, Cin, Cout)
+        self.spectral_b = nn.ParameterList(nn.Parameter(b.clone() if b is not None else torch.zeros(w.shape[-1]))
                                            for w, b in zip(weights, biases))
-        self.n_layers, self.nonlinearity, self.grid = blocks.n_layers, nonlinearity, tuple(grid)
-        self.transform = _Transform(freqs, grid)
-        small = tuple(max(3, math.ceil(1.5 * (2 * len(f) - 1 if a == len(freqs) - 1 else len(f))))
-                      for a, f in enumerate(freqs))
-        self.small = _Transform(freqs, small)
-        modes = [len(f) for f in freqs]
-        self.spectral_re = nn.ParameterList(nn.Parameter(w.real.float().clone()) for w in weights)
-        self.spectral_im = nn.ParameterList(nn.Parameter(w.imag.float().clone()) for w in weights)
         self.skip = nn.ParameterList(nn.Parameter(s.conv.weight.detach()[..., 0].clone()) for s in blocks.fno_skips)
         self.mlp_w = nn.ParameterList(nn.Parameter(fc.weight.detach()[..., 0].clone())
                                       for mlp in blocks.channel_mlp for fc in mlp.fcs)
         self.mlp_b = nn.ParameterList(nn.Parameter(fc.bias.detach().clone()) for mlp in blocks.channel_mlp for fc in mlp.fcs)
         self.gate = nn.ParameterList(nn.Parameter(g.weight.detach().reshape(-1).clone()) for g in blocks.channel_mlp_skips)
-        mixers = [nn.Parameter(torch.eye(m)) for _ in range(blocks.n_layers * 2) for m in modes]
+        width = self.skip[0].shape[0]
+        mixers = [_mode_mixer(width, m, mixer_init, generator) for _ in range(2 * self.n_layers) for m in self.modes]
         self.mixers = nn.ParameterList(mixers if nonlinearity == "coeff" else [])
-        self.modes = modes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.grid:
             raise ValueError(f"this t1 model was built for grid {self.grid}, got {tuple(x.shape[2:])}")
-        re, im = self.transform(x)
+        z = self.basis(x)
         for i in range(self.n_layers):
-            re, im = self._block(i, re, im)
-        return self.transform.inverse(re, im)
+            z = self._block(i, z)
+        return self.basis.inverse(z)
 
-    def _block(self, i: int, re: torch.Tensor, im: torch.Tensor):
+    def spectral_conv(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        """The teacher's SpectralConv i on coefficients: per-mode (complex) channel mixing plus bias."""
+        b, c, p = z.shape[:3]
+        w = self.spectral[i]  # complex mixing as one real (P·Cin × P·Cout) block per mode
+        block = torch.cat([torch.cat([w[0], w[1]], 2), torch.cat([-w[1], w[0]], 2)], 1) if p == 2 else w[0]
+        stacked = z.flatten(3).permute(3, 0, 2, 1).reshape(-1, b, p * c)  # (M, B, P·Cin)
+        out = torch.bmm(stacked, block).unflatten(2, (p, -1)).permute(1, 3, 2, 0)
+        return out.reshape(b, -1, *z.shape[2:]) + self._bias(self.spectral_b[i])
+
+    def _block(self, i: int, z: torch.Tensor) -> torch.Tensor:
         last = i == self.n_layers - 1
-        sr, si = _per_mode(self.spectral_re[i], self.spectral_im[i], re, im)
-        kr, ki = _channels(self.skip[i], re, im)
-        yr, yi = sr + kr + self._bias(self.spectral_b[i]), si + ki
+        y = self.spectral_conv(i, z) + _channels(self.skip[i], z)
         if not last:
-            yr, yi = self._sigma(2 * i, yr, yi)
-        hr, hi = _channels(self.mlp_w[2 * i], yr, yi)
-        hr, hi = self._sigma(2 * i, hr + self._bias(self.mlp_b[2 * i]), hi, mix=False)
-        hr, hi = _channels(self.mlp_w[2 * i + 1], hr, hi)
-        hr = hr + self._bias(self.mlp_b[2 * i + 1])
-        g = self.gate[i].reshape(1, -1, *[1] * (re.dim() - 2))
-        yr, yi = hr + g * re, hi + g * im
-        if not last:
-            yr, yi = self._sigma(2 * i + 1, yr, yi)
-        return yr, yi
+            y = self._sigma(2 * i, y)
+        h = self._sigma(2 * i, _channels(self.mlp_w[2 * i], y) + self._bias(self.mlp_b[2 * i]), mix=False)
+        h = _channels(self.mlp_w[2 * i + 1], h) + self._bias(self.mlp_b[2 * i + 1])
+        y = h + self.gate[i].reshape(1, -1, *[1] * (z.dim() - 2)) * z
+        return y if last else self._sigma(2 * i + 1, y)
 
     def _bias(self, b: torch.Tensor) -> torch.Tensor:
-        return b.reshape(1, -1, *[1] * self.dc.dim()) * self.dc
+        return (b[:, None] * self.dc).reshape(1, -1, *self.dc_shape)
 
-    def _sigma(self, k: int, re: torch.Tensor, im: torch.Tensor, mix: bool = True):
+    @property
+    def dc_shape(self) -> tuple[int, ...]:
+        return (self.basis.parts, *self.modes)
+
+    def _sigma(self, k: int, z: torch.Tensor, mix: bool = True) -> torch.Tensor:
         if self.nonlinearity == "pseudo":
-            return self.small(F.gelu(self.small.inverse(re, im)))
-        re, im = F.gelu(re), F.gelu(im)
+            return self.small(F.gelu(self.small.inverse(z)))
+        z = F.gelu(z)
         if mix:
             for a in range(len(self.modes)):
-                m = self.mixers[k * len(self.modes) + a]
-                re = torch.movedim(torch.movedim(re, 2 + a, -1) @ m.T, -1, 2 + a)
-                im = torch.movedim(torch.movedim(im, 2 + a, -1) @ m.T, -1, 2 + a)
-        return re, im
+                z = _mix_modes(z, self.mixers[k * len(self.modes) + a], a)
+        return z
 
 
-def _per_mode(wr: torch.Tensor, wi: torch.Tensor, re: torch.Tensor, im: torch.Tensor):
-    """Y_k = Σ_i Z_k[i]·R_k[i, o] for complex R (stored as (Cin, Cout, modes…) real/imag)."""
-    yr = torch.einsum("bi...,io...->bo...", re, wr) - torch.einsum("bi...,io...->bo...", im, wi)
-    yi = torch.einsum("bi...,io...->bo...", re, wi) + torch.einsum("bi...,io...->bo...", im, wr)
-    return yr, yi
+def _channels(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """1×1 channel mixing commutes with the transform: the same W on every coefficient."""
+    return (w @ z.flatten(2)).reshape(z.shape[0], -1, *z.shape[2:])
+
+
+def _mode_mixer(channels: int, modes: int, init: str, generator: torch.Generator | None) -> nn.Parameter:
+    if init == "kaiming":  # the paper's mode mixers: N(0, 1/m) per channel
+        return nn.Parameter(torch.randn(channels, modes, modes, generator=generator) / math.sqrt(modes))
+    return nn.Parameter(torch.eye(modes).repeat(channels, 1, 1))
+
+
+def _mix_modes(z: torch.Tensor, mixer: torch.Tensor, axis: int) -> torch.Tensor:
+    """Dense mixing along one mode axis, one (m × m) matrix per channel (T1Layer's spatial mixing)."""
+    moved = z.movedim(3 + axis, -1)
+    shape = moved.shape
+    flat = moved.reshape(shape[0], shape[1], -1, shape[-1])  # (B, C, P·rest, m)
+    return (flat @ mixer.transpose(1, 2)[None]).reshape(shape).movedim(-1, 3 + axis)
 
 
 def why_not(blocks: nn.Module) -> str | None:
@@ -148,7 +205,60 @@ def why_not(blocks: nn.Module) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
-def student_weights(blocks: nn.Module, grid: tuple[int, ...]):
+def build(blocks: nn.Module, x: torch.Tensor, nonlinearity: str = "pseudo", transform: str = "dft",
+          init: str = "teacher", modes_ratio: float = 1.0, select: str = "lowest", seed: int = 0) -> T1Blocks:
+    """The student for `blocks`, whose input on calibration data is `x` (B, C, *grid)."""
+    grid = tuple(x.shape[2:])
+    weights, biases, freqs = teacher_weights(blocks, grid)
+    index = freqs if transform == "dft" else [list(range(len(f) if a < len(freqs) - 1 else 2 * len(f) - 1))
+                                              for a, f in enumerate(freqs)]
+    if transform == "dct":
+        weights = [_dft_to_dct(w, freqs, index) for w in weights]
+    if modes_ratio < 1:
+        keep = select_modes(Basis(transform, index, grid), x, modes_ratio, select)
+        index = [[f[i] for i in idx] for f, idx in zip(index, keep)]
+        weights = [w[(slice(None), slice(None)) + _outer(keep)] for w in weights]
+    generator = torch.Generator().manual_seed(seed)
+    if init == "vp" and transform == "dct":  # the DCT weights have no exact teacher: the paper's VP init
+        m, n_points = math.prod(len(i) for i in index), math.prod(grid)
+        weights = [torch.randn(w.shape, generator=generator, dtype=w.dtype) * math.sqrt(n_points / (w.shape[0] * m))
+                   for w in weights]
+    small_grid = tuple(max(3, math.ceil(1.5 * (2 * len(f) - 1 if transform == "dft" and a == len(index) - 1 else len(f))))
+                       for a, f in enumerate(index))
+    parts = [_parts(w) for w in weights]
+    return T1Blocks(blocks, Basis(transform, index, grid), Basis(transform, index, small_grid), parts, biases,
+                    nonlinearity, "kaiming" if init == "vp" else "identity", generator)
+
+
+def _parts(w: torch.Tensor) -> torch.Tensor:
+    """(Cin, Cout, *modes) complex or real → (P, M, Cin, Cout) real."""
+    flat = w.reshape(*w.shape[:2], -1).permute(2, 0, 1)
+    return torch.stack([flat.real, flat.imag]) if flat.is_complex() else flat[None]
+
+
+def _outer(keep: list[list[int]]) -> tuple:
+    """Index tensors selecting the outer product of per-axis index lists."""
+    d = len(keep)
+    return tuple(torch.tensor(idx)[tuple(slice(None) if b == a else None for b in range(d))] for a, idx in enumerate(keep))
+
+
+def _dft_to_dct(w: torch.Tensor, freqs: list[list[int]], index: list[list[int]]) -> torch.Tensor:
+    """Resample per-mode DFT weights onto DCT indices: DCT mode k sits at frequency k/2 (real part,
+    averaged over ±f and linearly between neighbouring frequencies). A starting point, not exact."""
+    out = w.to(torch.complex128)
+    for a, (f, ks) in enumerate(zip(freqs, index)):
+        resample = torch.zeros(len(ks), len(f), dtype=torch.complex128)
+        for row, k in enumerate(ks):
+            for g, share in ((k // 2, 0.5), ((k + 1) // 2, 0.5)):  # even k: both halves on k/2
+                present = [f.index(s) for s in {g, -g} if s in f]
+                for col in present:
+                    resample[row, col] += share / len(present)
+        resample /= resample.real.sum(1, keepdim=True).clamp_min(1e-12)
+        out = torch.movedim(torch.tensordot(out, resample, dims=([2 + a], [1])), -1, 2 + a)
+    return out.real.float()
+
+
+def teacher_weights(blocks: nn.Module, grid: tuple[int, ...]):
     """(per-layer complex weights (Cin, Cout, modes…), per-layer spectral biases, kept frequencies)."""
     weights, biases, freqs = [], [], []
     for conv in blocks.convs:
@@ -162,19 +272,18 @@ def student_weights(blocks: nn.Module, grid: tuple[int, ...]):
     return weights, biases, freqs
 
 
-def select_modes(freqs: list[list[int]], x: torch.Tensor, ratio: float, how: str) -> list[list[int]]:
-    """Per axis, indices of the `ratio` share of the kept frequencies to keep: the lowest |f|, or those
-    carrying the most energy of the blocks' input `x` (B, C, *grid) on calibration data. DC always stays."""
-    d = x.dim() - 2
-    spectrum = torch.fft.rfftn(x.double(), dim=tuple(range(2, 2 + d))).abs().square().sum(dim=(0, 1))
+def select_modes(basis: Basis, x: torch.Tensor, ratio: float, how: str) -> list[list[int]]:
+    """Per axis, positions of the `ratio` share of the basis's modes to keep: the lowest frequencies, or
+    those carrying the most energy of the blocks' input `x` (B, C, *grid) on calibration data. DC stays."""
+    with torch.no_grad():
+        energy = basis(x.float()).double().square().sum(dim=(0, 1, 2))  # (*modes)
     chosen = []
-    for a, f in enumerate(freqs):
-        count = max(1, round(ratio * len(f)))
+    for a, idx in enumerate(basis.index):
+        count = max(1, round(ratio * len(idx)))
+        marginal = energy.sum(dim=tuple(b for b in range(energy.dim()) if b != a))
         if how == "energy":
-            bins = torch.tensor([v % spectrum.shape[a] for v in f])
-            marginal = spectrum.sum(dim=tuple(b for b in range(d) if b != a))[bins]
-            order = sorted(range(len(f)), key=lambda i: (f[i] != 0, -float(marginal[i])))
+            order = sorted(range(len(idx)), key=lambda i: (idx[i] != 0, -float(marginal[i])))
         else:
-            order = sorted(range(len(f)), key=lambda i: (abs(f[i]), f[i]))
+            order = sorted(range(len(idx)), key=lambda i: (abs(idx[i]), idx[i]))
         chosen.append(sorted(order[:count]))
     return chosen

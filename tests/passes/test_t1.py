@@ -154,12 +154,15 @@ def test_mode_t1_builds_the_frequency_domain_model_and_recovery_helps():
 
 
 def test_frequency_selection_keeps_a_subset_of_modes_with_dc():
-    from rewrite.passes.t1_student import select_modes
-    freqs = [[-2, -1, 0, 1], [0, 1, 2]]
+    from rewrite.passes.t1_student import Basis, select_modes
+    basis = Basis("dft", [[-2, -1, 0, 1], [0, 1, 2]], (8, 8))
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0] = torch.cos(2 * torch.pi * 2 * torch.arange(8) / 8)[None, :]  # energy at last-axis frequency 2
-    assert select_modes(freqs, x, 0.5, "lowest") == [[1, 2], [0, 1]]  # -1, 0 and 0, 1
-    assert select_modes(freqs, x, 0.5, "energy")[1] == [0, 2]  # DC always, then the energetic frequency 2
+    assert select_modes(basis, x, 0.5, "lowest") == [[1, 2], [0, 1]]  # -1, 0 and 0, 1
+    assert select_modes(basis, x, 0.5, "energy")[1] == [0, 2]  # DC always, then the energetic frequency 2
+    dct = Basis("dct", [[0, 1, 2, 3], [0, 1, 2, 3]], (8, 8))
+    x[0, 0] = torch.cos(torch.pi * 3 * (2 * torch.arange(8) + 1) / 16)[None, :]  # DCT mode 3 on the last axis
+    assert select_modes(dct, x, 0.5, "energy")[1] == [0, 3]
 
 
 def test_mode_t1_with_fewer_modes_builds_a_smaller_student():
@@ -168,3 +171,57 @@ def test_mode_t1_with_fewer_modes_builds_a_smaller_student():
     result = api.optimize(model, (calib[0],), "t1{mode=t1,modes-ratio=0.5,select=energy,min-sqnr=-100}",
                           calib=calib, measure_latency=False)
     assert result.report.records[0].stats["modes"] == "4x2"
+
+
+@pytest.mark.parametrize("kind", ["dft", "dct"])
+@pytest.mark.parametrize("grid", [(12,), (10, 9), (6, 8, 7)])
+def test_student_basis_round_trips_band_limited_fields(kind, grid):
+    from rewrite.passes.t1_student import Basis
+    # ±f kept together: a real field's spectrum then stays inside the set (rfft∘irfft is only a projection)
+    index = [list(range(-2, 3)) if kind == "dft" and a < len(grid) - 1 else list(range(3)) for a in range(len(grid))]
+    basis = Basis(kind, index, grid).double()
+    field = basis.inverse(torch.randn(2, 3, basis.parts, *basis.modes, dtype=torch.float64))
+    coeffs = basis(field)
+    torch.testing.assert_close(basis.inverse(coeffs), field, rtol=1e-4, atol=1e-5)  # float32 matrices
+    if kind == "dft":  # the coefficients are rfftn(norm="forward") at the kept frequencies
+        want = torch.fft.rfftn(field, dim=tuple(range(2, 2 + len(grid))), norm="forward")
+        sel = tuple(torch.tensor([f % n for f in fs])[tuple(slice(None) if b == a else None for b in range(len(grid)))]
+                    for a, (fs, n) in enumerate(zip(index, grid)))
+        torch.testing.assert_close(torch.complex(coeffs[:, :, 0], coeffs[:, :, 1]), want[(slice(None), slice(None)) + sel],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_student_spectral_conv_is_the_teachers_on_coefficients():
+    from rewrite.passes.t1_student import build
+    model = neuralop.models.FNO(n_modes=(8, 6), hidden_channels=6, in_channels=1, out_channels=1).eval()
+    x = torch.randn(2, 6, 20, 16)
+    student = build(model.fno_blocks, x)
+    with torch.no_grad():
+        got = student.basis.inverse(student.spectral_conv(1, student.basis(x)))
+        torch.testing.assert_close(got, model.fno_blocks.convs[1](x), rtol=1e-4, atol=1e-5)
+
+
+def test_dct_student_and_vp_init():
+    from rewrite.passes.t1_student import build
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=6, in_channels=1, out_channels=1).eval()
+    x = torch.randn(2, 6, 16, 16)
+    dct = build(model.fno_blocks, x, "coeff", "dct")
+    assert dct.basis.parts == 1 and dct.modes == [8, 9]  # 8 signed frequencies ↔ DCT 0..7; 5 bins ↔ 0..8
+    assert all(torch.equal(m, torch.eye(m.shape[-1]).expand_as(m)) for m in dct.mixers)
+    assert dct(x).shape == x.shape
+    vp = build(model.fno_blocks, x, "coeff", "dct", init="vp")
+    expected = (16 * 16 / (6 * 8 * 9)) ** 0.5  # √(N / (fan_in · m))
+    assert abs(float(vp.spectral[0].std()) / expected - 1) < 0.1
+    assert abs(float(vp.mixers[0].std()) * 8 ** 0.5 - 1) < 0.15  # Kaiming: N(0, 1/m)
+    kept = build(model.fno_blocks, x, "pseudo", "dft", init="vp")  # DFT weights carry over: VP touches nothing
+    torch.testing.assert_close(kept.spectral[0], build(model.fno_blocks, x).spectral[0])
+
+
+def test_mode_t1_dct_through_the_pass_reports_its_transform():
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    calib = [torch.randn(2, 1, 16, 16) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "t1{mode=t1,transform=dct,min-sqnr=-100}", calib=calib,
+                          measure_latency=False)
+    stats = result.report.records[0].stats
+    assert (stats["transform"], stats["modes"]) == ("dct", "8x9")
+    assert _fft_ops(result.model) == []
