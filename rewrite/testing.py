@@ -70,11 +70,12 @@ class TinyMLP(nn.Module):
 class SpectralConv(nn.Module):
     """A hand-written truncated spectral conv (Li et al. style corner modes), 1-D or 2-D."""
 
-    def __init__(self, channels: int, modes: int, dims: int):
+    def __init__(self, channels: int, modes: int, dims: int, bias: bool = False):
         super().__init__()
         self.modes, self.dims = modes, dims
         shape = (channels, channels) + (modes,) * dims
         self.w = nn.Parameter(torch.randn(*shape, 2 if dims == 2 else 1, dtype=torch.cfloat) / channels)
+        self.bias = nn.Parameter(0.1 * torch.randn(channels, *[1] * dims)) if bias else None
 
     def forward(self, x):
         n = x.shape[2:]
@@ -86,7 +87,8 @@ class SpectralConv(nn.Module):
         else:
             out[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m, :m], self.w[..., 0])
             out[:, :, -m:, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, -m:, :m], self.w[..., 1])
-        return torch.fft.irfftn(out, s=n, dim=tuple(range(2, 2 + self.dims)))
+        y = torch.fft.irfftn(out, s=n, dim=tuple(range(2, 2 + self.dims)))
+        return y if self.bias is None else y + self.bias
 
 
 class ToyFNO(nn.Module):
@@ -110,7 +112,28 @@ class ToyFNO(nn.Module):
         return (torch.randn(2, 1, *[self.size] * self.dims),)
 
 
-TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO]
+class SpectralChains(nn.Module):
+    """Linear spectral chains that t1 fuses exactly: two spectral convs with nothing between them, one
+    tensor feeding two spectral convs, an fftshift/ifftshift pair and an rfft → irfft round trip."""
+
+    def __init__(self, size: int = 16, channels: int = 4, modes: int = 4):
+        super().__init__()
+        self.size = size
+        self.lift, self.project = nn.Conv2d(1, channels, 1), nn.Conv2d(channels, 1, 1)
+        self.first, self.second, self.branch = (SpectralConv(channels, modes, 2, bias=True) for _ in range(3))
+
+    def forward(self, x):
+        h = self.lift(x)
+        y = torch.nn.functional.gelu(self.second(self.first(h)) + self.branch(h))
+        y = torch.fft.ifftshift(torch.fft.fftshift(y, dim=(-2, -1)), dim=(-2, -1))
+        y = torch.fft.irfftn(torch.fft.rfftn(y, dim=(-2, -1)), s=y.shape[-2:], dim=(-2, -1))
+        return self.project(y)
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(2, 1, self.size, self.size),)
+
+
+TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO, SpectralChains]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:

@@ -44,23 +44,40 @@ class SpectralGEMM(nn.Module):
         if tuple(x.shape[2:]) != self.grid:
             raise ValueError(f"this t1 layer was built for grid {self.grid}, got {tuple(x.shape[2:])}; "
                              "re-run `rewrite optimize` with inputs of this size")
-        d = len(self.grid)
+        return self.synthesize(self.mix(self.analyze(x)))
+
+    def analyze(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *grid) → the kept coefficients as (M, B, 2C): [re | im] channels per mode."""
         k = self.fwd_last.shape[1] // 2
         z = x @ self.fwd_last  # (B, C, n₁…, 2K_d): [re | im] on the last axis
         re, im = z[..., :k], z[..., k:]
-        for a in range(d - 1):
+        for a in range(len(self.grid) - 1):
             re, im = _complex_along(re, im, getattr(self, f"fwd{a}"), 2 + a)
-        b, c = x.shape[:2]
-        stacked = torch.cat([re, im], 1).reshape(b, 2 * c, -1).permute(2, 0, 1)  # (M, B, 2Cin)
-        wr, wi = self.weight_re, self.weight_im  # complex mixing as one real (2Cin × 2Cout) block per mode
+        return torch.cat([re, im], 1).flatten(2).permute(2, 0, 1)
+
+    def mix(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Per-mode complex channel mixing as one real (2Cin × 2Cout) block per mode: (M, B, 2Cout)."""
+        wr, wi = self.weight_re, self.weight_im
         block = torch.cat([torch.cat([wr, wi], 2), torch.cat([-wi, wr], 2)], 1)
-        mixed = torch.bmm(stacked, block).permute(1, 2, 0)  # (B, 2Cout, M)
-        mixed = mixed.reshape(b, 2 * self.cout, *self.modes)
-        re, im = mixed[:, :self.cout], mixed[:, self.cout:]
-        for a in range(d - 1):
+        return torch.bmm(stacked, block)
+
+    def synthesize(self, mixed: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """(M, B, 2C) coefficients → (B, C, *grid), plus the layer's bias."""
+        c = mixed.shape[-1] // 2
+        mixed = mixed.permute(1, 2, 0).reshape(mixed.shape[1], 2 * c, *self.modes)
+        re, im = mixed[:, :c], mixed[:, c:]
+        for a in range(len(self.grid) - 1):
             re, im = _complex_along(re, im, getattr(self, f"inv{a}"), 2 + a)
         y = torch.cat([re, im], -1) @ self.inv_last
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None or not bias else y + self.bias
+
+    @property
+    def out_modes(self) -> int:
+        return math.prod(self.modes)
+
+    @property
+    def out_channels(self) -> int:
+        return self.cout
 
     @property
     def fwd_last(self) -> torch.Tensor:

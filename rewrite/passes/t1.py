@@ -11,10 +11,13 @@ GEMM form, the only exportable one. Layers are read from neuraloperator's `Spect
 (its odd-size fftshift quirk reproduced) or, for hand-written spectral convs, from their impulse
 response; each rewritten layer is checked against the original before it is kept.
 
-No FFT/iFFT pair of a trained FNO can be removed exactly: every block has a GELU between its iFFT and
-the next FFT. mode=t1 therefore converts neuraloperator FNO blocks into the paper's transform-once form
-(one transform in, all blocks on the kept modes, one transform out; see `t1_student.py`), an
-approximation that needs calibration data and is distilled with --recover. Contract (mode=t1):
+Linear chains fuse exactly in captured graphs (`t1_fusion.py`): adjacent spectral convs become one
+mode-to-mode map (through P_H, the Hermitian projection rfft∘irfft), a tensor feeding several spectral
+convs is transformed once, fftshift pairs and irfft(rfft(x)) round trips are dropped. But no FFT/iFFT
+pair of a trained FNO can be removed exactly: every block has a GELU between its iFFT and the next FFT,
+and the report's fusion counts say so by being absent. mode=t1 therefore converts neuraloperator FNO blocks into the paper's transform-once form
+(one transform in, all blocks on the kept modes, one transform out; rFFT or DCT-II; see
+`t1_student.py`), an approximation that needs calibration data and is distilled with --recover. Contract (mode=t1):
 SQNR ≥ `min-sqnr` dB against the FNO after recovery.
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import fx, nn
 from rewrite import measure
 from rewrite.errors import RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
-from rewrite.passes import spectral, t1_student
+from rewrite.passes import spectral, t1_fusion, t1_student
 from rewrite.patterns import module_paths, replace_region, set_submodule
 
 _FFT_OPS = {"fft_rfft", "fft_rfft2", "fft_rfftn", "_fft_r2c"}
@@ -67,6 +70,7 @@ class TransformOnce(Pass):
         if self.mode == "t1":
             return self._transform_once(module, ctx)
         original = ctx.original if ctx.original is not None else module
+        simplified = t1_fusion.simplify_transforms(module) if is_graph(module) else {}
         paths = _graph_candidates(module) if is_graph(module) else _eager_candidates(module)
         shapes = {p: x.shape for p, x in _first_inputs(original, paths, ctx.calibration[0]).items()}
         done, skipped = [], []
@@ -75,8 +79,10 @@ class TransformOnce(Pass):
             if layer is not None:
                 reason = replace_region(module, path, layer) if is_graph(module) else set_submodule(module, path, layer)
             (skipped.append((path, reason)) if reason else done.append(path))
+        fused = t1_fusion.fuse_layers(module) if is_graph(module) and done else {}
         grids = sorted({"x".join(map(str, shapes[p][2:])) for p in done})
-        return PassResult(module, bool(done), {"spectral_layers": len(done), "grid": ",".join(grids)}, skipped)
+        stats = {"spectral_layers": len(done), "grid": ",".join(grids), **simplified, **fused}
+        return PassResult(module, bool(done or simplified), stats, skipped)
 
     def _transform_once(self, module: nn.Module, ctx: PassContext) -> PassResult:
         if ctx.synthetic_calibration:

@@ -6,7 +6,7 @@ from rewrite import api
 from rewrite.emit import onnx as onnx_emit
 from rewrite.passes.spectral import SpectralGEMM, from_neuralop
 from rewrite.passes.t1 import TransformOnce
-from rewrite.testing import ConvBN, ToyFNO, check_pass
+from rewrite.testing import ConvBN, SpectralChains, ToyFNO, check_pass
 
 FFT = ("fft_rfft", "fft_irfft", "_fft_r2c", "_fft_c2r")
 
@@ -34,6 +34,29 @@ def test_onnx_parity_of_the_gemm_form(tmp_path):
     assert art.path, art.note  # the original cannot export (complex tensors); the rewrite can
     got = onnx_emit.run(onnx_emit.session(art.path), x)[0]
     torch.testing.assert_close(got, model(*x).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_linear_spectral_chains_fuse_exactly(size, tmp_path):
+    from rewrite.passes.t1_fusion import Analysis, SpectralChain
+    model = SpectralChains(size).eval()
+    x = model.example_inputs()
+    result = api.optimize(model, x, "t1{form=gemm}", emit="onnx", out=tmp_path, measure_latency=False, strict=True)
+    stats = result.report.records[0].stats
+    assert {k: stats.get(k) for k in ("shift_pairs", "fft_round_trips", "fused_chains", "shared_transforms")} == \
+        {"shift_pairs": 1, "fft_round_trips": 1, "fused_chains": 1, "shared_transforms": 1}
+    assert _fft_ops(result.model) == [] and "fftshift" not in str(result.model.graph)
+    assert sum(isinstance(m, SpectralChain) for m in result.model.modules()) == 1
+    assert sum(isinstance(m, Analysis) for m in result.model.modules()) == 1
+    torch.testing.assert_close(result.model(*x), model(*x).detach(), rtol=1e-4, atol=1e-5)
+    [art] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert art.parity["max_abs"] < 1e-4, art.note
+
+
+def test_fno_with_gelu_between_layers_fuses_nothing():
+    model = ToyFNO(2, 16).eval()
+    stats = check_pass(TransformOnce(form="gemm"), model, model.example_inputs()).report.records[0].stats
+    assert not {"fused_chains", "shared_transforms", "shift_pairs", "fft_round_trips"} & set(stats)
 
 
 neuralop = pytest.importorskip("neuralop")
@@ -225,3 +248,28 @@ def test_mode_t1_dct_through_the_pass_reports_its_transform():
     stats = result.report.records[0].stats
     assert (stats["transform"], stats["modes"]) == ("dct", "8x9")
     assert _fft_ops(result.model) == []
+
+
+class _TwoSpectral(nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = neuralop.layers.spectral_convolution.SpectralConv
+        self.a, self.b = conv(4, 4, (6, 6)), conv(4, 4, (6, 6))
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_chained_neuraloperator_convs_fuse_through_the_hermitian_projection(size):
+    from rewrite.passes.t1_fusion import SpectralChain
+    torch.manual_seed(0)
+    model, x = _TwoSpectral().eval(), torch.randn(2, 4, size, size)
+    result = check_pass(TransformOnce(form="gemm"), model, (x,))
+    assert result.report.records[0].stats["fused_chains"] == 1
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(result.model(x), want, rtol=1e-4, atol=1e-5)
+        [chain] = [m for m in result.model.modules() if isinstance(m, SpectralChain)]
+        chain.between.copy_(torch.eye(len(chain.between)))  # the naive product R_B·R_A, without P_H
+        assert float((result.model(x) - want).norm() / want.norm()) > 0.05

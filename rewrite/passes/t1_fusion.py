@@ -1,0 +1,217 @@
+"""Exact fusions of linear spectral chains in a captured graph (Transform Once, exact identities).
+
+  - irfftₙ(rfftₙ(x)) = x for a real x at its own size and matching norms; fftshift∘ifftshift = id, and
+    fftshift∘fftshift = id along even sizes: such pairs are dropped.
+  - Two spectral convs with nothing between them: B(A(x)) = G_B·R_B·T·R_A·E_A·x + …, where
+    T = E_B·G_A maps A's output modes to B's input modes through the grid. T is not the identity:
+    rfft∘irfft is the Hermitian projection P_H (it pairs ±f on the self-conjugate bins), so T is
+    computed from the two layers, exactly, and the full-grid inverse and forward transforms between
+    them disappear.
+  - One tensor feeding several spectral convs with the same kept modes: its forward transform runs once.
+
+A standard trained FNO has a GELU between every inverse and the next forward transform, so none of
+these apply to it; they apply to the linear chains that hand-written operators do contain.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from rewrite.passes.spectral import SpectralGEMM
+
+aten = torch.ops.aten
+_ROUND_TRIPS = {aten.fft_irfftn.default: aten.fft_rfftn.default, aten.fft_irfft2.default: aten.fft_rfft2.default,
+                aten.fft_irfft.default: aten.fft_rfft.default}
+_SHIFT_PAIRS = {(aten.fft_ifftshift.default, aten.fft_fftshift.default),
+                (aten.fft_fftshift.default, aten.fft_ifftshift.default)}
+
+
+class SpectralChain(nn.Module):
+    """second(first(x)) computed mode to mode: first's synthesis and second's analysis become T."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second, self.grid = first, second, first.grid
+        with torch.no_grad():
+            m = first.out_modes
+            probe = torch.eye(2 * m).reshape(2 * m, 2, m).permute(2, 0, 1)  # (M, 2M, 2): one coefficient each
+            between = second.analyze(first.synthesize(probe, bias=False))  # (M', 2M, 2)
+            self.register_buffer("between", between.permute(1, 2, 0).reshape(2 * m, -1).contiguous())
+            constant = second.analyze(torch.ones(1, 1, *self.grid))[:, 0, :]  # (M', 2): where a bias lands
+            bias = first.bias.reshape(-1) if first.bias is not None else torch.zeros(first.out_channels)
+            self.register_buffer("bias_coeffs", (constant[:, :, None] * bias).reshape(len(constant), 1, -1))
+
+    @property
+    def out_modes(self) -> int:
+        return self.second.out_modes
+
+    @property
+    def out_channels(self) -> int:
+        return self.second.out_channels
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.second.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.synthesize(self.mix(self.analyze(x)))
+
+    def analyze(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first.analyze(x)
+
+    def mix(self, stacked: torch.Tensor) -> torch.Tensor:
+        mixed = self.first.mix(stacked)  # (M, B, 2C)
+        m, b, c2 = mixed.shape
+        per_channel = mixed.reshape(m, b, 2, c2 // 2).permute(1, 3, 2, 0).reshape(-1, 2 * m)
+        moved = (per_channel @ self.between).reshape(b, c2 // 2, 2, -1).permute(3, 0, 2, 1).reshape(-1, b, c2)
+        return self.second.mix(moved + self.bias_coeffs)
+
+    def synthesize(self, mixed: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return self.second.synthesize(mixed, bias)
+
+
+class Analysis(nn.Module):
+    """The forward transform several spectral convs share."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.analyze(x)
+
+
+class FromCoefficients(nn.Module):
+    """A spectral conv applied to coefficients computed by a shared `Analysis`."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        return self.layer.synthesize(self.layer.mix(stacked))
+
+
+def fuse_layers(gm: fx.GraphModule) -> dict[str, int]:
+    """Fuse chains of rewritten spectral convs, then share forward transforms (after they are matched)."""
+    counts = {"fused_chains": _fuse_chains(gm), "shared_transforms": _share_analysis(gm)}
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return {k: v for k, v in counts.items() if v}
+
+
+def simplify_transforms(gm: fx.GraphModule) -> dict[str, int]:
+    """The aten-level identities only (run before spectral convs are matched)."""
+    counts = {"shift_pairs": _drop_shift_pairs(gm), "fft_round_trips": _drop_round_trips(gm)}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return {k: v for k, v in counts.items() if v}
+
+
+def _drop_shift_pairs(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.op == "call_function" and node.args else None
+        if not isinstance(inner, fx.Node) or inner.op != "call_function" or _dims(node) != _dims(inner):
+            continue
+        same = node.target == inner.target == aten.fft_fftshift.default and _even_along(inner.args[0], _dims(node))
+        if (node.target, inner.target) in _SHIFT_PAIRS or same:
+            node.replace_all_uses_with(inner.args[0])
+            count += 1
+    return count
+
+
+def _dims(node: fx.Node):
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return tuple(dims) if isinstance(dims, (list, tuple)) else dims
+
+
+def _even_along(node: object, dims) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None or dims is None:
+        return False
+    sizes = [val.shape[d] for d in (dims if isinstance(dims, tuple) else (dims,))]
+    return all(isinstance(s, int) and s % 2 == 0 for s in sizes)
+
+
+def _drop_round_trips(gm: fx.GraphModule) -> int:
+    """irfft(rfft(x)) → x when the inverse restores x's own sizes over the same dims with a matching norm."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        forward = node.args[0] if node.op == "call_function" and node.target in _ROUND_TRIPS else None
+        if not isinstance(forward, fx.Node) or forward.target != _ROUND_TRIPS[node.target]:
+            continue
+        x = forward.args[0]
+        size_arg = forward.args[1] if len(forward.args) > 1 else None
+        same_dims = _arg(forward, 2) == _arg(node, 2) and _arg(forward, 3) == _arg(node, 3)
+        same_shape = str(node.meta.get("val", torch.empty(0)).shape) == str(x.meta.get("val", torch.empty(1)).shape)
+        if size_arg is None and same_dims and same_shape:
+            node.replace_all_uses_with(x)
+            count += 1
+    return count
+
+
+def _arg(node: fx.Node, i: int):
+    """dim (i=2) or norm (i=3) of an aten fft op, normalized so omitted and default compare equal."""
+    value = node.args[i] if len(node.args) > i else node.kwargs.get("dim" if i == 2 else "norm")
+    if i == 3:
+        return value or "backward"
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _spectral(gm: fx.GraphModule, node: object) -> nn.Module | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        layer = gm.get_submodule(node.target)
+        if isinstance(layer, (SpectralGEMM, SpectralChain)):
+            return layer
+    return None
+
+
+def _fuse_chains(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        second = _spectral(gm, node)
+        source = node.args[0] if second is not None else None
+        first = _spectral(gm, source)
+        if first is None or len(source.users) != 1 or first.grid != second.grid:
+            continue
+        gm.add_submodule(node.target, SpectralChain(first, second))
+        node.args = (source.args[0],)
+        gm.graph.erase_node(source)
+        count += 1
+    return count
+
+
+def _share_analysis(gm: fx.GraphModule) -> int:
+    count = 0
+    for value in list(gm.graph.nodes):
+        groups: dict[tuple, list[fx.Node]] = {}
+        for user in value.users:
+            layer = _spectral(gm, user)
+            if layer is not None and user.args[0] is value:
+                groups.setdefault(_analysis_key(layer), []).append(user)
+        for users in groups.values():
+            if len(users) > 1:
+                _split(gm, value, users)
+                count += 1
+    return count
+
+
+def _analysis_key(layer: nn.Module) -> tuple:
+    first = layer.first if isinstance(layer, SpectralChain) else layer
+    while isinstance(first, SpectralChain):
+        first = first.first
+    return (first.grid, str(first.in_freqs))
+
+
+def _split(gm: fx.GraphModule, value: fx.Node, users: list[fx.Node]) -> None:
+    """value → [conv_i] becomes value → analysis → [conv_i from coefficients]."""
+    first_user = min(users, key=lambda n: list(gm.graph.nodes).index(n))
+    name = f"{users[0].target}_analysis".replace(".", "_")
+    gm.add_submodule(name, Analysis(gm.get_submodule(users[0].target)))
+    with gm.graph.inserting_before(first_user):
+        coeffs = gm.graph.call_module(name, (value,))
+    for user in users:
+        gm.add_submodule(user.target, FromCoefficients(gm.get_submodule(user.target)))
+        user.args = (coeffs,)
