@@ -33,7 +33,7 @@ from rewrite import measure
 from rewrite.errors import RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.passes import spectral, t1_fusion, t1_student
-from rewrite.patterns import module_paths, replace_region, set_submodule
+from rewrite.patterns import module_paths, region, region_io, replace_region, set_submodule
 
 _FFT_OPS = {"fft_rfft", "fft_rfft2", "fft_rfftn", "_fft_r2c"}
 _IFFT_OPS = {"fft_irfft", "fft_irfft2", "fft_irfftn", "_fft_c2r"}
@@ -93,18 +93,22 @@ class TransformOnce(Pass):
         paths = list(dict.fromkeys(path for n in module.graph.nodes for path, kind in
                                    (n.meta.get("nn_module_stack") or {}).values() if kind.endswith("FNOBlocks")))
         inputs = _first_inputs(ctx.original, paths, ctx.calibration[0])
-        done, skipped, modes = [], [], ""
+        done, skipped, modes, absorbed = [], [], "", []
         for path in paths:
             blocks = ctx.original.get_submodule(path)
             reason = t1_student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
             if reason is None:
+                ends = _absorbable_ends(module, ctx.original, path)
                 student = t1_student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
-                                           self.modes_ratio, self.select, ctx.seed)
+                                           self.modes_ratio, self.select, ctx.seed,
+                                           (ends[0][1].fcs[-1], ends[1][1].fcs[0]) if ends else None)
                 modes = "x".join(map(str, student.modes))
                 reason = replace_region(module, path, student)
+                if reason is None and ends:
+                    absorbed += _move_ends_into_modes(module, path, ends)
             (skipped.append((path, reason)) if reason else done.append(path))
         stats = {"fno_blocks": len(done), "transform": self.transform, "nonlinearity": self.nonlinearity,
-                 "init": self.init, "modes": modes, "select": self.select}
+                 "init": self.init, "modes": modes, "select": self.select, "absorbed": ",".join(absorbed) or "-"}
         return PassResult(module, bool(done), stats, skipped)
 
     def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext):
@@ -130,6 +134,31 @@ class TransformOnce(Pass):
         if gemm_ms < fft_ms:
             return layer, None
         return None, f"kept the FFT: faster here ({fft_ms:.3g} ms vs GEMM {gemm_ms:.3g} ms; form=gemm forces it)"
+
+
+def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
+    """((lifting path, lifting), (projection path, projection)) around FNOBlocks at `path`, when their
+    linear end layers can join the student and both regions are one-input, one-output in the graph."""
+    parent = path.rpartition(".")[0]
+    ends = t1_student.absorbable(original.get_submodule(parent))
+    if ends is None:
+        return None
+    paths = [f"{parent}.{name}" if parent else name for name in ("lifting", "projection")]
+    if not all(len(io) == 1 for p in paths for io in region_io(region(gm, p))):
+        return None
+    return tuple(zip(paths, ends))
+
+
+def _move_ends_into_modes(gm: fx.GraphModule, path: str, ends) -> list[str]:
+    """Replace lifting/projection by what stays in space; the student already holds their end layers."""
+    (lift_path, lifting), (proj_path, projection) = ends
+    replace_region(gm, lift_path, t1_student.ChannelMLPPart(list(lifting.fcs[:-1]), act_before=False))
+    replace_region(gm, proj_path, t1_student.ChannelMLPPart(list(projection.fcs[1:]), act_before=True))
+    for node in gm.graph.nodes:  # their channel counts changed: drop the now-stale shapes
+        if node.op == "call_module" and node.target.split("_rewritten")[0] in (lift_path, path):
+            node.meta.pop("val", None)
+            node.meta.pop("tensor_meta", None)
+    return [f"{lift_path}.fcs.{len(lifting.fcs) - 1}", f"{proj_path}.fcs.0"]
 
 
 def _is_neuralop(conv: nn.Module) -> bool:

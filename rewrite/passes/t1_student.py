@@ -26,6 +26,7 @@ Every step is a matmul on that tensor: few, large ops instead of many small ones
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -111,8 +112,12 @@ class T1Blocks(nn.Module):
 
     def __init__(self, blocks: nn.Module, basis: Basis, small: Basis, weights: list[torch.Tensor],
                  biases: list[torch.Tensor | None], nonlinearity: str, mixer_init: str = "identity",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, absorb: tuple[nn.Module, nn.Module] | None = None):
         super().__init__()
+        # The lifting's last and the projection's first 1×1 layers are linear: they commute with the
+        # transform, so they run on the kept modes instead of on every grid point (absorb).
+        self.absorbed = nn.ParameterList(nn.Parameter(p.detach()[..., 0].clone() if p.dim() == 3 else p.detach().clone())
+                                         for fc in (absorb or ()) for p in (fc.weight, fc.bias))
         self.basis, self.small, self.nonlinearity = basis, small, nonlinearity
         self.n_layers, self.grid, self.modes = blocks.n_layers, basis.grid, basis.modes
         self.register_buffer("dc", basis.constant().reshape(-1))
@@ -132,8 +137,12 @@ class T1Blocks(nn.Module):
         if tuple(x.shape[2:]) != self.grid:
             raise ValueError(f"this t1 model was built for grid {self.grid}, got {tuple(x.shape[2:])}")
         z = self.basis(x)
+        if len(self.absorbed):
+            z = _channels(self.absorbed[0], z) + self._bias(self.absorbed[1])
         for i in range(self.n_layers):
             z = self._block(i, z)
+        if len(self.absorbed):
+            z = _channels(self.absorbed[2], z) + self._bias(self.absorbed[3])
         return self.basis.inverse(z)
 
     def spectral_conv(self, i: int, z: torch.Tensor) -> torch.Tensor:
@@ -205,9 +214,37 @@ def why_not(blocks: nn.Module) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
+class ChannelMLPPart(nn.Module):
+    """What stays in space of a neuraloperator ChannelMLP once its linear end layer moved into the modes:
+    the other 1×1 layers, each followed by the nonlinearity (lifting) or preceded by it (projection)."""
+
+    def __init__(self, fcs: list[nn.Module], act_before: bool):
+        super().__init__()
+        self.fcs, self.act_before = nn.ModuleList(copy.deepcopy(fc) for fc in fcs), act_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(2)
+        for fc in self.fcs:
+            h = fc(F.gelu(h)) if self.act_before else F.gelu(fc(h))
+        return h.reshape(*h.shape[:2], *x.shape[2:])
+
+
+def absorbable(owner: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(lifting, projection) of a neuraloperator FNO whose end layers can move into the modes."""
+    lifting, projection = getattr(owner, "lifting", None), getattr(owner, "projection", None)
+    mlps = (lifting, projection)
+    if getattr(owner, "domain_padding", None) is not None or not all(type(m).__name__ == "ChannelMLP" for m in mlps):
+        return None
+    if any(m.dropout is not None or m.non_linearity is not F.gelu for m in mlps):
+        return None
+    return lifting, projection
+
+
 def build(blocks: nn.Module, x: torch.Tensor, nonlinearity: str = "pseudo", transform: str = "dft",
-          init: str = "teacher", modes_ratio: float = 1.0, select: str = "lowest", seed: int = 0) -> T1Blocks:
-    """The student for `blocks`, whose input on calibration data is `x` (B, C, *grid)."""
+          init: str = "teacher", modes_ratio: float = 1.0, select: str = "lowest", seed: int = 0,
+          absorb: tuple[nn.Module, nn.Module] | None = None) -> T1Blocks:
+    """The student for `blocks`, whose input on calibration data is `x` (B, C, *grid); `absorb` =
+    (lifting's last layer, projection's first layer) to run on the modes too."""
     grid = tuple(x.shape[2:])
     weights, biases, freqs = teacher_weights(blocks, grid)
     index = freqs if transform == "dft" else [list(range(len(f) if a < len(freqs) - 1 else 2 * len(f) - 1))
@@ -227,7 +264,7 @@ def build(blocks: nn.Module, x: torch.Tensor, nonlinearity: str = "pseudo", tran
                        for a, f in enumerate(index))
     parts = [_parts(w) for w in weights]
     return T1Blocks(blocks, Basis(transform, index, grid), Basis(transform, index, small_grid), parts, biases,
-                    nonlinearity, "kaiming" if init == "vp" else "identity", generator)
+                    nonlinearity, "kaiming" if init == "vp" else "identity", generator, absorb)
 
 
 def _parts(w: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,19 @@ def test_chained_neuraloperator_convs_fuse_through_the_hermitian_projection(size
         [chain] = [m for m in result.model.modules() if isinstance(m, SpectralChain)]
         chain.between.copy_(torch.eye(len(chain.between)))  # the naive product R_B·R_A, without P_H
         assert float((result.model(x) - want).norm() / want.norm()) > 0.05
+
+
+def test_lifting_and_projection_end_layers_move_into_the_modes_exactly():
+    from rewrite.passes.t1_student import ChannelMLPPart, absorbable, build
+    torch.manual_seed(0)
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    lifting, projection = absorbable(model)
+    x = torch.randn(2, 3, 16, 16)  # input + the two grid channels, as the lifting sees it
+    h = lifting(x)
+    plain = build(model.fno_blocks, h)
+    moved = build(model.fno_blocks, h, absorb=(lifting.fcs[-1], projection.fcs[0]))
+    with torch.no_grad():
+        want = projection(plain(h))
+        got = ChannelMLPPart(projection.fcs[1:], act_before=True)(moved(ChannelMLPPart(lifting.fcs[:-1], False)(x)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert moved.absorbed[0].shape == (8, 16) and moved.absorbed[2].shape == (16, 8)  # 2·hidden wide ends
