@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, time_ort, time_torch  # noqa: E402
 
 import torch  # noqa: E402
+from neuralop.layers.spectral_convolution import SpectralConv  # noqa: E402
 from neuralop.models import FNO  # noqa: E402
 
 import rewrite  # noqa: E402
@@ -26,7 +27,7 @@ from rewrite.passes.spectral import from_neuralop  # noqa: E402
 
 
 def speed(sizes, batch=8, hidden=32, modes=16):
-    rows = [["grid", "what", "original ms", "exact ms", "exact ×", "T1 ms", "T1 ×"]]
+    rows = [["grid", "what", "original ms", "exact ms", "exact ×", "T1 rFFT ms", "T1 rFFT ×", "T1 DCT ms", "T1 DCT ×"]]
     for n in sizes:
         torch.manual_seed(0)
         model = FNO(n_modes=(modes, modes), hidden_channels=hidden, in_channels=1, out_channels=1).eval()
@@ -35,12 +36,42 @@ def speed(sizes, batch=8, hidden=32, modes=16):
         h = torch.randn(batch, hidden, n, n)
         layer_fft, layer_gemm = time_torch(conv, (h,)), time_torch(from_neuralop(conv, (n, n)), (h,))
         rows.append([f"{n}²", "one spectral layer", f"{layer_fft:.2f}", f"{layer_gemm:.2f}",
-                     f"{layer_fft / layer_gemm:.2f}", "-", "-"])
+                     f"{layer_fft / layer_gemm:.2f}", "-", "-", "-", "-"])
         exact = rewrite.optimize(model, (x,), "t1{form=gemm}", measure_latency=False).model
         # Timing only: a random-init FNO on noise is no accuracy test (see the Darcy table), so no floor here.
-        t1 = rewrite.optimize(model, (x,), "t1{mode=t1,min-sqnr=-100}", calib=[x], measure_latency=False).model
-        base, e, t = time_torch(model, (x,)), time_torch(exact, (x,)), time_torch(t1, (x,))
-        rows.append([f"{n}²", "whole FNO", f"{base:.1f}", f"{e:.1f}", f"{base / e:.2f}", f"{t:.1f}", f"{base / t:.2f}"])
+        t1 = {tr: rewrite.optimize(model, (x,), f"t1{{mode=t1,transform={tr},min-sqnr=-100}}", calib=[x],
+                                   measure_latency=False).model for tr in ("dft", "dct")}
+        base, e = time_torch(model, (x,)), time_torch(exact, (x,))
+        f, d = time_torch(t1["dft"], (x,)), time_torch(t1["dct"], (x,))
+        rows.append([f"{n}²", "whole FNO", f"{base:.1f}", f"{e:.1f}", f"{base / e:.2f}", f"{f:.1f}", f"{base / f:.2f}",
+                     f"{d:.1f}", f"{base / d:.2f}"])
+    return table(rows)
+
+
+class _Chain(torch.nn.Module):
+    """Two spectral convs with nothing between them: what t1's exact chain fusion applies to."""
+
+    def __init__(self, hidden, modes):
+        super().__init__()
+        self.a = SpectralConv(hidden, hidden, (modes, modes))
+        self.b = SpectralConv(hidden, hidden, (modes, modes))
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def fusion(sizes, batch=8, hidden=32, modes=16):
+    rows = [["grid", "original (2 FFT convs) ms", "GEMM, unfused ms", "GEMM, fused ms", "fused vs original ×",
+             "fused vs unfused ×", "fused max|Δ|"]]
+    for n in sizes:
+        torch.manual_seed(0)
+        model, h = _Chain(hidden, modes).eval(), torch.randn(batch, hidden, n, n)
+        unfused = torch.nn.Sequential(from_neuralop(model.a, (n, n)), from_neuralop(model.b, (n, n)))
+        result = rewrite.optimize(model, (h,), "t1{form=gemm}", measure_latency=False, strict=True)
+        assert result.report.records[0].stats.get("fused_chains") == 1
+        base, u, f = time_torch(model, (h,)), time_torch(unfused, (h,)), time_torch(result.model, (h,))
+        rows.append([f"{n}²", f"{base:.1f}", f"{u:.1f}", f"{f:.1f}", f"{base / f:.2f}", f"{u / f:.2f}",
+                     f"{result.report.records[0].error['max_abs']:.1e}"])
     return table(rows)
 
 
@@ -75,9 +106,9 @@ def darcy():
         sched.step()
     model.eval()
     train_s = time.time() - start
-    rows = [["test grid", "original rel L2", "exact rel L2", "T1 nonlinearity", "T1 rel L2 before → after recovery",
-             "T1 / original", "exact ×", "T1 ×"]]
     calib = [xtr[i:i + 50] for i in range(0, 400, 50)]
+    rows = [["test grid", "original rel L2", "exact rel L2", "T1 variant", "T1 rel L2 before → after recovery",
+             "T1 / original", "modes", "exact ×", "T1 ×"]]
     for key in ("darcy_test_16", "darcy_test_32"):
         xte, yte = data[key]
         n = xte.shape[-1]
@@ -85,16 +116,30 @@ def darcy():
         exact = rewrite.optimize(model, (xte[:50],), "t1{form=gemm}", measure_latency=False).model
         base = time_torch(model, (xte,))
         e_orig, e_exact = (_test_error(m, xte, yte, mean, std) for m in (model, exact))
-        for nonlinearity in ("pseudo", "coeff"):
-            spec = f"t1{{mode=t1,nonlinearity={nonlinearity},min-sqnr=-100}}"
-            raw = rewrite.optimize(model, (xte[:50],), spec, calib=cal, calib_batches=8, measure_latency=False).model
+        variants = DARCY_VARIANTS if n == 16 else DARCY_VARIANTS[:4]
+        for label, options in variants:
+            spec = f"t1{{mode=t1,{options}min-sqnr=-100}}"
+            raw = rewrite.optimize(model, (xte[:50],), spec, calib=cal, calib_batches=8, measure_latency=False)
             t1 = rewrite.optimize(model, (xte[:50],), spec, calib=cal, calib_batches=8,
-                                  recover="steps=1500,lr=1e-3,patience=300", measure_latency=False).model
-            e_raw, e_t1 = (_test_error(m, xte, yte, mean, std) for m in (raw, t1))
-            rows.append([f"{n}²", f"{e_orig:.4f}", f"{e_exact:.4f}", nonlinearity, f"{e_raw:.4f} → {e_t1:.4f}",
-                         f"{e_t1 / e_orig:.2f}x", f"{base / time_torch(exact, (xte,)):.2f}",
-                         f"{base / time_torch(t1, (xte,)):.2f}"])
+                                  recover="steps=1500,lr=1e-3,patience=300", measure_latency=False)
+            e_raw, e_t1 = (_test_error(r.model, xte, yte, mean, std) for r in (raw, t1))
+            rows.append([f"{n}²", f"{e_orig:.4f}", f"{e_exact:.4f}", label, f"{e_raw:.4f} → {e_t1:.4f}",
+                         f"{e_t1 / e_orig:.2f}x", t1.report.records[0].stats["modes"],
+                         f"{base / time_torch(exact, (xte,)):.2f}", f"{base / time_torch(t1.model, (xte,)):.2f}"])
+            print(rows[-1], flush=True)
     return f"trained FNO(modes 8, hidden 32) on Darcy 16² for 40 epochs in {train_s:.0f} s\n" + table(rows)
+
+
+# (label, t1 options): the first four at both test grids, the rest (init, frequency selection) at 16².
+DARCY_VARIANTS = [
+    ("rFFT, pseudo-spectral σ", ""),
+    ("rFFT, σ on coefficients + mode mixers", "nonlinearity=coeff,"),
+    ("DCT, pseudo-spectral σ", "transform=dct,"),
+    ("DCT, σ on coefficients + mode mixers (the paper's layer)", "transform=dct,nonlinearity=coeff,"),
+    ("DCT, σ on coefficients, VP init (paper)", "transform=dct,nonlinearity=coeff,init=vp,"),
+    ("rFFT, pseudo, half the modes per axis, lowest", "modes-ratio=0.5,select=lowest,"),
+    ("rFFT, pseudo, half the modes per axis, energy-ranked", "modes-ratio=0.5,select=energy,"),
+]
 
 
 def _test_error(model, x, y, mean, std):
@@ -126,6 +171,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print("## speed, eager torch, batch 8, hidden 32, modes 16\n")
     print(speed([64] if args.quick else [64, 256]))
+    print("\n## exact fusion of a linear chain (two spectral convs, nothing between), eager torch\n")
+    print(fusion([64] if args.quick else [64, 256]))
     print("\n## ONNX\n")
     print(onnx_speed())
     if not args.quick:

@@ -17,7 +17,9 @@ signal, either
   - "pseudo" (pseudo-spectral): inverse to a small grid of ~3/2 the modes, σ there, forward back
     (the truncation is the 2/3-rule dealiasing); its cost does not depend on the input resolution,
 and the skip paths no longer carry the frequencies above the kept modes. So the student is approximate
-and is distilled toward the teacher (rewrite.recover).
+and is distilled toward the teacher (rewrite.recover). The lifting's last and the projection's first
+1×1 layers are linear too, so they move into the modes as well (exactly): the full grid then only sees
+the layers on the far side of the lifting's and projection's nonlinearities.
 
 Coefficients are held as one real tensor (B, C, P, m₁…m_d), P = 2 (real, imaginary) for the DFT and 1
 for the DCT, in an amplitude convention (a constant field c has DC coefficient c on any grid), so the
@@ -102,8 +104,8 @@ def _along(z: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
     moved = z.movedim(3 + axis, 3)
     b, c, p, n = moved.shape[:4]
     rest = moved.shape[4:]
-    # (…, rest, P·n) @ Mᵀ is one large GEMM; M @ (…, P·n, rest) would be B·C small ones (4x slower here)
-    out = (moved.reshape(b, c, p * n, -1).transpose(2, 3) @ matrix.T).transpose(2, 3)
+    # a contiguous (…, rest, P·n) @ Mᵀ is one large GEMM; M @ (…, P·n, rest) would be B·C small ones
+    out = (moved.reshape(b, c, p * n, -1).transpose(2, 3).contiguous() @ matrix.T).transpose(2, 3)
     return out.reshape(b, c, p, -1, *rest).movedim(3, 3 + axis)
 
 
