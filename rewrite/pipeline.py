@@ -11,6 +11,7 @@ import time
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
+import torch
 from torch import nn
 
 from rewrite import capture, measure, registry, verify
@@ -201,11 +202,16 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     """Distill the rewritten model toward the model before this pass; record the error before and after."""
     from rewrite.recover import distill
     before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration])
+    kind = "kl" if ctx.metric == "top1" else "mse"  # a classifier's logits distill by KL
     stats = distill(result.module, teacher, ctx.calibration, ctx.recover, targets=ctx.targets, seed=ctx.seed,
-                    progress=progress)
+                    kind=kind, progress=progress)
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"] = stats["steps"]
-    result.stats["recovery_loss"] = f"{stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
+    result.stats["recovery_loss"] = f"{'CE' if _labels(ctx.targets) else kind} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
+
+
+def _labels(targets: list | None) -> bool:
+    return bool(targets) and isinstance(targets[0], torch.Tensor) and not targets[0].is_floating_point()
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
@@ -45,17 +46,29 @@ class RecoverSpec:
         return spec
 
 
-def _loss(out: Any, target: Any) -> torch.Tensor:
-    """Relative squared error over the output's float leaves (scale-free, so one lr fits many models)."""
-    pairs = [(o, t) for o, t in zip(tree_leaves(out), tree_leaves(target))
+def _loss(out: Any, target: Any, kind: str = "mse") -> torch.Tensor:
+    """By output kind: logits against integer labels → cross-entropy; logits against the teacher's logits
+    with kind="kl" → KL(teacher ‖ student) over the last axis; otherwise relative squared error over the
+    float leaves (scale-free, so one lr fits many models)."""
+    pairs = [(o, t.detach()) for o, t in zip(tree_leaves(out), tree_leaves(target))
              if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    return sum(((o - t.detach()) ** 2).sum() / (t.detach() ** 2).sum().clamp_min(1e-12) for o, t in pairs)
+    return sum(_pair_loss(o, t, kind) for o, t in pairs)
+
+
+def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if not target.is_floating_point():
+        return F.cross_entropy(out.flatten(0, -2), target.flatten().long())
+    if kind == "kl":
+        return F.kl_div(F.log_softmax(out, -1).flatten(0, -2), F.log_softmax(target, -1).flatten(0, -2),
+                        log_target=True, reduction="batchmean")
+    return ((out - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-12)
 
 
 def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
-            targets: list[Any] | None = None, seed: int = 0,
+            targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
             progress: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after."""
+    """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after.
+    kind="kl" distills logits by KL divergence (classifiers), "mse" by relative squared error."""
     torch.manual_seed(seed)
     with torch.no_grad():
         goals = targets if targets is not None else [teacher(*b) for b in batches]
@@ -64,7 +77,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=spec.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
-    before = _mean_loss(student, batches, goals)
+    before = _mean_loss(student, batches, goals, kind)
     # No train()/eval() switching: captured graphs have eval semantics baked in (and refuse the call).
     guided = [m for m in student.modules() if hasattr(m, "recovery_progress")]  # self-guided layers (lowrank)
     best, best_state, since_best, step = before, _state(student), 0, 0
@@ -75,12 +88,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
             best = math.inf  # the model is not the final structure yet: nothing to keep
         i = step % len(batches)
         optimizer.zero_grad()
-        loss = _loss(student(*batches[i]), goals[i])
+        loss = _loss(student(*batches[i]), goals[i], kind)
         loss.backward()
         optimizer.step()
         schedule.step()
         if (step + 1) % max(1, len(batches)) == 0:
-            current = _mean_loss(student, batches, goals)
+            current = _mean_loss(student, batches, goals, kind)
             if progress:
                 progress(f"recovering: step {step + 1}/{spec.steps}, loss {current:.3g} (start {before:.3g})")
             best, best_state, since_best = (current, _state(student), 0) if current < best else (best, best_state, since_best + len(batches))
@@ -94,9 +107,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     return {"loss_before": before, "loss_after": best, "steps": step + 1}
 
 
-def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any]) -> float:
+def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: str) -> float:
     with torch.no_grad():
-        return sum(float(_loss(model(*b), g)) for b, g in zip(batches, goals)) / len(batches)
+        return sum(float(_loss(model(*b), g, kind)) for b, g in zip(batches, goals)) / len(batches)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
