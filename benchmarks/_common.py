@@ -14,6 +14,16 @@ def time_torch(module, inputs, budget_s: float = 2.0) -> float:
     return torch_latency(module, inputs, warmup=2, min_runs=3, budget_s=budget_s, max_runs=100)[0]
 
 
+def time_round_robin(models: dict, inputs, rounds: int = 3, budget_s: float = 1.0) -> dict:
+    """p50 latency per model, measured in turns (A, B, C, A, B, C, …) and the best round kept, so that a
+    noisy moment on this shared machine does not land on one model only."""
+    best = {name: float("inf") for name in models}
+    for _ in range(rounds):
+        for name, module in models.items():
+            best[name] = min(best[name], time_torch(module, inputs, budget_s))
+    return best
+
+
 def time_ort(path, inputs, budget_s: float = 2.0) -> float:
     from rewrite.emit import onnx as onnx_emit
     sess = onnx_emit.session(path)

@@ -1,6 +1,6 @@
 """t1 on neuraloperator FNOs: speed (per spectral layer, whole model, ONNX) and Darcy-flow accuracy.
 
-Run: python benchmarks/t1_fno.py [--quick]
+Run: python benchmarks/t1_fno.py [--quick] [--speed-only] [--threads N]
 Every number is a ratio measured in this process, original vs rewritten, one backend at a time.
 Darcy data comes from the neuraloperator 0.3.0 wheel (pip download, read from the zip; no network at
 run time beyond the package index).
@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table, time_ort, time_torch  # noqa: E402
+from _common import table, time_ort, time_round_robin, time_torch  # noqa: E402
 
 import torch  # noqa: E402
 from neuralop.layers.spectral_convolution import SpectralConv  # noqa: E402
@@ -41,8 +41,8 @@ def speed(sizes, batch=8, hidden=32, modes=16):
         # Timing only: a random-init FNO on noise is no accuracy test (see the Darcy table), so no floor here.
         t1 = {tr: rewrite.optimize(model, (x,), f"t1{{mode=t1,transform={tr},min-sqnr=-100}}", calib=[x],
                                    measure_latency=False).model for tr in ("dft", "dct")}
-        base, e = time_torch(model, (x,)), time_torch(exact, (x,))
-        f, d = time_torch(t1["dft"], (x,)), time_torch(t1["dct"], (x,))
+        ms = time_round_robin({"base": model, "exact": exact, **t1}, (x,))
+        base, e, f, d = ms["base"], ms["exact"], ms["dft"], ms["dct"]
         rows.append([f"{n}²", "whole FNO", f"{base:.1f}", f"{e:.1f}", f"{base / e:.2f}", f"{f:.1f}", f"{base / f:.2f}",
                      f"{d:.1f}", f"{base / d:.2f}"])
     return table(rows)
@@ -168,9 +168,14 @@ def _darcy_files():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="64² only, no Darcy training")
+    parser.add_argument("--speed-only", action="store_true", help="the whole-model speed table only")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's cost model: 1 and 2)")
     args = parser.parse_args()
-    print("## speed, eager torch, batch 8, hidden 32, modes 16\n")
+    torch.set_num_threads(args.threads)
+    print(f"## speed, eager torch, batch 8, hidden 32, modes 16, {args.threads} thread(s)\n")
     print(speed([64] if args.quick else [64, 256]))
+    if args.speed_only:
+        sys.exit(0)
     print("\n## exact fusion of a linear chain (two spectral convs, nothing between), eager torch\n")
     print(fusion([64] if args.quick else [64, 256]))
     print("\n## ONNX\n")

@@ -152,7 +152,8 @@ class T1Blocks(nn.Module):
         b, c, p = z.shape[:3]
         w = self.spectral[i]  # complex mixing as one real (P·Cin × P·Cout) block per mode
         block = torch.cat([torch.cat([w[0], w[1]], 2), torch.cat([-w[1], w[0]], 2)], 1) if p == 2 else w[0]
-        stacked = z.flatten(3).permute(3, 0, 2, 1).reshape(-1, b, p * c)  # (M, B, P·Cin)
+        # (M, B, P·Cin), contiguous: for P = 1 the reshape is a strided view, which sends bmm down a slow path
+        stacked = z.flatten(3).permute(3, 0, 2, 1).reshape(-1, b, p * c).contiguous()
         out = torch.bmm(stacked, block).unflatten(2, (p, -1)).permute(1, 3, 2, 0)
         return out.reshape(b, -1, *z.shape[2:]) + self._bias(self.spectral_b[i])
 
