@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.passes.spectral import from_neuralop
+from rewrite.passes.spectral import _c2r, _dft, _r2c, from_neuralop
 
 
 class Basis(nn.Module):
@@ -52,11 +52,9 @@ class Basis(nn.Module):
             self.register_buffer(f"fwd{a}", fwd.float())
             self.register_buffer(f"inv{a}", inv.float())
         if kind == "dft":  # the last axis turns real samples into [re | im] of non-negative bins and back
-            freqs, n = torch.tensor(index[-1], dtype=torch.float64), grid[-1]
-            ang = 2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), freqs) / n  # (n, K)
-            self.register_buffer("r2c", (torch.cat([torch.cos(ang), -torch.sin(ang)], 1) / n).float())
-            doubled = torch.tensor([1.0 if f == 0 or 2 * f == n else 2.0 for f in index[-1]], dtype=torch.float64)
-            self.register_buffer("c2r", torch.stack([doubled * torch.cos(ang), -doubled * torch.sin(ang)]).transpose(1, 2).float())
+            n = grid[-1]  # amplitude convention: rfft(norm="forward") and its inverse
+            self.register_buffer("r2c", (_r2c(index[-1], n) / n).float())
+            self.register_buffer("c2r", (_c2r(index[-1], n) * n).unflatten(0, (2, -1)).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, *grid) → (B, C, P, *modes)."""
@@ -85,13 +83,13 @@ class Basis(nn.Module):
 
 def _axis_matrices(kind: str, index: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward (P·m × P·n) and inverse (P·n × P·m) real matrices along one axis."""
-    k = torch.tensor(index, dtype=torch.float64)[:, None]
-    j = torch.arange(n, dtype=torch.float64)[None, :]
     if kind == "dct":  # a_k = (1/n) Σ x_j cos(πk(2j+1)/2n);  x_j = a₀ + 2 Σ_{k≥1} a_k cos(…)
+        k = torch.tensor(index, dtype=torch.float64)[:, None]
+        j = torch.arange(n, dtype=torch.float64)[None, :]
         cos = torch.cos(math.pi * k * (2 * j + 1) / (2 * n))
         return cos / n, (cos * torch.where(k == 0, 1.0, 2.0)).T
-    ang = 2 * math.pi * k * j / n
-    return _complex_block(torch.cos(ang) / n, -torch.sin(ang) / n), _complex_block(torch.cos(ang).T, torch.sin(ang).T)
+    fwd, inv = _dft(index, n, -1) / n, _dft(index, n, +1, inverse=True) * n  # [Re; Im] stacked
+    return _complex_block(*fwd.chunk(2)), _complex_block(*inv.chunk(2))
 
 
 def _complex_block(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
