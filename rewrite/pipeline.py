@@ -11,7 +11,6 @@ import time
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
 
-import torch
 from torch import nn
 
 from rewrite import capture, measure, registry, verify
@@ -207,11 +206,7 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
                     kind=kind, progress=progress)
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"] = stats["steps"]
-    result.stats["recovery_loss"] = f"{'CE' if _labels(ctx.targets) else kind} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
-
-
-def _labels(targets: list | None) -> bool:
-    return bool(targets) and isinstance(targets[0], torch.Tensor) and not targets[0].is_floating_point()
+    result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -104,7 +104,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     student.load_state_dict(best_state, strict=not guided)
     for p in params:
         p.requires_grad_(False)
-    return {"loss_before": before, "loss_after": best, "steps": step + 1}
+    return {"loss_before": before, "loss_after": best, "steps": step + 1, "loss": _loss_name(goals[0], kind)}
+
+
+def _loss_name(target: Any, kind: str) -> str:
+    leaves = [t for t in tree_leaves(target) if isinstance(t, torch.Tensor)]
+    return "CE" if leaves and not leaves[0].is_floating_point() else kind
 
 
 def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: str) -> float:
