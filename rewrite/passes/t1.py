@@ -15,10 +15,10 @@ Linear chains fuse exactly in captured graphs (`t1_fusion.py`): adjacent spectra
 mode-to-mode map (through P_H, the Hermitian projection rfft∘irfft), a tensor feeding several spectral
 convs is transformed once, fftshift pairs and irfft(rfft(x)) round trips are dropped. But no FFT/iFFT
 pair of a trained FNO can be removed exactly: every block has a GELU between its iFFT and the next FFT,
-and the report's fusion counts say so by being absent. mode=t1 therefore converts neuraloperator FNO blocks into the paper's transform-once form
-(one transform in, all blocks on the kept modes, one transform out; rFFT or DCT-II; see
-`t1_student.py`), an approximation that needs calibration data and is distilled with --recover. Contract (mode=t1):
-SQNR ≥ `min-sqnr` dB against the FNO after recovery.
+and the report's fusion counts say so by being absent. mode=t1 therefore converts neuraloperator FNO
+blocks into the paper's transform-once form (one transform in, all blocks on the kept modes, one
+transform out; rFFT or DCT-II; see `t1_student.py`), an approximation that needs calibration data and
+is distilled with --recover. Contract (mode=t1): SQNR ≥ `min-sqnr` dB against the FNO after recovery.
 """
 from __future__ import annotations
 

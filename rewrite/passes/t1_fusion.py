@@ -199,15 +199,14 @@ def _share_analysis(gm: fx.GraphModule) -> int:
 
 
 def _analysis_key(layer: nn.Module) -> tuple:
-    first = layer.first if isinstance(layer, SpectralChain) else layer
-    while isinstance(first, SpectralChain):
-        first = first.first
-    return (first.grid, str(first.in_freqs))
+    while isinstance(layer, SpectralChain):  # a chain analyzes with its first layer
+        layer = layer.first
+    return (layer.grid, str(layer.in_freqs))
 
 
 def _split(gm: fx.GraphModule, value: fx.Node, users: list[fx.Node]) -> None:
     """value → [conv_i] becomes value → analysis → [conv_i from coefficients]."""
-    first_user = min(users, key=lambda n: list(gm.graph.nodes).index(n))
+    first_user = next(n for n in gm.graph.nodes if n in users)
     name = f"{users[0].target}_analysis".replace(".", "_")
     gm.add_submodule(name, Analysis(gm.get_submodule(users[0].target)))
     with gm.graph.inserting_before(first_user):
