@@ -1,6 +1,7 @@
 """The library API the CLI wraps: optimize, diff, load."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -15,6 +16,7 @@ from torch import nn
 
 from rewrite import __version__, calibration, capture, measure, pipeline, registry, verify
 from rewrite.errors import RewriteError, first_line
+from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.recover import RecoverSpec
 from rewrite.report import Measurement, RunReport
@@ -66,79 +68,119 @@ def _shape_key(captured: capture.Captured) -> tuple:
     return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in captured.example_inputs)
 
 
-def optimize(model: nn.Module, example_inputs: Any, passes: str | list[Pass], *, calib: Any = None,
+def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *, calib: Any = None,
              eval: Any = None, metric: str | None = None, emit: str | list[str] | None = None,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
              recover: str | None = None, budget: str | None = None,
-             calib_batches: int = calibration.MAX_BATCHES,
-             measure_latency: bool = True, progress: Progress | None = None) -> Result:
+             calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
+             trusted: bool = False, progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
-    The user's model is never modified. Raises RewriteError with a one-line message on bad input.
+    `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
+    factory bundles; a pickled module needs `trusted=True`). The user's model is never modified; every
+    input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
+    one-line message on bad input.
     """
     say = progress or (lambda _msg: None)
-    model = _private_copy(model)  # eval() and every measurement act on our copy, never the user's module
-    inputs = _check_model_and_inputs(model, example_inputs)
+    model, inputs, source = _model_and_inputs(model, example_inputs, trusted)
     pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)
     emitters = _emitters(emit, out)
     recovery = RecoverSpec.parse(recover)
-    out_dir = _prepare_out(out, force) if out is not None else None
+    calibration.check_count(calib_batches, "--calib-batches")
+    folder = OutputFolder(out, force, protect=source) if out is not None else None
     torch.manual_seed(seed)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
-    say("capturing")
-    captured = capture.capture(model, inputs)
-    if not captured.graph:
-        warns.append(captured.note)
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
-    ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
-                      synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
-                      evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric)
-    rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
-    report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
-                       inputs=calibration.describe(data.batches), records=records, warnings=warns)
-    report.error_vs_original = verify.compare(
-        [capture.run(model, b) for b in data.batches], [capture.run(rewritten, b) for b in data.batches]).to_dict()
-    if measure_latency:
-        say("measuring latency (eager torch)")
-        report.measurements += [_measure("original", model, inputs), _measure("rewritten", rewritten, inputs)]
-    if eval_data is not None:
-        _score(report, model, rewritten, eval_data, metric)
-    if out_dir is not None:
-        _emit_all(report, model, rewritten, captured, emitters, out_dir, measure_latency, say)
-        _write_report(report, out_dir, seed, inputs, pass_list)
+    with folder.staging() if folder else contextlib.nullcontext() as stage:
+        say("capturing")
+        captured = capture.capture(model, inputs)
+        _check_shapes(captured, data.batches, "calibration")
+        if eval_data is not None:
+            _check_shapes(captured, eval_data[0], "eval")
+        if not captured.graph:
+            warns.append(captured.note)
+        ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
+                          synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
+                          evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric)
+        rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
+        report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
+                           inputs=calibration.describe(data.batches), records=records, warnings=warns)
+        report.error_vs_original = verify.compare(
+            [capture.run(model, b) for b in data.batches], [capture.run(rewritten, b) for b in data.batches]).to_dict()
+        if measure_latency:
+            say("measuring latency (eager torch, original and rewritten in alternating rounds)")
+            _add_timing(report, measure.compare_torch(model, rewritten, inputs), model, rewritten)
+        if eval_data is not None:
+            _score(report, model, rewritten, eval_data, metric)
+        if folder is not None:
+            _emit_all(report, model, rewritten, captured, emitters, stage, measure_latency, say)
+            for artifact in report.artifacts:
+                artifact.path = folder.final(artifact.path)
+            _write_report(report, stage, seed, inputs, pass_list)
     return Result(rewritten, report, captured, pass_list, seed)
 
 
-def diff(original: nn.Module, rewritten: nn.Module, inputs: Any, *, eval: Any = None,
-         metric: str | None = None) -> RunReport:
+def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,
+         metric: str | None = None, trusted: bool = False, measure_latency: bool = True) -> RunReport:
     """Outputs, latency, size and (with eval data and a metric) accuracy of two models side by side."""
+    (original, bundled, _), (rewritten, bundled_b, _) = _resolve(original, trusted), _resolve(rewritten, trusted)
     original, rewritten = _private_copy(original), _private_copy(rewritten)
+    inputs = next((x for x in (inputs, bundled, bundled_b) if x is not None), None)
     args = _check_model_and_inputs(original, inputs)
     _check_model_and_inputs(rewritten, args)
     report = RunReport(pipeline="(diff)", capture="-", inputs=calibration.describe([args]))
-    report.error_vs_original = verify.compare([capture.run(original, args)], [capture.run(rewritten, args)]).to_dict()
-    report.measurements += [_measure("original", original, args), _measure("rewritten", rewritten, args)]
+    try:
+        report.error_vs_original = verify.compare([capture.run(original, args)],
+                                                  [capture.run(rewritten, args)]).to_dict()
+    except ValueError as exc:
+        raise RewriteError(f"the two models' outputs differ in structure ({exc}): diff compares two versions "
+                           "of one model") from None
+    if measure_latency:
+        _add_timing(report, measure.compare_torch(original, rewritten, args), original, rewritten)
     if eval is not None:
         _score(report, original, rewritten, _eval_data(eval, metric, original), metric)
     return report
 
 
-def load(path: str) -> nn.Module:
-    """A model from a .pt2, a pickled module or `package.module:factory` (see rewrite.loading)."""
+def load(path: str, trusted: bool = False) -> nn.Module:
+    """A model from a .pt2, a pickled module (only with `trusted=True`) or `package.module:factory`."""
     from rewrite.loading import load as _load
-    return _load(path)[0]
+    return _load(path, trusted)[0]
 
 
 # --- steps ---------------------------------------------------------------------------------------
 
-def _private_copy(model: Any) -> nn.Module:
+def _model_and_inputs(model: Any, example_inputs: Any, trusted: bool) -> tuple[nn.Module, tuple, tuple[Path, ...]]:
+    """(a private eval-mode copy, checked inputs, paths never to overwrite) from a module or a load spec."""
+    model, bundled, source = _resolve(model, trusted)
+    model = _private_copy(model)
+    return model, _check_model_and_inputs(model, bundled if example_inputs is None else example_inputs), source
+
+
+def _resolve(model: Any, trusted: bool) -> tuple[nn.Module, tuple | None, tuple[Path, ...]]:
+    """(module, the inputs a .pt2 or factory bundles, the model file) from a module or a `rewrite.load` spec."""
+    if isinstance(model, (str, Path)):
+        from rewrite.loading import load as _load
+        module, bundled = _load(str(model), trusted)
+        return module, bundled, ((Path(model),) if Path(model).exists() else ())
     if not isinstance(model, nn.Module):
-        raise RewriteError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return copy.deepcopy(model).eval()
+        raise RewriteError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
+    return model, None, ()
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise RewriteError(f"cannot copy the model ({type(model).__name__}: {first_line(exc)}); rewrite works "
+                           "on a private copy so yours is never modified: make the module deep-copyable") from exc
 
 
 def _check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise RewriteError("no example inputs: give them (CLI: --inputs FILE or --input-shape 8,3,32,32)")
     inputs = calibration.as_args(example_inputs, model, "example input")
+    calibration.check_finite(inputs, "the example inputs")
     try:
         capture.run(model, inputs)
     except Exception as exc:
@@ -166,10 +208,21 @@ def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes:
     return data, []
 
 
-def _measure(label: str, module: nn.Module, inputs: tuple) -> Measurement:
-    p50, p90, runs = measure.torch_latency(module, inputs)
-    return Measurement(label, "torch", p50, p90, runs, measure.param_count(module), measure.state_size(module),
-                       capture.layer_count(module))
+def _check_shapes(captured: capture.Captured, batches: list[tuple], what: str) -> None:
+    for i, batch in enumerate(batches):
+        problem = captured.shape_problem(batch)
+        if problem:
+            raise RewriteError(f"{what} batch {i} {problem}: give {what} batches of the example inputs' shape "
+                               "(or example inputs of theirs)")
+
+
+def _add_timing(report: RunReport, timed: measure.Timed, original: nn.Module, rewritten: nn.Module) -> None:
+    for label, module, (p50, p90, runs) in (("original", original, timed.original),
+                                            ("rewritten", rewritten, timed.rewritten)):
+        report.measurements.append(Measurement(label, timed.speed.backend, p50, p90, runs,
+                                               measure.param_count(module), measure.state_size(module),
+                                               capture.layer_count(module)))
+    report.speeds.append(timed.speed)
 
 
 def _eval_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[list[tuple], list[Any]]:
@@ -197,16 +250,6 @@ def _emitters(emit: str | list[str] | None, out: Any) -> list[str]:
     return ["pt2"] + [n for n in names if n != "pt2"]
 
 
-def _prepare_out(out: str | Path, force: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise RewriteError(f"output path {str(path)!r} is a file: give a folder with -o")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise RewriteError(f"output folder {str(path)!r} already holds files: choose another -o or add --force")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, captured: capture.Captured,
               names: list[str], out_dir: Path, measure_latency: bool, say: Progress) -> None:
     for name in names:
@@ -214,34 +257,30 @@ def _emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, capt
         artifact = registry.load_emitter(name)(rewritten, captured, out_dir)
         report.artifacts.append(artifact)
         if name == "onnx" and artifact.path and measure_latency:
-            say("measuring latency (onnxruntime)")
-            report.measurements += _ort_measurements(report, original, captured, Path(artifact.path))
+            say("measuring latency (onnxruntime, in a worker process)")
+            _ort_timing(report, original, captured, Path(artifact.path))
 
 
-def _ort_measurements(report: RunReport, original: nn.Module, captured: capture.Captured,
-                      rewritten_path: Path) -> list[Measurement]:
+def _ort_timing(report: RunReport, original: nn.Module, captured: capture.Captured, rewritten_path: Path) -> None:
     from rewrite.emit import onnx as onnx_emit
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         original_path = Path(tmp) / "original.onnx"
         try:
             original_captured = capture.Captured(original, captured.example_inputs, True, captured.dynamic_dims)
             onnx_emit.export_onnx(original, original_captured, original_path)
-            rows.append(_ort_row("original", original_path, captured.example_inputs))
         except Exception as exc:
-            rows.append(Measurement("original (not exportable to ONNX)", "onnxruntime"))
-            report.warnings.append(f"the original model does not export to ONNX: {onnx_emit.first_line(exc)}")
-    rows.append(_ort_row("rewritten", rewritten_path, captured.example_inputs))
-    return rows
+            report.warnings.append(f"the original model does not export to ONNX, so onnxruntime latency is not "
+                                   f"compared: {onnx_emit.first_line(exc)}")
+            return
+        timed = measure.compare_onnx(original_path, rewritten_path, captured.example_inputs)
+        sizes = [_onnx_size(original_path), _onnx_size(rewritten_path)]
+    for label, (p50, p90, runs), size in zip(("original", "rewritten"), (timed.original, timed.rewritten), sizes):
+        report.measurements.append(Measurement(label, "onnxruntime", p50, p90, runs, size_bytes=size))
+    report.speeds.append(timed.speed)
 
 
-def _ort_row(label: str, path: Path, inputs: tuple) -> Measurement:
-    from rewrite.emit import onnx as onnx_emit
-    sess = onnx_emit.session(path)
-    feed = onnx_emit.feed(sess, inputs)
-    p50, p90, runs = measure.latency(lambda: sess.run(None, feed))
-    size = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-    return Measurement(label, "onnxruntime", p50, p90, runs, size_bytes=size)
+def _onnx_size(path: Path) -> int:
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
 
 
 def _write_report(report: RunReport, out_dir: Path, seed: int, inputs: tuple, passes: list[Pass]) -> None:

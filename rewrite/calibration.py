@@ -32,6 +32,8 @@ class Data:
 def load_file(path: str | Path, what: str) -> Any:
     """torch.load with weights_only=True (no code runs), with one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise RewriteError(f"{what} file {str(path)!r} is a folder: give the path of a file saved with torch.save")
     if not path.is_file():
         raise RewriteError(f"{what} file {str(path)!r} not found: give the path of a file saved with torch.save")
     try:
@@ -43,6 +45,7 @@ def load_file(path: str | Path, what: str) -> Any:
 
 def from_user(data: Any, model: nn.Module, what: str, max_batches: int = MAX_BATCHES) -> Data:
     """Normalize any accepted structure into batches of positional inputs, checked for NaN/inf."""
+    check_count(max_batches, f"the number of {what} batches")
     targets = None
     if isinstance(data, dict) and set(data) == {"inputs", "targets"}:
         data, targets = data["inputs"], _as_list(data["targets"])
@@ -50,8 +53,32 @@ def from_user(data: Any, model: nn.Module, what: str, max_batches: int = MAX_BAT
     if not batches:
         raise RewriteError(f"{what} data is empty: give at least one batch")
     for i, batch in enumerate(batches):
-        _check_finite(batch, f"{what} batch {i}")
+        check_finite(batch, f"{what} batch {i}")
+    if targets is not None:
+        _check_targets(batches, targets, data, what)
     return Data(batches, targets[:len(batches)] if targets is not None else None)
+
+
+def check_count(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RewriteError(f"{what} is {value!r}: give a whole number ≥ 1")
+
+
+def _check_targets(batches: list[tuple], targets: list[Any], data: Any, what: str) -> None:
+    """One target per batch, with as many samples as its batch (a tired user's off-by-one is caught here)."""
+    count = len(data) if isinstance(data, list) else len(batches)
+    if len(targets) != count:
+        raise RewriteError(f"{what} data has {count} input batch(es) but {len(targets)} target batch(es): "
+                           "give one target per input batch")
+    for i, (batch, target) in enumerate(zip(batches, targets)):
+        x, t = _first_tensor(batch), _first_tensor(target)
+        if x is not None and t is not None and x.dim() and t.dim() and x.shape[0] != t.shape[0]:
+            raise RewriteError(f"{what} batch {i} has {x.shape[0]} samples but its targets have {t.shape[0]}: "
+                               "inputs and targets must line up")
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    return next((t for t in tree_leaves(x) if isinstance(t, torch.Tensor)), None)
 
 
 def synthetic(example_inputs: tuple, seed: int, count: int = 4) -> Data:
@@ -109,7 +136,7 @@ def _bind(batch: dict, model: nn.Module, what: str) -> tuple:
     return tuple(args)
 
 
-def _check_finite(batch: tuple, where: str) -> None:
+def check_finite(batch: tuple, where: str) -> None:
     for x in tree_leaves(batch):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise RewriteError(f"{where} contains NaN or inf: clean or drop those samples before calibrating")

@@ -47,6 +47,20 @@ class Captured:
             for i, x in enumerate(self.example_inputs)
         )
 
+    def shape_problem(self, batch: tuple) -> str | None:
+        """Why a captured graph cannot run `batch` (a dim export specialized differs), else None."""
+        if not self.graph:
+            return None
+        for i, (x, ref) in enumerate(zip(batch, self.example_inputs)):
+            if not (isinstance(x, torch.Tensor) and isinstance(ref, torch.Tensor)):
+                continue
+            free = set(self.dynamic_dims.get(i, []))
+            fixed = [d for d in range(ref.dim()) if d not in free]
+            if x.dim() != ref.dim() or any(x.shape[d] != ref.shape[d] for d in fixed):
+                return (f"has input {i} of shape {tuple(x.shape)}, but the graph was captured for "
+                        f"{tuple(ref.shape)} with dims {fixed} fixed by export")
+        return None
+
     def describe(self) -> str:
         if not self.graph:
             return f"eager (not captured): {self.note}"

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from rewrite import capture, verify
+from rewrite.errors import InvalidValue
 from rewrite.patterns import layers, set_submodule
 
 _ACTIVATIONS = {"gelu", "relu", "silu", "tanh", "sigmoid", "gelu_", "relu_", "silu_"}
@@ -60,7 +61,7 @@ def _name(node: fx.Node) -> str:
 def check_rank_options(rank: int, ratio: float) -> None:
     """Option validation shared by the factorizing passes (ValueError → a one-line user error)."""
     if rank < 0 or not 0 < ratio < 1:
-        raise ValueError("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
+        raise InvalidValue("rank must be > 0 (or 0 for param-ratio) and param-ratio in (0, 1)")
 
 
 def break_even_rank(linear: nn.Linear) -> float:

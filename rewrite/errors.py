@@ -19,3 +19,7 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     line = next((s.strip() for s in text.splitlines() if s.strip()), type(exc).__name__)
     return line[:limit]
+
+
+class InvalidValue(RewriteError, ValueError):
+    """A value the user gave (a pass option, an input shape) is out of range; still a ValueError for callers."""

@@ -1,48 +1,92 @@
 """Models from disk or code: a `.pt2` ExportedProgram, a pickled module, or `package.module:factory`.
 
+Nothing here runs code from a file the user did not say to trust: a pickled module (and a `.pt2`
+whose contents need more than weights-only unpickling) loads only with `trusted=True`
+(`--trust-pickle`). A factory spec is code the user named on purpose, so it is imported and called.
 A factory returns a module, or a (module, example_inputs) pair so the CLI needs no input file.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import inspect
+import logging
+import os
+import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from rewrite.errors import RewriteError, first_line
 
-PICKLE_NOTICE = "notice: loading a pickled module runs code stored in the file; load only files you trust"
+PICKLE_NOTICE = "notice: loading a pickled module runs code stored in the file (trusted with --trust-pickle)"
+SAFE_FORMS = "save it with torch.export.save as a .pt2, or give file.py:factory that builds it"
+MAX_INPUT_SHARE = 0.25  # random example inputs may take at most this share of the machine's memory
 
 
-def load(spec: str) -> tuple[nn.Module, tuple | None]:
+def load(spec: str, trusted: bool = False) -> tuple[nn.Module, tuple | None]:
     """(module, example inputs or None) from a path or `module:factory` spec."""
     path = Path(spec)
     if path.suffix == ".pt2":
         _must_exist(path)
-        from rewrite.emit.pt2 import load_pt2
-        return load_pt2(path)
+        return load_pt2(path, trusted)
     if ":" in spec and not path.exists():
         return _from_factory(spec)
     _must_exist(path)
-    return _from_pickle(path), None
+    if path.suffix == ".py":
+        raise RewriteError(f"{spec!r} is Python source: name the function that builds the model, "
+                           f"e.g. {spec}:build")
+    return _from_pickle(path, trusted), None
 
 
 def _must_exist(path: Path) -> None:
+    if path.is_dir():
+        raise RewriteError(f"model path {str(path)!r} is a folder: give a .pt2, a torch.save'd module, "
+                           "or package.module:factory")
     if not path.is_file():
         raise RewriteError(f"model file {str(path)!r} not found: give a .pt2, a torch.save'd module, "
                            "or package.module:factory")
 
 
-def _from_pickle(path: Path) -> nn.Module:
+@contextlib.contextmanager
+def weights_only() -> Iterator[None]:
+    """Every torch.load inside (torch.export.load calls several, some with weights_only=False) is weights-only."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        obj = torch.load(path, weights_only=False, map_location="cpu")
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def _unsafe(exc: BaseException) -> bool:
+    """Did a weights-only load refuse because the file needs code to run (not because it is damaged)?"""
+    text = str(exc).lower()  # torch names the class or function it refused to import: a GLOBAL
+    return isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in text and "global" in text
+
+
+def refuse_untrusted(path: Path, what: str) -> RewriteError:
+    return RewriteError(f"{str(path)!r} {what}, which runs code stored in the file; if you trust it add "
+                        f"--trust-pickle (Python: trusted=True), or {SAFE_FORMS}")
+
+
+def _from_pickle(path: Path, trusted: bool) -> nn.Module:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")  # plain data never needs trust
     except Exception as exc:
-        raise RewriteError(f"cannot read model file {str(path)!r} ({first_line(exc, 120)}); "
-                           "save the whole module with torch.save(model, path) or use a .pt2") from exc
+        if not _unsafe(exc):
+            raise RewriteError(f"cannot read model file {str(path)!r} ({first_line(exc, 120)}); "
+                               f"{SAFE_FORMS}") from exc
+        if not trusted:
+            raise refuse_untrusted(path, "is a pickled module") from None
+        obj = _unpickle(path)
     if isinstance(obj, dict):
         raise RewriteError(f"{str(path)!r} holds a state_dict, not a model: give package.module:factory that "
                            "builds the model and loads it, or save the whole module with torch.save(model)")
@@ -51,17 +95,93 @@ def _from_pickle(path: Path) -> nn.Module:
     return obj
 
 
+def _unpickle(path: Path) -> Any:
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except (ModuleNotFoundError, AttributeError) as exc:
+        # Pickles name classes by import path: a module saved from a script needs that script importable.
+        raise RewriteError(f"cannot rebuild the module in {str(path)!r}: {first_line(exc, 100)}; its class must be "
+                           f"importable here (run from the script's folder or install its package), or "
+                           f"{SAFE_FORMS}") from exc
+    except Exception as exc:
+        raise RewriteError(f"cannot read model file {str(path)!r} ({first_line(exc, 120)}); {SAFE_FORMS}") from exc
+
+
+def load_pt2(path: str | Path, trusted: bool = False) -> tuple[nn.Module, tuple]:
+    """The program's module and its bundled example inputs; weights-only unless `trusted`."""
+    from rewrite import kernels
+    kernels.register_all()  # our own custom ops must exist before a program that calls them is read
+    path = Path(path)
+    try:
+        with _quiet_torch_logs(), (contextlib.nullcontext() if trusted else weights_only()):
+            program = torch.export.load(path)
+    except Exception as exc:
+        if not trusted and _unsafe(_root(exc)):
+            raise refuse_untrusted(path, "holds pickled objects beyond tensors") from None
+        raise RewriteError(f"{str(path)!r} is not a readable .pt2 ExportedProgram ({first_line(exc, 100)}); "
+                           "re-save it with torch.export.save") from None
+    args, kwargs = program.example_inputs or ((), {})
+    return program.module(), tuple(args) + tuple(kwargs.values())
+
+
+def _root(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        if _unsafe(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export.load logs fallbacks and tracebacks at WARNING: our one-line error says what matters."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _from_factory(spec: str) -> tuple[nn.Module, tuple | None]:
     target, _, attr = spec.rpartition(":")
     module = _import(target)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise RewriteError(f"{target!r} has no callable {attr!r}: give package.module:factory")
-    made = factory()
-    model, inputs = made if isinstance(made, tuple) else (made, None)
+    made = _call_factory(spec, factory)
+    model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(model, nn.Module):
-        raise RewriteError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise RewriteError(f"{spec} returned {_describe(made)}; a factory returns a torch.nn.Module or "
+                           "(module, example_inputs)")
     return model, (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,) if inputs is not None else None)
+
+
+def _call_factory(spec: str, factory: Any) -> Any:
+    required = [p.name for p in _parameters(factory) if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise RewriteError(f"{spec} needs arguments ({', '.join(required)}): give a factory that takes none, "
+                           "e.g. def build(): return model, example_inputs")
+    try:
+        return factory()
+    except Exception as exc:
+        raise RewriteError(f"{spec} raised {type(exc).__name__}: {first_line(exc, 120)}; "
+                           "fix the factory (it must build the model without arguments)") from exc
+
+
+def _parameters(factory: Any) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _describe(made: Any) -> str:
+    if isinstance(made, tuple):
+        return f"a tuple of {len(made)} ({', '.join(type(x).__name__ for x in made[:4])})"
+    return f"a {type(made).__name__}"
 
 
 def _import(target: str) -> Any:
@@ -69,20 +189,19 @@ def _import(target: str) -> Any:
         if target.endswith(".py"):
             spec = importlib.util.spec_from_file_location(Path(target).stem, target)
             if spec is None or not Path(target).is_file():
-                raise FileNotFoundError(target)
+                raise FileNotFoundError(f"no file {target}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # so pickling/export can find classes defined there
             spec.loader.exec_module(module)
             return module
         return importlib.import_module(target)
     except Exception as exc:
-        raise RewriteError(f"cannot import {target!r} ({type(exc).__name__}: {exc}); "
+        raise RewriteError(f"cannot import {target!r} ({type(exc).__name__}: {first_line(exc, 120)}); "
                            "check the module path and that its package is installed") from exc
 
 
 def input_shapes(text: str) -> tuple:
     """`8,3,32,32` or `8,3,32,32;8,10` → seeded random float inputs of those shapes."""
-    gen = torch.Generator().manual_seed(0)
     try:
         shapes = [tuple(int(d) for d in part.split(",")) for part in text.split(";")]
     except ValueError as exc:
@@ -90,4 +209,21 @@ def input_shapes(text: str) -> tuple:
                            "(';' between several inputs)") from exc
     if any(not s or min(s) <= 0 for s in shapes):
         raise RewriteError(f"--input-shape {text!r} has an empty or non-positive size")
+    _check_memory(text, sum(4 * _numel(s) for s in shapes))
+    gen = torch.Generator().manual_seed(0)
     return tuple(torch.randn(s, generator=gen) for s in shapes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_memory(text: str, nbytes: int) -> None:
+    """Refuse before allocating: calibration copies and activations take several times the inputs."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > MAX_INPUT_SHARE * total:
+        raise RewriteError(f"--input-shape {text} needs {nbytes / 2**30:.1f} GiB for the inputs alone "
+                           f"(this machine has {total / 2**30:.0f} GiB): use a smaller batch or size")

@@ -1,38 +1,106 @@
-"""Measurements: latency (warm-up, repeats, p50/p90, one backend at a time), size, parameters, task metrics."""
+"""Measurements: paired latency (alternating rounds, a ratio with its interval, one backend at a time), size,
+parameters, task metrics."""
 from __future__ import annotations
 
 import io
-import statistics
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from rewrite import timing
 from rewrite.errors import RewriteError
 
 
 def latency(fn: Callable[[], Any], *, warmup: int = 3, min_runs: int = 10, budget_s: float = 1.0,
             max_runs: int = 200) -> tuple[float, float, int]:
-    """(p50 ms, p90 ms, runs) of `fn()`: warm-up calls, then repeats until `budget_s` or `max_runs`."""
+    """(p50 ms, p90 ms, runs) of one callable alone: for passes choosing a form, not for before/after claims."""
     for _ in range(warmup):
         fn()
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))], len(times)
+        times.append(timing.once(fn))
+    return (*timing.percentiles(times), len(times))
 
 
 def torch_latency(module: nn.Module, inputs: tuple, **kw: Any) -> tuple[float, float, int]:
-    def call() -> None:
-        with torch.inference_mode():
-            module(*inputs)
-    return latency(call, **kw)
+    return latency(lambda: _inference(module, inputs), **kw)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Original time / rewritten time on one backend (> 1: the rewrite is faster), with a 95% interval."""
+
+    backend: str
+    ratio: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def word(self) -> str:
+        if self.low > 1 and self.ratio >= 1 + NEGLIGIBLE:
+            return "faster"
+        if self.high < 1 and self.ratio <= 1 - NEGLIGIBLE:
+            return "SLOWER"
+        return "no measurable difference"
+
+
+NEGLIGIBLE = 0.03  # a confident 1% change is noise in practice: report it as no difference
+
+
+@dataclass(frozen=True)
+class Timed:
+    """Both models timed on one backend: p50/p90 of single calls and the paired speed ratio."""
+
+    original: tuple[float, float, int]  # p50 ms, p90 ms, calls
+    rewritten: tuple[float, float, int]
+    speed: Speed
+
+
+def compare_torch(original: nn.Module, rewritten: nn.Module, inputs: tuple, budget_s: float = 2.0) -> Timed:
+    """Both modules called in alternating rounds in this process (eager torch)."""
+    def caller(module: nn.Module) -> Callable[[], Any]:
+        return lambda: _inference(module, inputs)
+    return _timed("torch", *timing.paired_rounds(caller(original), caller(rewritten), budget_s=budget_s))
+
+
+def _inference(module: nn.Module, inputs: tuple) -> None:
+    with torch.inference_mode():
+        module(*inputs)
+
+
+def compare_onnx(original: Path, rewritten: Path, inputs: tuple, budget_s: float = 2.0) -> Timed:
+    """Both ONNX files in onnxruntime, in a worker process where torch's threads cannot spin beside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds = Path(tmp) / "feeds.npz"
+        tensors = [x.detach().cpu().numpy() for x in inputs if isinstance(x, torch.Tensor)]
+        np.savez(feeds, **{f"x{i}": t for i, t in enumerate(tensors)})
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        proc = subprocess.run([sys.executable, timing.__file__, str(original), str(rewritten), str(feeds),
+                               str(budget_s)], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RewriteError(f"onnxruntime timing failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    data = json.loads(proc.stdout)
+    return _timed("onnxruntime", *data["rounds"], data["calls"])
+
+
+def _timed(backend: str, first: list[float], second: list[float], calls: list[list[float]]) -> Timed:
+    ratio, low, high = timing.median_ci([a / b for a, b in zip(first, second)])
+    stats = [(*timing.percentiles(c), len(c)) for c in calls]
+    return Timed(stats[0], stats[1], Speed(backend, ratio, low, high, len(first)))
 
 
 def param_count(module: nn.Module) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import typing
 from typing import Any, Callable, Literal, get_args, get_origin
@@ -23,14 +24,30 @@ Progress = Callable[[str], None]
 
 # --- parsing -----------------------------------------------------------------------------------
 
-def parse_spec(spec: str | list[Pass]) -> list[Pass]:
-    """`"fold-bn,t1{mode=exact},dgq{group=128}"` → pass instances (a list of instances passes through)."""
+def parse_spec(spec: str | list) -> list[Pass]:
+    """`"fold-bn,t1{mode=exact},dgq{group=128}"` → pass instances; a list may mix spec strings and instances."""
+    if isinstance(spec, (list, tuple)):
+        return [p for item in spec for p in _parse_item(item)] or parse_spec("")
     if not isinstance(spec, str):
-        return list(spec)
+        raise RewriteError(f"passes must be a spec string like 'fold-bn,dgq' or a list, got {type(spec).__name__}")
     parts = _split_top_level(spec)
     if not parts:
         raise RewriteError("no passes given: name at least one, e.g. --passes fold-bn (see `rewrite passes list`)")
     return [_parse_one(part) for part in parts]
+
+
+def _parse_item(item: Any) -> list[Pass]:
+    if isinstance(item, Pass):
+        for f in dataclasses.fields(item):
+            value = getattr(item, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RewriteError(f"option {f.name.replace('_', '-')}={value} of pass {item.name!r} must be finite")
+        return [item]
+    if isinstance(item, type) and issubclass(item, Pass):
+        return [item()]
+    if isinstance(item, str):
+        return parse_spec(item)
+    raise RewriteError(f"passes list holds a {type(item).__name__}: give pass names or rewrite.Pass instances")
 
 
 def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
@@ -43,10 +60,9 @@ def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
     key, eq, raw = (part.strip() for part in budget.partition("="))
     if key not in ("sqnr", "metric") or not eq:
         raise RewriteError(f"--budget {budget!r} is malformed: write sqnr=DB or metric=VALUE")
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise RewriteError(f"--budget {key}={raw!r} must be a number") from exc
+    value = _try_coerce(raw, float)
+    if value is _FAIL:
+        raise RewriteError(f"--budget {key}={raw!r} must be a finite number")
     field = f"budget_{key}"
     if not any(hasattr(p, field) for p in passes):
         raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
@@ -94,7 +110,7 @@ def _parse_one(text: str) -> Pass:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise RewriteError(f"pass {name!r}: {exc}") from exc
+        raise RewriteError(f"pass {name!r}: {first_line(exc)}") from None
 
 
 def _parse_options(name: str, body: str) -> dict[str, str]:
@@ -130,15 +146,18 @@ def _try_coerce(raw: str, kind: Any) -> Any:
     if kind is type(None):
         return None if raw.lower() in ("none", "") else _FAIL
     try:
-        return kind(raw)
+        value = kind(raw)
     except (TypeError, ValueError):
         return _FAIL
+    if isinstance(value, float) and not math.isfinite(value):  # nan would switch a floor off silently
+        return _FAIL
+    return value
 
 
 def _describe(kind: Any) -> str:
     if get_origin(kind) is Literal:
         return "one of " + "|".join(map(str, get_args(kind)))
-    return getattr(kind, "__name__", str(kind))
+    return "a finite number" if kind is float else getattr(kind, "__name__", str(kind))
 
 
 # --- running -----------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ class RecoverSpec:
             except ValueError as exc:
                 raise RewriteError(f"--recover {key}={raw!r} must be a number") from exc
         spec = cls(**values)
-        if spec.steps <= 0 or spec.lr <= 0:
-            raise RewriteError(f"--recover {text!r}: steps and lr must be positive")
+        if spec.steps <= 0 or spec.patience <= 0 or not (math.isfinite(spec.lr) and spec.lr > 0):
+            raise RewriteError(f"--recover {text!r}: steps, lr and patience must be positive (and finite)")
         return spec
 
 

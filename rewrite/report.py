@@ -58,13 +58,16 @@ class RunReport:
     metric_name: str | None = None
     metric: dict[str, float] = field(default_factory=dict)  # label → score on the eval data
     artifacts: list[Artifact] = field(default_factory=list)
+    speeds: list[Any] = field(default_factory=list)  # rewrite.measure.Speed per backend (paired timing)
     warnings: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
 
     # --- views --------------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        data = asdict(self)
+        data["speeds"] = [asdict(s) | {"verdict": s.word} for s in self.speeds]
+        return json.dumps(data, indent=2, default=str)
 
     def pass_rows(self) -> list[list[str]]:
         header = ["pass", "status", "rewrote / skipped", "max|Δ|", "SQNR dB", "contract", "params", "layers", "time"]
@@ -87,17 +90,7 @@ class RunReport:
 
     def verdicts(self) -> list[str]:
         """Plain sentences: speed-up or slow-down per backend, error vs the original, parity of artifacts."""
-        lines = []
-        by_backend: dict[str, dict[str, Measurement]] = {}
-        for m in self.measurements:
-            by_backend.setdefault(m.backend, {})[m.label] = m
-        for backend, pair in by_backend.items():
-            a, b = pair.get("original"), pair.get("rewritten")
-            if a and b and a.p50_ms and b.p50_ms:
-                ratio = a.p50_ms / b.p50_ms
-                word = "faster" if ratio >= 1.03 else "SLOWER" if ratio <= 0.97 else "no faster"
-                lines.append(f"{backend}: rewritten model is {word} than the original "
-                             f"(p50 {a.p50_ms:.3g} → {b.p50_ms:.3g} ms, {ratio:.2f}x)")
+        lines = [_speed_line(s) for s in self.speeds]
         if self.metric_name and len(self.metric) == 2:
             a, b = self.metric["original"], self.metric["rewritten"]
             lines.append(f"{self.metric_name} on eval data: original {a:.4g} → rewritten {b:.4g} ({b - a:+.4g})")
@@ -121,6 +114,13 @@ class RunReport:
             parts.append("\n## Before / after\n\n" + _md_table(self.measurement_rows()))
         parts.append("\n## Verdict\n\n" + "\n".join(f"- {line}" for line in self.verdicts()))
         return "\n".join(parts) + "\n"
+
+
+def _speed_line(s: Any) -> str:
+    """A `measure.Speed` as one sentence; its `word` is faster / SLOWER / no measurable difference."""
+    verdict = f"rewritten model is {s.word} than the original" if s.word != "no measurable difference" else s.word
+    return (f"{s.backend}: {verdict} ({s.ratio:.2f}x, 95% interval {s.low:.2f}–{s.high:.2f}x "
+            f"over {s.rounds} alternating rounds)")
 
 
 def _stats(r: PassRecord) -> str:

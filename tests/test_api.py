@@ -38,7 +38,59 @@ def test_load_factory_spec(tmp_path):
 
 def test_non_module_is_refused():
     with pytest.raises(rewrite.RewriteError, match="expected a torch.nn.Module"):
-        rewrite.optimize("model.pt", (torch.randn(1),), "fold-bn")
+        rewrite.optimize(42, (torch.randn(1),), "fold-bn")
+
+
+def test_passes_as_a_list_of_names_or_instances():
+    from rewrite.passes.fold_bn import FoldBatchNorm
+    model = ConvBN()
+    result = rewrite.optimize(model, model.example_inputs(), ["fold-bn", FoldBatchNorm, "reparam"],
+                              measure_latency=False)
+    assert [r.name for r in result.report.records] == ["fold-bn", "fold-bn", "reparam"]
+
+
+def _specialized():
+    from tests.hostile import FACTORIES
+    scope = {}
+    exec(FACTORIES, scope)
+    return scope["specialized"]()
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda m, x: rewrite.optimize(m, x, [42]), "passes list holds a int"),
+    (lambda m, x: rewrite.optimize(m, x, None), "passes must be a spec string"),
+    (lambda m, x: rewrite.optimize(m, x, "fold-bn", calib_batches=0), "whole number"),
+    (lambda m, x: rewrite.optimize(m, x, "fold-bn", calib=[x], calib_batches=-1), "whole number"),
+    (lambda m, x: rewrite.optimize(m, (torch.full_like(x[0], float("nan")),), "fold-bn"), "NaN or inf"),
+    (lambda m, x: rewrite.optimize(m, x, "fold-bn", emit="onnx"), "needs an output folder"),
+    (lambda m, x: rewrite.optimize(m, x, "fold-bn", eval={"inputs": [x[0]] * 2, "targets": [torch.zeros(2)]},
+                                   metric="top1"), "target batch"),
+    (lambda m, x: rewrite.diff(m, _specialized()[0], x), "rejects the example inputs"),
+], ids=range(8))
+def test_api_bad_input_raises_one_line_rewrite_error(call, text):
+    model = ConvBN()
+    with pytest.raises(rewrite.RewriteError, match=text) as info:
+        call(model, model.example_inputs())
+    assert "\n" not in str(info.value)
+
+
+def test_nan_option_on_an_instance_is_refused():
+    from rewrite.passes.fwsvd import FisherSVD
+    with pytest.raises(rewrite.RewriteError, match="must be finite"):
+        rewrite.optimize(ConvBN(), ConvBN().example_inputs(), [FisherSVD(min_sqnr=float("nan"))])
+
+
+def test_option_errors_are_rewrite_errors_and_value_errors():
+    from rewrite.passes.dgq import DualGrainedQuant
+    with pytest.raises(rewrite.InvalidValue):
+        DualGrainedQuant(group=3)
+    assert issubclass(rewrite.InvalidValue, ValueError)
+
+
+def test_calibration_of_another_shape_on_a_shape_specialized_capture_is_one_line():
+    model, (x,) = _specialized()
+    with pytest.raises(rewrite.RewriteError, match=r"captured for \(8, 4\)"):
+        rewrite.optimize(model, (x,), "fold-bn", calib=[torch.randn(2, 4)], measure_latency=False)
 
 
 @pytest.mark.slow

@@ -16,3 +16,12 @@ def test_ci_runs_the_readme_test_command():
     assert "bash .ci/run" in README
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert re.search(r"python -m pytest -q", ci)
+
+
+def test_dependencies_are_floors_so_a_users_torch_is_kept():
+    import tomllib
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pinned = [d for d in project["dependencies"] if "==" in d or "<" in d]
+    assert not pinned, f"exact pins replace what users have installed: {pinned}"
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert "torch==2.13.0" in ci and "torch==2.13.0" in README  # the exact version lives where CI tests it

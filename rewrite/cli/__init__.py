@@ -1,21 +1,61 @@
-"""The `rewrite` command: typer glue over the library API, one file per command group."""
+"""The `rewrite` command: typer glue over the library API, one file per command group.
+
+Every way a command can fail ends in one `error:` line on stderr: bad input and unmet preconditions
+(RewriteError) and malformed command lines (click's usage errors) exit 2; a bug in rewrite or a
+plugin exits 1 with its one-line cause (REWRITE_TRACEBACK=1 shows the traceback).
+"""
 from __future__ import annotations
 
 import warnings
 
-import typer
+warnings.filterwarnings("ignore")  # third-party deprecation chatter; our own warnings are in the report
 
-from rewrite.cli import diff, optimize, passes
-from rewrite.cli.render import user_errors
+import signal  # noqa: E402
+import sys  # noqa: E402
 
-app = typer.Typer(help="Capture a PyTorch model, apply verified rewrite passes, measure, emit .pt2 / ONNX.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+import typer  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from rewrite.cli import diff, optimize, passes  # noqa: E402
+from rewrite.cli.render import user_errors  # noqa: E402
+
+
+# Click's exception base, whether typer vendors click (0.2x) or uses the click package (older releases).
+UsageErrors = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (a missing option, `--seed abc`) as one `error:` line instead of a boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageErrors as exc:
+            code = _usage_error(exc)
+        except typer.Abort:
+            code = 130
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc: Exception) -> int:
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `rewrite` or `rewrite passes` alone: typer showed the help
+        return 0
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    words = (ctx.command_path.split()[1:] if ctx else [])
+    command = " ".join(["rewrite", *words, "--help"])
+    typer.echo(f"error: {message} (see `{command}`)", err=True)
+    return 2
+
+
+app = typer.Typer(cls=OneLineErrors, help="Capture a PyTorch model, apply verified rewrite passes, measure, "
+                  "emit .pt2 / ONNX.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command("optimize")(user_errors(optimize.optimize))
 app.command("diff")(user_errors(diff.diff))
 app.add_typer(passes.app, name="passes")
 
 
 def main() -> None:
-    """Console entry point."""
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations, not the user's
+    """Console entry point. SIGTERM unwinds like Ctrl-C, so no half-written output is left behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     app()

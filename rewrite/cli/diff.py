@@ -8,7 +8,7 @@ import typer
 
 from rewrite import api, calibration, loading
 from rewrite.cli import render
-from rewrite.cli.optimize import MODEL_HELP, _example_inputs
+from rewrite.cli.optimize import MODEL_HELP, TRUST_HELP, _example_inputs
 
 
 def diff(
@@ -18,13 +18,14 @@ def diff(
     input_shape: Annotated[Optional[str], typer.Option(help="random inputs, e.g. 8,3,32,32")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
     metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
 ) -> None:
     """Outputs, latency, size and accuracy of two models side by side."""
-    a, bundled = loading.load(original)
-    b, bundled_b = loading.load(rewritten)
-    example = _example_inputs(inputs, input_shape, bundled or bundled_b)
+    example = _example_inputs(inputs, input_shape)
     eval_data = calibration.load_file(eval, "eval") if eval else None
+    if trust_pickle:
+        render.errors.print(loading.PICKLE_NOTICE)
     with render.progress() as say:
-        say("measuring both models")
-        report = api.diff(a, b, example, eval=eval_data, metric=metric)
+        say("measuring both models (alternating rounds)")
+        report = api.diff(original, rewritten, example, eval=eval_data, metric=metric, trusted=trust_pickle)
     render.show_report(report)

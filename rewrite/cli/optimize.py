@@ -8,11 +8,11 @@ import typer
 
 from rewrite import api, calibration, loading, pipeline
 from rewrite.cli import render
-from rewrite.errors import RewriteError
 
-MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), a module saved with torch.save(model) "
-              "(loading it runs code from the file: trust it), or package.module:factory / file.py:factory "
-              "returning a module or (module, example_inputs)")
+MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
+              "returning a module or (module, example_inputs), or a module saved with torch.save(model) "
+              "(runs code from the file: needs --trust-pickle)")
+TRUST_HELP = "load a pickled module (or a .pt2 holding pickled objects): runs code stored in the file"
 
 
 def optimize(
@@ -25,40 +25,39 @@ def optimize(
     metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine")] = None,
     emit: Annotated[str, typer.Option(help="artifacts besides .pt2: onnx, compiled")] = "",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [rewrite-out/<model>]")] = None,
-    force: Annotated[bool, typer.Option(help="write into an output folder that already holds files")] = False,
+    force: Annotated[bool, typer.Option(help="replace what an earlier rewrite run wrote in the output folder")] = False,
     strict: Annotated[bool, typer.Option(help="a pass that breaks its contract is an error, not a rollback")] = False,
     seed: Annotated[int, typer.Option(help="seed for synthetic data and randomized passes")] = 0,
     recover: Annotated[Optional[str], typer.Option(help="distill approximate rewrites: steps=N[,lr=X]")] = None,
     budget: Annotated[Optional[str], typer.Option(help="per-layer rank search within sqnr=DB or metric=Y (fwsvd, lowrank)")] = None,
     calib_batches: Annotated[int, typer.Option(help="at most this many calibration batches")] = 8,
     latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
-    pipeline.parse_spec(passes)  # a typo fails before any model file is unpickled
-    module, bundled = loading.load(model)
-    if Path(model).is_file() and Path(model).suffix != ".pt2":
-        render.errors.print(loading.PICKLE_NOTICE)
-    example = _example_inputs(inputs, input_shape, bundled)
+    pipeline.parse_spec(passes)  # a typo fails before any model file is read
+    example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
     calib_data = calibration.load_file(calib, "calibration") if calib else None
     eval_data = calibration.load_file(eval, "eval") if eval else None
+    if trust_pickle:
+        render.errors.print(loading.PICKLE_NOTICE)
     with render.progress() as say:
-        result = api.optimize(module, example, passes, calib=calib_data, eval=eval_data, metric=metric,
+        result = api.optimize(model, example, passes, calib=calib_data, eval=eval_data, metric=metric,
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
-                              measure_latency=latency, progress=say)
+                              measure_latency=latency, trusted=trust_pickle, progress=say)
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
 
 
-def _example_inputs(inputs: Path | None, shape: str | None, bundled: tuple | None) -> object:
+def _example_inputs(inputs: Path | None, shape: str | None) -> object:
+    """The inputs given on the command line, or None to use those the model file or factory bundles."""
     if inputs is not None:
         return calibration.load_file(inputs, "inputs")
     if shape is not None:
         return loading.input_shapes(shape)
-    if bundled is not None:
-        return bundled
-    raise RewriteError("no example inputs: give --inputs FILE or --input-shape 8,3,32,32")
+    return None
 
 
 def _stem(model: str) -> str:

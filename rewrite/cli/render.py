@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rewrite.errors import RewriteError
+from rewrite.errors import RewriteError, first_line
 from rewrite.report import RunReport
 
 def _console(stderr: bool) -> Console:
@@ -59,12 +60,18 @@ def progress() -> Iterator:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Bad input → `error: <one line>` on stderr and exit code 2, never a traceback."""
+    """Bad input → `error: <one line>` on stderr and exit code 2; a bug → its one-line cause and exit 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except RewriteError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {first_line(exc, 400)}", err=True)
             raise typer.Exit(2) from None
+        except Exception as exc:
+            if os.environ.get("REWRITE_TRACEBACK"):
+                raise
+            typer.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc, 200)} (a bug in rewrite or a "
+                       "plugin; REWRITE_TRACEBACK=1 shows where)", err=True)
+            raise typer.Exit(1) from None
     return wrapper

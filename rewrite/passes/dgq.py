@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from rewrite import capture
+from rewrite.errors import InvalidValue
 from rewrite.kernels import dgq as kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import layers, set_submodule
@@ -151,9 +152,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
 
     def __post_init__(self):
         if self.bits != 4:
-            raise ValueError(f"bits={self.bits} is not supported: DGQ stores 4-bit weights (bits=4)")
+            raise InvalidValue(f"bits={self.bits} is not supported: DGQ stores 4-bit weights (bits=4)")
         if self.group <= 0 or self.group % 2:
-            raise ValueError("group must be a positive even number (128 in the paper)")
+            raise InvalidValue("group must be a positive even number (128 in the paper)")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         done, skipped, errors, bits = [], [], {}, []

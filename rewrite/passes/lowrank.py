@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rewrite.errors import InvalidValue
 from rewrite import compress
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule
@@ -122,7 +123,7 @@ class StructuredFFN(SqnrFloor, Pass):
     def __post_init__(self):
         compress.check_rank_options(self.rank, self.param_ratio)
         if self.blocks < 1:
-            raise ValueError("blocks must be ≥ 1")
+            raise InvalidValue("blocks must be ≥ 1")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         return factorize_linears(self, module, ctx, self._build)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from rewrite.errors import InvalidValue
+
 
 class SpectralGEMM(nn.Module):
     """A spectral conv for one grid size, as real matmuls.
@@ -42,7 +44,7 @@ class SpectralGEMM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.grid:
-            raise ValueError(f"this t1 layer was built for grid {self.grid}, got {tuple(x.shape[2:])}; "
+            raise InvalidValue(f"this t1 layer was built for grid {self.grid}, got {tuple(x.shape[2:])}; "
                              "re-run `rewrite optimize` with inputs of this size")
         return self.synthesize(self.mix(self.analyze(x)))
 

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from rewrite import measure
-from rewrite.errors import RewriteError
+from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.passes import spectral, t1_fusion, t1_student
 from rewrite.patterns import module_paths, region, region_io, replace_region, set_submodule
@@ -60,7 +60,7 @@ class TransformOnce(Pass):
 
     def __post_init__(self):
         if not 0 < self.modes_ratio <= 1:
-            raise ValueError("modes-ratio must be in (0, 1]: the share of the FNO's kept modes that t1 keeps")
+            raise InvalidValue("modes-ratio must be in (0, 1]: the share of the FNO's kept modes that t1 keeps")
 
     @property
     def contract(self):  # type: ignore[override]

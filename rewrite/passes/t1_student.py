@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewrite.errors import InvalidValue
 from rewrite.passes.spectral import _c2r, _dft, _r2c, from_neuralop
 
 
@@ -135,7 +136,7 @@ class T1Blocks(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.grid:
-            raise ValueError(f"this t1 model was built for grid {self.grid}, got {tuple(x.shape[2:])}")
+            raise InvalidValue(f"this t1 model was built for grid {self.grid}, got {tuple(x.shape[2:])}")
         z = self.basis(x)
         if len(self.absorbed):
             z = _channels(self.absorbed[0], z) + self._bias(self.absorbed[1])

@@ -1,0 +1,87 @@
+"""Paired latency: the interval and the verdict word, on synthetic timings and on models that really differ."""
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import rewrite
+from rewrite import measure, timing
+from rewrite.measure import Speed
+from rewrite.pass_base import Exact, Pass, PassContext, PassResult
+
+
+def test_median_interval_is_distribution_free_and_contains_the_median():
+    values = [1.0 + 0.01 * i for i in range(20)]
+    median, low, high = timing.median_ci(values)
+    assert low < median < high
+    assert (low, high) == (values[5], values[14])  # sign test, n = 20: 6th and 15th order statistics
+
+
+@pytest.mark.parametrize("ratio, low, high, word", [
+    (1.30, 1.25, 1.35, "faster"),
+    (0.70, 0.65, 0.75, "SLOWER"),
+    (1.05, 0.95, 1.15, "no measurable difference"),  # the interval holds 1
+    (1.01, 1.005, 1.015, "no measurable difference"),  # confident but negligible
+])
+def test_speed_words(ratio, low, high, word):
+    assert Speed("torch", ratio, low, high, 20).word == word
+
+
+def test_noise_on_one_side_does_not_flip_the_verdict():
+    """Load that hits only some rounds slows both models in those rounds: the paired ratio stays put."""
+    original = [10.0] * 20
+    rewritten = [10.0] * 20
+    for i in (3, 4, 5, 11):  # a background job
+        original[i] *= 5
+        rewritten[i] *= 5
+    ratio, low, high = timing.median_ci([a / b for a, b in zip(original, rewritten)])
+    assert Speed("torch", ratio, low, high, 20).word == "no measurable difference"
+
+
+@dataclass(frozen=True)
+class AddWork(Pass):
+    """A test pass that keeps the function and adds work: the rewritten model must be reported slower."""
+
+    name = "add-work"
+    contract = Exact()
+    level = "module"
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        return PassResult(_Repeated(module), True)
+
+
+class _Repeated(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        for _ in range(7):
+            self.inner(x)
+        return self.inner(x)
+
+
+def test_a_deliberately_slower_rewrite_is_reported_slower_with_confidence():
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).eval()
+    report = rewrite.optimize(model, (torch.randn(32, 256),), [AddWork()]).report
+    (speed,) = report.speeds
+    assert speed.word == "SLOWER" and speed.high < 1, speed
+    assert any("SLOWER" in line and "95% interval" in line for line in report.verdicts())
+
+
+def test_the_onnxruntime_worker_runs_without_torch(tmp_path):
+    probe = f"import runpy, sys; runpy.run_path({timing.__file__!r}); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_onnx_pair_is_timed_in_a_worker(tmp_path):
+    small, big = nn.Linear(64, 64).eval(), nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)]).eval()
+    x = torch.randn(16, 64)
+    for name, m in (("a", small), ("b", big)):
+        torch.onnx.export(m, (x,), str(tmp_path / f"{name}.onnx"), dynamo=False)
+    timed = measure.compare_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", (x,), budget_s=0.5)
+    assert timed.speed.backend == "onnxruntime" and timed.speed.rounds >= 10
+    assert timed.original[2] > 0 and timed.rewritten[0] > 0
