@@ -52,7 +52,12 @@ def show_report(report: RunReport) -> None:
 
 @contextmanager
 def progress() -> Iterator:
-    """A spinner with the current stage and elapsed time; yields the callback the library calls."""
+    """A spinner with the current stage and elapsed time; yields the callback the library calls.
+
+    Only on a terminal: in a pipe or CI log a live display is noise (and leaves a blank line behind)."""
+    if not errors.is_terminal:
+        yield lambda message: None
+        return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=errors, transient=True) as bar:
         task = bar.add_task("starting")

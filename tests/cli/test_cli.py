@@ -108,3 +108,12 @@ def test_console_script_exits_2_without_traceback(files):
                            str(files / "model.pt"), "-p", "nope", "--inputs", str(files / "x.pt")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown pass 'nope'" in proc.stderr
+
+
+def test_the_main_job_prints_no_third_party_warnings(tmp_path):
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", "from rewrite.cli import main; main()", "optimize", EXAMPLE,
+                           "--passes", "fold-bn,reparam", "--no-latency", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "" and "Warning" not in proc.stdout, proc.stderr
