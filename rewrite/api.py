@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -73,7 +74,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
              recover: str | None = None, budget: str | None = None,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
-             trusted: bool = False, progress: Progress | None = None) -> Result:
+             trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
+             progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -91,6 +93,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     torch.manual_seed(seed)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
+    metric_floor = _metric_floor(floor, eval_data)
+    masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
     with folder.staging() if folder else contextlib.nullcontext() as stage:
         say("capturing")
         captured = capture.capture(model, inputs)
@@ -101,12 +105,15 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             warns.append(captured.note)
         ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
                           synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
-                          evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric)
+                          evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric,
+                          masks=masks, metric_floor=metric_floor)
         rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
         report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
-                           inputs=calibration.describe(data.batches), records=records, warnings=warns)
+                           inputs=calibration.describe(data.batches), records=records, warnings=warns,
+                           compared=_compared(model, mask_input, masks, metric_floor, metric))
         report.error_vs_original = verify.compare(
-            [capture.run(model, b) for b in data.batches], [capture.run(rewritten, b) for b in data.batches]).to_dict()
+            [capture.run(model, b) for b in data.batches], [capture.run(rewritten, b) for b in data.batches],
+            masks=masks).to_dict()
         if measure_latency:
             say("measuring latency (eager torch, original and rewritten in alternating rounds)")
             _add_timing(report, measure.compare_torch(model, rewritten, inputs), model, rewritten)
@@ -206,6 +213,31 @@ def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes:
             raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
                                f"{first_line(exc)}") from exc
     return data, []
+
+
+def _metric_floor(floor: str | None, eval_data: Any) -> float | None:
+    """`metric=Y`: approximate passes are accepted by the task metric on --eval data instead of SQNR."""
+    if not floor:
+        return None
+    key, eq, raw = (part.strip() for part in floor.partition("="))
+    value = pipeline.finite_number(raw)
+    if key != "metric" or not eq or value is None:
+        raise RewriteError(f"--floor {floor!r} is malformed: write metric=VALUE (a finite number)")
+    if eval_data is None:
+        raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
+    return value
+
+
+def _compared(model: nn.Module, mask_input: str | None, masks: list | None, floor: float | None,
+              metric: str | None) -> str:
+    """What verification compared, in words, for the report."""
+    where = "all output positions"
+    if masks is not None:
+        name = mask_input or next(n for n in calibration.MASK_NAMES if n in inspect.signature(model.forward).parameters)
+        where = f"outputs at positions where {name} is 1 (padding excluded)"
+    sign = "≥" if measure.HIGHER_IS_BETTER.get(metric or "", True) else "≤"
+    decided = f"; approximate passes accepted by {metric} {sign} {floor:g} on the eval data" if floor is not None else ""
+    return where + decided
 
 
 def _check_shapes(captured: capture.Captured, batches: list[tuple], what: str) -> None:

@@ -154,6 +154,32 @@ def _shape_of(x: Any) -> str:
     return type(x).__name__
 
 
+MASK_NAMES = ("attention_mask", "padding_mask", "mask")
+
+
+def mask_index(model: nn.Module, name: str | None = None) -> int | None:
+    """The position of the padding-mask input in the forward signature: `name`, or a usual name."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if name is not None:
+        if name not in params:
+            raise RewriteError(f"the model's forward() has no input {name!r} to use as the mask; its inputs: "
+                               f"{', '.join(params)}")
+        return params.index(name)
+    return next((params.index(n) for n in MASK_NAMES if n in params), None)
+
+
+def masks(batches: list[tuple], index: int | None) -> list[torch.Tensor | None] | None:
+    """Each batch's (batch, seq) 0/1 mask at `index`, or None when there is none to apply."""
+    if index is None:
+        return None
+    found = [b[index] if index < len(b) and isinstance(b[index], torch.Tensor) and b[index].dim() == 2 else None
+             for b in batches]
+    return found if any(m is not None for m in found) else None
+
+
 def describe(batches: list[tuple]) -> str:
     first = batches[0]
     shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in first)

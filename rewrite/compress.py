@@ -113,12 +113,13 @@ def _sqnr_with(module, path, candidate, original, batches, reference) -> float:
     return value
 
 
-def _sqnr(module: nn.Module, batches: list[tuple], reference: list) -> float:
-    return verify.compare(reference, [capture.run(module, b) for b in batches]).sqnr_db
+def _sqnr(module: nn.Module, batches: list[tuple], reference: list, masks: list | None = None) -> float:
+    return verify.compare(reference, [capture.run(module, b) for b in batches], masks=masks).sqnr_db
 
 
 def budget_check(sqnr_db: float, metric_floor: float, batches: list[tuple], reference: list,
-                 evaluate: Callable[[nn.Module], float] | None, metric: str | None) -> Callable[[nn.Module], bool]:
+                 evaluate: Callable[[nn.Module], float] | None, metric: str | None,
+                 masks: list | None = None) -> Callable[[nn.Module], bool]:
     """The search's acceptance test: SQNR ≥ sqnr_db on calibration data and/or the eval metric within its floor."""
     from rewrite.errors import RewriteError
     from rewrite.measure import HIGHER_IS_BETTER
@@ -127,7 +128,7 @@ def budget_check(sqnr_db: float, metric_floor: float, batches: list[tuple], refe
     higher = HIGHER_IS_BETTER.get(metric or "", True)
 
     def within(module: nn.Module) -> bool:
-        if sqnr_db and _sqnr(module, batches, reference) < sqnr_db:
+        if sqnr_db and _sqnr(module, batches, reference, masks) < sqnr_db:
             return False
         if metric_floor:
             score = evaluate(module)

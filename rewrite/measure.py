@@ -108,6 +108,18 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() * (2 if p.is_complex() else 1) for p in module.parameters())
 
 
+def flops(module: nn.Module, inputs: tuple) -> int:
+    """FLOPs of one call as torch's flop counter sees them (matmuls and convolutions; 0 if it cannot run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            module(*inputs)
+    except Exception:
+        return 0
+    return counter.get_total_flops()
+
+
 def state_size(module: nn.Module) -> int:
     """Bytes of the serialized state_dict (parameters and buffers, as stored)."""
     buf = io.BytesIO()

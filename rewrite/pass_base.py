@@ -53,6 +53,8 @@ class PassContext:
     recover: Any = None  # a rewrite.recover.RecoverSpec when the user asked for recovery
     evaluate: Any = None  # module → task metric on the eval data (when --eval and --metric are given)
     metric: str | None = None
+    masks: list | None = None  # per calibration batch: the (batch, seq) padding mask outputs are compared on
+    metric_floor: float | None = None  # --floor metric=Y: approximate passes are judged by the task metric
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Pass:
     applies_to: ClassVar[str] = ""
     level: ClassVar[str] = "graph"
     recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
+    shrinks: ClassVar[bool] = False  # an exact pass that promises fewer parameters/FLOPs: growth rolls it back
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement call()")

@@ -70,6 +70,11 @@ def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
             for p in passes]
 
 
+def finite_number(raw: str) -> float | None:
+    value = _try_coerce(raw, float)
+    return None if value is _FAIL else value
+
+
 def format_spec(passes: list[Pass]) -> str:
     return ",".join(p.spec() for p in passes)
 
@@ -187,16 +192,15 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     snapshot, start = copy.deepcopy(module), time.perf_counter()
     try:
         result = _call(pass_, module, ctx)
-        if result.modified and pass_.recoverable and ctx.recover is not None:
-            _recover(result, snapshot, outputs, ctx, progress)
+        held = _recover(result, snapshot, outputs, ctx, progress) if (
+            result.modified and pass_.recoverable and ctx.recover is not None) else None
         new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
-        tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
-        err = verify.compare(outputs, new_outputs, tolerance) if result.modified else None
-        broken = verify.check(pass_.contract, err) if err else None
+        err, broken, flag = (verify.judge(pass_, snapshot, result.module, outputs, new_outputs, ctx, held)
+                             if result.modified else (None, None, None))
     except RewriteError:
         raise
     except Exception as exc:  # a pass bug must not take the user's run down with it
-        result, err, broken = None, None, f"raised {type(exc).__name__}: {first_line(exc)}"
+        result, err, broken, flag = None, None, f"raised {type(exc).__name__}: {first_line(exc)}", None
     record.seconds = time.perf_counter() - start
     if result is not None:
         record.stats, record.skipped = result.stats, [list(s) for s in result.skipped]
@@ -209,6 +213,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         record.params_after, record.layers_after = record.params_before, record.layers_before
         return snapshot, outputs, record
     record.status = "applied" if result.modified else "nothing to rewrite"
+    record.reason = flag or ""
     if not result.modified:
         record.reason = "; ".join(f"{w}: {why}" for w, why in result.skipped) or f"no layer matched ({pass_.applies_to})"
     record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
@@ -216,16 +221,33 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
 
 
 def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
-             progress: Progress | None) -> None:
-    """Distill the rewritten model toward the model before this pass; record the error before and after."""
-    from rewrite.recover import distill
-    before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration])
+             progress: Progress | None) -> list[int] | None:
+    """Distill the rewritten model toward the model before this pass on part of the calibration data.
+
+    Returns the held-out batch indices the contract is then checked on (None: too little data to hold
+    any out, which the stats say), so recovery never grades its own homework."""
+    from rewrite.recover import distill, split
+    train, held = split(len(ctx.calibration))
+    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
+    before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration], masks=ctx.masks)
     kind = "kl" if ctx.metric == "top1" else "mse"  # a classifier's logits distill by KL
-    stats = distill(result.module, teacher, ctx.calibration, ctx.recover, targets=ctx.targets, seed=ctx.seed,
-                    kind=kind, progress=progress)
+    stats = distill(result.module, teacher, pick(ctx.calibration, train), ctx.recover,
+                    targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
+                    held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
+                    progress=progress)
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"] = stats["steps"]
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
+    new = [capture.run(result.module, b) for b in ctx.calibration]
+    for name, idx in (("train", train), ("held_out", held)):
+        if idx:
+            result.stats[f"sqnr_db_{name}"] = round(verify.compare(
+                pick(outputs, idx), pick(new, idx), masks=pick(ctx.masks, idx)).sqnr_db, 2)
+    if not held:
+        result.stats["recovery_warning"] = "one calibration batch: checked on the data it trained on; give more"
+    elif stats.get("too_little_data"):
+        result.stats["recovery_warning"] = stats["too_little_data"]
+    return held or None
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -64,20 +64,35 @@ def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return ((out - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-12)
 
 
+def split(count: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) calibration batch indices: the last quarter (at least one) is held out."""
+    if count < 2:
+        return list(range(count)), []
+    held = max(1, count // 4)
+    return list(range(count - held)), list(range(count - held, count))
+
+
 def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
-            targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
-            progress: Callable[[str], None] | None = None) -> dict[str, float]:
+            targets: list[Any] | None = None, held_out: list[tuple] | None = None,
+            held_targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after.
-    kind="kl" distills logits by KL divergence (classifiers), "mse" by relative squared error."""
+
+    With `held_out` batches, early stopping and the kept state follow the loss on them, not on the
+    training batches. kind="kl" distills logits by KL divergence (classifiers), "mse" by relative
+    squared error."""
     torch.manual_seed(seed)
     with torch.no_grad():
         goals = targets if targets is not None else [teacher(*b) for b in batches]
+        watch = held_out or batches
+        watch_goals = (held_targets if held_targets is not None else [teacher(*b) for b in held_out]) \
+            if held_out else goals
     params = [p for p in student.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=spec.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
-    before = _mean_loss(student, batches, goals, kind)
+    before = _mean_loss(student, watch, watch_goals, kind)
     # No train()/eval() switching: captured graphs have eval semantics baked in (and refuse the call).
     guided = [m for m in student.modules() if hasattr(m, "recovery_progress")]  # self-guided layers (lowrank)
     best, best_state, since_best, step = before, _state(student), 0, 0
@@ -93,7 +108,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
         optimizer.step()
         schedule.step()
         if (step + 1) % max(1, len(batches)) == 0:
-            current = _mean_loss(student, batches, goals, kind)
+            current = _mean_loss(student, watch, watch_goals, kind)
             if progress:
                 progress(f"recovering: step {step + 1}/{spec.steps}, loss {current:.3g} (start {before:.3g})")
             best, best_state, since_best = (current, _state(student), 0) if current < best else (best, best_state, since_best + len(batches))
@@ -104,7 +119,18 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     student.load_state_dict(best_state, strict=not guided)
     for p in params:
         p.requires_grad_(False)
-    return {"loss_before": before, "loss_after": best, "steps": step + 1, "loss": _loss_name(goals[0], kind)}
+    return {"loss_before": before, "loss_after": best, "steps": step + 1, "loss": _loss_name(goals[0], kind),
+            "too_little_data": _too_little(params, goals)}
+
+
+def _too_little(params: list[torch.Tensor], goals: list[Any]) -> str:
+    """A warning when the trained parameters far outnumber the target values they are fitted to."""
+    trained = sum(p.numel() for p in params)
+    values = sum(t.numel() for g in goals for t in tree_leaves(g) if isinstance(t, torch.Tensor))
+    if trained > 10 * values:
+        return (f"{trained:,} parameters trained on {values:,} target values: it may overfit; "
+                "give more calibration data (--calib, --calib-batches)")
+    return ""
 
 
 def _loss_name(target: Any, kind: str) -> str:

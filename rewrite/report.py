@@ -52,6 +52,7 @@ class RunReport:
     pipeline: str
     capture: str
     inputs: str
+    compared: str = ""  # what verification compared (padding excluded, which floor decided)
     records: list[PassRecord] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     error_vs_original: dict[str, Any] | None = None
@@ -104,7 +105,8 @@ class RunReport:
         return lines
 
     def to_markdown(self) -> str:
-        parts = [f"# rewrite report\n\npipeline `{self.pipeline}`  \ncapture: {self.capture}  \ninputs: {self.inputs}\n"]
+        parts = [f"# rewrite report\n\npipeline `{self.pipeline}`  \ncapture: {self.capture}  \ninputs: {self.inputs}  \n"
+                 f"compared: {self.compared or 'all output positions'}\n"]
         parts += [f"> warning: {w}\n" for w in self.warnings]
         parts.append("## Passes\n\n" + _md_table(self.pass_rows()))
         for r in self.records:

@@ -25,15 +25,27 @@ class OutputError:
         return asdict(self)
 
 
-def float_leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t.detach().double().flatten() for t in tree_leaves(outputs)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def float_leaves(outputs: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every floating-point output, flattened; with a (batch, seq) mask, only the positions it keeps.
+
+    A leaf whose leading dims are (batch, seq) is masked (hidden states, logits); others (a pooled
+    vector) are compared whole, since they already summarize the kept positions only.
+    """
+    leaves = [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if mask is not None:
+        keep = mask.bool()
+        leaves = [t[keep] if t.dim() >= 2 and t.shape[:2] == keep.shape else t for t in leaves]
+    return [t.double().flatten() for t in leaves]
 
 
-def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact()) -> OutputError:
-    """Compare per-batch outputs (pytrees). Raises ValueError when their structure differs."""
-    ref = [t for out in reference for t in float_leaves(out)]
-    new = [t for out in candidate for t in float_leaves(out)]
+def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact(),
+            masks: list[torch.Tensor | None] | None = None) -> OutputError:
+    """Compare per-batch outputs (pytrees), over the positions `masks` keep (one per batch, or None: all).
+
+    Raises ValueError when their structure differs."""
+    masks = masks or [None] * len(reference)
+    ref = [t for out, m in zip(reference, masks) for t in float_leaves(out, m)]
+    new = [t for out, m in zip(candidate, masks) for t in float_leaves(out, m)]
     if len(ref) != len(new) or any(a.shape != b.shape for a, b in zip(ref, new)):
         raise ValueError("rewritten model's outputs differ in number or shape from the reference")
     if not ref:
@@ -66,3 +78,60 @@ def check(contract: Contract, err: OutputError) -> str | None:
             return f"cosine {err.cosine:.4f} below the {contract.min_cosine} floor"
         return None
     raise TypeError(f"unknown contract {contract!r}")
+
+
+# --- the pipeline's verdict on one pass ------------------------------------------------------------
+
+def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list, ctx: Any,
+          held: list[int] | None = None) -> tuple[OutputError, str | None, str | None]:
+    """(error, why the pass is rolled back or None, a flag for an applied pass or None).
+
+    The contract is checked on the held-out batches after recovery (all batches otherwise), on the
+    positions the padding masks keep; a pipeline-wide metric floor replaces SQNR floors when given.
+    """
+    keep = held if held is not None else list(range(len(outputs)))
+    pick = (lambda xs: [xs[i] for i in keep] if xs is not None else None)
+    tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
+    err = compare(pick(outputs), pick(new_outputs), tolerance, pick(ctx.masks))
+    if isinstance(pass_.contract, Approx) and ctx.metric_floor is not None and math.isfinite(err.max_abs):
+        broken = _below_metric_floor(ctx.evaluate(after), ctx.metric, ctx.metric_floor)
+    else:
+        broken = check(pass_.contract, err)
+    if broken and isinstance(pass_.contract, Approx):
+        broken += _how_to_apply(pass_, err, ctx)
+    grew = _growth(before, after, ctx.calibration[0]) if isinstance(pass_.contract, Exact) else None
+    if grew and getattr(pass_, "shrinks", False):
+        return err, f"{grew}, though {pass_.name} promises a smaller model (the rewrite left work behind)", None
+    return err, broken, (f"warning: {grew}" if grew else None)
+
+
+def _below_metric_floor(score: float, metric: str, floor: float) -> str | None:
+    from rewrite.measure import HIGHER_IS_BETTER
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    if (score >= floor) if higher else (score <= floor):
+        return None
+    return f"{metric} {score:.4g} {'below' if higher else 'above'} the {floor:g} floor (--floor metric)"
+
+
+def _how_to_apply(pass_: Any, err: OutputError, ctx: Any) -> str:
+    """What would make a rolled-back approximate pass apply: the floor that accepts it, recovery."""
+    hints = []
+    if hasattr(pass_, "budget_sqnr") and not pass_.budget_sqnr and hasattr(pass_, "min_sqnr"):
+        hints.append(f"{pass_.name}{{budget-sqnr={pass_.min_sqnr:g}}} rewrites only the layers that keep the floor")
+    if ctx.metric_floor is None and hasattr(pass_, "min_sqnr") and math.isfinite(err.sqnr_db):
+        hints.append(f"min-sqnr={math.floor(err.sqnr_db)} would accept this error")
+    if getattr(pass_, "recoverable", False) and ctx.recover is None:
+        hints.append("--recover steps=300 may recover it")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _growth(before: Any, after: Any, batch: tuple) -> str | None:
+    """An exact pass should not add parameters or compute: say so when it did."""
+    from rewrite.measure import flops, param_count
+    p0, p1 = param_count(before), param_count(after)
+    if p1 > p0:
+        return f"parameters grew {p0:,} → {p1:,}"
+    f0, f1 = flops(before, batch), flops(after, batch)
+    if f0 and f1 > f0 * 1.001:
+        return f"compute grew {f0:,} → {f1:,} FLOPs"
+    return None

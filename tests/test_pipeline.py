@@ -125,3 +125,112 @@ def test_graph_pass_on_an_uncapturable_model_is_skipped_with_the_reason():
     assert fold.status == "skipped" and "module 'gate'" in fold.reason
     assert noisy.status == "applied"  # a module-level pass still runs on the eager model
     assert not isinstance(result.model, fx.GraphModule)
+
+
+def _masked_model():
+    class Tagger(torch.nn.Module):
+        """forward(ids, attention_mask): garbage at padded positions, as real encoders produce."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask):
+            return self.fc(x) + (1 - attention_mask[..., None]) * 0.0
+
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    return Tagger().eval(), (x, mask)
+
+
+@dataclass(frozen=True)
+class _BreaksPadding(Pass):
+    """Approximate; ruins only the positions the attention mask hides."""
+    name = "breaks-padding"
+    contract = Approx(min_sqnr_db=20.0)
+    level = "module"
+
+    def call(self, module, ctx):
+        inner = module
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x, attention_mask):
+                return self.inner(x, attention_mask) + 50 * (1 - attention_mask[..., None])
+        return PassResult(Wrapped(), True)
+
+
+def test_padding_is_excluded_from_verification_and_the_report_says_so():
+    model, inputs = _masked_model()
+    result = api.optimize(model, inputs, [_BreaksPadding()], measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    assert "attention_mask is 1" in result.report.compared and "padding excluded" in result.report.to_markdown()
+    unmasked = api.optimize(model, inputs, [_BreaksPadding()], mask_input="x", measure_latency=False)
+    assert unmasked.report.records[0].status == "rolled back"
+
+
+def test_a_rollback_says_what_would_make_the_pass_apply():
+    model = TinyMLP()
+    result = api.optimize(model, (torch.randn(4, 16),), [_Noisy(scale=10.0)], measure_latency=False)
+    reason = result.report.records[0].reason
+    assert result.report.records[0].status == "rolled back" and "below the 20 dB floor" in reason
+
+
+def test_rank_passes_name_the_budget_that_would_apply_them():
+    model = TinyMLP()
+    x = torch.randn(8, 16)
+    result = api.optimize(model, (x,), "lowrank{param-ratio=0.2,min-sqnr=60}", calib=[x], measure_latency=False)
+    reason = result.report.records[0].reason
+    assert "lowrank{budget-sqnr=60}" in reason and "min-sqnr=" in reason and "--recover steps=300" in reason
+
+
+def test_a_metric_floor_decides_instead_of_sqnr():
+    model = TinyMLP()
+    x = torch.randn(8, 16)
+    targets = [model(x).argmax(-1)]
+    loose = api.optimize(model, (x,), [_Noisy(scale=10.0)], eval={"inputs": [x], "targets": targets},
+                         metric="top1", floor="metric=0.0", measure_latency=False)
+    strict = api.optimize(model, (x,), [_Noisy(scale=10.0)], eval={"inputs": [x], "targets": targets},
+                          metric="top1", floor="metric=1.01", measure_latency=False)
+    assert loose.report.records[0].status == "applied"  # SQNR far below 20 dB, but the task metric holds
+    assert strict.report.records[0].status == "rolled back" and "--floor metric" in strict.report.records[0].reason
+    assert "accepted by top1 ≥ 0" in loose.report.compared
+
+
+@dataclass(frozen=True)
+class _GrowsExactly(Pass):
+    """Exact, but leaves the old layer running beside a copy (the in-place-add bug class)."""
+    name = "grows"
+    contract = Exact()
+    level = "module"
+    promise: bool = False
+
+    def call(self, module, ctx):
+        import copy as _copy
+        twin = _copy.deepcopy(module)
+
+        class Both(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = module, twin
+
+            def forward(self, x):
+                self.b(x)  # dead work
+                return self.a(x)
+        return PassResult(Both(), True)
+
+    @property
+    def shrinks(self):
+        return self.promise
+
+
+def test_an_exact_pass_that_grows_the_model_is_flagged_or_rolled_back():
+    model = TinyMLP()
+    x = (torch.randn(4, 16),)
+    flagged = api.optimize(model, x, [_GrowsExactly()], measure_latency=False).report.records[0]
+    assert flagged.status == "applied" and "parameters grew" in flagged.reason
+    rolled = api.optimize(model, x, [_GrowsExactly(promise=True)], measure_latency=False).report.records[0]
+    assert rolled.status == "rolled back" and "promises a smaller model" in rolled.reason

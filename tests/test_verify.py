@@ -36,3 +36,19 @@ def test_shape_mismatch_raises():
 def test_nan_output_breaks_any_contract():
     err = compare([torch.ones(3)], [torch.tensor([1.0, float("nan"), 1.0])])
     assert check(Approx(min_sqnr_db=0), err) is not None
+
+
+def test_masked_positions_are_not_compared():
+    ref = torch.ones(2, 4, 3)
+    new = ref.clone()
+    new[1, 3] = 100.0  # garbage at a padded position
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert compare([ref], [new]).max_abs == 99.0
+    masked = compare([ref], [new], masks=[mask])
+    assert masked.max_abs == 0 and masked.sqnr_db == math.inf
+
+
+def test_outputs_without_a_sequence_axis_are_compared_whole():
+    pooled = torch.ones(2, 3)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
+    assert compare([pooled], [pooled + 1], masks=[mask]).max_abs == 1.0

@@ -32,6 +32,10 @@ def optimize(
     budget: Annotated[Optional[str], typer.Option(help="per-layer rank search within sqnr=DB or metric=Y (fwsvd, lowrank)")] = None,
     calib_batches: Annotated[int, typer.Option(help="at most this many calibration batches")] = 8,
     latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
+    floor: Annotated[Optional[str], typer.Option(help="metric=Y: accept approximate passes by the --metric "
+                                                 "score on --eval data instead of their SQNR floor")] = None,
+    mask_input: Annotated[Optional[str], typer.Option(help="the input whose 0s mark padding not to compare "
+                                                      "[auto: attention_mask]")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
@@ -46,7 +50,8 @@ def optimize(
         result = api.optimize(model, example, passes, calib=calib_data, eval=eval_data, metric=metric,
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
-                              measure_latency=latency, trusted=trust_pickle, progress=say)
+                              measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
+                              progress=say)
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
 

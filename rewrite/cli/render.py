@@ -36,6 +36,8 @@ def table(rows: list[list[str]], title: str) -> Table:
 
 def show_report(report: RunReport) -> None:
     console.print(f"[bold]pipeline[/] {report.pipeline}   [bold]capture[/] {report.capture}")
+    if report.compared:
+        console.print(f"[bold]compared[/] {report.compared}")
     for w in report.warnings:
         errors.print(f"[yellow]warning:[/] {w}")
     if report.records:

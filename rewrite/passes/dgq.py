@@ -148,7 +148,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     form: Literal["int8", "w4"] = "int8"
     smooth: bool = False
     bits: int = 4
-    min_sqnr: float = 15.0
+    min_sqnr: float = 10.0
 
     def __post_init__(self):
         if self.bits != 4:

@@ -26,6 +26,7 @@ class FoldBatchNorm(Pass):
     paper = "Ioffe & Szegedy, Batch Normalization, ICML 2015 (inference-time folding)"
     summary = "fold eval-mode BatchNorm into the preceding Conv/Linear"
     contract = Exact()
+    shrinks = True
     applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm"
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

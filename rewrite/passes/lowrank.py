@@ -149,7 +149,7 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
     if searching and targets:
         reference = compress.reference_outputs(module, ctx.calibration)
         within = compress.budget_check(pass_.budget_sqnr, pass_.budget_metric, ctx.calibration, reference,
-                                       ctx.evaluate, ctx.metric)
+                                       ctx.evaluate, ctx.metric, ctx.masks)
         usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
         ratios = compress.search_ratios(module, usable, build, ctx.calibration, reference, within)
     done, skipped, errors = [], [], []

@@ -32,6 +32,7 @@ class ReparamLargeKernel(Pass):
     paper = "Ding et al., UniRepLKNet, CVPR 2024 (arXiv:2311.15599)"
     summary = "merge parallel (dilated) conv+BN branches into one large-kernel conv"
     contract = Exact()
+    shrinks = True
     applies_to = "sums of parallel Conv(+BatchNorm) branches on one input"
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
