@@ -91,7 +91,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     calibration.check_count(calib_batches, "--calib-batches")
     folder = OutputFolder(out, force, protect=source) if out is not None else None
     torch.manual_seed(seed)
+    cache_note = capture.without_kv_cache(model)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
+    warns += [cache_note] if cache_note else []
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
     metric_floor = _metric_floor(floor, eval_data)
     masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
@@ -108,6 +110,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                           evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric,
                           masks=masks, metric_floor=metric_floor)
         rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
+        rewritten = capture.accept_original_calls(rewritten, model, inputs)
         report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
                            inputs=calibration.describe(data.batches), records=records, warnings=warns,
                            compared=_compared(model, mask_input, masks, metric_floor, metric))
@@ -132,6 +135,8 @@ def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, 
     """Outputs, latency, size and (with eval data and a metric) accuracy of two models side by side."""
     (original, bundled, _), (rewritten, bundled_b, _) = _resolve(original, trusted), _resolve(rewritten, trusted)
     original, rewritten = _private_copy(original), _private_copy(rewritten)
+    for module in (original, rewritten):
+        capture.without_kv_cache(module)
     inputs = next((x for x in (inputs, bundled, bundled_b) if x is not None), None)
     args = _check_model_and_inputs(original, inputs)
     _check_model_and_inputs(rewritten, args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def from_user(data: Any, model: nn.Module, what: str, max_batches: int = MAX_BAT
     """Normalize any accepted structure into batches of positional inputs, checked for NaN/inf."""
     check_count(max_batches, f"the number of {what} batches")
     targets = None
-    if isinstance(data, dict) and set(data) == {"inputs", "targets"}:
+    if isinstance(data, Mapping) and set(data) == {"inputs", "targets"}:
         data, targets = data["inputs"], _as_list(data["targets"])
     batches = [as_args(b, model, what) for b in itertools.islice(_batches(data, what), max_batches)]
     if not batches:
@@ -98,7 +99,7 @@ def _jitter(x: Any, gen: torch.Generator) -> Any:
 
 
 def _batches(data: Any, what: str):
-    if isinstance(data, (torch.Tensor, tuple, dict)):
+    if isinstance(data, (torch.Tensor, tuple, Mapping)):
         return [data]
     if isinstance(data, list):
         return data
@@ -114,7 +115,7 @@ def as_args(batch: Any, model: nn.Module, what: str = "input") -> tuple:
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch and all(_is_input(x) for x in batch):
         return tuple(batch)
-    if isinstance(batch, dict) and all(isinstance(k, str) for k in batch):
+    if isinstance(batch, Mapping) and all(isinstance(k, str) for k in batch):  # dicts, tokenizers' BatchEncoding
         return _bind(batch, model, what)
     raise RewriteError(f"{what} batch has the wrong structure ({_shape_of(batch)}): "
                        "each batch must be a tensor, a tuple of tensors or a dict of named tensors")
@@ -124,16 +125,36 @@ def _is_input(x: Any) -> bool:
     return isinstance(x, (torch.Tensor, int, float, bool)) or x is None
 
 
-def _bind(batch: dict, model: nn.Module, what: str) -> tuple:
+def _bind(batch: Mapping, model: nn.Module, what: str) -> tuple:
     try:
-        bound = inspect.signature(model.forward).bind_partial(**batch)
+        return bind_positional(inspect.signature(model.forward), (), dict(batch))
     except TypeError as exc:
         raise RewriteError(f"{what} batch keys {sorted(batch)} do not match the model's forward(): {exc}") from exc
-    bound.apply_defaults()
-    args = list(bound.arguments.values())
-    while args and args[-1] is None:  # trailing defaults need not be passed
-        args.pop()
-    return tuple(args)
+
+
+def bind_positional(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple:
+    """A call's arguments as the positional tuple a capture takes: the forward's named parameters in
+    order, up to the last one given (defaults in between). Raises TypeError for names the forward
+    only takes through **kwargs or keyword-only (a captured graph has positional inputs only)."""
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise TypeError(f"{', '.join(map(repr, unknown))} can only be passed by keyword (** or keyword-only); "
+                        f"give inputs among: {', '.join(names)}")
+    if len(args) > len(positional):
+        raise TypeError(f"{len(args)} positional inputs, but forward() names only {len(positional)}")
+    values = list(args) + [kwargs.get(p.name, p.default) for p in positional[len(args):]]
+    if any(v is inspect.Parameter.empty for v in values[:_last_given(names, args, kwargs) + 1]):
+        missing = [n for n, v in zip(names, values) if v is inspect.Parameter.empty]
+        raise TypeError(f"missing required input(s) {', '.join(map(repr, missing))}")
+    return tuple(values[:_last_given(names, args, kwargs) + 1])
+
+
+def _last_given(names: list[str], args: tuple, kwargs: dict) -> int:
+    given = [i for i, n in enumerate(names) if i < len(args) or (n in kwargs and kwargs[n] is not None)]
+    return max(given, default=-1)
 
 
 def check_finite(batch: tuple, where: str) -> None:

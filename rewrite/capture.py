@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -24,7 +25,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from rewrite.errors import CaptureError, first_line
+from rewrite.errors import CaptureError, InvalidValue, first_line
 from rewrite.patterns import set_submodule
 
 
@@ -68,6 +69,17 @@ class Captured:
             return "graph; every shape specialized by export: Result.model_for(*inputs) rewrites for other shapes"
         dims = "; ".join(f"input {i}: dims {v}" for i, v in self.dynamic_dims.items() if v)
         return f"graph; dynamic {dims}"
+
+
+def without_kv_cache(model: nn.Module) -> str | None:
+    """Hugging Face decoders return a KV-cache object by default, which export cannot return: turn it off
+    on our private copy (the rewrite computes the full-sequence forward) and say so."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False
+        return ("use_cache turned off for the rewrite: the rewritten model computes the full-sequence forward "
+                "and returns no KV cache (past_key_values)")
+    return None
 
 
 def capture(model: nn.Module, example_inputs: tuple) -> Captured:
@@ -198,6 +210,10 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
          torch.ops.aten.conv3d.default: nn.Conv3d}
 
 
+_LAYER_OPS = {torch.ops.aten.linear.default, *_CONV, torch.ops.aten.batch_norm.default,
+              torch.ops.aten._native_batch_norm_legit_no_training.default}
+
+
 def lift_layers(gm: fx.GraphModule) -> int:
     """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
     lifted = 0
@@ -300,11 +316,54 @@ def _adopt(layer: nn.Module, params: dict) -> nn.Module:
     return layer
 
 
+# --- calling a captured graph as the original was called ----------------------------------------
+
+class CallLikeOriginal:
+    """A forward pre-hook: keyword (and default) arguments → the positional inputs the graph was captured with.
+
+    `model(input_ids=..., attention_mask=...)` then works on a rewritten Hugging Face model captured from
+    positional example inputs; torch.export's own input check (which runs after this) still guards shapes.
+    """
+
+    def __init__(self, signature: inspect.Signature, count: int):
+        self.signature = signature  # the original forward's (a GraphModule's own names its inputs the same)
+        self.count = count  # how many positional inputs the graph takes
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        from rewrite.calibration import bind_positional
+        if not kwargs and len(args) == self.count:
+            return args, kwargs
+        try:
+            bound = bind_positional(self.signature, args, kwargs)
+        except TypeError as exc:
+            raise InvalidValue(f"cannot call the rewritten model this way: {exc}") from None
+        if len(bound) > self.count:
+            extra = list(self.signature.parameters)[self.count:len(bound)]
+            raise InvalidValue(f"the rewrite was captured without {', '.join(extra)}: rewrite again with example "
+                               "inputs that include them") from None
+        rest = list(self.signature.parameters.values())[len(bound):self.count]
+        missing = [p.name for p in rest if p.default is None or p.default is p.empty]
+        if missing:
+            raise InvalidValue(f"the rewrite was captured with {', '.join(missing)} as input(s): pass them too")
+        return bound + tuple(p.default for p in rest), {}
+
+
+def accept_original_calls(module: nn.Module, original: nn.Module, inputs: tuple) -> nn.Module:
+    """Let a captured (or rebuilt) module take the original forward's calling conventions."""
+    if (type(module) is type(original) and module is not original) or any(
+            isinstance(h, CallLikeOriginal) for h in module._forward_pre_hooks.values()):
+        return module
+    hook = CallLikeOriginal(inspect.signature(original.forward), len(inputs))
+    module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    return module
+
+
 def layer_count(module: nn.Module) -> int:
     """Layers that hold parameters: call_module nodes in a graph, parametrized leaf modules in eager."""
-    if isinstance(module, fx.GraphModule):
+    if isinstance(module, fx.GraphModule):  # lifted layers, or aten layer ops of a loaded program
         return sum(1 for n in module.graph.nodes
-                   if n.op == "call_module" and any(True for _ in module.get_submodule(n.target).parameters()))
+                   if (n.op == "call_module" and any(True for _ in module.get_submodule(n.target).parameters()))
+                   or (n.op == "call_function" and n.target in _LAYER_OPS))
     return sum(1 for m in module.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
 
 

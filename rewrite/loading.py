@@ -14,7 +14,9 @@ import inspect
 import logging
 import os
 import pickle
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -112,6 +114,7 @@ def load_pt2(path: str | Path, trusted: bool = False) -> tuple[nn.Module, tuple]
     from rewrite import kernels
     kernels.register_all()  # our own custom ops must exist before a program that calls them is read
     path = Path(path)
+    _import_output_types(path, trusted)
     try:
         with _quiet_torch_logs(), (contextlib.nullcontext() if trusted else weights_only()):
             program = torch.export.load(path)
@@ -121,7 +124,33 @@ def load_pt2(path: str | Path, trusted: bool = False) -> tuple[nn.Module, tuple]
         raise RewriteError(f"{str(path)!r} is not a readable .pt2 ExportedProgram ({first_line(exc, 100)}); "
                            "re-save it with torch.export.save") from None
     args, kwargs = program.example_inputs or ((), {})
-    return program.module(), tuple(args) + tuple(kwargs.values())
+    module = program.module()
+    if not kwargs:  # a program exported from positional inputs: let it take them by name too
+        from rewrite.capture import accept_original_calls
+        accept_original_calls(module, module, tuple(args))
+    return module, tuple(args) + tuple(kwargs.values())
+
+
+# Model libraries whose output classes (pytree nodes) a saved program may name; importing an installed
+# library is not running code from the file, but an arbitrary module name from the file could be.
+KNOWN_LIBRARIES = ("transformers", "diffusers", "timm", "neuralop", "torchvision")
+
+
+def _import_output_types(path: Path, trusted: bool) -> None:
+    """Import the modules that define the program's input/output container types (e.g. a Hugging Face
+    ModelOutput), which register them with pytree; without them torch.export.load cannot rebuild the
+    output structure."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".json") and "/models/" in n]
+            text = "".join(archive.read(n).decode(errors="ignore") for n in names)
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.export.load reports the damage
+    for type_name in set(re.findall(r'\\"type\\": \\"([\w.]+)\\"', text)):
+        module = type_name.rpartition(".")[0]
+        if module and (trusted or module.split(".")[0] in KNOWN_LIBRARIES):
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
 
 
 def _root(exc: BaseException) -> BaseException:

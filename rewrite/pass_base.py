@@ -99,6 +99,14 @@ class Pass:
             return f"{cls().contract.describe()} (default; min-sqnr sets it)"
         return cls.contract.describe()
 
+    @classmethod
+    def calibration_text(cls) -> str:
+        """Whether calibration data is needed, in words (`calibration_note` when it depends on options)."""
+        note = getattr(cls, "calibration_note", "")
+        if note:
+            return note
+        return "needed" if cls.needs_calibration is True else "optional"
+
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""
         changed = [

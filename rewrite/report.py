@@ -46,6 +46,18 @@ class Artifact:
     parity: dict[str, Any] | None = None
     note: str = ""
 
+    PARITY_REL_L2 = 1e-3  # float reordering in another runtime is ~1e-6; more means other numerics
+
+    @property
+    def problem(self) -> str | None:
+        """Why this artifact cannot be trusted as the verified model (None when it can)."""
+        if not self.path:
+            return f"{self.kind} was not written: {self.note}"
+        if self.parity and not self.parity.get("rel_l2", 0) <= self.PARITY_REL_L2:
+            return (f"{self.kind} differs from the verified model (rel L2 {self.parity['rel_l2']:.1e} > "
+                    f"{self.PARITY_REL_L2:g}, max|Δ| {self.parity['max_abs']:.1e})")
+        return None
+
 
 @dataclass
 class RunReport:
@@ -101,8 +113,13 @@ class RunReport:
                          f"SQNR {e['sqnr_db']:.1f} dB, cosine {e['cosine']:.6f}")
         for art in self.artifacts:
             parity = f" parity max|Δ| {art.parity['max_abs']:.1e}" if art.parity else ""
-            lines.append(f"artifact {art.kind}: {art.path}{parity}{(' ' + art.note) if art.note else ''}")
+            flag = "FAILED: " if art.problem else ""
+            lines.append(f"artifact {art.kind}: {flag}{art.path or '-'}{parity}{(' ' + art.note) if art.note else ''}")
         return lines
+
+    def problems(self) -> list[str]:
+        """What makes this run's output untrustworthy (artifacts not written or not at parity)."""
+        return [a.problem for a in self.artifacts if a.problem]
 
     def to_markdown(self) -> str:
         parts = [f"# rewrite report\n\npipeline `{self.pipeline}`  \ncapture: {self.capture}  \ninputs: {self.inputs}  \n"

@@ -37,6 +37,8 @@ def optimize(
     mask_input: Annotated[Optional[str], typer.Option(help="the input whose 0s mark padding not to compare "
                                                       "[auto: attention_mask]")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+    allow_artifact_errors: Annotated[bool, typer.Option(help="exit 0 even when an artifact failed to export or "
+                                                        "differs from the verified model")] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
     pipeline.parse_spec(passes)  # a typo fails before any model file is read
@@ -54,6 +56,13 @@ def optimize(
                               progress=say)
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
+    problems = result.report.problems()
+    if problems:
+        word = "warning" if allow_artifact_errors else "error"
+        render.errors.print(f"{word}: {'; '.join(problems)}" + ("" if allow_artifact_errors else
+                            " (--allow-artifact-errors accepts it)"), markup=False, soft_wrap=True)
+        if not allow_artifact_errors:
+            raise typer.Exit(3)
 
 
 def _example_inputs(inputs: Path | None, shape: str | None) -> object:

@@ -34,7 +34,7 @@ def show(name: Annotated[str, typer.Argument(help="a pass name from `rewrite pas
     entry = registry.registered()[name]
     render.console.print(f"[bold]{cls.name}[/]  ({entry.distribution})\n{cls.summary}\n"
                          f"paper: {cls.paper}\ncontract: {cls.contract_text()}\n"
-                         f"applies to: {cls.applies_to}\nneeds calibration: {cls.needs_calibration}\n"
+                         f"applies to: {cls.applies_to}\ncalibration: {cls.calibration_text()}\n"
                          f"works without a graph: {cls.level == 'module'}", markup=True)
     rows = [["option", "type", "default"]] + [[n, t, repr(d)] for n, t, d in cls.options()]
     if len(rows) > 1:
@@ -47,5 +47,5 @@ def markdown_table(names: list[str]) -> str:
     for name in names:
         cls = registry.load_pass(name)
         lines.append(f"| `{name}` | {cls.summary} | {cls.contract_text()} | "
-                     f"{'needed' if cls.needs_calibration else 'optional'} | {cls.paper} |")
+                     f"{cls.calibration_text()} | {cls.paper} |")
     return "\n".join(lines)

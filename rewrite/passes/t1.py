@@ -45,6 +45,7 @@ class TransformOnce(Pass):
     paper = "Poli et al., Transform Once, NeurIPS 2022 (arXiv:2211.14453)"
     summary = "spectral convs (FNO/TFNO) as exact truncated-DFT GEMMs: faster at high resolution, ONNX-exportable"
     contract_note = "exact (mode=exact); SQNR ≥ min-sqnr dB after recovery (mode=t1)"
+    calibration_note = "optional (mode=exact); needed (mode=t1: recovery trains on it)"
     applies_to = "spectral convolutions (rfft → keep modes → per-mode weights → irfft); mode=t1: FNO blocks"
     level = "module"
     recoverable = True
@@ -65,6 +66,10 @@ class TransformOnce(Pass):
     @property
     def contract(self):  # type: ignore[override]
         return Exact() if self.mode == "exact" else Approx(min_sqnr_db=self.min_sqnr)
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.mode == "t1"
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         if self.mode == "t1":

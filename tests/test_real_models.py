@@ -1,0 +1,137 @@
+"""Third-party models as users hold and call them (random weights from configs): Hugging Face encoders
+and decoders, and the reload of every artifact the tool writes."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import rewrite
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _batch(seq=7, batch=2, pad=True):
+    ids = torch.randint(0, 128, (batch, seq))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, seq // 2:] = 0
+    return ids, mask
+
+
+def test_bert_result_is_called_like_the_original_and_returns_its_output_type():
+    model = _bert()
+    ids, mask = _batch()
+    encoding = transformers.BatchEncoding({"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                                           "attention_mask": mask})
+    result = rewrite.optimize(model, encoding, "fold-bn", calib=[encoding, encoding], measure_latency=False)
+    want = model(**encoding)
+    for out in (result.model(**encoding), result.model(ids, mask, torch.zeros_like(ids)),
+                result.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))):
+        assert type(out) is type(want)
+        torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-5)
+    with pytest.raises(rewrite.InvalidValue, match="captured without position_ids"):
+        result.model(**encoding, position_ids=torch.arange(7)[None])
+
+
+def test_dict_batches_bind_to_a_forward_with_kwargs():
+    """BertModel.forward takes **kwargs: binding a dict must not push them into positional slots."""
+    model = _bert()
+    ids, mask = _batch()
+    result = rewrite.optimize(model, {"input_ids": ids, "attention_mask": mask}, "fold-bn",
+                              calib=[{"input_ids": ids, "attention_mask": mask}], measure_latency=False)
+    assert result.report.inputs.startswith("1 batch(es) of ((2, 7), (2, 7))")
+    with pytest.raises(rewrite.RewriteError, match="can only be passed by keyword"):
+        rewrite.optimize(model, {"input_ids": ids, "output_attentions": True}, "fold-bn", measure_latency=False)
+
+
+def test_llama_decoder_with_default_config_is_captured_without_its_cache():
+    model = _llama()
+    assert model.config.use_cache
+    ids, mask = _batch(pad=False)
+    result = rewrite.optimize(model, {"input_ids": ids, "attention_mask": mask}, "fold-bn", measure_latency=False)
+    assert result.captured.graph and "dynamic input 0: dims [0, 1]" in result.report.capture
+    assert any("use_cache turned off" in w for w in result.report.warnings)
+    assert model.config.use_cache  # the user's model is untouched
+    longer = _batch(seq=11, batch=3, pad=False)
+    out = result.model(input_ids=longer[0], attention_mask=longer[1])
+    assert type(out).__name__ == "CausalLMOutputWithPast"
+    torch.testing.assert_close(out.logits, model(*longer, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, bias=None, scale: float = 2.0):
+        return self.fc(x) * scale + (0 if bias is None else bias)
+
+
+def test_plain_module_keyword_call():
+    model = _Scaled().eval()
+    x, b = torch.randn(3, 4), torch.randn(3, 4)
+    result = rewrite.optimize(model, {"x": x, "bias": b}, "fold-bn", measure_latency=False)
+    torch.testing.assert_close(result.model(x=x, bias=b), model(x, b))
+    with pytest.raises(rewrite.InvalidValue, match="captured with bias"):
+        result.model(x)
+
+
+# Every pass's .pt2 must reload in a fresh process: custom ops and model classes are not imported there.
+RELOAD = [
+    ("dgq{group=32}", "bert"),
+    ("fwsvd{param-ratio=0.5,min-sqnr=-100}", "bert"),
+    ("lowrank{param-ratio=0.5,min-sqnr=-100}", "bert"),
+    ("fold-bn", "cnn"),
+    ("reparam", "cnn"),
+    ("t1{form=gemm}", "fno"),
+]
+
+
+def _model(kind):
+    from rewrite.testing import ParallelBranches, ToyFNO
+    if kind == "bert":
+        return _bert(), _batch()
+    model = ParallelBranches().eval() if kind == "cnn" else ToyFNO(2, 16).eval()
+    return model, model.example_inputs()
+
+
+def test_every_pass_artifact_reloads_in_a_fresh_process(tmp_path):
+    expected = {}
+    for i, (spec, kind) in enumerate(RELOAD):
+        model, inputs = _model(kind)
+        result = rewrite.optimize(model, inputs, spec, calib=[inputs] * 2, out=tmp_path / str(i), measure_latency=False)
+        assert result.report.records[0].status == "applied", (spec, result.report.records[0].reason)
+        torch.save(inputs, tmp_path / f"{i}.inputs.pt")
+        out = result.model(*inputs)
+        torch.save(out.last_hidden_state if kind == "bert" else out, tmp_path / f"{i}.want.pt")
+        expected[i] = kind
+    script = f"""
+import json, torch, rewrite
+done = {{}}
+for i, kind in {json.dumps(expected)}.items():
+    model = rewrite.load("{tmp_path}/" + i + "/model.pt2")
+    inputs = torch.load("{tmp_path}/" + i + ".inputs.pt")
+    out = model(*inputs)
+    out = out.last_hidden_state if kind == "bert" else out
+    done[i] = float((out - torch.load("{tmp_path}/" + i + ".want.pt")).abs().max())
+print(json.dumps(done))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(err < 1e-4 for err in errors.values()), errors
