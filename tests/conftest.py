@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 
@@ -25,3 +26,30 @@ def minilm():
     batch = tokenizer(["the cat sat on the mat", "rewrite passes are verified after each step"],
                       padding=True, return_tensors="pt")
     return model, (batch["input_ids"], batch["attention_mask"])
+
+
+def timm():
+    """timm, importable on this CPU-only torch.
+
+    The torchvision wheel on PyPI for torch 2.13 is a CUDA build whose C++ ops cannot load beside a CPU
+    torch, and torchvision's Python code then fails registering fake kernels for them. The timm CNNs
+    we test never call those ops (nms, roi_align, deform_conv2d, ...), so declare them (without any
+    kernel) before torchvision is imported; with a working torchvision this does nothing.
+    """
+    if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
+        pytest.skip("timm and torchvision are not installed")
+    try:
+        torch.ops.torchvision.nms
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")
+        for op in _TORCHVISION_OPS:
+            lib.define(f"{op}(Tensor[] args) -> Tensor")
+        _LIBRARIES.append(lib)  # a Library deregisters its ops when collected
+    import timm as module
+    return module
+
+
+_TORCHVISION_OPS = ["nms", "qnms", "roi_align", "_roi_align_backward", "ps_roi_align", "_ps_roi_align_backward",
+                    "roi_pool", "_roi_pool_backward", "ps_roi_pool", "_ps_roi_pool_backward", "deform_conv2d",
+                    "_deform_conv2d_backward"]
+_LIBRARIES: list = []

@@ -6,8 +6,10 @@ their centre and summed, biases summed:  W = Σᵢ pad_K(dilate_rᵢ(Wᵢ·γᵢ
 
 Paper: Ding et al., "UniRepLKNet: A Universal Perception Large-Kernel ConvNet", CVPR 2024 (dilated
 re-parameterization). Contract: exact (float tolerance). Applies when every summed branch is a
-Conv1d/2d/3d (optionally + BatchNorm) on the same input, with equal groups and channels, stride 1,
-zero 'same' padding. An identity term x in the same sum is absorbed as a centre tap (RepVGG).
+Conv1d/2d/3d (optionally + BatchNorm) on the same input, with equal groups, channels and stride, and
+zero centred padding dilation·(k−1)/2 (centred kernels padded to one size sample the same inputs).
+An identity term x, or BN(x), in the same sum is absorbed as a centre tap (RepVGG, MobileOne; stride 1);
+a sum written in place (`x += identity`, as timm writes it) is replaced as a whole.
 """
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ def _why_not(branches: list[_Branch]) -> str | None:
         if (type(c), c.in_channels, c.out_channels, c.groups) != (type(first), first.in_channels,
                                                                  first.out_channels, first.groups):
             return "branches differ in conv type, channels or groups"
-        if any(s != 1 for s in c.stride) or c.padding_mode != "zeros" or isinstance(c.padding, str):
-            return "a branch has stride ≠ 1 or non-zero/string padding"
+        if c.stride != first.stride or c.padding_mode != "zeros" or isinstance(c.padding, str):
+            return "branches differ in stride, or a branch has non-zero/string padding"
         if any(p * 2 != d * (k - 1) for p, d, k in zip(c.padding, c.dilation, c.kernel_size)):
             return "a branch is not 'same'-padded (padding ≠ dilation·(k−1)/2)"
         if b.bn is not None and b.bn.running_mean is None:
@@ -112,10 +114,9 @@ def _replace(gm: fx.GraphModule, root: fx.Node, branches: list[_Branch], others:
     convs = [fuse_conv_bn_eval(b.conv.eval(), b.bn.eval()) if b.bn is not None else b.conv for b in branches]
     size = [max(_span(c)[d] for c in convs) for d in range(len(convs[0].kernel_size))]
     weight = sum(_pad_to(_densify(c), size) for c in convs)
-    if x in others and convs[0].in_channels == convs[0].out_channels:
-        others.remove(x)
-        weight = weight + _identity_kernel(convs[0], size)
     bias = sum(c.bias.detach() if c.bias is not None else torch.zeros(c.out_channels) for c in convs)
+    if convs[0].in_channels == convs[0].out_channels and all(s == 1 for s in convs[0].stride):
+        weight, bias = _absorb_identities(gm, x, others, convs[0], size, weight, bias)
     target = branches[0].conv_node.target + "_reparam"
     set_submodule(gm, target, _conv_like(convs[0], size, weight, bias))
     with gm.graph.inserting_before(root):
@@ -124,11 +125,44 @@ def _replace(gm: fx.GraphModule, root: fx.Node, branches: list[_Branch], others:
             node = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, term))
     node.meta.update(root.meta)
     root.replace_all_uses_with(node)
+    _erase_sum(gm, root)
+
+
+def _erase_sum(gm: fx.GraphModule, root: fx.Node) -> None:
+    """Remove the old sum tree. In-place adds (`x += y`, as timm's RepVGG and MobileOne write) mutate
+    temporaries of that sum only, so they are dead too, but dead-code elimination keeps impure nodes."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.users or not _is_add(node):
+            continue
+        terms = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        gm.graph.erase_node(node)
+        stack += terms
+
+
+def _absorb_identities(gm: fx.GraphModule, x: fx.Node, others: list[object], conv: nn.Module, size: list[int],
+                       weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and BN(x) terms of the sum become centre taps: BN(x) = x·γ/σ + (β − μγ/σ) (RepVGG's identity branch)."""
+    eye = _identity_kernel(conv, size)
+    for term in list(others):
+        bn = layer_of(gm, term, _BN) if isinstance(term, fx.Node) and term.args[:1] == (x,) else None
+        if term is x:
+            weight = weight + eye
+        elif bn is not None and bn.running_mean is not None and bn.num_features == conv.out_channels:
+            scale = (bn.weight.detach() if bn.affine else 1) / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean * scale
+            weight = weight + eye * scale.reshape(-1, *[1] * (eye.dim() - 1))
+            bias = bias + shift
+        else:
+            continue
+        others.remove(term)
+    return weight, bias
 
 
 def _conv_like(conv: nn.Module, size: list[int], weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    merged = type(conv)(conv.in_channels, conv.out_channels, tuple(size), padding=tuple(k // 2 for k in size),
-                        groups=conv.groups, bias=True)
+    merged = type(conv)(conv.in_channels, conv.out_channels, tuple(size), stride=conv.stride,
+                        padding=tuple(k // 2 for k in size), groups=conv.groups, bias=True)
     with torch.no_grad():
         merged.weight.copy_(weight)
         merged.bias.copy_(bias)
