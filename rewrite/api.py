@@ -22,7 +22,7 @@ from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.recover import RecoverSpec
 from rewrite.report import Measurement, RunReport
 
-Progress = Callable[[str], None]
+Progress = Callable[..., None]  # (message, done=None, total=None)
 
 
 @dataclass
@@ -83,8 +83,10 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
     one-line message on bad input.
     """
-    say = progress or (lambda _msg: None)
-    model, inputs, source = _model_and_inputs(model, example_inputs, trusted)
+    say = progress or (lambda message, done=None, total=None: None)
+    say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
+    model, inputs, source, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
+    calib = bundled_calib if calib is None else calib
     pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)
     emitters = _emitters(emit, out)
     recovery = RecoverSpec.parse(recover)
@@ -133,11 +135,11 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,
          metric: str | None = None, trusted: bool = False, measure_latency: bool = True) -> RunReport:
     """Outputs, latency, size and (with eval data and a metric) accuracy of two models side by side."""
-    (original, bundled, _), (rewritten, bundled_b, _) = _resolve(original, trusted), _resolve(rewritten, trusted)
-    original, rewritten = _private_copy(original), _private_copy(rewritten)
+    (a, _), (b, _) = _resolve(original, trusted), _resolve(rewritten, trusted)
+    original, rewritten = _private_copy(a.module), _private_copy(b.module)
     for module in (original, rewritten):
         capture.without_kv_cache(module)
-    inputs = next((x for x in (inputs, bundled, bundled_b) if x is not None), None)
+    inputs = next((x for x in (inputs, a.inputs, b.inputs) if x is not None), None)
     args = _check_model_and_inputs(original, inputs)
     _check_model_and_inputs(rewritten, args)
     report = RunReport(pipeline="(diff)", capture="-", inputs=calibration.describe([args]))
@@ -157,27 +159,27 @@ def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, 
 def load(path: str, trusted: bool = False) -> nn.Module:
     """A model from a .pt2, a pickled module (only with `trusted=True`) or `package.module:factory`."""
     from rewrite.loading import load as _load
-    return _load(path, trusted)[0]
+    return _load(path, trusted).module
 
 
 # --- steps ---------------------------------------------------------------------------------------
 
-def _model_and_inputs(model: Any, example_inputs: Any, trusted: bool) -> tuple[nn.Module, tuple, tuple[Path, ...]]:
-    """(a private eval-mode copy, checked inputs, paths never to overwrite) from a module or a load spec."""
-    model, bundled, source = _resolve(model, trusted)
-    model = _private_copy(model)
-    return model, _check_model_and_inputs(model, bundled if example_inputs is None else example_inputs), source
+def _model_and_inputs(model: Any, example_inputs: Any, trusted: bool) -> tuple[nn.Module, tuple, tuple[Path, ...], Any]:
+    """(a private eval-mode copy, checked inputs, paths never to overwrite, bundled calibration)."""
+    loaded, source = _resolve(model, trusted)
+    model = _private_copy(loaded.module)
+    inputs = _check_model_and_inputs(model, loaded.inputs if example_inputs is None else example_inputs)
+    return model, inputs, source, loaded.calibration
 
 
-def _resolve(model: Any, trusted: bool) -> tuple[nn.Module, tuple | None, tuple[Path, ...]]:
-    """(module, the inputs a .pt2 or factory bundles, the model file) from a module or a `rewrite.load` spec."""
+def _resolve(model: Any, trusted: bool) -> tuple[Any, tuple[Path, ...]]:
+    """(what `rewrite.load` gives, the model file) from a module or a load spec."""
+    from rewrite.loading import Loaded, load as _load
     if isinstance(model, (str, Path)):
-        from rewrite.loading import load as _load
-        module, bundled = _load(str(model), trusted)
-        return module, bundled, ((Path(model),) if Path(model).exists() else ())
+        return _load(str(model), trusted), ((Path(model),) if Path(model).exists() else ())
     if not isinstance(model, nn.Module):
         raise RewriteError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
-    return model, None, ()
+    return Loaded(model), ()
 
 
 def _private_copy(model: nn.Module) -> nn.Module:

@@ -3,7 +3,8 @@
 Nothing here runs code from a file the user did not say to trust: a pickled module (and a `.pt2`
 whose contents need more than weights-only unpickling) loads only with `trusted=True`
 (`--trust-pickle`). A factory spec is code the user named on purpose, so it is imported and called.
-A factory returns a module, or a (module, example_inputs) pair so the CLI needs no input file.
+A factory returns a module, (module, example_inputs) so the CLI needs no input file, or
+(module, example_inputs, calibration_batches) so it needs no calibration file either.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pickle
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,19 +32,26 @@ SAFE_FORMS = "save it with torch.export.save as a .pt2, or give file.py:factory 
 MAX_INPUT_SHARE = 0.25  # random example inputs may take at most this share of the machine's memory
 
 
-def load(spec: str, trusted: bool = False) -> tuple[nn.Module, tuple | None]:
-    """(module, example inputs or None) from a path or `module:factory` spec."""
+@dataclass
+class Loaded:
+    module: nn.Module
+    inputs: tuple | None = None  # example inputs a .pt2 or factory bundles
+    calibration: Any = None  # calibration batches a factory bundles
+
+
+def load(spec: str, trusted: bool = False) -> Loaded:
+    """The module, and the example inputs / calibration it comes with, from a path or `module:factory`."""
     path = Path(spec)
     if path.suffix == ".pt2":
         _must_exist(path)
-        return load_pt2(path, trusted)
+        return Loaded(*load_pt2(path, trusted))
     if ":" in spec and not path.exists():
         return _from_factory(spec)
     _must_exist(path)
     if path.suffix == ".py":
         raise RewriteError(f"{spec!r} is Python source: name the function that builds the model, "
                            f"e.g. {spec}:build")
-    return _from_pickle(path, trusted), None
+    return Loaded(_from_pickle(path, trusted))
 
 
 def _must_exist(path: Path) -> None:
@@ -173,18 +182,21 @@ def _quiet_torch_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _from_factory(spec: str) -> tuple[nn.Module, tuple | None]:
+def _from_factory(spec: str) -> Loaded:
     target, _, attr = spec.rpartition(":")
     module = _import(target)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise RewriteError(f"{target!r} has no callable {attr!r}: give package.module:factory")
     made = _call_factory(spec, factory)
-    model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    parts = list(made) if isinstance(made, tuple) and len(made) in (2, 3) else [made]
+    model, inputs, calibration = parts + [None] * (3 - len(parts))
     if not isinstance(model, nn.Module):
-        raise RewriteError(f"{spec} returned {_describe(made)}; a factory returns a torch.nn.Module or "
-                           "(module, example_inputs)")
-    return model, (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,) if inputs is not None else None)
+        raise RewriteError(f"{spec} returned {_describe(made)}; a factory returns a torch.nn.Module, "
+                           "(module, example_inputs) or (module, example_inputs, calibration)")
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    return Loaded(model, inputs if isinstance(inputs, (tuple, dict)) or inputs is None else (inputs,), calibration)
 
 
 def _call_factory(spec: str, factory: Any) -> Any:

@@ -55,6 +55,12 @@ class PassContext:
     metric: str | None = None
     masks: list | None = None  # per calibration batch: the (batch, seq) padding mask outputs are compared on
     metric_floor: float | None = None  # --floor metric=Y: approximate passes are judged by the task metric
+    progress: Any = None  # progress(message, done, total): how a long pass says where it is (never print)
+
+    def step(self, message: str, done: int, total: int) -> None:
+        """Report progress inside a pass (e.g. the layer being searched); a no-op without a listener."""
+        if self.progress is not None:
+            self.progress(message, done, total)
 
 
 @dataclass

@@ -26,11 +26,12 @@ def layer_of(gm: fx.GraphModule, node: object, kinds: tuple[type, ...]) -> nn.Mo
 
 
 def layers(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every layer of `kinds` the model runs: call_module targets in a graph, else the tree."""
+    """(path, layer) of every layer of `kinds` the model runs: call_module targets in a graph (and the layers
+    inside them, e.g. the two Linears of a factorized layer an earlier pass made), else the tree."""
     if isinstance(module, fx.GraphModule):
         seen = dict.fromkeys(n.target for n in module.graph.nodes if n.op == "call_module")
-        return [(path, module.get_submodule(path)) for path in seen
-                if isinstance(module.get_submodule(path), kinds)]
+        return [(f"{path}.{sub}" if sub else path, layer) for path in seen
+                for sub, layer in module.get_submodule(path).named_modules() if isinstance(layer, kinds)]
     return [(path, m) for path, m in module.named_modules() if isinstance(m, kinds)]
 
 

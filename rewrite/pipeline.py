@@ -19,7 +19,7 @@ from rewrite.errors import PassError, RewriteError, first_line
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
 
-Progress = Callable[[str], None]
+Progress = Callable[..., None]  # (message, done=None, total=None)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -176,6 +176,8 @@ def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext,
     for i, pass_ in enumerate(passes):
         if progress:
             progress(f"pass {i + 1}/{len(passes)}: {pass_.spec()}")
+            ctx.progress = lambda message, done, total, i=i, name=pass_.name: progress(
+                f"pass {i + 1}/{len(passes)}: {name}: {message}", done, total)
         earlier = format_spec(passes[:i]) or "none"
         module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict, progress)
         records.append(record)

@@ -75,7 +75,7 @@ def split(count: int) -> tuple[list[int], list[int]]:
 def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
             targets: list[Any] | None = None, held_out: list[tuple] | None = None,
             held_targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after.
 
     With `held_out` batches, early stopping and the kept state follow the loss on them, not on the
@@ -110,7 +110,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
         if (step + 1) % max(1, len(batches)) == 0:
             current = _mean_loss(student, watch, watch_goals, kind)
             if progress:
-                progress(f"recovering: step {step + 1}/{spec.steps}, loss {current:.3g} (start {before:.3g})")
+                progress(f"recovering: loss {current:.3g} (start {before:.3g})", step + 1, spec.steps)
             best, best_state, since_best = (current, _state(student), 0) if current < best else (best, best_state, since_best + len(batches))
             if since_best >= spec.patience:
                 break

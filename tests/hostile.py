@@ -32,7 +32,7 @@ def raises():
 
 def wrong_tuple():
     model = ConvBN()
-    return model, model.example_inputs(), "extra"
+    return model, model.example_inputs(), [model.example_inputs()], "extra"
 
 
 def needs_args(width, depth=2):

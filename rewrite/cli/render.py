@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import typer
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from rewrite.errors import RewriteError, first_line
@@ -54,16 +54,21 @@ def show_report(report: RunReport) -> None:
 
 @contextmanager
 def progress() -> Iterator:
-    """A spinner with the current stage and elapsed time; yields the callback the library calls.
+    """The current stage, a bar when the stage counts steps (layers searched, recovery steps), and the
+    elapsed time; yields the callback the library calls: (message, done=None, total=None).
 
     Only on a terminal: in a pipe or CI log a live display is noise (and leaves a blank line behind)."""
     if not errors.is_terminal:
-        yield lambda message: None
+        yield lambda message, done=None, total=None: None
         return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=errors, transient=True) as bar:
-        task = bar.add_task("starting")
-        yield lambda message: bar.update(task, description=message)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=errors, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(message: str, done: int | None = None, total: int | None = None) -> None:
+            bar.tasks[0].total = total  # rich's update() ignores total=None: a stage that counts nothing
+            bar.update(task, description=message, completed=done or 0)
+        yield update
 
 
 def user_errors(command: Callable) -> Callable:

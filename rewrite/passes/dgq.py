@@ -162,7 +162,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.smooth:
             smoothed, why_not = smooth_outliers(module, ctx.calibration)
             skipped += why_not
-        for path, linear in layers(module, (nn.Linear,)):
+        candidates = layers(module, (nn.Linear,))
+        for i, (path, linear) in enumerate(candidates):
+            ctx.step(f"searching scales of {path}", i, len(candidates))
             reason = self._why_not(linear)
             if reason:
                 skipped.append((path, reason))

@@ -93,7 +93,7 @@ CASES = [
     (["optimize", "{d}/model.pt", "-p", "fold-bn", "--trust-pickle"], "no example inputs"),
     (["optimize", "{repo}/examples/cnn.py", "-p", "fold-bn"], "examples/cnn.py:build"),
     (["optimize", "{d}/factories.py:raises", "-p", "fold-bn"], "checkpoint shard 3 is missing"),
-    (["optimize", "{d}/factories.py:wrong_tuple", "-p", "fold-bn"], "a tuple of 3"),
+    (["optimize", "{d}/factories.py:wrong_tuple", "-p", "fold-bn"], "a tuple of 4"),
     (["optimize", "{d}/factories.py:needs_args", "-p", "fold-bn"], "needs arguments (width)"),
     (["optimize", "{d}/factories.py:returns_none", "-p", "fold-bn"], "returned a NoneType"),
     (["optimize", "{d}/factories.py:nothing_here", "-p", "fold-bn"], "has no callable 'nothing_here'"),

@@ -31,6 +31,20 @@ def test_optimize_the_bundled_example(tmp_path):
     assert (tmp_path / "out" / "model.pt2").is_file() and (tmp_path / "out" / "report.md").is_file()
 
 
+def test_the_readme_main_job_applies_all_three_passes(tmp_path, monkeypatch):
+    import re
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    command = re.search(r"&& rewrite (optimize [^\n]+)", readme).group(1).split()
+    monkeypatch.chdir(Path(__file__).parents[2])
+    args = [a for a in command[1:] if a not in ("--force",)]
+    args[args.index("-o") + 1] = str(tmp_path / "fno")
+    result = invoke("optimize", *args, "--no-latency")
+    assert result.exit_code == 0, result.output
+    for name in ("t1", "fwsvd", "dgq"):
+        assert re.search(rf"│ {name} +│ applied", result.output), result.output
+    assert (tmp_path / "fno" / "model.onnx").is_file() and "artifact onnx: FAILED" not in result.output
+
+
 def test_pickled_module_with_inputs_file(tmp_path):
     torch.save(ConvBN(), tmp_path / "model.pt")
     torch.save(torch.randn(2, 3, 8, 8), tmp_path / "x.pt")
@@ -117,3 +131,17 @@ def test_the_main_job_prints_no_third_party_warnings(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "" and "Warning" not in proc.stdout, proc.stderr
+
+
+def test_a_failed_artifact_is_in_the_verdict_and_the_exit_code(tmp_path, monkeypatch):
+    from rewrite.emit import onnx as onnx_emit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(onnx_emit, "export_onnx", broken)
+    args = ["optimize", EXAMPLE, "-p", "fold-bn", "--emit", "onnx", "--no-latency"]
+    failed = invoke(*args, "-o", tmp_path / "a")
+    assert failed.exit_code == 3 and "artifact onnx: FAILED" in failed.output
+    assert "error: onnx was not written: ONNX export failed: exporter exploded" in failed.output
+    allowed = invoke(*args, "-o", tmp_path / "b", "--allow-artifact-errors")
+    assert allowed.exit_code == 0 and "warning: onnx was not written" in allowed.output
