@@ -80,6 +80,8 @@ def user_errors(command: Callable) -> Callable:
         except RewriteError as exc:
             typer.echo(f"error: {first_line(exc, 400)}", err=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise  # a command's own exit code
         except Exception as exc:
             if os.environ.get("REWRITE_TRACEBACK"):
                 raise
