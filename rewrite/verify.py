@@ -100,6 +100,7 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     if broken and isinstance(pass_.contract, Approx):
         broken += _how_to_apply(pass_, err, ctx)
     grew = _growth(before, after, ctx.calibration[0]) if isinstance(pass_.contract, Exact) else None
+    grew = grew or _dead_in_place(after)
     if grew and getattr(pass_, "shrinks", False):
         return err, f"{grew}, though {pass_.name} promises a smaller model (the rewrite left work behind)", None
     return err, broken, (f"warning: {grew}" if grew else None)
@@ -123,6 +124,18 @@ def _how_to_apply(pass_: Any, err: OutputError, ctx: Any) -> str:
     if getattr(pass_, "recoverable", False) and ctx.recover is None:
         hints.append("--recover steps=300 may recover it")
     return "; " + "; ".join(hints) if hints else ""
+
+
+def _dead_in_place(module: Any) -> str | None:
+    """In-place ops whose result and mutated input nobody reads: work a rewrite left behind that
+    dead-code elimination keeps (it treats mutation as a side effect)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    dead = [n.name for n in module.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "_schema", None) is not None
+            and n.target._schema.is_mutable and not n.users
+            and n.args and isinstance(n.args[0], torch.fx.Node) and list(n.args[0].users) == [n]]
+    return f"{len(dead)} dead in-place op(s) left running ({', '.join(dead[:3])})" if dead else None
 
 
 def _growth(before: Any, after: Any, batch: tuple) -> str | None:

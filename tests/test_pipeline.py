@@ -234,3 +234,24 @@ def test_an_exact_pass_that_grows_the_model_is_flagged_or_rolled_back():
     assert flagged.status == "applied" and "parameters grew" in flagged.reason
     rolled = api.optimize(model, x, [_GrowsExactly(promise=True)], measure_latency=False).report.records[0]
     assert rolled.status == "rolled back" and "promises a smaller model" in rolled.reason
+
+
+@dataclass(frozen=True)
+class _LeavesDeadInPlace(Pass):
+    """Replaces `relu(a + b)` by its value but leaves an in-place add nobody reads."""
+    name = "dead-in-place"
+    contract = Exact()
+
+    def call(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        value = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        with gm.graph.inserting_before(out):
+            tmp = gm.graph.call_function(torch.ops.aten.mul.Tensor, (value, 2.0))
+            gm.graph.call_function(torch.ops.aten.add_.Tensor, (tmp, 1.0))
+        return PassResult(gm, True)
+
+
+def test_dead_in_place_ops_are_flagged():
+    model = TinyMLP()
+    record = api.optimize(model, (torch.randn(4, 16),), [_LeavesDeadInPlace()], measure_latency=False).report.records[0]
+    assert "dead in-place op(s) left running" in record.reason

@@ -145,3 +145,29 @@ def test_a_failed_artifact_is_in_the_verdict_and_the_exit_code(tmp_path, monkeyp
     assert "error: onnx was not written: ONNX export failed: exporter exploded" in failed.output
     allowed = invoke(*args, "-o", tmp_path / "b", "--allow-artifact-errors")
     assert allowed.exit_code == 0 and "warning: onnx was not written" in allowed.output
+
+
+def test_passes_show_says_when_calibration_depends_on_an_option():
+    show = invoke("passes", "show", "t1")
+    assert "calibration: optional (mode=exact); needed (mode=t1" in show.output
+
+
+def test_diff_counts_the_layers_of_a_loaded_program(tmp_path):
+    model = ConvBN().eval()
+    torch.export.save(torch.export.export(model, model.example_inputs()), tmp_path / "m.pt2")
+    result = invoke("diff", tmp_path / "m.pt2", tmp_path / "m.pt2")
+    assert result.exit_code == 0, result.output
+    assert "layers" in result.output and "│ 6      │" in result.output  # 2 conv, 2 BN, Linear, BN1d
+
+
+def test_a_module_pickled_from_a_script_says_what_to_do(tmp_path):
+    import subprocess
+    script = tmp_path / "train_script.py"
+    script.write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n"
+                      "torch.save(Net(4, 4), 'net.pt')\n")
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    result = CliRunner().invoke(app, ["optimize", str(tmp_path / "net.pt"), "-p", "fold-bn", "--input-shape", "2,4",
+                                      "--trust-pickle", "-o", str(other / "o")])
+    _one_line_error(result, "its class must be importable here")
