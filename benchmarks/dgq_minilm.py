@@ -22,11 +22,14 @@ import rewrite  # noqa: E402
 from rewrite import capture  # noqa: E402
 from rewrite.emit import onnx as onnx_emit  # noqa: E402
 
+# Defaults wherever they apply (dgq's default floor accepts it on MiniLM: 12.6 dB on unpadded positions).
+# The RTN baseline and the static variant switch the floor off on purpose: a baseline is measured even
+# when it is worse than the floor, and the table says how much worse.
 VARIANTS = {
-    "DGQ per-token (int8 GEMM)": "dgq{min-sqnr=-100}",
+    "DGQ per-token (int8 GEMM, defaults)": "dgq",
     "DGQ static (int8 GEMM)": "dgq{act=static,min-sqnr=-100}",
     "RTN per-token (search=off)": "dgq{search=off,min-sqnr=-100}",
-    "DGQ 4-bit storage (MatMulNBits)": "dgq{form=w4,min-sqnr=-100}",
+    "DGQ 4-bit storage (MatMulNBits)": "dgq{form=w4}",
 }
 
 
@@ -86,7 +89,7 @@ def main(quick):
     for row in lat[1:]:
         row[5] = f"{float(row[4]) / float(row[3]):.2f}x"
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    w4 = rewrite.optimize(model, (ids, mask), "dgq{form=w4,min-sqnr=-100}", calib=calib, measure_latency=False).model
+    w4 = rewrite.optimize(model, (ids, mask), "dgq{form=w4}", calib=calib, measure_latency=False).model
     w4_bytes = sum(b.numel() * b.element_size() for m in w4.modules() if hasattr(m, "packed")
                    for n, b in m.named_buffers() if n in ("packed", "scales", "zeros"))
     print("## fidelity (40 sentences; calibration on 24 others)\n")

@@ -84,14 +84,15 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     one-line message on bad input.
     """
     say = progress or (lambda message, done=None, total=None: None)
-    say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
-    model, inputs, source, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
-    calib = bundled_calib if calib is None else calib
-    pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)
+    pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)  # cheap checks before any loading
     emitters = _emitters(emit, out)
     recovery = RecoverSpec.parse(recover)
     calibration.check_count(calib_batches, "--calib-batches")
+    source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
     folder = OutputFolder(out, force, protect=source) if out is not None else None
+    say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
+    model, inputs, _, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
+    calib = bundled_calib if calib is None else calib
     torch.manual_seed(seed)
     cache_note = capture.without_kv_cache(model)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)

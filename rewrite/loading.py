@@ -207,6 +207,8 @@ def _call_factory(spec: str, factory: Any) -> Any:
                            "e.g. def build(): return model, example_inputs")
     try:
         return factory()
+    except RewriteError:
+        raise  # the factory's own one-line explanation
     except Exception as exc:
         raise RewriteError(f"{spec} raised {type(exc).__name__}: {first_line(exc, 120)}; "
                            "fix the factory (it must build the model without arguments)") from exc

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 import warnings
 
 import pytest
@@ -32,12 +33,17 @@ def timm():
     """timm, importable on this CPU-only torch.
 
     The torchvision wheel on PyPI for torch 2.13 is a CUDA build whose C++ ops cannot load beside a CPU
-    torch, and torchvision's Python code then fails registering fake kernels for them. The timm CNNs
-    we test never call those ops (nms, roi_align, deform_conv2d, ...), so declare them (without any
-    kernel) before torchvision is imported; with a working torchvision this does nothing.
+    torch, and torchvision's Python code then fails registering fake kernels for them. .ci/run installs
+    it with timm into `.venv/timm-extra`, outside the environment (transformers would otherwise find it
+    and fail); the timm CNNs we test never call those ops (nms, roi_align, deform_conv2d, ...), so they
+    are declared (without any kernel) before torchvision is imported. With a working torchvision this
+    does nothing.
     """
+    extra = os.path.join(sys.prefix, "timm-extra")
+    if os.path.isdir(extra) and extra not in sys.path:
+        sys.path.append(extra)
     if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
-        pytest.skip("timm and torchvision are not installed")
+        pytest.skip("timm and torchvision are not installed (.ci/run installs them into .venv/timm-extra)")
     try:
         torch.ops.torchvision.nms
     except (AttributeError, RuntimeError):
