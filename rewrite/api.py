@@ -94,7 +94,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     model, inputs, _, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
     calib = bundled_calib if calib is None else calib
     torch.manual_seed(seed)
-    cache_note = capture.without_kv_cache(model)
+    cache_note = capture.without_kv_cache(model, inputs)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
     warns += [cache_note] if cache_note else []
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
@@ -138,11 +138,11 @@ def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, 
     """Outputs, latency, size and (with eval data and a metric) accuracy of two models side by side."""
     (a, _), (b, _) = _resolve(original, trusted), _resolve(rewritten, trusted)
     original, rewritten = _private_copy(a.module), _private_copy(b.module)
-    for module in (original, rewritten):
-        capture.without_kv_cache(module)
     inputs = next((x for x in (inputs, a.inputs, b.inputs) if x is not None), None)
     args = _check_model_and_inputs(original, inputs)
     _check_model_and_inputs(rewritten, args)
+    for module in (original, rewritten):
+        capture.without_kv_cache(module, args)
     report = RunReport(pipeline="(diff)", capture="-", inputs=calibration.describe([args]))
     try:
         report.error_vs_original = verify.compare([capture.run(original, args)],

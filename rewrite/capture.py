@@ -71,12 +71,16 @@ class Captured:
         return f"graph; dynamic {dims}"
 
 
-def without_kv_cache(model: nn.Module) -> str | None:
+def without_kv_cache(model: nn.Module, inputs: tuple) -> str | None:
     """Hugging Face decoders return a KV-cache object by default, which export cannot return: turn it off
-    on our private copy (the rewrite computes the full-sequence forward) and say so."""
+    on our private copy (the rewrite computes the full-sequence forward) and say so when it returned one."""
     config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        config.use_cache = False
+    if getattr(config, "use_cache", False) is not True:
+        return None
+    outputs = run(model, inputs)
+    values = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, tuple) else [outputs]
+    config.use_cache = False  # harmless where no cache was returned (encoders): one less thing to capture
+    if any("Cache" in type(v).__name__ for v in values):
         return ("use_cache turned off for the rewrite: the rewritten model computes the full-sequence forward "
                 "and returns no KV cache (past_key_values)")
     return None
@@ -359,12 +363,18 @@ def accept_original_calls(module: nn.Module, original: nn.Module, inputs: tuple)
 
 
 def layer_count(module: nn.Module) -> int:
-    """Layers that hold parameters: call_module nodes in a graph, parametrized leaf modules in eager."""
-    if isinstance(module, fx.GraphModule):  # lifted layers, or aten layer ops of a loaded program
+    """Layers that hold weights (parameters, or buffers: a quantized layer keeps its int8 weights there):
+    call_module nodes in a graph (and aten layer ops of a loaded program), weighted leaf modules in eager."""
+    if isinstance(module, fx.GraphModule):
         return sum(1 for n in module.graph.nodes
-                   if (n.op == "call_module" and any(True for _ in module.get_submodule(n.target).parameters()))
+                   if (n.op == "call_module" and _has_weights(module.get_submodule(n.target)))
                    or (n.op == "call_function" and n.target in _LAYER_OPS))
-    return sum(1 for m in module.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False)))
+    return sum(1 for m in module.modules() if not list(m.children()) and _has_weights(m, recurse=False))
+
+
+def _has_weights(module: nn.Module, recurse: bool = True) -> bool:
+    return any(True for _ in module.parameters(recurse)) or any(
+        b.numel() > 1 for b in module.buffers(recurse))
 
 
 def run(module: nn.Module, inputs: tuple) -> Any:

@@ -143,7 +143,8 @@ def _speed_line(s: Any) -> str:
 
 
 def _stats(r: PassRecord) -> str:
-    text = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+    """Scalar stats only: per-layer tables (dicts) stay in report.json, not in a table cell."""
+    text = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
     return text + (f" ({len(r.skipped)} skipped)" if r.skipped else "")
 
 
