@@ -52,8 +52,7 @@ class Result:
         return self._by_shape[key]
 
     def _rewrite_for(self, inputs: tuple) -> nn.Module:
-        needy = [p.name for p in self.passes if p.needs_calibration or (p.recoverable and
-                                                                         getattr(p, "mode", "") == "t1")]
+        needy = [p.name for p in self.passes if p.needs_calibration]
         if needy:
             raise RewriteError(f"{', '.join(needy)} need calibration data at this shape: run rewrite.optimize "
                                "again with inputs and --calib of this shape")
@@ -326,6 +325,8 @@ def _onnx_size(path: Path) -> int:
 def _write_report(report: RunReport, out_dir: Path, seed: int, inputs: tuple, passes: list[Pass]) -> None:
     report.recipe = {
         "pipeline": pipeline.format_spec(passes), "seed": seed, "input_sha256": _hash(inputs),
+        # What each pass chose by measuring (t1's forms, searched ranks), so a run can be reproduced.
+        "passes": [{"spec": r.spec, "status": r.status, "choices": r.stats} for r in report.records],
         "versions": {"rewrite": __version__, "torch": torch.__version__, "python": os.sys.version.split()[0]},
     }
     (out_dir / "report.md").write_text(report.to_markdown())

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from rewrite.errors import CaptureError, InvalidValue, first_line
+from rewrite.errors import InvalidValue, first_line
 from rewrite.patterns import set_submodule
 
 
@@ -95,13 +95,6 @@ def capture(model: nn.Module, example_inputs: tuple) -> Captured:
         return Captured(model, example_inputs, graph=False, note=explain_failure(exc, model), original=model)
     lift_layers(gm)
     return Captured(gm, example_inputs, graph=True, dynamic_dims=dynamic, original=model)
-
-
-def capture_or_raise(model: nn.Module, example_inputs: tuple) -> Captured:
-    captured = capture(model, example_inputs)
-    if not captured.graph:
-        raise CaptureError(captured.note)
-    return captured
 
 
 @contextlib.contextmanager

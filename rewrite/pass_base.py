@@ -1,7 +1,17 @@
 """The pass contract: a frozen dataclass with a name, typed options, a numerics contract and one `call`.
 
-A pass never prints and never compares tensors itself: the pipeline runs it, verifies its declared
-contract on calibration inputs, and rolls it back when the contract is broken.
+The rules every pass follows, built-in or plugin:
+- It reads and mutates only the module it is given. `ctx.original` is a teacher for distillation and
+  nothing more (an earlier pass's change is in the given module, not there).
+- It may measure to choose (a rank, a kernel form) and records the choice in its stats (they go to the
+  recipe); it never measures to accept: the pipeline verifies the declared contract on calibration
+  inputs after it runs and rolls it back when the contract is broken.
+- Graph patterns go through `rewrite.match` (a `Pattern` of variants; `find`, `explain`,
+  `replace_match`), so "why didn't it match" has one answer everywhere.
+- Metadata that depends on options (`contract`, `needs_calibration`) is a property of the instance, so
+  the pipeline and API never branch on a pass's name or options. `SqnrFloor` gives an approximate pass
+  its `min_sqnr` option as the contract.
+- It never prints: long work reports through `ctx.step(message, done, total)`.
 """
 from __future__ import annotations
 

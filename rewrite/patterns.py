@@ -1,14 +1,8 @@
 """Small matching and replacement helpers over lifted graphs (call_module layers) and eager trees."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import fx, nn
-
-# A matcher answers None (rewrite it) or the reason it is left alone.
-Matcher = Callable[[nn.Module, str], str | None]
-Builder = Callable[[nn.Module, str], nn.Module]
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -33,23 +27,6 @@ def layers(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Mod
         return [(f"{path}.{sub}" if sub else path, layer) for path in seen
                 for sub, layer in module.get_submodule(path).named_modules() if isinstance(layer, kinds)]
     return [(path, m) for path, m in module.named_modules() if isinstance(m, kinds)]
-
-
-def swap_modules(module: nn.Module, kinds: tuple[type, ...], match: Matcher,
-                 build: Builder) -> tuple[list[str], list[tuple[str, str]]]:
-    """Replace every layer of `kinds` that `match` accepts with `build(layer, path)`.
-
-    Works the same on a captured graph and on an eager model. Returns (rewritten paths, (path, reason) skipped).
-    """
-    done, skipped = [], []
-    for path, layer in layers(module, kinds):
-        reason = match(layer, path)
-        if reason is not None:
-            skipped.append((path, reason))
-            continue
-        set_submodule(module, path, build(layer, path))
-        done.append(path)
-    return done, skipped
 
 
 def module_paths(node: fx.Node) -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from rewrite import capture, measure, registry, verify
 from rewrite.errors import PassError, RewriteError, first_line
-from rewrite.pass_base import Exact, Pass, PassContext, PassResult, is_graph
+from rewrite.pass_base import Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
 
 Progress = Callable[..., None]  # (message, done=None, total=None)
@@ -261,7 +261,7 @@ def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:
         # Provenance: nodes the pass created, and call_module nodes whose layer it swapped.
         for node, layer in _layer_identities(result.module).items():
             if before.get(node, layer) is not layer or node not in before:
-                node.meta.setdefault("rewrite.pass", pass_.name)
+                node.meta["rewrite.pass"] = pass_.name  # the last pass that made or swapped it
         result.module.graph.lint()
         result.module.recompile()
     return result

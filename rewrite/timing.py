@@ -2,8 +2,8 @@
 
 Pure standard library, because this file is also the onnxruntime timing worker: run as a script
 (`python timing.py ORIGINAL.onnx REWRITTEN.onnx FEEDS.npz`) it times two ONNX models in a process of
-its own, where no torch thread pool can spin beside onnxruntime's (design.md: time one backend at a
-time), and prints the per-round times as JSON.
+its own, where no torch thread pool can spin beside onnxruntime's (one backend at a time), and
+prints the per-round times as JSON.
 """
 from __future__ import annotations
 

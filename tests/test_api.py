@@ -123,3 +123,13 @@ def test_model_for_refuses_passes_that_need_data_at_the_new_shape():
     result = rewrite.optimize(model, (x,), "fwsvd{min-sqnr=-100}", calib=[x], measure_latency=False)
     with pytest.raises(rewrite.RewriteError, match="need calibration data at this shape"):
         result.model_for(torch.randn(5, 16))
+
+
+def test_the_recipe_records_what_passes_chose_by_measuring(tmp_path):
+    import json
+    from rewrite.testing import ToyFNO
+    model = ToyFNO(2, 16).eval()
+    rewrite.optimize(model, model.example_inputs(), "t1", out=tmp_path / "o", measure_latency=False)
+    recipe = json.loads((tmp_path / "o" / "recipe.json").read_text())
+    [t1] = recipe["passes"]
+    assert set(t1["choices"]["forms"].values()) <= {"gemm", "fft"} and len(t1["choices"]["forms"]) == 2

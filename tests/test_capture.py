@@ -108,8 +108,3 @@ def test_uncapturable_model_falls_back_to_eager_with_module_and_line():
     assert not c.graph and not isinstance(c.module, fx.GraphModule)
     assert "module 'gate' (_Inner)" in c.note and "test_capture.py:" in c.note
     assert "\n" not in c.note
-
-
-def test_capture_or_raise_names_the_module():
-    with pytest.raises(capture.CaptureError, match="gate"):
-        capture.capture_or_raise(_Outer(), (torch.randn(2, 3),))

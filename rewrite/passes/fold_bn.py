@@ -3,21 +3,51 @@
     W' = W·γ/σ (per output channel),  b' = β + (b − μ)·γ/σ,  σ = √(var + eps)
 
 Paper: standard inference folding (Ioffe & Szegedy, "Batch Normalization", ICML 2015, §3.2 at inference).
-Contract: exact (float tolerance). Applies when the layer's output feeds only the BatchNorm and the
-BatchNorm has running statistics.
+Contract: exact (float tolerance). Applies when the layer's output feeds only the BatchNorm (the matcher
+refuses a region whose inner value escapes). Capture only lifts BatchNorms with running statistics, so a
+BatchNorm without them is never a match.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from rewrite.match import Match, Pattern, Variant
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
-from rewrite.patterns import layer_of, set_submodule
+from rewrite.patterns import set_submodule
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONV_FOR_BN = {nn.BatchNorm1d: (nn.Conv1d, nn.Linear), nn.BatchNorm2d: (nn.Conv2d,), nn.BatchNorm3d: (nn.Conv3d,)}
+_PAIRS = [(nn.Conv1d, nn.BatchNorm1d, (1, 2, 5)), (nn.Linear, nn.BatchNorm1d, (1, 2)),
+          (nn.Conv2d, nn.BatchNorm2d, (1, 2, 5, 5)), (nn.Conv3d, nn.BatchNorm3d, (1, 2, 3, 3, 3))]
+
+
+class _LayerBN(nn.Module):
+    def __init__(self, layer: type, bn: type):
+        super().__init__()
+        self.layer = layer(2, 2) if layer is nn.Linear else layer(2, 2, 1)
+        self.bn = bn(2)
+
+    def forward(self, x):
+        return self.bn(self.layer(x))
+
+
+@functools.cache
+def layer_bn() -> Pattern:
+    """Conv/Linear → BatchNorm of matching rank; a Linear only on 2-D input (BatchNorm1d on 3-D input
+    normalizes the sequence axis's neighbour, not the Linear's features)."""
+    variants = [Variant(_LayerBN(layer, bn), (torch.randn(*shape),), name=f"{layer.__name__}+{bn.__name__}")
+                for layer, bn, shape in _PAIRS]
+    return Pattern("layer-batchnorm", *variants, check=_check)
+
+
+def _check(match: Match, gm: fx.GraphModule) -> str | None:
+    val = match["layer"].meta.get("val")
+    if isinstance(match.layer(gm, "layer"), nn.Linear) and (val is None or val.dim() != 2):
+        return "BatchNorm1d after a Linear on 3-D input normalizes another axis"
+    return None
 
 
 @dataclass(frozen=True)
@@ -30,39 +60,31 @@ class FoldBatchNorm(Pass):
     applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm"
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        folded, skipped = 0, []
-        for node in list(gm.graph.nodes):
-            bn = layer_of(gm, node, _BN)
-            if bn is None:
-                continue
-            producer = node.args[0]
-            reason = self._why_not(gm, bn, producer)
-            if reason:
-                skipped.append((node.target, reason))
-                continue
-            layer = gm.get_submodule(producer.target)
+        found = layer_bn().find(gm)
+        for match in found or []:
+            layer, bn = match.layer(gm, "layer"), match.layer(gm, "bn")
             fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-            set_submodule(gm, producer.target, fuse(layer.eval(), bn.eval()))
-            node.replace_all_uses_with(producer)
-            gm.graph.erase_node(node)
-            folded += 1
+            set_submodule(gm, match["layer"].target, fuse(layer.eval(), bn.eval()))
+            match["bn"].replace_all_uses_with(match["layer"])
+            gm.graph.erase_node(match["bn"])
         gm.delete_all_unused_submodules()
-        return PassResult(gm, folded > 0, {"folded": folded}, skipped)
-
-    @staticmethod
-    def _why_not(gm: fx.GraphModule, bn: nn.Module, producer: object) -> str | None:
-        layer = layer_of(gm, producer, _CONV_FOR_BN[type(bn)])
-        if layer is None:
-            return "input is not a Conv/Linear of matching rank"
-        if bn.running_mean is None or bn.running_var is None:
-            return "BatchNorm has no running statistics (track_running_stats=False)"
-        if len(producer.users) != 1:
-            return f"the output of {producer.target} is also used elsewhere"
-        if isinstance(layer, nn.Linear) and _rank(producer) != 2:
-            return "BatchNorm1d after a Linear on 3-D input normalizes another axis"
-        return None
+        folded = {m["bn"].target for m in found or []}
+        return PassResult(gm, bool(folded), {"folded": len(folded)}, _near_misses(gm, folded))
 
 
-def _rank(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    return val.dim() if val is not None else None
+def _near_misses(gm: fx.GraphModule, folded: set[str]) -> list[tuple[str, str]]:
+    """Every BatchNorm left, with the matcher's reason (its input is no layer, or the layer's output is
+    also used elsewhere, or the check refused it)."""
+    bns = [n for n in gm.graph.nodes if n.op == "call_module" and n.target not in folded
+           and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)]
+    return [(n.target, _reason(gm, n)) for n in bns]
+
+
+def _reason(gm: fx.GraphModule, bn: fx.Node) -> str:
+    producer = bn.args[0]
+    if not (isinstance(producer, fx.Node) and producer.op == "call_module"
+            and isinstance(gm.get_submodule(producer.target), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+        return "input is not a Conv/Linear of matching rank"
+    if len(producer.users) > 1:
+        return f"the output of {producer.target} is also used elsewhere"
+    return layer_bn().explain(gm, bn.name)

@@ -86,7 +86,9 @@ class TransformOnce(Pass):
             (skipped.append((path, reason)) if reason else done.append(path))
         fused = t1_fusion.fuse_layers(module) if is_graph(module) and done else {}
         grids = sorted({"x".join(map(str, shapes[p][2:])) for p in done})
-        stats = {"spectral_layers": len(done), "grid": ",".join(grids), **simplified, **fused}
+        forms = {p: "gemm" for p in done} | {p: "fft" for p, why in skipped if why.startswith("kept the FFT")}
+        stats = {"spectral_layers": len(done), "grid": ",".join(grids), **simplified, **fused,
+                 "forms": forms}  # form=auto's timed choice per layer, for the recipe
         return PassResult(module, bool(done or simplified), stats, skipped)
 
     def _transform_once(self, module: nn.Module, ctx: PassContext) -> PassResult:
