@@ -10,10 +10,7 @@ from torch import fx, nn
 
 from rewrite import capture, verify
 from rewrite.errors import InvalidValue
-from rewrite.patterns import layers, set_submodule
-
-_ACTIVATIONS = {"gelu", "relu", "silu", "tanh", "sigmoid", "gelu_", "relu_", "silu_"}
-
+from rewrite.patterns import feed_forward, layers, set_submodule
 
 def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
     """`all` Linears, or `ffn`: Linear → activation → Linear pairs (both linears of each pair)."""
@@ -25,22 +22,8 @@ def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]
 
 
 def _ffn_paths(gm: fx.GraphModule) -> set[str]:
-    paths = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
-            act = _skip_noops(_only_user(node))
-            if act is not None and act.op == "call_function" and _name(act) in _ACTIVATIONS:
-                second = _skip_noops(_only_user(act))
-                if second is not None and second.op == "call_module" and isinstance(gm.get_submodule(second.target), nn.Linear):
-                    paths |= {node.target, second.target}
-    return paths
-
-
-def _skip_noops(node: fx.Node | None) -> fx.Node | None:
-    """Eval-mode dropout and clones between the FFN's layers do not break the pattern."""
-    while node is not None and node.op == "call_function" and _name(node) in ("dropout", "clone", "alias"):
-        node = _only_user(node)
-    return node
+    found = feed_forward().find(gm)
+    return {m[name].target for m in found or [] for name in ("up", "down")}
 
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:
@@ -48,14 +31,6 @@ def _ffn_paths_eager(model: nn.Module) -> set[str]:
     names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
     keys = ("intermediate.dense", "output.dense", "fc1", "fc2", "mlp.", "linear1", "linear2")
     return {p for p in names if any(k in p for k in keys) and "attention" not in p}
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
 def check_rank_options(rank: int, ratio: float) -> None:

@@ -1,8 +1,35 @@
-"""Small matching and replacement helpers over lifted graphs (call_module layers) and eager trees."""
+"""Shared patterns (built on rewrite.match) and small helpers over lifted graphs and eager trees."""
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import fx, nn
+
+from rewrite.match import Pattern, Variant
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, act: type, dropout: bool):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(4, 8), act(), nn.Linear(8, 4)
+        self.drop = nn.Dropout(0.1) if dropout else nn.Identity()
+
+    def forward(self, x):
+        return self.down(self.drop(self.act(self.up(x))))
+
+
+@functools.cache
+def feed_forward() -> Pattern:
+    """Linear `up` → activation → (eval-mode dropout) → Linear `down`, the FFN of transformers and MLPs,
+    also across submodules (Hugging Face's `intermediate` / `output`). Literals are ignored, so GELU's
+    tanh approximation and any dropout rate match."""
+    return Pattern("feed-forward", *[
+        Variant(_FeedForward(act, dropout).eval(), (torch.randn(2, 4),), ignore_literals=True,
+                name=f"{act.__name__}{'+dropout' if dropout else ''}")
+        for act in ACTIVATIONS for dropout in (False, True)])
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
