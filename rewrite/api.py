@@ -156,6 +156,28 @@ def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, 
     return report
 
 
+def explain(model: nn.Module | str, inputs: Any, pass_name: str, node: str | None = None, *,
+            trusted: bool = False) -> list[str]:
+    """Why a pass's patterns do (not) match in the captured model: its matches and refusals, and with
+    `node`, the first difference between each pattern and the graph ending at that node."""
+    cls = registry.load_pass(pass_name)
+    model, args, _, _ = _model_and_inputs(model, inputs, trusted)
+    captured = capture.capture(model, args)
+    if not captured.graph:
+        return [captured.note]
+    if not cls.patterns():
+        return [f"{pass_name} matches no graph pattern (it works layer by layer: {cls.applies_to})"]
+    lines = []
+    for pattern in cls.patterns():
+        found = pattern.find(captured.module)
+        ends = ", ".join(m.outputs[0].name for m in found) if found else f"none ({found.reason})"
+        lines.append(f"{pattern.name}: matches at {ends}")
+        lines += [f"{pattern.name}: refused at {m.outputs[0].name}: {why}" for m, why in pattern.refusals(captured.module)]
+        if node:
+            lines.append(f"{pattern.name} at {node}: {pattern.explain(captured.module, node)}")
+    return lines
+
+
 def load(path: str, trusted: bool = False) -> nn.Module:
     """A model from a .pt2, a pickled module (only with `trusted=True`) or `package.module:factory`."""
     from rewrite.loading import load as _load

@@ -95,9 +95,10 @@ class Pattern:
         """Structural matches that `check` refused, with the reasons (for a pass's `skipped` list)."""
         return [(match, why) for match, why in self._candidates(gm) if why]
 
-    def _candidates(self, gm: fx.GraphModule):
+    def _candidates(self, gm: fx.GraphModule, overlapping: bool = False):
         for variant in self.variants:
-            for raw in _LayerAwareMatcher(variant.graph, gm, variant.ignore_literals).match(gm.graph):
+            matcher = _LayerAwareMatcher(variant.graph, gm, variant.ignore_literals, overlapping)
+            for raw in matcher.match(gm.graph):
                 match = _to_match(self.name, variant, raw)
                 yield match, (self.check(match, gm) if self.check else None)
 
@@ -120,9 +121,13 @@ class Pattern:
         return "; ".join(reasons)
 
     def _leak_or_check(self, gm: fx.GraphModule, node: fx.Node) -> str:
-        for match, why in self.refusals(gm):
+        for match, why in self._candidates(gm, overlapping=True):
             if node in match.outputs:
-                return why
+                taken = [m for m in self.find(gm) or [] if set(m.nodes.values()) & set(match.nodes.values())]
+                if why:
+                    return why
+                if taken:
+                    return f"it overlaps the match ending at {taken[0].outputs[0].name} (matches do not share nodes)"
         return "an inner node's result is also used outside the pattern (it would have to be computed anyway)"
 
 
@@ -195,8 +200,8 @@ class _Equality:
 class _LayerAwareMatcher(SubgraphMatcher):
     """SubgraphMatcher whose node equality knows layers (by type) and in-place spellings."""
 
-    def __init__(self, pattern: fx.GraphModule, gm: fx.GraphModule, ignore_literals: bool):
-        super().__init__(pattern.graph, ignore_literals=ignore_literals)
+    def __init__(self, pattern: fx.GraphModule, gm: fx.GraphModule, ignore_literals: bool, overlapping: bool = False):
+        super().__init__(pattern.graph, ignore_literals=ignore_literals, remove_overlapping_matches=not overlapping)
         self._equal = _Equality(pattern, gm, ignore_literals)
 
     def _nodes_are_equal(self, pn: fx.Node, gn: fx.Node, node_name_match: str = "") -> bool:

@@ -116,6 +116,11 @@ class Pass:
         return cls.contract.describe()
 
     @classmethod
+    def patterns(cls) -> list:
+        """The `rewrite.match.Pattern`s the pass rewrites (for `rewrite passes explain`); none by default."""
+        return []
+
+    @classmethod
     def calibration_text(cls) -> str:
         """Whether calibration data is needed, in words (`calibration_note` when it depends on options)."""
         note = getattr(cls, "calibration_note", "")

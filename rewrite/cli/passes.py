@@ -1,7 +1,8 @@
 """`rewrite passes list` / `rewrite passes show NAME`."""
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -39,6 +40,23 @@ def show(name: Annotated[str, typer.Argument(help="a pass name from `rewrite pas
     rows = [["option", "type", "default"]] + [[n, t, repr(d)] for n, t, d in cls.options()]
     if len(rows) > 1:
         render.console.print(render.table(rows, "options"))
+
+
+@app.command("explain")
+@render.user_errors
+def explain(
+    name: Annotated[str, typer.Argument(help="a pass name from `rewrite passes list`")],
+    model: Annotated[str, typer.Option("--model", help="the model, in any form `rewrite optimize` takes")],
+    node: Annotated[Optional[str], typer.Option(help="a graph node name: why the pattern does not end there")] = None,
+    inputs: Annotated[Optional[Path], typer.Option(help="example inputs saved with torch.save")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="load a pickled module")] = False,
+) -> None:
+    """Where a pass's patterns match in MODEL, where they were refused and why (--node: why not there)."""
+    from rewrite import api
+    from rewrite.cli.optimize import _example_inputs
+    for line in api.explain(model, _example_inputs(inputs, input_shape), name, node, trusted=trust_pickle):
+        render.console.print(line, markup=False, soft_wrap=True)
 
 
 def markdown_table(names: list[str]) -> str:

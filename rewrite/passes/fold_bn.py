@@ -59,6 +59,10 @@ class FoldBatchNorm(Pass):
     shrinks = True
     applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm"
 
+    @classmethod
+    def patterns(cls) -> list[Pattern]:
+        return [layer_bn()]
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         found = layer_bn().find(gm)
         for match in found or []:

@@ -112,6 +112,11 @@ class FisherSVD(SqnrFloor, Pass):
     budget_metric: float = 0.0
     min_sqnr: float = 10.0
 
+    @classmethod
+    def patterns(cls) -> list:
+        from rewrite.patterns import feed_forward
+        return [feed_forward()]  # target=ffn; target=all takes every Linear
+
     def __post_init__(self):
         compress.check_rank_options(self.rank, self.param_ratio)
 

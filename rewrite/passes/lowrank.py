@@ -120,6 +120,11 @@ class StructuredFFN(SqnrFloor, Pass):
     guided: bool = False
     min_sqnr: float = 10.0
 
+    @classmethod
+    def patterns(cls) -> list:
+        from rewrite.patterns import feed_forward
+        return [feed_forward()]  # target=ffn; target=all takes every Linear
+
     def __post_init__(self):
         compress.check_rank_options(self.rank, self.param_ratio)
         if self.blocks < 1:

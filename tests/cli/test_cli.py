@@ -171,3 +171,12 @@ def test_a_module_pickled_from_a_script_says_what_to_do(tmp_path):
     result = CliRunner().invoke(app, ["optimize", str(tmp_path / "net.pt"), "-p", "fold-bn", "--input-shape", "2,4",
                                       "--trust-pickle", "-o", str(other / "o")])
     _one_line_error(result, "its class must be importable here")
+
+
+def test_passes_explain_says_where_and_why_not():
+    found = invoke("passes", "explain", "fold-bn", "--model", EXAMPLE)
+    assert found.exit_code == 0 and "layer-batchnorm: matches at stem_1" in found.output
+    why = invoke("passes", "explain", "fold-bn", "--model", EXAMPLE, "--node", "head")
+    assert "where the pattern has a BatchNorm1d" in why.output
+    layerwise = invoke("passes", "explain", "dgq", "--model", EXAMPLE)
+    assert "matches no graph pattern" in layerwise.output
