@@ -15,11 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rewrite import __version__, calibration, capture, measure, pipeline, registry, verify
+from rewrite import __version__, calibration, capture, measure, pipeline, registry, spec, verify
 from rewrite.errors import RewriteError, first_line
 from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
-from rewrite.recover import RecoverSpec
 from rewrite.report import Measurement, RunReport
 
 Progress = Callable[..., None]  # (message, done=None, total=None)
@@ -83,9 +82,10 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     one-line message on bad input.
     """
     say = progress or (lambda message, done=None, total=None: None)
-    pass_list = pipeline.with_budget(pipeline.parse_spec(passes), budget)  # cheap checks before any loading
+    pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
     emitters = _emitters(emit, out)
-    recovery = RecoverSpec.parse(recover)
+    recovery = spec.recover_spec(recover)
+    floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
     source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
     folder = OutputFolder(out, force, protect=source) if out is not None else None
@@ -97,7 +97,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
     warns += [cache_note] if cache_note else []
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
-    metric_floor = _metric_floor(floor, eval_data)
+    if floor_value is not None and eval_data is None:
+        raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
+    metric_floor = floor_value
     masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
     with folder.staging() if folder else contextlib.nullcontext() as stage:
         say("capturing")
@@ -113,7 +115,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                           masks=masks, metric_floor=metric_floor)
         rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
         rewritten = capture.accept_original_calls(rewritten, model, inputs)
-        report = RunReport(pipeline=pipeline.format_spec(pass_list), capture=captured.describe(),
+        report = RunReport(pipeline=spec.format_spec(pass_list), capture=captured.describe(),
                            inputs=calibration.describe(data.batches), records=records, warnings=warns,
                            compared=_compared(model, mask_input, masks, metric_floor, metric))
         report.error_vs_original = verify.compare(
@@ -244,19 +246,6 @@ def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes:
     return data, []
 
 
-def _metric_floor(floor: str | None, eval_data: Any) -> float | None:
-    """`metric=Y`: approximate passes are accepted by the task metric on --eval data instead of SQNR."""
-    if not floor:
-        return None
-    key, eq, raw = (part.strip() for part in floor.partition("="))
-    value = pipeline.finite_number(raw)
-    if key != "metric" or not eq or value is None:
-        raise RewriteError(f"--floor {floor!r} is malformed: write metric=VALUE (a finite number)")
-    if eval_data is None:
-        raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
-    return value
-
-
 def _compared(model: nn.Module, mask_input: str | None, masks: list | None, floor: float | None,
               metric: str | None) -> str:
     """What verification compared, in words, for the report."""
@@ -346,7 +335,7 @@ def _onnx_size(path: Path) -> int:
 
 def _write_report(report: RunReport, out_dir: Path, seed: int, inputs: tuple, passes: list[Pass]) -> None:
     report.recipe = {
-        "pipeline": pipeline.format_spec(passes), "seed": seed, "input_sha256": _hash(inputs),
+        "pipeline": spec.format_spec(passes), "seed": seed, "input_sha256": _hash(inputs),
         # What each pass chose by measuring (t1's forms, searched ranks), so a run can be reproduced.
         "passes": [{"spec": r.spec, "status": r.status, "choices": r.stats} for r in report.records],
         "versions": {"rewrite": __version__, "torch": torch.__version__, "python": os.sys.version.split()[0]},

@@ -1,4 +1,4 @@
-"""Parse `a,b{k=v}` pipelines and run passes in the user's order, verifying each against its contract.
+"""Run passes in the user's order, verifying each against its contract (the spec text is parsed in spec.py).
 
 A pass that crashes or breaks its contract is rolled back (the model before it is restored) and the
 report says why; with `strict=True` that is an error naming the pass and the passes before it.
@@ -6,163 +6,17 @@ report says why; with `strict=True` that is an error naming the pass and the pas
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import time
-import typing
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Callable
 
 from torch import nn
 
-from rewrite import capture, measure, registry, verify
+from rewrite import capture, measure, verify
 from rewrite.errors import PassError, RewriteError, first_line
 from rewrite.pass_base import Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
 
 Progress = Callable[..., None]  # (message, done=None, total=None)
-
-
-# --- parsing -----------------------------------------------------------------------------------
-
-def parse_spec(spec: str | list) -> list[Pass]:
-    """`"fold-bn,t1{mode=exact},dgq{group=128}"` → pass instances; a list may mix spec strings and instances."""
-    if isinstance(spec, (list, tuple)):
-        return [p for item in spec for p in _parse_item(item)] or parse_spec("")
-    if not isinstance(spec, str):
-        raise RewriteError(f"passes must be a spec string like 'fold-bn,dgq' or a list, got {type(spec).__name__}")
-    parts = _split_top_level(spec)
-    if not parts:
-        raise RewriteError("no passes given: name at least one, e.g. --passes fold-bn (see `rewrite passes list`)")
-    return [_parse_one(part) for part in parts]
-
-
-def _parse_item(item: Any) -> list[Pass]:
-    if isinstance(item, Pass):
-        for f in dataclasses.fields(item):
-            value = getattr(item, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise RewriteError(f"option {f.name.replace('_', '-')}={value} of pass {item.name!r} must be finite")
-        return [item]
-    if isinstance(item, type) and issubclass(item, Pass):
-        return [item()]
-    if isinstance(item, str):
-        return parse_spec(item)
-    raise RewriteError(f"passes list holds a {type(item).__name__}: give pass names or rewrite.Pass instances")
-
-
-def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
-    """`--budget sqnr=DB | metric=Y`: passes that search per-layer settings (fwsvd, lowrank) search within it.
-
-    sqnr: the whole model's output SQNR on calibration data stays ≥ DB. metric: the --metric score on the
-    --eval data stays ≥ Y (≤ Y for rel-l2)."""
-    if not budget:
-        return passes
-    key, eq, raw = (part.strip() for part in budget.partition("="))
-    if key not in ("sqnr", "metric") or not eq:
-        raise RewriteError(f"--budget {budget!r} is malformed: write sqnr=DB or metric=VALUE")
-    value = _try_coerce(raw, float)
-    if value is _FAIL:
-        raise RewriteError(f"--budget {key}={raw!r} must be a finite number")
-    field = f"budget_{key}"
-    if not any(hasattr(p, field) for p in passes):
-        raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
-    return [dataclasses.replace(p, **{field: value}) if hasattr(p, field) and not getattr(p, field) else p
-            for p in passes]
-
-
-def finite_number(raw: str) -> float | None:
-    value = _try_coerce(raw, float)
-    return None if value is _FAIL else value
-
-
-def format_spec(passes: list[Pass]) -> str:
-    return ",".join(p.spec() for p in passes)
-
-
-def _split_top_level(spec: str) -> list[str]:
-    parts, depth, current = [], 0, ""
-    for ch in spec:
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth < 0 or depth > 1:
-            raise RewriteError(f"malformed pipeline {spec!r}: unbalanced braces; write name{{key=value,...}}")
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    if depth:
-        raise RewriteError(f"malformed pipeline {spec!r}: missing '}}'; write name{{key=value,...}}")
-    parts.append(current.strip())
-    return [p for p in parts if p]
-
-
-def _parse_one(text: str) -> Pass:
-    name, _, rest = text.partition("{")
-    name = name.strip()
-    if rest and not rest.endswith("}"):
-        raise RewriteError(f"malformed pass {text!r}: text after '}}'; write name{{key=value,...}}")
-    cls = registry.load_pass(name)
-    options = _parse_options(name, rest[:-1]) if rest else {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, raw in options.items():
-        field = key.replace("-", "_")
-        if field not in fields:
-            known = ", ".join(f.replace("_", "-") for f in fields) or "none"
-            raise RewriteError(f"pass {name!r} has no option {key!r}; its options: {known}")
-        kwargs[field] = _coerce(name, key, raw, hints[field])
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise RewriteError(f"pass {name!r}: {first_line(exc)}") from None
-
-
-def _parse_options(name: str, body: str) -> dict[str, str]:
-    options = {}
-    for item in filter(None, (s.strip() for s in body.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise RewriteError(f"malformed option {item!r} for pass {name!r}: write key=value")
-        options[key.strip()] = value.strip()
-    return options
-
-
-def _coerce(name: str, key: str, raw: str, annotation: Any) -> Any:
-    """Turn option text into the field's declared type (int, float, bool, str, Literal, or a union)."""
-    choices = [annotation] if get_origin(annotation) not in (typing.Union, type(int | str)) else list(get_args(annotation))
-    for kind in choices:
-        value = _try_coerce(raw, kind)
-        if value is not _FAIL:
-            return value
-    wanted = " or ".join(_describe(k) for k in choices)
-    raise RewriteError(f"option {key}={raw!r} of pass {name!r} must be {wanted}")
-
-
-_FAIL = object()
-
-
-def _try_coerce(raw: str, kind: Any) -> Any:
-    if get_origin(kind) is Literal:
-        return raw if raw in get_args(kind) else _FAIL
-    if kind is bool:
-        return {"true": True, "on": True, "1": True, "yes": True,
-                "false": False, "off": False, "0": False, "no": False}.get(raw.lower(), _FAIL)
-    if kind is type(None):
-        return None if raw.lower() in ("none", "") else _FAIL
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError):
-        return _FAIL
-    if isinstance(value, float) and not math.isfinite(value):  # nan would switch a floor off silently
-        return _FAIL
-    return value
-
-
-def _describe(kind: Any) -> str:
-    if get_origin(kind) is Literal:
-        return "one of " + "|".join(map(str, get_args(kind)))
-    return "a finite number" if kind is float else getattr(kind, "__name__", str(kind))
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -178,7 +32,7 @@ def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext,
             progress(f"pass {i + 1}/{len(passes)}: {pass_.spec()}")
             ctx.progress = lambda message, done, total, i=i, name=pass_.name: progress(
                 f"pass {i + 1}/{len(passes)}: {name}: {message}", done, total)
-        earlier = format_spec(passes[:i]) or "none"
+        earlier = ",".join(p.spec() for p in passes[:i]) or "none"
         module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict, progress)
         records.append(record)
     return module, records

@@ -15,35 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from rewrite.errors import RewriteError
 
 
 @dataclass(frozen=True)
 class RecoverSpec:
-    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover=."""
+    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (parsed in spec.py)."""
 
     steps: int = 200
     lr: float = 1e-3
     patience: int = 50
 
-    @classmethod
-    def parse(cls, text: str | None) -> RecoverSpec | None:
-        if not text:
-            return None
-        values: dict[str, Any] = {}
-        for item in text.split(","):
-            key, eq, raw = item.partition("=")
-            key = key.strip()
-            if not eq or key not in ("steps", "lr", "patience"):
-                raise RewriteError(f"malformed --recover {text!r}: write steps=N[,lr=X][,patience=N]")
-            try:
-                values[key] = float(raw) if key == "lr" else int(raw)
-            except ValueError as exc:
-                raise RewriteError(f"--recover {key}={raw!r} must be a number") from exc
-        spec = cls(**values)
-        if spec.steps <= 0 or spec.patience <= 0 or not (math.isfinite(spec.lr) and spec.lr > 0):
-            raise RewriteError(f"--recover {text!r}: steps, lr and patience must be positive (and finite)")
-        return spec
 
 
 def _loss(out: Any, target: Any, kind: str = "mse") -> torch.Tensor:

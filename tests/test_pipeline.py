@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import fx
 
-from rewrite import api, pipeline
+from rewrite import api
+from rewrite import spec as spec_language
 from rewrite.errors import PassError, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult
 from rewrite.passes.fold_bn import FoldBatchNorm
@@ -23,11 +24,11 @@ class _Options(Pass):
 
 
 def test_parse_maps_kebab_case_options_onto_typed_fields(monkeypatch):
-    monkeypatch.setattr(pipeline.registry, "load_pass", lambda name: {"options": _Options}.get(name) or FoldBatchNorm)
-    [fold, opts] = pipeline.parse_spec("fold-bn, options{rank=8,ratio=0.25,on=true,mode=t1,limit=none}")
+    monkeypatch.setattr(spec_language.registry, "load_pass", lambda name: {"options": _Options}.get(name) or FoldBatchNorm)
+    [fold, opts] = spec_language.parse_spec("fold-bn, options{rank=8,ratio=0.25,on=true,mode=t1,limit=none}")
     assert isinstance(fold, FoldBatchNorm)
     assert opts == _Options(rank=8, ratio=0.25, on=True, mode="t1", limit=None)
-    assert pipeline.format_spec([fold, opts]) == "fold-bn,options{rank=8,ratio=0.25,on=True,mode=t1}"
+    assert spec_language.format_spec([fold, opts]) == "fold-bn,options{rank=8,ratio=0.25,on=True,mode=t1}"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -40,9 +41,9 @@ def test_parse_maps_kebab_case_options_onto_typed_fields(monkeypatch):
     ("", "no passes given"),
 ])
 def test_malformed_specs_are_one_line_errors(monkeypatch, spec, message):
-    monkeypatch.setattr(pipeline.registry, "load_pass", lambda name: _Options)
+    monkeypatch.setattr(spec_language.registry, "load_pass", lambda name: _Options)
     with pytest.raises(RewriteError, match=message) as info:
-        pipeline.parse_spec(spec)
+        spec_language.parse_spec(spec)
     assert "\n" not in str(info.value)
 
 

@@ -5,12 +5,13 @@ from torch import nn
 
 from rewrite.errors import RewriteError
 from rewrite.recover import RecoverSpec, _loss, distill
+from rewrite.spec import recover_spec
 
 
 @pytest.mark.parametrize("text", ["steps", "steps=x", "steps=0", "lr=-1", "epochs=3"])
 def test_bad_recover_specs_are_one_line_errors(text):
     with pytest.raises(RewriteError) as exc:
-        RecoverSpec.parse(text)
+        recover_spec(text)
     assert "\n" not in str(exc.value) and "steps" in str(exc.value)
 
 

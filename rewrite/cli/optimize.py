@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rewrite import api, calibration, loading, pipeline
+from rewrite import api, calibration, loading, spec
 from rewrite.cli import render
 
 MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
@@ -41,7 +41,7 @@ def optimize(
                                                         "differs from the verified model")] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
-    pipeline.parse_spec(passes)  # a typo fails before any model file is read
+    spec.parse_spec(passes)  # a typo fails before any model file is read
     example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
     calib_data = calibration.load_file(calib, "calibration") if calib else None
