@@ -12,6 +12,17 @@ from rewrite import capture, verify
 from rewrite.errors import InvalidValue
 from rewrite.patterns import feed_forward, layers, set_submodule
 
+class Factorizes:
+    """Mixin of the factorizing passes (lowrank, fwsvd): their pattern (target=ffn) and option checks."""
+
+    @classmethod
+    def patterns(cls) -> list:
+        return [feed_forward()]  # target=ffn; target=all takes every Linear
+
+    def __post_init__(self):
+        check_rank_options(self.rank, self.param_ratio)
+
+
 def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
     """`all` Linears, or `ffn`: Linear → activation → Linear pairs (both linears of each pair)."""
     found = layers(module, (nn.Linear,))

@@ -96,7 +96,7 @@ def _loss(outputs: Any, target: Any, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class FisherSVD(SqnrFloor, Pass):
+class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     name = "fwsvd"
     paper = "Hsu et al., Language model compression with weighted low-rank factorization, ICLR 2022 (arXiv:2207.00112)"
     summary = "Linears → two low-rank Linears by Fisher-weighted SVD (fisher=none: plain SVD baseline)"
@@ -111,14 +111,6 @@ class FisherSVD(SqnrFloor, Pass):
     budget_sqnr: float = 0.0
     budget_metric: float = 0.0
     min_sqnr: float = 10.0
-
-    @classmethod
-    def patterns(cls) -> list:
-        from rewrite.patterns import feed_forward
-        return [feed_forward()]  # target=ffn; target=all takes every Linear
-
-    def __post_init__(self):
-        compress.check_rank_options(self.rank, self.param_ratio)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         paths = [p for p, _ in compress.target_linears(module, self.target)]

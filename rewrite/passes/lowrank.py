@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite.errors import InvalidValue
 from rewrite import compress
+from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule
 
@@ -102,7 +102,7 @@ def block_dense(linear: nn.Linear, rank: int, blocks: int) -> BlockDenseLinear:
 
 
 @dataclass(frozen=True)
-class StructuredFFN(SqnrFloor, Pass):
+class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
     name = "lowrank"
     paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
     summary = "FFN Linears → low-rank or block-dense factors (truncated SVD closed forms)"
@@ -120,13 +120,8 @@ class StructuredFFN(SqnrFloor, Pass):
     guided: bool = False
     min_sqnr: float = 10.0
 
-    @classmethod
-    def patterns(cls) -> list:
-        from rewrite.patterns import feed_forward
-        return [feed_forward()]  # target=ffn; target=all takes every Linear
-
     def __post_init__(self):
-        compress.check_rank_options(self.rank, self.param_ratio)
+        super().__post_init__()
         if self.blocks < 1:
             raise InvalidValue("blocks must be ≥ 1")
 
