@@ -5,7 +5,6 @@ import contextlib
 import copy
 import hashlib
 import inspect
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -130,7 +129,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             _emit_all(report, model, rewritten, captured, emitters, stage, measure_latency, say)
             for artifact in report.artifacts:
                 artifact.path = folder.final(artifact.path)
-            _write_report(report, stage, seed, inputs, pass_list)
+            report.recipe = _recipe(report, seed, inputs, pass_list)
+            report.write(stage)
     return Result(rewritten, report, captured, pass_list, seed)
 
 
@@ -333,16 +333,13 @@ def _onnx_size(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
 
 
-def _write_report(report: RunReport, out_dir: Path, seed: int, inputs: tuple, passes: list[Pass]) -> None:
-    report.recipe = {
+def _recipe(report: RunReport, seed: int, inputs: tuple, passes: list[Pass]) -> dict:
+    return {
         "pipeline": spec.format_spec(passes), "seed": seed, "input_sha256": _hash(inputs),
         # What each pass chose by measuring (t1's forms, searched ranks), so a run can be reproduced.
         "passes": [{"spec": r.spec, "status": r.status, "choices": r.stats} for r in report.records],
         "versions": {"rewrite": __version__, "torch": torch.__version__, "python": os.sys.version.split()[0]},
     }
-    (out_dir / "report.md").write_text(report.to_markdown())
-    (out_dir / "report.json").write_text(report.to_json())
-    (out_dir / "recipe.json").write_text(json.dumps(report.recipe, indent=2))
 
 
 def _hash(inputs: tuple) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -116,6 +117,12 @@ class RunReport:
             flag = "FAILED: " if art.problem else ""
             lines.append(f"artifact {art.kind}: {flag}{art.path or '-'}{parity}{(' ' + art.note) if art.note else ''}")
         return lines
+
+    def write(self, folder: Path) -> None:
+        """report.md, report.json and recipe.json into `folder`."""
+        (folder / "report.md").write_text(self.to_markdown())
+        (folder / "report.json").write_text(self.to_json())
+        (folder / "recipe.json").write_text(json.dumps(self.recipe, indent=2, default=str))
 
     def problems(self) -> list[str]:
         """What makes this run's output untrustworthy (artifacts not written or not at parity)."""
