@@ -133,4 +133,4 @@ def weight_error(original: nn.Linear, replacement: nn.Module) -> float:
         eye = torch.eye(original.in_features)
         bias = original.bias if original.bias is not None else 0
         effective = (replacement(eye) - bias).T
-        return float((effective - original.weight).norm() / original.weight.norm())
+    return verify.relative_error(original.weight, effective)

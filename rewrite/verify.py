@@ -64,6 +64,15 @@ def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact
     )
 
 
+def relative_error(want: torch.Tensor, got: torch.Tensor, kind: str = "l2") -> float:
+    """‖got − want‖ / ‖want‖ (kind="l2"), or max|got − want| / max|want| (kind="max"): the one per-layer
+    error passes report (and t1 uses to confirm a probed layer is a Fourier multiplier)."""
+    diff, ref = (got - want).detach().double(), want.detach().double()
+    if kind == "max":
+        return float(diff.abs().max() / ref.abs().max().clamp_min(1e-30))
+    return float(diff.norm() / ref.norm().clamp_min(1e-12))
+
+
 def check(contract: Contract, err: OutputError) -> str | None:
     """None when `err` meets the contract, else the reason it does not."""
     if not math.isfinite(err.max_abs):

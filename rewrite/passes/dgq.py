@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from rewrite import capture
+from rewrite import capture, verify
 from rewrite.errors import InvalidValue
 from rewrite.kernels import dgq as kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
@@ -176,7 +176,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
             weights = quantize_weight(linear.weight.detach(), x, self.group, self.search)
             layer = DGQLinear(weights, linear.bias, _static_scale(x) if self.act == "static" else torch.empty(0),
                               self.form)
-            errors[path] = _relative_error(linear, layer, x)
+            with torch.no_grad():
+                errors[path] = verify.relative_error(linear(x), layer(x))
             bits.append(layer.stored_bits_per_weight())
             set_submodule(module, path, layer)
             done.append(path)
@@ -245,9 +246,3 @@ def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tens
 
 def _static_scale(x: torch.Tensor) -> torch.Tensor:
     return (x.abs().max() / 127).clamp_min(1e-12).reshape(1)
-
-
-def _relative_error(linear: nn.Linear, layer: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        want, got = linear(x), layer(x)
-    return float((got - want).norm() / want.norm().clamp_min(1e-12))

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from rewrite import measure
+from rewrite import measure, verify
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.passes import spectral, t1_fusion, t1_student
@@ -126,7 +126,8 @@ class TransformOnce(Pass):
         if isinstance(built, str):
             return None, built
         probe = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(ctx.seed))
-        error = _relative_error(conv, built, probe)
+        with torch.no_grad():
+            error = verify.relative_error(conv(probe), built(probe), kind="max")
         if not error <= 1e-5:
             return None, f"not a truncated Fourier multiplier (GEMM form differs by {error:.1e})"
         return self._faster(conv, built, torch.randn(*shape), ctx)
@@ -222,7 +223,3 @@ def _first_inputs(model: nn.Module, paths: list[str], batch: tuple) -> dict[str,
     return shapes
 
 
-def _relative_error(reference: nn.Module, candidate: nn.Module, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        want, got = reference(x), candidate(x)
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
