@@ -23,7 +23,7 @@ from neuralop.layers.spectral_convolution import SpectralConv  # noqa: E402
 from neuralop.models import FNO  # noqa: E402
 
 import rewrite  # noqa: E402
-from rewrite.passes.spectral import from_neuralop  # noqa: E402
+from rewrite.passes.t1.gemm import from_neuralop  # noqa: E402
 
 
 def speed(sizes, batch=8, hidden=32, modes=16):

@@ -5,7 +5,7 @@ from torch import nn
 from rewrite import api
 from rewrite.emit import onnx as onnx_emit
 from rewrite.errors import RewriteError
-from rewrite.kernels import dgq as kernels
+from rewrite.passes.dgq import kernels
 from rewrite.passes.dgq import DGQLinear, quantize_weight
 from tests.passes.test_lowrank import FFN
 

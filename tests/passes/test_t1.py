@@ -4,7 +4,7 @@ from torch import fx, nn
 
 from rewrite import api, capture, verify
 from rewrite.emit import onnx as onnx_emit
-from rewrite.passes.spectral import SpectralGEMM, from_neuralop
+from rewrite.passes.t1.gemm import SpectralGEMM, from_neuralop
 from rewrite.passes.t1 import TransformOnce
 from rewrite.testing import ConvBN, SpectralChains, ToyFNO, check_pass
 
@@ -38,7 +38,7 @@ def test_onnx_parity_of_the_gemm_form(tmp_path):
 
 @pytest.mark.parametrize("size", [16, 15])
 def test_linear_spectral_chains_fuse_exactly(size, tmp_path):
-    from rewrite.passes.t1_fusion import Analysis, SpectralChain
+    from rewrite.passes.t1.fusion import Analysis, SpectralChain
     model = SpectralChains(size).eval()
     x = model.example_inputs()
     result = api.optimize(model, x, "t1{form=gemm}", emit="onnx", out=tmp_path, measure_latency=False, strict=True)
@@ -182,7 +182,7 @@ def test_mode_t1_builds_the_frequency_domain_model_and_recovery_helps():
 
 
 def test_frequency_selection_keeps_a_subset_of_modes_with_dc():
-    from rewrite.passes.t1_student import Basis, select_modes
+    from rewrite.passes.t1.student import Basis, select_modes
     basis = Basis("dft", [[-2, -1, 0, 1], [0, 1, 2]], (8, 8))
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0] = torch.cos(2 * torch.pi * 2 * torch.arange(8) / 8)[None, :]  # energy at last-axis frequency 2
@@ -204,7 +204,7 @@ def test_mode_t1_with_fewer_modes_builds_a_smaller_student():
 @pytest.mark.parametrize("kind", ["dft", "dct"])
 @pytest.mark.parametrize("grid", [(12,), (10, 9), (6, 8, 7)])
 def test_student_basis_round_trips_band_limited_fields(kind, grid):
-    from rewrite.passes.t1_student import Basis
+    from rewrite.passes.t1.student import Basis
     # ±f kept together: a real field's spectrum then stays inside the set (rfft∘irfft is only a projection)
     index = [list(range(-2, 3)) if kind == "dft" and a < len(grid) - 1 else list(range(3)) for a in range(len(grid))]
     basis = Basis(kind, index, grid).double()
@@ -220,7 +220,7 @@ def test_student_basis_round_trips_band_limited_fields(kind, grid):
 
 
 def test_student_spectral_conv_is_the_teachers_on_coefficients():
-    from rewrite.passes.t1_student import build
+    from rewrite.passes.t1.student import build
     model = neuralop.models.FNO(n_modes=(8, 6), hidden_channels=6, in_channels=1, out_channels=1).eval()
     x = torch.randn(2, 6, 20, 16)
     student = build(model.fno_blocks, x)
@@ -230,7 +230,7 @@ def test_student_spectral_conv_is_the_teachers_on_coefficients():
 
 
 def test_dct_student_and_vp_init():
-    from rewrite.passes.t1_student import build
+    from rewrite.passes.t1.student import build
     model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=6, in_channels=1, out_channels=1).eval()
     x = torch.randn(2, 6, 16, 16)
     dct = build(model.fno_blocks, x, "coeff", "dct")
@@ -267,7 +267,7 @@ class _TwoSpectral(nn.Module):
 
 @pytest.mark.parametrize("size", [16, 15])
 def test_chained_neuraloperator_convs_fuse_through_the_hermitian_projection(size):
-    from rewrite.passes.t1_fusion import SpectralChain
+    from rewrite.passes.t1.fusion import SpectralChain
     torch.manual_seed(0)
     model, x = _TwoSpectral().eval(), torch.randn(2, 4, size, size)
     result = check_pass(TransformOnce(form="gemm"), model, (x,))
@@ -281,7 +281,7 @@ def test_chained_neuraloperator_convs_fuse_through_the_hermitian_projection(size
 
 
 def test_lifting_and_projection_end_layers_move_into_the_modes_exactly():
-    from rewrite.passes.t1_student import ChannelMLPPart, absorbable, build
+    from rewrite.passes.t1.student import ChannelMLPPart, absorbable, build
     torch.manual_seed(0)
     model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
     lifting, projection = absorbable(model)

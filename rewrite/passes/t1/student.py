@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewrite.errors import InvalidValue
-from rewrite.passes.spectral import _c2r, _dft, _r2c, from_neuralop
+from rewrite.passes.t1.gemm import _c2r, _dft, _r2c, from_neuralop
 
 
 class Basis(nn.Module):

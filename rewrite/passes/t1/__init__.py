@@ -4,20 +4,20 @@ Paper: Poli, Massaroli, Berto, Park, Dao, Ré, Ermon, "Transform Once: Efficient
 Frequency Domain", NeurIPS 2022 (arXiv:2211.14453).
 
 Contract (mode=exact): outputs equal to float tolerance. A truncated DFT is a dense (modes × n) matrix,
-so each spectral conv becomes real matmuls (see `spectral.py`), which run without complex tensors,
+so each spectral conv becomes real matmuls (see `gemm.py`), which run without complex tensors,
 export to ONNX, and beat the FFT at high resolution (crossover near modes/n ≤ 1/4 on this CPU). Per
 layer, `form=auto` keeps whichever form measures faster here, except that ONNX output always takes the
 GEMM form, the only exportable one. Layers are read from neuraloperator's `SpectralConv` attributes
 (its odd-size fftshift quirk reproduced) or, for hand-written spectral convs, from their impulse
 response; each rewritten layer is checked against the original before it is kept.
 
-Linear chains fuse exactly in captured graphs (`t1_fusion.py`): adjacent spectral convs become one
+Linear chains fuse exactly in captured graphs (`fusion.py`): adjacent spectral convs become one
 mode-to-mode map (through P_H, the Hermitian projection rfft∘irfft), a tensor feeding several spectral
 convs is transformed once, fftshift pairs and irfft(rfft(x)) round trips are dropped. But no FFT/iFFT
 pair of a trained FNO can be removed exactly: every block has a GELU between its iFFT and the next FFT,
 and the report's fusion counts say so by being absent. mode=t1 therefore converts neuraloperator FNO
 blocks into the paper's transform-once form (one transform in, all blocks on the kept modes, one
-transform out; rFFT or DCT-II; see `t1_student.py`), an approximation that needs calibration data and
+transform out; rFFT or DCT-II; see `student.py`), an approximation that needs calibration data and
 is distilled with --recover. Contract (mode=t1): SQNR ≥ `min-sqnr` dB against the FNO after recovery.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import fx, nn
 from rewrite import measure, verify
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
-from rewrite.passes import spectral, t1_fusion, t1_student
+from rewrite.passes.t1 import fusion, gemm, student
 from rewrite.patterns import module_paths, region, region_io, replace_region, set_submodule
 
 _FFT_OPS = {"fft_rfft", "fft_rfft2", "fft_rfftn", "_fft_r2c"}
@@ -75,7 +75,7 @@ class TransformOnce(Pass):
         if self.mode == "t1":
             return self._transform_once(module, ctx)
         original = ctx.original if ctx.original is not None else module
-        simplified = t1_fusion.simplify_transforms(module) if is_graph(module) else {}
+        simplified = fusion.simplify_transforms(module) if is_graph(module) else {}
         paths = _graph_candidates(module) if is_graph(module) else _eager_candidates(module)
         shapes = {p: x.shape for p, x in _first_inputs(original, paths, ctx.calibration[0]).items()}
         done, skipped = [], []
@@ -84,7 +84,7 @@ class TransformOnce(Pass):
             if layer is not None:
                 reason = replace_region(module, path, layer) if is_graph(module) else set_submodule(module, path, layer)
             (skipped.append((path, reason)) if reason else done.append(path))
-        fused = t1_fusion.fuse_layers(module) if is_graph(module) and done else {}
+        fused = fusion.fuse_layers(module) if is_graph(module) and done else {}
         grids = sorted({"x".join(map(str, shapes[p][2:])) for p in done})
         forms = {p: "gemm" for p in done} | {p: "fft" for p, why in skipped if why.startswith("kept the FFT")}
         stats = {"spectral_layers": len(done), "grid": ",".join(grids), **simplified, **fused,
@@ -103,14 +103,14 @@ class TransformOnce(Pass):
         done, skipped, modes, absorbed = [], [], "", []
         for path in paths:
             blocks = ctx.original.get_submodule(path)
-            reason = t1_student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
+            reason = student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
             if reason is None:
                 ends = _absorbable_ends(module, ctx.original, path)
-                student = t1_student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
-                                           self.modes_ratio, self.select, ctx.seed,
-                                           (ends[0][1].fcs[-1], ends[1][1].fcs[0]) if ends else None)
-                modes = "x".join(map(str, student.modes))
-                reason = replace_region(module, path, student)
+                model = student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
+                                      self.modes_ratio, self.select, ctx.seed,
+                                      (ends[0][1].fcs[-1], ends[1][1].fcs[0]) if ends else None)
+                modes = "x".join(map(str, model.modes))
+                reason = replace_region(module, path, model)
                 if reason is None and ends:
                     absorbed += _move_ends_into_modes(module, path, ends)
             (skipped.append((path, reason)) if reason else done.append(path))
@@ -122,7 +122,7 @@ class TransformOnce(Pass):
         if shape is None:
             return None, "not run on the calibration inputs"
         grid = tuple(shape[2:])
-        built = spectral.from_neuralop(conv, grid) if _is_neuralop(conv) else spectral.from_probe(conv, shape[1], grid)
+        built = gemm.from_neuralop(conv, grid) if _is_neuralop(conv) else gemm.from_probe(conv, shape[1], grid)
         if isinstance(built, str):
             return None, built
         probe = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(ctx.seed))
@@ -148,7 +148,7 @@ def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
     """((lifting path, lifting), (projection path, projection)) around FNOBlocks at `path`, when their
     linear end layers can join the student and both regions are one-input, one-output in the graph."""
     parent = path.rpartition(".")[0]
-    ends = t1_student.absorbable(original.get_submodule(parent))
+    ends = student.absorbable(original.get_submodule(parent))
     if ends is None:
         return None
     paths = [f"{parent}.{name}" if parent else name for name in ("lifting", "projection")]
@@ -160,8 +160,8 @@ def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
 def _move_ends_into_modes(gm: fx.GraphModule, path: str, ends) -> list[str]:
     """Replace lifting/projection by what stays in space; the student already holds their end layers."""
     (lift_path, lifting), (proj_path, projection) = ends
-    replace_region(gm, lift_path, t1_student.ChannelMLPPart(list(lifting.fcs[:-1]), act_before=False))
-    replace_region(gm, proj_path, t1_student.ChannelMLPPart(list(projection.fcs[1:]), act_before=True))
+    replace_region(gm, lift_path, student.ChannelMLPPart(list(lifting.fcs[:-1]), act_before=False))
+    replace_region(gm, proj_path, student.ChannelMLPPart(list(projection.fcs[1:]), act_before=True))
     for node in gm.graph.nodes:  # their channel counts changed: drop the now-stale shapes
         if node.op == "call_module" and node.target.split("_rewritten")[0] in (lift_path, path):
             node.meta.pop("val", None)

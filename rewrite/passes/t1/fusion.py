@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from rewrite.passes.spectral import SpectralGEMM
+from rewrite.passes.t1.gemm import SpectralGEMM
 
 aten = torch.ops.aten
 _ROUND_TRIPS = {aten.fft_irfftn.default: aten.fft_rfftn.default, aten.fft_irfft2.default: aten.fft_rfft2.default,

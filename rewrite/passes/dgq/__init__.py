@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from rewrite import capture, verify
 from rewrite.errors import InvalidValue
-from rewrite.kernels import dgq as kernels
+from rewrite.passes.dgq import kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import layers, set_submodule
 
