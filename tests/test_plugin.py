@@ -30,8 +30,29 @@ def test_installed_plugin_is_listed(plugin_site):
     assert out.returncode == 0 and "drop-noops" in out.stdout and "rewrite-example 0.1.0" in out.stdout
 
 
+NOOPS = """
+import torch
+from torch import nn
+
+
+class WithNoOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.drop(self.fc(x)) * 1 + 0
+
+
+def build():
+    return WithNoOps().eval(), (torch.randn(2, 4),)
+"""
+
+
 def test_installed_plugin_runs_in_a_pipeline(plugin_site, tmp_path):
-    out = _rewrite(plugin_site, "optimize", EXAMPLE, "-p", "fold-bn,drop-noops", "-o", str(tmp_path / "o"),
-                   "--no-latency")
+    (tmp_path / "noops.py").write_text(NOOPS)
+    out = _rewrite(plugin_site, "optimize", f"{tmp_path / 'noops.py'}:build", "-p", "fold-bn,drop-noops",
+                   "-o", str(tmp_path / "o"), "--no-latency")
     assert out.returncode == 0, out.stderr
-    assert "drop-noops" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if "drop-noops" in line and "│" in line)
+    assert "applied" in row and "removed=3" in row, out.stdout  # dropout, ·1 and +0
