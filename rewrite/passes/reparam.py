@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
+from rewrite.passes.fold_bn import layer_bn
 from rewrite.patterns import layer_of, set_submodule
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -39,9 +40,10 @@ class ReparamLargeKernel(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         merged, skipped = 0, []
+        conv_bn = {m["bn"]: m for m in layer_bn().find(gm) or [] if isinstance(m.layer(gm, "layer"), _CONV)}
         for root in [n for n in gm.graph.nodes if _is_add(n) and not _feeds_add(n)]:
             leaves = _add_leaves(root)
-            branches = [b for b in (_branch(gm, leaf) for leaf in leaves) if b is not None]
+            branches = [b for b in (_branch(gm, leaf, conv_bn) for leaf in leaves) if b is not None]
             if len(branches) < 2:
                 continue
             reason = _why_not(branches)
@@ -81,13 +83,14 @@ class _Branch:
     bn: nn.Module | None
 
 
-def _branch(gm: fx.GraphModule, leaf: object) -> _Branch | None:
-    bn = layer_of(gm, leaf, _BN)
-    conv_node = leaf.args[0] if bn is not None else leaf
-    conv = layer_of(gm, conv_node, _CONV)
-    if conv is None or (bn is not None and len(conv_node.users) != 1):
-        return None
-    return _Branch(leaf, conv_node, conv, bn)
+def _branch(gm: fx.GraphModule, leaf: object, conv_bn: dict) -> _Branch | None:
+    """A summed term that is conv(x) or BN(conv(x)) (the shared layer-batchnorm pattern, whose matches
+    already guarantee the conv feeds nothing else)."""
+    if leaf in conv_bn:
+        match = conv_bn[leaf]
+        return _Branch(leaf, match["layer"], match.layer(gm, "layer"), match.layer(gm, "bn"))
+    conv = layer_of(gm, leaf, _CONV)
+    return _Branch(leaf, leaf, conv, None) if conv is not None else None
 
 
 def _why_not(branches: list[_Branch]) -> str | None:
