@@ -14,16 +14,14 @@ these apply to it; they apply to the linear chains that hand-written operators d
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import fx, nn
 
+from rewrite.match import Match, Pattern, Variant
 from rewrite.passes.t1.gemm import SpectralGEMM
 
-aten = torch.ops.aten
-_ROUND_TRIPS = {aten.fft_irfftn.default: aten.fft_rfftn.default, aten.fft_irfft2.default: aten.fft_rfft2.default,
-                aten.fft_irfft.default: aten.fft_rfft.default}
-_SHIFT_PAIRS = {(aten.fft_ifftshift.default, aten.fft_fftshift.default),
-                (aten.fft_fftshift.default, aten.fft_ifftshift.default)}
 
 
 class SpectralChain(nn.Module):
@@ -102,24 +100,79 @@ def fuse_layers(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def simplify_transforms(gm: fx.GraphModule) -> dict[str, int]:
-    """The aten-level identities only (run before spectral convs are matched)."""
-    counts = {"shift_pairs": _drop_shift_pairs(gm), "fft_round_trips": _drop_round_trips(gm)}
+    """The aten-level identities only (run before spectral convs are matched): each match is replaced
+    by its input."""
+    counts = {"shift_pairs": _drop(gm, shift_pairs()), "fft_round_trips": _drop(gm, round_trips())}
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return {k: v for k, v in counts.items() if v}
 
 
-def _drop_shift_pairs(gm: fx.GraphModule) -> int:
-    count = 0
-    for node in list(gm.graph.nodes):
-        inner = node.args[0] if node.op == "call_function" and node.args else None
-        if not isinstance(inner, fx.Node) or inner.op != "call_function" or _dims(node) != _dims(inner):
-            continue
-        same = node.target == inner.target == aten.fft_fftshift.default and _even_along(inner.args[0], _dims(node))
-        if (node.target, inner.target) in _SHIFT_PAIRS or same:
-            node.replace_all_uses_with(inner.args[0])
-            count += 1
-    return count
+def _drop(gm: fx.GraphModule, pattern: Pattern) -> int:
+    found = pattern.find(gm)
+    for match in found or []:
+        match.outputs[0].replace_all_uses_with(match.inputs[0])
+    return len(found) if found else 0
+
+
+class _Twice(nn.Module):
+    """outer(inner(x)) over the last two dims: the shape of both identities."""
+
+    def __init__(self, outer, inner, **kw):
+        super().__init__()
+        self.outer, self.inner, self.kw = outer, inner, kw
+
+    def forward(self, x):
+        return self.outer(self.inner(x, dim=(-2, -1)), dim=(-2, -1), **self.kw)
+
+
+_X = (torch.randn(2, 3, 8, 8),)
+
+
+@functools.cache
+def shift_pairs() -> Pattern:
+    """fftshift∘ifftshift = ifftshift∘fftshift = id; fftshift∘fftshift = id along even sizes."""
+    fft = torch.fft
+    pairs = [(fft.fftshift, fft.ifftshift), (fft.ifftshift, fft.fftshift), (fft.fftshift, fft.fftshift)]
+    return Pattern("fftshift-pair", *[Variant(_Twice(a, b), _X, ignore_literals=True, name=f"{a.__name__}∘{b.__name__}")
+                                      for a, b in pairs], check=_shift_check)
+
+
+def _shift_check(match: Match, gm: fx.GraphModule) -> str | None:
+    outer, x = match.outputs[0], match.inputs[0]
+    inner = outer.args[0]
+    if _dims(outer) != _dims(inner):
+        return "the two shifts act on different dims"
+    if outer.target == inner.target and not _even_along(x, _dims(outer)):
+        return "fftshift twice is the identity only along even sizes"
+    return None
+
+
+@functools.cache
+def round_trips() -> Pattern:
+    """irfft(rfft(x)) = x at x's own size over the same dims with matching norms (1-D, 2-D, n-D)."""
+    fft = torch.fft
+    variants = [Variant(_Twice(inverse, forward, s=(8, 8)), _X, ignore_literals=True, name=inverse.__name__)
+                for inverse, forward in ((fft.irfftn, fft.rfftn), (fft.irfft2, fft.rfft2))]
+    variants.append(Variant(_Last(), _X, ignore_literals=True, name="irfft"))
+    return Pattern("fft-round-trip", *variants, check=_round_trip_check)
+
+
+class _Last(nn.Module):
+    def forward(self, x):
+        return torch.fft.irfft(torch.fft.rfft(x, dim=-1), n=x.shape[-1], dim=-1)
+
+
+def _round_trip_check(match: Match, gm: fx.GraphModule) -> str | None:
+    inverse, x = match.outputs[0], match.inputs[0]
+    forward = inverse.args[0]
+    if len(forward.args) > 1 and forward.args[1] is not None:
+        return "the forward transform pads or crops (s= given)"
+    if _arg(forward, 2) != _arg(inverse, 2) or _arg(forward, 3) != _arg(inverse, 3):
+        return "the transforms differ in dims or norm"
+    if str(inverse.meta.get("val", torch.empty(0)).shape) != str(x.meta.get("val", torch.empty(1)).shape):
+        return "the inverse does not restore the input's size"
+    return None
 
 
 def _dims(node: fx.Node):
@@ -133,23 +186,6 @@ def _even_along(node: object, dims) -> bool:
         return False
     sizes = [val.shape[d] for d in (dims if isinstance(dims, tuple) else (dims,))]
     return all(isinstance(s, int) and s % 2 == 0 for s in sizes)
-
-
-def _drop_round_trips(gm: fx.GraphModule) -> int:
-    """irfft(rfft(x)) → x when the inverse restores x's own sizes over the same dims with a matching norm."""
-    count = 0
-    for node in list(gm.graph.nodes):
-        forward = node.args[0] if node.op == "call_function" and node.target in _ROUND_TRIPS else None
-        if not isinstance(forward, fx.Node) or forward.target != _ROUND_TRIPS[node.target]:
-            continue
-        x = forward.args[0]
-        size_arg = forward.args[1] if len(forward.args) > 1 else None
-        same_dims = _arg(forward, 2) == _arg(node, 2) and _arg(forward, 3) == _arg(node, 3)
-        same_shape = str(node.meta.get("val", torch.empty(0)).shape) == str(x.meta.get("val", torch.empty(1)).shape)
-        if size_arg is None and same_dims and same_shape:
-            node.replace_all_uses_with(x)
-            count += 1
-    return count
 
 
 def _arg(node: fx.Node, i: int):
