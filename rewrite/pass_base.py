@@ -100,6 +100,7 @@ class Pass:
     applies_to: ClassVar[str] = ""
     level: ClassVar[str] = "graph"
     recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
+    needs_recovery: ClassVar[bool] = False  # a different function by design: only useful after --recover
     shrinks: ClassVar[bool] = False  # an exact pass that promises fewer parameters/FLOPs: growth rolls it back
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -32,6 +32,21 @@ def feed_forward() -> Pattern:
         for act in ACTIVATIONS for dropout in (False, True)])
 
 
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@functools.cache
+def gated_feed_forward() -> Pattern:
+    """down(silu(gate(x)) · up(x)): the SwiGLU block of Llama-style decoders."""
+    return Pattern("gated-feed-forward", Variant(_Gated().eval(), (torch.randn(2, 4),), ignore_literals=True))
+
+
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
