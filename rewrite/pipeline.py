@@ -48,7 +48,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     snapshot, start = copy.deepcopy(module), time.perf_counter()
     try:
         result = _call(pass_, module, ctx)
-        held = _recover(result, snapshot, outputs, ctx, progress) if (
+        held = _recover(result, snapshot, outputs, ctx, progress, pass_.name) if (
             result.modified and pass_.recoverable and ctx.recover is not None) else None
         new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
         err, broken, flag = (verify.judge(pass_, snapshot, result.module, outputs, new_outputs, ctx, held)
@@ -77,7 +77,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
 
 
 def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
-             progress: Progress | None) -> list[int] | None:
+             progress: Progress | None, pass_name: str) -> list[int] | None:
     """Distill the rewritten model toward the model before this pass on part of the calibration data.
 
     Returns the held-out batch indices the contract is then checked on (None: too little data to hold
@@ -90,7 +90,7 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     stats = distill(result.module, teacher, pick(ctx.calibration, train), ctx.recover,
                     targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
                     held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
-                    progress=progress)
+                    progress=progress, trainable=_made_by(result.module, pass_name))
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"] = stats["steps"]
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
@@ -104,6 +104,16 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     elif stats.get("too_little_data"):
         result.stats["recovery_warning"] = stats["too_little_data"]
     return held or None
+
+
+def _made_by(module: nn.Module, name: str) -> list[nn.Module] | None:
+    """The layers a pass put into a graph (stamped with its name): recovery trains those, not the whole
+    model, so a handful of calibration batches cannot overfit millions of untouched weights."""
+    if not is_graph(module):
+        return None
+    layers = [module.get_submodule(n.target) for n in module.graph.nodes
+              if n.op == "call_module" and n.meta.get("rewrite.pass") == name]
+    return [m for m in layers if any(p.is_floating_point() for p in m.parameters())] or None
 
 
 def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:

@@ -56,19 +56,20 @@ def split(count: int) -> tuple[list[int], list[int]]:
 def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
             targets: list[Any] | None = None, held_out: list[tuple] | None = None,
             held_targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
-            progress: Callable[..., None] | None = None) -> dict[str, Any]:
+            progress: Callable[..., None] | None = None, trainable: list[nn.Module] | None = None) -> dict[str, Any]:
     """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after.
 
     With `held_out` batches, early stopping and the kept state follow the loss on them, not on the
     training batches. kind="kl" distills logits by KL divergence (classifiers), "mse" by relative
-    squared error."""
+    squared error. `trainable`: the layers to train (default: every floating-point parameter)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         goals = targets if targets is not None else [teacher(*b) for b in batches]
         watch = held_out or batches
         watch_goals = (held_targets if held_targets is not None else [teacher(*b) for b in held_out]) \
             if held_out else goals
-    params = [p for p in student.parameters() if p.is_floating_point()]
+    sources = trainable or [student]
+    params = list({id(p): p for m in sources for p in m.parameters() if p.is_floating_point()}.values())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=spec.lr)
