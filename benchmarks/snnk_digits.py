@@ -59,20 +59,22 @@ def main():
     model = train(mlp(), xtr, ytr)
     calib = {"inputs": [(xtr[i:i + 100],) for i in range(0, 1400, 100)], "targets": [ytr[i:i + 100] for i in range(0, 1400, 100)]}
     evaluation = {"inputs": [(xte,)], "targets": [yte]}
-    rows = [["features m", "FFN trained params", "ratio", "acc original", "acc after swap", "acc after recovery",
-             "pipeline verdict (floor: accuracy 0.5)"]]
+    rows = [["features m", "FFN trained params", "ratio", "acc original", "init", "acc after swap",
+             "acc after recovery", "pipeline verdict (floor: accuracy 0.5)"]]
     for m in (16, 32, 48):
-        swap = rewrite.optimize(model, (xte[:64],), f"snnk{{features={m},min-sqnr=-100}}", calib=calib,
-                                calib_batches=14, measure_latency=False)
-        rec = rewrite.optimize(model, (xte[:64],), f"snnk{{features={m}}}", calib=calib, calib_batches=14,
-                               eval=evaluation, metric="top1", floor="metric=0.5",
-                               recover="steps=3000,lr=1e-2,patience=600", measure_latency=False)
-        record = rec.report.records[0]
-        before, after = swap.report.records[0].stats["trained_params"].split(" → ")
-        ratio = int(before.replace(",", "")) / int(after.replace(",", ""))
-        rows.append([str(m), f"{before} → {after}", f"{ratio:.1f}x fewer", f"{accuracy(model, xte, yte):.3f}",
-                     f"{accuracy(swap.model, xte, yte):.3f}", f"{accuracy(rec.model, xte, yte):.3f}",
-                     f"{record.status}{': ' + record.reason if record.reason else ''}"])
+        for init in ("weights", "fit"):
+            spec = f"snnk{{features={m},init={init}}}"
+            swap = rewrite.optimize(model, (xte[:64],), spec.replace("}", ",min-sqnr=-100}"), calib=calib,
+                                    calib_batches=14, measure_latency=False)
+            rec = rewrite.optimize(model, (xte[:64],), spec, calib=calib, calib_batches=14, eval=evaluation,
+                                   metric="top1", floor="metric=0.5", recover="steps=3000,lr=1e-2,patience=600",
+                                   measure_latency=False)
+            record = rec.report.records[0]
+            before, after = swap.report.records[0].stats["trained_params"].split(" → ")
+            ratio = int(before.replace(",", "")) / int(after.replace(",", ""))
+            rows.append([str(m), f"{before} → {after}", f"{ratio:.1f}x fewer", f"{accuracy(model, xte, yte):.3f}",
+                         init, f"{accuracy(swap.model, xte, yte):.3f}", f"{accuracy(rec.model, xte, yte):.3f}",
+                         f"{record.status}{': ' + record.reason if record.reason else ''}"])
     print("## snnk on a digits MLP (64 → 256 → 256 → 10, ReLU; the first FFN block is rewritten)\n")
     print(table(rows))
 

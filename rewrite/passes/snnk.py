@@ -12,7 +12,9 @@ projection, a ReLU and one trainable m → l' Linear: m·(d + l') multiply-adds 
 2·d·l, and m·l' trained parameters instead of 2·d·l.
 
 Paper: Sehanobish, Choromanski et al., "Scalable Neural Network Kernels", ICLR 2024 (arXiv:2310.13225).
-Contract: approximate (SQNR ≥ min-sqnr after the optional recovery). Only ReLU features (kind=relu) are
+Contract: approximate (SQNR ≥ min-sqnr after the optional recovery). init=weights is the paper's Ψ = φ(W̃);
+init=fit fits the bundled Linear by ridge regression of the block's outputs on Φ(x) over the calibration
+activations (closed form; measuring to choose an initialization). Only ReLU features (kind=relu) are
 built so far; gated feed-forward blocks (SwiGLU) have no kernel form here and are skipped with the reason.
 """
 from __future__ import annotations
@@ -76,6 +78,35 @@ def bundle(up: nn.Linear, down: nn.Linear, g: torch.Tensor) -> SNNKBlock:
     return SNNKBlock(g, out)
 
 
+def fit_output(block: SNNKBlock, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
+    """init=fit: the bundled m → l' Linear by ridge regression of the block's own outputs y on Φ(x)
+    (closed form, on calibration activations), instead of V·φ(W)."""
+    with torch.no_grad():
+        phi = torch.relu(nn.functional.linear(x, block.g_weight, block.g_bias)) * block.scale
+        design = torch.cat([phi, torch.ones(len(phi), 1)], 1).double()
+        gram = design.T @ design + ridge * len(design) * torch.eye(design.shape[1], dtype=torch.float64)
+        solution = torch.linalg.solve(gram, design.T @ y.double())  # (m + 1, l')
+        block.out.weight.copy_(solution[:-1].T.float())
+        if block.out.bias is not None:
+            block.out.bias.copy_(solution[-1].float())
+
+
+def _block_activations(gm: nn.Module, match, batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs of the block's first Linear, outputs of its last) over the calibration batches, flattened."""
+    seen: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
+    hooks = [match.layer(gm, "up").register_forward_hook(lambda m, a, out: seen["x"].append(a[0].detach())),
+             match.layer(gm, "down").register_forward_hook(lambda m, a, out: seen["y"].append(out.detach()))]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                gm(*batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["x"]]),
+            torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["y"]]))
+
+
 @dataclass(frozen=True)
 class ScalableKernels(SqnrFloor, Pass):
     name = "snnk"
@@ -87,6 +118,7 @@ class ScalableKernels(SqnrFloor, Pass):
 
     features: int = 64
     kind: Literal["auto", "relu"] = "auto"
+    init: Literal["weights", "fit"] = "weights"
     orthogonal: bool = True
     bundle: bool = True
     seed: int = 0
@@ -119,13 +151,15 @@ class ScalableKernels(SqnrFloor, Pass):
                 continue
             g = random_features(self.features, up.in_features + 1, self.orthogonal, self.seed + i)
             block = bundle(up, down, g)
+            if self.init == "fit":
+                fit_output(block, *_block_activations(module, match, ctx.calibration))
             name = match["up"].target.replace(".", "_") + "_snnk"
             replace_match(module, match, block, match.inputs, match.outputs, name=name)
             done.append(match["up"].target)
             before += sum(p.numel() for p in (*up.parameters(), *down.parameters()))
             after += sum(p.numel() for p in block.parameters())
         module.delete_all_unused_submodules()
-        stats = {"blocks": len(done), "features": self.features, "kind": "relu",
+        stats = {"blocks": len(done), "features": self.features, "kind": "relu", "init": self.init,
                  "trained_params": f"{before:,} → {after:,}"}
         return PassResult(module, bool(done), stats, skipped)
 

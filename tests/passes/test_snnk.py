@@ -95,3 +95,14 @@ def test_bad_feature_counts(spec, text):
 
 def test_pass_metadata():
     assert ScalableKernels().contract.min_sqnr_db == 10.0 and ScalableKernels.recoverable
+
+
+def test_init_fit_starts_closer_than_the_weights_init():
+    model = FFN()
+    calib = [(torch.randn(4, 6, 128),) for _ in range(4)]
+    sqnr = {}
+    for init in ("weights", "fit"):
+        result = api.optimize(model, calib[0], f"snnk{{features=32,init={init},min-sqnr=-100}}", calib=calib,
+                              measure_latency=False)
+        sqnr[init] = result.report.records[0].error["sqnr_db"]
+    assert sqnr["fit"] > sqnr["weights"] + 3, sqnr
