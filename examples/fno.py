@@ -7,10 +7,10 @@ from torch import nn
 
 
 class SpectralConv2d(nn.Module):
-    def __init__(self, channels: int, modes1: int, modes2: int):
+    def __init__(self, channels: int, modes1: int, modes2: int, scale: float | None = None):
         super().__init__()
         self.modes1, self.modes2 = modes1, modes2
-        scale = 1 / (channels * channels)
+        scale = 1 / (channels * channels) if scale is None else scale
         self.w1 = nn.Parameter(scale * torch.randn(channels, channels, modes1, modes2, dtype=torch.cfloat))
         self.w2 = nn.Parameter(scale * torch.randn(channels, channels, modes1, modes2, dtype=torch.cfloat))
 

@@ -10,38 +10,24 @@ low-rank, and compressing them says nothing), and the calibration batches come f
 Task: the solution operator of a nonlinear heat equation on the unit torus, u0 ↦ u(t) + 0.5·u(t)², with
 u(t) the heat flow of u0 at t = 0.002, computed exactly in Fourier space. Inputs are random smooth fields.
 """
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from fno import SpectralConv2d  # noqa: E402  (the hand-written FNO layer, shared with examples/fno.py)
+
 GRID = 64
 WIDTH = 32
-
-
-class SpectralConv2d(nn.Module):
-    """y = irfft2(R ⊙ rfft2(x) on the lowest modes), the layer every FNO repeats."""
-
-    def __init__(self, channels: int, modes: int):
-        super().__init__()
-        self.modes = modes
-        scale = 1 / channels
-        self.w1 = nn.Parameter(scale * torch.randn(channels, channels, modes, modes, dtype=torch.cfloat))
-        self.w2 = nn.Parameter(scale * torch.randn(channels, channels, modes, modes, dtype=torch.cfloat))
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        x_ft = torch.fft.rfft2(x)
-        out_ft = torch.zeros(b, c, h, w // 2 + 1, dtype=torch.cfloat, device=x.device)
-        m = self.modes
-        out_ft[:, :, :m, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m, :m], self.w1)
-        out_ft[:, :, -m:, :m] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, -m:, :m], self.w2)
-        return torch.fft.irfft2(out_ft, s=(h, w))
 
 
 class FNOWithMLPHead(nn.Module):
     def __init__(self, modes: int = 6, width: int = WIDTH, layers: int = 3, hidden: int = 256):
         super().__init__()
         self.lift = nn.Conv2d(1, width, 1)
-        self.spectral = nn.ModuleList(SpectralConv2d(width, modes) for _ in range(layers))
+        self.spectral = nn.ModuleList(SpectralConv2d(width, modes, modes, scale=1 / width) for _ in range(layers))
         self.skips = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(layers))
         # A per-point channel MLP on a channels-last view, as transformer-style operator heads are written.
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),

@@ -108,18 +108,14 @@ def budget_check(sqnr_db: float, metric_floor: float, batches: list[tuple], refe
                  masks: list | None = None) -> Callable[[nn.Module], bool]:
     """The search's acceptance test: SQNR ≥ sqnr_db on calibration data and/or the eval metric within its floor."""
     from rewrite.errors import RewriteError
-    from rewrite.measure import HIGHER_IS_BETTER
+    from rewrite.measure import meets
     if metric_floor and evaluate is None:
         raise RewriteError("a metric budget needs eval data and a metric: add --eval FILE --metric NAME")
-    higher = HIGHER_IS_BETTER.get(metric or "", True)
 
     def within(module: nn.Module) -> bool:
         if sqnr_db and _sqnr(module, batches, reference, masks) < sqnr_db:
             return False
-        if metric_floor:
-            score = evaluate(module)
-            return score >= metric_floor if higher else score <= metric_floor
-        return True
+        return not metric_floor or meets(metric, evaluate(module), metric_floor)
     return within
 
 

@@ -12,7 +12,6 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import logging
 import os
 import pickle
 import re
@@ -121,11 +120,12 @@ def _unpickle(path: Path) -> Any:
 def load_pt2(path: str | Path, trusted: bool = False) -> tuple[nn.Module, tuple]:
     """The program's module and its bundled example inputs; weights-only unless `trusted`."""
     from rewrite import kernels
+    from rewrite.capture import quiet_torch  # torch.export.load logs fallbacks and tracebacks: one line is enough
     kernels.register_all()  # our own custom ops must exist before a program that calls them is read
     path = Path(path)
     _import_output_types(path, trusted)
     try:
-        with _quiet_torch_logs(), (contextlib.nullcontext() if trusted else weights_only()):
+        with quiet_torch(), (contextlib.nullcontext() if trusted else weights_only()):
             program = torch.export.load(path)
     except Exception as exc:
         if not trusted and _unsafe(_root(exc)):
@@ -168,18 +168,6 @@ def _root(exc: BaseException) -> BaseException:
             return exc
         exc = exc.__cause__ or exc.__context__
     return exc
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """torch.export.load logs fallbacks and tracebacks at WARNING: our one-line error says what matters."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _from_factory(spec: str) -> Loaded:

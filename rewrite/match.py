@@ -154,7 +154,7 @@ def replace_match(gm: fx.GraphModule, match: Match, module: nn.Module, inputs: l
             node.meta.update(old.meta)
     for old, node in zip(outputs, results):
         old.replace_all_uses_with(node)
-    _erase_dead(gm, list(match.nodes.values()))
+    erase_dead(gm, list(match.nodes.values()))
     gm.graph.lint()
     gm.recompile()
     return new
@@ -270,7 +270,8 @@ def _describe_pattern(node: fx.Node, pattern: fx.GraphModule) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+def erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the given nodes nothing reads any more, last first (in-place ops too: DCE keeps those)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in sorted((n for n in nodes if n in order), key=order.get, reverse=True):
         if not node.users and node.op != "placeholder":

@@ -165,6 +165,11 @@ METRICS: dict[str, Callable[[list[Any], list[Any]], float]] = {"rel-l2": rel_l2,
 HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True}
 
 
+def meets(metric: str | None, score: float, floor: float) -> bool:
+    """Whether a task-metric score is on the right side of a floor (rel-l2 is lower-is-better)."""
+    return score >= floor if HIGHER_IS_BETTER.get(metric or "", True) else score <= floor
+
+
 def evaluator(name: str, batches: list[tuple], targets: list[Any]) -> Callable[[nn.Module], float]:
     """module → its score on the eval data."""
     score = metric_fn(name)

@@ -116,10 +116,10 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
 
 
 def _below_metric_floor(score: float, metric: str, floor: float) -> str | None:
-    from rewrite.measure import HIGHER_IS_BETTER
-    higher = HIGHER_IS_BETTER.get(metric, True)
-    if (score >= floor) if higher else (score <= floor):
+    from rewrite.measure import HIGHER_IS_BETTER, meets
+    if meets(metric, score, floor):
         return None
+    higher = HIGHER_IS_BETTER.get(metric, True)
     return f"{metric} {score:.4g} {'below' if higher else 'above'} the {floor:g} floor (--floor metric)"
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from rewrite.match import erase_dead
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.passes.fold_bn import layer_bn
 from rewrite.patterns import layer_of, set_submodule
@@ -134,14 +135,13 @@ def _replace(gm: fx.GraphModule, root: fx.Node, branches: list[_Branch], others:
 def _erase_sum(gm: fx.GraphModule, root: fx.Node) -> None:
     """Remove the old sum tree. In-place adds (`x += y`, as timm's RepVGG and MobileOne write) mutate
     temporaries of that sum only, so they are dead too, but dead-code elimination keeps impure nodes."""
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node.users or not _is_add(node):
-            continue
-        terms = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        gm.graph.erase_node(node)
-        stack += terms
+    erase_dead(gm, _sum_nodes(root))
+
+
+def _sum_nodes(node: fx.Node) -> list[fx.Node]:
+    """The add nodes of a sum tree (the same tree `_add_leaves` walks)."""
+    inner = [a for a in node.args[:2] if isinstance(a, fx.Node) and _is_add(a) and len(a.users) == 1]
+    return [node] + [n for a in inner for n in _sum_nodes(a)]
 
 
 def _absorb_identities(gm: fx.GraphModule, x: fx.Node, others: list[object], conv: nn.Module, size: list[int],
