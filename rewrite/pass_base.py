@@ -2,7 +2,9 @@
 
 The rules every pass follows, built-in or plugin:
 - It reads and mutates only the module it is given. `ctx.original` is a teacher for distillation and
-  nothing more (an earlier pass's change is in the given module, not there).
+  nothing more (an earlier pass's change is in the given module, not there). One exception, guarded:
+  `t1` reads neuraloperator layer objects there (a graph keeps their tensors, not their conventions),
+  and only while the graph still holds those tensors unchanged.
 - It may measure to choose (a rank, a kernel form) and records the choice in its stats (they go to the
   recipe); it never measures to accept: the pipeline verifies the declared contract on calibration
   inputs after it runs and rolls it back when the contract is broken.

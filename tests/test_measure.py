@@ -64,6 +64,7 @@ class _Repeated(nn.Module):
         return self.inner(x)
 
 
+@pytest.mark.slow
 def test_a_deliberately_slower_rewrite_is_reported_slower_with_confidence():
     model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).eval()
     report = rewrite.optimize(model, (torch.randn(32, 256),), [AddWork()]).report

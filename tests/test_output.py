@@ -42,6 +42,7 @@ def test_a_failed_run_does_not_touch_the_previous_result(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_force_replaces_the_previous_run_as_a_whole_and_keeps_user_files(tmp_path):
     out = tmp_path / "out"
     _run(out, emit="onnx")

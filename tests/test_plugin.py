@@ -25,6 +25,7 @@ def _rewrite(site, *args):
                           capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_installed_plugin_is_listed(plugin_site):
     out = _rewrite(plugin_site, "passes", "list")
     assert out.returncode == 0 and "drop-noops" in out.stdout and "rewrite-example 0.1.0" in out.stdout
@@ -49,6 +50,7 @@ def build():
 """
 
 
+@pytest.mark.slow
 def test_installed_plugin_runs_in_a_pipeline(plugin_site, tmp_path):
     (tmp_path / "noops.py").write_text(NOOPS)
     out = _rewrite(plugin_site, "optimize", f"{tmp_path / 'noops.py'}:build", "-p", "fold-bn,drop-noops",

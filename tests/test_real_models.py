@@ -33,6 +33,7 @@ def _batch(seq=7, batch=2, pad=True):
     return ids, mask
 
 
+@pytest.mark.slow
 def test_bert_result_is_called_like_the_original_and_returns_its_output_type():
     model = _bert()
     ids, mask = _batch()
@@ -59,6 +60,7 @@ def test_dict_batches_bind_to_a_forward_with_kwargs():
         rewrite.optimize(model, {"input_ids": ids, "output_attentions": True}, "fold-bn", measure_latency=False)
 
 
+@pytest.mark.slow
 def test_llama_decoder_with_default_config_is_captured_without_its_cache():
     model = _llama()
     assert model.config.use_cache
@@ -110,6 +112,7 @@ def _model(kind):
     return model, model.example_inputs()
 
 
+@pytest.mark.slow
 def test_every_pass_artifact_reloads_in_a_fresh_process(tmp_path):
     expected = {}
     for i, (spec, kind) in enumerate(RELOAD):

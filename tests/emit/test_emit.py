@@ -20,6 +20,7 @@ def cnn_run(tmp_path_factory):
     return model, inputs, result, out
 
 
+@pytest.mark.slow
 def test_pt2_reloads_and_matches_the_original(cnn_run):
     model, inputs, result, out = cnn_run
     reloaded = torch.export.load(out / "model.pt2").module()
@@ -29,6 +30,7 @@ def test_pt2_reloads_and_matches_the_original(cnn_run):
     assert pt2.parity["max_abs"] == 0.0
 
 
+@pytest.mark.slow
 def test_onnx_passes_the_checker_and_matches_in_onnxruntime(cnn_run):
     model, inputs, result, out = cnn_run
     onnx.checker.check_model(str(out / "model.onnx"))
@@ -38,6 +40,7 @@ def test_onnx_passes_the_checker_and_matches_in_onnxruntime(cnn_run):
     torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_report_files_and_latency_per_backend(cnn_run):
     _, _, result, out = cnn_run
     assert {"report.md", "report.json", "recipe.json", "model.pt2", "model.onnx"} <= {p.name for p in out.iterdir()}

@@ -26,6 +26,7 @@ def test_toy_fno_becomes_fft_free_and_exact(dims, size):
     torch.testing.assert_close(result.model(x[0]), model(x[0]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_parity_of_the_gemm_form(tmp_path):
     model = ToyFNO(2, 15).eval()
     x = model.example_inputs()
@@ -36,6 +37,7 @@ def test_onnx_parity_of_the_gemm_form(tmp_path):
     torch.testing.assert_close(got, model(*x).detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [16, 15])
 def test_linear_spectral_chains_fuse_exactly(size, tmp_path):
     from rewrite.passes.t1.fusion import Analysis, SpectralChain
@@ -294,3 +296,18 @@ def test_lifting_and_projection_end_layers_move_into_the_modes_exactly():
         got = ChannelMLPPart(projection.fcs[1:], act_before=True)(moved(ChannelMLPPart(lifting.fcs[:-1], False)(x)))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert moved.absorbed[0].shape == (8, 16) and moved.absorbed[2].shape == (16, 8)  # 2·hidden wide ends
+
+
+def test_a_layer_an_earlier_pass_changed_is_not_read_back_from_the_original():
+    from rewrite.pass_base import PassContext
+    model = ToyFNO(2, 16).eval()
+    x = model.example_inputs()
+    untouched = capture.capture(model, x).module
+    changed = capture.capture(model, x).module
+    with torch.no_grad():
+        changed.get_submodule("spectral.0").w.mul_(0.5)  # what an earlier pass could have done to the graph's copy
+    ctx = PassContext(calibration=[x], original=model)
+    assert TransformOnce(form="gemm").call(untouched, ctx).stats["spectral_layers"] == 2
+    result = TransformOnce(form="gemm").call(changed, ctx)
+    assert result.stats["spectral_layers"] == 1
+    assert dict(result.skipped)["spectral.0"] == "an earlier pass changed its w; t1 reads this layer as captured"

@@ -80,7 +80,9 @@ class TransformOnce(Pass):
         shapes = {p: x.shape for p, x in _first_inputs(original, paths, ctx.calibration[0]).items()}
         done, skipped = [], []
         for path in paths:
-            layer, reason = self._convert(original.get_submodule(path), shapes.get(path), ctx)
+            layer, reason = None, _changed_since_capture(module, original, path)
+            if reason is None:
+                layer, reason = self._convert(original.get_submodule(path), shapes.get(path), ctx)
             if layer is not None:
                 reason = replace_region(module, path, layer) if is_graph(module) else set_submodule(module, path, layer)
             (skipped.append((path, reason)) if reason else done.append(path))
@@ -103,7 +105,7 @@ class TransformOnce(Pass):
         done, skipped, modes, absorbed = [], [], "", []
         for path in paths:
             blocks = ctx.original.get_submodule(path)
-            reason = student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
+            reason = _changed_since_capture(module, ctx.original, path) or student.why_not(blocks) or (None if path in inputs else "not run on the calibration inputs")
             if reason is None:
                 ends = _absorbable_ends(module, ctx.original, path)
                 model = student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
@@ -142,6 +144,32 @@ class TransformOnce(Pass):
         if gemm_ms < fft_ms:
             return layer, None
         return None, f"kept the FFT: faster here ({fft_ms:.3g} ms vs GEMM {gemm_ms:.3g} ms; form=gemm forces it)"
+
+
+def _changed_since_capture(gm: nn.Module, original: nn.Module, path: str) -> str | None:
+    """Why the layer at `path` cannot be read from the user's module, or None.
+
+    The one exception to "a pass reads only the module it is given": a captured graph keeps a layer's
+    tensors but not its object, and neuraloperator's conventions (n_modes, the fftshift quirk, weight
+    factorizations) live in the object. Reading it is sound only while the graph still computes that
+    layer with the same tensors; if an earlier pass replaced or changed it, t1 says so instead of
+    undoing the change.
+    """
+    if not is_graph(gm) or original is gm:
+        return None
+    if not region(gm, path):
+        return "an earlier pass replaced this layer"
+    theirs = original.get_submodule(path).state_dict(keep_vars=True)
+    for node in gm.graph.nodes:
+        name = node.target[len(path) + 1:] if node.op == "get_attr" and node.target.startswith(path + ".") else None
+        if name in theirs and not torch.equal(_attr(gm, node.target), theirs[name]):
+            return f"an earlier pass changed its {name}; t1 reads this layer as captured"
+    return None
+
+
+def _attr(gm: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
