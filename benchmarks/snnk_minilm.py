@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rewrite import measure  # noqa: E402
-from rewrite.passes.snnk import bundle, random_features  # noqa: E402
+from rewrite.passes.snnk import FeatureMap, bundle, random_features, snnk_layer  # noqa: E402
 
 D, L = 384, 1536
 
@@ -41,7 +41,8 @@ def main():
         dense_path = Path(tmp) / "dense.onnx"
         torch.onnx.export(block, (x,), str(dense_path), dynamo=False)
         for m in (16, 64, 256):
-            snnk = bundle(block.up, block.down, random_features(m, D + 1, True, seed=0)).eval()
+            features = FeatureMap("relu", random_features(m, D + 1, True, seed=0))
+            snnk = bundle(snnk_layer(block.up, features), block.down).eval()
             path = Path(tmp) / f"snnk{m}.onnx"
             torch.onnx.export(snnk, (x,), str(path), dynamo=False)
             eager = measure.compare_torch(block, snnk, (x,)).speed

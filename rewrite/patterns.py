@@ -8,7 +8,24 @@ from torch import fx, nn
 
 from rewrite.match import Pattern, Variant
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+
+
+class _Function(nn.Module):
+    """An activation written as a torch function (torch.sin(h)), as Fourier-feature and SIREN-style MLPs do."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _named(fn):
+    return type(fn.__name__, (_Function,), {"__init__": lambda self: _Function.__init__(self, fn)})
+
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, _named(torch.exp), _named(torch.sin), _named(torch.cos))
 
 
 class _FeedForward(nn.Module):
