@@ -127,3 +127,14 @@ def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: s
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(model: nn.Module, batches: list[tuple], targets: list[Any], *, steps: int = 1000, lr: float = 2e-3,
+          held_out: list[tuple] | None = None, held_targets: list[Any] | None = None, seed: int = 0,
+          progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Train every parameter of `model` in place on (inputs, target) pairs: relative squared error for float
+    targets, cross-entropy for integer labels; Adam with a cosine schedule, the best state on `held_out`
+    (or the training batches) kept. For architectures rewritten before training (`tconv{init=random}`)."""
+    spec = RecoverSpec(steps=steps, lr=lr, patience=max(steps, 1))
+    return distill(model, None, batches, spec, targets=targets, held_out=held_out, held_targets=held_targets,
+                   seed=seed, progress=progress)

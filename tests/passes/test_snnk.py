@@ -117,7 +117,7 @@ def test_the_gate_of_a_gated_block_becomes_an_snnk_layer():
     x = model.example_inputs()
     result = api.optimize(model, x, "snnk{features=16,min-sqnr=-100}", calib=[x] * 2, measure_latency=False)
     record = result.report.records[0]
-    assert record.status == "applied" and record.stats["blocks"] == 1 and record.stats["kind"] == "relu"
+    assert record.status == "applied" and record.stats["forms"] == "gate 1" and record.stats["kind"] == "relu"
     layers = [m for m in result.model.modules() if isinstance(m, SNNKLayer)]
     assert len(layers) == 1 and layers[0].psi.weight.shape == (model.gate.out_features, 16)
     ops = [str(n.target) for n in result.model.graph.nodes if n.op == "call_function"]
@@ -182,3 +182,21 @@ def test_init_fit_starts_closer_than_the_weights_init():
                               measure_latency=False)
         sqnr[init] = result.report.records[0].error["sqnr_db"]
     assert sqnr["fit"] > sqnr["weights"] + 3, sqnr
+
+
+@pytest.mark.slow
+def test_llama_decoder_end_to_end_with_onnx_parity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    result = api.optimize(model, (ids,), "snnk{features=16,min-sqnr=-100}", calib=[(ids,)] * 2, emit="onnx",
+                          out=tmp_path / "o", measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["forms"] == "gate 2"
+    assert record.stats["rewritten_params"] == "22,016 → 5,504"  # gate_proj 64·172 → Ψ 172·16, per layer
+    names = [n for n, m in result.model.named_modules() if isinstance(m, SNNKLayer)]
+    assert names == ["model_layers_0_mlp_gate_proj_snnk", "model_layers_1_mlp_gate_proj_snnk"]
+    onnx = next(a for a in result.report.artifacts if a.kind == "onnx")
+    assert onnx.problem is None and onnx.parity["max_abs"] < 1e-4

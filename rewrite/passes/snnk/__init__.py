@@ -120,7 +120,7 @@ class ScalableKernels(SqnrFloor, Pass):
     name = "snnk"
     paper = "Sehanobish, Choromanski et al., Scalable Neural Network Kernels, ICLR 2024 (arXiv:2310.13225)"
     summary = "feed-forward blocks → random-feature kernel layers Φ(x) then one m-wide Linear (bundled)"
-    applies_to = "Linear → activation → Linear blocks (also across submodules); the gate of SwiGLU blocks"
+    applies_to = "Linear → activation → Linear blocks (also across submodules), and SwiGLU gates"
     recoverable = True
     needs_recovery = True
 
@@ -154,7 +154,7 @@ class ScalableKernels(SqnrFloor, Pass):
         found = feed_forward().find(module)
         if not found and not gates:
             return PassResult(module, False, skipped=[("model", found.reason)])
-        done, skipped, before, after = [], [], 0, 0
+        done, skipped, before, after, forms = [], [], 0, 0, {}
         for i, match in enumerate([*(found or []), *gates]):
             gated = match.pattern == "gated-feed-forward"
             first = match.layer(module, "gate" if gated else "up")
@@ -163,13 +163,15 @@ class ScalableKernels(SqnrFloor, Pass):
                 skipped.append((match["gate" if gated else "up"].target, reason))
                 continue
             done.append(match["gate" if gated else "up"].target)
+            form = "gate" if gated else "bundled" if isinstance(built, SNNKBlock) else "unbundled"
+            forms[form] = forms.get(form, 0) + 1
             replaced = [first] if gated or not self.bundle else [first, match.layer(module, "down")]
             before += sum(p.numel() for layer in replaced for p in layer.parameters())
             after += sum(p.numel() for p in built.parameters() if p.requires_grad)
         module.delete_all_unused_submodules()
         kinds = sorted({self._kind(m.variant if m.pattern == "feed-forward" else "SiLU") for m in [*(found or []), *gates]})
         stats = {"blocks": len(done), "features": self.features, "kind": ",".join(k or "-" for k in kinds),
-                 "bundled": self.bundle, "init": self.init, "rewritten_params": f"{before:,} → {after:,}"}
+                 "forms": ", ".join(f"{k} {v}" for k, v in sorted(forms.items())) or "-", "init": self.init, "rewritten_params": f"{before:,} → {after:,}"}
         return PassResult(module, bool(done), stats, skipped)
 
     def _kind(self, variant: str) -> str | None:
