@@ -70,7 +70,7 @@ def main():
                                    metric="top1", floor="metric=0.5", recover="steps=3000,lr=1e-2,patience=600",
                                    measure_latency=False)
             record = rec.report.records[0]
-            before, after = swap.report.records[0].stats["trained_params"].split(" → ")
+            before, after = swap.report.records[0].stats["rewritten_params"].split(" → ")
             ratio = int(before.replace(",", "")) / int(after.replace(",", ""))
             rows.append([str(m), f"{before} → {after}", f"{ratio:.1f}x fewer", f"{accuracy(model, xte, yte):.3f}",
                          init, f"{accuracy(swap.model, xte, yte):.3f}", f"{accuracy(rec.model, xte, yte):.3f}",

@@ -60,8 +60,10 @@ def fidelity(features: list[int], recover: str = "steps=300,lr=1e-3") -> str:
         sims = (emb @ emb.T)[upper[0], upper[1]]
         kept = 1 - (record.params_before - record.params_after) / ffn if record.status == "applied" else 1.0
         sqnr = record.stats.get("sqnr_db_held_out", record.error.get("sqnr_db") if record.error else None)
+        kept_original = record.status != "applied"  # rolled back: the model is the original, nothing to compare
         return [name, recovery or "none", record.status, f"{kept:.3f}",
-                f"{float((emb * reference).sum(-1).mean()):.4f}", f"{spearman(sims, ref_sims):.4f}",
+                "(original kept)" if kept_original else f"{float((emb * reference).sum(-1).mean()):.4f}",
+                "(original kept)" if kept_original else f"{spearman(sims, ref_sims):.4f}",
                 "-" if sqnr is None else f"{sqnr:.1f}"]
 
     rows = [["rewrite", "recovery", "status (defaults)", "FFN params kept", "mean cosine", "Spearman", "SQNR dB"]]
@@ -69,7 +71,6 @@ def fidelity(features: list[int], recover: str = "steps=300,lr=1e-3") -> str:
         # Right after the swap the floor is off on purpose: this row measures the swap itself.
         swap = row(f"snnk m={m}, swap only", f"snnk{{features={m},min-sqnr=-100}}")
         rows.append(swap)
-        print(table([rows[0], swap]), flush=True)
         rows.append(row(f"snnk m={m}", f"snnk{{features={m}}}", recover))
         ratio = max(float(swap[3]), 0.01)
         rows.append(row(f"lowrank at {ratio:.3f}", f"lowrank{{param-ratio={ratio}}}", recover))
