@@ -67,5 +67,10 @@ def emit_onnx(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
     except Exception as exc:
         return Artifact("onnx", "", None, f"ONNX export failed: {first_line(exc)}")
     inputs = captured.example_inputs
-    err = verify.compare([capture.run(module, inputs)], [run(session(path), inputs)])
+    try:
+        got = run(session(path), inputs)
+    except Exception as exc:  # exported and checked, but onnxruntime cannot run it: not a usable artifact
+        path.unlink(missing_ok=True)
+        return Artifact("onnx", "", None, f"onnxruntime cannot run the exported model: {first_line(exc)}")
+    err = verify.compare([capture.run(module, inputs)], [got])
     return Artifact("onnx", str(path), err.to_dict())

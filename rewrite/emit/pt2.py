@@ -35,7 +35,11 @@ def emit_pt2(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
 
 def _pickled(module: nn.Module, out_dir: Path, why: str) -> Artifact:
     path = out_dir / "model.pt"
-    torch.save(module, path)
+    try:
+        torch.save(module, path)
+    except Exception as exc:  # some graph modules hold local functions: then there is no artifact to write
+        path.unlink(missing_ok=True)
+        return Artifact("pt2", None, None, f"{why}; a pickled copy failed too ({type(exc).__name__})")
     return Artifact("pt", str(path), None, f"saved as a pickled module instead: {why}")
 
 
