@@ -31,7 +31,7 @@ def toeplitz_dense(c: torch.Tensor, n: int) -> torch.Tensor:
 
 def fft_size(n: int) -> int:
     """The smallest power of two ≥ 2n − 1 (fast FFT sizes)."""
-    return 1 << max(0, (2 * n - 2).bit_length())
+    return 1 << max(1, (2 * n - 2).bit_length())  # at least 2: an even size, so irfft knows it
 
 
 def toeplitz_spectrum(c: torch.Tensor, n, full: bool = False) -> torch.Tensor:
@@ -52,10 +52,10 @@ def toeplitz_apply(spectrum: torch.Tensor, u: torch.Tensor, full: bool = False) 
     full=True takes a two-sided spectrum and runs complex fft/ifft (what onnxruntime's DFT supports)."""
     n = u.shape[-1]
     p = spectrum.shape[-1] if full else 2 * (spectrum.shape[-1] - 1)
-    padded = torch.cat([u, torch.zeros(*u.shape[:-1], p - n, dtype=u.dtype)], -1)  # explicit: ONNX's DFT
-    if full:
+    if full:  # zero-padding spelled out: onnxruntime's DFT mis-sizes implicitly padded inputs
+        padded = torch.cat([u, torch.zeros(*u.shape[:-1], p - n, dtype=u.dtype)], -1)
         return torch.fft.ifft(torch.fft.fft(padded) * spectrum).real[..., :n]
-    return torch.fft.irfft(torch.fft.rfft(padded) * spectrum, n=p)[..., :n]
+    return torch.fft.irfft(torch.fft.rfft(u, n=p) * spectrum, n=p)[..., :n]
 
 
 def gaussian_features(m: int, d: int, seed: int) -> torch.Tensor:
@@ -108,9 +108,9 @@ class ToeplitzBias(nn.Module):
         b = self.values(n)
         if causal:
             b = torch.cat([b[:, :n], torch.full_like(b[:, n:], -math.inf)], -1)  # c_t = 0 for t > 0
-        # (heads, 1, …): the axis for the feature columns is added before the FFT (the ONNX exporter cannot
-        # reshape complex tensors).
-        spectrum = toeplitz_spectrum(torch.exp(b - b.amax(-1, keepdim=True))[:, None, :], n, full)
+        # (heads, 1, 1, …): axes for the feature and value columns are added before the FFT (the ONNX
+        # exporter cannot reshape complex tensors).
+        spectrum = toeplitz_spectrum(torch.exp(b - b.amax(-1, keepdim=True))[:, None, None, :], n, full)
         if concrete:
             self._spectra[(n, causal, full)] = spectrum
         return spectrum
@@ -130,25 +130,37 @@ class RPEFFTAttention(nn.Module):
         if self.normalize:  # the paper's stable variant: unit q/k (the scale then acts as a temperature)
             q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
         root = math.sqrt(self.scale)
-        phi_q = self._features(q * root, per_row=True)                    # (B, H, n, m)
-        phi_k = self._features(k * root, per_row=False)                   # (B, H, n, m)
+        phi_q = self._features(q * root, per_row=True).transpose(-1, -2)  # (B, H, m, n): sequence last
+        phi_k = self._features(k * root, per_row=False).transpose(-1, -2)  # (B, H, m, n)
         if mask is not None:  # additive per-key mask (B, 1|H, 1, n) → multiplicative factor on φ(k_j)
-            phi_k = phi_k * torch.exp(mask.transpose(-1, -2).clamp_min(-80.0))
+            phi_k = phi_k * torch.exp(mask.clamp_min(-80.0))
         onnx = torch.onnx.is_in_onnx_export()  # onnxruntime runs two-sided complex DFTs only
-        spectrum = self.bias.spectrum(n, self.causal, full=onnx)          # (H, 1, P/2 + 1 or P)
-        vt = v.transpose(-1, -2)                                          # (B, H, d_v, n): sequence last
-        numerator = torch.zeros_like(v)
-        denominator = torch.zeros_like(v[..., :1])
-        for start in range(0, phi_k.shape[-1], self.chunk):
-            pk = phi_k[..., start:start + self.chunk].transpose(-1, -2)   # (B, H, c, n)
-            pq = phi_q[..., start:start + self.chunk]                     # (B, H, n, c)
-            kv = (pk[:, :, :, None, :] * vt[:, :, None, :, :]).flatten(2, 3)  # (B, H, c·d_v, n)
-            mixed = toeplitz_apply(spectrum, torch.cat([kv, pk], 2), full=onnx)  # (B, H, c·d_v + c, n)
-            c = pk.shape[2]
-            kv_t = mixed[:, :, :c * v.shape[-1]].unflatten(2, (c, v.shape[-1]))  # (B, H, c, d_v, n)
-            numerator = numerator + torch.einsum("bhnc,bhcdn->bhnd", pq, kv_t)
-            denominator = denominator + torch.einsum("bhnc,bhcn->bhn", pq, mixed[:, :, c * v.shape[-1]:])[..., None]
-        return numerator / denominator.clamp_min(1e-30)
+        spectrum = self.bias.spectrum(n, self.causal, full=onnx)  # (H, 1, 1, P/2 + 1 or P)
+        # A ones column under v makes the denominator the last column of the same Toeplitz product.
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1).transpose(-1, -2)  # (B, H, d_v + 1, n)
+        out = torch.zeros_like(v1)
+        chunk = self._chunk(v1, n)
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        reuse = not (onnx or training or not isinstance(n, int))  # out= has no autograd; exports trace plainly
+        buffer = v1.new_zeros(*v1.shape[:2], chunk, v1.shape[2], fft_size(n)) if reuse else None
+        for start in range(0, phi_k.shape[-2], chunk):
+            pk = phi_k[:, :, start:start + chunk, None, :]    # (B, H, c, 1, n)
+            pq = phi_q[:, :, start:start + chunk, None, :]
+            if buffer is None:
+                mixed = toeplitz_apply(spectrum, pk * v1[:, :, None], full=onnx)  # (B, H, c, d_v + 1, n)
+            else:  # eager: write φ(k)·v into a zero-padded buffer reused across chunks (no pad copies)
+                block = buffer[:, :, :pk.shape[2]]
+                torch.mul(pk, v1[:, :, None], out=block[..., :n])
+                mixed = torch.fft.irfft(torch.fft.rfft(block) * spectrum, n=block.shape[-1])[..., :n]
+            out = out + (pq * mixed).sum(2)
+        return (out[:, :, :-1] / out[:, :, -1:].clamp_min(1e-30)).transpose(-1, -2)
+
+    def _chunk(self, v1: torch.Tensor, n) -> int:
+        """Features per FFT batch: `chunk`, fewer at long lengths (each holds B·H·c·(d_v+1)·2n values)."""
+        if not isinstance(n, int):
+            return self.chunk
+        per_feature = v1.shape[0] * v1.shape[1] * v1.shape[2] * fft_size(n)
+        return max(1, min(self.chunk, (1 << 26) // per_feature))
 
     def _features(self, x: torch.Tensor, per_row: bool) -> torch.Tensor:
         logits = x @ self.w.T - (x * x).sum(-1, keepdim=True) / 2          # (B, H, n, m)
