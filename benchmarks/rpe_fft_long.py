@@ -7,15 +7,14 @@
 - rpe-fft m=32 / m=64: the rewrite's kernelized attention (`RPEFFTAttention`), no n×n tensor.
 Time: each rpe-fft row against each exact method in alternating rounds in this process (ratio = exact
 time / rpe-fft time, > 1: the rewrite is faster; the spread of the per-round ratios beside it). Peak
-memory: one call in a fresh process each (ru_maxrss, minus the process's footprint before the call).
+memory: one call in a fresh process each, inputs and any materialized bias included (ru_maxrss, minus the
+footprint of the process with torch loaded).
 Configurations whose estimated memory exceeds --budget-gib are not run and say so.
 
 Run: python benchmarks/rpe_fft_long.py [--lengths 1024,4096,16384,65536] [--budget-gib 16]
 """
 import argparse
-import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,9 +61,9 @@ def estimated_gib(method: str, n: int) -> float:
 def peak_memory(method: str, n: int) -> str:
     """Peak resident memory of one call, in a fresh process."""
     code = (f"import sys, resource, json, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"torch.set_num_threads(2); import rpe_fft_long as b; call = b.make({method!r}, {n}); "
+            "torch.set_num_threads(2); import rpe_fft_long as b; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "torch.set_grad_enabled(False); call(); "
+            f"call = b.make({method!r}, {n}); torch.set_grad_enabled(False); call(); "
             "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
@@ -96,7 +95,7 @@ def main():
     timing = [["n", "rpe-fft", "vs", "exact ms", "rpe-fft ms", "speed-up (rounds, ratio spread)"]]
     memory = [["n", "method", "peak memory (fresh process)"]]
     for n in (int(x) for x in args.lengths.split(",")):
-        rounds = 5 if n <= 4096 else 3 if n <= 16384 else 1
+        rounds = 3 if n <= 4096 else 1
         for method in exact_methods + ours:
             fits = estimated_gib(method, n) <= args.budget_gib
             memory.append([str(n), method, peak_memory(method, n) if fits else

@@ -35,8 +35,8 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-def train(model, x, y, steps=400):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def train(model, x, y, steps=400, lr=1e-3):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         idx = torch.randint(0, len(x), (64,), generator=gen)

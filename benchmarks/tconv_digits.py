@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table  # noqa: E402
-from snnk_digits import accuracy, data  # noqa: E402
+from snnk_digits import accuracy, data, train  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -27,18 +27,6 @@ def cnn() -> nn.Module:
                          nn.Linear(64, 10))
 
 
-def train(model, x, y, steps=1500):
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 def conv_weights(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
 
@@ -47,7 +35,7 @@ def main():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     xtr, ytr, xte, yte = data()
-    model = train(cnn(), xtr, ytr)
+    model = train(cnn(), xtr, ytr, steps=1500, lr=2e-3)
     calib = {"inputs": [(xtr[i:i + 100],) for i in range(0, 1400, 100)],
              "targets": [ytr[i:i + 100] for i in range(0, 1400, 100)]}
     evaluation = {"inputs": [(xte,)], "targets": [yte]}

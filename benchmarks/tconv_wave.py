@@ -17,7 +17,6 @@ ratios of the factored convs.
 Run: python benchmarks/tconv_wave.py [--steps 1500]
 """
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path

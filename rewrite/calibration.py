@@ -205,3 +205,26 @@ def describe(batches: list[tuple]) -> str:
     first = batches[0]
     shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else repr(x) for x in first)
     return f"{len(batches)} batch(es) of ({shapes})"
+
+
+def layer_values(module: nn.Module, paths: list[str], batches: list[tuple], outputs: bool = False) -> dict[str, list[torch.Tensor]]:
+    """What each layer at `paths` receives (its first positional input) or, with outputs=True, returns,
+    once per call, while `module` runs on `batches` (hooks, removed afterwards; no gradients)."""
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+
+    def record(path: str):
+        def hook(_module, args, *result):
+            seen[path].append((result[0] if outputs else args[0]).detach())  # returns None: args unchanged
+        return hook
+
+    layers = [module.get_submodule(p) for p in paths]
+    hooks = [layer.register_forward_hook(record(p)) if outputs else layer.register_forward_pre_hook(record(p))
+             for p, layer in zip(paths, layers)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(*batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen

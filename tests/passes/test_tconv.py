@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from rewrite import RewriteError, api, train
-from rewrite.passes.tconv import TensorFactoredConv, factors
+from rewrite.passes.tconv import factors
 from rewrite.testing import ConvBN
 
 SHAPES = [

@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from rewrite import capture, verify
+from rewrite import verify
+from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue
 from rewrite.passes.dgq import kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
@@ -230,15 +231,7 @@ def _attr(module: nn.Module, target: str) -> torch.Tensor:
 
 
 def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tensor:
-    rows: list[torch.Tensor] = []
-    hook = module.get_submodule(path).register_forward_pre_hook(
-        lambda _m, args: rows.append(args[0].detach().reshape(-1, args[0].shape[-1])) and None)
-    try:
-        for batch in batches:
-            capture.run(module, batch)
-    finally:
-        hook.remove()
-    x = torch.cat(rows)
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in layer_values(module, [path], batches)[path]])
     if x.shape[0] > MAX_TOKENS:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_TOKENS]]
     return x.float()

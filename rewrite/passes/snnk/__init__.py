@@ -21,13 +21,13 @@ over the calibration activations (closed form; measuring to choose an initializa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import fx, nn
 
+from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue
 from rewrite.match import replace_match
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor, is_graph
@@ -101,18 +101,10 @@ def fit_output(block: SNNKBlock, x: torch.Tensor, y: torch.Tensor, ridge: float 
 
 def _block_activations(gm: nn.Module, match, batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of the block's first Linear, outputs of its last) over the calibration batches, flattened."""
-    seen: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
-    hooks = [match.layer(gm, "up").register_forward_hook(lambda m, a, out: seen["x"].append(a[0].detach())),
-             match.layer(gm, "down").register_forward_hook(lambda m, a, out: seen["y"].append(out.detach()))]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                gm(*batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return (torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["x"]]),
-            torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["y"]]))
+    up, down = match["up"].target, match["down"].target
+    xs = layer_values(gm, [up], batches)[up]
+    ys = layer_values(gm, [down], batches, outputs=True)[down]
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), torch.cat([t.reshape(-1, t.shape[-1]) for t in ys])
 
 
 @dataclass(frozen=True)

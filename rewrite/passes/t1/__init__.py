@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from rewrite import measure, verify
+from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.passes.t1 import fusion, gemm, student
@@ -234,20 +235,6 @@ def _calls_fft(module: nn.Module) -> bool:
 
 def _first_inputs(model: nn.Module, paths: list[str], batch: tuple) -> dict[str, torch.Tensor]:
     """The input each module at `paths` first receives when the model runs on `batch`."""
-    shapes: dict[str, torch.Tensor] = {}
-
-    def record(path: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(path, args[0].detach())
-        return hook
-
-    hooks = [model.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            model(*batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    return {p: seen[0] for p, seen in layer_values(model, paths, [batch]).items() if seen}
 
 

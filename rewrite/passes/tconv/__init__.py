@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rewrite import compress, measure
+from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Approx, Pass, PassContext, PassResult
 from rewrite.passes.tconv import factors
@@ -148,21 +149,7 @@ def _kernel_error(conv: nn.Module, chain: factors.FactoredConv) -> float:
 
 def _input_shapes(module: nn.Module, paths: list[str], batches: list[tuple]) -> dict[str, torch.Size]:
     """The input shape of each layer on the first calibration batch (for timing it where it runs)."""
-    shapes: dict[str, torch.Size] = {}
-
-    def record(path):
-        def hook(_module, args):
-            shapes.setdefault(path, args[0].shape)  # returns None: a pre-hook's return value would replace args
-        return hook
-    hooks = [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                module(*batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return shapes
+    return {p: seen[0].shape for p, seen in layer_values(module, paths, batches[:1]).items() if seen}
 
 
 def _if_slower(path: str, conv: nn.Module, chain: nn.Module, shape: torch.Size) -> list[str]:
