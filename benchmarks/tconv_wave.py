@@ -14,7 +14,7 @@ Table 2 (against the peers, no recovery): CP vs Tucker-2 vs spatial SVD (AIMET's
 tensorly-torch's CP `FactorizedConv` (if installed, `implementation='factorized'`) at equal parameter
 ratios of the factored convs.
 
-Run: python benchmarks/tconv_wave.py [--steps 1500]
+Run: python benchmarks/tconv_wave.py [--steps 600]
 """
 import argparse
 import sys
@@ -88,7 +88,7 @@ def speed(original, rewritten, x):
         paths = []
         for name, model in (("a", original), ("b", rewritten)):
             paths.append(Path(tmp) / f"{name}.onnx")
-            torch.onnx.export(model, (x,), str(paths[-1]), dynamo=False)
+            torch.onnx.export(model, (x,), str(paths[-1]), dynamo=True, verbose=False)  # captured graphs: dynamo only
         ort = measure.compare_onnx(paths[0], paths[1], (x,)).speed
     return f"{eager.ratio:.2f}x ({eager.low:.2f}–{eager.high:.2f})", f"{ort.ratio:.2f}x ({ort.low:.2f}–{ort.high:.2f})"
 
@@ -177,7 +177,7 @@ def _unpadded(conv):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(2)
