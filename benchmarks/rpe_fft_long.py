@@ -7,8 +7,8 @@
 - rpe-fft m=32 / m=64: the rewrite's kernelized attention (`RPEFFTAttention`), no n×n tensor.
 Time: each rpe-fft row against each exact method in alternating rounds in this process (ratio = exact
 time / rpe-fft time, > 1: the rewrite is faster; the spread of the per-round ratios beside it). Peak
-memory: one call in a fresh process each, inputs and any materialized bias included (ru_maxrss, minus the
-footprint of the process with torch loaded).
+memory: one call in a fresh process each, inputs and any materialized bias included (VmHWM, minus the
+process's resident size with torch loaded).
 Configurations whose estimated memory exceeds --budget-gib are not run and say so.
 
 Run: python benchmarks/rpe_fft_long.py [--lengths 1024,4096,16384,65536] [--budget-gib 16]
@@ -58,13 +58,22 @@ def estimated_gib(method: str, n: int) -> float:
     return (3 if method == "exact" else 2) * 4 * H * n * n / 2 ** 30  # bias + scores (+ softmax)
 
 
+def _status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (VmHWM: this process's peak RSS; unlike ru_maxrss it does not carry
+    the parent's peak across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_memory(method: str, n: int) -> str:
-    """Peak resident memory of one call, in a fresh process."""
-    code = (f"import sys, resource, json, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    """Peak resident memory of one call, in a fresh process: VmHWM minus the RSS with torch loaded."""
+    code = (f"import sys, json, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "torch.set_num_threads(2); import rpe_fft_long as b; "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "before = b._status_kib('VmRSS'); "
             f"call = b.make({method!r}, {n}); torch.set_grad_enabled(False); call(); "
-            "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20))")
+            "print(json.dumps((b._status_kib('VmHWM') - before) / 2**20))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         return f"failed ({proc.stderr.strip().splitlines()[-1][:60]})"
@@ -88,6 +97,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", default="1024,4096,16384,65536")
     parser.add_argument("--budget-gib", type=float, default=16.0)
+    parser.add_argument("--memory-only", action="store_true", help="the peak-memory table alone")
     args = parser.parse_args()
     torch.set_num_threads(2)
     exact_methods = ["exact", "sdpa+bias", "sdpa (no bias)"]
@@ -101,7 +111,7 @@ def main():
             memory.append([str(n), method, peak_memory(method, n) if fits else
                            f"not run: needs ≈{estimated_gib(method, n):.0f} GiB (> {args.budget_gib:g} GiB budget)"])
             print(table([memory[0], memory[-1]]).splitlines()[-1], flush=True)
-        for mine in ours:
+        for mine in ([] if args.memory_only else ours):
             candidate = make(mine, n)
             candidate()  # warm-up (plans, caches)
             for exact in exact_methods:

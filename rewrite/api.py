@@ -277,9 +277,11 @@ def _add_timing(report: RunReport, timed: measure.Timed, original: nn.Module, re
 
 def _eval_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[list[tuple], list[Any]]:
     if metric is None:
-        raise RewriteError("eval data given without a metric: add --metric rel-l2|top1|cosine")
+        raise RewriteError(f"eval data given without a metric: add --metric {'|'.join(measure.METRICS)}")
     measure.metric_fn(metric)  # unknown names fail here
     data = calibration.from_user(eval, model, "eval", max_batches=10_000)
+    if data.targets is None and metric == "perplexity":  # a language model's targets are its own token ids
+        return data.batches, [batch[0] for batch in data.batches]
     if data.targets is None:
         raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
     return data.batches, data.targets

@@ -10,14 +10,14 @@ from torch import fx, nn
 
 from rewrite import capture, verify
 from rewrite.errors import InvalidValue
-from rewrite.patterns import feed_forward, layers, set_submodule
+from rewrite.patterns import feed_forward, gated_feed_forward, layers, set_submodule
 
 class Factorizes:
     """Mixin of the factorizing passes (lowrank, fwsvd): their pattern (target=ffn) and option checks."""
 
     @classmethod
     def patterns(cls) -> list:
-        return [feed_forward()]  # target=ffn; target=all takes every Linear
+        return [feed_forward(), gated_feed_forward()]  # target=ffn; target=all takes every Linear
 
     def __post_init__(self):
         check_rank_options(self.rank, self.param_ratio)
@@ -33,8 +33,9 @@ def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]
 
 
 def _ffn_paths(gm: fx.GraphModule) -> set[str]:
-    found = feed_forward().find(gm)
-    return {m[name].target for m in found or [] for name in ("up", "down")}
+    """Both Linears of every feed-forward block, and gate, up and down of every gated (SwiGLU) block."""
+    plain = {m[name].target for m in feed_forward().find(gm) or [] for name in ("up", "down")}
+    return plain | {m[name].target for m in gated_feed_forward().find(gm) or [] for name in ("gate", "up", "down")}
 
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:

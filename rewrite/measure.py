@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -161,8 +162,24 @@ def cosine(outputs: list[Any], targets: list[Any]) -> float:
     return float(torch.cat(sims).mean())
 
 
-METRICS: dict[str, Callable[[list[Any], list[Any]], float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine}
-HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True}
+def perplexity(outputs: list[Any], targets: list[Any]) -> float:
+    """exp(mean next-token negative log-likelihood): logits (batch, n, vocab) at position i score token i+1
+    of the target ids (batch, n); targets of -100 (padding) are left out (lower is better)."""
+    total, count = 0.0, 0
+    for out, tgt in zip(outputs, targets):
+        logits, ids = _first(out), _first(tgt).long()
+        if logits.dim() != 3 or ids.dim() != 2:
+            raise RewriteError(f"perplexity needs logits (batch, n, vocab) and token ids (batch, n); got "
+                               f"{tuple(logits.shape)} and {tuple(ids.shape)}")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                ignore_index=-100, reduction="sum")
+        total, count = total + float(nll), count + int((ids[:, 1:] != -100).sum())
+    return math.exp(total / max(count, 1))
+
+
+METRICS: dict[str, Callable[[list[Any], list[Any]], float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine,
+                                                                "perplexity": perplexity}
+HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True, "perplexity": False}
 
 
 def meets(metric: str | None, score: float, floor: float) -> bool:

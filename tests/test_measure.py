@@ -86,3 +86,20 @@ def test_onnx_pair_is_timed_in_a_worker(tmp_path):
     timed = measure.compare_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", (x,), budget_s=0.5)
     assert timed.speed.backend == "onnxruntime" and timed.speed.rounds >= 10
     assert timed.original[2] > 0 and timed.rewritten[0] > 0
+
+
+def test_perplexity_is_the_exponentiated_next_token_loss():
+    from rewrite.measure import perplexity
+    uniform = torch.zeros(2, 5, 10)  # every token equally likely: perplexity = vocabulary size
+    ids = torch.randint(0, 10, (2, 5))
+    assert perplexity([uniform], [ids]) == pytest.approx(10.0)
+    sure = torch.full((1, 3, 4), -30.0)
+    sure[0, 0, 2], sure[0, 1, 3] = 30.0, 30.0  # position i predicts token i+1 with certainty
+    assert perplexity([sure], [torch.tensor([[0, 2, 3]])]) == pytest.approx(1.0)
+    padded = torch.tensor([[0, 2, -100]])  # ignored positions do not count
+    assert perplexity([sure], [padded]) == pytest.approx(1.0)
+
+
+def test_perplexity_eval_needs_no_targets_and_is_lower_is_better():
+    from rewrite import measure
+    assert measure.meets("perplexity", 20.0, 25.0) and not measure.meets("perplexity", 30.0, 25.0)

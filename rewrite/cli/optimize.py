@@ -22,7 +22,7 @@ def optimize(
     input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="calibration data saved with torch.save")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
-    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity (token ids; targets optional)")] = None,
     emit: Annotated[str, typer.Option(help="artifacts besides .pt2: onnx, compiled")] = "",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [rewrite-out/<model>]")] = None,
     force: Annotated[bool, typer.Option(help="replace what an earlier rewrite run wrote in the output folder")] = False,

@@ -157,3 +157,12 @@ def test_metric_budget_searches_against_the_eval_metric():
                           budget="metric=0.05", measure_latency=False)
     assert result.report.records[0].status == "applied"
     assert result.report.metric["rewritten"] <= 0.05
+
+
+def test_gated_feed_forward_blocks_have_all_three_linears_factorized():
+    from rewrite.testing import GatedFFN
+    model = GatedFFN().eval()
+    x = model.example_inputs()
+    record = api.optimize(model, x, "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=[x],
+                          measure_latency=False).report.records[0]
+    assert record.status == "applied" and record.stats["factorized"] == 3  # gate, up and down
