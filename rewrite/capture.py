@@ -224,20 +224,44 @@ def lift_layers(gm: fx.GraphModule) -> int:
         if layer is None:
             continue
         set_submodule(gm, owner, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(owner, (node.args[0],))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        data, result = node.args[0], node
+        if node.target == torch.ops.aten.addmm.default:  # addmm(bias, x, W), inside Conv1D's flatten/unflatten
+            data, result = _unflattened(node)
+        with gm.graph.inserting_before(result):
+            new = gm.graph.call_module(owner, (data,))
+        new.meta.update(result.meta)
+        result.replace_all_uses_with(new)
+        for dead in dict.fromkeys([result, node]):
+            gm.graph.erase_node(dead)
         lifted += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return lifted
 
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _unflattened(addmm: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(input, output) of a Linear applied as view(x, [-1, in]) → addmm → view back to x's leading dims
+    (GPT-2's Conv1D): (x, the outer view), so the lifted Linear runs on x itself and patterns see
+    Linear → activation → Linear without views between. Otherwise (the 2-D input, the addmm)."""
+    flat, users = addmm.args[1], list(addmm.users)
+    if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(users) == 1 and users[0].target in _VIEWS):
+        return flat, addmm
+    x, back = flat.args[0], users[0]
+    x_val, back_val = x.meta.get("val"), back.meta.get("val")
+    if not (isinstance(x_val, torch.Tensor) and isinstance(back_val, torch.Tensor)):
+        return flat, addmm
+    if x_val.dim() < 2 or back_val.dim() != x_val.dim() or back_val.shape[:-1] != x_val.shape[:-1]:
+        return flat, addmm
+    return x, back
+
+
 def _param_owner(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The module path holding this op's weight, if the op is a plain parametrized layer."""
-    weight = node.args[1] if len(node.args) > 1 else None
+    weight = node.args[2 if node.target == torch.ops.aten.addmm.default else 1] if len(node.args) > 2 or (
+        len(node.args) > 1 and node.target != torch.ops.aten.addmm.default) else None
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
         return None
     return weight.target.rsplit(".", 1)[0]
@@ -250,6 +274,8 @@ def _build_layer(gm: fx.GraphModule, node: fx.Node, owner: str) -> nn.Module | N
     params = dict(holder.named_parameters(recurse=False)) | dict(holder.named_buffers(recurse=False))
     if node.target == torch.ops.aten.linear.default:
         return _linear(node, params)
+    if node.target == torch.ops.aten.addmm.default:
+        return _transposed_linear(node, params)
     if node.target in _CONV:
         return _conv(node, params)
     if node.target == torch.ops.aten.batch_norm.default:
@@ -275,6 +301,22 @@ def _linear(node: fx.Node, params: dict) -> nn.Module | None:
     w = params["weight"]
     layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in params, device="meta")
     return _adopt(layer, params)
+
+
+def _transposed_linear(node: fx.Node, params: dict) -> nn.Module | None:
+    """addmm(bias, x, W) with W (in × out): GPT-2's Conv1D, a Linear whose weight is stored transposed."""
+    bias, _x, weight = node.args[:3]
+    if node.kwargs or set(params) != {"weight", "bias"} or params["weight"].dim() != 2:
+        return None
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (bias, weight)) or \
+            not (weight.target.endswith(".weight") and bias.target.endswith(".bias")):
+        return None
+    w = params["weight"]
+    layer = nn.Linear(w.shape[0], w.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(w.detach().T)
+        layer.bias.copy_(params["bias"].detach())
+    return layer
 
 
 def _conv(node: fx.Node, params: dict) -> nn.Module | None:

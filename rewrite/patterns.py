@@ -25,7 +25,15 @@ def _named(fn):
     return type(fn.__name__, (_Function,), {"__init__": lambda self: _Function.__init__(self, fn)})
 
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, _named(torch.exp), _named(torch.sin), _named(torch.cos))
+class TanhGELU(nn.Module):
+    """GELU's tanh approximation written out, as GPT-2 ("gelu_new") and many hand-written models do."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, _named(torch.exp), _named(torch.sin),
+               _named(torch.cos))
 
 
 class _FeedForward(nn.Module):
@@ -86,6 +94,13 @@ def layers(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Mod
         return [(f"{path}.{sub}" if sub else path, layer) for path in seen
                 for sub, layer in module.get_submodule(path).named_modules() if isinstance(layer, kinds)]
     return [(path, m) for path, m in module.named_modules() if isinstance(m, kinds)]
+
+
+def shared_weight(module: nn.Module, path: str) -> bool:
+    """Whether the graph also reads the weight of the layer at `path` elsewhere (tied embeddings):
+    replacing the layer would leave that reader without its tensor."""
+    return isinstance(module, fx.GraphModule) and any(
+        n.op == "get_attr" and n.target == f"{path}.weight" for n in module.graph.nodes)
 
 
 def module_paths(node: fx.Node) -> list[str]:

@@ -154,3 +154,20 @@ def test_packaged_smollm2_is_captured_and_scored_by_perplexity():
                               metric="perplexity", measure_latency=False)
     assert result.report.metric["original"] == pytest.approx(result.report.metric["rewritten"], rel=1e-4)
     assert 5 < result.report.metric["original"] < 200  # a trained model on English prose, not noise (vocab 49k)
+
+
+def test_gpt2_conv1d_layers_are_linears_and_its_ffn_is_found():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    result = rewrite.optimize(model, (ids,), "fwsvd{param-ratio=0.5,min-sqnr=-100}", calib=[(ids,)] * 2,
+                              measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["factorized"] == 4  # c_fc and c_proj of both blocks
+    longer = torch.randint(0, 128, (3, 20))  # Conv1D's flatten/unflatten views were folded, shapes stay dynamic
+    assert result.model(longer).logits.shape == (3, 20, 128)
+    tied = rewrite.optimize(model, (ids,), "lowrank{target=all,min-sqnr=-100}", calib=[(ids,)] * 2,
+                            measure_latency=False).report.records[0]
+    assert ["lm_head", "its weight is also used elsewhere in the graph (tied embeddings)"] in [list(s) for s in tied.skipped]

@@ -24,7 +24,7 @@ from torch import nn
 from rewrite import compress
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
-from rewrite.patterns import set_submodule
+from rewrite.patterns import set_submodule, shared_weight
 
 
 class LowRankLinear(nn.Module):
@@ -156,6 +156,9 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
     for path, linear in targets:
         if path not in ratios:
             skipped.append((path, "no ratio stays within the budget"))
+            continue
+        if shared_weight(module, path):
+            skipped.append((path, "its weight is also used elsewhere in the graph (tied embeddings)"))
             continue
         replacement = build(linear, path, ratios[path])
         if isinstance(replacement, str):

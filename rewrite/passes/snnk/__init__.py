@@ -38,8 +38,9 @@ __all__ = ["ScalableKernels", "SNNKLayer", "SNNKBlock", "FeatureMap", "bundle", 
 
 # The activation each feed-forward variant matched, as a function of the pre-activation z (for series fits).
 _ACTIVATION = {"ReLU": torch.relu, "GELU": nn.functional.gelu, "SiLU": nn.functional.silu, "Tanh": torch.tanh,
-               "Sigmoid": torch.sigmoid, "exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
-_AUTO = {"ReLU": "relu", "GELU": "relu", "SiLU": "relu", "Tanh": "series", "Sigmoid": "series",
+               "TanhGELU": lambda z: nn.functional.gelu(z, approximate="tanh"), "Sigmoid": torch.sigmoid,
+               "exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
+_AUTO = {"ReLU": "relu", "GELU": "relu", "TanhGELU": "relu", "SiLU": "relu", "Tanh": "series", "Sigmoid": "series",
          "exp": "exp", "sin": "fourier", "cos": "fourier"}
 _ESTIMATES = {"exp": ("exp",), "fourier": ("sin", "cos")}  # kinds that estimate one activation exactly
 
