@@ -76,16 +76,17 @@ def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):
     assert art.parity["max_abs"] < 5e-2  # MatMulNBits quantizes activations per block: close, not exact
 
 
-def test_every_linear_is_quantized_or_skipped_with_reason():
-    model = FFN(d=128, hidden=256).eval()
-    model.proj = nn.Linear(128, 128)
-    calib = [torch.randn(16, 128) for _ in range(2)]
-    result = api.optimize(model, (calib[0],), "dgq{group=256,min-sqnr=0}", calib=calib, measure_latency=False)
+def test_widths_that_are_not_a_multiple_of_the_group_get_a_padded_last_group():
+    model = nn.Sequential(nn.Linear(576, 256), nn.ReLU(), nn.Linear(256, 64)).eval()  # 576 = 4.5 groups of 128
+    calib = [torch.randn(32, 576) for _ in range(2)]
+    result = api.optimize(model, (calib[0],), "dgq", calib=calib, measure_latency=False)
     record = result.report.records[0]
-    skipped = dict(record.skipped)
-    assert record.stats["quantized"] == 2  # the two down projections have in_features 256
-    assert "not a multiple of group=256" in skipped["proj"]
-    assert set(record.stats["layer_rel_err"]) == {"down1", "down2"}
+    assert record.status == "applied" and record.stats["quantized"] == 2
+    assert record.stats["layer_rel_err"]["0"] < 0.1  # the padded layer is as good as a whole-group one
+    assert result.model.get_submodule("0").w_s8.shape == (256, 576)
+    w4 = api.optimize(model, (calib[0],), "dgq{form=w4,min-sqnr=0}", calib=calib, measure_latency=False)
+    skipped = dict(w4.report.records[0].skipped)
+    assert "not a multiple of group=128 (form=w4 packs whole groups" in skipped["0"]
 
 
 def test_nan_weights_and_silent_inputs_are_skipped():

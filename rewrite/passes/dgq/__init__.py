@@ -41,9 +41,10 @@ class DGQWeights:
     S: torch.Tensor
     s1: torch.Tensor
     group: int
+    k: int  # the layer's in_features; q is zero-padded to a multiple of the group when K is not one
 
     def w_s8(self) -> torch.Tensor:
-        return (_expand(self.S, self.group) * (self.q - _expand(self.z, self.group))).to(torch.int8)
+        return (_expand(self.S, self.group) * (self.q - _expand(self.z, self.group)))[:, :self.k].to(torch.int8)
 
     def dequantized(self) -> torch.Tensor:
         return self.s1[:, None] * self.w_s8().float()
@@ -58,8 +59,12 @@ def quantize_weight(w: torch.Tensor, x: torch.Tensor | None, group: int, search:
     w = w.double()
     o, k = w.shape
     gram = (x.double().T @ x.double()) if x is not None else torch.eye(k, dtype=torch.float64)
-    s_fine, z = _phase_one(w.reshape(o, k // group, group), gram, group, search)
-    return _phase_two(w, gram, s_fine, z, group, search)
+    pad = -k % group  # K not a multiple of the group: zero columns (their inputs are zero: no output error)
+    if pad:
+        w = nn.functional.pad(w, (0, pad))
+        gram = nn.functional.pad(gram, (0, pad, 0, pad))
+    s_fine, z = _phase_one(w.reshape(o, (k + pad) // group, group), gram, group, search)
+    return _phase_two(w, gram, s_fine, z, group, search, k)
 
 
 def _phase_one(wg: torch.Tensor, gram: torch.Tensor, group: int, search: bool):
@@ -80,9 +85,11 @@ def _phase_one(wg: torch.Tensor, gram: torch.Tensor, group: int, search: bool):
     return best_s, best_z
 
 
-def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool):
-    """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error."""
-    o, k = w.shape
+def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
+               k: int):
+    """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error.
+    `k`: the layer's true in_features (w may carry zero columns up to a whole group)."""
+    o = w.shape[0]
     peak = w.abs().amax(1).clamp_min(1e-12)
     best = torch.full((o,), float("inf"), dtype=torch.float64)
     result = None
@@ -102,7 +109,7 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
             result = [q.clone(), S.clone(), s1.clone()]
         result[0][better], result[1][better], result[2][better] = q[better], S[better], s1[better]
     q, S, s1 = result
-    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group)
+    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k)
 
 
 class DGQLinear(nn.Module):
@@ -139,7 +146,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     name = "dgq"
     paper = "Zhang et al., Dual Grained Quantization (A8W4), arXiv:2310.04836"
     summary = "Linears → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
-    applies_to = "Linear layers whose in_features is a multiple of the group size"
+    applies_to = "Linear layers (form=w4: in_features a multiple of the group size)"
     needs_calibration = True
     level = "module"
 
@@ -188,8 +195,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
         return PassResult(module, bool(done), stats, skipped)
 
     def _why_not(self, linear: nn.Linear) -> str | None:
-        if linear.in_features % self.group:
-            return f"in_features {linear.in_features} is not a multiple of group={self.group}"
+        if self.form == "w4" and linear.in_features % self.group:
+            return (f"in_features {linear.in_features} is not a multiple of group={self.group} (form=w4 packs whole "
+                    "groups; the default form=int8 pads the last group)")
         if not torch.isfinite(linear.weight).all():
             return "weights contain NaN or inf"
         if self.form == "w4" and self.group & (self.group - 1):
