@@ -311,3 +311,20 @@ def test_a_layer_an_earlier_pass_changed_is_not_read_back_from_the_original():
     result = TransformOnce(form="gemm").call(changed, ctx)
     assert result.stats["spectral_layers"] == 1
     assert dict(result.skipped)["spectral.0"] == "an earlier pass changed its w; t1 reads this layer as captured"
+
+
+@pytest.mark.slow
+def test_neuraloperator_uno_converts_exactly_and_its_student_builds():
+    from neuralop.models import UNO
+    common = dict(in_channels=1, out_channels=1, hidden_channels=16, lifting_channels=16, projection_channels=16,
+                  n_layers=3, uno_out_channels=[16, 16, 16], uno_n_modes=[[6, 6]] * 3, horizontal_skips_map={})
+    model = UNO(uno_scalings=[[1.0, 1.0]] * 3, **common).eval()
+    x = (torch.randn(2, 1, 32, 32),)
+    exact = api.optimize(model, x, "t1", calib=[x] * 2, measure_latency=False).report.records[0]
+    assert exact.status == "applied" and exact.stats["spectral_layers"] == 3  # a factor of 1.0 does not resample
+    student = api.optimize(model, x, "t1{mode=t1,min-sqnr=-100}", calib=[x] * 4, measure_latency=False).report.records[0]
+    assert student.status == "applied" and student.stats["fno_blocks"] == 3
+    scaled = UNO(uno_scalings=[[1.0, 1.0], [0.5, 0.5], [2.0, 2.0]], **common).eval()
+    record = api.optimize(scaled, x, "t1", calib=[x] * 2, measure_latency=False).report.records[0]
+    assert dict(map(tuple, record.skipped))["fno_blocks.1.convs.0"] == \
+        "it resamples its output (resolution_scaling_factor=[0.5, 0.5])"

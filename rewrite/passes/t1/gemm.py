@@ -162,18 +162,31 @@ def _reshape(axis: int, d: int) -> tuple:
     return tuple(slice(None) if a == axis else None for a in range(d))
 
 
+def unsupported(conv: nn.Module) -> str | None:
+    """Why a neuraloperator SpectralConv cannot be read as a truncated Fourier multiplier (None: it can)."""
+    if getattr(conv, "complex_data", False) or getattr(conv, "separable", False):
+        return "complex-data or separable spectral weights are not supported"
+    factor = getattr(conv, "resolution_scaling_factor", None)
+    if factor is not None and any(float(f) != 1.0 for f in _flat(factor)):  # UNO writes 1.0 for "same grid"
+        return f"it resamples its output (resolution_scaling_factor={factor})"
+    if getattr(conv, "fno_block_precision", "full") != "full":
+        return "half/mixed precision spectral blocks are not supported"
+    return None
+
+
+def _flat(value) -> list:
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else [value]
+
+
 def from_neuralop(conv: nn.Module, grid: tuple[int, ...]) -> SpectralGEMM | str:
     """neuraloperator's SpectralConv read from its attributes, reproducing its conventions exactly.
 
     It keeps centred modes (fftshift, slice) and shifts back with a second fftshift, not an ifftshift:
     at an odd size along a non-last axis that synthesizes each coefficient one bin lower. We reproduce it.
     """
-    if getattr(conv, "complex_data", False) or getattr(conv, "separable", False):
-        return "complex-data or separable spectral weights are not supported"
-    if getattr(conv, "resolution_scaling_factor", None) is not None:
-        return "it resamples its output (resolution_scaling_factor)"
-    if getattr(conv, "fno_block_precision", "full") != "full":
-        return "half/mixed precision spectral blocks are not supported"
+    reason = unsupported(conv)
+    if reason:
+        return reason
     weight = conv.weight.to_tensor() if hasattr(conv.weight, "to_tensor") else conv.weight
     weight = weight.detach()
     d = len(grid)

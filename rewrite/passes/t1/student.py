@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewrite.errors import InvalidValue
-from rewrite.passes.t1.gemm import _c2r, _dft, _r2c, from_neuralop
+from rewrite.passes.t1.gemm import _c2r, _dft, _r2c, from_neuralop, unsupported
 
 
 class Basis(nn.Module):
@@ -211,7 +211,9 @@ def why_not(blocks: nn.Module) -> str | None:
          "needs linear FNO skips, channel MLPs and soft-gating (the defaults)"),
         (blocks.non_linearity is F.gelu, "needs GELU"),
         (all(len(m.fcs) == 2 for m in blocks.channel_mlp), "needs 2-layer channel MLPs"),
-        (all(g.bias is None for g in blocks.channel_mlp_skips), "soft-gating with bias"),
+        (all(getattr(g, "bias", None) is None for g in blocks.channel_mlp_skips), "soft-gating with bias"),
+        (not any(unsupported(conv) for conv in blocks.convs),
+         next((unsupported(conv) for conv in blocks.convs if unsupported(conv)), "")),
     ]
     return next((why for ok, why in checks if not ok), None)
 
