@@ -320,11 +320,12 @@ def test_neuraloperator_uno_converts_exactly_and_its_student_builds():
                   n_layers=3, uno_out_channels=[16, 16, 16], uno_n_modes=[[6, 6]] * 3, horizontal_skips_map={})
     model = UNO(uno_scalings=[[1.0, 1.0]] * 3, **common).eval()
     x = (torch.randn(2, 1, 32, 32),)
-    exact = api.optimize(model, x, "t1", calib=[x] * 2, measure_latency=False).report.records[0]
+    # form=gemm: form=auto would keep whichever form times faster here, which is not this test's question
+    exact = api.optimize(model, x, "t1{form=gemm}", calib=[x] * 2, measure_latency=False).report.records[0]
     assert exact.status == "applied" and exact.stats["spectral_layers"] == 3  # a factor of 1.0 does not resample
     student = api.optimize(model, x, "t1{mode=t1,min-sqnr=-100}", calib=[x] * 4, measure_latency=False).report.records[0]
-    assert student.status == "applied" and student.stats["fno_blocks"] == 3
+    assert student.status == "applied" and student.stats["fno_blocks"] == 3, student.skipped
     scaled = UNO(uno_scalings=[[1.0, 1.0], [0.5, 0.5], [2.0, 2.0]], **common).eval()
-    record = api.optimize(scaled, x, "t1", calib=[x] * 2, measure_latency=False).report.records[0]
+    record = api.optimize(scaled, x, "t1{form=gemm}", calib=[x] * 2, measure_latency=False).report.records[0]
     assert dict(map(tuple, record.skipped))["fno_blocks.1.convs.0"] == \
         "it resamples its output (resolution_scaling_factor=[0.5, 0.5])"
