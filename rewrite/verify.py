@@ -102,8 +102,11 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     pick = (lambda xs: [xs[i] for i in keep] if xs is not None else None)
     tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
     err = compare(pick(outputs), pick(new_outputs), tolerance, pick(ctx.masks))
+    judged = None
     if isinstance(pass_.contract, Approx) and ctx.metric_floor is not None and math.isfinite(err.max_abs):
         broken = _below_metric_floor(ctx.evaluate(after), ctx.metric, ctx.metric_floor)
+    elif isinstance(pass_.contract, Approx) and _judged_by_labels(pass_, ctx, held):
+        broken, judged = _label_accuracy(before, after, ctx, keep)
     else:
         broken = check(pass_.contract, err)
     if broken and isinstance(pass_.contract, Approx):
@@ -112,7 +115,32 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     grew = grew or _dead_in_place(after)
     if grew and getattr(pass_, "shrinks", False):
         return err, f"{grew}, though {pass_.name} promises a smaller model (the rewrite left work behind)", None
-    return err, broken, (f"warning: {grew}" if grew else None)
+    notes = [n for n in (judged, f"warning: {grew}" if grew else None) if n]
+    return err, broken, "; ".join(notes) or None
+
+
+LABEL_TOLERANCE = 0.01  # accuracy points a needs-recovery pass may lose on held-out labelled batches
+
+
+def _judged_by_labels(pass_: Any, ctx: Any, held: list[int] | None) -> bool:
+    """A pass that replaces a layer by a different function by design (snnk, rpe-fft) and was recovered on
+    labelled calibration data is judged by held-out label accuracy: matching the old outputs is not its goal."""
+    targets = ctx.targets
+    return bool(getattr(pass_, "needs_recovery", False) and held and targets is not None and all(
+        isinstance(t, torch.Tensor) and not t.is_floating_point() for t in targets))
+
+
+def _label_accuracy(before: Any, after: Any, ctx: Any, keep: list[int]) -> tuple[str | None, str]:
+    from rewrite import capture
+    from rewrite.measure import top1
+
+    def accuracy(module: Any) -> float:
+        return top1([capture.run(module, ctx.calibration[i]) for i in keep], [ctx.targets[i] for i in keep])
+    old, new = accuracy(before), accuracy(after)
+    if new < old - LABEL_TOLERANCE:
+        return (f"held-out label accuracy {new:.3f} below {old:.3f} before the pass (labels were given, so this "
+                f"pass is judged by them; --floor metric=Y with --eval sets another bar)"), ""
+    return None, f"judged by held-out label accuracy {new:.3f} ({old:.3f} before; labels were given), not SQNR"
 
 
 def _below_metric_floor(score: float, metric: str, floor: float) -> str | None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rewrite.pass_base import Approx, Exact
+from rewrite import verify
 from rewrite.verify import check, compare
 
 
@@ -52,3 +53,38 @@ def test_outputs_without_a_sequence_axis_are_compared_whole():
     pooled = torch.ones(2, 3)
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
     assert compare([pooled], [pooled + 1], masks=[mask]).max_abs == 1.0
+
+
+def test_needs_recovery_passes_with_labels_are_judged_by_held_out_accuracy():
+    from dataclasses import dataclass
+
+    from rewrite.pass_base import Pass, PassContext, SqnrFloor
+
+    @dataclass(frozen=True)
+    class Different(SqnrFloor, Pass):  # a different function by design, like snnk or rpe-fft
+        name = "different"
+        needs_recovery = True
+        min_sqnr: float = 10.0
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return self.factor * x  # the "logits" are the inputs: argmax kept by any positive factor
+    batches = [(torch.randn(8, 5),) for _ in range(4)]
+    ctx = PassContext(calibration=batches, targets=[b[0].argmax(-1) for b in batches])
+    before, outputs = Scaled(1.0), [b[0] for b in batches]
+    for factor, applied in ((3.0, True), (-1.0, False)):  # SQNR −6 dB either way; only the labels differ
+        after = Scaled(factor)
+        err, broken, note = verify.judge(Different(), before, after, outputs, [factor * o for o in outputs], ctx,
+                                         held=[3])
+        assert err.sqnr_db < 0
+        assert (broken is None) == applied, broken
+        assert (note or broken).startswith("judged by held-out label accuracy 1.000" if applied else
+                                           "held-out label accuracy 0.000 below 1.000")
+    without_labels = PassContext(calibration=batches)
+    _, broken, _ = verify.judge(Different(), before, Scaled(3.0), outputs, [3 * o for o in outputs], without_labels,
+                                held=[3])
+    assert broken.startswith("SQNR")  # no labels: the SQNR floor stays the contract
