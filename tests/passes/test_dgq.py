@@ -164,3 +164,14 @@ def test_smoothing_skips_post_norm_residuals():
     captured = capture.capture(PostNorm().eval(), (torch.randn(4, 128),))
     count, skipped = smooth_outliers(captured.module, [(torch.randn(4, 128),)])
     assert count == 0 and "residual" in skipped[0][1]
+
+
+def test_float32_search_errors_choose_what_float64_chooses(monkeypatch):
+    import rewrite.passes.dgq as dgq
+    gen = torch.Generator().manual_seed(0)
+    w = 0.05 * torch.randn(96, 256, generator=gen)
+    x = torch.randn(512, 256, generator=gen) * (1 + 3 * torch.rand(256, generator=gen))  # uneven channel scales
+    fast = dgq.quantize_weight(w, x, 128, True)
+    monkeypatch.setattr(dgq, "ERROR_DTYPE", torch.float64)
+    exact = dgq.quantize_weight(w, x, 128, True)
+    assert torch.equal(fast.s1, exact.s1) and torch.equal(fast.q, exact.q) and torch.equal(fast.S, exact.S)

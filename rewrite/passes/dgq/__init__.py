@@ -30,6 +30,7 @@ from rewrite.patterns import layers, set_submodule
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
 CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
 MAX_TOKENS = 4096  # calibration rows kept per layer for the search
+ERROR_DTYPE = torch.float32  # phase two's row errors d·G·dᵀ (choices checked against float64 in the tests)
 
 
 @dataclass
@@ -93,6 +94,7 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
     peak = w.abs().amax(1).clamp_min(1e-12)
     best = torch.full((o,), float("inf"), dtype=torch.float64)
     result = None
+    gram_e = gram.to(ERROR_DTYPE)  # the K×K products dominate the search: float32 halves their cost
     for r in (CHANNEL_RATIOS if search else [1.0]):
         s1 = r * peak / 127
         S = torch.clamp(torch.round(s_fine / s1[:, None]), 1, 127)
@@ -101,8 +103,8 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
         clipped = torch.maximum(torch.minimum(w, (r * peak)[:, None]), -(r * peak)[:, None])
         q = torch.round(clipped / (_expand(S, group) * s1[:, None])) + _expand(z, group)
         q = torch.minimum(torch.maximum(q, lo), hi)
-        d = w - s1[:, None] * _expand(S, group) * (q - _expand(z, group))
-        err = ((d @ gram) * d).sum(1)
+        d = (w - s1[:, None] * _expand(S, group) * (q - _expand(z, group))).to(ERROR_DTYPE)
+        err = ((d @ gram_e) * d).sum(1).double()
         better = err < best
         best = torch.where(better, err, best)
         if result is None:
