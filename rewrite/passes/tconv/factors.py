@@ -167,9 +167,19 @@ def cp_dense(factors: list[torch.Tensor]) -> torch.Tensor:
     return _khatri_rao(factors).sum(1).reshape(shape) if len(factors) > 1 else factors[0].sum(1)
 
 
+ALS_BUDGET = 3e9  # multiply-adds per layer: large layers at high rank get fewer sweeps (at least 10)
+
+
+def als_sweeps(w: torch.Tensor, rank: int) -> int:
+    """Sweeps of CP-ALS for a kernel: 200 for small layers; a ResNet's 512×512×3×3 at rank 573 would take
+    minutes per layer at 200, so the work is bounded (recovery does the rest). Deterministic: by size."""
+    per_sweep = 4 * w.numel() * rank
+    return int(max(10, min(200, ALS_BUDGET // per_sweep)))
+
+
 def decompose_cp(conv: nn.Module, rank: int, seed: int = 0) -> FactoredConv:
     w = conv.weight.detach()
-    a, b, *axes = cp_als(w, rank, seed=seed)
+    a, b, *axes = cp_als(w, rank, iterations=als_sweeps(w, rank), seed=seed)
     chain = cp_chain(conv, rank)
     d = len(axes)
     with torch.no_grad():
