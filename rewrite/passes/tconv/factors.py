@@ -133,7 +133,8 @@ def cp_als(t: torch.Tensor, rank: int, iterations: int = 200, tol: float = 1e-7,
 
     Start: leading left singular vectors of each unfolding (random columns past a mode's size), which
     makes the result deterministic for a given seed. Columns of every factor but the first are kept at
-    unit norm (scale moves into the first), which keeps the iteration well conditioned.
+    unit norm (scale moves into the first), which keeps the iteration well conditioned. Memory stays
+    O(numel·rank / largest mode): no Khatri–Rao product over all other modes is formed.
     """
     t = t.double()
     gen = torch.Generator().manual_seed(seed)
@@ -143,28 +144,48 @@ def cp_als(t: torch.Tensor, rank: int, iterations: int = 200, tol: float = 1e-7,
         if u.shape[1] < rank:
             u = torch.cat([u, torch.randn(t.shape[mode], rank - u.shape[1], generator=gen, dtype=t.dtype)], 1)
         factors.append(u)
-    norm, previous = float(t.norm()), math.inf
+    norm_sq, previous = float((t * t).sum()), math.inf
     for iteration in range(iterations):
         for mode in range(t.dim()):
             others = [f for m, f in enumerate(factors) if m != mode]
             gram = math.prod(f.T @ f for f in others)
             gram = gram + 1e-12 * gram.diagonal().mean() * torch.eye(rank, dtype=t.dtype)  # rank-deficient starts
-            factors[mode] = torch.linalg.solve(gram, (_unfold(t, mode) @ _khatri_rao(others)).T).T
+            product = _mttkrp(t, factors, mode)
+            factors[mode] = torch.linalg.solve(gram, product.T).T
             if mode > 0:
                 scale = factors[mode].norm(dim=0).clamp_min(1e-30)
                 factors[mode] = factors[mode] / scale
                 factors[0] = factors[0] * scale
-        if iteration % 10 == 9:  # the fit is a full reconstruction: check it now and then
-            error = float((t - cp_dense(factors)).norm()) / max(norm, 1e-30)
+        if iteration % 10 == 9:  # ‖t − t̂‖² = ‖t‖² − 2⟨t, t̂⟩ + ‖t̂‖², from Gram matrices (no reconstruction)
+            inner = float((_mttkrp(t, factors, 0) * factors[0]).sum())
+            fitted = float(math.prod(f.T @ f for f in factors).sum())
+            error = math.sqrt(max(norm_sq - 2 * inner + fitted, 0.0) / max(norm_sq, 1e-30))
             if previous - error < tol:
                 break
             previous = error
     return factors
 
 
+def _mttkrp(t: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Tensor:
+    """Σ over every other mode of t · Π F_m[i_m, r]: (dim_mode × rank), contracting the largest mode first."""
+    others = sorted((m for m in range(t.dim()) if m != mode), key=lambda m: -t.shape[m])
+    current = torch.tensordot(t, factors[others[0]], dims=([others[0]], [0]))  # remaining modes…, r
+    axes = [m for m in range(t.dim()) if m != others[0]]
+    for m in others[1:]:
+        where = axes.index(m)
+        shape = [1] * current.dim()
+        shape[where], shape[-1] = t.shape[m], factors[m].shape[1]
+        current = (current * factors[m].reshape(shape)).sum(where)
+        axes.pop(where)
+    return current
+
+
 def cp_dense(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The full tensor: F_0 @ (Khatri–Rao of the rest)ᵀ, so only the rest's rows times rank are formed."""
     shape = [f.shape[0] for f in factors]
-    return _khatri_rao(factors).sum(1).reshape(shape) if len(factors) > 1 else factors[0].sum(1)
+    if len(factors) == 1:
+        return factors[0].sum(1)
+    return (factors[0] @ _khatri_rao(factors[1:]).T).reshape(shape)
 
 
 ALS_BUDGET = 3e9  # multiply-adds per layer: large layers at high rank get fewer sweeps (at least 10)
