@@ -207,18 +207,19 @@ def describe(batches: list[tuple]) -> str:
     return f"{len(batches)} batch(es) of ({shapes})"
 
 
-def layer_values(module: nn.Module, paths: list[str], batches: list[tuple], outputs: bool = False) -> dict[str, list[torch.Tensor]]:
-    """What each layer at `paths` receives (its first positional input) or, with outputs=True, returns,
-    once per call, while `module` runs on `batches` (hooks, removed afterwards; no gradients)."""
+def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
+                 outputs: tuple[str, ...] = ()) -> dict[str, list[torch.Tensor]]:
+    """What each layer at `paths` receives (its first positional input), or returns for the paths also
+    listed in `outputs`, once per call, in one run of `module` over `batches` (hooks; no gradients)."""
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
 
     def record(path: str):
         def hook(_module, args, *result):
-            seen[path].append((result[0] if outputs else args[0]).detach())  # returns None: args unchanged
+            seen[path].append((result[0] if path in outputs else args[0]).detach())  # None: args unchanged
         return hook
 
     layers = [module.get_submodule(p) for p in paths]
-    hooks = [layer.register_forward_hook(record(p)) if outputs else layer.register_forward_pre_hook(record(p))
+    hooks = [layer.register_forward_hook(record(p)) if p in outputs else layer.register_forward_pre_hook(record(p))
              for p, layer in zip(paths, layers)]
     try:
         with torch.no_grad():

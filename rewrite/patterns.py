@@ -96,6 +96,12 @@ def layers(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Mod
     return [(path, m) for path, m in module.named_modules() if isinstance(m, kinds)]
 
 
+def attribute(module: nn.Module, target: str):
+    """The tensor (or module) a `get_attr` target names, e.g. "layer.0.weight"."""
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, name)
+
+
 def shared_weight(module: nn.Module, path: str) -> bool:
     """Whether the graph also reads the weight of the layer at `path` elsewhere (tied embeddings):
     replacing the layer would leave that reader without its tensor."""

@@ -3,6 +3,7 @@ and decoders, and the reload of every artifact the tool writes."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch

@@ -25,7 +25,7 @@ from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue
 from rewrite.passes.dgq import kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
-from rewrite.patterns import layers, set_submodule
+from rewrite.patterns import attribute, layers, set_submodule
 
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
 CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
@@ -228,16 +228,11 @@ def smooth_outliers(module: nn.Module, batches: list[tuple], top: float = 0.005)
         scale = torch.where(peak > baseline, peak / baseline.clamp_min(1e-12), torch.ones_like(peak))
         with torch.no_grad():
             for attr in (weight, bias):
-                _attr(module, attr.target).div_(scale)
+                attribute(module, attr.target).div_(scale)
             for user in consumers:
                 module.get_submodule(user.target).weight.mul_(scale)
         done += 1
     return done, skipped
-
-
-def _attr(module: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, name)
 
 
 def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tensor:

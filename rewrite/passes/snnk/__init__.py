@@ -103,9 +103,8 @@ def fit_output(block: SNNKBlock, x: torch.Tensor, y: torch.Tensor, ridge: float 
 def _block_activations(gm: nn.Module, match, batches: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of the block's first Linear, outputs of its last) over the calibration batches, flattened."""
     up, down = match["up"].target, match["down"].target
-    xs = layer_values(gm, [up], batches)[up]
-    ys = layer_values(gm, [down], batches, outputs=True)[down]
-    return torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]), torch.cat([t.reshape(-1, t.shape[-1]) for t in ys])
+    seen = layer_values(gm, [up, down], batches, outputs=(down,))  # one run: up's inputs, down's outputs
+    return tuple(torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[p]]) for p in (up, down))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
 from rewrite.passes.t1 import fusion, gemm, student
-from rewrite.patterns import module_paths, region, region_io, replace_region, set_submodule
+from rewrite.patterns import attribute, module_paths, region, region_io, replace_region, set_submodule
 
 _FFT_OPS = {"fft_rfft", "fft_rfft2", "fft_rfftn", "_fft_r2c"}
 _IFFT_OPS = {"fft_irfft", "fft_irfft2", "fft_irfftn", "_fft_c2r"}
@@ -163,14 +163,9 @@ def _changed_since_capture(gm: nn.Module, original: nn.Module, path: str) -> str
     theirs = original.get_submodule(path).state_dict(keep_vars=True)
     for node in gm.graph.nodes:
         name = node.target[len(path) + 1:] if node.op == "get_attr" and node.target.startswith(path + ".") else None
-        if name in theirs and not torch.equal(_attr(gm, node.target), theirs[name]):
+        if name in theirs and not torch.equal(attribute(gm, node.target), theirs[name]):
             return f"an earlier pass changed its {name}; t1 reads this layer as captured"
     return None
-
-
-def _attr(gm: nn.Module, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
