@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from rewrite.errors import RewriteError, first_line
@@ -229,3 +229,63 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
         for hook in hooks:
             hook.remove()
     return seen
+
+
+def sequential_inputs(module: nn.Module, paths: list[str], batches: list[tuple]):
+    """Yield (path, inputs over `batches`) for each layer at `paths`, in execution order, where each layer's
+    inputs come from the layers before it as the caller left them after their own yield (sequential
+    calibration: errors of already-rewritten layers flow on, as in GPTQ).
+
+    On a captured graph this is one interpreted pass over the graph with all batches in step, so its cost is
+    one forward whatever the number of layers; on an eager module, one forward per layer."""
+    if not isinstance(module, fx.GraphModule) or not _flat_inputs_fit(module, batches):
+        for path in paths:
+            yield path, layer_values(module, [path], batches)[path]
+        return
+    wanted = set(paths)
+    runs = [_StepInterpreter(module, batch) for batch in batches]
+    with torch.no_grad():
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                inside = [p for p in paths if p == node.target or p.startswith(node.target + ".")]
+                for path in inside:
+                    if path == node.target:
+                        yield path, [run.first_input(node) for run in runs]
+                    else:  # a layer inside the node's module (e.g. one of a factorized pair): record it
+                        yield path, _recorded(module, path, lambda: [run.run_node(node) for run in runs])
+                    wanted.discard(path)
+            if not wanted:
+                return
+            for run in runs:
+                run.step(node)
+
+
+def _flat_inputs_fit(gm: fx.GraphModule, batches: list[tuple]) -> bool:
+    count = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    return all(len(gm.graph.process_inputs(*batch)) == count for batch in batches)
+
+
+def _recorded(module: nn.Module, path: str, run) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    hook = module.get_submodule(path).register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+class _StepInterpreter(fx.Interpreter):
+    """One batch's values, computed node by node on request (values freed after their last use)."""
+
+    def __init__(self, gm: fx.GraphModule, batch: tuple):
+        super().__init__(gm)
+        self.args_iter = iter(gm.graph.process_inputs(*batch))
+
+    def first_input(self, node: fx.Node) -> torch.Tensor:
+        return self.env[node.args[0]].detach()
+
+    def step(self, node: fx.Node) -> None:
+        self.env[node] = self.run_node(node)
+        for used in self.user_to_last_uses.get(node, []):
+            del self.env[used]

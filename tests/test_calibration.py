@@ -75,3 +75,57 @@ def test_synthetic_data_is_seeded():
     x = (torch.randn(2, 3),)
     a, b = calibration.synthetic(x, seed=3), calibration.synthetic(x, seed=3)
     assert a.synthetic and all(torch.equal(p[0], q[0]) for p, q in zip(a.batches, b.batches))
+
+
+class _Chain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.pair = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8))
+
+    def forward(self, x):
+        return self.pair(self.b(torch.relu(self.a(x))))
+
+
+def _captured_chain():
+    from rewrite import capture
+    model = _Chain()
+    return capture.capture(model, (torch.randn(3, 8),)).module, model
+
+
+def test_sequential_inputs_follow_the_layers_the_caller_changed():
+    gm, _ = _captured_chain()
+    batches = [(torch.randn(3, 8),), (torch.randn(5, 8),)]
+    before = calibration.layer_values(gm, ["b"], batches)["b"]
+    seen = {}
+    for path, inputs in calibration.sequential_inputs(gm, ["a", "b"], batches):
+        seen[path] = inputs
+        if path == "a":
+            gm.a.weight.data.zero_()  # what a pass does to a layer before the next one is calibrated
+    assert [x.shape[0] for x in seen["a"]] == [3, 5]
+    assert all(torch.equal(x, torch.relu(gm.a.bias).expand_as(x)) for x in seen["b"])
+    assert not torch.equal(seen["b"][0], before[0])
+
+
+class _PairAsOneModule(torch.fx.Tracer):
+    def is_leaf_module(self, m, name):
+        return isinstance(m, torch.nn.Sequential) or super().is_leaf_module(m, name)
+
+
+def test_sequential_inputs_reach_layers_inside_a_called_module_and_match_one_hooked_run():
+    model = _Chain()
+    gm = torch.fx.GraphModule(model, _PairAsOneModule().trace(model))  # "pair" is one call_module node
+    assert "pair" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    paths = [p for p, m in gm.named_modules() if isinstance(m, torch.nn.Linear)]
+    batches = [(torch.randn(4, 8),)]
+    hooked = calibration.layer_values(gm, paths, batches)
+    streamed = dict(calibration.sequential_inputs(gm, paths, batches))
+    assert set(streamed) == set(paths)
+    assert all(torch.allclose(streamed[p][0], hooked[p][0]) for p in paths)
+
+
+def test_sequential_inputs_on_an_eager_module_run_one_pass_per_layer():
+    model = _Chain()
+    batches = [(torch.randn(2, 8),)]
+    streamed = dict(calibration.sequential_inputs(model, ["a", "pair.1"], batches))
+    assert torch.equal(streamed["pair.1"][0], calibration.layer_values(model, ["pair.1"], batches)["pair.1"][0])

@@ -175,3 +175,49 @@ def test_float32_search_errors_choose_what_float64_chooses(monkeypatch):
     monkeypatch.setattr(dgq, "ERROR_DTYPE", torch.float64)
     exact = dgq.quantize_weight(w, x, 128, True)
     assert torch.equal(fast.s1, exact.s1) and torch.equal(fast.q, exact.q) and torch.equal(fast.S, exact.S)
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers = [nn.Linear(256, 256) for _ in range(4)]
+    with torch.no_grad():
+        layers[2].weight[:, :4] *= 30  # one layer whose 4-bit groups lose most
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())]).eval()
+
+
+def _cosine(a, b):
+    return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def test_mixed_precision_keeps_the_worst_layers_at_int8_until_the_cosine_budget_holds():
+    model, x = _deep_mlp(), torch.randn(256, 256)
+    plain = api.optimize(model, (x[:8],), "dgq{budget-cos=0,min-sqnr=0}", calib=[x], measure_latency=False)
+    mixed = api.optimize(model, (x[:8],), "dgq{budget-cos=0.995,max-bits=8.5,min-sqnr=0}", calib=[x],
+                         measure_latency=False)
+    with torch.no_grad():
+        want, got_plain, got_mixed = model(x), plain.model(x), mixed.model(x)
+    assert _cosine(want, got_plain) < 0.995 <= _cosine(want, got_mixed)
+    stats, plain_stats = mixed.report.records[0].stats, plain.report.records[0].stats
+    assert plain_stats["int8_weight_layers"] == 0 and plain_stats["bits_per_weight"] < 4.3
+    assert 1 <= stats["int8_weight_layers"] < 4 and plain_stats["bits_per_weight"] < stats["bits_per_weight"] < 8.5
+    assert "4" in stats["int8_weights"]  # the layer with the outlier columns went back to int8 first
+
+
+def test_mixed_precision_never_exceeds_max_bits():
+    model, x = _deep_mlp(), torch.randn(256, 256)
+    capped = api.optimize(model, (x[:8],), "dgq{budget-cos=0.99999,max-bits=5.2,min-sqnr=0}", calib=[x],
+                          measure_latency=False)
+    stats = capped.report.records[0].stats
+    assert stats["int8_weight_layers"] == 1 and stats["bits_per_weight"] <= 5.2  # a second layer would be 6.2
+
+
+def test_int8_weight_layers_match_float_closely():
+    w, x = torch.randn(64, 256) * 0.05, torch.randn(512, 256)
+    layer = DGQLinear.int8_weights(w, None, torch.empty(0))
+    four = DGQLinear(quantize_weight(w, x, 128, True), None, torch.empty(0), "int8")
+    assert layer.format_bits() == 8 + 32 / 256 and four.format_bits() == 4 + 12 / 128 + 32 / 256
+    assert verify_error(x @ w.T, layer(x)) < 0.02 < verify_error(x @ w.T, four(x))
+
+
+def verify_error(want, got):
+    return float((want - got).norm() / want.norm())

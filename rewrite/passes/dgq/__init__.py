@@ -19,13 +19,14 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from rewrite import verify
-from rewrite.calibration import layer_values
+from rewrite.calibration import layer_values, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.passes.dgq import kernels
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
-from rewrite.patterns import attribute, layers, set_submodule
+from rewrite.patterns import attribute, layers, set_submodule, shared_weight
 
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
 CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
@@ -91,19 +92,21 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
     """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error.
     `k`: the layer's true in_features (w may carry zero columns up to a whole group)."""
     o = w.shape[0]
+    wg = w.reshape(o, -1, group)  # per-group values broadcast over the group's columns (no expanded copies)
+    zg = z[..., None]
     peak = w.abs().amax(1).clamp_min(1e-12)
     best = torch.full((o,), float("inf"), dtype=torch.float64)
     result = None
     gram_e = gram.to(ERROR_DTYPE)  # the K×K products dominate the search: float32 halves their cost
     for r in (CHANNEL_RATIOS if search else [1.0]):
+        bound = (r * peak)[:, None, None]
         s1 = r * peak / 127
         S = torch.clamp(torch.round(s_fine / s1[:, None]), 1, 127)
         limit = torch.floor(127 / S)
-        lo, hi = _expand((z - limit).clamp_min(0), group), _expand((z + limit).clamp_max(15), group)
-        clipped = torch.maximum(torch.minimum(w, (r * peak)[:, None]), -(r * peak)[:, None])
-        q = torch.round(clipped / (_expand(S, group) * s1[:, None])) + _expand(z, group)
+        lo, hi = (z - limit).clamp_min(0)[..., None], (z + limit).clamp_max(15)[..., None]
+        q = torch.round(torch.maximum(torch.minimum(wg, bound), -bound) / (S * s1[:, None])[..., None]) + zg
         q = torch.minimum(torch.maximum(q, lo), hi)
-        d = (w - s1[:, None] * _expand(S, group) * (q - _expand(z, group))).to(ERROR_DTYPE)
+        d = (wg - (s1[:, None] * S)[..., None] * (q - zg)).reshape(o, -1).to(ERROR_DTYPE)
         err = ((d @ gram_e) * d).sum(1).double()
         better = err < best
         best = torch.where(better, err, best)
@@ -111,25 +114,52 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
             result = [q.clone(), S.clone(), s1.clone()]
         result[0][better], result[1][better], result[2][better] = q[better], S[better], s1[better]
     q, S, s1 = result
+    q = q.reshape(o, -1)
     return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k)
 
 
 class DGQLinear(nn.Module):
     """A8W4 Linear. form="int8": bit-exact DGQ (int8 GEMM); form="w4": 4-bit storage (MatMulNBits in ONNX)."""
 
+    weight_bits = 4  # int8_weights() layers: 8
+
     def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str):
         super().__init__()
         out = weights.q.shape[0]
-        self.form = form
+        self.form, self.group, self.in_features = form, weights.group, weights.k
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(out))
         if form == "int8":
-            self.register_buffer("w_s8", weights.w_s8())
-            self.register_buffer("s1", weights.s1)
-            self.register_buffer("s_x", s_x.float().reshape(-1))
+            self._int8_buffers(weights.w_s8(), weights.s1, s_x)
         else:
             self.register_buffer("packed", kernels.pack_nibbles(weights.q.reshape(out, -1, weights.group)))
             self.register_buffer("scales", (weights.S.float() * weights.s1[:, None]).contiguous())
             self.register_buffer("zeros", kernels.pack_nibbles(weights.z))
+
+    @classmethod
+    def int8_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None, s_x: torch.Tensor) -> "DGQLinear":
+        """W8A8 for the layers mixed precision keeps at 8 bits: per-row symmetric int8 weights (round to
+        nearest), the same int8 GEMM and ONNX form."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.form, layer.group, layer.in_features, layer.weight_bits = "int8", None, weight.shape[1], 8
+        s1 = (weight.abs().amax(1) / 127).clamp_min(1e-12).float()
+        layer.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(len(s1)))
+        layer._int8_buffers(torch.round(weight / s1[:, None]).clamp(-127, 127).to(torch.int8), s1, s_x)
+        return layer
+
+    def _int8_buffers(self, w_s8: torch.Tensor, s1: torch.Tensor, s_x: torch.Tensor) -> None:
+        self.register_buffer("w_s8", w_s8)
+        self.register_buffer("s1", s1)
+        self.register_buffer("s_x", s_x.float().reshape(-1))
+
+    def weight_count(self) -> int:
+        return len(self.bias) * self.in_features
+
+    def format_bits(self) -> float:
+        """Bits per weight of the format, whatever the storage: 4-bit codes with an int8 scale and a 4-bit zero
+        point per group, or int8; plus a float32 scale per row."""
+        per_group = 12 / self.group if self.weight_bits == 4 else 0
+        return self.weight_bits + per_group + 32 / self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "int8":
@@ -158,6 +188,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
     form: Literal["int8", "w4"] = "int8"
     smooth: bool = False
     bits: int = 4
+    budget_cos: float = 0.99
+    max_bits: float = 5.0
     min_sqnr: float = 10.0
 
     def __post_init__(self):
@@ -167,36 +199,75 @@ class DualGrainedQuant(SqnrFloor, Pass):
             raise InvalidValue("group must be a positive even number (128 in the paper)")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        done, skipped, errors, bits = [], [], {}, []
-        smoothed = 0
+        skipped, smoothed = [], 0
         if self.smooth:
             smoothed, why_not = smooth_outliers(module, ctx.calibration)
             skipped += why_not
-        candidates = layers(module, (nn.Linear,))
-        for i, (path, linear) in enumerate(candidates):
-            ctx.step(f"searching scales of {path}", i, len(candidates))
-            reason = self._why_not(linear)
-            if reason:
-                skipped.append((path, reason))
-                continue
-            x = _inputs_of(module, path, ctx.calibration)  # through the layers already quantized
+        reference = _outputs(module, ctx.calibration) if self.budget_cos else None
+        candidates = dict(layers(module, (nn.Linear,)))
+        reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
+        skipped += [(path, reason) for path, reason in reasons.items() if reason]
+        todo = [path for path, reason in reasons.items() if not reason]
+        w4, w8, errors = {}, {}, {}
+        for i, (path, inputs) in enumerate(sequential_inputs(module, todo, ctx.calibration)):
+            ctx.step(f"searching scales of {path}", i, len(todo))
+            linear, x = candidates[path], _rows(inputs)  # x: through the layers already quantized
             if x.abs().max() == 0:
                 skipped.append((path, "its calibration activations are all zero: no scale can be set"))
                 continue
-            weights = quantize_weight(linear.weight.detach(), x, self.group, self.search)
-            layer = DGQLinear(weights, linear.bias, _static_scale(x) if self.act == "static" else torch.empty(0),
-                              self.form)
+            s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
+            w4[path] = DGQLinear(quantize_weight(linear.weight.detach(), x, self.group, self.search), linear.bias, s_x,
+                                 self.form)
+            w8[path] = DGQLinear.int8_weights(linear.weight.detach(), linear.bias, s_x)
             with torch.no_grad():
-                errors[path] = verify.relative_error(linear(x), layer(x))
-            bits.append(layer.stored_bits_per_weight())
-            set_submodule(module, path, layer)
-            done.append(path)
-        stats = {"quantized": len(done), "form": self.form, "act": self.act, "search": self.search, "smoothed_norms": smoothed,
-                 "bits_per_weight": round(sum(bits) / len(bits), 3) if bits else 0,
-                 "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors}
-        return PassResult(module, bool(done), stats, skipped)
+                errors[path] = verify.relative_error(linear(x), w4[path](x))
+            set_submodule(module, path, w4[path])
+        chosen = {path: w4[path] for path in w4}
+        if reference is not None and w4:
+            chosen = self._mixed_precision(module, ctx, reference, w4, w8, errors)
+        return PassResult(module, bool(w4), self._stats(chosen, errors, smoothed), skipped)
 
-    def _why_not(self, linear: nn.Linear) -> str | None:
+    def _mixed_precision(self, module, ctx, reference, w4, w8, errors) -> dict[str, DGQLinear]:
+        """Layers whose 4-bit output error is largest go back to int8 weights (W8A8, the same int8 GEMM), as
+        few as give model outputs with a mean cosine ≥ budget-cos on the calibration data (bisection over
+        the ranking), and never more than keep the average at max-bits."""
+        ranked = sorted(w4, key=errors.get, reverse=True)
+        affordable = _affordable(ranked, w4, w8, self.max_bits)
+
+        def chosen(k: int) -> dict[str, DGQLinear]:
+            return {path: (w8 if i < k else w4)[path] for i, path in enumerate(ranked)}
+
+        def holds(k: int) -> bool:
+            ctx.step(f"mixed precision: trying {k} of {len(ranked)} layers at int8 weights", k, len(ranked))
+            for path, layer in chosen(k).items():
+                set_submodule(module, path, layer)
+            return _cosine(reference, _outputs(module, ctx.calibration)) >= self.budget_cos
+
+        low, high = 0, affordable  # invariant: low fails (or is 0), high holds (or is the most affordable)
+        if holds(0):
+            return chosen(0)
+        if affordable and holds(high):
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (low, middle) if holds(middle) else (middle, high)
+        holds(high)  # leave the module in the chosen state
+        return chosen(high)
+
+    def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: int) -> dict:
+        sizes = {path: layer.weight_count() for path, layer in chosen.items()}
+        total = sum(sizes.values()) or 1
+        eight = [path for path, layer in chosen.items() if layer.weight_bits == 8]
+        return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
+                "smoothed_norms": smoothed, "int8_weight_layers": len(eight), "budget_cos": self.budget_cos,
+                "bits_per_weight": round(sum(chosen[p].format_bits() * n for p, n in sizes.items()) / total, 3),
+                "stored_bits_per_weight": round(sum(chosen[p].stored_bits_per_weight() * n
+                                                    for p, n in sizes.items()) / total, 3),
+                "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors,
+                "int8_weights": eight}
+
+    def _why_not(self, module: nn.Module, path: str, linear: nn.Linear) -> str | None:
+        if shared_weight(module, path):
+            return "its weight is tied to another use (e.g. the input embedding): quantizing it would untie them"
         if self.form == "w4" and linear.in_features % self.group:
             return (f"in_features {linear.in_features} is not a multiple of group={self.group} (form=w4 packs whole "
                     "groups; the default form=int8 pads the last group)")
@@ -236,10 +307,41 @@ def smooth_outliers(module: nn.Module, batches: list[tuple], top: float = 0.005)
 
 
 def _inputs_of(module: nn.Module, path: str, batches: list[tuple]) -> torch.Tensor:
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in layer_values(module, [path], batches)[path]])
+    return _rows(layer_values(module, [path], batches)[path])
+
+
+def _rows(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """A layer's calibration inputs as (tokens, features), at most MAX_TOKENS of them (a seeded sample)."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
     if x.shape[0] > MAX_TOKENS:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_TOKENS]]
     return x.float()
+
+
+def _affordable(ranked: list[str], w4: dict, w8: dict, max_bits: float) -> int:
+    """How many of the top-ranked layers can hold int8 weights with the average staying ≤ max_bits."""
+    sizes = [w4[p].weight_count() for p in ranked]
+    bits = sum(w4[p].format_bits() * n for p, n in zip(ranked, sizes))
+    total, k = sum(sizes), 0
+    for path, n in zip(ranked, sizes):
+        bits += (w8[path].format_bits() - w4[path].format_bits()) * n
+        if bits / total > max_bits:
+            break
+        k += 1
+    return k
+
+
+def _outputs(module: nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t.detach().float() for batch in batches for t in tree_leaves(module(*batch))
+                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _cosine(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Mean cosine between original and rewritten output vectors (the last axis), over all outputs."""
+    cos = [nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
+           for a, b in zip(reference, outputs) if a.dim()]
+    return float(torch.cat(cos).mean()) if cos else 1.0
 
 
 def _static_scale(x: torch.Tensor) -> torch.Tensor:
