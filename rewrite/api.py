@@ -72,13 +72,14 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              recover: str | None = None, budget: str | None = None,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
              trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
-             progress: Progress | None = None) -> Result:
+             blockwise: bool = False, progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
     factory bundles; a pickled module needs `trusted=True`). The user's model is never modified; every
     input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
-    one-line message on bad input.
+    one-line message on bad input. `blockwise=True` rewrites a transformer stack one block at a time
+    (`rewrite.blockwise`).
     """
     say = progress or (lambda message, done=None, total=None: None)
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
@@ -101,20 +102,24 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     metric_floor = floor_value
     masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
     with folder.staging() if folder else contextlib.nullcontext() as stage:
-        say("capturing")
-        captured = capture.capture(model, inputs)
-        _check_shapes(captured, data.batches, "calibration")
-        if eval_data is not None:
-            _check_shapes(captured, eval_data[0], "eval")
-        if not captured.graph:
-            warns.append(captured.note)
-        ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
-                          synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
-                          evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric,
-                          masks=masks, metric_floor=metric_floor)
-        rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
-        rewritten = capture.accept_original_calls(rewritten, model, inputs)
-        report = RunReport(pipeline=spec.format_spec(pass_list), capture=captured.describe(),
+        if blockwise:
+            rewritten, records, summary = _blockwise(model, data, pass_list, recovery, seed, strict, say)
+            captured = capture.Captured(model, inputs, graph=False, note=summary, original=model)
+        else:
+            say("capturing")
+            captured = capture.capture(model, inputs)
+            _check_shapes(captured, data.batches, "calibration")
+            if eval_data is not None:
+                _check_shapes(captured, eval_data[0], "eval")
+            if not captured.graph:
+                warns.append(captured.note)
+            ctx = PassContext(calibration=data.batches, targets=data.targets, original=model, seed=seed,
+                              synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
+                              evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric,
+                              masks=masks, metric_floor=metric_floor)
+            rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
+            rewritten = capture.accept_original_calls(rewritten, model, inputs)
+        report = RunReport(pipeline=spec.format_spec(pass_list), capture=captured.note if blockwise else captured.describe(),
                            inputs=calibration.describe(data.batches), records=records, warnings=warns,
                            compared=_compared(model, mask_input, masks, metric_floor, metric))
         report.error_vs_original = verify.compare(
@@ -132,6 +137,14 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             report.recipe = _recipe(report, seed, inputs, pass_list)
             report.write(stage)
     return Result(rewritten, report, captured, pass_list, seed)
+
+
+def _blockwise(model: nn.Module, data: calibration.Data, passes: list[Pass], recovery: Any, seed: int, strict: bool,
+               say: Progress) -> tuple[nn.Module, list, str]:
+    from rewrite import blockwise
+    if recovery is not None:
+        raise RewriteError("--recover does not run with --blockwise yet: recover the rewritten model in a second run")
+    return blockwise.run(copy.deepcopy(model), data.batches, passes, seed=seed, strict=strict, say=say)
 
 
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,

