@@ -103,8 +103,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
     with folder.staging() if folder else contextlib.nullcontext() as stage:
         if blockwise:
-            rewritten, records, summary = _blockwise(model, data, pass_list, recovery, seed, strict, say)
-            captured = capture.Captured(model, inputs, graph=False, note=summary, original=model)
+            outcome = _blockwise(model, data, pass_list, recovery, seed, strict, say)
+            rewritten, records = outcome.model, outcome.records
+            captured = capture.Captured(model, inputs, graph=False, note=outcome.summary, original=model)
         else:
             say("capturing")
             captured = capture.capture(model, inputs)
@@ -140,7 +141,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
 
 
 def _blockwise(model: nn.Module, data: calibration.Data, passes: list[Pass], recovery: Any, seed: int, strict: bool,
-               say: Progress) -> tuple[nn.Module, list, str]:
+               say: Progress):
     from rewrite import blockwise
     if recovery is not None:
         raise RewriteError("--recover does not run with --blockwise yet: recover the rewritten model in a second run")

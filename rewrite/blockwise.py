@@ -13,6 +13,7 @@ positional tensors only, and `BlockCall` puts the rewritten block back where it 
 """
 from __future__ import annotations
 
+import gc
 import resource
 import time
 from dataclasses import dataclass, field
@@ -128,14 +129,7 @@ class BlockReport:
     peak_rss_mib: float
 
 
-@dataclass
-class Blockwise:
-    """What a block-by-block run did: one report per block, and the peak memory of the process."""
-
-    stack: str
-    blocks: list[BlockReport] = field(default_factory=list)
-
-    def peak_rss_mib(self) -> float:
+def peak_rss_mib(self) -> float:
         return peak_rss_mib()
 
 
@@ -144,36 +138,51 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callable[[int, FlatCall, list], Any],
-                   load: Callable[[int], None] = lambda i: None,
-                   unload: Callable[[int], None] = lambda i: None) -> Iterator[BlockReport]:
-    """For each block: load it, rewrite it on the calls the rewritten blocks before it made, put it back
-    (as a BlockCall), pass its outputs on, unload it. `rewrite_one(index, flat, batches) → (module, records)`."""
+def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callable, keep: Callable,
+                   load: Callable[[int], None]) -> Iterator[BlockReport]:
+    """For each block: load it, rewrite it on the calls the rewritten blocks before it made, pass its outputs
+    on, and put back what `keep(index, rewritten, captured, flat)` returns (a BlockCall, or a stand-in once the
+    block is on disk). `rewrite_one(index, flat, batches) → (module, records, captured)`."""
     for index in range(len(blocks)):
         start = time.perf_counter()
         load(index)
         flat = FlatCall(blocks[index], calls[0])
         batches = [flat.tensors(call) for call in calls]
-        rewritten, records = rewrite_one(index, flat, batches)
-        blocks[index] = BlockCall(rewritten, flat.spec, flat.constants, flat.count)
+        rewritten, records, captured = rewrite_one(index, flat, batches)
         with torch.no_grad():
             calls = [next_call(call, rewritten(*batch)) for call, batch in zip(calls, batches)]
-        unload(index)
+        blocks[index] = keep(index, rewritten, captured, flat)
+        del flat, rewritten, captured, batches
+        gc.collect()
         yield BlockReport(index, time.perf_counter() - start, records, peak_rss_mib())
+
+
+def in_place(_index: int, rewritten: nn.Module, _captured: Any, flat: FlatCall) -> BlockCall:
+    return BlockCall(rewritten, flat.spec, flat.constants, flat.count)
+
+
+@dataclass
+class Outcome:
+    model: nn.Module
+    records: list
+    summary: str
+    layout: tuple  # (pytree spec, constants, leaf count) of a block's call, for the output manifest
 
 
 def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, strict: bool = False,
         say: Callable[..., None] = lambda *a, **k: None, load: Callable[[int], None] = lambda i: None,
-        unload: Callable[[int], None] = lambda i: None) -> tuple[nn.Module, list, str]:
-    """Rewrite `model`'s stack in place, block by block → (model, records per block, a summary line)."""
+        keep: Callable = in_place) -> Outcome:
+    """Rewrite `model`'s stack in place, block by block."""
     from rewrite import capture, pipeline
     from rewrite.pass_base import PassContext
     path, blocks = find_stack(model)
     kind = type(blocks[0]).__name__
     load(0)
     calls = first_block_calls(model, blocks[0], batches)
+    layout = FlatCall(blocks[0], calls[0])
+    layout = (layout.spec, layout.constants, layout.count)
 
-    def rewrite_one(index: int, flat: FlatCall, block_batches: list) -> tuple[nn.Module, list]:
+    def rewrite_one(index: int, flat: FlatCall, block_batches: list) -> tuple[nn.Module, list, Any]:
         say(f"block {index + 1} of {len(blocks)} ({path}.{index}): capturing and rewriting", index, len(blocks))
         captured = capture.capture(flat, block_batches[0])
         if not captured.graph:
@@ -183,11 +192,11 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"
-        return module, records
+        return module, records, captured
 
-    reports = list(rewrite_blocks(blocks, calls, rewrite_one, load, unload))
+    reports = list(rewrite_blocks(blocks, calls, rewrite_one, keep, load))
     records = [r for report in reports for r in report.records]
     mean = sum(r.seconds for r in reports) / len(reports)
-    summary = (f"block by block: {len(blocks)} {kind} blocks of {path}, "
-               f"{mean:.1f} s per block, peak resident memory {peak_rss_mib() / 1024:.2f} GiB")
-    return model, records, summary
+    summary = (f"block by block: {len(blocks)} {kind} blocks of {path}, {mean:.1f} s per block, "
+               f"peak resident memory {peak_rss_mib() / 1024:.2f} GiB")
+    return Outcome(model, records, summary, layout)

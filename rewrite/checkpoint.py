@@ -1,0 +1,226 @@
+"""Hugging Face checkpoint folders read lazily, and the block-by-block output folder.
+
+In: a folder with `config.json` and safetensors weights (`model.safetensors`, or shards listed in
+`model.safetensors.index.json`). The model is built with its parameters on the meta device (buffers such
+as rotary frequencies are computed as usual); everything outside the stack of blocks is read at once, each
+block only when `rewrite.blockwise` reaches it, and dropped once its rewritten form is written.
+
+Out: `rewrite-blocks.json` (the manifest), `config.json`, `rest.safetensors` (the weights outside the
+stack) and one `block-NNNNN.pt2` per rewritten block. `rewrite.load(folder)` builds the model from these.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import treespec_dumps, treespec_loads
+
+from rewrite.errors import RewriteError, first_line
+
+MANIFEST = "rewrite-blocks.json"
+FORMAT = "rewrite-blockwise/1"
+
+
+def is_checkpoint(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def is_rewritten(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and (Path(path) / MANIFEST).is_file()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get meta parameters (no memory); buffers stay real (e.g. rotary inv_freq)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class Shards:
+    """Tensor name → safetensors file, read one prefix at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RewriteError(f"{str(index)!r} is not a safetensors index ({first_line(exc)}): re-save the "
+                                   "checkpoint with save_pretrained") from None
+        elif (folder / "model.safetensors").is_file():
+            self.files = {name: folder / "model.safetensors" for name in _names(folder / "model.safetensors")}
+        else:
+            raise RewriteError(f"checkpoint folder {str(folder)!r} has no model.safetensors or "
+                               "model.safetensors.index.json: save it with save_pretrained(safe_serialization=True)")
+        missing = sorted({str(f.name) for f in self.files.values() if not f.is_file()})
+        if missing:
+            raise RewriteError(f"checkpoint folder {str(folder)!r} lacks the shard(s) {', '.join(missing)} that its "
+                               "index lists: copy the whole checkpoint")
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, wanted in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                out.update({name: handle.get_tensor(name) for name in wanted})
+        return out
+
+
+def _names(file: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(file), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def build_empty(folder: Path) -> nn.Module:
+    """The checkpoint's architecture from its config.json, parameters on meta, in eval mode, no KV cache."""
+    try:
+        import transformers
+    except ImportError:
+        raise RewriteError("reading a checkpoint folder needs transformers: pip install transformers") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise RewriteError(f"cannot read {str(folder / 'config.json')!r}: {first_line(exc)}") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise RewriteError(f"{str(folder / 'config.json')!r} names no transformers architecture (architectures: "
+                           f"{arch!r}): save the checkpoint with save_pretrained")
+    config.use_cache = False
+    with parameters_on_meta():
+        model = cls(config)
+    return model.eval()
+
+
+class Lazy:
+    """A checkpoint's model whose stack of blocks is read from disk one block at a time."""
+
+    def __init__(self, folder: str | Path):
+        from rewrite import blockwise
+        self.folder = Path(folder)
+        self.shards = Shards(self.folder)
+        self.model = build_empty(self.folder)
+        self.stack, self.blocks = blockwise.find_stack(self.model)
+        self._load_rest()
+
+    def _load_rest(self) -> None:
+        inside = self.stack + "."
+        names = [n for n in self.model.state_dict() if not n.startswith(inside) and n in self.shards.files]
+        self.model.load_state_dict(self.shards.read(names), strict=False, assign=True)
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(inside)]
+        if empty:
+            raise RewriteError(f"checkpoint {str(self.folder)!r} lacks the weight(s) {', '.join(empty[:3])}: "
+                               "copy the whole checkpoint")
+
+    def load(self, index: int) -> None:
+        block = self.blocks[index]
+        if not any(p.is_meta for p in block.parameters()):
+            return
+        prefix = f"{self.stack}.{index}."
+        names = [n for n in self.shards.files if n.startswith(prefix)]
+        state = {n[len(prefix):]: t for n, t in self.shards.read(names).items()}
+        missing = [n for n, _ in block.named_parameters() if n not in state]
+        if missing:
+            raise RewriteError(f"checkpoint {str(self.folder)!r} lacks {prefix}{missing[0]}: copy the whole checkpoint")
+        block.load_state_dict(state, strict=False, assign=True)
+
+    def check_disk(self, out_parent: Path) -> None:
+        """The rewritten model is never larger than the checkpoint: that much free space is needed."""
+        need, free = self.shards.nbytes(), shutil.disk_usage(out_parent).free
+        if free < need:
+            raise RewriteError(f"{out_parent} has {free / 2**30:.1f} GiB free but the output may need "
+                               f"{need / 2**30:.1f} GiB (the checkpoint's size): free space or choose another -o")
+
+
+def write_rest(model: nn.Module, stack: str, folder: Path) -> dict[str, str]:
+    """The weights outside the stack as safetensors; tied tensors once, with aliases for the manifest."""
+    from safetensors.torch import save_file
+    seen: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        if name.startswith(stack + "."):
+            continue
+        key = tensor.data_ptr()
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.contiguous()
+    save_file(tensors, str(folder / "rest.safetensors"))
+    return aliases
+
+
+def write_manifest(folder: Path, source: Path, stack: str, count: int, call: Any, aliases: dict[str, str]) -> None:
+    shutil.copyfile(source / "config.json", folder / "config.json")
+    flat_spec, constants, leaves = call
+    (folder / MANIFEST).write_text(json.dumps({
+        "format": FORMAT, "stack": stack, "blocks": [block_file(i) for i in range(count)],
+        "call": {"spec": treespec_dumps(flat_spec), "constants": {str(i): v for i, v in constants.items()},
+                 "leaves": leaves},
+        "aliases": aliases}, indent=2))
+
+
+def block_file(index: int) -> str:
+    return f"block-{index:05d}.pt2"
+
+
+def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
+    """The model a block-by-block run wrote: config → module, rest.safetensors, each block's program."""
+    from safetensors.torch import load_file
+
+    from rewrite import blockwise
+    from rewrite.loading import load_pt2
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert manifest["format"] == FORMAT
+    except (OSError, ValueError, KeyError, AssertionError):
+        raise RewriteError(f"{str(folder / MANIFEST)!r} is not a {FORMAT} manifest: write the folder with "
+                           "rewrite optimize --blockwise") from None
+    model = build_empty(folder)
+    model.load_state_dict(load_file(str(folder / "rest.safetensors")), strict=False, assign=True)
+    for name, source in manifest["aliases"].items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source) if _is_parameter(model, source)
+                else model.get_buffer(source))
+    stack = model.get_submodule(manifest["stack"])
+    call = manifest["call"]
+    spec, constants = treespec_loads(call["spec"]), {int(i): v for i, v in call["constants"].items()}
+    for index, file in enumerate(manifest["blocks"]):
+        module, _ = load_pt2(folder / file, trusted)
+        stack[index] = blockwise.BlockCall(module, spec, constants, call["leaves"])
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise RewriteError(f"{str(folder)!r} lacks the weight(s) {', '.join(empty[:3])}: the folder is incomplete")
+    gc.collect()
+    return model
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    return name in dict(model.named_parameters())
