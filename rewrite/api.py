@@ -14,11 +14,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rewrite import __version__, calibration, capture, measure, pipeline, registry, spec, verify
+from rewrite import __version__, calibration, capture, checkpoint, measure, pipeline, registry, spec, verify
 from rewrite.errors import RewriteError, first_line
 from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
-from rewrite.report import Measurement, RunReport
+from rewrite.report import Artifact, Measurement, RunReport
 
 Progress = Callable[..., None]  # (message, done=None, total=None)
 
@@ -85,6 +85,10 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
     emitters = _emitters(emit, out)
     recovery = spec.recover_spec(recover)
+    if checkpoint.is_checkpoint(model):
+        _refuse_for_checkpoints(out, recovery, emitters, eval)
+        return _optimize_checkpoint(Path(model), example_inputs, pass_list, calib, OutputFolder(out, force), seed,
+                                    strict, calib_batches, say)
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
     source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
@@ -138,6 +142,48 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             report.recipe = _recipe(report, seed, inputs, pass_list)
             report.write(stage)
     return Result(rewritten, report, captured, pass_list, seed)
+
+
+def _refuse_for_checkpoints(out: Any, recovery: Any, emitters: list[str], eval: Any) -> None:
+    why = ("no output folder (-o): it is written block by block" if out is None else
+           "--recover" if recovery is not None else "--emit " + ",".join(e for e in emitters if e != "pt2")
+           if any(e != "pt2" for e in emitters) else "--eval" if eval is not None else None)
+    if why:
+        raise RewriteError(f"a checkpoint folder is rewritten block by block, which does not take {why} yet: "
+                           "rewrite.load the output and run that step on it")
+
+
+def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], calib: Any, out: OutputFolder,
+                         seed: int, strict: bool, calib_batches: int, say: Progress) -> Result:
+    """A Hugging Face checkpoint folder, block by block: one block in memory at a time, each written as
+    soon as it is rewritten (`rewrite.checkpoint`)."""
+    from rewrite import blockwise
+    from rewrite.emit.pt2 import export_program
+    say("reading the checkpoint (weights outside the stack of blocks)")
+    lazy = checkpoint.Lazy(folder)
+    lazy.check_disk(out.path.parent if out.path.parent.exists() else Path.cwd())
+    if calib is None and example_inputs is None:
+        raise RewriteError("a checkpoint folder comes without inputs: give calibration token ids with --calib")
+    data = calibration.from_user(calib if calib is not None else example_inputs, lazy.model, "calibration",
+                                 calib_batches)
+    with out.staging() as stage:
+        def keep(index: int, rewritten: nn.Module, captured: capture.Captured, _flat: Any) -> nn.Module:
+            torch.export.save(export_program(rewritten, captured), stage / checkpoint.block_file(index))
+            return checkpoint.OnDisk(out.final(stage / checkpoint.block_file(index)))
+
+        outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, say=say, load=lazy.load,
+                                keep=keep)
+        aliases = checkpoint.write_rest(lazy.model, lazy.stack, stage)
+        checkpoint.write_manifest(stage, folder, lazy.stack, len(lazy.blocks), outcome.layout, aliases)
+        report = RunReport(pipeline=spec.format_spec(passes), capture=outcome.summary,
+                           inputs=calibration.describe(data.batches), records=outcome.records,
+                           warnings=["the whole model was never in memory, so its outputs were not compared with the "
+                                     "original: each block was verified on its own calibration activations"])
+        report.artifacts.append(Artifact("blocks", out.final(stage / checkpoint.MANIFEST), None,
+                                         "rewrite.load(folder) builds the rewritten model"))
+        report.write(stage)
+    captured = capture.Captured(lazy.model, data.batches[0], graph=False, note=outcome.summary)
+    return Result(lazy.model, report, captured, passes, seed)
 
 
 def _blockwise(model: nn.Module, data: calibration.Data, passes: list[Pass], recovery: Any, seed: int, strict: bool,

@@ -224,3 +224,23 @@ def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
 
 def _is_parameter(model: nn.Module, name: str) -> bool:
     return name in dict(model.named_parameters())
+
+
+class OnDisk(nn.Module):
+    """Stands in for a rewritten block once it is written; the model runs again after `rewrite.load`."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RewriteError(f"this block was written to {self.file} and is not in memory: load the output folder "
+                           "with rewrite.load(OUT)")
+
+
+def load_whole(folder: str | Path) -> nn.Module:
+    """A checkpoint folder's model with every block read (for commands that need it whole, e.g. diff)."""
+    lazy = Lazy(folder)
+    for index in range(len(lazy.blocks)):
+        lazy.load(index)
+    return lazy.model

@@ -41,6 +41,11 @@ class Loaded:
 def load(spec: str, trusted: bool = False) -> Loaded:
     """The module, and the example inputs / calibration it comes with, from a path or `module:factory`."""
     path = Path(spec)
+    from rewrite import checkpoint
+    if checkpoint.is_rewritten(path):
+        return Loaded(checkpoint.load_rewritten(path, trusted))
+    if checkpoint.is_checkpoint(path):
+        return Loaded(checkpoint.load_whole(path))
     if path.suffix == ".pt2":
         _must_exist(path)
         return Loaded(*load_pt2(path, trusted))
@@ -55,8 +60,8 @@ def load(spec: str, trusted: bool = False) -> Loaded:
 
 def _must_exist(path: Path) -> None:
     if path.is_dir():
-        raise RewriteError(f"model path {str(path)!r} is a folder: give a .pt2, a torch.save'd module, "
-                           "or package.module:factory")
+        raise RewriteError(f"model path {str(path)!r} is a folder without config.json: give a Hugging Face "
+                           "checkpoint folder, a .pt2, a torch.save'd module, or package.module:factory")
     if not path.is_file():
         raise RewriteError(f"model file {str(path)!r} not found: give a .pt2, a torch.save'd module, "
                            "or package.module:factory")

@@ -72,3 +72,90 @@ def test_recovery_with_blockwise_is_refused_for_now():
     with pytest.raises(RewriteError, match="--recover does not run with --blockwise"):
         rewrite.optimize(_llama(), (_ids(0),), "dgq", calib=[(_ids(1),)], recover="steps=2", blockwise=True,
                          measure_latency=False)
+
+
+def _checkpoint(tmp_path, layers=3):
+    model = _llama(layers=layers)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder, max_shard_size="100KB")  # several shards, as a big model has
+    return model, folder
+
+
+def test_a_checkpoint_folder_is_rewritten_block_by_block_and_reloads(tmp_path):
+    model, folder = _checkpoint(tmp_path)
+    assert (folder / "model.safetensors.index.json").is_file()
+    calib = [(_ids(i),) for i in range(2)]
+    spec = "dgq{group=32,budget-cos=0,min-sqnr=-100}"
+    result = rewrite.optimize(str(folder), None, spec, calib=calib, out=tmp_path / "out", measure_latency=False)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"rewrite-blocks.json", "config.json", "rest.safetensors", "block-00000.pt2", "block-00002.pt2",
+            "report.md"} <= set(written)
+    with pytest.raises(RewriteError, match="rewrite.load"):
+        result.model(calib[0][0])  # the blocks are on disk, not in memory
+    reloaded = rewrite.load(str(tmp_path / "out"))
+    in_memory = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(calib[0][0]).logits, in_memory.model(calib[0][0]).logits)
+
+
+def test_only_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
+    from rewrite import checkpoint
+    _, folder = _checkpoint(tmp_path, layers=4)
+    loaded_blocks = []
+    original = checkpoint.Lazy.load
+
+    def counting(self, index):
+        original(self, index)
+        loaded_blocks.append(sum(1 for b in self.blocks if any(not p.is_meta for p in b.parameters())))
+
+    monkeypatch.setattr(checkpoint.Lazy, "load", counting)
+    rewrite.optimize(str(folder), None, "fwsvd{param-ratio=0.9,min-sqnr=-100}", calib=[(_ids(0),)],
+                     out=tmp_path / "out", measure_latency=False)
+    assert loaded_blocks and max(loaded_blocks) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "config.json").unlink(), "without config.json"),
+    (lambda f: next(f.glob("model-00002-*.safetensors")).unlink(), "lacks the shard"),
+])
+def test_broken_checkpoints_are_one_line_errors(tmp_path, damage, message):
+    _, folder = _checkpoint(tmp_path)
+    damage(folder)
+    with pytest.raises(RewriteError, match=message):
+        rewrite.optimize(str(folder), None, "dgq", calib=[(_ids(0),)], out=tmp_path / "out", measure_latency=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_needs_an_output_folder(tmp_path):
+    _, folder = _checkpoint(tmp_path)
+    with pytest.raises(RewriteError, match="no output folder"):
+        rewrite.optimize(str(folder), None, "dgq", calib=[(_ids(0),)], measure_latency=False)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_larger_than_the_memory_cap_still_quantizes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
+                                   num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg)
+    size = sum(p.numel() * 4 for p in model.parameters())  # 380 MB
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="20MB")
+    del model
+    cap = size // 2  # above the warmed-up process: half the model
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors go back to the system
+
+    def run(mode):
+        script = Path(__file__).with_name("capped_run.py")
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(tmp_path / f"out-{mode}"),
+                               mode, str(cap)], capture_output=True, text=True, env=env, timeout=600,
+                              cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run("whole") == "out of memory"  # the cap binds: the model does not fit whole
+    assert run("blocks") == "ok"
+    assert (tmp_path / "out-blocks" / "block-00023.pt2").is_file()

@@ -11,7 +11,8 @@ from rewrite.cli import render
 
 MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
               "returning a module or (module, example_inputs), or a module saved with torch.save(model) "
-              "(runs code from the file: needs --trust-pickle)")
+              "(runs code from the file: needs --trust-pickle), or a Hugging Face checkpoint folder (config.json + "
+              "safetensors; rewritten block by block, weights read one block at a time)")
 TRUST_HELP = "load a pickled module (or a .pt2 holding pickled objects): runs code stored in the file"
 
 
@@ -36,6 +37,8 @@ def optimize(
                                                  "score on --eval data instead of their SQNR floor")] = None,
     mask_input: Annotated[Optional[str], typer.Option(help="the input whose 0s mark padding not to compare "
                                                       "[auto: attention_mask]")] = None,
+    blockwise: Annotated[bool, typer.Option(help="rewrite the stack of repeated blocks one block at a time "
+                                                 "(always so for a checkpoint folder)")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
     allow_artifact_errors: Annotated[bool, typer.Option(help="exit 0 even when an artifact failed to export or "
                                                         "differs from the verified model")] = False,
@@ -53,7 +56,7 @@ def optimize(
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
-                              progress=say)
+                              blockwise=blockwise, progress=say)
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
     problems = result.report.problems()
