@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rewrite import __version__, calibration, capture, checkpoint, measure, pipeline, registry, spec, verify
+from rewrite import (__version__, calibration, capture, checkpoint, distributed, measure, pipeline, registry, spec,
+                     verify)
 from rewrite.errors import RewriteError, first_line
 from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
@@ -82,6 +83,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     (`rewrite.blockwise`).
     """
     say = progress or (lambda message, done=None, total=None: None)
+    distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
     emitters = _emitters(emit, out)
     recovery = spec.recover_spec(recover)
@@ -92,7 +94,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
     source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
-    folder = OutputFolder(out, force, protect=source) if out is not None else None
+    writes = out is not None and distributed.rank() == 0
+    folder = OutputFolder(out, force, protect=source) if writes else None
     say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
     model, inputs, _, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
     calib = bundled_calib if calib is None else calib

@@ -94,6 +94,9 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"] = stats["steps"]
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
+    result.stats["recovery_curve"] = [round(x, 6) for x in stats["curve"]]  # held-out loss at each check
+    if stats["processes"] > 1:
+        result.stats["recovery_processes"] = stats["processes"]
     new = [capture.run(result.module, b) for b in ctx.calibration]
     for name, idx in (("train", train), ("held_out", held)):
         if idx:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from rewrite import distributed
+
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     if kind == "kl":
         return F.kl_div(F.log_softmax(out, -1).flatten(0, -2), F.log_softmax(target, -1).flatten(0, -2),
                         log_target=True, reduction="batchmean")
-    return ((out - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-12)
+    # Data-parallel: the whole batch's denominator, so the ranks' mean loss is the one-process loss.
+    return distributed.world() * ((out - target) ** 2).sum() / distributed.total((target ** 2).sum()).clamp_min(1e-12)
 
 
 def split(count: int) -> tuple[list[int], list[int]]:
@@ -63,6 +66,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     training batches. kind="kl" distills logits by KL divergence (classifiers), "mse" by relative
     squared error. `trainable`: the layers to train (default: every floating-point parameter)."""
     torch.manual_seed(seed)
+    batches, held_out = [distributed.shard(b) for b in batches], [distributed.shard(b) for b in held_out or []]
+    targets = [distributed.shard(t, "target batch") for t in targets] if targets is not None else None
+    held_targets = [distributed.shard(t, "target batch") for t in held_targets] if held_targets is not None else None
     with torch.no_grad():
         goals = targets if targets is not None else [teacher(*b) for b in batches]
         watch = held_out or batches
@@ -73,11 +79,13 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=spec.lr)
+    runner = distributed.wrap(student)  # DistributedDataParallel under torchrun: gradients of the whole batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
     before = _mean_loss(student, watch, watch_goals, kind)
     # No train()/eval() switching: captured graphs have eval semantics baked in (and refuse the call).
     guided = [m for m in student.modules() if hasattr(m, "recovery_progress")]  # self-guided layers (lowrank)
     best, best_state, since_best, step = before, _state(student), 0, 0
+    curve = [before]
     for step in range(spec.steps):
         for m in guided:
             m.recovery_progress(step / spec.steps)
@@ -85,12 +93,13 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
             best = math.inf  # the model is not the final structure yet: nothing to keep
         i = step % len(batches)
         optimizer.zero_grad()
-        loss = _loss(student(*batches[i]), goals[i], kind)
+        loss = _loss(runner(*batches[i]), goals[i], kind)
         loss.backward()
         optimizer.step()
         schedule.step()
         if (step + 1) % max(1, len(batches)) == 0:
             current = _mean_loss(student, watch, watch_goals, kind)
+            curve.append(current)
             if progress:
                 progress(f"recovering: loss {current:.3g} (start {before:.3g})", step + 1, spec.steps)
             best, best_state, since_best = (current, _state(student), 0) if current < best else (best, best_state, since_best + len(batches))
@@ -102,7 +111,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
     for p in params:
         p.requires_grad_(False)
     return {"loss_before": before, "loss_after": best, "steps": step + 1, "loss": _loss_name(goals[0], kind),
-            "too_little_data": _too_little(params, goals)}
+            "too_little_data": _too_little(params, goals), "curve": curve, "processes": distributed.world()}
 
 
 def _too_little(params: list[torch.Tensor], goals: list[Any]) -> str:
@@ -121,8 +130,10 @@ def _loss_name(target: Any, kind: str) -> str:
 
 
 def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: str) -> float:
+    """Over all ranks' shards when data-parallel (each rank's loss is its share of the whole batch's)."""
     with torch.no_grad():
-        return sum(float(_loss(model(*b), g, kind)) for b, g in zip(batches, goals)) / len(batches)
+        mine = sum(_loss(model(*b), g, kind).double() for b, g in zip(batches, goals)) / len(batches)
+        return float(distributed.total(torch.as_tensor(mine)) / distributed.world())
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

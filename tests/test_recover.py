@@ -39,3 +39,34 @@ def test_kl_ignores_what_a_softmax_ignores_and_mse_does_not():
 def test_integer_targets_train_by_cross_entropy():
     logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
     torch.testing.assert_close(_loss(logits, labels), F.cross_entropy(logits, labels))
+
+
+def _torchrun(processes: int) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                           "-m", "tests.ddp_recover"], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_follow_the_one_process_loss_curve():
+    one, two = _torchrun(1), _torchrun(2)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert len(one["curve"]) == len(two["curve"]) > 5 and one["curve"][-1] < one["curve"][0]
+    assert one["curve"] == pytest.approx(two["curve"], rel=1e-4)
+
+
+def test_each_rank_takes_an_equal_share_of_every_batch(monkeypatch):
+    from rewrite import distributed
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    x, mask = torch.arange(8.0).reshape(4, 2), torch.ones(4, 3)
+    part = distributed.shard((x, mask, None))
+    assert torch.equal(part[0], x[2:]) and part[1].shape == (2, 3) and part[2] is None
+    with pytest.raises(RewriteError, match="cannot share equally"):
+        distributed.shard((torch.randn(3, 2),))

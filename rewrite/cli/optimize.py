@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rewrite import api, calibration, loading, spec
+from rewrite import api, calibration, distributed, loading, spec
 from rewrite.cli import render
 
 MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
@@ -57,6 +57,8 @@ def optimize(
                               recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
                               blockwise=blockwise, progress=say)
+    if distributed.rank() != 0:
+        return  # under torchrun, rank 0 alone reports and writes
     render.show_report(result.report)
     render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
     problems = result.report.problems()

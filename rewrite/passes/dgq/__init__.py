@@ -31,6 +31,7 @@ from rewrite.patterns import attribute, layers, set_submodule, shared_weight
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
 CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
 MAX_TOKENS = 4096  # calibration rows kept per layer for the search
+PROBE_TOKENS = 512  # tokens the mixed-precision sensitivity probes run on
 ERROR_DTYPE = torch.float32  # phase two's row errors d·G·dᵀ (choices checked against float64 in the tests)
 
 
@@ -203,7 +204,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.smooth:
             smoothed, why_not = smooth_outliers(module, ctx.calibration)
             skipped += why_not
-        reference = _outputs(module, ctx.calibration) if self.budget_cos else None
+        reference = _outputs(module, ctx.calibration, ctx.masks) if self.budget_cos else None
         candidates = dict(layers(module, (nn.Linear,)))
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
@@ -222,43 +223,65 @@ class DualGrainedQuant(SqnrFloor, Pass):
             with torch.no_grad():
                 errors[path] = verify.relative_error(linear(x), w4[path](x))
             set_submodule(module, path, w4[path])
-        chosen = {path: w4[path] for path in w4}
+        chosen, reached = {path: w4[path] for path in w4}, None
         if reference is not None and w4:
-            chosen = self._mixed_precision(module, ctx, reference, w4, w8, errors)
-        return PassResult(module, bool(w4), self._stats(chosen, errors, smoothed), skipped)
+            chosen, reached = self._mixed_precision(module, ctx, reference, w4, w8)
+        return PassResult(module, bool(w4), self._stats(chosen, errors, smoothed, reached), skipped)
 
-    def _mixed_precision(self, module, ctx, reference, w4, w8, errors) -> dict[str, DGQLinear]:
-        """Layers whose 4-bit output error is largest go back to int8 weights (W8A8, the same int8 GEMM), as
-        few as give model outputs with a mean cosine ≥ budget-cos on the calibration data (bisection over
-        the ranking), and never more than keep the average at max-bits."""
-        ranked = sorted(w4, key=errors.get, reverse=True)
+    def _mixed_precision(self, module, ctx, reference, w4, w8) -> tuple[dict[str, DGQLinear], float]:
+        """The layers whose int8 weights (W8A8, the same int8 GEMM) buy most output cosine per extra bit go
+        back to 8 bits: as few as give model outputs with a mean cosine ≥ budget-cos on the calibration
+        data (bisection over that ranking), never more than keep the average at max-bits."""
+        ranked = self._ranking(module, ctx, reference, w4, w8)
         affordable = _affordable(ranked, w4, w8, self.max_bits)
 
         def chosen(k: int) -> dict[str, DGQLinear]:
             return {path: (w8 if i < k else w4)[path] for i, path in enumerate(ranked)}
 
+        last = {}
+
         def holds(k: int) -> bool:
             ctx.step(f"mixed precision: trying {k} of {len(ranked)} layers at int8 weights", k, len(ranked))
             for path, layer in chosen(k).items():
                 set_submodule(module, path, layer)
-            return _cosine(reference, _outputs(module, ctx.calibration)) >= self.budget_cos
+            last["cosine"] = _cosine(reference, _outputs(module, ctx.calibration, ctx.masks))
+            return last["cosine"] >= self.budget_cos
 
         low, high = 0, affordable  # invariant: low fails (or is 0), high holds (or is the most affordable)
         if holds(0):
-            return chosen(0)
+            return chosen(0), last["cosine"]
         if affordable and holds(high):
             while high - low > 1:
                 middle = (low + high) // 2
                 low, high = (low, middle) if holds(middle) else (middle, high)
         holds(high)  # leave the module in the chosen state
-        return chosen(high)
+        return chosen(high), last["cosine"]
 
-    def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: int) -> dict:
+    def _ranking(self, module, ctx, reference, w4, w8) -> list[str]:
+        """Layers by cosine gained per extra weight bit when that layer alone goes back to int8 weights
+        (the others at 4 bits), measured on the first calibration batch(es): one forward per layer."""
+        probe = _probe(ctx.calibration)
+        want = reference[:len(_outputs(module, probe, ctx.masks))] if probe else reference
+        masks = ctx.masks[:len(probe)] if ctx.masks else None
+        base = _cosine(want, _outputs(module, probe, masks))
+        gain = {}
+        for i, path in enumerate(w4):
+            ctx.step(f"mixed precision: sensitivity of {path}", i, len(w4))
+            set_submodule(module, path, w8[path])
+            extra = (w8[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count()
+            gain[path] = (_cosine(want, _outputs(module, probe, masks)) - base) / extra
+            set_submodule(module, path, w4[path])
+        return sorted(w4, key=gain.get, reverse=True)
+
+    def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: int,
+               reached: float | None) -> dict:
         sizes = {path: layer.weight_count() for path, layer in chosen.items()}
         total = sum(sizes.values()) or 1
         eight = [path for path, layer in chosen.items() if layer.weight_bits == 8]
         return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
                 "smoothed_norms": smoothed, "int8_weight_layers": len(eight), "budget_cos": self.budget_cos,
+                "calibration_cosine": round(reached, 5) if reached is not None else None,
+                "budget": _budget_note(self, reached),
                 "bits_per_weight": round(sum(chosen[p].format_bits() * n for p, n in sizes.items()) / total, 3),
                 "stored_bits_per_weight": round(sum(chosen[p].stored_bits_per_weight() * n
                                                     for p, n in sizes.items()) / total, 3),
@@ -318,6 +341,15 @@ def _rows(inputs: list[torch.Tensor]) -> torch.Tensor:
     return x.float()
 
 
+def _budget_note(p: "DualGrainedQuant", reached: float | None) -> str:
+    if reached is None:
+        return "off (budget-cos=0): every layer at 4 bits"
+    if reached >= p.budget_cos:
+        return f"met: output cosine {reached:.4f} ≥ {p.budget_cos} on the calibration data"
+    return (f"not met within max-bits={p.max_bits:g}: output cosine {reached:.4f} < {p.budget_cos}; raise max-bits "
+            "(more layers at int8 weights) or lower budget-cos")
+
+
 def _affordable(ranked: list[str], w4: dict, w8: dict, max_bits: float) -> int:
     """How many of the top-ranked layers can hold int8 weights with the average staying ≤ max_bits."""
     sizes = [w4[p].weight_count() for p in ranked]
@@ -331,16 +363,36 @@ def _affordable(ranked: list[str], w4: dict, w8: dict, max_bits: float) -> int:
     return k
 
 
-def _outputs(module: nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
+def _probe(batches: list[tuple]) -> list[tuple]:
+    """The first batches, up to PROBE_TOKENS tokens (rows of the first input), for the per-layer probes."""
+    taken, rows = [], 0
+    for batch in batches:
+        if taken and rows >= PROBE_TOKENS:
+            break
+        taken.append(batch)
+        first = next((t for t in batch if isinstance(t, torch.Tensor)), None)
+        rows += first.shape[:2].numel() if first is not None and first.dim() >= 2 else 1
+    return taken
+
+
+def _outputs(module: nn.Module, batches: list[tuple], masks: list | None) -> list[torch.Tensor]:
+    """Output vectors (rows of each float output's last axis) over the calibration batches, at the
+    positions the padding masks keep."""
+    rows = []
     with torch.no_grad():
-        return [t.detach().float() for batch in batches for t in tree_leaves(module(*batch))
-                if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        for batch, mask in zip(batches, masks or [None] * len(batches)):
+            for t in tree_leaves(module(*batch)):
+                if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()):
+                    continue
+                if mask is not None and t.dim() >= 3 and t.shape[:2] == mask.shape:
+                    t = t[mask.bool()]
+                rows.append(t.reshape(-1, t.shape[-1]).float())
+    return rows
 
 
 def _cosine(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    """Mean cosine between original and rewritten output vectors (the last axis), over all outputs."""
-    cos = [nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1)
-           for a, b in zip(reference, outputs) if a.dim()]
+    """Mean cosine between original and rewritten output vectors."""
+    cos = [nn.functional.cosine_similarity(a, b, dim=-1) for a, b in zip(reference, outputs) if a.numel()]
     return float(torch.cat(cos).mean()) if cos else 1.0
 
 
