@@ -221,3 +221,15 @@ def test_int8_weight_layers_match_float_closely():
 
 def verify_error(want, got):
     return float((want - got).norm() / want.norm())
+
+
+def test_few_calibration_tokens_score_errors_through_the_inputs_with_the_same_choices():
+    from rewrite.passes.dgq import OutputError
+    gen = torch.Generator().manual_seed(3)
+    w, x = 0.05 * torch.randn(64, 512, generator=gen), torch.randn(128, 512, generator=gen)  # T < K
+    assert OutputError(x, 512).by_inputs and not OutputError(x.repeat(5, 1), 512).by_inputs
+    few = quantize_weight(w, x, 128, True)
+    many = quantize_weight(w, x.repeat(5, 1), 128, True)  # the same G, times 5: the same argmins
+    assert (few.s1 == many.s1).float().mean() > 0.98
+    errors = [float(((x @ (w - q.dequantized()).T.double().float()) ** 2).sum()) for q in (few, many)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-3)

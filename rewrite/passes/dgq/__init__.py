@@ -61,19 +61,50 @@ def quantize_weight(w: torch.Tensor, x: torch.Tensor | None, group: int, search:
     """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error)."""
     w = w.double()
     o, k = w.shape
-    gram = (x.double().T @ x.double()) if x is not None else torch.eye(k, dtype=torch.float64)
     pad = -k % group  # K not a multiple of the group: zero columns (their inputs are zero: no output error)
     if pad:
         w = nn.functional.pad(w, (0, pad))
-        gram = nn.functional.pad(gram, (0, pad, 0, pad))
-    s_fine, z = _phase_one(w.reshape(o, (k + pad) // group, group), gram, group, search)
-    return _phase_two(w, gram, s_fine, z, group, search, k)
+    error = OutputError(x, k + pad)
+    s_fine, z = _phase_one(w.reshape(o, (k + pad) // group, group), error, group, search)
+    return _phase_two(w, error, s_fine, z, group, search, k)
 
 
-def _phase_one(wg: torch.Tensor, gram: torch.Tensor, group: int, search: bool):
+class OutputError:
+    """The output error d·G·dᵀ of weight-row changes d, G = xᵀx from calibration inputs x (T, K) (identity
+    without them): through G when K ≤ T, else as ‖d·xᵀ‖² (cheaper when T < K, and no K×K matrix: a
+    7B model's 11008-wide layers)."""
+
+    def __init__(self, x: torch.Tensor | None, width: int):
+        if x is not None and x.shape[1] < width:
+            x = nn.functional.pad(x, (0, width - x.shape[1]))
+        self.x = x.double() if x is not None else None
+        self.by_inputs = x is not None and x.shape[0] < width
+        if not self.by_inputs:
+            gram = self.x.T @ self.x if x is not None else torch.eye(width, dtype=torch.float64)
+            self.gram = gram.to(ERROR_DTYPE)  # the K×K products dominate the search: float32 halves their cost
+        else:
+            self.xt = self.x.T.to(ERROR_DTYPE).contiguous()
+
+    def blocks(self, group: int) -> torch.Tensor:
+        """G's diagonal (group × group) blocks, in float64 (phase one's per-group errors)."""
+        width = self.x.shape[1] if self.x is not None else self.gram.shape[0]
+        if self.x is None:
+            return torch.eye(group, dtype=torch.float64).expand(width // group, group, group)
+        xg = self.x.reshape(self.x.shape[0], width // group, group).transpose(0, 1)
+        return xg.transpose(1, 2) @ xg
+
+    def rows(self, d: torch.Tensor) -> torch.Tensor:
+        """Each row's error d_o·G·d_oᵀ, as float64."""
+        d = d.to(ERROR_DTYPE)
+        if self.by_inputs:
+            return (d @ self.xt).square().sum(1).double()
+        return ((d @ self.gram) * d).sum(1).double()
+
+
+def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool):
     """Per (row, group): asymmetric 4-bit scale and zero point minimizing the group's output error."""
     o, n_groups, _ = wg.shape
-    blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(n_groups)])
+    blocks = error.blocks(group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     best = torch.full((o, n_groups), float("inf"), dtype=torch.float64)
     best_s, best_z = torch.ones_like(best), torch.zeros_like(best)
@@ -88,7 +119,7 @@ def _phase_one(wg: torch.Tensor, gram: torch.Tensor, group: int, search: bool):
     return best_s, best_z
 
 
-def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
+def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
                k: int):
     """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error.
     `k`: the layer's true in_features (w may carry zero columns up to a whole group)."""
@@ -98,7 +129,6 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
     peak = w.abs().amax(1).clamp_min(1e-12)
     best = torch.full((o,), float("inf"), dtype=torch.float64)
     result = None
-    gram_e = gram.to(ERROR_DTYPE)  # the K×K products dominate the search: float32 halves their cost
     for r in (CHANNEL_RATIOS if search else [1.0]):
         bound = (r * peak)[:, None, None]
         s1 = r * peak / 127
@@ -107,8 +137,7 @@ def _phase_two(w: torch.Tensor, gram: torch.Tensor, s_fine: torch.Tensor, z: tor
         lo, hi = (z - limit).clamp_min(0)[..., None], (z + limit).clamp_max(15)[..., None]
         q = torch.round(torch.maximum(torch.minimum(wg, bound), -bound) / (S * s1[:, None])[..., None]) + zg
         q = torch.minimum(torch.maximum(q, lo), hi)
-        d = (wg - (s1[:, None] * S)[..., None] * (q - zg)).reshape(o, -1).to(ERROR_DTYPE)
-        err = ((d @ gram_e) * d).sum(1).double()
+        err = error.rows((wg - (s1[:, None] * S)[..., None] * (q - zg)).reshape(o, -1))
         better = err < best
         best = torch.where(better, err, best)
         if result is None:
