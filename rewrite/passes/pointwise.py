@@ -1,0 +1,105 @@
+"""Conv_{1×1}(x) → W·x: 1×1 convolutions as one matmul over every grid point.
+
+    y[n, o, s] = Σ_c W[o, c] · x[n, c, s] + b[o]      (s runs over the flattened grid)
+
+computed as `W @ x.flatten(2)` (form matmul: channels stay first, one batched GEMM) or
+`linear(x.movedim(1, -1), W, b)` (form linear: a channels-last view, bias fused in the GEMM). oneDNN's
+1×1 convolution is slow at the shapes of neural-operator lifting and projection layers (3 → 64 and
+64 → 1 channels over 64k grid points); the same arithmetic as a GEMM is not. `form=auto` times the
+convolution and both forms on the layer's captured input shape and keeps the fastest (the choice is in
+the recipe); a layer whose convolution is fastest here is left with the times as its reason.
+
+Paper: none of its own; the pointwise half of Transform Once's speed (Poli et al., NeurIPS 2022,
+arXiv:2211.14453), where the lifting and projection MLPs dominate once the spectral layers are fast.
+Contract: exact (float tolerance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rewrite import measure
+from rewrite.pass_base import Exact, Pass, PassContext, PassResult
+from rewrite.calibration import layer_values
+from rewrite.patterns import layers, set_submodule
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class PointwiseMatmul(nn.Module):
+    """A 1×1 convolution's weight (O, C) and bias, applied as a GEMM over the grid points."""
+
+    def __init__(self, conv: nn.Module, form: str):
+        super().__init__()
+        self.form = form
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "linear":
+            return nn.functional.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
+        y = torch.matmul(self.weight, x.flatten(2))
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.reshape(x.shape[0], -1, *x.shape[2:])
+
+
+@dataclass(frozen=True)
+class Pointwise(Pass):
+    name = "pointwise"
+    paper = "1×1 convolutions as GEMMs (the lifting/projection half of Transform Once, arXiv:2211.14453)"
+    summary = "1×1 convolutions → one GEMM over the grid points, the form timed fastest here per layer"
+    contract = Exact()
+    applies_to = "Conv1d/2d/3d with a 1×1 kernel, stride 1, no padding, groups=1"
+    level = "graph"
+
+    form: Literal["auto", "matmul", "linear"] = "auto"
+
+    def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        convs = layers(module, _CONVS)
+        seen = layer_values(module, [p for p, _ in convs], ctx.calibration[:1])
+        shapes = {path: inputs[0].shape for path, inputs in seen.items() if inputs}
+        forms, times, skipped = {}, {}, []
+        for path, conv in convs:
+            reason = _why_not(conv) or (None if path in shapes else "not run on the calibration inputs")
+            if reason:
+                skipped.append((path, reason))
+                continue
+            choice, timed = self._choose(conv, shapes[path])
+            times[path] = timed
+            if choice is None:
+                skipped.append((path, "the convolution is fastest here (" + _ms(timed) + ")"))
+                continue
+            set_submodule(module, path, PointwiseMatmul(conv, choice))
+            forms[path] = choice
+        return PassResult(module, bool(forms), {"rewritten": len(forms), "forms": forms, "ms": times}, skipped)
+
+    def _choose(self, conv: nn.Module, shape: torch.Size) -> tuple[str | None, dict[str, float]]:
+        if self.form != "auto":
+            return self.form, {}
+        x = torch.randn(*shape)
+        candidates = {"conv": conv, "matmul": PointwiseMatmul(conv, "matmul"), "linear": PointwiseMatmul(conv, "linear")}
+        with torch.no_grad():
+            timed = {name: round(measure.torch_latency(layer, (x,), warmup=2, min_runs=5, budget_s=0.15)[0], 4)
+                     for name, layer in candidates.items()}
+        best = min(timed, key=timed.get)
+        return (None if best == "conv" else best), timed
+
+
+def _why_not(conv: nn.Module) -> str | None:
+    if any(k != 1 for k in conv.kernel_size):
+        return f"kernel {tuple(conv.kernel_size)} is not 1×1"
+    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation):
+        return "strided or dilated"
+    if conv.padding != "valid" and any(p != 0 for p in (conv.padding if isinstance(conv.padding, tuple) else [1])):
+        return "padded (its border outputs are the bias alone)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (a grouped 1×1 conv is a block-diagonal GEMM: not rewritten)"
+    return None
+
+
+def _ms(timed: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.3g} ms" for name, ms in timed.items())
