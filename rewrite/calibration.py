@@ -231,6 +231,27 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
     return seen
 
 
+def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """max |input| per channel (last axis) of each layer at `paths`, over all batches, in one run."""
+    peaks: dict[str, torch.Tensor] = {}
+
+    def record(path: str):
+        def hook(_module, args):
+            peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            peaks[path] = torch.maximum(peaks[path], peak) if path in peaks else peak
+        return hook
+
+    hooks = [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(*batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peaks
+
+
 def sequential_inputs(module: nn.Module, paths: list[str], batches: list[tuple]):
     """Yield (path, inputs over `batches`) for each layer at `paths`, in execution order, where each layer's
     inputs come from the layers before it as the caller left them after their own yield (sequential

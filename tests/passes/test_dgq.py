@@ -233,3 +233,23 @@ def test_few_calibration_tokens_score_errors_through_the_inputs_with_the_same_ch
     assert (few.s1 == many.s1).float().mean() > 0.98
     errors = [float(((x @ (w - q.dequantized()).T.double().float()) ** 2).sum()) for q in (few, many)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-3)
+
+
+def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
+    import transformers
+    from rewrite import capture
+    from rewrite.passes.dgq import smooth_outliers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config.use_cache = False
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 7] *= 40  # an outlier channel, as real decoders have
+    ids = torch.randint(0, 128, (2, 12))
+    gm = capture.capture(model, (ids,)).module
+    want = gm(ids).logits
+    smoothed, skipped = smooth_outliers(gm, [(ids,)])
+    assert smoothed == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
+    assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
+    torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)
