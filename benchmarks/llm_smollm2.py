@@ -30,8 +30,12 @@ from rewrite.emit import onnx as onnx_emit  # noqa: E402
 DGQ = {
     "dgq (defaults: mixed precision, budget-cos 0.99)": "dgq",
     "dgq A8W4 only (budget-cos=0)": "dgq{budget-cos=0}",
-    "dgq static activations, A8W4": "dgq{act=static,budget-cos=0,min-sqnr=-100}",
+    "dgq A8W4 + smoothing (RMSNorm, up rows)": "dgq{budget-cos=0,smooth=true}",
+    "dgq mixed precision + smoothing": "dgq{smooth=true}",
     "RTN, same format (search=off)": "dgq{search=off,budget-cos=0,min-sqnr=-100}",
+}
+MORE = {  # --all
+    "dgq static activations, A8W4": "dgq{act=static,budget-cos=0,min-sqnr=-100}",
     "dgq 4-bit storage (MatMulNBits)": "dgq{form=w4,budget-cos=0}",
 }
 STRUCTURED = {f"{p}{{param-ratio={r}}}{rec}": (f"{p}{{param-ratio={r},min-sqnr=-100}}", rec)
@@ -62,16 +66,18 @@ def ort_variants(fp32_onnx: Path, tmp: Path) -> dict[str, Path]:
     return {"onnxruntime quantize_dynamic int8": int8, "onnxruntime MatMulNBitsQuantizer int4 (block 128)": int4}
 
 
-def main(quick: bool, structured: bool):
+def main(quick: bool, structured: bool, everything: bool = False):
     import smollm2
     model, example, calib = smollm2.build()
+    model.config.use_cache = False  # the full-sequence forward: logits only, no KV cache (as rewrite captures it)
     evaluation = smollm2.evaluation()[:2 if quick else 8]
     prefill = {n: (torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n)),) for n in (128, 512)}
-    rows = [["variant", "perplexity", "vs fp32", "bits/Linear weight", "int8-weight layers", "rewrite s", "status"]]
+    rows = [["variant", "perplexity", "vs fp32", "bits/Linear weight", "int8-weight layers", "layer rel err mean / worst",
+             "rewrite s", "status"]]
     fp32_ppl = torch_perplexity(model, evaluation)
-    rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-"])
+    rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-", "-"])
     lat = [["variant", "backend", "tokens", "fp32 ms", "variant ms", "ratio (≤1 is faster)"]]
-    variants = dict(list(DGQ.items())[:2]) if quick else dict(DGQ)
+    variants = dict(list(DGQ.items())[:2]) if quick else {**DGQ, **(MORE if everything else {})}
     if structured:
         variants.update(STRUCTURED)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,13 +94,17 @@ def main(quick: bool, structured: bool):
             seconds = time.perf_counter() - start
             stats = result.report.records[0].stats
             ppl = torch_perplexity(result.model, evaluation)
+            errors = list(stats.get("layer_rel_err", {}).values()) or [float("nan")]
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", str(stats.get("bits_per_weight", "-")),
-                         str(stats.get("int8_weight_layers", "-")), f"{seconds:.0f}", result.report.records[0].status])
+                         str(stats.get("int8_weight_layers", "-")), f"{sum(errors) / len(errors):.3f} / {max(errors):.3f}",
+                         f"{seconds:.0f}", result.report.records[0].status])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
         for name, path in ort_variants(fp32_onnx, tmp).items():
             ppl = ort_perplexity(path, evaluation)
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", "8" if "int8" in name else "4 + fp32 scale/128",
-                         "-", "-", "-"])
+                         "-", "-", "-", "-"])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             for n, ids in prefill.items():
                 lat.append([name, "onnxruntime", str(n), f"{time_ort(fp32_onnx, ids):.1f}", f"{time_ort(path, ids):.1f}", ""])
     for row in lat[1:]:
@@ -120,5 +130,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two evaluation batches, two dgq variants")
     parser.add_argument("--structured", action="store_true", help="add fwsvd/lowrank with and without recovery")
+    parser.add_argument("--all", action="store_true", help="add static activations and the 4-bit storage form")
     args = parser.parse_args()
-    main(args.quick, args.structured)
+    main(args.quick, args.structured, args.all)

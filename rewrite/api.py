@@ -73,14 +73,15 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              recover: str | None = None, budget: str | None = None,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
              trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
-             blockwise: bool = False, progress: Progress | None = None) -> Result:
+             blockwise: bool = False, profile: bool = False, progress: Progress | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
     factory bundles; a pickled module needs `trusted=True`). The user's model is never modified; every
     input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
     one-line message on bad input. `blockwise=True` rewrites a transformer stack one block at a time
-    (`rewrite.blockwise`).
+    (`rewrite.blockwise`); `profile=True` adds the top ops by self time of both models (and of the ONNX
+    file when emitted) to the report.
     """
     say = progress or (lambda message, done=None, total=None: None)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
@@ -138,8 +139,15 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             _add_timing(report, measure.compare_torch(model, rewritten, inputs), model, rewritten)
         if eval_data is not None:
             _score(report, model, rewritten, eval_data, metric)
+        if profile:
+            say("profiling (eager torch)")
+            report.profiles = {f"torch, {label}": measure.profile_torch(m, inputs)
+                               for label, m in (("original", model), ("rewritten", rewritten))}
         if folder is not None:
             _emit_all(report, model, rewritten, captured, emitters, stage, measure_latency, say)
+            onnx = next((a.path for a in report.artifacts if a.kind == "onnx" and a.path), None)
+            if profile and onnx:
+                report.profiles["onnxruntime, rewritten"] = measure.profile_onnx(onnx, inputs)
             for artifact in report.artifacts:
                 artifact.path = folder.final(artifact.path)
             report.recipe = _recipe(report, seed, inputs, pass_list)

@@ -2,6 +2,7 @@
 parameters, task metrics."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -201,3 +202,64 @@ def metric_fn(name: str) -> Callable[[list[Any], list[Any]], float]:
     if name not in METRICS:
         raise RewriteError(f"unknown metric {name!r}: choose one of {', '.join(METRICS)}")
     return METRICS[name]
+
+
+PROFILE_TOP = 8  # ops listed per profile
+
+
+def profile_torch(module: nn.Module, inputs: tuple, runs: int = 5) -> list[tuple[str, float, float]]:
+    """Where eager torch spends the time: (op, self ms per call, share of the total), top ops first."""
+    from torch.profiler import ProfilerActivity, profile
+    _inference(module, inputs)  # warm-up outside the profile
+    with _silent_fds(), profile(activities=[ProfilerActivity.CPU]) as prof:  # kineto logs start/stop on the fds
+        for _ in range(runs):
+            _inference(module, inputs)
+    events = [(e.key, e.self_cpu_time_total / 1000 / runs) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    return _top(events)
+
+
+@contextlib.contextmanager
+def _silent_fds():
+    """stdout and stderr to /dev/null at the file-descriptor level (C++ logging bypasses sys.stderr)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def profile_onnx(path: str | Path, inputs: tuple, runs: int = 5) -> list[tuple[str, float, float]]:
+    """Where onnxruntime spends the time: (op type, ms per run, share), from its own node profile."""
+    import onnxruntime as ort
+
+    from rewrite.emit import onnx as onnx_emit
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = onnx_emit.feed(sess, inputs)
+        sess.run(None, feed)
+        for _ in range(runs):
+            sess.run(None, feed)
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for event in trace:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and "op_name" in args:
+            by_op[args["op_name"]] = by_op.get(args["op_name"], 0.0) + event.get("dur", 0) / 1000 / (runs + 1)
+    return _top(list(by_op.items()))
+
+
+def _top(events: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
+    total = sum(ms for _, ms in events) or 1.0
+    ranked = sorted(events, key=lambda e: e[1], reverse=True)[:PROFILE_TOP]
+    return [(name, round(ms, 3), round(ms / total, 3)) for name, ms in ranked]

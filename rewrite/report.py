@@ -75,6 +75,7 @@ class RunReport:
     speeds: list[Any] = field(default_factory=list)  # rewrite.measure.Speed per backend (paired timing)
     warnings: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, list] = field(default_factory=dict)  # "torch, rewritten" → [(op, ms, share)], top first
 
     # --- views --------------------------------------------------------------------------------
 
@@ -138,6 +139,10 @@ class RunReport:
                 parts.append(f"- `{r.name}` skipped `{where}`: {why}")
         if self.measurements:
             parts.append("\n## Before / after\n\n" + _md_table(self.measurement_rows()))
+        if self.profiles:
+            parts.append("\n## Where the time goes (top ops by self time)\n")
+            for label, ops in self.profiles.items():
+                parts.append(f"- {label}: " + ", ".join(f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops))
         parts.append("\n## Verdict\n\n" + "\n".join(f"- {line}" for line in self.verdicts()))
         return "\n".join(parts) + "\n"
 

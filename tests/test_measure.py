@@ -103,3 +103,18 @@ def test_perplexity_is_the_exponentiated_next_token_loss():
 def test_perplexity_eval_needs_no_targets_and_is_lower_is_better():
     from rewrite import measure
     assert measure.meets("perplexity", 20.0, 25.0) and not measure.meets("perplexity", 30.0, 25.0)
+
+
+def test_profiles_name_the_ops_that_take_the_time_in_both_runtimes(tmp_path):
+    from rewrite import api
+    from rewrite.testing import TinyMLP
+    model, x = TinyMLP().eval(), torch.randn(32, 16)
+    result = api.optimize(model, (x,), "fold-bn", emit="onnx", out=tmp_path, measure_latency=False, profile=True)
+    profiles = result.report.profiles
+    assert set(profiles) == {"torch, original", "torch, rewritten", "onnxruntime, rewritten"}
+    torch_ops = [op for op, _, _ in profiles["torch, rewritten"]]
+    assert any("addmm" in op or "linear" in op or "mm" in op for op in torch_ops)
+    assert any(op in ("Gemm", "MatMul") for op, _, _ in profiles["onnxruntime, rewritten"])
+    shares = [share for _, _, share in profiles["torch, original"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.01  # shares are rounded
+    assert "Where the time goes" in (tmp_path / "report.md").read_text()

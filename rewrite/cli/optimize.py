@@ -37,6 +37,8 @@ def optimize(
                                                  "score on --eval data instead of their SQNR floor")] = None,
     mask_input: Annotated[Optional[str], typer.Option(help="the input whose 0s mark padding not to compare "
                                                       "[auto: attention_mask]")] = None,
+    profile: Annotated[bool, typer.Option(help="add the top ops by self time (eager torch, onnxruntime) to the "
+                                               "report")] = False,
     blockwise: Annotated[bool, typer.Option(help="rewrite the stack of repeated blocks one block at a time "
                                                  "(always so for a checkpoint folder)")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
@@ -56,7 +58,7 @@ def optimize(
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
-                              blockwise=blockwise, progress=say)
+                              blockwise=blockwise, profile=profile, progress=say)
     if distributed.rank() != 0:
         return  # under torchrun, rank 0 alone reports and writes
     render.show_report(result.report)

@@ -47,6 +47,9 @@ def show_report(report: RunReport) -> None:
                 console.print(f"  [dim]{r.name} skipped {where}: {why}[/]")
     if report.measurements:
         console.print(table(report.measurement_rows(), "before / after"))
+    for label, ops in report.profiles.items():
+        console.print(f"[bold]where the time goes[/] ({label}): " + ", ".join(
+            f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops[:5]), markup=True, highlight=False)
     for line in report.verdicts():
         style = "bold red" if "SLOWER" in line else ""
         console.print(f"[{style}]{line}[/]" if style else line)
