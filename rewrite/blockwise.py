@@ -147,6 +147,7 @@ def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callab
         start = time.perf_counter()
         load(index)
         flat = FlatCall(blocks[index], calls[0])
+        blocks[index] = nn.Identity()  # the block lives in `flat` alone, so capture's copy can replace it
         batches = [flat.tensors(call) for call in calls]
         rewritten, records, captured = rewrite_one(index, flat, batches)
         with torch.no_grad():
@@ -188,7 +189,8 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         if not captured.graph:
             raise RewriteError(f"block {path}.{index} cannot be captured alone ({captured.note}); run without "
                                "--blockwise")
-        ctx = PassContext(calibration=block_batches, original=flat, seed=seed)
+        flat.block = None  # one block in memory: the captured copy (and the pipeline's snapshot) from here on
+        ctx = PassContext(calibration=block_batches, original=captured.original, seed=seed)
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"

@@ -32,6 +32,7 @@ GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
 CHANNEL_RATIOS = [1.02 - 0.82 * (i + 1) / 80 for i in range(80)]
 MAX_TOKENS = 4096  # calibration rows kept per layer for the search
 PROBE_TOKENS = 512  # tokens the mixed-precision sensitivity probes run on
+ROW_ELEMENTS = 2 ** 22  # weights quantized at once (a row chunk): each float64 temporary stays ≤ 32 MB
 ERROR_DTYPE = torch.float32  # phase two's row errors d·G·dᵀ (choices checked against float64 in the tests)
 
 
@@ -59,13 +60,17 @@ def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
 
 def quantize_weight(w: torch.Tensor, x: torch.Tensor | None, group: int, search: bool) -> DGQWeights:
     """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error)."""
-    w = w.double()
     o, k = w.shape
     pad = -k % group  # K not a multiple of the group: zero columns (their inputs are zero: no output error)
-    if pad:
-        w = nn.functional.pad(w, (0, pad))
     error = OutputError(x, k + pad)
-    s_fine, z = _phase_one(w.reshape(o, (k + pad) // group, group), error, group, search)
+    rows = max(1, ROW_ELEMENTS // (k + pad))  # rows are independent: chunks bound the float64 temporaries
+    parts = [_quantize_rows(nn.functional.pad(w[i:i + rows].double(), (0, pad)), error, group, search, k)
+             for i in range(0, o, rows)]
+    return DGQWeights(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "z", "S", "s1")), group, k)
+
+
+def _quantize_rows(w: torch.Tensor, error: "OutputError", group: int, search: bool, k: int) -> DGQWeights:
+    s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search)
     return _phase_two(w, error, s_fine, z, group, search, k)
 
 
@@ -86,12 +91,15 @@ class OutputError:
             self.xt = self.x.T.to(ERROR_DTYPE).contiguous()
 
     def blocks(self, group: int) -> torch.Tensor:
-        """G's diagonal (group × group) blocks, in float64 (phase one's per-group errors)."""
-        width = self.x.shape[1] if self.x is not None else self.gram.shape[0]
-        if self.x is None:
-            return torch.eye(group, dtype=torch.float64).expand(width // group, group, group)
-        xg = self.x.reshape(self.x.shape[0], width // group, group).transpose(0, 1)
-        return xg.transpose(1, 2) @ xg
+        """G's diagonal (group × group) blocks, in float64 (phase one's per-group errors); computed once."""
+        if getattr(self, "_blocks", None) is None:
+            width = self.x.shape[1] if self.x is not None else self.gram.shape[0]
+            if self.x is None:
+                self._blocks = torch.eye(group, dtype=torch.float64).expand(width // group, group, group)
+            else:
+                xg = self.x.reshape(self.x.shape[0], width // group, group).transpose(0, 1)
+                self._blocks = xg.transpose(1, 2) @ xg
+        return self._blocks
 
     def rows(self, d: torch.Tensor) -> torch.Tensor:
         """Each row's error d_o·G·d_oᵀ, as float64."""
