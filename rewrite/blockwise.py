@@ -189,8 +189,10 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         if not captured.graph:
             raise RewriteError(f"block {path}.{index} cannot be captured alone ({captured.note}); run without "
                                "--blockwise")
-        flat.block = None  # one block in memory: the captured copy (and the pipeline's snapshot) from here on
-        ctx = PassContext(calibration=block_batches, original=captured.original, seed=seed)
+        # One block in memory from here on: the captured graph (whose replaced layers are then freed) and the
+        # pipeline's snapshot for rollback. Passes that read ctx.original read the graph itself.
+        flat.block, captured.original = None, None
+        ctx = PassContext(calibration=block_batches, seed=seed)
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"

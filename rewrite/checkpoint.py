@@ -116,11 +116,25 @@ def build_empty(folder: Path) -> nn.Module:
     return model.eval()
 
 
+def return_freed_memory() -> None:
+    """Ask glibc to serve every allocation above 128 KiB by mmap, so a freed block's tensors go back to the
+    system. Its default threshold rises after the first large frees (up to 32 MiB), after which freed
+    tensors stay in the heap: the resident size then grows by a block's worth per block."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 class Lazy:
     """A checkpoint's model whose stack of blocks is read from disk one block at a time."""
 
     def __init__(self, folder: str | Path):
         from rewrite import blockwise
+        return_freed_memory()
         self.folder = Path(folder)
         self.shards = Shards(self.folder)
         self.model = build_empty(self.folder)

@@ -249,14 +249,15 @@ class DualGrainedQuant(SqnrFloor, Pass):
         w4, w8, errors = {}, {}, {}
         for i, (path, inputs) in enumerate(sequential_inputs(module, todo, ctx.calibration)):
             ctx.step(f"searching scales of {path}", i, len(todo))
-            linear, x = candidates[path], _rows(inputs)  # x: through the layers already quantized
+            linear, x = candidates.pop(path), _rows(inputs)  # x: through the layers already quantized
             if x.abs().max() == 0:
                 skipped.append((path, "its calibration activations are all zero: no scale can be set"))
                 continue
             s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
             w4[path] = DGQLinear(quantize_weight(linear.weight.detach(), x, self.group, self.search), linear.bias, s_x,
                                  self.form)
-            w8[path] = DGQLinear.int8_weights(linear.weight.detach(), linear.bias, s_x)
+            if self.budget_cos:  # the alternative mixed precision may choose
+                w8[path] = DGQLinear.int8_weights(linear.weight.detach(), linear.bias, s_x)
             with torch.no_grad():
                 errors[path] = verify.relative_error(linear(x), w4[path](x))
             set_submodule(module, path, w4[path])
