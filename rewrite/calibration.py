@@ -219,8 +219,13 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
         return hook
 
     layers = [module.get_submodule(p) for p in paths]
-    hooks = [layer.register_forward_hook(record(p)) if p in outputs else layer.register_forward_pre_hook(record(p))
-             for p, layer in zip(paths, layers)]
+    _run_hooked(module, batches, [layer.register_forward_hook(record(p)) if p in outputs
+                                  else layer.register_forward_pre_hook(record(p)) for p, layer in zip(paths, layers)])
+    return seen
+
+
+def _run_hooked(module: nn.Module, batches: list[tuple], hooks: list) -> None:
+    """Run `module` over `batches` without gradients, then remove `hooks` (also when the run fails)."""
     try:
         with torch.no_grad():
             for batch in batches:
@@ -228,7 +233,6 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
     finally:
         for hook in hooks:
             hook.remove()
-    return seen
 
 
 def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
@@ -241,14 +245,7 @@ def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> 
             peaks[path] = torch.maximum(peaks[path], peak) if path in peaks else peak
         return hook
 
-    hooks = [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                module(*batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run_hooked(module, batches, [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths])
     return peaks
 
 
