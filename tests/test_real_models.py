@@ -172,3 +172,31 @@ def test_gpt2_conv1d_layers_are_linears_and_its_ffn_is_found():
     tied = rewrite.optimize(model, (ids,), "lowrank{target=all,min-sqnr=-100}", calib=[(ids,)] * 2,
                             measure_latency=False).report.records[0]
     assert ["lm_head", "its weight is also used elsewhere in the graph (tied embeddings)"] in [list(s) for s in tied.skipped]
+
+
+def _decoder(family):
+    transformers = pytest.importorskip("transformers")
+    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    torch.manual_seed(0)
+    cfg = config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return model(cfg).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoders_gated_ffns_are_found_and_dgq_exports_with_parity(family, tmp_path):
+    model = _decoder(family)
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    fwsvd = rewrite.optimize(model, calib[0], "fwsvd{param-ratio=0.75,min-sqnr=-100}", calib=calib,
+                             measure_latency=False).report.records[0]
+    assert fwsvd.status == "applied" and fwsvd.stats["factorized"] == 6  # gate, up and down of both blocks
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,min-sqnr=-100}", calib=calib, emit="onnx",
+                              out=tmp_path, measure_latency=False)
+    record = result.report.records[0]
+    assert record.stats["quantized"] == 14  # q, k, v, o, gate, up, down × 2; the tied lm_head left alone
+    [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert onnx.parity is not None and onnx.parity["max_abs"] < 1e-3, onnx.note
+    longer = torch.randint(0, 128, (1, 24))
+    assert result.model(longer).logits.shape == (1, 24, 128)  # batch and sequence stay dynamic
