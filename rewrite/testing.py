@@ -200,7 +200,22 @@ class RPEAttention(nn.Module):
         return (torch.randn(2, 10, 32),)
 
 
-TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO, SpectralChains, FFN, GatedFFN, RPEAttention]
+class ChannelMLP(nn.Module):
+    """A neural operator's pointwise ends on a 64×64 grid: 1×1 lifting 3 → 32, GELU, 1×1 projection 32 → 1
+    (oneDNN's 1×1 convolution to one channel is several times slower than the same GEMM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lift, self.project = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 1, 1)
+
+    def forward(self, x):
+        return self.project(torch.nn.functional.gelu(self.lift(x)))
+
+    def example_inputs(self) -> tuple:
+        return (torch.randn(4, 3, 64, 64),)
+
+
+TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO, SpectralChains, FFN, GatedFFN, RPEAttention, ChannelMLP]
 
 
 def register_toy(model_class: type) -> type:
