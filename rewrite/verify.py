@@ -25,7 +25,7 @@ class OutputError:
         return asdict(self)
 
 
-def float_leaves(outputs: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+def float_leaves(outputs: Any, mask: torch.Tensor | None = None, flatten: bool = True) -> list[torch.Tensor]:
     """Every floating-point output, flattened; with a (batch, seq) mask, only the positions it keeps.
 
     A leaf whose leading dims are (batch, seq) is masked (hidden states, logits); others (a pooled
@@ -35,7 +35,7 @@ def float_leaves(outputs: Any, mask: torch.Tensor | None = None) -> list[torch.T
     if mask is not None:
         keep = mask.bool()
         leaves = [t[keep] if t.dim() >= 2 and t.shape[:2] == keep.shape else t for t in leaves]
-    return [t.flatten() for t in leaves]
+    return [t.flatten() for t in leaves] if flatten else leaves
 
 
 def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact(),

@@ -460,17 +460,10 @@ def _probe(batches: list[tuple]) -> list[tuple]:
 
 def _outputs(module: nn.Module, batches: list[tuple], masks: list | None) -> list[torch.Tensor]:
     """Output vectors (rows of each float output's last axis) over the calibration batches, at the
-    positions the padding masks keep."""
-    rows = []
+    positions the padding masks keep (verify's masking)."""
     with torch.no_grad():
-        for batch, mask in zip(batches, masks or [None] * len(batches)):
-            for t in tree_leaves(module(*batch)):
-                if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()):
-                    continue
-                if mask is not None and t.dim() >= 3 and t.shape[:2] == mask.shape:
-                    t = t[mask.bool()]
-                rows.append(t.reshape(-1, t.shape[-1]).float())
-    return rows
+        return [t.reshape(-1, t.shape[-1]).float() for batch, mask in zip(batches, masks or [None] * len(batches))
+                for t in verify.float_leaves(module(*batch), mask, flatten=False) if t.dim()]
 
 
 def _cosine(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
