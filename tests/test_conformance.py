@@ -1,7 +1,9 @@
 """Every registered pass (built-in or installed plugin) against every toy model, under its own contract."""
 import pytest
 
-from rewrite import api, registry
+import torch
+
+from rewrite import api, measure, registry
 from rewrite.pass_base import Exact
 from rewrite.testing import TOY_MODELS, check_pass
 
@@ -30,9 +32,14 @@ def test_pass_keeps_its_contract_on_toy_models(name, toy):
 
 
 @pytest.mark.parametrize("name", BUILTIN)
-def test_every_builtin_pass_applies_on_some_toy_at_default_options(name):
+def test_every_builtin_pass_applies_on_some_toy_at_default_options(name, monkeypatch):
     """A conformance run that only ever sees 'nothing to rewrite' proves nothing about a pass. Passes that
-    declare they need recovery (snnk replaces a layer by a different function) get it, as users would."""
+    declare they need recovery (snnk replaces a layer by a different function) get it, as users would.
+    pointwise keeps a 1×1 conv that is timed faster here, which on a toy's small grid depends on the CPU
+    (CI's picked the conv everywhere): it gets a clock on which the convolution is the slow one, so this
+    asks whether it can apply, not which kernel this machine prefers (test_pointwise checks the choice)."""
+    if name == "pointwise":
+        monkeypatch.setattr(measure, "torch_latency", _convolutions_slower)
     applied = []
     for toy in TOY_MODELS:
         pass_ = registry.load_pass(name)()
@@ -45,3 +52,8 @@ def test_every_builtin_pass_applies_on_some_toy_at_default_options(name):
             applied.append(toy.__name__)
             break
     assert applied, f"{name} applies on none of {[t.__name__ for t in TOY_MODELS]}"
+
+
+def _convolutions_slower(module, inputs, **kw):
+    ms = 2.0 if isinstance(module, torch.nn.modules.conv._ConvNd) else 1.0
+    return ms, ms, 1
