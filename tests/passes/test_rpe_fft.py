@@ -47,6 +47,19 @@ def test_kernelized_attention_estimates_softmax_attention(causal):
     assert float((attention(q, k, v) - exact).norm() / exact.norm()) < 0.03
 
 
+def test_the_in_place_inference_kernel_equals_the_autograd_form():
+    """Inference reuses its FFT buffers (out=, in place); training and export run the plain form."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (0.3 * torch.randn(2, 3, 40, 16, generator=gen) for _ in range(3))
+    attention = RPEFFTAttention(ToeplitzBias(0.5 * torch.randn(3, 79, generator=gen), "none"), 16, 0.25,
+                                features=12, chunk=5)  # 5 does not divide 12: batches of 4
+    assert attention._chunk(torch.zeros(2, 3, 17, 40), 40) == 4
+    with torch.no_grad():
+        in_place = attention(q, k, v)
+    trained = attention(q.requires_grad_(), k, v)
+    torch.testing.assert_close(in_place, trained.detach(), rtol=1e-5, atol=1e-6)
+
+
 class SDPABias(nn.Module):
     """The same attention written with scaled_dot_product_attention and a float mask (ALiBi slopes)."""
 
