@@ -6,8 +6,11 @@ z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over
 epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token.
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
 on calibration activations; then per row, 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
-error. search=off is the round-to-nearest baseline in the same format. Layers are quantized one at a
-time, each calibrated on activations produced by the already-quantized layers before it.
+error. search=off is the round-to-nearest baseline in the same format. feedback (default) then rounds
+the codes again on that grid, column by column, each column's error pushed onto the columns not yet
+rounded through the inverse of H = xᵀx (GPTQ, Frantar et al., arXiv:2210.17323; DGQ's code offers it as
+a weight function). Layers are quantized one at a time, each calibrated on activations produced by the
+already-quantized layers before it.
 
 Paper: Zhang et al., "Dual Grained Quantization: Efficient Fine-Grained Quantization for LLM",
 arXiv:2310.04836 (2023); code ilur98/DGQ. Contract: approximate, SQNR ≥ min-sqnr dB.
