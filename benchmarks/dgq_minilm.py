@@ -26,11 +26,12 @@ from rewrite.emit import onnx as onnx_emit  # noqa: E402
 # The RTN baseline and the static variant switch the floor off on purpose: a baseline is measured even
 # when it is worse than the floor, and the table says how much worse.
 VARIANTS = {
-    "DGQ defaults (mixed precision to cosine 0.99, ≤ 5 bits)": "dgq",
-    "DGQ mixed precision, max-bits=9": "dgq{max-bits=9}",
+    "DGQ defaults (4/5-bit mixed to cosine 0.99, ≤ 5 bits)": "dgq",
+    "DGQ mixed with int8 weights (upgrade-bits=8)": "dgq{upgrade-bits=8}",
     "DGQ A8W4 only (budget-cos=0)": "dgq{budget-cos=0}",
+    "DGQ A8W4, search only (feedback=false)": "dgq{budget-cos=0,feedback=false}",
     "DGQ static (int8 GEMM)": "dgq{act=static,budget-cos=0,min-sqnr=-100}",
-    "RTN per-token (search=off)": "dgq{search=off,budget-cos=0,min-sqnr=-100}",
+    "RTN per-token (search=off, feedback=false)": "dgq{search=off,feedback=false,budget-cos=0,min-sqnr=-100}",
     "DGQ 4-bit storage (MatMulNBits)": "dgq{form=w4,budget-cos=0}",
 }
 
@@ -59,7 +60,7 @@ def main(quick):
     reference = embed(model, ids, mask)
     big = encode(tokenizer, (EVALUATION * 4)[:32], length=128)
     one = encode(tokenizer, EVALUATION[:1], length=128)
-    fid = [["variant", "mean cosine vs fp32", "min cosine", "bits/weight", "int8-weight layers", "worst layer rel err"]]
+    fid = [["variant", "mean cosine vs fp32", "min cosine", "bits/weight", "upgraded layers", "worst layer rel err"]]
     lat = [["variant", "backend", "tokens", "fp32 ms", "quantized ms", "ratio (≤1 is faster)"]]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,7 +74,7 @@ def main(quick):
             emb = embed(result.model, ids, mask)
             cos = (emb * reference).sum(-1)
             fid.append([name, f"{float(cos.mean()):.4f}", f"{float(cos.min()):.4f}", f"{stats['bits_per_weight']}",
-                        f"{stats['int8_weight_layers']}", f"{stats['worst_layer_rel_err']}"])
+                        f"{stats['upgraded_layers']}", f"{stats['worst_layer_rel_err']}"])
             for label, (t_ids, t_mask) in ([("32×128", big)] if quick else [("32×128", big), ("1×128", one)]):
                 lat.append([name, "onnxruntime", label, f"{time_ort(fp32_onnx, (t_ids, t_mask)):.1f}",
                             f"{time_ort(out / 'model.onnx', (t_ids, t_mask)):.1f}", ""])

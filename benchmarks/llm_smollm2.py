@@ -33,7 +33,8 @@ DGQ = {
     "dgq A8W4 + smoothing (RMSNorm, up rows)": "dgq{budget-cos=0,smooth=true}",
     "dgq mixed precision + smoothing": "dgq{smooth=true}",
     # A baseline is measured even below the SQNR floor (the table says how far below), so its floor is off.
-    "RTN baseline, same format (search=off, floor off)": "dgq{search=off,budget-cos=0,min-sqnr=-100}",
+    "RTN baseline, same format (search=off, feedback=false, floor off)":
+        "dgq{search=off,feedback=false,budget-cos=0,min-sqnr=-100}",
 }
 MORE = {  # --all
     "dgq static activations, A8W4": "dgq{act=static,budget-cos=0}",
@@ -74,7 +75,7 @@ def main(quick: bool, structured: bool, everything: bool = False):
     model.config.use_cache = False  # the full-sequence forward: logits only, no KV cache (as rewrite captures it)
     evaluation = smollm2.evaluation()[:2 if quick else 8]
     prefill = {n: (torch.randint(0, 49152, (1, n), generator=torch.Generator().manual_seed(n)),) for n in (128, 512)}
-    rows = [["variant", "perplexity", "vs fp32", "bits/Linear weight", "int8-weight layers", "layer rel err mean / worst",
+    rows = [["variant", "perplexity", "vs fp32", "bits/Linear weight", "upgraded layers", "layer rel err mean / worst",
              "rewrite s", "status"]]
     fp32_ppl = torch_perplexity(model, evaluation)
     rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-", "-"])
@@ -98,7 +99,7 @@ def main(quick: bool, structured: bool, everything: bool = False):
             ppl = torch_perplexity(result.model, evaluation)
             errors = list(stats.get("layer_rel_err", {}).values()) or [float("nan")]
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", str(stats.get("bits_per_weight", "-")),
-                         str(stats.get("int8_weight_layers", "-")), f"{sum(errors) / len(errors):.3f} / {max(errors):.3f}",
+                         str(stats.get("upgraded_layers", "-")), f"{sum(errors) / len(errors):.3f} / {max(errors):.3f}",
                          f"{seconds:.0f}", result.report.records[0].status])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)

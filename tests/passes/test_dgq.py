@@ -205,26 +205,29 @@ def _cosine(a, b):
     return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-def test_mixed_precision_keeps_the_worst_layers_at_int8_until_the_cosine_budget_holds():
+@pytest.mark.parametrize("upgrade", [5, 8])
+def test_mixed_precision_widens_the_worst_layers_until_the_cosine_budget_holds(upgrade):
     model, x = _deep_mlp(), torch.randn(256, 256)
     plain = api.optimize(model, (x[:8],), "dgq{budget-cos=0,min-sqnr=0}", calib=[x], measure_latency=False)
-    mixed = api.optimize(model, (x[:8],), "dgq{budget-cos=0.995,max-bits=8.5,min-sqnr=0}", calib=[x],
-                         measure_latency=False)
+    budget = 0.998
+    mixed = api.optimize(model, (x[:8],), f"dgq{{budget-cos={budget},max-bits=8.5,min-sqnr=0,upgrade-bits={upgrade}}}",
+                         calib=[x], measure_latency=False)
     with torch.no_grad():
         want, got_plain, got_mixed = model(x), plain.model(x), mixed.model(x)
-    assert _cosine(want, got_plain) < 0.995 <= _cosine(want, got_mixed)
+    assert _cosine(want, got_plain) < budget <= _cosine(want, got_mixed)
     stats, plain_stats = mixed.report.records[0].stats, plain.report.records[0].stats
-    assert plain_stats["int8_weight_layers"] == 0 and plain_stats["bits_per_weight"] < 4.3
-    assert 1 <= stats["int8_weight_layers"] < 4 and plain_stats["bits_per_weight"] < stats["bits_per_weight"] < 8.5
-    assert "4" in stats["int8_weights"]  # the layer with the outlier columns went back to int8 first
+    assert plain_stats["upgraded_layers"] == 0 and plain_stats["bits_per_weight"] < 4.3
+    assert 1 <= stats["upgraded_layers"] <= 3 and plain_stats["bits_per_weight"] < stats["bits_per_weight"] < upgrade + 0.5
+    assert "4" in stats["upgraded"]  # the layer with the outlier columns was widened first
+    assert {mixed.model.get_submodule(p).weight_bits for p in stats["upgraded"]} == {upgrade}
 
 
 def test_mixed_precision_never_exceeds_max_bits():
     model, x = _deep_mlp(), torch.randn(256, 256)
-    capped = api.optimize(model, (x[:8],), "dgq{budget-cos=0.99999,max-bits=5.2,min-sqnr=0}", calib=[x],
-                          measure_latency=False)
+    capped = api.optimize(model, (x[:8],), "dgq{budget-cos=0.99999,max-bits=5.2,min-sqnr=0,upgrade-bits=8}",
+                          calib=[x], measure_latency=False)
     stats = capped.report.records[0].stats
-    assert stats["int8_weight_layers"] == 1 and stats["bits_per_weight"] <= 5.2  # a second layer would be 6.2
+    assert stats["upgraded_layers"] == 1 and stats["bits_per_weight"] <= 5.2  # a second layer would be 6.2
 
 
 def test_int8_weight_layers_match_float_closely():
@@ -233,6 +236,25 @@ def test_int8_weight_layers_match_float_closely():
     four = DGQLinear(quantize_weight(w, x, 128, True), None, torch.empty(0), "int8")
     assert layer.format_bits() == 8 + 32 / 256 and four.format_bits() == 4 + 12 / 128 + 32 / 256
     assert verify_error(x @ w.T, layer(x)) < 0.02 < verify_error(x @ w.T, four(x))
+
+
+def test_wider_codes_keep_the_format_and_the_int8_range_with_less_error():
+    w, x = _layer_with_outliers()
+    five = quantize_weight(w, x, 128, True, feedback=True, bits=5)
+    assert int(five.q.max()) <= 31 and int(five.q.max()) > 15 and int(five.w_s8().int().abs().max()) <= 127
+    layers = {bits: DGQLinear(quantize_weight(w, x, 128, True, feedback=True, bits=bits), None, torch.empty(0),
+                              "int8") for bits in (4, 5)}
+    assert layers[5].format_bits() == 5 + 13 / 128 + 32 / 256 and layers[5].weight_bits == 5
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05  # no outlier weights: the row
+    # scale s1 = max|w|/127 then leaves the group scales room for 31 steps (an outlier row caps them at S = 1)
+    weight_error = {bits: verify_error(x @ w.T, x @ quantize_weight(w, x, 128, True, True, bits).dequantized().T)
+                    for bits in (4, 5)}
+    assert weight_error[5] < 0.6 * weight_error[4], weight_error
+
+
+def test_upgrade_bits_out_of_range_is_a_clear_error():
+    with pytest.raises(RewriteError, match="upgrade-bits=4"):
+        api.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), "dgq{upgrade-bits=4}", measure_latency=False)
 
 
 def verify_error(want, got):

@@ -46,7 +46,8 @@ ERROR_DTYPE = torch.float32  # phase two's row errors d·G·dᵀ (choices checke
 
 @dataclass
 class DGQWeights:
-    """The canonical artefact: codes q (O, K) in 0..15, zeros z and integer scales S (O, K/G), s1 (O)."""
+    """The canonical artefact: codes q (O, K) in 0..2^bits − 1 (0..15 in A8W4), zeros z and integer scales S
+    (O, K/G), s1 (O)."""
 
     q: torch.Tensor
     z: torch.Tensor
@@ -54,6 +55,7 @@ class DGQWeights:
     s1: torch.Tensor
     group: int
     k: int  # the layer's in_features; q is zero-padded to a multiple of the group when K is not one
+    bits: int = 4
 
     def w_s8(self) -> torch.Tensor:
         return (_expand(self.S, self.group) * (self.q - _expand(self.z, self.group)))[:, :self.k].to(torch.int8)
@@ -67,16 +69,17 @@ def _expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def quantize_weight(w: torch.Tensor, x: torch.Tensor | None, group: int, search: bool,
-                    feedback: bool = False) -> DGQWeights:
+                    feedback: bool = False, bits: int = 4) -> DGQWeights:
     """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error);
-    feedback: the codes are then rounded again on that grid with GPTQ's error feedback."""
+    feedback: the codes are then rounded again on that grid with GPTQ's error feedback. bits: the code
+    width (4 in A8W4; wider codes, as mixed precision uses, fit the same int8 GEMM: S·(q − z) ≤ 127)."""
     o, k = w.shape
     pad = -k % group  # K not a multiple of the group: zero columns (their inputs are zero: no output error)
     error = OutputError(x, k + pad)
     rows = max(1, ROW_ELEMENTS // (k + pad))  # rows are independent: chunks bound the float64 temporaries
-    parts = [_quantize_rows(nn.functional.pad(w[i:i + rows].double(), (0, pad)), error, group, search, k)
+    parts = [_quantize_rows(nn.functional.pad(w[i:i + rows].double(), (0, pad)), error, group, search, k, bits)
              for i in range(0, o, rows)]
-    found = DGQWeights(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "z", "S", "s1")), group, k)
+    found = DGQWeights(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "z", "S", "s1")), group, k, bits)
     return _with_feedback(w, x, found) if feedback and x is not None else found
 
 
@@ -96,7 +99,7 @@ def _with_feedback(w: torch.Tensor, x: torch.Tensor, grid: DGQWeights, block: in
     scale = _expand(grid.S.float(), grid.group) * grid.s1[:, None]
     zero = _expand(grid.z.float(), grid.group)
     limit = torch.floor(127 / _expand(grid.S.float(), grid.group))
-    lo, hi = (zero - limit).clamp_min(0), (zero + limit).clamp_max(15)
+    lo, hi = (zero - limit).clamp_min(0), (zero + limit).clamp_max(2 ** grid.bits - 1)
     codes = torch.empty_like(weight)
     for start in range(0, k_padded, block):
         end = min(start + block, k_padded)
@@ -108,12 +111,12 @@ def _with_feedback(w: torch.Tensor, x: torch.Tensor, grid: DGQWeights, block: in
             errors[:, j] = (part[:, j] - (q - zero[:, c]) * scale[:, c]) / upper[c, c]
             part[:, j:] -= errors[:, j:j + 1] * upper[c, start + j:end][None]
         weight[:, end:] -= errors @ upper[start:end, end:]
-    return DGQWeights(codes.to(torch.uint8), grid.z, grid.S, grid.s1, grid.group, grid.k)
+    return DGQWeights(codes.to(torch.uint8), grid.z, grid.S, grid.s1, grid.group, grid.k, grid.bits)
 
 
-def _quantize_rows(w: torch.Tensor, error: "OutputError", group: int, search: bool, k: int) -> DGQWeights:
-    s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search)
-    return _phase_two(w, error, s_fine, z, group, search, k)
+def _quantize_rows(w: torch.Tensor, error: "OutputError", group: int, search: bool, k: int, bits: int) -> DGQWeights:
+    s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search, 2 ** bits - 1)
+    return _phase_two(w, error, s_fine, z, group, search, k, bits)
 
 
 class OutputError:
@@ -151,17 +154,17 @@ class OutputError:
         return ((d @ self.gram) * d).sum(1).double()
 
 
-def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool):
-    """Per (row, group): asymmetric 4-bit scale and zero point minimizing the group's output error."""
+def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool, top: int):
+    """Per (row, group): asymmetric scale and zero point (codes 0..top) minimizing the group's output error."""
     o, n_groups, _ = wg.shape
     blocks = error.blocks(group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     best = torch.full((o, n_groups), float("inf"), dtype=torch.float64)
     best_s, best_z = torch.ones_like(best), torch.zeros_like(best)
     for r in (GROUP_RATIOS if search else [1.0]):
-        s = ((hi - lo) * r / 15).clamp_min(1e-12)
-        z = torch.round(-lo * r / s).clamp(0, 15)
-        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, 15)
+        s = ((hi - lo) * r / top).clamp_min(1e-12)
+        z = torch.round(-lo * r / s).clamp(0, top)
+        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, top)
         d = wg - (q - z[..., None]) * s[..., None]
         err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
         better = err < best
@@ -170,7 +173,7 @@ def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool):
 
 
 def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
-               k: int):
+               k: int, bits: int):
     """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error.
     `k`: the layer's true in_features (w may carry zero columns up to a whole group)."""
     o = w.shape[0]
@@ -184,7 +187,7 @@ def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: tor
         s1 = r * peak / 127
         S = torch.clamp(torch.round(s_fine / s1[:, None]), 1, 127)
         limit = torch.floor(127 / S)
-        lo, hi = (z - limit).clamp_min(0)[..., None], (z + limit).clamp_max(15)[..., None]
+        lo, hi = (z - limit).clamp_min(0)[..., None], (z + limit).clamp_max(2 ** bits - 1)[..., None]
         q = torch.round(torch.maximum(torch.minimum(wg, bound), -bound) / (S * s1[:, None])[..., None]) + zg
         q = torch.minimum(torch.maximum(q, lo), hi)
         err = error.rows((wg - (s1[:, None] * S)[..., None] * (q - zg)).reshape(o, -1))
@@ -195,18 +198,20 @@ def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: tor
         result[0][better], result[1][better], result[2][better] = q[better], S[better], s1[better]
     q, S, s1 = result
     q = q.reshape(o, -1)
-    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k)
+    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k, bits)
 
 
 class DGQLinear(nn.Module):
     """A8W4 Linear. form="int8": bit-exact DGQ (int8 GEMM); form="w4": 4-bit storage (MatMulNBits in ONNX)."""
 
-    weight_bits = 4  # int8_weights() layers: 8
+    weight_bits = 4  # wider codes (mixed precision's upgrade): 5–7; int8_weights() layers: 8
 
     def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str):
         super().__init__()
         out = weights.q.shape[0]
-        self.form, self.group, self.in_features = form, weights.group, weights.k
+        if form == "w4" and weights.bits != 4:
+            raise ValueError("form w4 stores 4-bit codes only")
+        self.form, self.group, self.in_features, self.weight_bits = form, weights.group, weights.k, weights.bits
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(out))
         if form == "int8":
             self._int8_buffers(weights.w_s8(), weights.s1, s_x)
@@ -238,7 +243,7 @@ class DGQLinear(nn.Module):
     def format_bits(self) -> float:
         """Bits per weight of the format, whatever the storage: 4-bit codes with an int8 scale and a 4-bit zero
         point per group, or int8; plus a float32 scale per row."""
-        per_group = 12 / self.group if self.weight_bits == 4 else 0
+        per_group = (8 + self.weight_bits) / self.group if self.group else 0  # S (int8) and z per group
         return self.weight_bits + per_group + 32 / self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,11 +276,15 @@ class DualGrainedQuant(SqnrFloor, Pass):
     bits: int = 4
     budget_cos: float = 0.99
     max_bits: float = 5.0
+    upgrade_bits: int = 5
     min_sqnr: float = 10.0
 
     def __post_init__(self):
         if self.bits != 4:
             raise InvalidValue(f"bits={self.bits} is not supported: DGQ stores 4-bit weights (bits=4)")
+        if not 5 <= self.upgrade_bits <= 8:
+            raise InvalidValue(f"upgrade-bits={self.upgrade_bits}: mixed precision widens codes to 5–7 bits (same "
+                               "format) or 8 (W8A8, int8 weights); give 5, 6, 7 or 8")
         if self.group <= 0 or self.group % 2:
             raise InvalidValue("group must be a positive even number (128 in the paper)")
 
@@ -290,7 +299,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
         todo = [path for path, reason in reasons.items() if not reason]
-        w4, w8, errors = {}, {}, {}
+        w4, wide, errors = {}, {}, {}
         for i, (path, inputs) in enumerate(sequential_inputs(module, todo, fit)):
             ctx.step(f"searching scales of {path}", i, len(todo))
             linear, x = candidates.pop(path), _rows(inputs)  # x: through the layers already quantized
@@ -302,34 +311,45 @@ class DualGrainedQuant(SqnrFloor, Pass):
                                                  self.feedback), linear.bias, s_x,
                                  self.form)
             if self.budget_cos:  # the alternative mixed precision may choose
-                w8[path] = DGQLinear.int8_weights(linear.weight.detach(), linear.bias, s_x)
+                wide[path] = self._upgraded(linear, x, s_x)
             with torch.no_grad():
                 errors[path] = verify.relative_error(linear(x), w4[path](x))
             set_submodule(module, path, w4[path])
         chosen, reached = {path: w4[path] for path in w4}, None
         if reference is not None and w4:
-            chosen, reached = self._mixed_precision(module, ctx, judge, reference, w4, w8)
+            chosen, reached = self._mixed_precision(module, ctx, judge, reference, w4, wide)
         stats = self._stats(chosen, errors, smoothed, reached)
         if judge:
             stats["budget_judged_on"] = ("held-out calibration batches" if len(judge[0]) < len(ctx.calibration) else
                                          "the calibration data the weights were fit on (one batch: none held out)")
         return PassResult(module, bool(w4), stats, skipped)
 
-    def _mixed_precision(self, module, ctx, judge, reference, w4, w8) -> tuple[dict[str, DGQLinear], float]:
-        """The layers whose int8 weights (W8A8, the same int8 GEMM) buy most output cosine per extra bit go
-        back to 8 bits: as few as give model outputs with a mean cosine ≥ budget-cos on the calibration
+    def _upgraded(self, linear: nn.Linear, x: torch.Tensor, s_x: torch.Tensor) -> DGQLinear:
+        """The layer with wider weights, for mixed precision: upgrade-bits codes in the same format and int8
+        GEMM (found by the same search and feedback), or W8A8 (upgrade-bits=8). MiniLM, every layer wide:
+        5-bit codes reach embedding cosine 0.9929 at 5.16 bits, int8 weights 0.9920 at 8.1."""
+        weight = linear.weight.detach()
+        if self.upgrade_bits == 8:
+            return DGQLinear.int8_weights(weight, linear.bias, s_x)
+        return DGQLinear(quantize_weight(weight, x, self.group, self.search, self.feedback, self.upgrade_bits),
+                         linear.bias, s_x, "int8")
+
+    def _mixed_precision(self, module, ctx, judge, reference, w4, wide) -> tuple[dict[str, DGQLinear], float]:
+        """The layers whose wider weights (upgrade-bits, the same int8 GEMM) buy most output cosine per extra
+        bit are upgraded: as few as give model outputs with a mean cosine ≥ budget-cos on the calibration
         data held out from the weight fit (bisection over that ranking), never more than keep the average at
         max-bits."""
-        ranked = self._ranking(module, ctx, judge, reference, w4, w8)
-        affordable = _affordable(ranked, w4, w8, self.max_bits)
+        ranked = self._ranking(module, ctx, judge, reference, w4, wide)
+        affordable = _affordable(ranked, w4, wide, self.max_bits)
 
         def chosen(k: int) -> dict[str, DGQLinear]:
-            return {path: (w8 if i < k else w4)[path] for i, path in enumerate(ranked)}
+            return {path: (wide if i < k else w4)[path] for i, path in enumerate(ranked)}
 
         last = {}
 
         def holds(k: int) -> bool:
-            ctx.step(f"mixed precision: trying {k} of {len(ranked)} layers at int8 weights", k, len(ranked))
+            ctx.step(f"mixed precision: trying {k} of {len(ranked)} layers at {self.upgrade_bits}-bit weights", k,
+                     len(ranked))
             for path, layer in chosen(k).items():
                 set_submodule(module, path, layer)
             last["cosine"] = _cosine(reference, _outputs(module, *judge))
@@ -345,8 +365,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
         holds(high)  # leave the module in the chosen state
         return chosen(high), last["cosine"]
 
-    def _ranking(self, module, ctx, judge, reference, w4, w8) -> list[str]:
-        """Layers by cosine gained per extra weight bit when that layer alone goes back to int8 weights
+    def _ranking(self, module, ctx, judge, reference, w4, wide) -> list[str]:
+        """Layers by cosine gained per extra weight bit when that layer alone gets its wider weights
         (the others at 4 bits), measured on the first judged batch(es): one forward per layer."""
         probe = _probe(judge[0])
         want = reference[:len(probe)]
@@ -355,8 +375,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
         gain = {}
         for i, path in enumerate(w4):
             ctx.step(f"mixed precision: sensitivity of {path}", i, len(w4))
-            set_submodule(module, path, w8[path])
-            extra = (w8[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count()
+            set_submodule(module, path, wide[path])
+            extra = (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count()
             gain[path] = (_cosine(want, _outputs(module, probe, masks)) - base) / extra
             set_submodule(module, path, w4[path])
         return sorted(w4, key=gain.get, reverse=True)
@@ -365,16 +385,17 @@ class DualGrainedQuant(SqnrFloor, Pass):
                reached: float | None) -> dict:
         sizes = {path: layer.weight_count() for path, layer in chosen.items()}
         total = sum(sizes.values()) or 1
-        eight = [path for path, layer in chosen.items() if layer.weight_bits == 8]
+        wide = [path for path, layer in chosen.items() if layer.weight_bits > self.bits]
         return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
-                "smoothed_norms": smoothed, "int8_weight_layers": len(eight), "budget_cos": self.budget_cos,
+                "smoothed_norms": smoothed, "upgraded_layers": len(wide),
+                "upgrade_bits": self.upgrade_bits, "budget_cos": self.budget_cos,
                 "calibration_cosine": round(reached, 5) if reached is not None else None,
                 "budget": _budget_note(self, reached),
                 "bits_per_weight": round(sum(chosen[p].format_bits() * n for p, n in sizes.items()) / total, 3),
                 "stored_bits_per_weight": round(sum(chosen[p].stored_bits_per_weight() * n
                                                     for p, n in sizes.items()) / total, 3),
                 "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors,
-                "int8_weights": eight}
+                "upgraded": wide}
 
     def _why_not(self, module: nn.Module, path: str, linear: nn.Linear) -> str | None:
         if shared_weight(module, path):
@@ -478,7 +499,7 @@ def _fit_and_judge(ctx: PassContext) -> tuple[list[tuple], tuple[list[tuple], li
     """(batches the weights are fit on, (batches and masks the budget is judged on)): the last quarter of
     the calibration batches is held out of the fit when there are two or more. Judged in-sample, error
     feedback's fit looks better than it is on new text (MiniLM, 340 calibration tokens: calibration
-    cosine 0.992 where unseen sentences reach 0.981), and the budget would keep too few layers at int8."""
+    cosine 0.992 where unseen sentences reach 0.981), and the budget would keep too few layers wide."""
     count = len(ctx.calibration)
     if count < 2:
         return ctx.calibration, (ctx.calibration, ctx.masks)
@@ -493,16 +514,16 @@ def _budget_note(p: "DualGrainedQuant", reached: float | None) -> str:
     if reached >= p.budget_cos:
         return f"met: output cosine {reached:.4f} ≥ {p.budget_cos} on the calibration data"
     return (f"not met within max-bits={p.max_bits:g}: output cosine {reached:.4f} < {p.budget_cos}; raise max-bits "
-            "(more layers at int8 weights) or lower budget-cos")
+            "(more layers with wider weights) or lower budget-cos")
 
 
-def _affordable(ranked: list[str], w4: dict, w8: dict, max_bits: float) -> int:
-    """How many of the top-ranked layers can hold int8 weights with the average staying ≤ max_bits."""
+def _affordable(ranked: list[str], w4: dict, wide: dict, max_bits: float) -> int:
+    """How many of the top-ranked layers can hold their wider weights with the average staying ≤ max_bits."""
     sizes = [w4[p].weight_count() for p in ranked]
     bits = sum(w4[p].format_bits() * n for p, n in zip(ranked, sizes))
     total, k = sum(sizes), 0
     for path, n in zip(ranked, sizes):
-        bits += (w8[path].format_bits() - w4[path].format_bits()) * n
+        bits += (wide[path].format_bits() - w4[path].format_bits()) * n
         if bits / total > max_bits:
             break
         k += 1
