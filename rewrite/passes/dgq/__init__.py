@@ -272,7 +272,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     search: bool = True
     feedback: bool = True
     form: Literal["int8", "w4"] = "int8"
-    smooth: bool = False
+    smooth: bool = True
     bits: int = 4
     budget_cos: float = 0.99
     max_bits: float = 5.0
