@@ -48,7 +48,7 @@ STRUCTURED = {f"{p}{{param-ratio={r}}}{rec}": (f"{p}{{param-ratio={r}}}", rec)
 
 def ort_perplexity(path, batches) -> float:
     sess = onnx_emit.session(path)
-    outs = [torch.from_numpy(onnx_emit.run(sess, b)[0]) for b in batches]
+    outs = [onnx_emit.run(sess, b)[0] for b in batches]
     return measure.perplexity(outs, [b[0] for b in batches])
 
 
@@ -70,7 +70,7 @@ def ort_variants(fp32_onnx: Path, tmp: Path) -> dict[str, Path]:
     return {"onnxruntime quantize_dynamic int8": int8, "onnxruntime MatMulNBitsQuantizer int4 (block 128)": int4}
 
 
-def main(quick: bool, structured: bool, everything: bool = False):
+def main(quick: bool, structured: bool, everything: bool = False, ort_only: bool = False):
     import smollm2
     model, example, calib = smollm2.build()
     model.config.use_cache = False  # the full-sequence forward: logits only, no KV cache (as rewrite captures it)
@@ -82,6 +82,8 @@ def main(quick: bool, structured: bool, everything: bool = False):
     rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-", "-"])
     lat = [["variant", "backend", "tokens", "fp32 ms", "variant ms", "ratio (≤1 is faster)"]]
     variants = dict(list(DGQ.items())[:2]) if quick else {**DGQ, **(MORE if everything else {})}
+    if ort_only:  # onnxruntime's own quantizers alone (their rows, against the same fp32)
+        variants = {}
     if structured:
         variants.update(STRUCTURED)
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,9 +126,11 @@ def _latency(lat, name, model, rewritten, fp32_onnx, onnx_path, prefill, quick):
     for n, ids in (list(prefill.items())[:1] if quick else prefill.items()):
         best = time_round_robin({"fp32": model, "variant": rewritten}, ids, rounds=2)
         lat.append([name, "torch", str(n), f"{best['fp32']:.1f}", f"{best['variant']:.1f}", ""])
+        print(" | ".join(lat[-1]), file=sys.stderr, flush=True)  # a crash later keeps the rows measured so far
         if onnx_path.is_file():
             lat.append([name, "onnxruntime", str(n), f"{time_ort(fp32_onnx, ids):.1f}", f"{time_ort(onnx_path, ids):.1f}",
                         ""])
+            print(" | ".join(lat[-1]), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
@@ -135,5 +139,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="two evaluation batches, two dgq variants")
     parser.add_argument("--structured", action="store_true", help="add fwsvd/lowrank with and without recovery")
     parser.add_argument("--all", action="store_true", help="add static activations and the 4-bit storage form")
+    parser.add_argument("--ort-only", action="store_true", help="only onnxruntime's own int8 and int4 quantizers")
     args = parser.parse_args()
-    main(args.quick, args.structured, args.all)
+    main(args.quick, args.structured, args.all, args.ort_only)
