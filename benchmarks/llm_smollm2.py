@@ -57,7 +57,11 @@ def torch_perplexity(model, batches) -> float:
         return measure.perplexity([model(*b) for b in batches], [b[0] for b in batches])
 
 
-def ort_variants(fp32_onnx: Path, tmp: Path) -> dict[str, Path]:
+def ort_variants(fp32_onnx: Path, tmp: Path, only: str = "") -> dict[str, Path]:
+    """onnxruntime's own int8 and int4 quantizations of the fp32 file (those whose name contains `only`)."""
+    names = {"int8": "onnxruntime quantize_dynamic int8", "int4": "onnxruntime MatMulNBitsQuantizer int4 (block 128)"}
+    if not any(only in name for name in names.values()):
+        return {}
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -67,10 +71,10 @@ def ort_variants(fp32_onnx: Path, tmp: Path) -> dict[str, Path]:
     quant = MatMulNBitsQuantizer(onnx.load(fp32_onnx), block_size=128, is_symmetric=False, accuracy_level=4)
     quant.process()
     quant.model.save_model_to_file(str(int4), use_external_data_format=True)
-    return {"onnxruntime quantize_dynamic int8": int8, "onnxruntime MatMulNBitsQuantizer int4 (block 128)": int4}
+    return {name: path for name, path in ((names["int8"], int8), (names["int4"], int4)) if only in name}
 
 
-def main(quick: bool, structured: bool, everything: bool = False, ort_only: bool = False):
+def main(quick: bool, structured: bool, everything: bool = False, only: str = ""):
     import smollm2
     model, example, calib = smollm2.build()
     model.config.use_cache = False  # the full-sequence forward: logits only, no KV cache (as rewrite captures it)
@@ -82,8 +86,7 @@ def main(quick: bool, structured: bool, everything: bool = False, ort_only: bool
     rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-", "-"])
     lat = [["variant", "backend", "tokens", "fp32 ms", "variant ms", "ratio (≤1 is faster)"]]
     variants = dict(list(DGQ.items())[:2]) if quick else {**DGQ, **(MORE if everything else {})}
-    if ort_only:  # onnxruntime's own quantizers alone (their rows, against the same fp32)
-        variants = {}
+    variants = {name: spec for name, spec in variants.items() if only in name}  # --only: rows whose name has it
     if structured:
         variants.update(STRUCTURED)
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +109,7 @@ def main(quick: bool, structured: bool, everything: bool = False, ort_only: bool
                          f"{seconds:.0f}", result.report.records[0].status])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
-        for name, path in ort_variants(fp32_onnx, tmp).items():
+        for name, path in ort_variants(fp32_onnx, tmp, only).items():
             ppl = ort_perplexity(path, evaluation)
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", "8" if "int8" in name else "4 + fp32 scale/128",
                          "-", "-", "-", "-"])
@@ -139,6 +142,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="two evaluation batches, two dgq variants")
     parser.add_argument("--structured", action="store_true", help="add fwsvd/lowrank with and without recovery")
     parser.add_argument("--all", action="store_true", help="add static activations and the 4-bit storage form")
-    parser.add_argument("--ort-only", action="store_true", help="only onnxruntime's own int8 and int4 quantizers")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this (e.g. onnxruntime)")
     args = parser.parse_args()
-    main(args.quick, args.structured, args.all, args.ort_only)
+    main(args.quick, args.structured, args.all, args.only)
