@@ -33,9 +33,25 @@ def float_leaves(outputs: Any, mask: torch.Tensor | None = None, flatten: bool =
     """
     leaves = [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if mask is not None:
-        keep = mask.bool()
-        leaves = [t[keep] if t.dim() >= 2 and t.shape[:2] == keep.shape else t for t in leaves]
+        leaves = [t[mask.bool()] if _per_position(t, mask) else t for t in leaves]
     return [t.flatten() for t in leaves] if flatten else leaves
+
+
+def sequence_means(outputs: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each (batch, seq, features) floating-point output's mean over the positions the mask keeps (all
+    positions without one): one vector per sequence, what a sentence embedding is made of."""
+    means = []
+    for t in float_leaves(outputs, flatten=False):
+        if t.dim() == 3:
+            keep = mask if mask is not None and _per_position(t, mask) else torch.ones(t.shape[:2])
+            weights = keep.float()[..., None]
+            means.append((t.float() * weights).sum(1) / weights.sum(1).clamp_min(1))
+    return means
+
+
+def _per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether `t`'s leading dims are the mask's (batch, seq): the one masking rule."""
+    return t.dim() >= 2 and t.shape[:2] == mask.shape
 
 
 def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact(),

@@ -558,12 +558,7 @@ def _outputs(module: nn.Module, batches: list[tuple], masks: list | None) -> lis
 def _vectors(outputs, mask: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
     vectors = [("rows", t.reshape(-1, t.shape[-1]).float()) for t in verify.float_leaves(outputs, mask, flatten=False)
                if t.dim()]
-    for t in verify.float_leaves(outputs, flatten=False):
-        if t.dim() == 3:  # (batch, sequence, features)
-            keep = mask.bool() if mask is not None and mask.shape == t.shape[:2] else torch.ones(t.shape[:2], dtype=torch.bool)
-            weights = keep.float()[..., None]
-            vectors.append(("pooled", ((t.float() * weights).sum(1) / weights.sum(1).clamp_min(1))))
-    return vectors
+    return vectors + [("pooled", mean) for mean in verify.sequence_means(outputs, mask)]
 
 
 def _cosine(reference: list[list[tuple]], outputs: list[list[tuple]]) -> float:
