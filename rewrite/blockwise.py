@@ -129,10 +129,6 @@ class BlockReport:
     peak_rss_mib: float
 
 
-def peak_rss_mib(self) -> float:
-        return peak_rss_mib()
-
-
 def peak_rss_mib() -> float:
     """The process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -142,18 +138,23 @@ def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callab
                    load: Callable[[int], None]) -> Iterator[BlockReport]:
     """For each block: load it, rewrite it on the calls the rewritten blocks before it made, pass its outputs
     on, and put back what `keep(index, rewritten, captured, flat)` returns (a BlockCall, or a stand-in once the
-    block is on disk). `rewrite_one(index, flat, batches) → (module, records, captured)`."""
+    block is on disk). `rewrite_one(index, flat, batches, original_batches) → (module, records, captured)`,
+    where original_batches are the block's inputs as the original blocks before it make them."""
+    originals = calls
     for index in range(len(blocks)):
         start = time.perf_counter()
         load(index)
         flat = FlatCall(blocks[index], calls[0])
-        blocks[index] = nn.Identity()  # the block lives in `flat` alone, so capture's copy can replace it
         batches = [flat.tensors(call) for call in calls]
-        rewritten, records, captured = rewrite_one(index, flat, batches)
+        original_batches = [flat.tensors(call) for call in originals]
+        with torch.no_grad():  # the original block, once, before the passes change it
+            originals = [next_call(call, flat(*batch)) for call, batch in zip(originals, original_batches)]
+        blocks[index] = nn.Identity()  # the block lives in `flat` alone, so capture's copy can replace it
+        rewritten, records, captured = rewrite_one(index, flat, batches, original_batches)
         with torch.no_grad():
             calls = [next_call(call, rewritten(*batch)) for call, batch in zip(calls, batches)]
         blocks[index] = keep(index, rewritten, captured, flat)
-        del flat, rewritten, captured, batches
+        del flat, rewritten, captured, batches, original_batches
         gc.collect()
         yield BlockReport(index, time.perf_counter() - start, records, peak_rss_mib())
 
@@ -183,7 +184,8 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
     layout = FlatCall(blocks[0], calls[0])
     layout = (layout.spec, layout.constants, layout.count)
 
-    def rewrite_one(index: int, flat: FlatCall, block_batches: list) -> tuple[nn.Module, list, Any]:
+    def rewrite_one(index: int, flat: FlatCall, block_batches: list, original_batches: list
+                    ) -> tuple[nn.Module, list, Any]:
         say(f"block {index + 1} of {len(blocks)} ({path}.{index}): capturing and rewriting", index, len(blocks))
         captured = capture.capture(flat, block_batches[0])
         if not captured.graph:
@@ -192,7 +194,7 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         # One block in memory from here on: the captured graph (whose replaced layers are then freed) and the
         # pipeline's snapshot for rollback. Passes that read ctx.original read the graph itself.
         flat.block, captured.original = None, None
-        ctx = PassContext(calibration=block_batches, seed=seed)
+        ctx = PassContext(calibration=block_batches, original_calibration=original_batches, seed=seed)
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"

@@ -61,6 +61,11 @@ class PassContext:
     original: nn.Module | None = None
     seed: int = 0
     synthetic_calibration: bool = False
+    # The calibration batches as the original model's layers see them, where they differ from `calibration`
+    # (block by block: through the original blocks before this one, where `calibration` went through the
+    # rewritten ones). Statistics that choose an exact reparametrization (dgq's smoothing peaks) come from
+    # these, so block-by-block and whole-model runs choose the same. None: `calibration` itself.
+    original_calibration: list[tuple] | None = None
     emit: tuple[str, ...] = ()  # artifact kinds the user asked for (e.g. "onnx" forces exportable forms)
     recover: Any = None  # a rewrite.recover.RecoverSpec when the user asked for recovery
     evaluate: Any = None  # module → task metric on the eval data (when --eval and --metric are given)

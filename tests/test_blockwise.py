@@ -50,7 +50,10 @@ def test_block_by_block_dgq_equals_the_whole_model_run():
     with torch.no_grad():
         ppl = [measure.perplexity([m(*b) for b in evaluation], [b[0] for b in evaluation])
                for m in (whole.model, blocks.model)]
-    assert abs(ppl[0] - ppl[1]) / ppl[0] < 1e-3
+    # Smoothing (on by default) takes its peaks from the original blocks' activations in both runs: with
+    # peaks from the already-quantized blocks' outputs instead, the runs differed by 7e-5.
+    assert whole.report.records[0].stats["smoothed_norms"] == 6
+    assert abs(ppl[0] - ppl[1]) / ppl[0] < 1e-6
     assert "block by block: 2 LlamaDecoderLayer blocks of model.layers" in blocks.report.capture
     for name, module in blocks.model.named_modules():
         assert not isinstance(module, nn.Linear) or name == "lm_head"

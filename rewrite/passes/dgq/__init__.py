@@ -294,7 +294,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         skipped, smoothed = [], 0
         if self.smooth:
-            smoothed, why_not = smooth_outliers(module, ctx.calibration)
+            smoothed, why_not = smooth_outliers(module, ctx.original_calibration or ctx.calibration)
             skipped += why_not
         fit, judge = _fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         reference = _outputs(module, *judge) if judge else None
