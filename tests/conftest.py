@@ -1,3 +1,5 @@
+import copy
+import hashlib
 import importlib.util
 import os
 import sys
@@ -63,3 +65,34 @@ _TORCHVISION_OPS = ["nms", "qnms", "roi_align", "_roi_align_backward", "ps_roi_a
                     "roi_pool", "_roi_pool_backward", "ps_roi_pool", "_ps_roi_pool_backward", "deform_conv2d",
                     "_deform_conv2d_backward"]
 _LIBRARIES: list = []
+
+
+_EXPORTS: dict = {}
+
+
+@pytest.fixture
+def export_once(monkeypatch):
+    """torch.export once per (model class, repr, weights, input shapes) in this worker, copies after that.
+    For tests that capture the same toys again and again (conformance: every pass on every toy); export
+    is most of their time. Tests of capture itself do not use it."""
+    from rewrite import capture
+
+    real = capture._export
+
+    def remembered(model, inputs):
+        key = _export_key(model, inputs)
+        if key not in _EXPORTS:
+            _EXPORTS[key] = real(model, inputs)
+        gm, dynamic = _EXPORTS[key]
+        return copy.deepcopy(gm), copy.deepcopy(dynamic)
+
+    monkeypatch.setattr(capture, "_export", remembered)
+
+
+def _export_key(model, inputs) -> tuple:
+    weights = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in inputs)
+    return type(model).__qualname__, repr(model), shapes, weights.hexdigest()

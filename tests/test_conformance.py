@@ -7,6 +7,7 @@ from rewrite.testing import TOY_MODELS, check_pass
 
 BUILTIN = sorted(n for n, e in registry.registered().items() if e.distribution.startswith("rewrite "))
 _statuses: dict[str, set[str]] = {}
+pytestmark = pytest.mark.usefixtures("export_once")  # each toy is exported once, not once per pass
 
 
 @pytest.mark.parametrize("toy", TOY_MODELS, ids=lambda t: t.__name__)
