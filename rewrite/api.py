@@ -89,9 +89,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     emitters = _emitters(emit, out)
     recovery = spec.recover_spec(recover)
     if checkpoint.is_checkpoint(model):
-        _refuse_for_checkpoints(out, recovery, emitters, eval)
+        _refuse_for_checkpoints(out, emitters, eval)
         return _optimize_checkpoint(Path(model), example_inputs, pass_list, calib, OutputFolder(out, force), seed,
-                                    strict, calib_batches, say)
+                                    strict, calib_batches, say, recovery)
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
     source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
@@ -155,9 +155,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     return Result(rewritten, report, captured, pass_list, seed)
 
 
-def _refuse_for_checkpoints(out: Any, recovery: Any, emitters: list[str], eval: Any) -> None:
+def _refuse_for_checkpoints(out: Any, emitters: list[str], eval: Any) -> None:
     why = ("no output folder (-o): it is written block by block" if out is None else
-           "--recover" if recovery is not None else "--emit " + ",".join(e for e in emitters if e != "pt2")
+           "--emit " + ",".join(e for e in emitters if e != "pt2")
            if any(e != "pt2" for e in emitters) else "--eval" if eval is not None else None)
     if why:
         raise RewriteError(f"a checkpoint folder is rewritten block by block, which does not take {why} yet: "
@@ -165,7 +165,7 @@ def _refuse_for_checkpoints(out: Any, recovery: Any, emitters: list[str], eval: 
 
 
 def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], calib: Any, out: OutputFolder,
-                         seed: int, strict: bool, calib_batches: int, say: Progress) -> Result:
+                         seed: int, strict: bool, calib_batches: int, say: Progress, recovery: Any = None) -> Result:
     """A Hugging Face checkpoint folder, block by block: one block in memory at a time, each written as
     soon as it is rewritten (`rewrite.checkpoint`)."""
     from rewrite import blockwise
@@ -182,8 +182,8 @@ def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], 
             torch.export.save(export_program(rewritten, captured), stage / checkpoint.block_file(index))
             return checkpoint.OnDisk(out.final(stage / checkpoint.block_file(index)))
 
-        outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, say=say, load=lazy.load,
-                                keep=keep)
+        outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, recover=recovery, say=say,
+                                load=lazy.load, keep=keep)
         aliases = checkpoint.write_rest(lazy.model, lazy.stack, stage)
         checkpoint.write_manifest(stage, folder, lazy.stack, len(lazy.blocks), outcome.layout, aliases)
         report = RunReport(pipeline=spec.format_spec(passes), capture=outcome.summary,
@@ -200,9 +200,8 @@ def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], 
 def _blockwise(model: nn.Module, data: calibration.Data, passes: list[Pass], recovery: Any, seed: int, strict: bool,
                say: Progress):
     from rewrite import blockwise
-    if recovery is not None:
-        raise RewriteError("--recover does not run with --blockwise yet: recover the rewritten model in a second run")
-    return blockwise.run(copy.deepcopy(model), data.batches, passes, seed=seed, strict=strict, say=say)
+    return blockwise.run(copy.deepcopy(model), data.batches, passes, seed=seed, strict=strict, recover=recovery,
+                         say=say)
 
 
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,

@@ -172,9 +172,12 @@ class Outcome:
 
 
 def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, strict: bool = False,
-        say: Callable[..., None] = lambda *a, **k: None, load: Callable[[int], None] = lambda i: None,
-        keep: Callable = in_place) -> Outcome:
-    """Rewrite `model`'s stack in place, block by block."""
+        recover: Any = None, say: Callable[..., None] = lambda *a, **k: None,
+        load: Callable[[int], None] = lambda i: None, keep: Callable = in_place) -> Outcome:
+    """Rewrite `model`'s stack in place, block by block. With `recover` (a RecoverSpec), a recoverable pass's
+    block is distilled toward the block before that pass on the block's own inputs (the rewritten blocks'
+    outputs), as block-wise reconstruction does: each block learns to undo its own error given what the
+    blocks before it really produce."""
     from rewrite import capture, pipeline
     from rewrite.pass_base import PassContext
     path, blocks = find_stack(model)
@@ -194,7 +197,8 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         # One block in memory from here on: the captured graph (whose replaced layers are then freed) and the
         # pipeline's snapshot for rollback. Passes that read ctx.original read the graph itself.
         flat.block, captured.original = None, None
-        ctx = PassContext(calibration=block_batches, original_calibration=original_batches, seed=seed)
+        ctx = PassContext(calibration=block_batches, original_calibration=original_batches, seed=seed,
+                          recover=recover)
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"

@@ -71,10 +71,20 @@ def test_encoder_blocks_called_with_keyword_masks_are_rewritten_and_verified():
     assert torch.nn.functional.cosine_similarity(want, got, dim=-1).mean() > 0.9
 
 
-def test_recovery_with_blockwise_is_refused_for_now():
-    with pytest.raises(RewriteError, match="--recover does not run with --blockwise"):
-        rewrite.optimize(_llama(), (_ids(0),), "dgq", calib=[(_ids(1),)], recover="steps=2", blockwise=True,
-                         measure_latency=False)
+def test_recovery_block_by_block_distills_each_block_on_its_held_out_batches():
+    model, calib = _llama(), [(_ids(i, (4, 16)),) for i in range(8)]
+    spec = "lowrank{param-ratio=0.5,min-sqnr=-100}"
+    plain = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True)
+    recovered = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True,
+                                 recover="steps=100")
+    for record in recovered.report.records:  # measured: +0.8 and +0.5 dB on the blocks' held-out batches
+        assert record.status == "applied" and record.stats["recovery_steps"] > 0
+        assert record.stats["sqnr_db_held_out"] > record.stats["sqnr_db_before_recovery"] + 0.2
+    evaluation = [(_ids(10 + i, (4, 16)),) for i in range(2)]
+    with torch.no_grad():
+        error = [sum(float((m(*b).logits - model(*b).logits).square().mean()) for b in evaluation)
+                 for m in (plain.model, recovered.model)]
+    assert error[1] < error[0]
 
 
 def _checkpoint(tmp_path, layers=3):
