@@ -92,6 +92,12 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
         _refuse_for_checkpoints(out, emitters, eval)
         return _optimize_checkpoint(Path(model), example_inputs, pass_list, calib, OutputFolder(out, force), seed,
                                     strict, calib_batches, say, recovery)
+    if blockwise and out is not None:
+        # Its blocks are captured one by one, with the calls calibration made (attention_mask=None); a second
+        # export of the whole model traces other calls (a materialized causal mask), so it cannot be emitted.
+        raise RewriteError("--blockwise on a model in memory does not write artifacts yet: save the model with "
+                           "save_pretrained and give that checkpoint folder, which is written block by block "
+                           "(Python: leave out=None to get the rewritten model back)")
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
     source = (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()

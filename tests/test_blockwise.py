@@ -87,6 +87,12 @@ def test_recovery_block_by_block_distills_each_block_on_its_held_out_batches():
     assert error[1] < error[0]
 
 
+def test_block_by_block_in_memory_with_an_output_folder_is_refused_before_any_work(tmp_path):
+    with pytest.raises(RewriteError, match="--blockwise on a model in memory does not write artifacts"):
+        rewrite.optimize(_llama(), (_ids(0),), "dgq", calib=[(_ids(1),)], blockwise=True, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def _checkpoint(tmp_path, layers=3):
     model = _llama(layers=layers)
     folder = tmp_path / "ckpt"
