@@ -140,8 +140,7 @@ class TransformOnce(Pass):
             return layer, None
         if self.form == "fft":
             return None, "form=fft keeps the FFT"
-        fft_ms, _, _ = measure.torch_latency(conv, (x,), warmup=2, min_runs=5, budget_s=0.2)
-        gemm_ms, _, _ = measure.torch_latency(layer, (x,), warmup=2, min_runs=5, budget_s=0.2)
+        fft_ms, gemm_ms = measure.best_times({"fft": conv, "gemm": layer}, (x,)).values()
         if gemm_ms < fft_ms:
             return layer, None
         return None, f"kept the FFT: faster here ({fft_ms:.3g} ms vs GEMM {gemm_ms:.3g} ms; form=gemm forces it)"

@@ -155,6 +155,5 @@ def _input_shapes(module: nn.Module, paths: list[str], batches: list[tuple]) -> 
 def _if_slower(path: str, conv: nn.Module, chain: nn.Module, shape: torch.Size) -> list[str]:
     """A short timing of both on this machine (to say so, not to refuse: the user chose the format)."""
     x = torch.randn(shape)
-    dense_ms = measure.torch_latency(conv, (x,), warmup=1, min_runs=3, budget_s=0.05)[0]
-    chain_ms = measure.torch_latency(chain, (x,), warmup=1, min_runs=3, budget_s=0.05)[0]
+    dense_ms, chain_ms = measure.best_times({"dense": conv, "chain": chain}, (x,), min_rounds=3, budget_s=0.05).values()
     return [f"{path} ({chain_ms / dense_ms:.1f}x the dense time)"] if chain_ms > dense_ms * 1.1 else []
