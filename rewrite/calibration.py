@@ -293,6 +293,50 @@ def _recorded(module: nn.Module, path: str, run) -> list[torch.Tensor]:
     return seen
 
 
+class Suffixes:
+    """A captured graph's outputs over `batches` when one layer at `paths` is swapped, each recomputed from
+    that layer on: everything before it computes the same values whatever the layer is, so they are kept
+    (the values still alive at each layer, from one interpreted pass) and a probe runs only the rest of
+    the graph, half a forward on average. `outputs(path)` reads the module's layers as they are then."""
+
+    def __init__(self, gm: fx.GraphModule, paths: list[str], batches: list[tuple]):
+        self.gm, self.nodes = gm, list(gm.graph.nodes)
+        self.starts: dict[str, tuple[int, list[dict]]] = {}
+        runs = [_StepInterpreter(gm, batch) for batch in batches]
+        wanted = set(paths)
+        with torch.no_grad():
+            for index, node in enumerate(self.nodes):
+                if node.op == "call_module" and node.target in wanted and node.target not in self.starts:
+                    self.starts[node.target] = (index, [dict(run.env) for run in runs])
+                for run in runs:
+                    run.step(node)
+
+    @staticmethod
+    def usable(module: nn.Module, batches: list[tuple]) -> bool:
+        """A graph whose ops write no tensor in place (a kept value must stay as it was for every probe)."""
+        return (isinstance(module, fx.GraphModule) and _flat_inputs_fit(module, batches)
+                and not any(_mutates(node) for node in module.graph.nodes))
+
+    def outputs(self, path: str) -> list[Any]:
+        index, envs = self.starts[path]
+        results = []
+        with torch.no_grad():
+            for env in envs:
+                run = _StepInterpreter(self.gm, ())
+                run.env = dict(env)  # a copy: the run frees values after their last use
+                for node in self.nodes[index:]:
+                    run.step(node)
+                    if node.op == "output":
+                        results.append(self.gm.graph._codegen.process_outputs(run.env[node]))
+        return results
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and (schema is None and node.target.__name__.endswith("_")
+                                           or schema is not None and schema.is_mutable)
+
+
 class _StepInterpreter(fx.Interpreter):
     """One batch's values, computed node by node on request (values freed after their last use)."""
 

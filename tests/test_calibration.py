@@ -129,3 +129,24 @@ def test_sequential_inputs_on_an_eager_module_run_one_pass_per_layer():
     batches = [(torch.randn(2, 8),)]
     streamed = dict(calibration.sequential_inputs(model, ["a", "pair.1"], batches))
     assert torch.equal(streamed["pair.1"][0], calibration.layer_values(model, ["pair.1"], batches)["pair.1"][0])
+
+
+def test_suffix_runs_give_the_whole_forward_of_the_model_with_a_layer_swapped():
+    from rewrite import capture
+    from rewrite.patterns import set_submodule
+    from rewrite.testing import GatedFFN
+    model = GatedFFN()
+    batches = [model.example_inputs(), (torch.randn(3, 5, 128),)]
+    gm = capture.capture(model, batches[0]).module
+    paths = [p for p, m in gm.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert calibration.Suffixes.usable(gm, batches) and len(paths) == 3
+    suffixes = calibration.Suffixes(gm, paths, batches)
+    for path in paths:
+        layer = gm.get_submodule(path)
+        set_submodule(gm, path, torch.nn.Linear(layer.in_features, layer.out_features))
+        with torch.no_grad():
+            want = [gm(*batch) for batch in batches]
+        got = suffixes.outputs(path)
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+        set_submodule(gm, path, layer)
+        assert not torch.equal(got[0], gm(*batches[0]))  # the swap mattered

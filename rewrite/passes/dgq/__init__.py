@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from rewrite import verify
-from rewrite.calibration import channel_peaks, layer_values, sequential_inputs
+from rewrite.calibration import Suffixes, channel_peaks, layer_values, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.recover import split
 from rewrite.passes.dgq import kernels
@@ -370,17 +370,20 @@ class DualGrainedQuant(SqnrFloor, Pass):
 
     def _ranking(self, module, ctx, judge, reference, w4, wide) -> list[str]:
         """Layers by cosine gained per extra weight bit when that layer alone gets its wider weights
-        (the others at 4 bits), measured on the first judged batch(es): one forward per layer."""
+        (the others at 4 bits), measured on the first judged batch(es): per layer, the model from that
+        layer on (`Suffixes`; a whole forward where the module is not a graph)."""
         probe = _probe(judge[0])
         want = reference[:len(probe)]
         masks = judge[1][:len(probe)] if judge[1] else None
         base = _cosine(want, _outputs(module, probe, masks))
+        suffixes = Suffixes(module, list(w4), probe) if Suffixes.usable(module, probe) else None
         gain = {}
         for i, path in enumerate(w4):
             ctx.step(f"mixed precision: sensitivity of {path}", i, len(w4))
             set_submodule(module, path, wide[path])
+            outputs = suffixes.outputs(path) if suffixes else [module(*batch) for batch in probe]
             extra = (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count()
-            gain[path] = (_cosine(want, _outputs(module, probe, masks)) - base) / extra
+            gain[path] = (_cosine(want, _vectors_of(outputs, masks)) - base) / extra
             set_submodule(module, path, w4[path])
         return sorted(w4, key=gain.get, reverse=True)
 
@@ -550,9 +553,12 @@ def _outputs(module: nn.Module, batches: list[tuple], masks: list | None) -> lis
     axis) at the positions the padding masks keep, and, for outputs with a sequence axis, each sequence's
     mean over its kept positions (what a sentence embedding is made of: errors shared by a sequence's
     tokens do not average out of it, so it is the stricter of the two on encoders)."""
-    masks = masks or [None] * len(batches)
     with torch.no_grad():
-        return [_vectors(module(*batch), mask) for batch, mask in zip(batches, masks)]
+        return _vectors_of([module(*batch) for batch in batches], masks)
+
+
+def _vectors_of(outputs: list, masks: list | None) -> list[list[tuple[str, torch.Tensor]]]:
+    return [_vectors(out, mask) for out, mask in zip(outputs, masks or [None] * len(outputs))]
 
 
 def _vectors(outputs, mask: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
