@@ -112,6 +112,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
     needs_calibration = True
     level = "module"
+    recoverable = True  # its factors train like lowrank's (the benchmark's `--recover` rows were no-ops)
 
     rank: int = 0
     param_ratio: float = 0.5

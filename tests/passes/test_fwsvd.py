@@ -76,3 +76,13 @@ def test_integer_outputs_without_gradients_are_a_clear_error():
 
     with pytest.raises(api.RewriteError, match="no floating-point output|no gradient"):
         api.optimize(Argmax(), (torch.randn(4, 8),), "fwsvd", calib=[torch.randn(4, 8)], measure_latency=False)
+
+
+def test_recovery_trains_the_fisher_factors_toward_the_original():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(32, 32) for _ in range(4)]
+    record = api.optimize(model, (calib[0],), "fwsvd{param-ratio=0.3,min-sqnr=0}", calib=calib,
+                          recover="steps=100,lr=3e-3", measure_latency=False).report.records[0]
+    assert record.status == "applied" and record.stats["recovery_steps"] > 0
+    assert record.stats["sqnr_db_held_out"] > record.stats["sqnr_db_before_recovery"]

@@ -298,6 +298,23 @@ def test_lifting_and_projection_end_layers_move_into_the_modes_exactly():
     assert moved.absorbed[0].shape == (8, 16) and moved.absorbed[2].shape == (16, 8)  # 2·hidden wide ends
 
 
+@pytest.mark.parametrize("transform", ["dft", "dct"])
+def test_the_ends_left_in_space_run_in_slabs_of_grid_rows_with_the_transforms(transform, monkeypatch):
+    from rewrite.passes.t1 import student
+    torch.manual_seed(0)
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=8, in_channels=1, out_channels=1).eval()
+    lifting, projection = student.absorbable(model)
+    x = torch.randn(2, 3, 16, 20)
+    absorb = (lifting.fcs[-1], projection.fcs[0])
+    ends = (student.ChannelMLPPart(lifting.fcs[:-1], False), student.ChannelMLPPart(projection.fcs[1:], True))
+    apart = student.build(model.fno_blocks, lifting(x), transform=transform, absorb=absorb)
+    fused = student.build(model.fno_blocks, lifting(x), transform=transform, absorb=absorb, ends=ends)
+    monkeypatch.setattr(student, "SLAB_FLOATS", 2 * 16 * 20 * 3)  # 3 rows a slab: 6 slabs, the last one short
+    assert len(fused._slabs(2)) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ends[1](apart(ends[0](x))), rtol=1e-4, atol=1e-5)
+
+
 def test_a_layer_an_earlier_pass_changed_is_not_read_back_from_the_original():
     from rewrite.pass_base import PassContext
     model = ToyFNO(2, 16).eval()

@@ -111,7 +111,8 @@ class TransformOnce(Pass):
                 ends = _absorbable_ends(module, ctx.original, path)
                 model = student.build(blocks, inputs[path], self.nonlinearity, self.transform, self.init,
                                       self.modes_ratio, self.select, ctx.seed,
-                                      (ends[0][1].fcs[-1], ends[1][1].fcs[0]) if ends else None)
+                                      (ends[0][1].fcs[-1], ends[1][1].fcs[0]) if ends else None,
+                                      _in_space(ends) if ends else None)
                 modes = "x".join(map(str, model.modes))
                 reason = replace_region(module, path, model)
                 if reason is None and ends:
@@ -180,11 +181,19 @@ def _absorbable_ends(gm: fx.GraphModule, original: nn.Module, path: str):
     return tuple(zip(paths, ends))
 
 
+def _in_space(ends) -> tuple[nn.Module, nn.Module]:
+    """What stays in space of the lifting and the projection once their linear end layers moved."""
+    (_, lifting), (_, projection) = ends
+    return (student.ChannelMLPPart(list(lifting.fcs[:-1]), act_before=False),
+            student.ChannelMLPPart(list(projection.fcs[1:]), act_before=True))
+
+
 def _move_ends_into_modes(gm: fx.GraphModule, path: str, ends) -> list[str]:
-    """Replace lifting/projection by what stays in space; the student already holds their end layers."""
+    """Lifting and projection become identities: the student holds their end layers (on the modes) and
+    the rest of them (in space, run a slab of grid rows at a time with its transforms)."""
     (lift_path, lifting), (proj_path, projection) = ends
-    replace_region(gm, lift_path, student.ChannelMLPPart(list(lifting.fcs[:-1]), act_before=False))
-    replace_region(gm, proj_path, student.ChannelMLPPart(list(projection.fcs[1:]), act_before=True))
+    replace_region(gm, lift_path, nn.Identity())
+    replace_region(gm, proj_path, nn.Identity())
     for node in gm.graph.nodes:  # their channel counts changed: drop the now-stale shapes
         if node.op == "call_module" and node.target.split("_rewritten")[0] in (lift_path, path):
             node.meta.pop("val", None)
