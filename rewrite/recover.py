@@ -1,7 +1,8 @@
 """Recovery: distill a rewritten model toward its teacher's outputs (or ground truth) on calibration data.
 
-Used by approximate passes that declare `recoverable = True` (t1 mode=t1, lowrank, fwsvd, snnk, tconv, rpe-fft):
-the pipeline runs it right after such a pass, then verifies the pass's contract on the recovered model. Seeded, bounded, early-stopping, with progress through the same callback as the rest.
+Used by approximate passes that declare `recoverable = True` (t1 mode=t1, lowrank, fwsvd, snnk, tconv,
+rpe-fft): the pipeline runs it right after such a pass, then verifies the pass's contract on the recovered
+model. Seeded, bounded, early-stopping, with progress through the same callback as the rest.
 """
 from __future__ import annotations
 
