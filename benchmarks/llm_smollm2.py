@@ -86,9 +86,9 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
     rows.append(["fp32 (as packaged: dequantized Q4_1)", f"{fp32_ppl:.2f}", "1.000", "32", "-", "-", "-", "-"])
     lat = [["variant", "backend", "tokens", "fp32 ms", "variant ms", "ratio (≤1 is faster)"]]
     variants = dict(list(DGQ.items())[:2]) if quick else {**DGQ, **(MORE if everything else {})}
-    variants = {name: spec for name, spec in variants.items() if only in name}  # --only: rows whose name has it
     if structured:
         variants.update(STRUCTURED)
+    variants = {name: spec for name, spec in variants.items() if only in name}  # --only: rows whose name has it
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp32_onnx = tmp / "fp32" / "model.onnx"
@@ -106,7 +106,7 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
             errors = list(stats.get("layer_rel_err", {}).values()) or [float("nan")]
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", str(stats.get("bits_per_weight", "-")),
                          str(stats.get("upgraded_layers", "-")), f"{sum(errors) / len(errors):.3f} / {max(errors):.3f}",
-                         f"{seconds:.0f}", result.report.records[0].status])
+                         f"{seconds:.0f}", _status(result.report.records[0])])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
         for name, path in ort_variants(fp32_onnx, tmp, only).items():
@@ -123,6 +123,12 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
     print(table(rows))
     print("\n## prefill latency, batch 1 (each runtime against its own fp32)\n")
     print(table(lat))
+
+
+def _status(record) -> str:
+    recovered = (f" (held-out SQNR {record.stats['sqnr_db_before_recovery']} → {record.stats['sqnr_db_held_out']} dB "
+                 "by recovery)") if "sqnr_db_held_out" in record.stats else ""
+    return record.status + (f": {record.reason}" if record.status == "rolled back" else "") + recovered
 
 
 def _latency(lat, name, model, rewritten, fp32_onnx, onnx_path, prefill, quick):
