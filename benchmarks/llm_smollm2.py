@@ -108,7 +108,8 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
                          str(stats.get("upgraded_layers", "-")), f"{sum(errors) / len(errors):.3f} / {max(errors):.3f}",
                          f"{seconds:.0f}", _status(result.report.records[0])])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-            _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
+            if result.report.records[0].status != "rolled back":  # a rolled-back run is the original model
+                _latency(lat, name, model, result.model, fp32_onnx, out / "model.onnx", prefill, quick)
         for name, path in ort_variants(fp32_onnx, tmp, only).items():
             ppl = ort_perplexity(path, evaluation)
             rows.append([name, f"{ppl:.2f}", f"{ppl / fp32_ppl:.3f}", "8" if "int8" in name else "4 + fp32 scale/128",
