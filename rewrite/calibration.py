@@ -306,8 +306,12 @@ class Suffixes:
         wanted = set(paths)
         with torch.no_grad():
             for index, node in enumerate(self.nodes):
-                if node.op == "call_module" and node.target in wanted and node.target not in self.starts:
-                    self.starts[node.target] = (index, [dict(run.env) for run in runs])
+                inside = [p for p in wanted if node.op == "call_module" and (p == node.target or
+                                                                             p.startswith(node.target + "."))]
+                if inside:  # the layer's node, or the node of a module holding it (a factorized pair)
+                    envs = [dict(run.env) for run in runs]
+                    self.starts.update((path, (index, envs)) for path in inside)
+                    wanted.difference_update(inside)
                 for run in runs:
                     run.step(node)
 

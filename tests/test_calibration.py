@@ -150,3 +150,13 @@ def test_suffix_runs_give_the_whole_forward_of_the_model_with_a_layer_swapped():
         assert all(torch.equal(w, g) for w, g in zip(want, got))
         set_submodule(gm, path, layer)
         assert not torch.equal(got[0], gm(*batches[0]))  # the swap mattered
+
+
+def test_suffix_runs_start_at_the_module_that_holds_a_nested_layer():
+    model = _Chain()
+    gm = torch.fx.GraphModule(model, _PairAsOneModule().trace(model))  # "pair" is one call_module node
+    batches = [(torch.randn(4, 8),)]
+    suffixes = calibration.Suffixes(gm, ["pair.1"], batches)
+    gm.pair[1].weight.data.mul_(2)
+    with torch.no_grad():
+        assert torch.equal(suffixes.outputs("pair.1")[0], gm(*batches[0]))
