@@ -117,6 +117,20 @@ def test_a_checkpoint_folder_is_rewritten_block_by_block_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded(calib[0][0]).logits, in_memory.model(calib[0][0]).logits)
 
 
+def test_a_checkpoint_recovered_block_by_block_reloads_as_recovered(tmp_path):
+    model, folder = _checkpoint(tmp_path, layers=2)
+    calib = [(_ids(i, (4, 16)),) for i in range(8)]
+    spec, recover = "lowrank{param-ratio=0.5,min-sqnr=-100}", "steps=20"
+    result = rewrite.optimize(str(folder), None, spec, calib=calib, out=tmp_path / "out", recover=recover,
+                              measure_latency=False)
+    assert all(r.stats["recovery_steps"] > 0 for r in result.report.records)
+    in_memory = rewrite.optimize(model, calib[0], spec, calib=calib, recover=recover, measure_latency=False,
+                                 blockwise=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rewrite.load(str(tmp_path / "out"))(calib[0][0]).logits,
+                                   in_memory.model(calib[0][0]).logits)
+
+
 def test_only_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
     from rewrite import checkpoint
     _, folder = _checkpoint(tmp_path, layers=4)
