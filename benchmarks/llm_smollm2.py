@@ -44,6 +44,9 @@ MORE = {  # --all
 # Default floors: a rollback (fwsvd at 0.75 without recovery destroys SmolLM2: perplexity 12,500) is the finding.
 STRUCTURED = {f"{p}{{param-ratio={r}}}{rec}": (f"{p}{{param-ratio={r}}}", rec)
               for p in ("fwsvd", "lowrank") for r in (0.75, 0.5) for rec in ("", " + recover steps=200")}
+# The floor rolls every row above back; these say what it protects from (perplexity before and after recovery).
+STRUCTURED.update({f"{p}{{param-ratio=0.75}}, floor off{rec}": (f"{p}{{param-ratio=0.75,min-sqnr=-100}}", rec)
+                   for p in ("fwsvd", "lowrank") for rec in ("", " + recover steps=200")})
 
 
 def ort_perplexity(path, batches) -> float:
