@@ -70,3 +70,16 @@ def test_each_rank_takes_an_equal_share_of_every_batch(monkeypatch):
     assert torch.equal(part[0], x[2:]) and part[1].shape == (2, 3) and part[2] is None
     with pytest.raises(RewriteError, match="cannot share equally"):
         distributed.shard((torch.randn(3, 2),))
+
+
+def test_language_model_logits_distill_by_kl():
+    import transformers
+    import rewrite
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    calib = [(torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                              recover="steps=5", measure_latency=False).report.records[0]
+    assert record.stats["recovery_loss"].startswith("kl "), record.stats["recovery_loss"]
