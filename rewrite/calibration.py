@@ -265,7 +265,7 @@ def sequential_inputs(module: nn.Module, paths: list[str], batches: list[tuple])
     with torch.no_grad():
         for node in module.graph.nodes:
             if node.op == "call_module":
-                inside = [p for p in paths if p == node.target or p.startswith(node.target + ".")]
+                inside = _held_by(node, paths)
                 for path in inside:
                     if path == node.target:
                         yield path, [run.first_input(node) for run in runs]
@@ -276,6 +276,11 @@ def sequential_inputs(module: nn.Module, paths: list[str], batches: list[tuple])
                 return
             for run in runs:
                 run.step(node)
+
+
+def _held_by(node: fx.Node, paths) -> list[str]:
+    """The layer paths a call_module node runs: its own, or layers inside its module (a factorized pair)."""
+    return [p for p in paths if p == node.target or p.startswith(node.target + ".")]
 
 
 def _flat_inputs_fit(gm: fx.GraphModule, batches: list[tuple]) -> bool:
@@ -306,8 +311,7 @@ class Suffixes:
         wanted = set(paths)
         with torch.no_grad():
             for index, node in enumerate(self.nodes):
-                inside = [p for p in wanted if node.op == "call_module" and (p == node.target or
-                                                                             p.startswith(node.target + "."))]
+                inside = _held_by(node, wanted) if node.op == "call_module" else []
                 if inside:  # the layer's node, or the node of a module holding it (a factorized pair)
                     envs = [dict(run.env) for run in runs]
                     self.starts.update((path, (index, envs)) for path in inside)
