@@ -221,13 +221,35 @@ def test_student_basis_round_trips_band_limited_fields(kind, grid):
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["dft", "dct"])
+@pytest.mark.parametrize("grid", [(12,), (10, 9), (6, 8, 7)])
+def test_mode_major_transforms_are_the_channel_major_ones_in_another_layout(kind, grid):
+    from rewrite.passes.t1.student import Basis, channel_major, mode_major
+    index = [list(range(-2, 3)) if kind == "dft" and a < len(grid) - 1 else list(range(3)) for a in range(len(grid))]
+    basis = Basis(kind, index, grid).double()
+    coeffs = torch.randn(2, 3, basis.parts, *basis.modes, dtype=torch.float64)
+    samples = basis.to_grid(mode_major(coeffs))  # (*grid, B, C)
+    assert samples.shape == (*grid, 2, 3)
+    torch.testing.assert_close(samples.permute(-2, -1, *range(len(grid))), basis.inverse(coeffs))
+    field = torch.randn(2, 3, *grid, dtype=torch.float64)
+    torch.testing.assert_close(channel_major(basis.from_grid(field.permute(*range(2, 2 + len(grid)), 0, 1))),
+                               basis(field))
+
+
+def test_mode_mixers_mix_each_channel_along_one_mode_axis():
+    from rewrite.passes.t1.student import _mix_modes
+    z, mixer = torch.randn(2, 4, 5, 3, 6), torch.randn(6, 5, 5)  # (P, m₁, m₂, B, C); one (m₂ × m₂) per channel
+    want = torch.stack([z[..., c].movedim(2, -1) @ mixer[c].T for c in range(6)], -1).movedim(-2, 2)
+    torch.testing.assert_close(_mix_modes(z, mixer, 1), want)
+
+
 def test_student_spectral_conv_is_the_teachers_on_coefficients():
-    from rewrite.passes.t1.student import build
+    from rewrite.passes.t1.student import build, channel_major, mode_major
     model = neuralop.models.FNO(n_modes=(8, 6), hidden_channels=6, in_channels=1, out_channels=1).eval()
     x = torch.randn(2, 6, 20, 16)
     student = build(model.fno_blocks, x)
     with torch.no_grad():
-        got = student.basis.inverse(student.spectral_conv(1, student.basis(x)))
+        got = student.basis.inverse(channel_major(student.spectral_conv(1, mode_major(student.basis(x)))))
         torch.testing.assert_close(got, model.fno_blocks.convs[1](x), rtol=1e-4, atol=1e-5)
 
 
@@ -293,7 +315,8 @@ def test_lifting_and_projection_end_layers_move_into_the_modes_exactly():
     moved = build(model.fno_blocks, h, absorb=(lifting.fcs[-1], projection.fcs[0]))
     with torch.no_grad():
         want = projection(plain(h))
-        got = ChannelMLPPart(projection.fcs[1:], act_before=True)(moved(ChannelMLPPart(lifting.fcs[:-1], False)(x)))
+        got = _channels_last(ChannelMLPPart(projection.fcs[1:], act_before=True),
+                             moved(_channels_last(ChannelMLPPart(lifting.fcs[:-1], False), x)))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert moved.absorbed[0].shape == (8, 16) and moved.absorbed[2].shape == (16, 8)  # 2·hidden wide ends
 
@@ -312,7 +335,13 @@ def test_the_ends_left_in_space_run_in_slabs_of_grid_rows_with_the_transforms(tr
     monkeypatch.setattr(student, "SLAB_FLOATS", 2 * 16 * 20 * 3)  # 3 rows a slab: 6 slabs, the last one short
     assert len(fused._slabs(2)) == 6
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), ends[1](apart(ends[0](x))), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused(x), _channels_last(ends[1], apart(_channels_last(ends[0], x))),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _channels_last(part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ChannelMLPPart (channels-last samples) on (B, C, *grid)."""
+    return part(x.movedim(1, -1)).movedim(-1, 1)
 
 
 def test_a_layer_an_earlier_pass_changed_is_not_read_back_from_the_original():

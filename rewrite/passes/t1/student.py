@@ -60,25 +60,36 @@ class Basis(nn.Module):
             self.register_buffer("r2c", (_r2c(index[-1], n) / n).float())
             self.register_buffer("c2r", (_c2r(index[-1], n) * n).unflatten(0, (2, -1)).float())
 
-    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """(B, C, *grid) → (B, C, P, *modes). With `rows`, x is that slab of the first axis only and the
-        result its share of the coefficients (the slabs' shares add up to the whole transform)."""
-        if self.kind == "dft":
-            z = x @ self.r2c
-            z = z.unflatten(-1, (2, -1)).movedim(-2, 2)
-        else:
-            z = x.unsqueeze(2)
-        for a in reversed(range(self.mixed_axes)):  # the first axis last: it is the one slabs split
-            z = _along(z, self._sliced(f"fwd{a}", rows if a == 0 else None, columns=True), a)
-        return z
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *grid) → (B, C, P, *modes)."""
+        return channel_major(self.from_grid(grid_major(x)))
 
-    def inverse(self, z: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """(B, C, P, *modes) → (B, C, *grid), or only the slab `rows` of the first axis."""
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, P, *modes) → (B, C, *grid)."""
+        return channel_major(self.to_grid(mode_major(z)))
+
+    def to_grid(self, z: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Mode-major coefficients (P, *modes, …) → samples (*grid, …), or only the slab `rows` of the first
+        axis. The trailing axes (batch, channels) ride along as GEMM columns: every step is one GEMM, or a
+        batched one sharing its matrix, on a contiguous tensor."""
         for a in range(self.mixed_axes):
-            z = _along(z, self._sliced(f"inv{a}", rows if a == 0 else None, columns=False), a)
+            z = _along_pairs(self._sliced(f"inv{a}", rows if a == 0 else None, columns=False), z, a)
         if self.kind == "dft":
-            return z[:, :, 0] @ self.c2r[0] + z[:, :, 1] @ self.c2r[1]
-        return z[:, :, 0]
+            last = len(self.grid) - 1
+            return _along_axis(self.c2r[0].T, z[0], last) + _along_axis(self.c2r[1].T, z[1], last)
+        return z[0]
+
+    def from_grid(self, y: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Samples (*grid, …) → mode-major coefficients (P, *modes, …). With `rows`, y is that slab of the
+        first axis only and the result its share of the coefficients (the slabs' shares add up)."""
+        if self.kind == "dft":
+            last = len(self.grid) - 1
+            z = _along_axis(self.r2c.T, y, last).unflatten(last, (2, -1)).movedim(last, 0)
+        else:
+            z = y[None]
+        for a in reversed(range(self.mixed_axes)):  # the first axis last: it is the one slabs split
+            z = _along_pairs(self._sliced(f"fwd{a}", rows if a == 0 else None, columns=True), z, a)
+        return z
 
     def slabs(self) -> bool:
         """Whether the first grid axis can be split into slabs (it is transformed by a matrix of its own)."""
@@ -114,14 +125,35 @@ def _complex_block(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([re, -im], 1), torch.cat([im, re], 1)], 0)
 
 
-def _along(z: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
-    """Apply a (P·out × P·in) matrix to the (part, axis) pair of z (B, C, P, *modes)."""
-    moved = z.movedim(3 + axis, 3)
-    b, c, p, n = moved.shape[:4]
-    rest = moved.shape[4:]
-    # a contiguous (…, rest, P·n) @ Mᵀ is one large GEMM; M @ (…, P·n, rest) would be B·C small ones
-    out = (moved.reshape(b, c, p * n, -1).transpose(2, 3).contiguous() @ matrix.T).transpose(2, 3)
-    return out.reshape(b, c, p, -1, *rest).movedim(3, 3 + axis)
+def _along_axis(matrix: torch.Tensor, z: torch.Tensor, axis: int) -> torch.Tensor:
+    """matrix (out × in) applied along `axis` of z: the axes before it are a batch, those after it columns
+    (one GEMM when `axis` is the first; a batched GEMM sharing the matrix otherwise)."""
+    lead = z.shape[:axis]
+    flat = z.reshape(math.prod(lead), z.shape[axis], -1)
+    out = matrix @ flat[0] if flat.shape[0] == 1 else torch.bmm(matrix.expand(flat.shape[0], -1, -1), flat)
+    return out.reshape(*lead, matrix.shape[0], *z.shape[axis + 1:])
+
+
+def _along_pairs(matrix: torch.Tensor, z: torch.Tensor, axis: int) -> torch.Tensor:
+    """A (P·out × P·in) matrix applied to the (part, axis) pair of mode-major z (P, *modes, …)."""
+    parts = z.shape[0]
+    paired = z.movedim(0, axis).flatten(axis, axis + 1)  # a view for the first axis
+    return _along_axis(matrix, paired, axis).unflatten(axis, (parts, -1)).movedim(axis, 0)
+
+
+def mode_major(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, P, *modes) → (P, *modes, B, C): the layout the blocks run in (channels last, as GEMM columns)."""
+    return grid_major(z).contiguous()
+
+
+def grid_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) → (*grid, B, C), a view: the layout the transforms take samples in."""
+    return x.permute(*range(2, x.dim()), 0, 1)
+
+
+def channel_major(z: torch.Tensor) -> torch.Tensor:
+    """(P, *modes, B, C) → (B, C, P, *modes), or (*grid, B, C) → (B, C, *grid); a view."""
+    return z.permute(-2, -1, *range(z.dim() - 2))
 
 
 class T1Blocks(nn.Module):
@@ -158,16 +190,17 @@ class T1Blocks(nn.Module):
         if tuple(x.shape[2:]) != self.grid:
             raise InvalidValue(f"this t1 model was built for grid {self.grid}, got {tuple(x.shape[2:])}")
         slabs = self._slabs(x.shape[0])
-        z = sum(self.basis(self.head(x[:, :, rows]), rows if len(slabs) > 1 else None) for rows in slabs)
+        sliced = len(slabs) > 1
+        samples = grid_major(x)  # (*grid, B, C): the ends and the transforms take channels last
+        z = sum(self.basis.from_grid(self.head(samples[rows]), rows if sliced else None) for rows in slabs)
         if len(self.absorbed):
             z = _channels(self.absorbed[0], z) + self._bias(self.absorbed[1])
         for i in range(self.n_layers):
             z = self._block(i, z)
         if len(self.absorbed):
             z = _channels(self.absorbed[2], z) + self._bias(self.absorbed[3])
-        if len(slabs) == 1:
-            return self.tail(self.basis.inverse(z))
-        return torch.cat([self.tail(self.basis.inverse(z, rows)) for rows in slabs], dim=2)
+        out = [self.tail(self.basis.to_grid(z, rows if sliced else None)) for rows in slabs]
+        return channel_major(torch.cat(out) if sliced else out[0]).contiguous()
 
     def _slabs(self, batch: int) -> list[slice]:
         """Slabs of the first grid axis whose widest full-grid tensor is about SLAB_FLOATS (one slab, the
@@ -185,14 +218,17 @@ class T1Blocks(nn.Module):
         return max(self.absorbed[0].shape[1], self.absorbed[2].shape[0]) if len(self.absorbed) else self.skip[0].shape[0]
 
     def spectral_conv(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        """The teacher's SpectralConv i on coefficients: per-mode (complex) channel mixing plus bias."""
-        b, c, p = z.shape[:3]
-        w = self.spectral[i]  # complex mixing as one real (P·Cin × P·Cout) block per mode
-        block = torch.cat([torch.cat([w[0], w[1]], 2), torch.cat([-w[1], w[0]], 2)], 1) if p == 2 else w[0]
-        # (M, B, P·Cin), contiguous: for P = 1 the reshape is a strided view, which sends bmm down a slow path
-        stacked = z.flatten(3).permute(3, 0, 2, 1).reshape(-1, b, p * c).contiguous()
-        out = torch.bmm(stacked, block).unflatten(2, (p, -1)).permute(1, 3, 2, 0)
-        return out.reshape(b, -1, *z.shape[2:]) + self._bias(self.spectral_b[i])
+        """The teacher's SpectralConv i on mode-major coefficients (P, *modes, B, C): per-mode (complex)
+        channel mixing, one batched GEMM per part over the modes, plus bias."""
+        w = self.spectral[i]  # (P, M, Cin, Cout)
+        flat = z.reshape(z.shape[0], -1, *z.shape[-2:])  # (P, M, B, C), a view
+        if z.shape[0] == 1:
+            out = torch.bmm(flat[0], w[0])[None]
+        else:  # (re + i·im)(w₀ + i·w₁)
+            re, im = flat[0], flat[1]
+            out = torch.stack([torch.baddbmm(torch.bmm(re, w[0]), im, w[1], alpha=-1),
+                               torch.baddbmm(torch.bmm(re, w[1]), im, w[0])])
+        return out.reshape(*z.shape[:-1], w.shape[-1]) + self._bias(self.spectral_b[i])
 
     def _block(self, i: int, z: torch.Tensor) -> torch.Tensor:
         last = i == self.n_layers - 1
@@ -201,19 +237,16 @@ class T1Blocks(nn.Module):
             y = self._sigma(2 * i, y)
         h = self._sigma(2 * i, _channels(self.mlp_w[2 * i], y) + self._bias(self.mlp_b[2 * i]), mix=False)
         h = _channels(self.mlp_w[2 * i + 1], h) + self._bias(self.mlp_b[2 * i + 1])
-        y = h + self.gate[i].reshape(1, -1, *[1] * (z.dim() - 2)) * z
+        y = h + self.gate[i] * z
         return y if last else self._sigma(2 * i + 1, y)
 
     def _bias(self, b: torch.Tensor) -> torch.Tensor:
-        return (b[:, None] * self.dc).reshape(1, -1, *self.dc_shape)
-
-    @property
-    def dc_shape(self) -> tuple[int, ...]:
-        return (self.basis.parts, *self.modes)
+        """A per-channel bias as coefficients: it lives in the constant field's coefficients (the DC)."""
+        return self.dc.reshape(self.basis.parts, *self.modes, 1, 1) * b
 
     def _sigma(self, k: int, z: torch.Tensor, mix: bool = True) -> torch.Tensor:
         if self.nonlinearity == "pseudo":
-            return self.small(F.gelu(self.small.inverse(z)))
+            return self.small.from_grid(F.gelu(self.small.to_grid(z)))
         z = F.gelu(z)
         if mix:
             for a in range(len(self.modes)):
@@ -222,8 +255,8 @@ class T1Blocks(nn.Module):
 
 
 def _channels(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """1×1 channel mixing commutes with the transform: the same W on every coefficient."""
-    return (w @ z.flatten(2)).reshape(z.shape[0], -1, *z.shape[2:])
+    """1×1 channel mixing commutes with the transform: the same W on every coefficient (channels last)."""
+    return z @ w.T
 
 
 def _mode_mixer(channels: int, modes: int, init: str, generator: torch.Generator | None) -> nn.Parameter:
@@ -233,11 +266,11 @@ def _mode_mixer(channels: int, modes: int, init: str, generator: torch.Generator
 
 
 def _mix_modes(z: torch.Tensor, mixer: torch.Tensor, axis: int) -> torch.Tensor:
-    """Dense mixing along one mode axis, one (m × m) matrix per channel (T1Layer's spatial mixing)."""
-    moved = z.movedim(3 + axis, -1)
-    shape = moved.shape
-    flat = moved.reshape(shape[0], shape[1], -1, shape[-1])  # (B, C, P·rest, m)
-    return (flat @ mixer.transpose(1, 2)[None]).reshape(shape).movedim(-1, 3 + axis)
+    """Dense mixing along one mode axis of mode-major z, one (m × m) matrix per channel (T1Layer's spatial
+    mixing): out[…, i, …, c] = Σⱼ mixer[c, i, j] · z[…, j, …, c]."""
+    letters = "".join(chr(ord("k") + a) for a in range(z.dim() - 3))  # the mode axes; p, b, c and i, j are free
+    before, after = "p" + letters + "bc", "p" + letters.replace(letters[axis], "i") + "bc"
+    return torch.einsum(f"ci{letters[axis]},{before}->{after}", mixer, z)
 
 
 def why_not(blocks: nn.Module) -> str | None:
@@ -258,25 +291,23 @@ def why_not(blocks: nn.Module) -> str | None:
 
 class ChannelMLPPart(nn.Module):
     """What stays in space of a neuraloperator ChannelMLP once its linear end layer moved into the modes:
-    the other 1×1 layers (as matmuls), each followed by the nonlinearity (lifting) or preceded by it
-    (projection)."""
+    the other 1×1 layers, each followed by the nonlinearity (lifting) or preceded by it (projection), on
+    channels-last samples (…, C), so each layer is one GEMM (oneDNN's 1×1 conv and a (C_out × 3) @ (3 × L)
+    batched matmul were 5x slower at these shapes)."""
 
     def __init__(self, fcs: list[nn.Module], act_before: bool):
         super().__init__()
         self.fcs, self.act_before = nn.ModuleList(copy.deepcopy(fc) for fc in fcs), act_before
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.flatten(2)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         for fc in self.fcs:
-            h = self._linear(fc, F.gelu(h)) if self.act_before else F.gelu(self._linear(fc, h))
-        return h.reshape(*h.shape[:2], *x.shape[2:])
+            h = _pointwise(fc, F.gelu(h)) if self.act_before else F.gelu(_pointwise(fc, h))
+        return h
 
-    @staticmethod
-    def _linear(fc: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        # A 1×1 Conv1d as a batched matmul: oneDNN's 1×1 conv is slow at these shapes, and `W @ h` broadcast
-        # over the batch computes (B·L, out) and transposes it back (measured 7 ms against bmm's 0.09 ms).
-        out = torch.bmm(fc.weight.flatten(1).expand(h.shape[0], -1, -1), h)
-        return out + fc.bias[:, None] if fc.bias is not None else out
+
+def _pointwise(fc: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution on channels-last samples."""
+    return F.linear(h, fc.weight.flatten(1), fc.bias)
 
 
 def absorbable(owner: nn.Module) -> tuple[nn.Module, nn.Module] | None:
