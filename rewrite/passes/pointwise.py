@@ -45,9 +45,13 @@ class PointwiseMatmul(nn.Module):
             # Back to a contiguous channels-first tensor: the strided view would slow every op after it
             # (measured on a neuraloperator FNO: 0.89x with the view, where per-layer times promised a gain).
             return nn.functional.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1).contiguous()
-        y = torch.matmul(self.weight, x.flatten(2))
-        if self.bias is not None:
-            y = y + self.bias[:, None]
+        flat = x.flatten(2)
+        weight = self.weight.expand(flat.shape[0], -1, -1)
+        if self.bias is None:
+            y = torch.bmm(weight, flat)
+        else:  # the bias as the GEMM's accumulator: `bmm(…) + b` is a second pass over a fresh full-grid
+            # tensor (130 ms vs 83 ms for 32 → 64 channels on 8 × 256² points, glibc malloc)
+            y = torch.baddbmm(self.bias[None, :, None].expand(flat.shape[0], -1, flat.shape[2]), weight, flat)
         return y.reshape(x.shape[0], -1, *x.shape[2:])
 
 

@@ -41,6 +41,9 @@ class SpectralGEMM(nn.Module):
         self.weight_re = nn.Parameter(w.real.float().contiguous())
         self.weight_im = nn.Parameter(w.imag.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(1, cout, *[1] * len(grid)))
+        # A constant is the zero frequency alone (its coefficient is b·N in this DFT convention), so the bias
+        # goes onto the kept coefficients instead of being a second pass over the full-grid output.
+        self.dc = _dc_position(out_freqs, modes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[2:]) != self.grid:
@@ -66,12 +69,17 @@ class SpectralGEMM(nn.Module):
     def synthesize(self, mixed: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """(M, B, 2C) coefficients → (B, C, *grid), plus the layer's bias."""
         c = mixed.shape[-1] // 2
+        folded = bias and self.bias is not None and self.dc is not None
+        if folded:
+            at_dc = torch.zeros(mixed.shape[0], 1, 2 * c, dtype=mixed.dtype, device=mixed.device)
+            at_dc[self.dc, 0, :c] = self.bias.reshape(-1) * math.prod(self.grid)
+            mixed = mixed + at_dc
         mixed = mixed.permute(1, 2, 0).reshape(mixed.shape[1], 2 * c, *self.modes)
         re, im = mixed[:, :c], mixed[:, c:]
         for a in range(len(self.grid) - 1):
             re, im = _complex_along(re, im, getattr(self, f"inv{a}"), 2 + a)
         y = torch.cat([re, im], -1) @ self.inv_last
-        return y if self.bias is None or not bias else y + self.bias
+        return y if self.bias is None or not bias or folded else y + self.bias
 
     @property
     def out_modes(self) -> int:
@@ -88,6 +96,13 @@ class SpectralGEMM(nn.Module):
     @property
     def inv_last(self) -> torch.Tensor:
         return getattr(self, f"inv{len(self.grid) - 1}")
+
+
+def _dc_position(freqs: list[list[int]], modes: list[int]) -> int | None:
+    """Flat index of the all-zero frequency among the kept modes, or None when it is not kept."""
+    if any(0 not in f for f in freqs):
+        return None
+    return sum(f.index(0) * math.prod(modes[a + 1:]) for a, f in enumerate(freqs))
 
 
 def _complex_along(re: torch.Tensor, im: torch.Tensor, matrix: torch.Tensor, axis: int):
