@@ -83,3 +83,33 @@ def test_language_model_logits_distill_by_kl():
     record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=calib,
                               recover="steps=5", measure_latency=False).report.records[0]
     assert record.stats["recovery_loss"].startswith("kl "), record.stats["recovery_loss"]
+
+
+def _tiny_llama():
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    calib = [(torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    return transformers.LlamaForCausalLM(cfg).eval(), calib
+
+
+def test_a_recovered_language_model_is_judged_by_held_out_perplexity(monkeypatch):
+    import rewrite
+    from rewrite import verify
+    model, calib = _tiny_llama()
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5}", calib=calib, recover="steps=5",
+                              measure_latency=False).report.records[0]
+    assert "perplexity" in record.reason and "SQNR" in record.reason, record.reason
+    monkeypatch.setattr(verify, "PERPLEXITY_TOLERANCE", -1.0)  # no rise allowed at all, not even none
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5}", calib=calib, recover="steps=5",
+                              measure_latency=False).report.records[0]
+    assert record.status == "rolled back" and "held-out perplexity" in record.reason, record.reason
+
+
+def test_a_min_sqnr_the_user_set_still_judges_a_recovered_language_model():
+    import rewrite
+    model, calib = _tiny_llama()
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=60}", calib=calib,
+                              recover="steps=5", measure_latency=False).report.records[0]
+    assert record.status == "rolled back" and "SQNR" in record.reason and "perplexity" not in record.reason
