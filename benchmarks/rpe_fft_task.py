@@ -9,8 +9,9 @@ Rows: the original; `rpe-fft` right after conversion; after the shared recovery 
 labels, 32 sequences); all measured on 64 unseen sequences. The verdict row is `rpe-fft` with its
 defaults (SQNR floor 10 dB).
 
-Run: python benchmarks/rpe_fft_task.py
+Run: python benchmarks/rpe_fft_task.py [--features 16,32,64]
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def train(model, steps: int = 600):
     return model.eval()
 
 
-def main():
+def main(features: list[int]):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = train(Lookback())
@@ -74,9 +75,9 @@ def main():
              "targets": [labels[i:i + 4].clamp_min(0) for i in range(0, 32, 4)]}
     rows = [["model", "accuracy (n=512, unseen)", "output SQNR dB", "status"]]
     rows.append(["original (softmax, learned bias table)", f"{accuracy(model, *test):.3f}", "-", "-"])
-    for name, spec, recover in (("rpe-fft m=64, converted", "rpe-fft{min-sqnr=-100}", None),
-                                ("rpe-fft m=64, recovered", "rpe-fft{min-sqnr=-100}", "steps=300,lr=3e-3"),
-                                ("rpe-fft with defaults, recovered", "rpe-fft", "steps=300,lr=3e-3")):
+    runs = [(f"rpe-fft m={m}, {how}", f"rpe-fft{{features={m},min-sqnr=-100}}", recover)
+            for m in features for how, recover in (("converted", None), ("recovered", "steps=300,lr=3e-3"))]
+    for name, spec, recover in runs + [("rpe-fft with defaults, recovered", "rpe-fft", "steps=300,lr=3e-3")]:
         result = rewrite.optimize(model, (test[0][:4],), spec, calib=calib, recover=recover, measure_latency=False)
         record = result.report.records[0]
         sqnr = record.stats.get("sqnr_db_held_out", (record.error or {}).get("sqnr_db"))
@@ -87,4 +88,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--features", default="64", help="random-feature counts m to convert with, comma-separated")
+    main([int(m) for m in parser.parse_args().features.split(",")])

@@ -95,6 +95,19 @@ def test_neuraloperator_models_are_rewritten_whole(factory, shape, tmp_path):
     assert art.parity["max_abs"] < 1e-4, art.note
 
 
+def test_a_tucker_factorized_tfno_layer_stays_factorized_and_exact():
+    from rewrite.passes.t1.gemm import Tucker, from_neuralop
+    torch.manual_seed(0)
+    model = neuralop.models.TFNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1).eval()
+    conv, x = model.fno_blocks.convs[0], torch.randn(2, 16, 33, 33)
+    layer = from_neuralop(conv, (33, 33))
+    assert isinstance(layer.tucker, Tucker) and not hasattr(layer, "weight_re")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    dense = sum(2 * w.numel() for w in [conv.weight.to_tensor()])  # what a dense copy of the modes would hold
+    assert sum(p.numel() for p in layer.parameters()) <= sum(2 * p.numel() for p in conv.weight.parameters()) < dense
+
+
 def test_the_rewritten_layer_refuses_another_grid():
     model = ToyFNO(2, 16).eval()
     result = api.optimize(model, model.example_inputs(), "t1{form=gemm}", measure_latency=False)

@@ -28,7 +28,7 @@ class SpectralGEMM(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, in_freqs: list[list[int]], out_freqs: list[list[int]],
-                 grid: tuple[int, ...], bias: torch.Tensor | None):
+                 grid: tuple[int, ...], bias: torch.Tensor | None, tucker: Tucker | None = None):
         super().__init__()
         cin, cout, *modes = weight.shape
         self.grid, self.modes, self.cout, self.in_freqs = tuple(grid), modes, cout, in_freqs
@@ -37,9 +37,11 @@ class SpectralGEMM(nn.Module):
             fwd, inv = (_r2c(fin, n), _c2r(fout, n)) if last else (_dft(fin, n, -1), _dft(fout, n, +1, inverse=True))
             self.register_buffer(f"fwd{a}", fwd.float())
             self.register_buffer(f"inv{a}", inv.float())
-        w = weight.to(torch.complex128).reshape(cin, cout, -1).permute(2, 0, 1)  # (M, Cin, Cout)
-        self.weight_re = nn.Parameter(w.real.float().contiguous())
-        self.weight_im = nn.Parameter(w.imag.float().contiguous())
+        self.tucker = tucker  # factorized weights stay factorized (fewer parameters than the dense modes)
+        if tucker is None:
+            w = weight.to(torch.complex128).reshape(cin, cout, -1).permute(2, 0, 1)  # (M, Cin, Cout)
+            self.weight_re = nn.Parameter(w.real.float().contiguous())
+            self.weight_im = nn.Parameter(w.imag.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(1, cout, *[1] * len(grid)))
         # A constant is the zero frequency alone (its coefficient is b·N in this DFT convention), so the bias
         # goes onto the kept coefficients instead of being a second pass over the full-grid output.
@@ -62,7 +64,7 @@ class SpectralGEMM(nn.Module):
 
     def mix(self, stacked: torch.Tensor) -> torch.Tensor:
         """Per-mode complex channel mixing as one real (2Cin × 2Cout) block per mode: (M, B, 2Cout)."""
-        wr, wi = self.weight_re, self.weight_im
+        wr, wi = self.weights()
         block = torch.cat([torch.cat([wr, wi], 2), torch.cat([-wi, wr], 2)], 1)
         return torch.bmm(stacked, block)
 
@@ -81,6 +83,12 @@ class SpectralGEMM(nn.Module):
         y = torch.cat([re, im], -1) @ self.inv_last
         return y if self.bias is None or not bias or folded else y + self.bias
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real and imaginary per-mode weights, (M, Cin, Cout) each."""
+        if self.tucker is None:
+            return self.weight_re, self.weight_im
+        return tuple(w.flatten(2).permute(2, 0, 1) for w in self.tucker.dense())
+
     @property
     def out_modes(self) -> int:
         return math.prod(self.modes)
@@ -96,6 +104,37 @@ class SpectralGEMM(nn.Module):
     @property
     def inv_last(self) -> torch.Tensor:
         return getattr(self, f"inv{len(self.grid) - 1}")
+
+
+class Tucker(nn.Module):
+    """A complex Tucker-factorized weight, G ×₁ U₁ ×₂ U₂ … (tltorch's TuckerTensor, as TFNO holds it), kept
+    as real and imaginary parts and contracted at run time in real arithmetic (ONNX has no complex types)."""
+
+    def __init__(self, core: torch.Tensor, factors: list[torch.Tensor]):
+        super().__init__()
+        self.core = nn.ParameterList(nn.Parameter(p.detach().float().contiguous()) for p in (core.real, core.imag))
+        self.factors = nn.ParameterList(nn.Parameter(p.detach().float().contiguous())
+                                        for u in factors for p in (u.real, u.imag))
+
+    @classmethod
+    def read(cls, weight: nn.Module) -> Tucker | None:
+        """From a tltorch TuckerTensor (already sliced to the kept modes), else None."""
+        if type(weight).__name__ != "TuckerTensor" or not weight.core.is_complex():
+            return None
+        return cls(weight.core, list(weight.factors))
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, imaginary) parts of the full tensor (Cin, Cout, *modes)."""
+        re, im = self.core
+        for axis in range(re.dim()):
+            ur, ui = self.factors[2 * axis], self.factors[2 * axis + 1]
+            re, im = _mode(re, ur, axis) - _mode(im, ui, axis), _mode(re, ui, axis) + _mode(im, ur, axis)
+        return re, im
+
+
+def _mode(x: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
+    """x ×_axis u: the factor u (n × r) applied along `axis` (size r) of x."""
+    return torch.movedim(torch.tensordot(x, u, dims=([axis], [1])), -1, axis)
 
 
 def _dc_position(freqs: list[list[int]], modes: list[int]) -> int | None:
@@ -220,4 +259,5 @@ def from_neuralop(conv: nn.Module, grid: tuple[int, ...]) -> SpectralGEMM | str:
         in_freqs.append(freqs)
         out_freqs.append([f - 1 for f in freqs] if grid[a] % 2 else freqs)
     bias = conv.bias.detach().reshape(-1) if getattr(conv, "bias", None) is not None else None
-    return SpectralGEMM(weight[tuple(index)], in_freqs, out_freqs, grid, bias)
+    tucker = Tucker.read(conv.weight[tuple(index)])
+    return SpectralGEMM(weight[tuple(index)], in_freqs, out_freqs, grid, bias, tucker)

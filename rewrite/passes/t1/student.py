@@ -386,7 +386,7 @@ def teacher_weights(blocks: nn.Module, grid: tuple[int, ...]):
         layer = from_neuralop(conv, grid)
         if isinstance(layer, str):
             raise ValueError(layer)
-        w = torch.complex(layer.weight_re.detach(), layer.weight_im.detach()).permute(1, 2, 0)
+        w = torch.complex(*(part.detach() for part in layer.weights())).permute(1, 2, 0)
         weights.append(w.reshape(*w.shape[:2], *layer.modes))
         biases.append(None if layer.bias is None else layer.bias.reshape(-1))
         freqs = layer.in_freqs
