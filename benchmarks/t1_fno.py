@@ -1,6 +1,6 @@
 """t1 on neuraloperator FNOs: speed (per spectral layer, whole model, ONNX) and Darcy-flow accuracy.
 
-Run: python benchmarks/t1_fno.py [--quick] [--speed-only] [--threads N]
+Run: python benchmarks/t1_fno.py [--quick] [--speed-only | --darcy-only] [--threads N]
 Every number is a ratio measured in this process, original vs rewritten, one backend at a time.
 Darcy data comes from the neuraloperator 0.3.0 wheel (pip download, read from the zip; no network at
 run time beyond the package index).
@@ -174,8 +174,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="64² only, no Darcy training")
     parser.add_argument("--speed-only", action="store_true", help="the whole-model speed table only")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's cost model: 1 and 2)")
+    parser.add_argument("--darcy-only", action="store_true", help="the Darcy accuracy table only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.darcy_only:
+        print("## Darcy flow accuracy (test relative L2, de-normalized)\n")
+        print(darcy())
+        sys.exit(0)
     print(f"## speed, eager torch, batch 8, hidden 32, modes 16, {args.threads} thread(s)\n")
     print(speed([64] if args.quick else [64, 256]))
     if args.speed_only:

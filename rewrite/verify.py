@@ -153,10 +153,18 @@ def _judged_by_perplexity(pass_: Any, ctx: Any, held: list[int] | None, outputs:
     """A language model that recovery distilled (by KL, on its logits) is judged by held-out next-token
     perplexity: KL does not minimise the logits' squared error. Measured on SmolLM2 with fwsvd: recovery
     took perplexity from 17,153 to 2,926 while the logit SQNR fell from 0 to −3.8 dB. A min-sqnr the user
-    set is their bar and is kept."""
-    if not held or ctx.recover is None or any(m is not None for m in (ctx.masks or [])) or _set_sqnr(pass_):
+    set is their bar and is kept, and calibration targets (labels) are judged as labels."""
+    if not held or ctx.recover is None or ctx.targets is not None or _set_sqnr(pass_):
         return False
-    return all(next_token_pair(outputs[i], ctx.calibration[i]) is not None for i in held)
+    if any(m is not None for m in (ctx.masks or [])):
+        return False
+    pairs = [next_token_pair(outputs[i], ctx.calibration[i]) for i in held]
+    if any(p is None for p in pairs):
+        return False
+    # A token classifier also maps ids to per-token logits; a language model predicts the next token, at
+    # least about as well as a uniform guess over its vocabulary (a trained one far better).
+    from rewrite.measure import perplexity
+    return perplexity([outputs[i] for i in held], [ids for _, ids in pairs]) <= 2 * pairs[0][0].shape[-1]
 
 
 def _set_sqnr(pass_: Any) -> bool:

@@ -113,3 +113,15 @@ def test_a_min_sqnr_the_user_set_still_judges_a_recovered_language_model():
     record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=60}", calib=calib,
                               recover="steps=5", measure_latency=False).report.records[0]
     assert record.status == "rolled back" and "SQNR" in record.reason and "perplexity" not in record.reason
+
+
+def test_a_token_classifier_is_not_judged_as_a_language_model():
+    from types import SimpleNamespace
+    from rewrite import verify
+    ids = [(torch.randint(0, 8, (2, 6)),) for _ in range(2)]
+    lagged = [torch.nn.functional.one_hot(torch.roll(b[0], 3, 1), 8).float() * 20 for b in ids]  # sure, but of an earlier token
+    ctx = SimpleNamespace(recover="steps=1", targets=None, masks=None, calibration=ids)
+    assert not verify._judged_by_perplexity(object(), ctx, [0, 1], lagged)
+    following = [torch.nn.functional.one_hot(torch.roll(b[0], -1, 1), 8).float() * 20 for b in ids]  # the next token
+    assert verify._judged_by_perplexity(object(), ctx, [0, 1], following)
+    assert not verify._judged_by_perplexity(object(), SimpleNamespace(**{**vars(ctx), "targets": ids}), [0, 1], following)

@@ -21,10 +21,12 @@ and is distilled toward the teacher (rewrite.recover). The lifting's last and th
 1×1 layers are linear too, so they move into the modes as well (exactly): the full grid then only sees
 the layers on the far side of the lifting's and projection's nonlinearities.
 
-Coefficients are held as one real tensor (B, C, P, m₁…m_d), P = 2 (real, imaginary) for the DFT and 1
+Coefficients are held as one real tensor (P, m₁…m_d, B, C), P = 2 (real, imaginary) for the DFT and 1
 for the DCT, in an amplitude convention (a constant field c has DC coefficient c on any grid), so the
 same coefficients mean the same function on the input grid and on the small pseudo-spectral grid.
-Every step is a matmul on that tensor: few, large ops instead of many small ones.
+Mode-major with channels last, every step is one GEMM (or a batched GEMM sharing its matrix) on a
+contiguous tensor: transforms along a mode axis, per-mode mixing, 1×1 channel mixing, with no permute
+copies between them. Full-grid samples are held channels last too, (n₁…n_d, B, C).
 """
 from __future__ import annotations
 
