@@ -126,17 +126,16 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     pick = (lambda xs: [xs[i] for i in keep] if xs is not None else None)
     tolerance = pass_.contract if isinstance(pass_.contract, Exact) else Exact()
     err = compare(pick(outputs), pick(new_outputs), tolerance, pick(ctx.masks))
-    judged = None
+    judged, by_perplexity = None, False
     if isinstance(pass_.contract, Approx) and ctx.metric_floor is not None and math.isfinite(err.max_abs):
         broken = _below_metric_floor(ctx.evaluate(after), ctx.metric, ctx.metric_floor)
     elif isinstance(pass_.contract, Approx) and _judged_by_perplexity(pass_, ctx, held, outputs):
-        broken, judged = _perplexity_verdict(outputs, new_outputs, ctx, keep)
-        return err, broken, judged or None
+        (broken, judged), by_perplexity = _perplexity_verdict(outputs, new_outputs, ctx, keep), True
     elif isinstance(pass_.contract, Approx) and _judged_by_labels(pass_, ctx, held):
         broken, judged = _label_accuracy(before, after, ctx, keep)
     else:
         broken = check(pass_.contract, err)
-    if broken and isinstance(pass_.contract, Approx):
+    if broken and isinstance(pass_.contract, Approx) and not by_perplexity:  # that reason names its own fix
         broken += _how_to_apply(pass_, err, ctx)
     grew = _growth(before, after, ctx.calibration[0]) if isinstance(pass_.contract, Exact) else None
     grew = grew or _dead_in_place(after)
