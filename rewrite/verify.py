@@ -129,8 +129,8 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     judged, by_perplexity = None, False
     if isinstance(pass_.contract, Approx) and ctx.metric_floor is not None and math.isfinite(err.max_abs):
         broken = _below_metric_floor(ctx.evaluate(after), ctx.metric, ctx.metric_floor)
-    elif isinstance(pass_.contract, Approx) and _judged_by_perplexity(pass_, ctx, held, outputs):
-        (broken, judged), by_perplexity = _perplexity_verdict(outputs, new_outputs, ctx, keep), True
+    elif isinstance(pass_.contract, Approx) and (baseline := _judged_by_perplexity(pass_, ctx, held, outputs)):
+        (broken, judged), by_perplexity = _perplexity_verdict(baseline, new_outputs, keep), True
     elif isinstance(pass_.contract, Approx) and _judged_by_labels(pass_, ctx, held):
         broken, judged = _label_accuracy(before, after, ctx, keep)
     else:
@@ -148,22 +148,26 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
 PERPLEXITY_TOLERANCE = 0.05  # relative rise of held-out perplexity a recovered language model may show
 
 
-def _judged_by_perplexity(pass_: Any, ctx: Any, held: list[int] | None, outputs: list) -> bool:
+def _judged_by_perplexity(pass_: Any, ctx: Any, held: list[int] | None,
+                          outputs: list) -> tuple[list[torch.Tensor], float] | None:
     """A language model that recovery distilled (by KL, on its logits) is judged by held-out next-token
     perplexity: KL does not minimise the logits' squared error. Measured on SmolLM2 with fwsvd: recovery
     took perplexity from 17,153 to 2,926 while the logit SQNR fell from 0 to −3.8 dB. A min-sqnr the user
-    set is their bar and is kept, and calibration targets (labels) are judged as labels."""
+    set is their bar and is kept, and calibration targets (labels) are judged as labels.
+    Returns (the held-out token ids, the perplexity before the pass) when it applies, else None."""
     if not held or ctx.recover is None or ctx.targets is not None or _set_sqnr(pass_):
-        return False
+        return None
     if any(m is not None for m in (ctx.masks or [])):
-        return False
+        return None
     pairs = [next_token_pair(outputs[i], ctx.calibration[i]) for i in held]
     if any(p is None for p in pairs):
-        return False
+        return None
     # A token classifier also maps ids to per-token logits; a language model predicts the next token, at
     # least about as well as a uniform guess over its vocabulary (a trained one far better).
     from rewrite.measure import perplexity
-    return perplexity([outputs[i] for i in held], [ids for _, ids in pairs]) <= 2 * pairs[0][0].shape[-1]
+    ids = [tokens for _, tokens in pairs]
+    before = perplexity([outputs[i] for i in held], ids)
+    return (ids, before) if before <= 2 * pairs[0][0].shape[-1] else None
 
 
 def _set_sqnr(pass_: Any) -> bool:
@@ -184,10 +188,10 @@ def next_token_pair(output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor
     return (logits, tokens) if fits else None
 
 
-def _perplexity_verdict(outputs: list, new_outputs: list, ctx: Any, keep: list[int]) -> tuple[str | None, str]:
+def _perplexity_verdict(baseline: tuple[list[torch.Tensor], float], new_outputs: list,
+                        keep: list[int]) -> tuple[str | None, str]:
     from rewrite.measure import perplexity
-    ids = [next_token_pair(outputs[i], ctx.calibration[i])[1] for i in keep]
-    old = perplexity([outputs[i] for i in keep], ids)
+    ids, old = baseline
     new = perplexity([new_outputs[i] for i in keep], ids)
     if new > old * (1 + PERPLEXITY_TOLERANCE):
         return (f"held-out perplexity {new:.4g}, {new / old - 1:+.0%} over {old:.4g} before the pass (a recovered "
