@@ -63,7 +63,7 @@ def torch_perplexity(model, batches) -> float:
 def ort_variants(fp32_onnx: Path, tmp: Path, only: str = "") -> dict[str, Path]:
     """onnxruntime's own int8 and int4 quantizations of the fp32 file (those whose name contains `only`)."""
     names = {"int8": "onnxruntime quantize_dynamic int8", "int4": "onnxruntime MatMulNBitsQuantizer int4 (block 128)"}
-    if not any(only in name for name in names.values()):
+    if not any(_chosen(name, only) for name in names.values()):
         return {}
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -74,7 +74,7 @@ def ort_variants(fp32_onnx: Path, tmp: Path, only: str = "") -> dict[str, Path]:
     quant = MatMulNBitsQuantizer(onnx.load(fp32_onnx), block_size=128, is_symmetric=False, accuracy_level=4)
     quant.process()
     quant.model.save_model_to_file(str(int4), use_external_data_format=True)
-    return {name: path for name, path in ((names["int8"], int8), (names["int4"], int4)) if only in name}
+    return {name: path for name, path in ((names["int8"], int8), (names["int4"], int4)) if _chosen(name, only)}
 
 
 def main(quick: bool, structured: bool, everything: bool = False, only: str = ""):
@@ -91,7 +91,7 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
     variants = dict(list(DGQ.items())[:2]) if quick else {**DGQ, **(MORE if everything else {})}
     if structured:
         variants.update(STRUCTURED)
-    variants = {name: spec for name, spec in variants.items() if only in name}  # --only: rows whose name has it
+    variants = {name: spec for name, spec in variants.items() if _chosen(name, only)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp32_onnx = tmp / "fp32" / "model.onnx"
@@ -129,6 +129,12 @@ def main(quick: bool, structured: bool, everything: bool = False, only: str = ""
     print(table(lat))
 
 
+def _chosen(name: str, only: str) -> bool:
+    """--only: the rows whose name contains one of its `|`-separated parts ('' chooses every row); a part
+    ending in `$` must end the name (`lowrank{param-ratio=0.5}$` leaves out its recovery row)."""
+    return any(name.endswith(part[:-1]) if part.endswith("$") else part in name for part in only.split("|"))
+
+
 def _status(record) -> str:
     recovered = (f" (held-out SQNR {record.stats['sqnr_db_before_recovery']} → {record.stats['sqnr_db_held_out']} dB "
                  "by recovery)") if "sqnr_db_held_out" in record.stats else ""
@@ -152,6 +158,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="two evaluation batches, two dgq variants")
     parser.add_argument("--structured", action="store_true", help="add fwsvd/lowrank with and without recovery")
     parser.add_argument("--all", action="store_true", help="add static activations and the 4-bit storage form")
-    parser.add_argument("--only", default="", help="only the rows whose name contains this (e.g. onnxruntime)")
+    parser.add_argument("--only", default="", help="only the rows whose name contains this, or one of several parts split by | "
+                        "(e.g. onnxruntime)")
     args = parser.parse_args()
     main(args.quick, args.structured, args.all, args.only)

@@ -95,17 +95,30 @@ def test_neuraloperator_models_are_rewritten_whole(factory, shape, tmp_path):
     assert art.parity["max_abs"] < 1e-4, art.note
 
 
-def test_a_tucker_factorized_tfno_layer_stays_factorized_and_exact():
-    from rewrite.passes.t1.gemm import Tucker, from_neuralop
+@pytest.mark.parametrize("kind", ["tucker", "cp", "tt"])
+def test_a_factorized_tfno_layer_stays_factorized_and_exact(kind):
+    from rewrite.passes.t1.gemm import CP, TT, Tucker, from_neuralop
     torch.manual_seed(0)
-    model = neuralop.models.TFNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1).eval()
+    model = neuralop.models.TFNO(n_modes=(8, 8), hidden_channels=16, in_channels=1, out_channels=1,
+                                 factorization=kind, rank=0.42).eval()
     conv, x = model.fno_blocks.convs[0], torch.randn(2, 16, 33, 33)
     layer = from_neuralop(conv, (33, 33))
-    assert isinstance(layer.tucker, Tucker) and not hasattr(layer, "weight_re")
+    assert isinstance(layer.factorized, {"tucker": Tucker, "cp": CP, "tt": TT}[kind])
+    assert not hasattr(layer, "weight_re")
     with torch.no_grad():
         torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
-    dense = sum(2 * w.numel() for w in [conv.weight.to_tensor()])  # what a dense copy of the modes would hold
+        wr, wi = layer.weights()  # the dense modes (as the transform-once student reads them)
+        stacked = torch.randn(wr.shape[0], 3, 32)  # (modes, batch, [re | im] of 16 channels)
+        torch.testing.assert_close(layer.mix(stacked), _dense_mix(stacked, wr, wi), rtol=1e-4, atol=1e-4)
+    dense = 2 * conv.weight.to_tensor().numel()  # what a dense copy of the modes would hold, real and imaginary
     assert sum(p.numel() for p in layer.parameters()) <= sum(2 * p.numel() for p in conv.weight.parameters()) < dense
+
+
+def _dense_mix(stacked, wr, wi):
+    w = torch.complex(wr, wi)  # (M, Cin, Cout)
+    x = torch.complex(*stacked.chunk(2, -1))
+    y = torch.bmm(x, w)
+    return torch.cat([y.real, y.imag], -1)
 
 
 def test_the_rewritten_layer_refuses_another_grid():

@@ -28,7 +28,7 @@ class SpectralGEMM(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, in_freqs: list[list[int]], out_freqs: list[list[int]],
-                 grid: tuple[int, ...], bias: torch.Tensor | None, tucker: Tucker | None = None):
+                 grid: tuple[int, ...], bias: torch.Tensor | None, factorized: Factorized | None = None):
         super().__init__()
         cin, cout, *modes = weight.shape
         self.grid, self.modes, self.cout, self.in_freqs = tuple(grid), modes, cout, in_freqs
@@ -37,8 +37,8 @@ class SpectralGEMM(nn.Module):
             fwd, inv = (_r2c(fin, n), _c2r(fout, n)) if last else (_dft(fin, n, -1), _dft(fout, n, +1, inverse=True))
             self.register_buffer(f"fwd{a}", fwd.float())
             self.register_buffer(f"inv{a}", inv.float())
-        self.tucker = tucker  # factorized weights stay factorized (fewer parameters than the dense modes)
-        if tucker is None:
+        self.factorized = factorized  # factorized weights stay factorized (fewer parameters than dense modes)
+        if factorized is None:
             w = weight.to(torch.complex128).reshape(cin, cout, -1).permute(2, 0, 1)  # (M, Cin, Cout)
             self.weight_re = nn.Parameter(w.real.float().contiguous())
             self.weight_im = nn.Parameter(w.imag.float().contiguous())
@@ -63,10 +63,10 @@ class SpectralGEMM(nn.Module):
         return torch.cat([re, im], 1).flatten(2).permute(2, 0, 1)
 
     def mix(self, stacked: torch.Tensor) -> torch.Tensor:
-        """Per-mode complex channel mixing as one real (2Cin × 2Cout) block per mode: (M, B, 2Cout)."""
-        wr, wi = self.weights()
-        block = torch.cat([torch.cat([wr, wi], 2), torch.cat([-wi, wr], 2)], 1)
-        return torch.bmm(stacked, block)
+        """Per-mode complex channel mixing (M, B, 2Cin) → (M, B, 2Cout)."""
+        if self.factorized is not None:
+            return self.factorized.mix(stacked)
+        return _mix_dense(stacked, self.weight_re, self.weight_im)
 
     def synthesize(self, mixed: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """(M, B, 2C) coefficients → (B, C, *grid), plus the layer's bias."""
@@ -85,9 +85,9 @@ class SpectralGEMM(nn.Module):
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Real and imaginary per-mode weights, (M, Cin, Cout) each."""
-        if self.tucker is None:
+        if self.factorized is None:
             return self.weight_re, self.weight_im
-        return tuple(w.flatten(2).permute(2, 0, 1) for w in self.tucker.dense())
+        return tuple(w.flatten(2).permute(2, 0, 1) for w in self.factorized.dense())
 
     @property
     def out_modes(self) -> int:
@@ -106,30 +106,102 @@ class SpectralGEMM(nn.Module):
         return getattr(self, f"inv{len(self.grid) - 1}")
 
 
-class Tucker(nn.Module):
-    """A complex Tucker-factorized weight, G ×₁ U₁ ×₂ U₂ … (tltorch's TuckerTensor, as TFNO holds it), kept
-    as real and imaginary parts and contracted at run time in real arithmetic (ONNX has no complex types)."""
+class Factorized(nn.Module):
+    """A complex factorized weight (Cin, Cout, *modes), as tltorch holds TFNO's, kept factorized: each
+    complex factor stored as real and imaginary parameters and contracted at run time in real arithmetic
+    (ONNX has no complex types). Subclasses say how the factors make the tensor."""
 
-    def __init__(self, core: torch.Tensor, factors: list[torch.Tensor]):
+    def __init__(self, *factors: torch.Tensor):
         super().__init__()
-        self.core = nn.ParameterList(nn.Parameter(p.detach().float().contiguous()) for p in (core.real, core.imag))
         self.factors = nn.ParameterList(nn.Parameter(p.detach().float().contiguous())
                                         for u in factors for p in (u.real, u.imag))
 
-    @classmethod
-    def read(cls, weight: nn.Module) -> Tucker | None:
-        """From a tltorch TuckerTensor (already sliced to the kept modes), else None."""
-        if type(weight).__name__ != "TuckerTensor" or not weight.core.is_complex():
-            return None
-        return cls(weight.core, list(weight.factors))
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stored factors as (real, imaginary) pairs, in the order given."""
+        return [(self.factors[2 * i], self.factors[2 * i + 1]) for i in range(len(self.factors) // 2)]
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(real, imaginary) parts of the full tensor (Cin, Cout, *modes)."""
-        re, im = self.core
-        for axis in range(re.dim()):
-            ur, ui = self.factors[2 * axis], self.factors[2 * axis + 1]
+        raise NotImplementedError
+
+    def mix(self, stacked: torch.Tensor) -> torch.Tensor:
+        """SpectralGEMM.mix with this weight; by default through the dense modes, made at each call."""
+        return _mix_dense(stacked, *(w.flatten(2).permute(2, 0, 1) for w in self.dense()))
+
+
+class Tucker(Factorized):
+    """G ×₁ U₁ ×₂ U₂ …: a core and one factor per axis (tltorch's TuckerTensor)."""
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (re, im), *factors = self.parts()
+        for axis, (ur, ui) in enumerate(factors):
             re, im = _mode(re, ur, axis) - _mode(im, ui, axis), _mode(re, ui, axis) + _mode(im, ur, axis)
         return re, im
+
+
+class CP(Factorized):
+    """Σ_r λ_r · A[:, r] ⊗ B[:, r] ⊗ U₁[:, r] ⊗ …: weights λ and one (n × R) factor per axis (tltorch's
+    CPTensor). Its rank is often near the dense size, so the modes are mixed through the factors, as
+    neuraloperator's factorized implementation does: y_m = ((x_m A) ⊙ s_m) Bᵀ with s_m = λ ⊙ U₁[m₁] ⊙ U₂[m₂] …;
+    the dense tensor would cost Cin·Cout·M·R at every call."""
+
+    def mix(self, stacked: torch.Tensor) -> torch.Tensor:
+        (ar, ai), (br, bi) = self.parts()[1:3]
+        sr, si = self.mode_scales()
+        z = stacked @ torch.cat([torch.cat([ar, ai], 1), torch.cat([-ai, ar], 1)], 0)  # (M, B, 2R): x·A
+        zr, zi = z.chunk(2, -1)
+        z = torch.cat([zr * sr - zi * si, zr * si + zi * sr], -1)
+        return z @ torch.cat([torch.cat([br.T, bi.T], 1), torch.cat([-bi.T, br.T], 1)], 0)
+
+    def mode_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """s (M, 1, R) as real and imaginary parts: λ times each kept mode's row of the mode factors."""
+        (sr, si), _, _, *modes = self.parts()
+        sr, si = sr[None], si[None]
+        for ur, ui in modes:  # (M_so_far, R) ⊗ (n, R) → (M_so_far·n, R), row-major like the modes
+            sr, si = ((sr[:, None] * ur - si[:, None] * ui).flatten(0, 1),
+                      (sr[:, None] * ui + si[:, None] * ur).flatten(0, 1))
+        return sr[:, None], si[:, None]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (ar, ai), (br, bi) = self.parts()[1:3]
+        sr, si = self.mode_scales()
+        scale = torch.complex(sr[:, 0], si[:, 0])  # (M, R)
+        w = torch.einsum("mr,ir,or->iom", scale, torch.complex(ar, ai), torch.complex(br, bi))
+        modes = [u.shape[0] for u, _ in self.parts()[3:]]
+        return w.real.reshape(*w.shape[:2], *modes), w.imag.reshape(*w.shape[:2], *modes)
+
+
+class TT(Factorized):
+    """A tensor train G₁ G₂ …: cores (r_{k−1} × n_k × r_k) with r₀ = r_d = 1 (tltorch's TTTensor)."""
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (re, im), *cores = self.parts()  # (1, n₁, r₁): grow (1, n₁, …, n_k, r_k) core by core
+        for gr, gi in cores:
+            re, im = (_chain(re, gr) - _chain(im, gi), _chain(re, gi) + _chain(im, gr))
+        return re[0, ..., 0], im[0, ..., 0]
+
+
+def read_factorized(weight: nn.Module) -> Factorized | None:
+    """A tltorch Tucker, CP or TT tensor (already sliced to the kept modes) kept factorized, else None."""
+    kind = type(weight).__name__
+    if kind == "TuckerTensor" and weight.core.is_complex():
+        return Tucker(weight.core, *weight.factors)
+    if kind == "CPTensor" and weight.factors[0].is_complex():
+        return CP(weight.weights.to(weight.factors[0].dtype), *weight.factors)
+    if kind == "TTTensor" and weight.factors[0].is_complex():
+        return TT(*weight.factors)
+    return None
+
+
+def _mix_dense(stacked: torch.Tensor, wr: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
+    """(M, B, 2Cin) @ one real (2Cin × 2Cout) block per mode, [[wr, wi], [−wi, wr]]: the complex product."""
+    block = torch.cat([torch.cat([wr, wi], 2), torch.cat([-wi, wr], 2)], 1)
+    return torch.bmm(stacked, block)
+
+
+def _chain(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """(…, r) @ (r × n × r′) → (…, n, r′): the train's next core."""
+    return torch.tensordot(x, core, dims=([x.dim() - 1], [0]))
 
 
 def _mode(x: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
@@ -259,5 +331,5 @@ def from_neuralop(conv: nn.Module, grid: tuple[int, ...]) -> SpectralGEMM | str:
         in_freqs.append(freqs)
         out_freqs.append([f - 1 for f in freqs] if grid[a] % 2 else freqs)
     bias = conv.bias.detach().reshape(-1) if getattr(conv, "bias", None) is not None else None
-    tucker = Tucker.read(conv.weight[tuple(index)])
-    return SpectralGEMM(weight[tuple(index)], in_freqs, out_freqs, grid, bias, tucker)
+    factorized = read_factorized(conv.weight[tuple(index)])
+    return SpectralGEMM(weight[tuple(index)], in_freqs, out_freqs, grid, bias, factorized)
