@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch

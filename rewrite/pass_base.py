@@ -138,12 +138,13 @@ class Pass:
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""
-        changed = [
-            f"{f.name.replace('_', '-')}={getattr(self, f.name)}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != _default(f)
-        ]
+        changed = [f"{name.replace('_', '-')}={value}" for name, value in self.changed_options().items()]
         return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
+
+    def changed_options(self) -> dict[str, Any]:
+        """The options (field names) whose values differ from their declared defaults."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != _default(f)}
 
     @classmethod
     def options(cls) -> list[tuple[str, str, Any]]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -172,8 +172,16 @@ def _judged_by_perplexity(pass_: Any, ctx: Any, held: list[int] | None,
 
 def _set_sqnr(pass_: Any) -> bool:
     """Whether the pass's SQNR floor was given in its options (differs from the declared default)."""
-    defaults = {f.name: f.default for f in fields(pass_)} if is_dataclass(pass_) else {}
-    return "min_sqnr" in defaults and pass_.min_sqnr != defaults["min_sqnr"]
+    return "min_sqnr" in getattr(pass_, "changed_options", dict)()
+
+
+def reads_as_logits(output: Any, batch: Any) -> bool:
+    """Whether the outputs are logits, to be distilled by KL: a Hugging Face style output whose `logits`
+    field is its only float tensor (use_cache=False), or per-token logits of the token ids it read."""
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    floats = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    named = isinstance(logits, torch.Tensor) and len(floats) == 1
+    return named or next_token_pair(output, batch) is not None
 
 
 def next_token_pair(output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from rewrite import api
-from rewrite.emit import onnx as onnx_emit
 from rewrite.passes.pointwise import PointwiseMatmul
 
 

@@ -25,10 +25,9 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
 
 from rewrite import verify
-from rewrite.calibration import Suffixes, channel_peaks, layer_values, sequential_inputs
+from rewrite.calibration import Suffixes, channel_peaks, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.recover import split
 from rewrite.passes.dgq import kernels
