@@ -341,8 +341,11 @@ class Suffixes:
 
 def _mutates(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and (schema is None and node.target.__name__.endswith("_")
-                                           or schema is not None and schema.is_mutable)
+    if node.op != "call_function":
+        return False
+    if schema is not None:
+        return schema.is_mutable
+    return node.target.__name__.endswith("_") or getattr(node.target, "writes_into_arg", None) is not None
 
 
 class _StepInterpreter(fx.Interpreter):

@@ -137,6 +137,26 @@ def region_io(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     return inputs, outputs
 
 
+def alias_source(node: fx.Node) -> fx.Node | None | bool:
+    """The node whose memory `node`'s value shares, from the op's alias annotations (views, in-place ops,
+    and functions that declare `writes_into_arg`): None when the op returns fresh memory; False when it
+    cannot be known from the graph (graph inputs, parameters, layers, functions without a schema)."""
+    if node.op != "call_function":
+        return False
+    written = getattr(node.target, "writes_into_arg", None)
+    if written is not None:
+        return node.args[written]
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or len(schema.returns) != 1:
+        return False
+    alias = schema.returns[0].alias_info
+    if alias is None:
+        return None
+    source = next((a for a, arg in zip(node.args, schema.arguments)
+                   if arg.alias_info is not None and arg.alias_info.before_set == alias.before_set), None)
+    return source if isinstance(source, fx.Node) else False
+
+
 def _is_tensor(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return node.op in ("placeholder", "call_module") or isinstance(val, torch.Tensor)

@@ -253,15 +253,24 @@ def _how_to_apply(pass_: Any, err: OutputError, ctx: Any) -> str:
 
 
 def _dead_in_place(module: Any) -> str | None:
-    """In-place ops whose result and mutated input nobody reads: work a rewrite left behind that
-    dead-code elimination keeps (it treats mutation as a side effect)."""
+    """In-place ops whose result and mutated memory nobody reads: work a rewrite left behind that
+    dead-code elimination keeps (it treats mutation as a side effect). Writing into a view (a slice of a
+    buffer read later) or into a graph input or parameter is not dead."""
     if not isinstance(module, torch.fx.GraphModule):
         return None
     dead = [n.name for n in module.graph.nodes
             if n.op == "call_function" and getattr(n.target, "_schema", None) is not None
-            and n.target._schema.is_mutable and not n.users
-            and n.args and isinstance(n.args[0], torch.fx.Node) and list(n.args[0].users) == [n]]
+            and n.target._schema.is_mutable and not n.users and n.args and _only_read_by(n.args[0], n)]
     return f"{len(dead)} dead in-place op(s) left running ({', '.join(dead[:3])})" if dead else None
+
+
+def _only_read_by(value: Any, writer: Any) -> bool:
+    """Whether the memory of `value` (fresh, or a view chain down to fresh memory) is read by `writer` alone."""
+    from rewrite.patterns import alias_source
+    if not isinstance(value, torch.fx.Node) or list(value.users) != [writer]:
+        return False
+    source = alias_source(value)
+    return source is None or (source is not False and _only_read_by(source, value))
 
 
 def _growth(before: Any, after: Any, batch: tuple) -> str | None:

@@ -34,6 +34,8 @@ TIE = 0.05  # timings closer than this are a tie (noise on a shared machine)
 class PointwiseMatmul(nn.Module):
     """A 1×1 convolution's weight (O, C) and bias, applied as a GEMM over the grid points."""
 
+    fresh_output = True  # returns a new tensor, never its input: `inplace` may write into it
+
     def __init__(self, conv: nn.Module, form: str):
         super().__init__()
         self.form = form

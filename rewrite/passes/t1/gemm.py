@@ -27,6 +27,8 @@ class SpectralGEMM(nn.Module):
         bias: (Cout,) or None.
     """
 
+    fresh_output = True  # returns a new tensor, never its input: `inplace` may write into it
+
     def __init__(self, weight: torch.Tensor, in_freqs: list[list[int]], out_freqs: list[list[int]],
                  grid: tuple[int, ...], bias: torch.Tensor | None, factorized: Factorized | None = None):
         super().__init__()
