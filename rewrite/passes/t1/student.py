@@ -101,9 +101,15 @@ class Basis(nn.Module):
         matrix = getattr(self, name)
         if rows is None:
             return matrix
-        n = self.grid[0]  # the matrix acts on [part 0 samples | part 1 samples] of the first axis
-        index = torch.cat([torch.arange(n)[rows] + part * n for part in range(self.parts)]).to(matrix.device)
-        return matrix[:, index] if columns else matrix[index]
+        # Made once per slab and kept (the transform matrices are constants): indexing them at every call
+        # was a few small ops per slab, and at 64² the ends run in 8 slabs.
+        key = (name, rows.start, rows.stop, matrix.device, matrix.dtype)
+        cache = self.__dict__.setdefault("_slab_matrices", {})
+        if key not in cache:
+            n = self.grid[0]  # the matrix acts on [part 0 samples | part 1 samples] of the first axis
+            index = torch.cat([torch.arange(n)[rows] + part * n for part in range(self.parts)]).to(matrix.device)
+            cache[key] = (matrix[:, index] if columns else matrix[index]).contiguous()
+        return cache[key]
 
     def constant(self) -> torch.Tensor:
         """The coefficients (P, *modes) of the constant field 1: where biases go."""
@@ -176,6 +182,7 @@ class T1Blocks(nn.Module):
         self.basis, self.small, self.nonlinearity = basis, small, nonlinearity
         self.n_layers, self.grid, self.modes = blocks.n_layers, basis.grid, basis.modes
         self.register_buffer("dc", basis.constant().reshape(-1))
+        self.dc_at, self.dc_value = _one_coefficient(basis.constant())
         self.spectral = nn.ParameterList(nn.Parameter(w.float().contiguous()) for w in weights)  # (P, M, Cin, Cout)
         self.spectral_b = nn.ParameterList(nn.Parameter(b.clone() if b is not None else torch.zeros(w.shape[-1]))
                                            for w, b in zip(weights, biases))
@@ -196,11 +203,11 @@ class T1Blocks(nn.Module):
         samples = grid_major(x)  # (*grid, B, C): the ends and the transforms take channels last
         z = sum(self.basis.from_grid(self.head(samples[rows]), rows if sliced else None) for rows in slabs)
         if len(self.absorbed):
-            z = _channels(self.absorbed[0], z) + self._bias(self.absorbed[1])
+            z = self._plus_bias(_channels(self.absorbed[0], z), self.absorbed[1])
         for i in range(self.n_layers):
             z = self._block(i, z)
         if len(self.absorbed):
-            z = _channels(self.absorbed[2], z) + self._bias(self.absorbed[3])
+            z = self._plus_bias(_channels(self.absorbed[2], z), self.absorbed[3])
         out = [self.tail(self.basis.to_grid(z, rows if sliced else None)) for rows in slabs]
         return channel_major(torch.cat(out) if sliced else out[0]).contiguous()
 
@@ -230,21 +237,26 @@ class T1Blocks(nn.Module):
             re, im = flat[0], flat[1]
             out = torch.stack([torch.baddbmm(torch.bmm(re, w[0]), im, w[1], alpha=-1),
                                torch.baddbmm(torch.bmm(re, w[1]), im, w[0])])
-        return out.reshape(*z.shape[:-1], w.shape[-1]) + self._bias(self.spectral_b[i])
+        return self._plus_bias(out.reshape(*z.shape[:-1], w.shape[-1]), self.spectral_b[i])
 
     def _block(self, i: int, z: torch.Tensor) -> torch.Tensor:
         last = i == self.n_layers - 1
         y = self.spectral_conv(i, z) + _channels(self.skip[i], z)
         if not last:
             y = self._sigma(2 * i, y)
-        h = self._sigma(2 * i, _channels(self.mlp_w[2 * i], y) + self._bias(self.mlp_b[2 * i]), mix=False)
-        h = _channels(self.mlp_w[2 * i + 1], h) + self._bias(self.mlp_b[2 * i + 1])
+        h = self._sigma(2 * i, self._plus_bias(_channels(self.mlp_w[2 * i], y), self.mlp_b[2 * i]), mix=False)
+        h = self._plus_bias(_channels(self.mlp_w[2 * i + 1], h), self.mlp_b[2 * i + 1])
         y = h + self.gate[i] * z
         return y if last else self._sigma(2 * i + 1, y)
 
-    def _bias(self, b: torch.Tensor) -> torch.Tensor:
-        """A per-channel bias as coefficients: it lives in the constant field's coefficients (the DC)."""
-        return self.dc.reshape(self.basis.parts, *self.modes, 1, 1) * b
+    def _plus_bias(self, z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """z plus a per-channel bias, as coefficients: a constant lives in the constant field's coefficients
+        (the DC). When that is one coefficient, only its (B, C) slice changes, in place: z is a fresh
+        product here, and adding a tensor of zeros everywhere else was a pass over all the modes."""
+        if self.dc_at is None:
+            return z + self.dc.reshape(self.basis.parts, *self.modes, 1, 1) * b
+        z[self.dc_at].add_(b, alpha=self.dc_value)  # through the view, not `+=` (that also writes back)
+        return z
 
     def _sigma(self, k: int, z: torch.Tensor, mix: bool = True) -> torch.Tensor:
         if self.nonlinearity == "pseudo":
@@ -254,6 +266,15 @@ class T1Blocks(nn.Module):
             for a in range(len(self.modes)):
                 z = _mix_modes(z, self.mixers[k * len(self.modes) + a], a)
         return z
+
+
+def _one_coefficient(coefficients: torch.Tensor) -> tuple[tuple[int, ...] | None, float]:
+    """(position, value) of the only nonzero coefficient (the constant field's DC), or (None, 0)."""
+    nonzero = (coefficients.abs() > 1e-6 * float(coefficients.abs().max())).nonzero()
+    if len(nonzero) != 1:
+        return None, 0.0
+    at = tuple(int(i) for i in nonzero[0])
+    return at, float(coefficients[at])
 
 
 def _channels(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
