@@ -72,7 +72,15 @@ def scaled_add() -> Pattern:
     """x + w ⊙ v in either order of the sum (the product's value is read by nothing else)."""
     example = tuple(torch.randn(2, 3) for _ in range(3))
     return Pattern("scaled-add", Variant(_ScaledAdd(), example, name="x + w*v"),
-                   Variant(_AddScaled(), example, name="w*v + x"))
+                   Variant(_AddScaled(), example, name="w*v + x"), check=_tensors_only)
+
+
+def _tensors_only(match, gm: fx.GraphModule) -> str | None:
+    """addcmul takes three tensors: a constant factor (GPT-2's `x + 0.044715 * x³`) stays a mul and an add."""
+    add, mul = match.outputs[0], match["mul"]
+    if not all(isinstance(a, fx.Node) for a in (*add.args[:2], *mul.args[:2])) or add.kwargs or mul.kwargs:
+        return "a factor or term is a constant, not a tensor (addcmul takes three tensors)"
+    return None
 
 
 @dataclass(frozen=True)

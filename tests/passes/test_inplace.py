@@ -97,6 +97,26 @@ def test_onnx_export_of_the_rewritten_graph_matches(tmp_path):
     assert art.parity["max_abs"] < 1e-5, art.note
 
 
+class NewGELU(nn.Module):
+    """GPT-2's GELU: constant factors (x + 0.044715·x³) are no addcmul (it takes three tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return 0.5 * h * (1.0 + torch.tanh(0.79788456 * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+def test_a_constant_factor_is_not_fused_into_addcmul():
+    model, x = NewGELU().eval(), torch.randn(3, 4)
+    result = check_pass(Inplace(), model, (x,))
+    assert result.report.records[0].stats["addcmul"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x))
+
+
 def test_a_graph_without_elementwise_ops_has_nothing_to_rewrite():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
     record = api.optimize(model, (torch.randn(2, 4),), "inplace", measure_latency=False).report.records[0]
