@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from rewrite.errors import RewriteError, first_line
+from rewrite.patterns import mutates
 
 MAX_BATCHES = 8
 
@@ -323,7 +324,7 @@ class Suffixes:
     def usable(module: nn.Module, batches: list[tuple]) -> bool:
         """A graph whose ops write no tensor in place (a kept value must stay as it was for every probe)."""
         return (isinstance(module, fx.GraphModule) and _flat_inputs_fit(module, batches)
-                and not any(_mutates(node) for node in module.graph.nodes))
+                and not any(mutates(node) for node in module.graph.nodes))
 
     def outputs(self, path: str) -> list[Any]:
         index, envs = self.starts[path]
@@ -337,15 +338,6 @@ class Suffixes:
                     if node.op == "output":
                         results.append(self.gm.graph._codegen.process_outputs(run.env[node]))
         return results
-
-
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function":
-        return False
-    if schema is not None:
-        return schema.is_mutable
-    return node.target.__name__.endswith("_") or getattr(node.target, "writes_into_arg", None) is not None
 
 
 class _StepInterpreter(fx.Interpreter):

@@ -137,6 +137,17 @@ def region_io(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
     return inputs, outputs
 
 
+def mutates(node: fx.Node) -> bool:
+    """Whether a call writes a tensor in place: an aten op whose schema says so, a function named like one
+    (`add_`), or a function that declares the argument it writes (`writes_into_arg`)."""
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    return node.target.__name__.endswith("_") or getattr(node.target, "writes_into_arg", None) is not None
+
+
 def alias_source(node: fx.Node) -> fx.Node | None | bool:
     """The node whose memory `node`'s value shares, from the op's alias annotations (views, in-place ops,
     and functions that declare `writes_into_arg`): None when the op returns fresh memory; False when it

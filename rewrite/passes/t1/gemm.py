@@ -111,7 +111,8 @@ class SpectralGEMM(nn.Module):
 class Factorized(nn.Module):
     """A complex factorized weight (Cin, Cout, *modes), as tltorch holds TFNO's, kept factorized: each
     complex factor stored as real and imaginary parameters and contracted at run time in real arithmetic
-    (ONNX has no complex types). Subclasses say how the factors make the tensor."""
+    (ONNX has no complex types). Each subclass (Tucker, CP, TT) has `dense()`: the (real, imaginary) parts
+    of the full tensor (Cin, Cout, *modes), from its factors."""
 
     def __init__(self, *factors: torch.Tensor):
         super().__init__()
@@ -121,10 +122,6 @@ class Factorized(nn.Module):
     def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The stored factors as (real, imaginary) pairs, in the order given."""
         return [(self.factors[2 * i], self.factors[2 * i + 1]) for i in range(len(self.factors) // 2)]
-
-    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(real, imaginary) parts of the full tensor (Cin, Cout, *modes)."""
-        raise NotImplementedError
 
     def mix(self, stacked: torch.Tensor) -> torch.Tensor:
         """SpectralGEMM.mix with this weight; by default through the dense modes, made at each call."""
