@@ -279,6 +279,28 @@ def test_student_spectral_conv_is_the_teachers_on_coefficients():
         torch.testing.assert_close(got, model.fno_blocks.convs[1](x), rtol=1e-4, atol=1e-5)
 
 
+def test_pseudo_spectral_block_is_the_teachers_on_the_small_grid_truncated_once():
+    """On a grid as small as the student's own pseudo-spectral grid, a band-limited input goes through a
+    (non-last) student block as through the teacher's block, then is truncated to the kept modes (the
+    rFFT student: its per-mode weights are the teacher's; the DCT's are resampled)."""
+    transform = "dft"
+    from rewrite.passes.t1.student import build, channel_major, mode_major
+    torch.manual_seed(0)
+    model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=6, in_channels=1, out_channels=1).eval()
+    probe = build(model.fno_blocks, torch.randn(1, 6, 16, 16), transform=transform)
+    student = build(model.fno_blocks, torch.randn(1, 6, *probe.small.grid), transform=transform)
+    assert student.basis.grid == student.small.grid
+    z = 3 * torch.randn(2, 6, student.basis.parts, *student.modes)  # large enough that the GELUs bend
+    if transform == "dft":  # frequency -4 of 8 kept has no +4 partner: a real field cannot hold it exactly
+        z[:, :, :, student.basis.index[0].index(-4)] = 0
+    x = student.basis.inverse(z)
+    z = student.basis(x)  # the coefficients of a real band-limited field (Hermitian where the DFT needs it)
+    with torch.no_grad():
+        want = student.basis(model.fno_blocks(x, index=1))
+        got = channel_major(student._block(1, mode_major(z)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_dct_student_and_vp_init():
     from rewrite.passes.t1.student import build
     model = neuralop.models.FNO(n_modes=(8, 8), hidden_channels=6, in_channels=1, out_channels=1).eval()
