@@ -82,16 +82,21 @@ class Basis(nn.Module):
             return _along_axis(self.c2r[0].T, z[0], last) + _along_axis(self.c2r[1].T, z[1], last)
         return z[0]
 
-    def from_grid(self, y: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    def from_grid(self, y: torch.Tensor, rows: slice | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """Samples (*grid, …) → mode-major coefficients (P, *modes, …). With `rows`, y is that slab of the
-        first axis only and the result its share of the coefficients (the slabs' shares add up)."""
+        first axis only and the result its share of the coefficients (the slabs' shares add up: `into`, the
+        sum of the earlier slabs' shares, takes this one in place, inside the last GEMM)."""
         if self.kind == "dft":
             last = len(self.grid) - 1
             z = _along_axis(self.r2c.T, y, last).unflatten(last, (2, -1)).movedim(last, 0)
         else:
             z = y[None]
         for a in reversed(range(self.mixed_axes)):  # the first axis last: it is the one slabs split
-            z = _along_pairs(self._sliced(f"fwd{a}", rows if a == 0 else None, columns=True), z, a)
+            matrix = self._sliced(f"fwd{a}", rows if a == 0 else None, columns=True)
+            if a == 0 and into is not None:  # the first axis's GEMM writes (P·m₁, rest): `into`'s own layout
+                into.view(matrix.shape[0], -1).addmm_(matrix, z.reshape(matrix.shape[1], -1))
+                return into
+            z = _along_pairs(matrix, z, a)
         return z
 
     def slabs(self) -> bool:
@@ -138,14 +143,18 @@ def _along_axis(matrix: torch.Tensor, z: torch.Tensor, axis: int) -> torch.Tenso
     """matrix (out × in) applied along `axis` of z: the axes before it are a batch, those after it columns
     (one GEMM when `axis` is the first; a batched GEMM sharing the matrix otherwise)."""
     lead = z.shape[:axis]
-    flat = z.reshape(math.prod(lead), z.shape[axis], -1)
-    out = matrix @ flat[0] if flat.shape[0] == 1 else torch.bmm(matrix.expand(flat.shape[0], -1, -1), flat)
-    return out.reshape(*lead, matrix.shape[0], *z.shape[axis + 1:])
+    if math.prod(lead) == 1:
+        out = matrix @ z.reshape(z.shape[axis], -1)
+    else:
+        out = torch.bmm(matrix.expand(math.prod(lead), -1, -1), z.reshape(math.prod(lead), z.shape[axis], -1))
+    return out.view(*lead, matrix.shape[0], *z.shape[axis + 1:])
 
 
 def _along_pairs(matrix: torch.Tensor, z: torch.Tensor, axis: int) -> torch.Tensor:
     """A (P·out × P·in) matrix applied to the (part, axis) pair of mode-major z (P, *modes, …)."""
     parts = z.shape[0]
+    if parts == 1:  # real coefficients (the DCT): nothing to pair
+        return _along_axis(matrix, z[0], axis)[None]
     paired = z.movedim(0, axis).flatten(axis, axis + 1)  # a view for the first axis
     return _along_axis(matrix, paired, axis).unflatten(axis, (parts, -1)).movedim(axis, 0)
 
@@ -204,7 +213,9 @@ class T1Blocks(nn.Module):
         # (*grid, B, C): the ends and the transforms take channels last. Copied once (the lifting's input is
         # a few channels): a slab of the permuted view made each slab's first layer copy its input first.
         samples = grid_major(x).contiguous()
-        z = sum(self.basis.from_grid(self.head(samples[rows]), rows if sliced else None) for rows in slabs)
+        z = None
+        for rows in slabs:
+            z = self.basis.from_grid(self.head(samples[rows]), rows if sliced else None, into=z)
         if len(self.absorbed):
             z = self._plus_bias(_channels(self.absorbed[0], z), self.absorbed[1])
         for i in range(self.n_layers):
