@@ -380,11 +380,20 @@ def test_the_ends_left_in_space_run_in_slabs_of_grid_rows_with_the_transforms(tr
     ends = (student.ChannelMLPPart(lifting.fcs[:-1], False), student.ChannelMLPPart(projection.fcs[1:], True))
     apart = student.build(model.fno_blocks, lifting(x), transform=transform, absorb=absorb)
     fused = student.build(model.fno_blocks, lifting(x), transform=transform, absorb=absorb, ends=ends)
+    whole = _gradients(fused, x)
     monkeypatch.setattr(student, "SLAB_FLOATS", 2 * 16 * 20 * 3)  # 3 rows a slab: 6 slabs, the last one short
     assert len(fused._slabs(2)) == 6
     with torch.no_grad():
         torch.testing.assert_close(fused(x), _channels_last(ends[1], apart(_channels_last(ends[0], x))),
                                    rtol=1e-4, atol=1e-5)
+    for a, b in zip(_gradients(fused, x), whole):  # recovery trains through the slabs' in-place sums
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _gradients(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
 def _channels_last(part: nn.Module, x: torch.Tensor) -> torch.Tensor:
