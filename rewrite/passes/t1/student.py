@@ -143,10 +143,11 @@ def _along_axis(matrix: torch.Tensor, z: torch.Tensor, axis: int) -> torch.Tenso
     """matrix (out × in) applied along `axis` of z: the axes before it are a batch, those after it columns
     (one GEMM when `axis` is the first; a batched GEMM sharing the matrix otherwise)."""
     lead = z.shape[:axis]
-    if math.prod(lead) == 1:
+    batch = math.prod(lead)
+    if batch == 1:
         out = matrix @ z.reshape(z.shape[axis], -1)
     else:
-        out = torch.bmm(matrix.expand(math.prod(lead), -1, -1), z.reshape(math.prod(lead), z.shape[axis], -1))
+        out = torch.bmm(matrix.expand(batch, -1, -1), z.reshape(batch, z.shape[axis], -1))
     return out.view(*lead, matrix.shape[0], *z.shape[axis + 1:])
 
 
