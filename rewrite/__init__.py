@@ -2,9 +2,9 @@
 __version__ = "0.1.0"
 
 from rewrite.api import Result, diff, load, optimize  # noqa: E402
-from rewrite.errors import CaptureError, InvalidValue, PassError, RewriteError  # noqa: E402
+from rewrite.errors import ArtifactError, CaptureError, InvalidValue, PassError, RewriteError  # noqa: E402
 from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, SqnrFloor  # noqa: E402
 from rewrite.recover import train  # noqa: E402
 
 __all__ = ["optimize", "diff", "load", "train", "Result", "Pass", "PassResult", "PassContext", "Exact", "Approx", "SqnrFloor",
-           "RewriteError", "CaptureError", "InvalidValue", "PassError", "__version__"]
+           "RewriteError", "ArtifactError", "CaptureError", "InvalidValue", "PassError", "__version__"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from rewrite import (__version__, calibration, capture, checkpoint, distributed, measure, pipeline, registry, spec,
                      verify)
-from rewrite.errors import RewriteError, first_line
+from rewrite.errors import ArtifactError, RewriteError, first_line
 from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.report import Artifact, Measurement, RunReport
@@ -73,7 +73,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              recover: str | None = None, budget: str | None = None,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
              trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
-             blockwise: bool = False, profile: bool = False, progress: Progress | None = None) -> Result:
+             blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
+             allow_artifact_errors: bool = False) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -81,7 +82,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
     one-line message on bad input. `blockwise=True` rewrites a transformer stack one block at a time
     (`rewrite.blockwise`); `profile=True` adds the top ops by self time of both models (and of the ONNX
-    file when emitted) to the report.
+    file when emitted) to the report. An artifact that failed to export or differs from the verified model
+    raises ArtifactError after the output folder is written (its `.result` is the Result), unless
+    `allow_artifact_errors=True`; the CLI exits 3 there.
     """
     say = progress or (lambda message, done=None, total=None: None)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
@@ -158,7 +161,10 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                 artifact.path = folder.final(artifact.path)
             report.recipe = _recipe(report, seed, inputs, pass_list)
             report.write(stage)
-    return Result(rewritten, report, captured, pass_list, seed)
+    result = Result(rewritten, report, captured, pass_list, seed)
+    if report.problems() and not allow_artifact_errors:
+        raise ArtifactError(f"{'; '.join(report.problems())} (allow_artifact_errors=True accepts it)", result)
+    return result
 
 
 def _refuse_for_checkpoints(out: Any, emitters: list[str], eval: Any) -> None:

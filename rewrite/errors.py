@@ -21,5 +21,14 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return line[:limit]
 
 
+class ArtifactError(RewriteError):
+    """An artifact was not written or does not compute what the verified model does. The output folder
+    (its report.json says status "failed") was written; `.result` holds what optimize would have returned."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
+
+
 class InvalidValue(RewriteError, ValueError):
     """A value the user gave (a pass option, an input shape) is out of range; still a ValueError for callers."""

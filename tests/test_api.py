@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 import rewrite
 from rewrite.testing import ConvBN
@@ -133,3 +134,33 @@ def test_the_recipe_records_what_passes_chose_by_measuring(tmp_path):
     recipe = json.loads((tmp_path / "o" / "recipe.json").read_text())
     [t1] = recipe["passes"]
     assert set(t1["choices"]["forms"].values()) <= {"gemm", "fft"} and len(t1["choices"]["forms"]) == 2
+
+
+def test_a_failed_artifact_raises_after_the_folder_is_written_unless_allowed(tmp_path, monkeypatch):
+    import json
+    from rewrite.emit import onnx as onnx_emit
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+    monkeypatch.setattr(onnx_emit, "export_onnx", broken)
+    model, x = nn.Sequential(nn.Linear(8, 8)), torch.randn(2, 8)
+    with pytest.raises(rewrite.ArtifactError, match="onnx was not written: ONNX export failed") as failed:
+        rewrite.optimize(model, (x,), "fold-bn", emit="onnx", out=tmp_path / "a", measure_latency=False)
+    assert failed.value.result.report.problems()
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert {a["kind"]: a["status"] for a in report["artifacts"]} == {"pt2": "ok", "onnx": "failed"}
+    allowed = rewrite.optimize(model, (x,), "fold-bn", emit="onnx", out=tmp_path / "b", measure_latency=False,
+                               allow_artifact_errors=True)
+    assert allowed.report.artifacts[1].status == "failed"
+
+
+def test_an_artifact_off_the_verified_model_passes_only_when_as_accurate_as_it():
+    from rewrite.report import Artifact
+    exact = {"max_abs": 1e-6, "rel_l2": 1e-7}
+    flips = {"max_abs": 0.13, "rel_l2": 0.04, "vs_original_rel_l2": 0.092, "rewrite_rel_l2": 0.096}
+    broken = {"max_abs": 2.1, "rel_l2": 0.32, "vs_original_rel_l2": 0.33, "rewrite_rel_l2": 0.06}
+    assert Artifact("onnx", "m.onnx", exact).status == "ok"
+    assert Artifact("onnx", "m.onnx", flips).status == "ok"
+    assert "verified model's 6.0e-02" in Artifact("onnx", "m.onnx", broken).problem
+    assert Artifact("onnx", "m.onnx", {"max_abs": 0.1, "rel_l2": 0.1}).status == "failed"  # nothing to weigh it by

@@ -18,6 +18,14 @@ def test_ci_runs_the_readme_test_command():
     assert re.search(r"python -m pytest -q", ci)
 
 
+def test_ci_runs_the_readme_main_job_exactly_as_written():
+    """.ci/run takes the line after `# 1. ` from the README and runs it: that line must be the main job."""
+    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert "grep -A1 '^# 1\\. ' README.md" in ci and 'bash -c "$main_job"' in ci
+    line = README.split("\n# 1. ", 1)[1].split("\n")[1]
+    assert line.startswith("python3 -m venv .venv && ") and "&& rewrite optimize examples/" in line
+
+
 def test_dependencies_are_floors_so_a_users_torch_is_kept():
     import tomllib
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]

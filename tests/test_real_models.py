@@ -200,3 +200,22 @@ def test_decoders_gated_ffns_are_found_and_dgq_exports_with_parity(family, tmp_p
     assert onnx.parity is not None and onnx.parity["max_abs"] < 1e-3, onnx.note
     longer = torch.randint(0, 128, (1, 24))
     assert result.model(longer).logits.shape == (1, 24, 128)  # batch and sequence stay dynamic
+
+
+@pytest.mark.slow
+def test_dgq_on_pretrained_minilm_layers_exports_onnx_as_accurate_as_the_verified_model(tmp_path):
+    """Real MiniLM weights (outlier channels, int8 weights over the whole ±127 range): the ONNX file once
+    differed by rel L2 0.11 (onnxruntime's saturating U8S8 kernel). Rounded activations make bit equality
+    unreachable over several layers (1e-6 noise moves the output by rel L2 0.04), so the artifact must be
+    as close to the original as the verified model is."""
+    from tests.conftest import minilm
+    model, inputs = minilm()
+    model.encoder.layer = model.encoder.layer[:2]
+    result = rewrite.optimize(model, inputs, "dgq{budget-cos=0}", calib=[inputs], emit="onnx", out=tmp_path,
+                              measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert onnx.status == "ok", onnx.problem
+    p = onnx.parity
+    assert p["rel_l2"] < 1e-3 or p["vs_original_rel_l2"] <= 1.25 * p["rewrite_rel_l2"] + 1e-3, p
+    assert json.loads((tmp_path / "report.json").read_text())["status"] == "ok"

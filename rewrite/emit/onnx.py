@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite import capture, errors, kernels, verify
+from rewrite import errors, kernels
 from rewrite.capture import Captured
+from rewrite.emit import parity
 from rewrite.report import Artifact
 
 
@@ -72,5 +73,4 @@ def emit_onnx(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
     except Exception as exc:  # exported and checked, but onnxruntime cannot run it: not a usable artifact
         path.unlink(missing_ok=True)
         return Artifact("onnx", "", None, f"onnxruntime cannot run the exported model: {first_line(exc)}")
-    err = verify.compare([capture.run(module, inputs)], [got])
-    return Artifact("onnx", str(path), err.to_dict())
+    return Artifact("onnx", str(path), parity(module, captured, got))

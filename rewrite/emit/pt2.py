@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewrite import capture, verify
+from rewrite import capture
 from rewrite.capture import Captured
+from rewrite.emit import parity
 from rewrite.errors import RewriteError
 from rewrite.report import Artifact
 
@@ -29,8 +30,7 @@ def emit_pt2(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
     torch.export.save(program, path)
     reloaded = torch.export.load(path).module()
     inputs = captured.example_inputs
-    err = verify.compare([capture.run(module, inputs)], [capture.run(reloaded, inputs)])
-    return Artifact("pt2", str(path), err.to_dict())
+    return Artifact("pt2", str(path), parity(module, captured, capture.run(reloaded, inputs)))
 
 
 def _pickled(module: nn.Module, out_dir: Path, why: str) -> Artifact:

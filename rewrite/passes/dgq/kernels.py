@@ -3,9 +3,14 @@
 rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
     y = s_x · s1[o] · Σ_k clamp(round(x/s_x), ±127)[k] · W_s8[o, k] + bias[o]
   s_x is a 1-element tensor (static per-tensor) or empty (dynamic per-token: s_x[t] = max|x_t|/127).
-  PyTorch: torch._int_mm (int8 × int8 → int32, exact). ONNX (static): QuantizeLinear to uint8 with zero
-  point 128 + com.microsoft.MatMulIntegerToFloat, the U8S8 path (signed-int8 activations measured 3x
-  slower than fp32 on x86, so never emitted). ONNX (per-token): the same integers through MatMulInteger.
+  PyTorch: the int8 × int8 → int32 products summed exactly by float32 GEMMs over slices of K short enough
+  that every partial sum is an integer below 2^24 (torch._int_mm gives the same integers, but its CPU
+  kernel measured 57x slower than the fp32 GEMM at 512×576·576×1536; this path, 1.1x). ONNX (static): QuantizeLinear to uint8 with zero
+  point 128 + com.microsoft.MatMulIntegerToFloat; ONNX (per-token): the same integers through
+  MatMulInteger. Both take the weights as uint8 with zero point 128 (U8U8): onnxruntime's U8S8 kernel on
+  x86 without VNNI sums pairs of u8·s8 products in saturating int16 (vpmaddubsw), measured 0.15 rel L2
+  off on a 256→128 layer; U8U8 is exact there and within 15% of U8S8's time (both faster than fp32).
+  Signed-int8 activations measured 3x slower than fp32 on x86, so they are never emitted.
 rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: uint4 codes packed two per
   byte, per-(row, 128-block) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
   path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=128, accuracy_level=4), which quantizes
@@ -21,20 +26,45 @@ _lib = "rewrite"
 
 def quantize_activation(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
     """(int8 codes, scale per row or per tensor) for x of shape (..., K)."""
+    codes, scale = activation_codes(x, s_x)
+    return codes.to(torch.int8), scale
+
+
+def activation_codes(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
+    """The int8 codes of x held in float32 (the GEMM below takes them so), and their scale."""
     scale = s_x if s_x.numel() else (x.abs().amax(dim=-1, keepdim=True) / 127).clamp_min(1e-12)
-    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+    return torch.round(x / scale).clamp_(-127, 127), scale
 
 
 @torch.library.custom_op(f"{_lib}::a8w8_linear", mutates_args=())
 def a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    x_q, scale = quantize_activation(flat, s_x)
-    acc = torch._int_mm(x_q, w_s8.t().contiguous()) if flat.shape[0] > 0 else flat.new_zeros(0, w_s8.shape[0])
+    codes, scale = activation_codes(flat, s_x)
+    acc = integer_matmul(codes, w_s8)
     # The same float order as the ONNX graphs, so both agree bit for bit: static s_x·s1 as one factor
     # (MatMulIntegerToFloat), per-token column scale then row scale.
-    y = acc.to(torch.float32) * (scale * s1) if s_x.numel() else acc.to(torch.float32) * s1 * scale
+    y = acc * (scale * s1) if s_x.numel() else acc * s1 * scale
     y = y + bias
     return y.reshape(*x.shape[:-1], w_s8.shape[0])
+
+
+EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 products is exact
+
+
+def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
+    """codes (T, K) · w_s8 (O, K)ᵀ: the exact int32 sums, as float32 (what int32 → float32 gives).
+
+    Each K-slice's float32 GEMM sums integers below 2^24, so it is exact in any summation order."""
+    if torch.get_float32_matmul_precision() != "highest" or codes.is_cuda:  # float GEMMs may round (bf16/tf32)
+        if not codes.shape[0]:
+            return codes.new_zeros(0, w_s8.shape[0])
+        return torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous()).float()
+    k = codes.shape[-1]
+    if k <= EXACT_K:
+        return codes @ w_s8.float().t()
+    slices = [(codes[:, i:i + EXACT_K] @ w_s8[:, i:i + EXACT_K].float().t()).to(torch.int32)
+              for i in range(0, k, EXACT_K)]
+    return torch.stack(slices).sum(0, dtype=torch.int32).float()
 
 
 @a8w8_linear.register_fake
@@ -87,8 +117,7 @@ def onnx_translations() -> dict:
         zero = op.Constant(value=onnxscript.ir.tensor(128, dtype=onnxscript.ir.DataType.UINT8))
         scale = op.Squeeze(s_x)
         x_q = op.QuantizeLinear(x, scale, zero)
-        w_t = op.Transpose(w_s8, perm=[1, 0])
-        return matmul_integer_to_float(x_q, w_t, scale, s1, zero, None, bias)
+        return matmul_integer_to_float(x_q, _unsigned_t(w_s8), scale, s1, zero, zero, bias)
 
     def _per_token(x, w_s8, s1, bias):
         scale = op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1),
@@ -98,11 +127,17 @@ def onnx_translations() -> dict:
                                  op.Constant(value_float=127.0)), op.Constant(value_float=128.0))
         x_u8 = op.Cast(shifted, to=onnxscript.ir.DataType.UINT8)
         zero = op.Constant(value=onnxscript.ir.tensor(128, dtype=onnxscript.ir.DataType.UINT8))
-        acc = op.MatMulInteger(x_u8, op.Transpose(w_s8, perm=[1, 0]), zero, None)
+        acc = op.MatMulInteger(x_u8, _unsigned_t(w_s8), zero, zero)
         # Column scale first, row scale after: onnxruntime's MatMulIntegerToFloat fusion (extended graph
         # optimizations) mis-handles one combined (rows × columns) scale (measured: 0.06 off on a unit layer).
         per_column = op.Mul(op.Cast(acc, to=onnxscript.ir.DataType.FLOAT), s1)
         return op.Add(op.Mul(per_column, scale), bias)
+
+    def _unsigned_t(w_s8):
+        """int8 (O, K) → uint8 (K, O) shifted by the zero point 128 (constant-folded by onnxruntime)."""
+        shifted = op.Add(op.Cast(w_s8, to=onnxscript.ir.DataType.INT16), op.Constant(value=onnxscript.ir.tensor(
+            128, dtype=onnxscript.ir.DataType.INT16)))
+        return op.Transpose(op.Cast(shifted, to=onnxscript.ir.DataType.UINT8), perm=[1, 0])
 
     def w4(x, packed, scales, zeros, bias):
         n, blocks, half = packed.shape
