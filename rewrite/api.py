@@ -17,7 +17,7 @@ from torch import nn
 from rewrite import (__version__, calibration, capture, checkpoint, distributed, measure, pipeline, registry, spec,
                      verify)
 from rewrite.errors import ArtifactError, RewriteError, first_line
-from rewrite.output import OutputFolder
+from rewrite.output import OutputFolder, guard_save_pretrained
 from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.report import Artifact, Measurement, RunReport
 
@@ -161,7 +161,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                 artifact.path = folder.final(artifact.path)
             report.recipe = _recipe(report, seed, inputs, pass_list)
             report.write(stage)
-    result = Result(rewritten, report, captured, pass_list, seed)
+    result = Result(guard_save_pretrained(rewritten, model), report, captured, pass_list, seed)
     if report.problems() and not allow_artifact_errors:
         raise ArtifactError(f"{'; '.join(report.problems())} (allow_artifact_errors=True accepts it)", result)
     return result
@@ -206,7 +206,7 @@ def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], 
                                          "rewrite.load(folder) builds the rewritten model"))
         report.write(stage)
     captured = capture.Captured(lazy.model, data.batches[0], graph=False, note=outcome.summary)
-    return Result(lazy.model, report, captured, passes, seed)
+    return Result(guard_save_pretrained(lazy.model, None), report, captured, passes, seed)
 
 
 def _blockwise(model: nn.Module, data: calibration.Data, passes: list[Pass], recovery: Any, seed: int, strict: bool,

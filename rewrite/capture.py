@@ -144,6 +144,8 @@ def _dynamic_dims_hold(gm: fx.GraphModule, model: nn.Module, inputs: tuple, dyna
 
 def _export_loud(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]]:
     auto = tuple({d: Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor) else None for x in inputs)
+    if _takes_varargs(model):  # forward(*tensors) (blockwise.FlatCall): export binds them to one argument
+        auto = (auto,)
     try:
         ep = torch.export.export(model, inputs, dynamic_shapes=auto, strict=False)
     except Exception:
@@ -151,6 +153,11 @@ def _export_loud(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[
         ep = torch.export.export(model, inputs, strict=False)
     gm = ep.module()
     return gm, _dynamic_dims(gm)
+
+
+def _takes_varargs(model: nn.Module) -> bool:
+    params = list(inspect.signature(model.forward).parameters.values())
+    return bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL
 
 
 def _dynamic_dims(gm: fx.GraphModule) -> dict[int, list[int]]:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from rewrite.errors import RewriteError, first_line
+from rewrite.output import guard_save_pretrained
 
 MANIFEST = "rewrite-blocks.json"
 FORMAT = "rewrite-blockwise/1"
@@ -233,7 +234,7 @@ def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
     if empty:
         raise RewriteError(f"{str(folder)!r} lacks the weight(s) {', '.join(empty[:3])}: the folder is incomplete")
     gc.collect()
-    return model
+    return guard_save_pretrained(model, None)
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:

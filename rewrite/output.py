@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from torch import nn
+
 from rewrite.errors import RewriteError
 
 MANIFEST = ".rewrite-manifest.json"
@@ -151,3 +153,31 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:  # deepest first
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+class RefusedSave:
+    """Stands in for a Hugging Face model's save_pretrained where the rewritten layers' weights have names
+    from_pretrained does not know: it would reload them as random weights, and say so only in a log."""
+
+    def __init__(self, changed: str):
+        self.changed = changed
+
+    def __call__(self, *args, **kwargs):
+        raise RewriteError(f"save_pretrained cannot write this rewritten model ({self.changed}): from_pretrained "
+                           "would load those layers as random weights; write it with rewrite optimize -o DIR "
+                           "and read it back with rewrite.load(DIR)")
+
+
+def guard_save_pretrained(model: nn.Module, reference: nn.Module | None) -> nn.Module:
+    """Refuse save_pretrained on `model` unless its weights have the names and shapes of `reference`'s
+    (the model it was rewritten from; None: never the same)."""
+    if not hasattr(model, "save_pretrained"):
+        return model
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {} if reference is None else {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if mine == theirs:
+        return model
+    new = next((k for k in mine if k not in theirs), None)
+    changed = f"{new} is a weight the original does not have" if new else "its weights are not the original's"
+    model.save_pretrained = RefusedSave(changed)  # an instance attribute shadows the method
+    return model
