@@ -214,10 +214,6 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
          torch.ops.aten.conv3d.default: nn.Conv3d}
 
 
-_LAYER_OPS = {torch.ops.aten.linear.default, *_CONV, torch.ops.aten.batch_norm.default,
-              torch.ops.aten._native_batch_norm_legit_no_training.default}
-
-
 def lift_layers(gm: fx.GraphModule) -> int:
     """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
     lifted = 0
@@ -405,18 +401,32 @@ def accept_original_calls(module: nn.Module, original: nn.Module, inputs: tuple)
 
 
 def layer_count(module: nn.Module) -> int:
-    """Layers that hold weights (parameters, or buffers: a quantized layer keeps its int8 weights there):
-    call_module nodes in a graph (and aten layer ops of a loaded program), weighted leaf modules in eager."""
-    if isinstance(module, fx.GraphModule):
-        return sum(1 for n in module.graph.nodes
-                   if (n.op == "call_module" and _has_weights(module.get_submodule(n.target)))
-                   or (n.op == "call_function" and n.target in _LAYER_OPS))
-    return sum(1 for m in module.modules() if not list(m.children()) and _has_weights(m, recurse=False))
+    """Modules that hold weights themselves: parameters, or weight buffers (a quantized layer keeps its int8
+    codes and scales there). The same count for an eager model and its captured graph, whose modules keep
+    the eager paths, so a report's tables agree."""
+    return sum(1 for m in module.modules() if _has_weights(m, recurse=False))
+
+
+def module_path(module: nn.Module, node_name: str) -> str:
+    """Where a graph node comes from in the user's model: the module path a user can find in their code
+    (the node's name, e.g. layer_norm_4, in parentheses); the name itself when it is no node's."""
+    node = next((n for n in module.graph.nodes if n.name == node_name), None) if isinstance(
+        module, fx.GraphModule) else None
+    if node is None:
+        return node_name
+    if node.op == "call_module":
+        return str(node.target)
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return f"{stack[-1][0]} ({node_name})" if stack and stack[-1][0] else node_name
+
+
+def weight_buffers(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
+    """Buffers that hold weights: more than one number and not indices (position_ids, counters)."""
+    return [b for b in module.buffers(recurse) if b.numel() > 1 and b.dtype not in (torch.int64, torch.int32)]
 
 
 def _has_weights(module: nn.Module, recurse: bool = True) -> bool:
-    return any(True for _ in module.parameters(recurse)) or any(
-        b.numel() > 1 for b in module.buffers(recurse))
+    return any(True for _ in module.parameters(recurse)) or bool(weight_buffers(module, recurse))
 
 
 def run(module: nn.Module, inputs: tuple) -> Any:

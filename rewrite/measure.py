@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from rewrite import timing
+from rewrite import capture, timing
 from rewrite.errors import RewriteError
 
 
@@ -124,8 +124,17 @@ def _timed(backend: str, first: list[float], second: list[float], calls: list[li
 
 
 def param_count(module: nn.Module) -> int:
-    """Real numbers held in parameters (a complex parameter counts twice, as it is stored)."""
-    return sum(p.numel() * (2 if p.is_complex() else 1) for p in module.parameters())
+    """Numbers held as weights: parameters (a complex one counts twice, as it is stored) and weight buffers
+    (a quantized layer's codes and scales; two 4-bit codes packed in a byte count as one)."""
+    tensors = [*module.parameters(), *capture.weight_buffers(module)]
+    return sum(t.numel() * (2 if t.is_complex() else 1) for t in tensors)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes those weights take in memory, each storage once (tied weights share one)."""
+    tensors = [*module.parameters(), *capture.weight_buffers(module)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())
 
 
 def flops(module: nn.Module, inputs: tuple) -> int:

@@ -41,7 +41,8 @@ def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext,
 def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, captured: capture.Captured,
              earlier: str, strict: bool, progress: Progress | None) -> tuple[nn.Module, list, PassRecord]:
     record = PassRecord(name=pass_.name, spec=pass_.spec(), contract=pass_.contract.describe(),
-                        params_before=_params(module), layers_before=capture.layer_count(module))
+                        params_before=_params(module), layers_before=capture.layer_count(module),
+                        bytes_before=measure.weight_bytes(module))
     if pass_.level == "graph" and not is_graph(module):
         record.status, record.reason = "skipped", f"needs a graph: {captured.note}"
         return module, outputs, record
@@ -59,7 +60,8 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         result, err, broken, flag = None, None, f"raised {type(exc).__name__}: {first_line(exc)}", None
     record.seconds = time.perf_counter() - start
     if result is not None:
-        record.stats, record.skipped = result.stats, [list(s) for s in result.skipped]
+        record.stats = result.stats
+        record.skipped = [[capture.module_path(snapshot, where), why] for where, why in result.skipped]
     record.error = err.to_dict() if err else None
     if broken:
         if strict:
@@ -67,12 +69,14 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
                             "fix the options or run without --strict to roll it back")
         record.status, record.reason = "rolled back", broken
         record.params_after, record.layers_after = record.params_before, record.layers_before
+        record.bytes_after = record.bytes_before
         return snapshot, outputs, record
     record.status = "applied" if result.modified else "nothing to rewrite"
     record.reason = flag or ""
     if not result.modified:
-        record.reason = "; ".join(f"{w}: {why}" for w, why in result.skipped) or f"no layer matched ({pass_.applies_to})"
+        record.reason = "; ".join(f"{w}: {why}" for w, why in record.skipped) or f"no layer matched ({pass_.applies_to})"
     record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
+    record.bytes_after = measure.weight_bytes(result.module)
     return result.module, new_outputs, record
 
 

@@ -24,6 +24,8 @@ class PassRecord:
     params_after: int = 0
     layers_before: int = 0
     layers_after: int = 0
+    bytes_before: int = 0  # weights in memory (parameters and weight buffers)
+    bytes_after: int = 0
 
 
 @dataclass
@@ -113,13 +115,15 @@ class RunReport:
         return json.dumps(data, indent=2, default=str)
 
     def pass_rows(self) -> list[list[str]]:
-        header = ["pass", "status", "rewrote / skipped", "max|Δ|", "SQNR dB", "contract", "params", "layers", "time"]
+        header = ["pass", "status", "rewrote", "max|Δ|", "SQNR dB", "contract", "params", "weights", "layers",
+                  "time"]
         rows = [header]
         for r in self.records:
-            rows.append([r.spec, r.status + (f": {r.reason}" if r.reason else ""), _stats(r),
+            rows.append([r.spec, r.status + (f": {r.reason}" if r.reason else ""), _headline(r),
                          _num(r.error, "max_abs", "{:.1e}"), _num(r.error, "sqnr_db", "{:.1f}"), r.contract,
-                         f"{r.params_before:,} → {r.params_after:,}", f"{r.layers_before} → {r.layers_after}",
-                         f"{r.seconds:.2f} s"])
+                         f"{r.params_before:,} → {r.params_after:,}",
+                         f"{_size(r.bytes_before)} → {_size(r.bytes_after)}",
+                         f"{r.layers_before} → {r.layers_after}", f"{r.seconds:.2f} s"])
         return rows
 
     def measurement_rows(self) -> list[list[str]]:
@@ -162,9 +166,12 @@ class RunReport:
                  f"compared: {self.compared or 'all output positions'}\n"]
         parts += [f"> warning: {w}\n" for w in self.warnings]
         parts.append("## Passes\n\n" + _md_table(self.pass_rows()))
-        for r in self.records:
-            for where, why in r.skipped:
-                parts.append(f"- `{r.name}` skipped `{where}`: {why}")
+        details = [f"- `{r.name}`: {_details(r)}" for r in self.records if _details(r)]
+        if details:
+            parts.append("\nMore of what each pass chose (all of it in report.json):\n\n" + "\n".join(details))
+        skips = [f"- `{r.name}` skipped `{where}`: {why}" for r in self.records for where, why in r.skipped]
+        if skips:
+            parts.append("\nLeft alone:\n\n" + "\n".join(skips))
         if self.measurements:
             parts.append("\n## Before / after\n\n" + _md_table(self.measurement_rows()))
         if self.profiles:
@@ -182,10 +189,21 @@ def _speed_line(s: Any) -> str:
             f"over {s.rounds} alternating rounds)")
 
 
-def _stats(r: PassRecord) -> str:
-    """Scalar stats only: per-layer tables (dicts) stay in report.json, not in a table cell."""
-    text = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
+HEADLINE_STATS = 2  # a pass's first stats say what it rewrote (its own order); the rest are details
+
+
+def _scalars(r: PassRecord) -> list[tuple[str, Any]]:
+    """Scalar stats only: per-layer tables (dicts, lists) stay in report.json."""
+    return [(k, v) for k, v in r.stats.items() if not isinstance(v, (dict, list))]
+
+
+def _headline(r: PassRecord) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in _scalars(r)[:HEADLINE_STATS])
     return text + (f" ({len(r.skipped)} skipped)" if r.skipped else "")
+
+
+def _details(r: PassRecord) -> str:
+    return ", ".join(f"{k}={v}" for k, v in _scalars(r)[HEADLINE_STATS:])
 
 
 def _num(d: dict | None, key: str, fmt: str) -> str:

@@ -108,3 +108,31 @@ def test_uncapturable_model_falls_back_to_eager_with_module_and_line():
     assert not c.graph and not isinstance(c.module, fx.GraphModule)
     assert "module 'gate' (_Inner)" in c.note and "test_capture.py:" in c.note
     assert "\n" not in c.note
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.proj(x)))
+
+
+def test_layer_counts_of_an_eager_model_and_its_graph_agree():
+    """A report once said 16 → 9 layers in one table and 9 → 9 in the other: graphs counted lifted
+    modules only, eager models every module with weights."""
+    model = nn.Sequential(_Inner(), _Inner())
+    captured = capture.capture(model, (torch.randn(2, 8),))
+    assert capture.layer_count(model) == capture.layer_count(captured.module) == 4
+
+
+def test_graph_nodes_are_named_by_the_module_path_a_user_can_find():
+    model = nn.Sequential(_Inner(), _Inner())
+    gm = capture.capture(model, (torch.randn(2, 8),)).module
+    relu = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
+    assert capture.module_path(gm, relu) == f"0 ({relu})"
+    norm = next(n.name for n in gm.graph.nodes if "layer_norm" in str(n.target))
+    assert capture.module_path(gm, norm) == f"0.norm ({norm})"
+    assert capture.module_path(gm, "1.proj") == "1.proj"  # already a path: kept

@@ -118,3 +118,23 @@ def test_profiles_name_the_ops_that_take_the_time_in_both_runtimes(tmp_path):
     shares = [share for _, _, share in profiles["torch, original"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.01  # shares are rounded
     assert "Where the time goes" in (tmp_path / "report.md").read_text()
+
+
+def test_quantized_weights_held_in_buffers_count_as_parameters_and_bytes():
+    """dgq keeps int8 codes and scales in buffers: a report once said `params 198,272 → 512`."""
+    from tests.passes.test_lowrank import FFN
+    model = FFN(d=128, hidden=256).eval()
+    calib = [torch.randn(32, 128) for _ in range(2)]
+    result = rewrite.optimize(model, (calib[0],), "dgq{min-sqnr=0}", calib=calib, measure_latency=False)
+    [record] = result.report.records
+    assert record.params_after >= 0.9 * record.params_before  # the same weights, now int8 codes + scales
+    assert record.bytes_after < 0.35 * record.bytes_before  # int8 (and fp scales) instead of fp32
+    assert measure.weight_bytes(model) == 4 * measure.param_count(model)
+
+
+def test_position_ids_and_counters_are_not_weights():
+    bn = nn.BatchNorm1d(4)  # running stats are weights a layer holds; num_batches_tracked is a counter
+    assert measure.param_count(bn) == 16
+    holder = nn.Module()
+    holder.register_buffer("position_ids", torch.arange(512)[None])
+    assert measure.param_count(holder) == 0
