@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a pass runs, not when the CLI lists or checks pass names
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -173,4 +173,5 @@ def _type_name(annotation: Any) -> str:
 
 
 def is_graph(module: nn.Module) -> bool:
-    return isinstance(module, torch.fx.GraphModule)
+    from torch import fx
+    return isinstance(module, fx.GraphModule)

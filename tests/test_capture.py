@@ -110,7 +110,7 @@ def test_uncapturable_model_falls_back_to_eager_with_module_and_line():
     assert "\n" not in c.note
 
 
-class _Inner(nn.Module):
+class _ProjNorm(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(8, 8)
@@ -123,13 +123,13 @@ class _Inner(nn.Module):
 def test_layer_counts_of_an_eager_model_and_its_graph_agree():
     """A report once said 16 → 9 layers in one table and 9 → 9 in the other: graphs counted lifted
     modules only, eager models every module with weights."""
-    model = nn.Sequential(_Inner(), _Inner())
+    model = nn.Sequential(_ProjNorm(), _ProjNorm())
     captured = capture.capture(model, (torch.randn(2, 8),))
     assert capture.layer_count(model) == capture.layer_count(captured.module) == 4
 
 
 def test_graph_nodes_are_named_by_the_module_path_a_user_can_find():
-    model = nn.Sequential(_Inner(), _Inner())
+    model = nn.Sequential(_ProjNorm(), _ProjNorm())
     gm = capture.capture(model, (torch.randn(2, 8),)).module
     relu = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
     assert capture.module_path(gm, relu) == f"0 ({relu})"

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from rewrite import api, calibration, loading
 from rewrite.cli import render
 from rewrite.cli.optimize import MODEL_HELP, TRUST_HELP, _example_inputs
 
@@ -21,6 +20,7 @@ def diff(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
 ) -> None:
     """Outputs, latency, size and accuracy of two models side by side."""
+    from rewrite import api, calibration, loading  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     eval_data = calibration.load_file(eval, "eval") if eval else None
     if trust_pickle:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rewrite import api, calibration, distributed, loading, spec
+from rewrite import spec
 from rewrite.cli import render
 
 MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
@@ -46,7 +46,8 @@ def optimize(
                                                         "differs from the verified model")] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
-    spec.parse_spec(passes)  # a typo fails before any model file is read
+    spec.parse_spec(passes)  # a typo fails before any model file is read, and before torch loads
+    from rewrite import api, calibration, distributed, loading  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
     calib_data = calibration.load_file(calib, "calibration") if calib else None
@@ -75,6 +76,7 @@ def optimize(
 
 def _example_inputs(inputs: Path | None, shape: str | None) -> object:
     """The inputs given on the command line, or None to use those the model file or factory bundles."""
+    from rewrite import calibration, loading
     if inputs is not None:
         return calibration.load_file(inputs, "inputs")
     if shape is not None:

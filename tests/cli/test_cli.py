@@ -181,3 +181,15 @@ def test_passes_explain_says_where_and_why_not():
     assert "where the pattern has a BatchNorm1d" in why.output
     layerwise = invoke("passes", "explain", "dgq", "--model", EXAMPLE)
     assert "matches no graph pattern" in layerwise.output
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["passes", "list"], ["optimize", "m.pt", "--passes", "nope"],
+                                  ["optimize", "m.pt", "--passes", "t1", "--seed", "abc"]])
+def test_help_listing_and_argument_errors_answer_without_loading_torch(argv):
+    """Start-up once took tens of seconds on a busy machine: the CLI imported torch, transformers and onnx
+    before it parsed its arguments."""
+    import subprocess
+    code = ("import sys\nfrom rewrite.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert proc.stdout.strip().endswith("torch not loaded"), proc.stdout[-300:] + proc.stderr[-300:]
