@@ -331,3 +331,17 @@ def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     assert smoothed == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
     assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
     torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_bundled_fno_quantized_by_dgq_exports_onnx_at_parity(tmp_path):
+    """The README's main job once exited 3 here: rel L2 0.32 between onnxruntime and the verified model."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    import fno_mlp
+    model, example, calib = fno_mlp.build()
+    result = api.optimize(model, example, "t1,dgq", calib=calib, emit="onnx", out=tmp_path, measure_latency=False)
+    assert [r.status for r in result.report.records] == ["applied", "applied"]
+    [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert onnx.status == "ok" and onnx.parity["rel_l2"] < 1e-3, onnx.parity
