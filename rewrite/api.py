@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rewrite import (__version__, calibration, capture, checkpoint, distributed, measure, pipeline, registry, spec,
-                     verify)
+                     text, transplant, verify)
 from rewrite.errors import ArtifactError, RewriteError, first_line
 from rewrite.output import OutputFolder, guard_save_pretrained
 from rewrite.pass_base import Approx, Pass, PassContext
@@ -74,7 +74,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
              trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
              blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
-             allow_artifact_errors: bool = False) -> Result:
+             allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -84,7 +84,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     (`rewrite.blockwise`); `profile=True` adds the top ops by self time of both models (and of the ONNX
     file when emitted) to the report. An artifact that failed to export or differs from the verified model
     raises ArtifactError after the output folder is written (its `.result` is the Result), unless
-    `allow_artifact_errors=True`; the CLI exits 3 there.
+    `allow_artifact_errors=True`; the CLI exits 3 there. `calib` and `eval` may be lists of strings: they
+    are tokenized (`tokenizer`, else the one beside the model's weights) into windows of `seq_len` tokens,
+    and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`).
     """
     say = progress or (lambda message, done=None, total=None: None)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
@@ -93,6 +95,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     recovery = spec.recover_spec(recover)
     if checkpoint.is_checkpoint(model):
         _refuse_for_checkpoints(out, emitters, eval)
+        calib, _, _ = _tokenized(model, calib, None, None, tokenizer, seq_len, calib_batches)
         return _optimize_checkpoint(Path(model), example_inputs, pass_list, calib, OutputFolder(out, force), seed,
                                     strict, calib_batches, say, recovery)
     if blockwise and out is not None:
@@ -107,12 +110,17 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     writes = out is not None and distributed.rank() == 0
     folder = OutputFolder(out, force, protect=source) if writes else None
     say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
-    model, inputs, _, bundled_calib = _model_and_inputs(model, example_inputs, trusted)
+    loaded, _ = _resolve(model, trusted)
+    calib_is_text = text.is_texts(calib)
+    calib, eval, metric = _tokenized(loaded.module, calib, eval, metric, tokenizer, seq_len, calib_batches)
+    if example_inputs is None and loaded.inputs is None and calib_is_text:
+        example_inputs = calib[0]  # text in: the first calibration window is the example
+    model, inputs, bundled_calib = _model_and_inputs(loaded, example_inputs)
     calib = bundled_calib if calib is None else calib
     torch.manual_seed(seed)
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     cache_note = capture.without_kv_cache(model, inputs)
     data, warns = _calibration(calib, model, inputs, seed, pass_list, calib_batches)
-    warns += [cache_note] if cache_note else []
     eval_data = _eval_data(eval, metric, model) if eval is not None else None
     if floor_value is not None and eval_data is None:
         raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
@@ -122,6 +130,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
         if blockwise:
             outcome = _blockwise(model, data, pass_list, recovery, seed, strict, say)
             rewritten, records = outcome.model, outcome.records
+            graph = rewritten
+            warns += [cache_note] if cache_note else []
             captured = capture.Captured(model, inputs, graph=False, note=outcome.summary, original=model)
         else:
             say("capturing")
@@ -135,8 +145,14 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                               synthetic_calibration=data.synthetic, emit=tuple(emitters), recover=recovery,
                               evaluate=measure.evaluator(metric, *eval_data) if eval_data else None, metric=metric,
                               masks=masks, metric_floor=metric_floor)
-            rewritten, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
-            rewritten = capture.accept_original_calls(rewritten, model, inputs)
+            graph, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
+            say("putting the rewritten layers into your model")
+            graph_passes = [p.name for p, r in zip(pass_list, records) if p.level == "graph" and r.status == "applied"]
+            wanted = transplant.lost_in_the_graph(model, graph_passes) is not None  # your class has more to keep
+            own = transplant.onto_eager(graph, model, data.batches, masks) if wanted and not graph_passes else None
+            rewritten = own if own is not None else capture.accept_original_calls(graph, model, inputs)
+            lost = transplant.lost_in_the_graph(model, graph_passes) if own is None and graph is not model else None
+            warns += [w for w in (cache_note if own is None else None, lost) if w]
         report = RunReport(pipeline=spec.format_spec(pass_list), capture=captured.note if blockwise else captured.describe(),
                            inputs=calibration.describe(data.batches), records=records, warnings=warns,
                            compared=_compared(model, mask_input, masks, metric_floor, metric))
@@ -152,8 +168,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             say("profiling (eager torch)")
             report.profiles = {f"torch, {label}": measure.profile_torch(m, inputs)
                                for label, m in (("original", model), ("rewritten", rewritten))}
-        if folder is not None:
-            _emit_all(report, model, rewritten, captured, emitters, stage, measure_latency, say)
+        if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)
+            _emit_all(report, model, graph, captured, emitters, stage, measure_latency, say)
             onnx = next((a.path for a in report.artifacts if a.kind == "onnx" and a.path), None)
             if profile and onnx:
                 report.profiles["onnxruntime, rewritten"] = measure.profile_onnx(onnx, inputs)
@@ -161,6 +177,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                 artifact.path = folder.final(artifact.path)
             report.recipe = _recipe(report, seed, inputs, pass_list)
             report.write(stage)
+    if rewritten is not graph and use_cache is not None:
+        rewritten.config.use_cache = use_cache  # your class back: generate() runs with its KV cache again
     result = Result(guard_save_pretrained(rewritten, model), report, captured, pass_list, seed)
     if report.problems() and not allow_artifact_errors:
         raise ArtifactError(f"{'; '.join(report.problems())} (allow_artifact_errors=True accepts it)", result)
@@ -245,7 +263,7 @@ def explain(model: nn.Module | str, inputs: Any, pass_name: str, node: str | Non
     """Why a pass's patterns do (not) match in the captured model: its matches and refusals, and with
     `node`, the first difference between each pattern and the graph ending at that node."""
     cls = registry.load_pass(pass_name)
-    model, args, _, _ = _model_and_inputs(model, inputs, trusted)
+    model, args, _ = _model_and_inputs(_resolve(model, trusted)[0], inputs)
     captured = capture.capture(model, args)
     if not captured.graph:
         return [captured.note]
@@ -270,12 +288,11 @@ def load(path: str, trusted: bool = False) -> nn.Module:
 
 # --- steps ---------------------------------------------------------------------------------------
 
-def _model_and_inputs(model: Any, example_inputs: Any, trusted: bool) -> tuple[nn.Module, tuple, tuple[Path, ...], Any]:
-    """(a private eval-mode copy, checked inputs, paths never to overwrite, bundled calibration)."""
-    loaded, source = _resolve(model, trusted)
+def _model_and_inputs(loaded: Any, example_inputs: Any) -> tuple[nn.Module, tuple, Any]:
+    """(a private eval-mode copy of what `rewrite.load` gave, checked inputs, bundled calibration)."""
     model = _private_copy(loaded.module)
     inputs = _check_model_and_inputs(model, loaded.inputs if example_inputs is None else example_inputs)
-    return model, inputs, source, loaded.calibration
+    return model, inputs, loaded.calibration
 
 
 def _resolve(model: Any, trusted: bool) -> tuple[Any, tuple[Path, ...]]:
@@ -326,6 +343,24 @@ def _calibration(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes:
             raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
                                f"{first_line(exc)}") from exc
     return data, []
+
+
+def _tokenized(model: Any, calib: Any, eval: Any, metric: str | None, tokenizer: Any, seq_len: int,
+               calib_batches: int) -> tuple[Any, Any, str | None]:
+    """Calibration and evaluation text (lists of strings) as token windows; other data as it came. Eval
+    windows of the calibration text itself start after the calibration windows."""
+    if not (text.is_texts(calib) or text.is_texts(eval)):
+        return calib, eval, metric
+    tok = text.tokenizer_for(model, tokenizer)
+    calib_text = "\n\n".join(calib) if text.is_texts(calib) else None
+    if calib_text is not None:
+        calib = text.windows(tok, calib_text, seq_len, calib_batches)
+    if text.is_texts(eval):
+        eval_text = "\n\n".join(eval)
+        skip = len(calib) if eval_text == calib_text else 0
+        eval = text.windows(tok, eval_text, seq_len, 10_000, skip=skip, what="eval")
+        metric = metric or "perplexity"
+    return calib, eval, metric
 
 
 def _compared(model: nn.Module, mask_input: str | None, masks: list | None, floor: float | None,

@@ -46,8 +46,9 @@ def test_bert_result_is_called_like_the_original_and_returns_its_output_type():
                 result.model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))):
         assert type(out) is type(want)
         torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-5)
-    with pytest.raises(rewrite.InvalidValue, match="captured without position_ids"):
-        result.model(**encoding, position_ids=torch.arange(7)[None])
+    assert type(result.model) is type(model)  # your class back: every argument its forward takes works
+    torch.testing.assert_close(result.model(**encoding, position_ids=torch.arange(7)[None]).last_hidden_state,
+                               model(**encoding, position_ids=torch.arange(7)[None]).last_hidden_state)
 
 
 def test_dict_batches_bind_to_a_forward_with_kwargs():
@@ -68,11 +69,12 @@ def test_llama_decoder_with_default_config_is_captured_without_its_cache():
     ids, mask = _batch(pad=False)
     result = rewrite.optimize(model, {"input_ids": ids, "attention_mask": mask}, "fold-bn", measure_latency=False)
     assert result.captured.graph and "dynamic input 0: dims [0, 1]" in result.report.capture
-    assert any("use_cache turned off" in w for w in result.report.warnings)
     assert model.config.use_cache  # the user's model is untouched
+    assert type(result.model) is type(model) and result.model.config.use_cache  # the cache is back on
+    assert not any("use_cache turned off" in w for w in result.report.warnings)
     longer = _batch(seq=11, batch=3, pad=False)
     out = result.model(input_ids=longer[0], attention_mask=longer[1])
-    assert type(out).__name__ == "CausalLMOutputWithPast"
+    assert type(out).__name__ == "CausalLMOutputWithPast" and out.past_key_values is not None
     torch.testing.assert_close(out.logits, model(*longer, use_cache=False).logits, rtol=1e-4, atol=1e-4)
 
 
@@ -219,3 +221,43 @@ def test_dgq_on_pretrained_minilm_layers_exports_onnx_as_accurate_as_the_verifie
     p = onnx.parity
     assert p["rel_l2"] < 1e-3 or p["vs_original_rel_l2"] <= 1.25 * p["rewrite_rel_l2"] + 1e-3, p
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "ok"
+
+
+def _greedy_without_cache(model, prompt, new_tokens):
+    ids = prompt
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("spec", ["dgq{group=32,budget-cos=0,min-sqnr=-100}", "fwsvd{param-ratio=0.75,min-sqnr=-100}"])
+def test_layer_passes_give_the_users_class_back_with_generate_and_its_kv_cache(family, spec):
+    """A rewritten LLM once came back as a GraphModule: no generate(), no KV cache, no config."""
+    model = _decoder(family)
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    rewritten = result.model
+    assert type(rewritten) is type(model) and rewritten.config.use_cache and rewritten is not model
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    cached = rewritten.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, _greedy_without_cache(rewritten, prompt, 8))
+    kinds = {type(m) for m in rewritten.modules()} - {type(m) for m in model.modules()}
+    assert kinds, "the rewritten layers are in the returned model"
+    assert model.config.use_cache and not {type(m) for m in model.modules()} & kinds  # yours is untouched
+
+
+@pytest.mark.slow
+def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16)),)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,budget-cos=0,min-sqnr=-100},inplace", calib=calib,
+                              measure_latency=False)
+    if result.report.records[1].status != "applied":
+        pytest.skip("inplace found nothing to rewrite in this decoder")
+    assert not hasattr(result.model, "generate")
+    assert any("inplace changed the graph itself" in w and "generate" in w for w in result.report.warnings)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from rewrite import spec
+from rewrite.errors import RewriteError
 from rewrite.cli import render
 
 MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.module:factory / file.py:factory "
@@ -24,6 +25,13 @@ def optimize(
     calib: Annotated[Optional[Path], typer.Option(help="calibration data saved with torch.save")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
     metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity (token ids; targets optional)")] = None,
+    calib_text: Annotated[Optional[Path], typer.Option(help="calibration text: UTF-8, or .jsonl with a \"text\" "
+                                                       "field; tokenized into --seq-len windows")] = None,
+    eval_text: Annotated[Optional[Path], typer.Option(help="held-out text scored by perplexity (windows never "
+                                                      "overlap calibration's)")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="tokenizer name or folder for text [the model's "
+                                                     "folder]")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per text window")] = 512,
     emit: Annotated[str, typer.Option(help="artifacts besides .pt2: onnx, compiled")] = "",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [rewrite-out/<model>]")] = None,
     force: Annotated[bool, typer.Option(help="replace what an earlier rewrite run wrote in the output folder")] = False,
@@ -50,8 +58,8 @@ def optimize(
     from rewrite import api, calibration, distributed, loading  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
-    calib_data = calibration.load_file(calib, "calibration") if calib else None
-    eval_data = calibration.load_file(eval, "eval") if eval else None
+    calib_data = _data(calib, calib_text, "calib")
+    eval_data = _data(eval, eval_text, "eval")
     if trust_pickle:
         render.errors.print(loading.PICKLE_NOTICE)
     with render.progress() as say:
@@ -59,7 +67,8 @@ def optimize(
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
-                              blockwise=blockwise, profile=profile, progress=say,
+                              blockwise=blockwise, profile=profile, progress=say, tokenizer=tokenizer,
+                              seq_len=seq_len,
                               allow_artifact_errors=True)  # reported below: exit 3
     if distributed.rank() != 0:
         return  # under torchrun, rank 0 alone reports and writes
@@ -72,6 +81,21 @@ def optimize(
                             " (--allow-artifact-errors accepts it)"), markup=False, soft_wrap=True)
         if not allow_artifact_errors:
             raise typer.Exit(3)
+
+
+def _data(tensors: Path | None, text_file: Path | None, what: str) -> object:
+    """--calib / --eval (token tensors) or --calib-text / --eval-text (a text, as a one-string list)."""
+    from rewrite import calibration, text
+    if tensors is not None and text_file is not None:
+        raise RewriteError(f"--{what} and --{what}-text both given: give one of them")
+    name = "calibration" if what == "calib" else "eval"
+    if text_file is not None:
+        return [text.read(text_file, name)]
+    data = calibration.load_file(tensors, name) if tensors else None
+    if text.is_texts(data):
+        raise RewriteError(f"{name} data has the wrong structure (a list of strings): give text with "
+                           f"--{what}-text FILE, or token ids as tensors")
+    return data
 
 
 def _example_inputs(inputs: Path | None, shape: str | None) -> object:

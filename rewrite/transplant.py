@@ -1,0 +1,60 @@
+"""The user's own model back: the layers and weights passes rewrote in the captured graph, put into a copy
+of the eager module, so a Hugging Face model stays its class, with `config`, `generate()` and its KV cache.
+
+Capture lifts each Linear / Conv into a call_module node at the eager module's path (`model.layers.0.mlp.
+up_proj`). Layer passes (dgq, fwsvd, lowrank, tconv) replace the module at that path, and some change weights
+in place (dgq's smoothing divides a norm's weight). So: every module the graph calls goes to the same path
+of the copy, every tensor of the graph's state to the same name. It is accepted only when the copy then
+computes what the verified graph computes on the calibration batches; where a pass changed the graph itself
+(t1's DFT form, pointwise, inplace, fold-bn) it does not, and the graph is the result.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from rewrite import capture, verify
+from rewrite.patterns import set_submodule
+
+
+def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: list | None = None
+               ) -> nn.Module | None:
+    """A copy of `eager` holding `graph`'s rewritten layers and weights, or None where it would compute
+    something else than `graph` on `batches` (positions `masks` keep)."""
+    if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
+        return None
+    target = copy.deepcopy(eager)
+    paths = dict(target.named_modules())
+    for node in graph.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = graph.get_submodule(node.target)
+        if node.target not in paths:
+            if capture.layer_count(module):
+                return None  # a layer at a path the model does not have: a graph pass made it
+            continue  # export's own helpers (_guards_fn); an output check below catches anything else
+        set_submodule(target, node.target, module)
+    mine = target.state_dict()
+    with torch.no_grad():
+        for name, tensor in graph.state_dict().items():
+            if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
+                mine[name].copy_(tensor)
+    want = [capture.run(graph, batch) for batch in batches]
+    try:
+        got = [capture.run(target, batch) for batch in batches]
+        same = verify.compare(want, got, masks=masks).within_tolerance
+    except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
+        return None
+    return target if same else None
+
+
+def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:
+    """What a user loses when the result is a GraphModule instead of their class (None: nothing to lose)."""
+    kept = [m for m in ("generate", "save_pretrained", "config") if hasattr(model, m)]
+    if not kept:
+        return None
+    why = f"{', '.join(graph_passes)} changed the graph itself" if graph_passes else "its layers could not be put back"
+    return (f"the result is a graph, not your {type(model).__name__}: {why}, so {', '.join(kept)} and the KV "
+            "cache are not on it; run the layer passes (dgq, fwsvd, lowrank, tconv) alone to keep your class")

