@@ -55,7 +55,7 @@ def optimize(
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
     spec.parse_spec(passes)  # a typo fails before any model file is read, and before torch loads
-    from rewrite import api, calibration, distributed, loading  # torch: only once the command runs
+    from rewrite import api, distributed, loading  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
     calib_data = _data(calib, calib_text, "calib")
