@@ -5,7 +5,9 @@ import contextlib
 import copy
 import hashlib
 import inspect
+import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from torch import nn
 
 from rewrite import (__version__, calibration, capture, checkpoint, distributed, measure, pipeline, registry, spec,
                      text, transplant, verify)
+from rewrite.emit import hf
 from rewrite.errors import ArtifactError, RewriteError, first_line
 from rewrite.output import OutputFolder, guard_save_pretrained
 from rewrite.pass_base import Approx, Pass, PassContext
@@ -162,6 +165,12 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
         if measure_latency:
             say("measuring latency (eager torch, original and rewritten in alternating rounds)")
             _add_timing(report, measure.compare_torch(model, rewritten, inputs), model, rewritten)
+        if measure_latency and rewritten is not graph and measure.generates(rewritten):
+            say("measuring generation (prefill, then 64 new tokens with the KV cache; alternating rounds)")
+            generation = measure.compare_generation(model, rewritten)
+            report.speeds += [generation["prefill"].speed, generation["decode"].speed]
+            report.generation = {k: generation[k] for k in ("prompt_tokens", "new_tokens", "prefill_ms",
+                                                            "decode_tokens_per_s")}
         if eval_data is not None:
             _score(report, model, rewritten, eval_data, metric)
         if profile:
@@ -170,6 +179,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                                for label, m in (("original", model), ("rewritten", rewritten))}
         if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)
             _emit_all(report, model, graph, captured, emitters, stage, measure_latency, say)
+            if rewritten is not graph and hf.is_hf(rewritten):
+                say("writing the folder from_pretrained loads")
+                _emit_hf(report, rewritten, stage)
             onnx = next((a.path for a in report.artifacts if a.kind == "onnx" and a.path), None)
             if profile and onnx:
                 report.profiles["onnxruntime, rewritten"] = measure.profile_onnx(onnx, inputs)
@@ -428,6 +440,24 @@ def _emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, capt
         if name == "onnx" and artifact.path and measure_latency:
             say("measuring latency (onnxruntime, in a worker process)")
             _ort_timing(report, original, captured, Path(artifact.path))
+
+
+def _emit_hf(report: RunReport, model: nn.Module, out_dir: Path) -> None:
+    """config.json + model.safetensors (+ the tokenizer beside the original's weights) for from_pretrained;
+    a warning, not a failed artifact, where a rewritten layer has no such form (.pt2 holds the model)."""
+    try:
+        hf.save(model, out_dir)
+    except RewriteError as exc:
+        report.warnings.append(f"no from_pretrained folder: {first_line(exc, 300)}")
+        return
+    source = Path(str(getattr(model.config, "_name_or_path", "") or "-"))
+    for name in text.TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "chat_template.jinja"):
+        if source.is_dir() and (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+    quantized = "quantization_config" in json.loads((out_dir / "config.json").read_text())
+    report.artifacts.append(Artifact("hf", str(out_dir / "config.json"), None,
+                                     "AutoModel*.from_pretrained(DIR) loads it" +
+                                     (" (with pip install compressed-tensors)" if quantized else "")))
 
 
 def _ort_timing(report: RunReport, original: nn.Module, captured: capture.Captured, rewritten_path: Path) -> None:

@@ -97,6 +97,46 @@ def compare_torch(original: nn.Module, rewritten: nn.Module, inputs: tuple, budg
     return _timed("torch", *timing.paired_rounds(caller(original), caller(rewritten), budget_s=budget_s))
 
 
+PROMPT_TOKENS, NEW_TOKENS = 512, 64
+
+
+def generates(model: nn.Module) -> bool:
+    """A causal LM with generate() and a KV cache (a Hugging Face decoder in its own class)."""
+    return callable(getattr(model, "generate", None)) and type(model).__name__.endswith("ForCausalLM")
+
+
+def compare_generation(original: nn.Module, rewritten: nn.Module, budget_s: float = 2.0) -> dict[str, Any]:
+    """Prefill of a 512-token prompt, and decoding 64 new tokens with the KV cache (greedy), both models in
+    alternating rounds (eager torch). Returns the paired Speeds and each model's prefill ms and tokens/s."""
+    room = getattr(original.config, "max_position_embeddings", PROMPT_TOKENS + NEW_TOKENS) - NEW_TOKENS
+    prompt_len = max(8, min(PROMPT_TOKENS, room))
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, original.config.vocab_size, (1, prompt_len), generator=gen)
+    short = prompt[:, :8]
+
+    def prefill(m: nn.Module) -> Callable[[], Any]:
+        return lambda: _inference_kw(m, prompt, use_cache=True)
+
+    def decode(m: nn.Module) -> Callable[[], Any]:
+        return lambda: m.generate(short, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                  use_cache=True, pad_token_id=0)
+    result: dict[str, Any] = {"prompt_tokens": prompt_len, "new_tokens": NEW_TOKENS}
+    for kind, make in (("prefill", prefill), ("decode", decode)):
+        first, second, calls = timing.paired_rounds(make(original), make(rewritten), budget_s=budget_s,
+                                                    min_rounds=5)
+        timed = _timed(f"torch {kind}", first, second, calls)
+        result[kind] = timed
+    result["prefill_ms"] = [result["prefill"].original[0], result["prefill"].rewritten[0]]
+    result["decode_tokens_per_s"] = [1e3 * NEW_TOKENS / result["decode"].original[0],
+                                     1e3 * NEW_TOKENS / result["decode"].rewritten[0]]
+    return result
+
+
+def _inference_kw(module: nn.Module, ids: torch.Tensor, **kwargs: Any) -> None:
+    with torch.inference_mode():
+        module(ids, **kwargs)
+
+
 def _inference(module: nn.Module, inputs: tuple) -> None:
     with torch.inference_mode():
         module(*inputs)

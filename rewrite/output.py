@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +27,7 @@ from rewrite.errors import RewriteError
 MANIFEST = ".rewrite-manifest.json"
 # Every name a run may write: a foreign file with one of these names makes --force refuse up front.
 PRODUCTS = ("model.pt2", "model.pt", "model.onnx", "model.onnx.data", "model.aoti.pt2",
-            "report.md", "report.json", "recipe.json")
+            "report.md", "report.json", "recipe.json", "config.json", "generation_config.json", "model.safetensors")
 
 
 class OutputFolder:
@@ -155,29 +156,21 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
-class RefusedSave:
-    """Stands in for a Hugging Face model's save_pretrained where the rewritten layers' weights have names
-    from_pretrained does not know: it would reload them as random weights, and say so only in a log."""
-
-    def __init__(self, changed: str):
-        self.changed = changed
-
-    def __call__(self, *args, **kwargs):
-        raise RewriteError(f"save_pretrained cannot write this rewritten model ({self.changed}): from_pretrained "
-                           "would load those layers as random weights; write it with rewrite optimize -o DIR "
-                           "and read it back with rewrite.load(DIR)")
+def _save_pretrained(self: nn.Module, save_directory: str | Path, **_ignored) -> None:
+    """save_pretrained for a rewritten Hugging Face model: its layers in a form from_pretrained loads
+    (`emit.hf`), or a one-line RewriteError naming the layer that has none (never random weights on reload)."""
+    from rewrite.emit import hf
+    hf.save(self, save_directory)
 
 
 def guard_save_pretrained(model: nn.Module, reference: nn.Module | None) -> nn.Module:
-    """Refuse save_pretrained on `model` unless its weights have the names and shapes of `reference`'s
-    (the model it was rewritten from; None: never the same)."""
+    """Unless `model`'s weights have the names and shapes of `reference`'s (the model it was rewritten from;
+    None: never), its save_pretrained writes through `emit.hf` or refuses: the class's own would write names
+    from_pretrained does not know, which it loads as random weights and says so only in a log."""
     if not hasattr(model, "save_pretrained"):
         return model
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {} if reference is None else {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    if mine == theirs:
-        return model
-    new = next((k for k in mine if k not in theirs), None)
-    changed = f"{new} is a weight the original does not have" if new else "its weights are not the original's"
-    model.save_pretrained = RefusedSave(changed)  # an instance attribute shadows the method
+    if mine != theirs:
+        model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's method
     return model

@@ -104,6 +104,7 @@ class RunReport:
     warnings: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, list] = field(default_factory=dict)  # "torch, rewritten" → [(op, ms, share)], top first
+    generation: dict[str, Any] = field(default_factory=dict)  # causal LMs: prefill ms and decode tokens/s, both
 
     # --- views --------------------------------------------------------------------------------
 
@@ -141,6 +142,11 @@ class RunReport:
         if self.metric_name and len(self.metric) == 2:
             a, b = self.metric["original"], self.metric["rewritten"]
             lines.append(f"{self.metric_name} on eval data: original {a:.4g} → rewritten {b:.4g} ({b - a:+.4g})")
+        if self.generation:
+            g = self.generation
+            lines.append(f"generation (eager torch, KV cache): prefill of {g['prompt_tokens']} tokens "
+                         f"{g['prefill_ms'][0]:.3g} → {g['prefill_ms'][1]:.3g} ms, decoding {g['new_tokens']} "
+                         f"tokens {g['decode_tokens_per_s'][0]:.3g} → {g['decode_tokens_per_s'][1]:.3g} tokens/s")
         if self.error_vs_original:
             e = self.error_vs_original
             lines.append(f"output vs original: max|Δ| {e['max_abs']:.2e}, rel L2 {e['rel_l2']:.2e}, "

@@ -261,3 +261,46 @@ def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
         pytest.skip("inplace found nothing to rewrite in this decoder")
     assert not hasattr(result.model, "generate")
     assert any("inplace changed the graph itself" in w and "generate" in w for w in result.report.warnings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, tmp_path):
+    """In a fresh process, AutoModelForCausalLM.from_pretrained gives the same weights and logits within the
+    activation-rounding difference (compressed-tensors rounds activations on max|x|/127.5, dgq on /127)."""
+    pytest.importorskip("compressed_tensors")
+    model = _decoder(family)
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,min-sqnr=-100}", calib=calib, measure_latency=False)
+    result.model.save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    group = next(iter(config["config_groups"].values()))
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                          "dynamic": True}
+    assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} <= {4, 8}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, transformers\n"
+            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        mine, original = result.model(ids).logits, model(ids).logits
+    quantization = float((mine - original).norm())
+    assert float((reloaded - mine).norm()) < 0.35 * quantization, (float((reloaded - mine).norm()), quantization)
+
+
+@pytest.mark.slow
+def test_a_causal_lm_report_times_prefill_and_decoding_with_the_kv_cache():
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16)),)]
+    report = rewrite.optimize(model, calib[0], "dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib).report
+    generation = report.generation
+    assert generation["new_tokens"] == 64 and generation["prompt_tokens"] == 8  # 64 positions leave room for 8
+    assert all(v > 0 for v in generation["decode_tokens_per_s"] + generation["prefill_ms"])
+    assert {s.backend for s in report.speeds} == {"torch", "torch prefill", "torch decode"}
+    assert any(line.startswith("generation (eager torch, KV cache)") for line in report.verdicts())

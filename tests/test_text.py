@@ -68,6 +68,8 @@ def test_a_causal_lm_calibrates_on_text_and_is_judged_by_perplexity_on_other_tex
                                    for i in range(40)))
     result = rewrite.optimize(model, None, "dgq{group=32,min-sqnr=-100}", calib=[text.read(calib_file, "c")],
                               eval=[text.read(eval_file, "e")], tokenizer=folder, seq_len=32, calib_batches=4,
-                              measure_latency=False)
+                              measure_latency=False, out=tmp_path / "out")
     assert result.report.metric_name == "perplexity" and set(result.report.metric) == {"original", "rewritten"}
     assert "4 batch(es) of ((1, 32))" in result.report.inputs
+    [shipped] = [a for a in result.report.artifacts if a.kind == "hf"]  # -o DIR: a from_pretrained folder too
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]

@@ -345,3 +345,18 @@ def test_the_bundled_fno_quantized_by_dgq_exports_onnx_at_parity(tmp_path):
     assert [r.status for r in result.report.records] == ["applied", "applied"]
     [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
     assert onnx.status == "ok" and onnx.parity["rel_l2"] < 1e-3, onnx.parity
+
+
+@pytest.mark.parametrize("k", [256, 200])
+def test_the_compressed_tensors_form_holds_the_same_weights_bit_for_bit(k):
+    """W = scale·(q − zp) per group, codes in 4 bits (8 for wider layers); K = 200 is 1.56 groups of 128."""
+    g = torch.Generator().manual_seed(k)
+    w, x = torch.randn(48, k, generator=g) * 0.05, torch.randn(256, k, generator=g)
+    layer = DGQLinear(quantize_weight(w, x, 128, True), None, torch.empty(0), "int8")
+    tensors, args = layer.compressed_tensors()
+    group = args["group"]
+    codes = tensors["weight"].int() + (1 << (args["bits"] - 1))
+    zero = tensors["weight_zero_point"].int() + (1 << (args["bits"] - 1))
+    assert args["bits"] == 4 and int(codes.min()) >= 0 and int(codes.max()) <= 15 and k % group == 0
+    weight = (codes - zero.repeat_interleave(group, 1)) * tensors["weight_scale"].repeat_interleave(group, 1)
+    torch.testing.assert_close(weight, layer.s1[:, None] * layer.w_s8.float(), rtol=1e-6, atol=0)

@@ -30,7 +30,7 @@ from rewrite import verify
 from rewrite.calibration import Suffixes, channel_peaks, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.recover import split
-from rewrite.passes.dgq import kernels
+from rewrite.passes.dgq import kernels, ship
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import attribute, layers, set_submodule, shared_weight
 
@@ -241,6 +241,13 @@ class DGQLinear(nn.Module):
 
     def weight_count(self) -> int:
         return len(self.bias) * self.in_features
+
+    def compressed_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, scheme arguments) of this layer in the compressed-tensors format (`dgq.ship`)."""
+        if self.form != "int8":
+            raise ValueError("form=w4 layers have no compressed-tensors form here yet: use form=int8")
+        tensors, bits, group = ship.encode(self.w_s8, self.s1, self.group)
+        return tensors | {"bias": self.bias}, {"bits": bits, "group": group}
 
     def format_bits(self) -> float:
         """Bits per weight of the format, whatever the storage: 4-bit codes with an int8 scale and a 4-bit zero
