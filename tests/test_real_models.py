@@ -257,8 +257,7 @@ def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
     calib = [(torch.randint(0, 128, (2, 16)),)]
     result = rewrite.optimize(model, calib[0], "dgq{group=32,budget-cos=0,min-sqnr=-100},inplace", calib=calib,
                               measure_latency=False)
-    if result.report.records[1].status != "applied":
-        pytest.skip("inplace found nothing to rewrite in this decoder")
+    assert result.report.records[1].status == "applied"  # inplace rewrites the decoder's residual adds
     assert not hasattr(result.model, "generate")
     assert any("inplace changed the graph itself" in w and "generate" in w for w in result.report.warnings)
 
