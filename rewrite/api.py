@@ -151,10 +151,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             graph, records = pipeline.run_passes(captured, pass_list, ctx, strict=strict, progress=say)
             say("putting the rewritten layers into your model")
             graph_passes = [p.name for p, r in zip(pass_list, records) if p.level == "graph" and r.status == "applied"]
-            wanted = transplant.lost_in_the_graph(model, graph_passes) is not None  # your class has more to keep
-            own = transplant.onto_eager(graph, model, data.batches, masks) if wanted and not graph_passes else None
+            own, lost = transplant.choose(graph, model, graph_passes, data.batches, masks)
             rewritten = own if own is not None else capture.accept_original_calls(graph, model, inputs)
-            lost = transplant.lost_in_the_graph(model, graph_passes) if own is None and graph is not model else None
             warns += [w for w in (cache_note if own is None else None, lost) if w]
         report = RunReport(pipeline=spec.format_spec(pass_list), capture=captured.note if blockwise else captured.describe(),
                            inputs=calibration.describe(data.batches), records=records, warnings=warns,

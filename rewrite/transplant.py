@@ -58,3 +58,13 @@ def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:
     why = f"{', '.join(graph_passes)} changed the graph itself" if graph_passes else "its layers could not be put back"
     return (f"the result is a graph, not your {type(model).__name__}: {why}, so {', '.join(kept)} and the KV "
             "cache are not on it; run the layer passes (dgq, fwsvd, lowrank, tconv) alone to keep your class")
+
+
+def choose(graph: nn.Module, eager: nn.Module, graph_passes: list[str], batches: list[tuple],
+           masks: list | None = None) -> tuple[nn.Module | None, str | None]:
+    """(your class with the rewritten layers, or None to return the graph; what the graph loses, if anything).
+    Only a model with something to lose (a Hugging Face model's generate, config) is put back, and only when no
+    graph pass applied: the graph then holds a rewrite the eager copy cannot."""
+    lost = lost_in_the_graph(eager, graph_passes)
+    own = onto_eager(graph, eager, batches, masks) if lost and not graph_passes else None
+    return own, (lost if own is None and graph is not eager else None)
