@@ -82,6 +82,12 @@ def tokens(tokenizer, sentences: list[str], length: int = 128, batch: int = 4) -
     return [(ids[i:i + per].reshape(batch, length),) for i in range(0, len(ids) - per + 1, per)]
 
 
+def model():
+    """The model alone, for text in: `rewrite optimize examples/smollm2.py:model --passes dgq
+    --calib-text A.txt --eval-text B.txt` (the tokenizer is found beside the cached weights)."""
+    return load()[0]
+
+
 def build():
     """(model, example token ids, calibration batches) for `rewrite optimize examples/smollm2.py:build`."""
     model, tokenizer = load()

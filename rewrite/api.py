@@ -179,7 +179,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
             _emit_all(report, model, graph, captured, emitters, stage, measure_latency, say)
             if rewritten is not graph and hf.is_hf(rewritten):
                 say("writing the folder from_pretrained loads")
-                _emit_hf(report, rewritten, stage)
+                _emit_hf(report, rewritten, stage, use_cache)
             onnx = next((a.path for a in report.artifacts if a.kind == "onnx" and a.path), None)
             if profile and onnx:
                 report.profiles["onnxruntime, rewritten"] = measure.profile_onnx(onnx, inputs)
@@ -440,22 +440,26 @@ def _emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, capt
             _ort_timing(report, original, captured, Path(artifact.path))
 
 
-def _emit_hf(report: RunReport, model: nn.Module, out_dir: Path) -> None:
+def _emit_hf(report: RunReport, model: nn.Module, out_dir: Path, use_cache: bool | None) -> None:
     """config.json + model.safetensors (+ the tokenizer beside the original's weights) for from_pretrained;
     a warning, not a failed artifact, where a rewritten layer has no such form (.pt2 holds the model)."""
+    kept, model.config.use_cache = model.config.use_cache, use_cache  # the folder says what your config said
     try:
-        hf.save(model, out_dir)
+        form = hf.save(model, out_dir)
     except RewriteError as exc:
-        report.warnings.append(f"no from_pretrained folder: {first_line(exc, 300)}")
+        report.warnings.append(f"no model folder: {first_line(exc, 300)}")
         return
+    finally:
+        model.config.use_cache = kept
     source = Path(str(getattr(model.config, "_name_or_path", "") or "-"))
     for name in text.TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "chat_template.jinja"):
         if source.is_dir() and (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
     quantized = "quantization_config" in json.loads((out_dir / "config.json").read_text())
-    report.artifacts.append(Artifact("hf", str(out_dir / "config.json"), None,
-                                     "AutoModel*.from_pretrained(DIR) loads it" +
-                                     (" (with pip install compressed-tensors)" if quantized else "")))
+    how = ("rewrite.load(DIR) gives your class back (from_pretrained cannot: factorized layers)"
+           if form == hf.LAYERS else "AutoModel*.from_pretrained(DIR) loads it" +
+           (" (with pip install compressed-tensors)" if quantized else ""))
+    report.artifacts.append(Artifact("hf", str(out_dir / "config.json"), None, how))
 
 
 def _ort_timing(report: RunReport, original: nn.Module, captured: capture.Captured, rewritten_path: Path) -> None:

@@ -96,8 +96,9 @@ def _names(file: Path) -> list[str]:
         return list(handle.keys())
 
 
-def build_empty(folder: Path) -> nn.Module:
-    """The checkpoint's architecture from its config.json, parameters on meta, in eval mode, no KV cache."""
+def build_empty(folder: Path, use_cache: bool | None = False) -> nn.Module:
+    """The checkpoint's architecture from its config.json, parameters on meta, in eval mode, no KV cache
+    (use_cache=None: as the config says)."""
     try:
         import transformers
     except ImportError:
@@ -111,7 +112,8 @@ def build_empty(folder: Path) -> nn.Module:
     if cls is None:
         raise RewriteError(f"{str(folder / 'config.json')!r} names no transformers architecture (architectures: "
                            f"{arch!r}): save the checkpoint with save_pretrained")
-    config.use_cache = False
+    if use_cache is not None:
+        config.use_cache = use_cache
     with parameters_on_meta():
         model = cls(config)
     return model.eval()
@@ -259,3 +261,110 @@ def load_whole(folder: str | Path) -> nn.Module:
     for index in range(len(lazy.blocks)):
         lazy.load(index)
     return lazy.model
+
+
+# --- rewritten layers in the user's class: config.json + rewritten.safetensors + rewrite-layers.json ---------
+
+LAYERS = "rewrite-layers.json"
+LAYERS_FORMAT = "rewrite-layers/1"
+LAYER_WEIGHTS = "rewritten.safetensors"  # not model.safetensors: from_pretrained must not load it half-random
+
+
+def is_layered(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and (Path(path) / LAYERS).is_file()
+
+
+def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules of rewrite's own classes (the layers passes put in), by path."""
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("rewrite.") and not any(path.startswith(p + ".") for p in found):
+            found[path] = module
+    return found
+
+
+def write_layers(model: nn.Module, folder: Path) -> None:
+    """A Hugging Face model whose rewritten layers have no standard form (factorized Linears): its config,
+    every weight by its state-dict name (tied ones once) and, per rewritten layer, the class that rebuilds it
+    from its tensors (`from_state`). `rewrite.load(folder)` gives the model's own class back."""
+    from safetensors.torch import save_file
+    layers = rewritten_layers(model)
+    for path, layer in layers.items():
+        inner = [n for n, m in layer.named_modules() if n and type(m).__module__.startswith("rewrite.")]
+        if not hasattr(type(layer), "from_state") or inner:
+            what = f"{type(layer).__name__} holding {type(layer.get_submodule(inner[0])).__name__}" if inner else \
+                type(layer).__name__
+            raise RewriteError(f"save_pretrained cannot write {path} ({what}): that layer has no saved form yet; "
+                               "write the model with rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
+    seen: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # as save_pretrained writes
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(tensors, str(folder / LAYER_WEIGHTS), metadata={"format": "pt"})
+    classes = {path: f"{type(layer).__module__}:{type(layer).__qualname__}" for path, layer in layers.items()}
+    (folder / LAYERS).write_text(json.dumps({"format": LAYERS_FORMAT, "layers": classes, "aliases": aliases},
+                                            indent=2))
+
+
+def load_layers(folder: str | Path) -> nn.Module:
+    """The model `write_layers` wrote: its class from config.json, each rewritten layer rebuilt from its
+    tensors by the class the manifest names (rewrite's own classes only: nothing else is imported)."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    manifest = _layers_manifest(folder)
+    try:
+        tensors = load_file(str(folder / LAYER_WEIGHTS))
+    except (OSError, ValueError) as exc:
+        raise RewriteError(f"cannot read {str(folder / LAYER_WEIGHTS)!r}: {first_line(exc)}: the folder is "
+                           "incomplete; write it again with rewrite optimize -o") from None
+    model = build_empty(folder, use_cache=None)
+    for path, where in sorted(manifest["layers"].items(), key=lambda item: item[0].count(".")):
+        own = {name[len(path) + 1:]: t for name, t in tensors.items() if name.startswith(path + ".")}
+        owner, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(owner), attr, _layer_class(where, folder).from_state(own))
+    rest = {k: v for k, v in tensors.items() if not any(k.startswith(p + ".") for p in manifest["layers"])}
+    model.load_state_dict(rest, strict=False, assign=True)
+    for name, source in manifest["aliases"].items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source) if _is_parameter(model, source)
+                else model.get_buffer(source))
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise RewriteError(f"{str(folder)!r} lacks the weight(s) {', '.join(empty[:3])}: the folder is incomplete")
+    return guard_save_pretrained(model.eval(), None)
+
+
+def _layers_manifest(folder: Path) -> dict:
+    try:
+        manifest = json.loads((folder / LAYERS).read_text())
+        assert manifest["format"] == LAYERS_FORMAT
+        assert isinstance(manifest["layers"], dict) and isinstance(manifest["aliases"], dict)
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+        raise RewriteError(f"{str(folder / LAYERS)!r} is not a {LAYERS_FORMAT} manifest: write the folder with "
+                           "rewrite optimize -o DIR") from None
+    return manifest
+
+
+def _layer_class(where: Any, folder: Path) -> type:
+    import importlib
+    module_name, _, name = str(where).partition(":")
+    cls = None
+    if module_name == "rewrite" or module_name.startswith("rewrite."):
+        try:
+            cls = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and hasattr(cls, "from_state")):
+        raise RewriteError(f"{str(folder / LAYERS)!r} names the layer class {where!r}, which this version of "
+                           "rewrite does not have: upgrade rewrite, or write the folder again")
+    return cls

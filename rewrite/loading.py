@@ -44,6 +44,8 @@ def load(spec: str, trusted: bool = False) -> Loaded:
     from rewrite import checkpoint
     if checkpoint.is_rewritten(path):
         return Loaded(checkpoint.load_rewritten(path, trusted))
+    if checkpoint.is_layered(path):
+        return Loaded(checkpoint.load_layers(path))
     if checkpoint.is_checkpoint(path):
         return Loaded(checkpoint.load_whole(path))
     if path.suffix == ".pt2":

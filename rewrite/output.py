@@ -27,7 +27,8 @@ from rewrite.errors import RewriteError
 MANIFEST = ".rewrite-manifest.json"
 # Every name a run may write: a foreign file with one of these names makes --force refuse up front.
 PRODUCTS = ("model.pt2", "model.pt", "model.onnx", "model.onnx.data", "model.aoti.pt2",
-            "report.md", "report.json", "recipe.json", "config.json", "generation_config.json", "model.safetensors")
+            "report.md", "report.json", "recipe.json", "config.json", "generation_config.json", "model.safetensors",
+            "rewritten.safetensors", "rewrite-layers.json")
 
 
 class OutputFolder:

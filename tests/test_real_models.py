@@ -303,3 +303,34 @@ def test_a_causal_lm_report_times_prefill_and_decoding_with_the_kv_cache():
     assert all(v > 0 for v in generation["decode_tokens_per_s"] + generation["prefill_ms"])
     assert {s.backend for s in report.speeds} == {"torch", "torch prefill", "torch decode"}
     assert any(line.startswith("generation (eager torch, KV cache)") for line in report.verdicts())
+
+
+@pytest.mark.slow
+def test_a_factorized_llm_folder_loads_back_into_its_class_with_generate(tmp_path):
+    """fwsvd's layers have no form from_pretrained knows: the folder rewrite writes loads with rewrite.load
+    (in a fresh process) into LlamaForCausalLM with the same logits and generate(); from_pretrained alone
+    stops with an error instead of loading random weights."""
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], "fwsvd{param-ratio=0.75,min-sqnr=-100}", calib=calib,
+                              measure_latency=False)
+    result.model.save_pretrained(tmp_path / "f")
+    assert not (tmp_path / "f" / "model.safetensors").exists()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, rewrite\n"
+            "m = rewrite.load(sys.argv[1])\n"
+            "ids = torch.load(sys.argv[2])\n"
+            "out = m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)\n"
+            "torch.save({'cls': type(m).__name__, 'logits': m(ids).logits.detach(), 'tokens': out}, sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = torch.load(tmp_path / "out.pt")
+    assert reloaded["cls"] == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded["logits"], result.model(ids).logits, rtol=0, atol=0)
+    assert torch.equal(reloaded["tokens"], result.model.generate(ids, max_new_tokens=6, do_sample=False,
+                                                                 pad_token_id=0))
+    with pytest.raises(OSError):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f")

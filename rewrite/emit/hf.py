@@ -3,8 +3,10 @@ layers in the compressed-tensors format with a `quantization_config` (loading ne
 compressed-tensors`, as for any llm-compressor checkpoint; vLLM reads the same folder).
 
 A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group"})` (dgq's DGQLinear). A model
-holding another rewritten layer (a factorized fwsvd/lowrank layer) has no such form: writing it is refused
-with a one-line reason, since from_pretrained would load those layers as random weights.
+holding another rewritten layer (a factorized fwsvd/lowrank layer) has no form from_pretrained knows: it is
+written as `rewrite.checkpoint.write_layers` does (config.json, rewritten.safetensors, rewrite-layers.json),
+which `rewrite.load(DIR)` reads back into the model's own class. There is no model.safetensors in such a
+folder, so from_pretrained stops with "no file named model.safetensors" instead of loading random weights.
 """
 from __future__ import annotations
 
@@ -14,20 +16,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rewrite import checkpoint
 from rewrite.errors import RewriteError
+
+COMPRESSED = "compressed-tensors"  # from_pretrained (and vLLM) load it
+LAYERS = "rewrite-layers"  # rewrite.load loads it
 
 
 def is_hf(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config") and hasattr(model.config, "to_dict")
 
 
-def save(model: nn.Module, folder: str | Path) -> None:
+def save(model: nn.Module, folder: str | Path) -> str:
+    """The model's folder: compressed-tensors where every rewritten layer has that form, else rewrite's
+    layers folder. Returns which (COMPRESSED or LAYERS)."""
+    folder = Path(folder)
+    if all(hasattr(layer, "compressed_tensors") for layer in checkpoint.rewritten_layers(model).values()):
+        _save_compressed(model, folder)
+        return COMPRESSED
+    checkpoint.write_layers(model, folder)
+    return LAYERS
+
+
+def _save_compressed(model: nn.Module, folder: Path) -> None:
     """config.json (+ quantization_config), generation_config.json and model.safetensors into `folder`."""
     from safetensors.torch import save_file
-    folder = Path(folder)
     state, groups = _state(model)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # as save_pretrained writes
     if groups:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",

@@ -40,6 +40,11 @@ class LowRankLinear(nn.Module):
             if bias is not None:
                 self.second.bias.copy_(bias)
 
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "LowRankLinear":
+        """The layer its state dict describes (a saved model folder, `rewrite.checkpoint.load_layers`)."""
+        return cls(tensors["first.weight"], tensors["second.weight"], tensors.get("second.bias"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
@@ -55,6 +60,10 @@ class BlockDenseLinear(nn.Module):
             self.mix.weight.copy_(mix)
             if bias is not None:
                 self.mix.bias.copy_(bias)
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "BlockDenseLinear":
+        return cls(tensors["blocks"], tensors["mix.weight"], tensors.get("mix.bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, r, n = self.blocks.shape
