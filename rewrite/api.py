@@ -218,20 +218,31 @@ def _optimize_checkpoint(folder: Path, example_inputs: Any, passes: list[Pass], 
     data = calibration.from_user(calib if calib is not None else example_inputs, lazy.model, "calibration",
                                  calib_batches)
     with out.staging() as stage:
+        shards = hf.Sharded(lazy.model, stage)  # the same blocks again, as a folder from_pretrained loads
+
         def keep(index: int, rewritten: nn.Module, captured: capture.Captured, _flat: Any) -> nn.Module:
             torch.export.save(export_program(rewritten, captured), stage / checkpoint.block_file(index))
+            shards.add(rewritten, f"model-{index + 1:05d}.safetensors", ("block.", f"{lazy.stack}.{index}."))
             return checkpoint.OnDisk(out.final(stage / checkpoint.block_file(index)))
 
         outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, recover=recovery, say=say,
                                 load=lazy.load, keep=keep)
         aliases = checkpoint.write_rest(lazy.model, lazy.stack, stage)
         checkpoint.write_manifest(stage, folder, lazy.stack, len(lazy.blocks), outcome.layout, aliases)
+        shards.add(lazy.model, "model-00000.safetensors")
+        shards.finish(json.loads((folder / "config.json").read_text()))
+        _copy_tokenizer(folder, stage)
         report = RunReport(pipeline=spec.format_spec(passes), capture=outcome.summary,
                            inputs=calibration.describe(data.batches), records=outcome.records,
                            warnings=["the whole model was never in memory, so its outputs were not compared with the "
                                      "original: each block was verified on its own calibration activations"])
         report.artifacts.append(Artifact("blocks", out.final(stage / checkpoint.MANIFEST), None,
                                          "rewrite.load(folder) builds the rewritten model"))
+        if shards.problem:
+            report.warnings.append(f"no from_pretrained form: {first_line(shards.problem, 300)}")
+        else:
+            report.artifacts.append(_hf_artifact(stage / "config.json", hf.COMPRESSED))
+            report.artifacts[-1].path = out.final(report.artifacts[-1].path)
         report.write(stage)
     captured = capture.Captured(lazy.model, data.batches[0], graph=False, note=outcome.summary)
     return Result(guard_save_pretrained(lazy.model, None), report, captured, passes, seed)
@@ -451,15 +462,22 @@ def _emit_hf(report: RunReport, model: nn.Module, out_dir: Path, use_cache: bool
         return
     finally:
         model.config.use_cache = kept
-    source = Path(str(getattr(model.config, "_name_or_path", "") or "-"))
+    _copy_tokenizer(Path(str(getattr(model.config, "_name_or_path", "") or "-")), out_dir)
+    report.artifacts.append(_hf_artifact(out_dir / "config.json", form))
+
+
+def _copy_tokenizer(source: Path, out_dir: Path) -> None:
     for name in text.TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "chat_template.jinja"):
         if source.is_dir() and (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
-    quantized = "quantization_config" in json.loads((out_dir / "config.json").read_text())
+
+
+def _hf_artifact(config: Path, form: str) -> Artifact:
+    quantized = "quantization_config" in json.loads(config.read_text())
     how = ("rewrite.load(DIR) gives your class back (from_pretrained cannot: factorized layers)"
            if form == hf.LAYERS else "AutoModel*.from_pretrained(DIR) loads it" +
            (" (with pip install compressed-tensors)" if quantized else ""))
-    report.artifacts.append(Artifact("hf", str(out_dir / "config.json"), None, how))
+    return Artifact("hf", str(config), None, how)
 
 
 def _ort_timing(report: RunReport, original: nn.Module, captured: capture.Captured, rewritten_path: Path) -> None:

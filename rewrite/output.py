@@ -28,7 +28,7 @@ MANIFEST = ".rewrite-manifest.json"
 # Every name a run may write: a foreign file with one of these names makes --force refuse up front.
 PRODUCTS = ("model.pt2", "model.pt", "model.onnx", "model.onnx.data", "model.aoti.pt2",
             "report.md", "report.json", "recipe.json", "config.json", "generation_config.json", "model.safetensors",
-            "rewritten.safetensors", "rewrite-layers.json")
+            "rewritten.safetensors", "rewrite-layers.json", "model.safetensors.index.json")
 
 
 class OutputFolder:

@@ -253,3 +253,34 @@ def test_save_pretrained_of_a_rewritten_model_round_trips_or_refuses(tmp_path):
     same.save_pretrained(tmp_path / "same")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "same").eval()
     torch.testing.assert_close(reloaded(calib[0][0]).logits, model(calib[0][0]).logits)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rewritten_block_by_block_is_also_a_folder_from_pretrained_loads(tmp_path):
+    """The block-by-block output once loaded only through rewrite.load. Its dgq blocks are now also shards of
+    a compressed-tensors checkpoint: from_pretrained (in a fresh process) gives rewrite.load's logits within
+    the activation-rounding difference (compressed-tensors rounds on max|x|/127.5, dgq on /127)."""
+    pytest.importorskip("compressed_tensors")
+    import json
+    import subprocess
+    import sys
+    model, calib = _llama(), [(_ids(i),) for i in range(2)]
+    model.save_pretrained(tmp_path / "ckpt")
+    result = rewrite.optimize(str(tmp_path / "ckpt"), None, "dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib,
+                              out=tmp_path / "out", measure_latency=False)
+    assert [a.kind for a in result.report.artifacts] == ["blocks", "hf"], result.report.warnings
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    ids = _ids(7)
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch, transformers\n"
+            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        mine = rewrite.load(str(tmp_path / "out"))(ids).logits
+        original = model(ids).logits
+    error = float((torch.load(tmp_path / "logits.pt") - mine).norm())
+    assert error < 0.35 * float((mine - original).norm())

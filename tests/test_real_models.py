@@ -329,7 +329,7 @@ def test_a_factorized_llm_folder_loads_back_into_its_class_with_generate(tmp_pat
     reloaded = torch.load(tmp_path / "out.pt")
     assert reloaded["cls"] == "LlamaForCausalLM"
     with torch.no_grad():
-        torch.testing.assert_close(reloaded["logits"], result.model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded["logits"], result.model(ids).logits)  # other thread count: ~1e-7
     assert torch.equal(reloaded["tokens"], result.model.generate(ids, max_new_tokens=6, do_sample=False,
                                                                  pad_token_id=0))
     with pytest.raises(OSError):

@@ -11,6 +11,7 @@ folder, so from_pretrained stops with "no file named model.safetensors" instead 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,23 +42,79 @@ def save(model: nn.Module, folder: str | Path) -> str:
 def _save_compressed(model: nn.Module, folder: Path) -> None:
     """config.json (+ quantization_config), generation_config.json and model.safetensors into `folder`."""
     from safetensors.torch import save_file
-    state, groups = _state(model)
+    part = _state(model, _expected_names(model))
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # as save_pretrained writes
-    if groups:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized",
-                                         "quantization_status": "compressed", "config_groups": groups,
-                                         "ignore": linears}
+    config = _config(model.config.to_dict() | {"architectures": [type(model).__name__]}, part.schemes, part.linears)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(part.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors under the names from_pretrained expects, and the compressed-tensors config groups."""
-    expected = _expected_names(model)
+class Sharded:
+    """The same folder written a piece at a time (a checkpoint rewritten block by block): each piece is one
+    safetensors shard of `model.safetensors.index.json`, the config comes last. A piece that has no such form
+    stops the folder (`problem` says why); the block-by-block output stays loadable by rewrite.load."""
+
+    def __init__(self, model: nn.Module, folder: Path):
+        self.expected, self.folder = _expected_names(model), folder
+        self.weight_map: dict[str, str] = {}
+        self.schemes: dict[tuple[int, int], list[str]] = {}
+        self.linears: list[str] = []
+        self.problem: str | None = None
+
+    def add(self, module: nn.Module, file: str, prefix: tuple[str, str] = ("", "")) -> None:
+        """Write `module`'s tensors to `file`, its names' prefix prefix[0] replaced by prefix[1]."""
+        from safetensors.torch import save_file
+        if self.problem:
+            return
+        try:
+            part = _state(module, self.expected, lambda name: prefix[1] + name[len(prefix[0]):])
+        except RewriteError as exc:
+            self.problem = str(exc)
+            return
+        save_file(part.tensors, str(self.folder / file), metadata={"format": "pt"})
+        self.weight_map.update({name: file for name in part.tensors})
+        for scheme, paths in part.schemes.items():
+            self.schemes.setdefault(scheme, []).extend(paths)
+        self.linears += part.linears
+
+    def finish(self, config: dict) -> None:
+        """The index and config.json (`config`: the source checkpoint's, as a dict)."""
+        missing = sorted(self.expected - set(self.weight_map) - _tied(config, self.expected))
+        if self.problem is None and missing:
+            self.problem = f"the weights {', '.join(missing[:3])} were not written"
+        if self.problem:
+            for file in set(self.weight_map.values()):
+                (self.folder / file).unlink(missing_ok=True)
+            return
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (self.folder / "config.json").write_text(json.dumps(_config(config, self.schemes, self.linears), indent=2))
+
+
+def _tied(config: dict, expected: set[str]) -> set[str]:
+    return {"lm_head.weight"} & expected if config.get("tie_word_embeddings") else set()
+
+
+def _config(config: dict, schemes: dict, linears: list[str]) -> dict:
+    if not schemes:
+        return config
+    groups = {f"group_{i}": _scheme(paths, bits, group) for i, ((bits, group), paths) in enumerate(schemes.items())}
+    return config | {"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized",
+                                             "quantization_status": "compressed", "config_groups": groups,
+                                             "ignore": linears}}
+
+
+@dataclass
+class _Part:
+    tensors: dict[str, torch.Tensor]
+    schemes: dict[tuple[int, int], list[str]]  # (bits, group) → the layers in that scheme
+    linears: list[str]  # the Linears left in float: compressed-tensors' ignore list
+
+
+def _state(model: nn.Module, expected: set[str], rename=lambda name: name) -> _Part:
+    """The tensors under the names from_pretrained expects, and the compressed-tensors schemes."""
     state, by_scheme, shipped = {}, {}, []
     for path, module in model.named_modules():
         if not hasattr(module, "compressed_tensors") or any(path.startswith(p + ".") for p in shipped):
@@ -65,26 +122,26 @@ def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             tensors, args = module.compressed_tensors()
         except ValueError as exc:
-            raise RewriteError(f"save_pretrained cannot write {path}: {exc}") from None
+            raise RewriteError(f"save_pretrained cannot write {rename(path)}: {exc}") from None
         for name, tensor in tensors.items():
-            if name != "bias" or f"{path}.bias" in expected:
-                state[f"{path}.{name}"] = tensor
-        by_scheme.setdefault((args["bits"], args["group"]), []).append(path)
+            if name != "bias" or rename(f"{path}.bias") in expected:
+                state[rename(f"{path}.{name}")] = tensor
+        by_scheme.setdefault((args["bits"], args["group"]), []).append(rename(path))
         shipped.append(path)
     seen: set = set()
     for name, tensor in model.state_dict().items():
         if any(name.startswith(p + ".") for p in shipped):
             continue
-        if name not in expected:
-            raise RewriteError(f"save_pretrained cannot write this rewritten model: {name} has no form "
+        if rename(name) not in expected:
+            raise RewriteError(f"save_pretrained cannot write this rewritten model: {rename(name)} has no form "
                                "from_pretrained loads (it would load that layer as random weights); write it with "
                                "rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
         if tensor.untyped_storage().data_ptr() in seen:
             continue  # a tied weight (lm_head = embed_tokens): from_pretrained ties it again
         seen.add(tensor.untyped_storage().data_ptr())
-        state[name] = tensor
-    groups = {f"group_{i}": _scheme(paths, bits, group) for i, ((bits, group), paths) in enumerate(by_scheme.items())}
-    return {k: v.detach().contiguous() for k, v in state.items()}, groups
+        state[rename(name)] = tensor
+    linears = [rename(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return _Part({k: v.detach().contiguous() for k, v in state.items()}, by_scheme, linears)
 
 
 def _expected_names(model: nn.Module) -> set[str]:
