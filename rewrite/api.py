@@ -20,7 +20,8 @@ from rewrite import (__version__, calibration, capture, checkpoint, distributed,
                      text, transplant, verify)
 from rewrite.emit import hf
 from rewrite.errors import ArtifactError, RewriteError, first_line
-from rewrite.output import OutputFolder, guard_save_pretrained
+from rewrite.emit.hf import guard_save_pretrained
+from rewrite.output import OutputFolder
 from rewrite.pass_base import Approx, Pass, PassContext
 from rewrite.report import Artifact, Measurement, RunReport
 
@@ -303,8 +304,7 @@ def explain(model: nn.Module | str, inputs: Any, pass_name: str, node: str | Non
 
 def load(path: str, trusted: bool = False) -> nn.Module:
     """A model from a .pt2, a pickled module (only with `trusted=True`) or `package.module:factory`."""
-    from rewrite.loading import load as _load
-    return _load(path, trusted).module
+    return checkpoint.load_model(path, trusted).module
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -318,9 +318,9 @@ def _model_and_inputs(loaded: Any, example_inputs: Any) -> tuple[nn.Module, tupl
 
 def _resolve(model: Any, trusted: bool) -> tuple[Any, tuple[Path, ...]]:
     """(what `rewrite.load` gives, the model file) from a module or a load spec."""
-    from rewrite.loading import Loaded, load as _load
+    from rewrite.loading import Loaded
     if isinstance(model, (str, Path)):
-        return _load(str(model), trusted), ((Path(model),) if Path(model).exists() else ())
+        return checkpoint.load_model(str(model), trusted), ((Path(model),) if Path(model).exists() else ())
     if not isinstance(model, nn.Module):
         raise RewriteError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
     return Loaded(model), ()

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from rewrite.capture import bind_positional
 from rewrite.errors import RewriteError, first_line
 from rewrite.patterns import mutates
 
@@ -131,31 +132,6 @@ def _bind(batch: Mapping, model: nn.Module, what: str) -> tuple:
         return bind_positional(inspect.signature(model.forward), (), dict(batch))
     except TypeError as exc:
         raise RewriteError(f"{what} batch keys {sorted(batch)} do not match the model's forward(): {exc}") from exc
-
-
-def bind_positional(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple:
-    """A call's arguments as the positional tuple a capture takes: the forward's named parameters in
-    order, up to the last one given (defaults in between). Raises TypeError for names the forward
-    only takes through **kwargs or keyword-only (a captured graph has positional inputs only)."""
-    positional = [p for p in signature.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in positional]
-    unknown = [k for k in kwargs if k not in names]
-    if unknown:
-        raise TypeError(f"{', '.join(map(repr, unknown))} can only be passed by keyword (** or keyword-only); "
-                        f"give inputs among: {', '.join(names)}")
-    if len(args) > len(positional):
-        raise TypeError(f"{len(args)} positional inputs, but forward() names only {len(positional)}")
-    values = list(args) + [kwargs.get(p.name, p.default) for p in positional[len(args):]]
-    if any(v is inspect.Parameter.empty for v in values[:_last_given(names, args, kwargs) + 1]):
-        missing = [n for n, v in zip(names, values) if v is inspect.Parameter.empty]
-        raise TypeError(f"missing required input(s) {', '.join(map(repr, missing))}")
-    return tuple(values[:_last_given(names, args, kwargs) + 1])
-
-
-def _last_given(names: list[str], args: tuple, kwargs: dict) -> int:
-    given = [i for i, n in enumerate(names) if i < len(args) or (n in kwargs and kwargs[n] is not None)]
-    return max(given, default=-1)
 
 
 def check_finite(batch: tuple, where: str) -> None:

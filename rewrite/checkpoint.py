@@ -22,10 +22,25 @@ from torch import nn
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from rewrite.errors import RewriteError, first_line
-from rewrite.output import guard_save_pretrained
+from rewrite.emit import hf
+from rewrite.emit.hf import guard_save_pretrained
+from rewrite.loading import Loaded, load, load_pt2
 
 MANIFEST = "rewrite-blocks.json"
 FORMAT = "rewrite-blockwise/1"
+
+
+def load_model(spec: str, trusted: bool = False) -> Loaded:
+    """What `rewrite.load` reads: a folder (block-by-block output, layers folder, checkpoint) here, a file or
+    `module:factory` through `rewrite.loading`."""
+    path = Path(spec)
+    if is_rewritten(path):
+        return Loaded(load_rewritten(path, trusted))
+    if is_layered(path):
+        return Loaded(load_layers(path))
+    if is_checkpoint(path):
+        return Loaded(load_whole(path))
+    return load(spec, trusted)
 
 
 def is_checkpoint(path: Any) -> bool:
@@ -211,8 +226,7 @@ def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
     """The model a block-by-block run wrote: config → module, rest.safetensors, each block's program."""
     from safetensors.torch import load_file
 
-    from rewrite import blockwise
-    from rewrite.loading import load_pt2
+    from rewrite import blockwise  # torch.export machinery: only when a block-by-block folder is read
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -263,57 +277,10 @@ def load_whole(folder: str | Path) -> nn.Module:
     return lazy.model
 
 
-# --- rewritten layers in the user's class: config.json + rewritten.safetensors + rewrite-layers.json ---------
-
-LAYERS = "rewrite-layers.json"
-LAYERS_FORMAT = "rewrite-layers/1"
-LAYER_WEIGHTS = "rewritten.safetensors"  # not model.safetensors: from_pretrained must not load it half-random
-
+# --- the layers folder (emit.hf writes it): the user's class with rewritten layers ---------------------
 
 def is_layered(path: Any) -> bool:
-    return isinstance(path, (str, Path)) and (Path(path) / LAYERS).is_file()
-
-
-def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The outermost modules of rewrite's own classes (the layers passes put in), by path."""
-    found: dict[str, nn.Module] = {}
-    for path, module in model.named_modules():
-        if type(module).__module__.startswith("rewrite.") and not any(path.startswith(p + ".") for p in found):
-            found[path] = module
-    return found
-
-
-def write_layers(model: nn.Module, folder: Path) -> None:
-    """A Hugging Face model whose rewritten layers have no standard form (factorized Linears): its config,
-    every weight by its state-dict name (tied ones once) and, per rewritten layer, the class that rebuilds it
-    from its tensors (`from_state`). `rewrite.load(folder)` gives the model's own class back."""
-    from safetensors.torch import save_file
-    layers = rewritten_layers(model)
-    for path, layer in layers.items():
-        inner = [n for n, m in layer.named_modules() if n and type(m).__module__.startswith("rewrite.")]
-        if not hasattr(type(layer), "from_state") or inner:
-            what = f"{type(layer).__name__} holding {type(layer.get_submodule(inner[0])).__name__}" if inner else \
-                type(layer).__name__
-            raise RewriteError(f"save_pretrained cannot write {path} ({what}): that layer has no saved form yet; "
-                               "write the model with rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
-    seen: dict[int, str] = {}
-    tensors, aliases = {}, {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = tensor.detach().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # as save_pretrained writes
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    save_file(tensors, str(folder / LAYER_WEIGHTS), metadata={"format": "pt"})
-    classes = {path: f"{type(layer).__module__}:{type(layer).__qualname__}" for path, layer in layers.items()}
-    (folder / LAYERS).write_text(json.dumps({"format": LAYERS_FORMAT, "layers": classes, "aliases": aliases},
-                                            indent=2))
+    return isinstance(path, (str, Path)) and (Path(path) / hf.LAYERS_FILE).is_file()
 
 
 def load_layers(folder: str | Path) -> nn.Module:
@@ -323,9 +290,9 @@ def load_layers(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     manifest = _layers_manifest(folder)
     try:
-        tensors = load_file(str(folder / LAYER_WEIGHTS))
+        tensors = load_file(str(folder / hf.LAYER_WEIGHTS))
     except (OSError, ValueError) as exc:
-        raise RewriteError(f"cannot read {str(folder / LAYER_WEIGHTS)!r}: {first_line(exc)}: the folder is "
+        raise RewriteError(f"cannot read {str(folder / hf.LAYER_WEIGHTS)!r}: {first_line(exc)}: the folder is "
                            "incomplete; write it again with rewrite optimize -o") from None
     model = build_empty(folder, use_cache=None)
     for path, where in sorted(manifest["layers"].items(), key=lambda item: item[0].count(".")):
@@ -346,11 +313,11 @@ def load_layers(folder: str | Path) -> nn.Module:
 
 def _layers_manifest(folder: Path) -> dict:
     try:
-        manifest = json.loads((folder / LAYERS).read_text())
-        assert manifest["format"] == LAYERS_FORMAT
+        manifest = json.loads((folder / hf.LAYERS_FILE).read_text())
+        assert manifest["format"] == hf.LAYERS_FORMAT
         assert isinstance(manifest["layers"], dict) and isinstance(manifest["aliases"], dict)
     except (OSError, ValueError, KeyError, AssertionError, TypeError):
-        raise RewriteError(f"{str(folder / LAYERS)!r} is not a {LAYERS_FORMAT} manifest: write the folder with "
+        raise RewriteError(f"{str(folder / hf.LAYERS_FILE)!r} is not a {hf.LAYERS_FORMAT} manifest: write the folder with "
                            "rewrite optimize -o DIR") from None
     return manifest
 
@@ -365,6 +332,6 @@ def _layer_class(where: Any, folder: Path) -> type:
         except ImportError:
             cls = None
     if not (isinstance(cls, type) and hasattr(cls, "from_state")):
-        raise RewriteError(f"{str(folder / LAYERS)!r} names the layer class {where!r}, which this version of "
+        raise RewriteError(f"{str(folder / hf.LAYERS_FILE)!r} names the layer class {where!r}, which this version of "
                            "rewrite does not have: upgrade rewrite, or write the folder again")
     return cls

@@ -41,13 +41,6 @@ class Loaded:
 def load(spec: str, trusted: bool = False) -> Loaded:
     """The module, and the example inputs / calibration it comes with, from a path or `module:factory`."""
     path = Path(spec)
-    from rewrite import checkpoint
-    if checkpoint.is_rewritten(path):
-        return Loaded(checkpoint.load_rewritten(path, trusted))
-    if checkpoint.is_layered(path):
-        return Loaded(checkpoint.load_layers(path))
-    if checkpoint.is_checkpoint(path):
-        return Loaded(checkpoint.load_whole(path))
     if path.suffix == ".pt2":
         _must_exist(path)
         return Loaded(*load_pt2(path, trusted))

@@ -24,6 +24,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
+from rewrite.capture import lift_layers, quiet_torch
+
 
 @dataclass(frozen=True)
 class NoMatch:
@@ -209,7 +211,6 @@ class _LayerAwareMatcher(SubgraphMatcher):
 
 
 def _capture_pattern(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
-    from rewrite.capture import lift_layers, quiet_torch
     with quiet_torch():
         gm = torch.export.export(copy.deepcopy(module).eval(), example_inputs, strict=False).module()
     lift_layers(gm)

@@ -307,13 +307,13 @@ def profile_onnx(path: str | Path, inputs: tuple, runs: int = 5) -> list[tuple[s
     """Where onnxruntime spends the time: (op type, ms per run, share), from its own node profile."""
     import onnxruntime as ort
 
-    from rewrite.emit import onnx as onnx_emit
+    from rewrite import ort as ort_helpers
     options = ort.SessionOptions()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
         sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = onnx_emit.feed(sess, inputs)
+        feed = ort_helpers.feed(sess, inputs)
         sess.run(None, feed)
         for _ in range(runs):
             sess.run(None, feed)

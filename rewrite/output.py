@@ -16,11 +16,9 @@ import json
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 from typing import Iterator
 
-from torch import nn
 
 from rewrite.errors import RewriteError
 
@@ -155,23 +153,3 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:  # deepest first
         with contextlib.suppress(OSError):
             folder.rmdir()
-
-
-def _save_pretrained(self: nn.Module, save_directory: str | Path, **_ignored) -> None:
-    """save_pretrained for a rewritten Hugging Face model: its layers in a form from_pretrained loads
-    (`emit.hf`), or a one-line RewriteError naming the layer that has none (never random weights on reload)."""
-    from rewrite.emit import hf
-    hf.save(self, save_directory)
-
-
-def guard_save_pretrained(model: nn.Module, reference: nn.Module | None) -> nn.Module:
-    """Unless `model`'s weights have the names and shapes of `reference`'s (the model it was rewritten from;
-    None: never), its save_pretrained writes through `emit.hf` or refuses: the class's own would write names
-    from_pretrained does not know, which it loads as random weights and says so only in a log."""
-    if not hasattr(model, "save_pretrained"):
-        return model
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {} if reference is None else {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    if mine != theirs:
-        model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's method
-    return model

@@ -6,6 +6,7 @@ import functools
 import torch
 from torch import fx, nn
 
+from rewrite.capture import set_submodule  # noqa: F401  (passes take it from here, with the patterns)
 from rewrite.match import Pattern, Variant
 
 
@@ -70,11 +71,6 @@ class _Gated(nn.Module):
 def gated_feed_forward() -> Pattern:
     """down(silu(gate(x)) · up(x)): the SwiGLU block of Llama-style decoders."""
     return Pattern("gated-feed-forward", Variant(_Gated().eval(), (torch.randn(2, 4),), ignore_literals=True))
-
-
-def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def layer_of(gm: fx.GraphModule, node: object, kinds: tuple[type, ...]) -> nn.Module | None:

@@ -7,7 +7,6 @@ model. Seeded, bounded, early-stopping, with progress through the same callback 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,17 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from rewrite import distributed
-
-
-
-@dataclass(frozen=True)
-class RecoverSpec:
-    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (parsed in spec.py)."""
-
-    steps: int = 200
-    lr: float = 1e-3
-    patience: int = 50
-
+from rewrite.spec import RecoverSpec  # noqa: F401  (the options recovery runs with, parsed in spec.py)
 
 
 def _loss(out: Any, target: Any, kind: str = "mse") -> torch.Tensor:

@@ -156,9 +156,17 @@ def metric_floor(floor: str | None) -> float | None:
     return key_value(floor, "--floor", ("metric",))[1] if floor else None
 
 
+@dataclasses.dataclass(frozen=True)
+class RecoverSpec:
+    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (`rewrite.recover` runs it)."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    patience: int = 50
+
+
 def recover_spec(text: str | None):
     """`--recover steps=N[,lr=X][,patience=N]` → a RecoverSpec (None: no recovery)."""
-    from rewrite.recover import RecoverSpec
     if not text:
         return None
     values: dict[str, Any] = {}

@@ -248,7 +248,7 @@ def test_save_pretrained_of_a_rewritten_model_round_trips_or_refuses(tmp_path):
     rewrite.optimize(str(tmp_path / "ckpt"), None, spec, calib=calib, out=tmp_path / "out", measure_latency=False)
     with pytest.raises(RewriteError, match="save_pretrained cannot write"):
         rewrite.load(str(tmp_path / "out")).save_pretrained(tmp_path / "r")
-    from rewrite.output import guard_save_pretrained
+    from rewrite.emit.hf import guard_save_pretrained
     same = guard_save_pretrained(copy.deepcopy(model), model)  # weights under the original's names: kept
     same.save_pretrained(tmp_path / "same")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "same").eval()

@@ -4,24 +4,29 @@ compressed-tensors`, as for any llm-compressor checkpoint; vLLM reads the same f
 
 A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group"})` (dgq's DGQLinear). A model
 holding another rewritten layer (a factorized fwsvd/lowrank layer) has no form from_pretrained knows: it is
-written as `rewrite.checkpoint.write_layers` does (config.json, rewritten.safetensors, rewrite-layers.json),
+written as `write_layers` does (config.json, rewritten.safetensors, rewrite-layers.json),
 which `rewrite.load(DIR)` reads back into the model's own class. There is no model.safetensors in such a
 folder, so from_pretrained stops with "no file named model.safetensors" instead of loading random weights.
 """
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rewrite import checkpoint
 from rewrite.errors import RewriteError
 
 COMPRESSED = "compressed-tensors"  # from_pretrained (and vLLM) load it
-LAYERS = "rewrite-layers"  # rewrite.load loads it
+LAYERS = "rewrite-layers"  # rewrite.load loads it (rewrite.checkpoint.load_layers)
+LAYERS_FILE = "rewrite-layers.json"
+LAYERS_FORMAT = "rewrite-layers/1"
+LAYER_WEIGHTS = "rewritten.safetensors"  # not model.safetensors: from_pretrained must not load it half-random
+
+
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -32,10 +37,10 @@ def save(model: nn.Module, folder: str | Path) -> str:
     """The model's folder: compressed-tensors where every rewritten layer has that form, else rewrite's
     layers folder. Returns which (COMPRESSED or LAYERS)."""
     folder = Path(folder)
-    if all(hasattr(layer, "compressed_tensors") for layer in checkpoint.rewritten_layers(model).values()):
+    if all(hasattr(layer, "compressed_tensors") for layer in rewritten_layers(model).values()):
         _save_compressed(model, folder)
         return COMPRESSED
-    checkpoint.write_layers(model, folder)
+    write_layers(model, folder)
     return LAYERS
 
 
@@ -158,3 +163,64 @@ def _scheme(targets: list[str], bits: int, group: int) -> dict:
                         "group_size": group, "dynamic": False},
             "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                   "dynamic": True}}
+
+
+def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules of rewrite's own classes (the layers passes put in), by path."""
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith("rewrite.") and not any(path.startswith(p + ".") for p in found):
+            found[path] = module
+    return found
+
+
+def write_layers(model: nn.Module, folder: Path) -> None:
+    """A Hugging Face model whose rewritten layers have no standard form (factorized Linears): its config,
+    every weight by its state-dict name (tied ones once) and, per rewritten layer, the class that rebuilds it
+    from its tensors (`from_state`). `rewrite.load(folder)` gives the model's own class back."""
+    from safetensors.torch import save_file
+    layers = rewritten_layers(model)
+    for path, layer in layers.items():
+        inner = [n for n, m in layer.named_modules() if n and type(m).__module__.startswith("rewrite.")]
+        if not hasattr(type(layer), "from_state") or inner:
+            what = f"{type(layer).__name__} holding {type(layer.get_submodule(inner[0])).__name__}" if inner else \
+                type(layer).__name__
+            raise RewriteError(f"save_pretrained cannot write {path} ({what}): that layer has no saved form yet; "
+                               "write the model with rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
+    seen: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # as save_pretrained writes
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(tensors, str(folder / LAYER_WEIGHTS), metadata={"format": "pt"})
+    classes = {path: f"{type(layer).__module__}:{type(layer).__qualname__}" for path, layer in layers.items()}
+    (folder / LAYERS_FILE).write_text(json.dumps({"format": LAYERS_FORMAT, "layers": classes, "aliases": aliases},
+                                            indent=2))
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | Path, **_ignored) -> None:
+    """save_pretrained for a rewritten Hugging Face model: its layers in a form from_pretrained loads
+    (`emit.hf`), or a one-line RewriteError naming the layer that has none (never random weights on reload)."""
+    save(self, save_directory)
+
+
+def guard_save_pretrained(model: nn.Module, reference: nn.Module | None) -> nn.Module:
+    """Unless `model`'s weights have the names and shapes of `reference`'s (the model it was rewritten from;
+    None: never), its save_pretrained writes through `emit.hf` or refuses: the class's own would write names
+    from_pretrained does not know, which it loads as random weights and says so only in a log."""
+    if not hasattr(model, "save_pretrained"):
+        return model
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {} if reference is None else {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if mine != theirs:
+        model.save_pretrained = types.MethodType(_save_pretrained, model)  # shadows the class's method
+    return model
