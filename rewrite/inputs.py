@@ -1,0 +1,149 @@
+"""Step 1 of a run: the user's model, example inputs and data, all checked before any work starts.
+
+The model becomes a private eval-mode copy (yours is never modified); example inputs, calibration and
+evaluation data are checked against it; text (lists of strings) is tokenized into windows (`rewrite.text`).
+`api.optimize`, `api.diff` and `api.explain` start here.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewrite import calibration, capture, checkpoint, measure, text
+from rewrite.errors import RewriteError, first_line
+from rewrite.loading import Loaded
+from rewrite.pass_base import Approx, Pass
+
+
+@dataclass
+class Job:
+    """What a run works on, checked."""
+
+    model: nn.Module  # the private copy, KV cache off
+    inputs: tuple  # example inputs
+    data: calibration.Data  # calibration batches (synthetic where none were given)
+    eval_data: tuple | None  # (batches, targets) for the metric
+    metric: str | None
+    masks: list | None  # per batch: which output positions count (padding excluded)
+    warnings: list[str]
+    use_cache: bool | None  # the model's config.use_cache, given back to the result
+    cache_note: str | None  # what a graph result loses of the KV cache
+
+
+def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, eval: Any, metric: str | None,
+            tokenizer: Any, seq_len: int, calib_batches: int, seed: int, trusted: bool, mask_input: str | None,
+            needs_eval: bool) -> Job:
+    loaded = resolve(model, trusted)
+    calib_is_text = text.is_texts(calib)
+    calib, eval, metric = tokenized(loaded.module, calib, eval, metric, tokenizer, seq_len, calib_batches)
+    if example_inputs is None and loaded.inputs is None and calib_is_text:
+        example_inputs = calib[0]  # text in: the first calibration window is the example
+    model = private_copy(loaded.module)
+    inputs = check_model_and_inputs(model, loaded.inputs if example_inputs is None else example_inputs)
+    calib = loaded.calibration if calib is None else calib
+    torch.manual_seed(seed)
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    cache_note = capture.without_kv_cache(model, inputs)
+    data, warns = calibration_data(calib, model, inputs, seed, passes, calib_batches)
+    eval_data = evaluation_data(eval, metric, model) if eval is not None else None
+    if needs_eval and eval_data is None:
+        raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
+    masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
+    return Job(model, inputs, data, eval_data, metric, masks, warns, use_cache, cache_note)
+
+
+def model_file(model: Any) -> tuple[Path, ...]:
+    """The file the model came from, which no output may overwrite."""
+    return (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
+
+
+def resolve(model: Any, trusted: bool) -> Loaded:
+    """What `rewrite.load` gives, from a module or a load spec."""
+    if isinstance(model, (str, Path)):
+        return checkpoint.load_model(str(model), trusted)
+    if not isinstance(model, nn.Module):
+        raise RewriteError(f"expected a torch.nn.Module or a model path, got {type(model).__name__}")
+    return Loaded(model)
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model).eval()
+    except Exception as exc:
+        raise RewriteError(f"cannot copy the model ({type(model).__name__}: {first_line(exc)}); rewrite works "
+                           "on a private copy so yours is never modified: make the module deep-copyable") from exc
+
+
+def check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise RewriteError("no example inputs: give them (CLI: --inputs FILE or --input-shape 8,3,32,32)")
+    inputs = calibration.as_args(example_inputs, model, "example input")
+    calibration.check_finite(inputs, "the example inputs")
+    try:
+        capture.run(model, inputs)
+    except Exception as exc:
+        shapes = calibration.describe([inputs])
+        raise RewriteError(f"the model rejects the example inputs {shapes}: {first_line(exc)}; "
+                           "give inputs of the shape the model expects (--inputs or --input-shape)") from exc
+    return inputs
+
+
+def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes: list[Pass],
+                     max_batches: int) -> tuple[calibration.Data, list[str]]:
+    if calib is None:
+        data = calibration.synthetic(inputs, seed)
+        approximate = [p.name for p in passes if isinstance(p.contract, Approx) or p.needs_calibration]
+        warns = [f"no calibration data: {', '.join(approximate)} verified on synthetic inputs only; "
+                 "pass --calib for a trustworthy error"] if approximate else []
+        return data, warns
+    data = calibration.from_user(calib, model, "calibration", max_batches)
+    for i, batch in enumerate(data.batches):
+        try:
+            capture.run(model, batch)
+        except Exception as exc:
+            raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
+                               f"{first_line(exc)}") from exc
+    return data, []
+
+
+def tokenized(model: Any, calib: Any, eval: Any, metric: str | None, tokenizer: Any, seq_len: int,
+              calib_batches: int) -> tuple[Any, Any, str | None]:
+    """Calibration and evaluation text (lists of strings) as token windows; other data as it came. Eval
+    windows of the calibration text itself start after the calibration windows."""
+    if not (text.is_texts(calib) or text.is_texts(eval)):
+        return calib, eval, metric
+    tok = text.tokenizer_for(model, tokenizer)
+    calib_text = "\n\n".join(calib) if text.is_texts(calib) else None
+    if calib_text is not None:
+        calib = text.windows(tok, calib_text, seq_len, calib_batches)
+    if text.is_texts(eval):
+        eval_text = "\n\n".join(eval)
+        skip = len(calib) if eval_text == calib_text else 0
+        eval = text.windows(tok, eval_text, seq_len, 10_000, skip=skip, what="eval")
+        metric = metric or "perplexity"
+    return calib, eval, metric
+
+
+def evaluation_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[list[tuple], list[Any]]:
+    if metric is None:
+        raise RewriteError(f"eval data given without a metric: add --metric {'|'.join(measure.METRICS)}")
+    measure.metric_fn(metric)  # unknown names fail here
+    data = calibration.from_user(eval, model, "eval", max_batches=10_000)
+    if data.targets is None and metric == "perplexity":  # a language model's targets are its own token ids
+        return data.batches, [batch[0] for batch in data.batches]
+    if data.targets is None:
+        raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
+    return data.batches, data.targets
+
+
+def check_shapes(captured: capture.Captured, batches: list[tuple], what: str) -> None:
+    for i, batch in enumerate(batches):
+        problem = captured.shape_problem(batch)
+        if problem:
+            raise RewriteError(f"{what} batch {i} {problem}: give {what} batches of the example inputs' shape "
+                               "(or example inputs of theirs)")
