@@ -2,14 +2,30 @@ import re
 from pathlib import Path
 
 from rewrite import registry
-from rewrite.cli.passes import markdown_table
+from rewrite.cli.passes import builtin_passes, markdown_page, markdown_table
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
 def test_pass_table_matches_pass_metadata():
     builtin = [n for n, e in registry.registered().items() if e.distribution.startswith("rewrite ")]
-    assert markdown_table(builtin) in README
+    assert markdown_table(builtin, links="docs/passes") in README
+
+
+def test_each_pass_page_is_generated_from_its_pass():
+    """docs/passes/NAME.md: `rewrite passes docs docs/passes` writes them; a changed option or docstring
+    fails here until they are written again."""
+    pages = Path(__file__).parents[1] / "docs" / "passes"
+    assert sorted(p.stem for p in pages.glob("*.md")) == sorted(builtin_passes())
+    for name in builtin_passes():
+        assert (pages / f"{name}.md").read_text() == markdown_page(name), f"docs/passes/{name}.md is stale"
+
+
+def test_the_readme_stays_short_and_its_links_resolve():
+    assert len(README.encode()) <= 10_500
+    root = Path(__file__).parents[1]
+    for link in re.findall(r"\]\(([^)#]+)\)", README):
+        assert (root / link).exists(), link
 
 
 def test_ci_runs_the_readme_test_command():
