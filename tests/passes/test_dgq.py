@@ -228,7 +228,7 @@ def test_float32_search_errors_choose_what_float64_chooses(monkeypatch):
     w = 0.05 * torch.randn(96, 256, generator=gen)
     x = torch.randn(512, 256, generator=gen) * (1 + 3 * torch.rand(256, generator=gen))  # uneven channel scales
     fast = dgq.quantize_weight(w, x, 128, True)
-    monkeypatch.setattr(dgq, "ERROR_DTYPE", torch.float64)
+    monkeypatch.setattr(dgq.search, "ERROR_DTYPE", torch.float64)
     exact = dgq.quantize_weight(w, x, 128, True)
     assert torch.equal(fast.s1, exact.s1) and torch.equal(fast.q, exact.q) and torch.equal(fast.S, exact.S)
 
