@@ -35,6 +35,8 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             if capture.layer_count(module):
                 return None  # a layer at a path the model does not have: a graph pass made it
             continue  # export's own helpers (_guards_fn); an output check below catches anything else
+        if type(module) is type(paths[node.target]):
+            continue  # not replaced: its weights come over below, into your tensors (ties kept: lm_head = embed)
         set_submodule(target, node.target, module)
     mine = target.state_dict()
     with torch.no_grad():

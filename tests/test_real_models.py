@@ -249,6 +249,8 @@ def test_layer_passes_give_the_users_class_back_with_generate_and_its_kv_cache(f
     kinds = {type(m) for m in rewritten.modules()} - {type(m) for m in model.modules()}
     assert kinds, "the rewritten layers are in the returned model"
     assert model.config.use_cache and not {type(m) for m in model.modules()} & kinds  # yours is untouched
+    # lm_head stays tied to the embedding (it once came back untied: 28M more parameters on SmolLM2)
+    assert rewritten.lm_head.weight is rewritten.model.embed_tokens.weight
 
 
 @pytest.mark.slow
