@@ -4,9 +4,11 @@ activations (the W4A8 scheme).
 
 DGQ's W = s1[o]·W_s8[o, k] with W_s8 = S·(q − z) ∈ ±127 is such a grid: per group, S′ = gcd|W_s8| and
 d = W_s8/S′ span at most 15 (2^bits − 1 for mixed precision's wider codes), so q′ = d − min d, zp = −min d,
-scale = s1·S′ give the same weights bit for bit. A group whose d spans more than 15 (an int8_weights()
+scale = s1·S′ give the same codes and weights (to the float32 rounding of s1·S′, a few 1e-8 relative). A group whose d spans more than 15 (an int8_weights()
 layer, a 5–8-bit code) goes to the 8-bit group of the same scheme. Codes are stored one per int8 (the
-"int-quantized" format, what compressed-tensors infers and llm-compressor writes for int8 activations).
+"int-quantized" format, what compressed-tensors infers and llm-compressor writes for int8 activations), not
+packed: transformers cannot load asymmetric "pack-quantized" checkpoints (it expects the zero points
+unpacked; vllm-project/llm-compressor#1618), so the 4-bit codes take a byte each on disk.
 
 compressed-tensors quantizes activations with scale max|x|/127.5 where DGQ uses max|x|/127: the reloaded
 model has these weights exactly and activations on a 0.4% finer grid, so its logits differ from the
