@@ -8,6 +8,7 @@ from torch import nn
 import rewrite
 from rewrite import blockwise, measure
 from rewrite.errors import RewriteError
+from tests import fresh
 
 
 def _llama(layers=2, tied=True):
@@ -262,8 +263,6 @@ def test_a_checkpoint_rewritten_block_by_block_is_also_a_folder_from_pretrained_
     the activation-rounding difference (compressed-tensors rounds on max|x|/127.5, dgq on /127)."""
     pytest.importorskip("compressed_tensors")
     import json
-    import subprocess
-    import sys
     model, calib = _llama(), [(_ids(i),) for i in range(2)]
     model.save_pretrained(tmp_path / "ckpt")
     result = rewrite.optimize(str(tmp_path / "ckpt"), None, "dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib,
@@ -272,15 +271,9 @@ def test_a_checkpoint_rewritten_block_by_block_is_also_a_folder_from_pretrained_
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == ["lm_head"]
     ids = _ids(7)
-    torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch, transformers\n"
-            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "out", ids, tmp_path)
     with torch.no_grad():
         mine = rewrite.load(str(tmp_path / "out"))(ids).logits
         original = model(ids).logits
-    error = float((torch.load(tmp_path / "logits.pt") - mine).norm())
+    error = float((reloaded - mine).norm())
     assert error < 0.35 * float((mine - original).norm())

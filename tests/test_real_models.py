@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import rewrite
+from tests import fresh
 
 transformers = pytest.importorskip("transformers")
 
@@ -281,14 +282,7 @@ def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained
                                           "dynamic": True}
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} <= {4, 8}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
-    torch.save(ids, tmp_path / "ids.pt")
-    code = ("import sys, torch, transformers\n"
-            "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
-            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "q"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reloaded = torch.load(tmp_path / "logits.pt")
+    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "q", ids, tmp_path)
     with torch.no_grad():
         mine, original = result.model(ids).logits, model(ids).logits
     quantization = float((mine - original).norm())
@@ -319,16 +313,12 @@ def test_a_factorized_llm_folder_loads_back_into_its_class_with_generate(tmp_pat
     result.model.save_pretrained(tmp_path / "f")
     assert not (tmp_path / "f" / "model.safetensors").exists()
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
-    torch.save(ids, tmp_path / "ids.pt")
     code = ("import sys, torch, rewrite\n"
             "m = rewrite.load(sys.argv[1])\n"
             "ids = torch.load(sys.argv[2])\n"
             "out = m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)\n"
             "torch.save({'cls': type(m).__name__, 'logits': m(ids).logits.detach(), 'tokens': out}, sys.argv[3])\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f"), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reloaded = torch.load(tmp_path / "out.pt")
+    reloaded = fresh.run(code, tmp_path / "f", ids, tmp_path)
     assert reloaded["cls"] == "LlamaForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(reloaded["logits"], result.model(ids).logits)  # other thread count: ~1e-7
