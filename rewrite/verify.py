@@ -70,7 +70,7 @@ def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact
     scale = max(1.0, max(float(r.abs().max()) if r.numel() else 0.0 for r in ref))
     signal = noise = dot = power = max_abs = 0.0
     close = finite = True
-    for r, n in zip(ref, new):
+    for r, n in _chunks(ref, new):
         r, n = r.double(), n.double()
         diff = n - r
         signal, noise = signal + float(r.square().sum()), noise + float(diff.square().sum())
@@ -86,6 +86,14 @@ def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact
         cosine=dot / max(math.sqrt(signal * power), 1e-300) if signal > 0 else 1.0,
         within_tolerance=close and finite,
     )
+
+
+def _chunks(ref: list[torch.Tensor], new: list[torch.Tensor], size: int = 1 << 20):
+    """Pairs of flat slices of at most `size` values: the float64 temporaries stay in cache (an LLM's logits
+    leaf is tens of millions of values; whole-leaf temporaries cost more in memory traffic than in math)."""
+    for r, n in zip(ref, new):
+        for a, b in zip(r.reshape(-1).split(size), n.reshape(-1).split(size)):
+            yield a, b
 
 
 def relative_error(want: torch.Tensor, got: torch.Tensor, kind: str = "l2") -> float:
