@@ -236,21 +236,30 @@ def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
                            "rewrite optimize --blockwise") from None
     model = build_empty(folder)
     model.load_state_dict(load_file(str(folder / "rest.safetensors")), strict=False, assign=True)
-    for name, source in manifest["aliases"].items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(source) if _is_parameter(model, source)
-                else model.get_buffer(source))
+    _restore_aliases(model, manifest["aliases"])
     stack = model.get_submodule(manifest["stack"])
     call = manifest["call"]
     spec, constants = treespec_loads(call["spec"]), {int(i): v for i, v in call["constants"].items()}
     for index, file in enumerate(manifest["blocks"]):
         module, _ = load_pt2(folder / file, trusted)
         stack[index] = blockwise.BlockCall(module, spec, constants, call["leaves"])
+    _check_complete(model, folder)
+    gc.collect()
+    return guard_save_pretrained(model, None)
+
+
+def _restore_aliases(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Tied tensors (written once) shared again: name → the name it was written under."""
+    for name, source in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source) if _is_parameter(model, source)
+                else model.get_buffer(source))
+
+
+def _check_complete(model: nn.Module, folder: Path) -> None:
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
         raise RewriteError(f"{str(folder)!r} lacks the weight(s) {', '.join(empty[:3])}: the folder is incomplete")
-    gc.collect()
-    return guard_save_pretrained(model, None)
 
 
 def _is_parameter(model: nn.Module, name: str) -> bool:
@@ -301,13 +310,8 @@ def load_layers(folder: str | Path) -> nn.Module:
         setattr(model.get_submodule(owner), attr, _layer_class(where, folder).from_state(own))
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(p + ".") for p in manifest["layers"])}
     model.load_state_dict(rest, strict=False, assign=True)
-    for name, source in manifest["aliases"].items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, model.get_parameter(source) if _is_parameter(model, source)
-                else model.get_buffer(source))
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise RewriteError(f"{str(folder)!r} lacks the weight(s) {', '.join(empty[:3])}: the folder is incomplete")
+    _restore_aliases(model, manifest["aliases"])
+    _check_complete(model, folder)
     return guard_save_pretrained(model.eval(), None)
 
 

@@ -9,9 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_module_imports_only_from_its_layer_or_below():
-    lint = Path(sys.executable).parent / "lint-imports"
-    if not lint.exists():
-        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    lint = Path(sys.executable).parent / "lint-imports"  # import-linter: a test dependency (.[test])
+    assert lint.exists(), "import-linter is missing: pip install -e '.[test]'"
     proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
