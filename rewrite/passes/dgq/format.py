@@ -92,6 +92,12 @@ class DGQLinear(nn.Module):
         per_group = (8 + self.weight_bits) / self.group if self.group else 0  # S (int8) and z per group
         return self.weight_bits + per_group + 32 / self.in_features
 
+    def float_weight(self) -> torch.Tensor:
+        """The weights this layer multiplies by, dequantized (O, K) in float32."""
+        if self.form == "int8":
+            return self.s1[:, None] * self.w_s8.float()
+        return kernels.unpack_w4(self.packed, self.zeros, self.scales, self.group)[:, :self.in_features]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "int8":
             return kernels.a8w8_linear(x, self.w_s8, self.s1, self.bias, self.s_x)

@@ -3,9 +3,9 @@
 rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
     y = s_x · s1[o] · Σ_k clamp(round(x/s_x), ±127)[k] · W_s8[o, k] + bias[o]
   s_x is a 1-element tensor (static per-tensor) or empty (dynamic per-token: s_x[t] = max|x_t|/127).
-  PyTorch: the int8 × int8 → int32 products summed exactly by float32 GEMMs over slices of K short enough
-  that every partial sum is an integer below 2^24 (torch._int_mm gives the same integers, but its CPU
-  kernel measured 57x slower than the fp32 GEMM at 512×576·576×1536; this path, 1.1x). ONNX (static): QuantizeLinear to uint8 with zero
+  PyTorch: oneDNN's x86 int8 GEMM (`onednn_int8`, exact integers); without it, float32 GEMMs over slices
+  of K short enough that every partial sum is an integer below 2^24 (torch._int_mm gives the same integers,
+  but its CPU kernel measured 57x slower than the fp32 GEMM at 512×576·576×1536). ONNX (static): QuantizeLinear to uint8 with zero
   point 128 + com.microsoft.MatMulIntegerToFloat; ONNX (per-token): the same integers through
   MatMulInteger. Both take the weights as uint8 with zero point 128 (U8U8): onnxruntime's U8S8 kernel on
   x86 without VNNI sums pairs of u8·s8 products in saturating int16 (vpmaddubsw), measured 0.15 rel L2
@@ -17,6 +17,8 @@ rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: u
   activations per 128-block on the fly: not bit-exact DGQ.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -54,17 +56,80 @@ EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 
 def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     """codes (T, K) · w_s8 (O, K)ᵀ: the exact int32 sums, as float32 (what int32 → float32 gives).
 
-    Each K-slice's float32 GEMM sums integers below 2^24, so it is exact in any summation order."""
+    On x86 CPUs, oneDNN's int8 GEMM (`onednn_int8`); elsewhere float32 GEMMs over K-slices short enough
+    that every partial sum is an integer below 2^24, exact in any summation order."""
     if torch.get_float32_matmul_precision() != "highest" or codes.is_cuda:  # float GEMMs may round (bf16/tf32)
         if not codes.shape[0]:
             return codes.new_zeros(0, w_s8.shape[0])
         return torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous()).float()
+    if codes.shape[0] and onednn_int8.usable():
+        return onednn_int8.matmul(codes, w_s8)
     k = codes.shape[-1]
     if k <= EXACT_K:
         return codes @ w_s8.float().t()
     slices = [(codes[:, i:i + EXACT_K] @ w_s8[:, i:i + EXACT_K].float().t()).to(torch.int32)
               for i in range(0, k, EXACT_K)]
     return torch.stack(slices).sum(0, dtype=torch.int32).float()
+
+
+class onednn_int8:  # noqa: N801  (a namespace: the oneDNN path and its one-time check)
+    """The int8 GEMM that torch ships for x86 (oneDNN's u8·s8 → s32, `onednn::qlinear_pointwise`), with the
+    activation codes shifted to uint8 (zero point 128) and the weights prepacked once per weight tensor.
+
+    Without VNNI (AVX2), oneDNN sums pairs of u8·s8 products in saturating int16 (vpmaddubsw): 255·127·2
+    overflows, measured 148,399 off at 512×576·576×1536. There each weight is split in two halves of
+    |w| ≤ 64 (w = ⌊w/2⌋ + ⌈w/2⌉) laid side by side along K, so one GEMM over 2K sums the same integers
+    without saturating (255·64·2 < 2^15). Which layout is exact is measured once, on the worst case."""
+
+    _packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) → (weight, its version, packed)
+    layout: str | None = None  # "whole" or "halves" (exact), "none" (no oneDNN int8 here); None: not checked
+
+    @classmethod
+    def usable(cls) -> bool:
+        if cls.layout is None:
+            cls.layout = cls._exact_layout()
+        return cls.layout != "none"
+
+    @classmethod
+    def matmul(cls, codes: Tensor, w_s8: Tensor) -> Tensor:
+        x_u8 = (codes + 128).to(torch.uint8)
+        if cls.layout == "halves":
+            x_u8 = torch.cat([x_u8, x_u8], 1)
+        out = w_s8.shape[0]
+        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, cls._packed_weight(w_s8), torch.ones(out),
+                                                  torch.zeros(out, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                                  "none", [], "")
+
+    @classmethod
+    def _packed_weight(cls, w_s8: Tensor) -> Tensor:
+        # Keyed by identity (a WeakKeyDictionary would compare tensors with ==); a weight changed in place
+        # is packed again, and an entry goes with its weight.
+        key = id(w_s8)
+        cached = cls._packed.get(key)
+        if cached is None or cached[0]() is not w_s8 or cached[1] != w_s8._version:
+            laid_out = w_s8
+            if cls.layout == "halves":
+                low = torch.div(w_s8, 2, rounding_mode="floor")
+                laid_out = torch.cat([low, w_s8 - low], 1)
+            alive = weakref.ref(w_s8, lambda _: cls._packed.pop(key, None))
+            cached = (alive, w_s8._version, torch.ops.onednn.qlinear_prepack(laid_out.contiguous(), None))
+            cls._packed[key] = cached
+        return cached[2]
+
+    @classmethod
+    def _exact_layout(cls) -> str:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+            return "none"
+        codes = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32])  # saturates int16 pair sums
+        weights = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)
+        for layout in ("whole", "halves"):
+            cls.layout, cls._packed = layout, {}
+            try:
+                if torch.equal(cls.matmul(codes, weights.clone()), codes @ weights.float().t()):
+                    return layout
+            except RuntimeError:  # a torch build without oneDNN's quantized kernels
+                return "none"
+        return "none"
 
 
 @a8w8_linear.register_fake

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from rewrite import verify
 from rewrite.calibration import Suffixes
@@ -21,13 +22,13 @@ from rewrite.recover import split
 PROBE_TOKENS = 512  # tokens the mixed-precision sensitivity probes run on
 
 
-def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, budget_cos: float, max_bits: float,
-                    upgrade_bits: int) -> tuple[dict[str, DGQLinear], float]:
+def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict, budget_cos: float,
+                    max_bits: float, upgrade_bits: int) -> tuple[dict[str, DGQLinear], float]:
     """The layers whose wider weights (upgrade-bits, the same int8 GEMM) buy most output cosine per extra
     bit are upgraded: as few as give model outputs with a mean cosine ≥ budget-cos on the calibration
     data held out from the weight fit (bisection over that ranking), never more than keep the average at
     max-bits."""
-    ranked = ranking(module, ctx, judge, reference, w4, wide)
+    ranked = ranking(module, ctx, judge, reference, w4, wide, originals)
     affordable = affordable_count(ranked, w4, wide, max_bits)
 
     def chosen(k: int) -> dict[str, DGQLinear]:
@@ -54,13 +55,87 @@ def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, budget_
     return chosen(high), last["cosine"]
 
 
-def ranking(module, ctx, judge, reference, w4: dict, wide: dict) -> list[str]:
-    """Layers by cosine gained per extra weight bit when that layer alone gets its wider weights
-    (the others at 4 bits), measured on the first judged batch(es): per layer, the model from that
-    layer on (`Suffixes`; a whole forward where the module is not a graph)."""
+def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict) -> list[str]:
+    """Layers by output error removed per extra weight bit when that layer alone gets its wider weights,
+    on the first judged batch(es): from one backward pass (`sketched_gains`), or where the module has no
+    gradients, by measuring the model from each layer on with that layer wide (`probed_gains`)."""
     probe = probe_batches(judge[0])
-    want = reference[:len(probe)]
     masks = judge[1][:len(probe)] if judge[1] else None
+    ctx.step("mixed precision: ranking layers by output sensitivity", 0, len(w4))
+    try:
+        gain = sketched_gains(module, probe, masks, w4, wide, originals)
+    except (RuntimeError, NotImplementedError):  # ops without gradients (a custom op, an integer graph)
+        gain = probed_gains(module, ctx, probe, masks, reference[:len(probe)], w4, wide)
+    extra = {path: (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count() for path in w4}
+    return sorted(w4, key=lambda path: gain[path] / extra[path], reverse=True)
+
+
+def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict) -> dict[str, float]:
+    """Per layer, e(W4) − e(W_wide) with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order change of the model's
+    outputs (rows scaled to unit norm, as the cosine budget sees them) that the layer's weight error causes,
+    projected on a seeded random direction r: g_t = J_tᵀr is the gradient of rᵀy at the layer's output for
+    token t (one backward pass for all layers), so E_r[e] = Σ_t ‖J_t (Ŵ − W) x_t‖². The layers run as
+    dequantized float Linears (their int8 kernel has no gradient)."""
+    probes = {path: _Sensor(w4[path], originals[path], wide[path]) for path in w4}
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for path, sensor in probes.items():
+            set_submodule(module, path, sensor)
+        for batch, mask in zip(probe, masks or [None] * len(probe)):
+            with torch.enable_grad():
+                outputs = [t for t in tree_leaves(module(*batch)) if isinstance(t, torch.Tensor)
+                           and t.is_floating_point() and t.requires_grad]
+                seen = [sensor for sensor in probes.values() if sensor.output is not None]
+                direction = sum((_unit_rows(t.detach(), mask, generator) * t).sum() for t in outputs)
+                grads = torch.autograd.grad(direction, [sensor.output for sensor in seen], allow_unused=True)
+            for sensor, grad in zip(seen, grads):
+                sensor.accumulate(grad)
+    finally:
+        for path in w4:
+            set_submodule(module, path, w4[path])
+    return {path: sensor.gain for path, sensor in probes.items()}
+
+
+class _Sensor(nn.Module):
+    """A 4-bit layer as a float Linear that keeps its input and output of one forward, for `sketched_gains`."""
+
+    def __init__(self, low: DGQLinear, original: torch.Tensor, wide: DGQLinear):
+        super().__init__()
+        self.weight, self.bias = low.float_weight(), low.bias
+        self.low_error, self.wide_error = self.weight - original, wide.float_weight() - original
+        self.input = self.output = None
+        self.gain = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input = x.detach()
+        if not x.requires_grad:  # a model without trainable weights before this layer: gradients start here
+            x = x.detach().requires_grad_()
+        self.output = nn.functional.linear(x, self.weight, self.bias)
+        return self.output
+
+    def accumulate(self, grad: torch.Tensor | None) -> None:
+        if grad is not None:
+            x = self.input.reshape(-1, self.input.shape[-1]).float()
+            g = grad.reshape(-1, grad.shape[-1])
+            low = ((x @ self.low_error.t()) * g).sum(1).square().sum()
+            wide = ((x @ self.wide_error.t()) * g).sum(1).square().sum()
+            self.gain += float(low - wide)
+        self.input = self.output = None
+
+
+def _unit_rows(t: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """A seeded Gaussian direction with each output row (last axis) scaled by 1/‖row‖, zero at positions the
+    padding mask drops."""
+    direction = torch.randn(t.shape, generator=generator) / t.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if mask is not None and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+        direction = direction * mask.reshape(*mask.shape, *[1] * (t.dim() - 2)).to(direction.dtype)
+    return direction.to(t.dtype)
+
+
+def probed_gains(module, ctx, probe, masks, want, w4: dict, wide: dict) -> dict[str, float]:
+    """Per layer, the output cosine gained when that layer alone gets its wider weights (the others at 4
+    bits), measured: the model from that layer on (`Suffixes`; a whole forward where the module is not a
+    graph). One partial forward a layer: the fallback where gradients are not available."""
     base = cosine(want, output_vectors(module, probe, masks))
     suffixes = Suffixes(module, list(w4), probe) if Suffixes.usable(module, probe) else None
     gain = {}
@@ -68,10 +143,9 @@ def ranking(module, ctx, judge, reference, w4: dict, wide: dict) -> list[str]:
         ctx.step(f"mixed precision: sensitivity of {path}", i, len(w4))
         set_submodule(module, path, wide[path])
         outputs = suffixes.outputs(path) if suffixes else [module(*batch) for batch in probe]
-        extra = (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count()
-        gain[path] = (cosine(want, vectors_of(outputs, masks)) - base) / extra
+        gain[path] = cosine(want, vectors_of(outputs, masks)) - base
         set_submodule(module, path, w4[path])
-    return sorted(w4, key=gain.get, reverse=True)
+    return gain
 
 
 def fit_and_judge(ctx: PassContext) -> tuple[list[tuple], tuple[list[tuple], list | None]]:
