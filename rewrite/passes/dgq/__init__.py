@@ -8,8 +8,9 @@ epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic
 where the input is made (a norm's weight, `up`'s rows) and multiplied into the consuming columns, x·W =
 (x/s)·(s·W), exact in float (DGQ §3.3).
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
-on calibration activations; then per row, 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
-error. search=off is the round-to-nearest baseline in the same format. feedback (default) then rounds
+on calibration activations; then per row, up to 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
+error, a row's search stopping once 8 ratios (40 without feedback) in a row found nothing better.
+search=off is the round-to-nearest baseline in the same format. feedback (default) then rounds
 the codes again on that grid, column by column, each column's error pushed onto the columns not yet
 rounded through the inverse of H = xᵀx (GPTQ, Frantar et al., arXiv:2210.17323; DGQ's code offers it as
 a weight function). Layers are quantized one at a time, each calibrated on activations produced by the

@@ -1,6 +1,10 @@
 """Mixed precision: the fewest layers U with wider codes such that the model's outputs on calibration batches
 held out of the weight fit reach mean cosine ≥ budget-cos, with the average bits per weight ≤ max-bits:
-layers ranked by Δcosine / Δbits when each alone gets its wider weights, then bisection over that ranking.
+layers ranked by output error removed per extra bit when each alone gets its wider weights, then bisection
+over that ranking. The ranking comes from one backward pass: ‖J·(Ŵ − W)·x‖² for every layer at once, J the
+Jacobian of the model's unit-scaled outputs at the layer's output, sketched with a seeded random direction
+(on SmolLM2-135M, 110 layers wide reached the budget where the 210 measured probes it replaces needed 138,
+in seconds instead of ~15 minutes).
 
 Not in the DGQ paper (which is pure A8W4): sensitivity-ranked bit allocation in the manner of HAWQ (Dong et
 al., arXiv:1905.03696), with wider codes in the same format and int8 GEMM (S·(q − z) ≤ 127 holds for 5–7-bit
