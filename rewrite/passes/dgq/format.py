@@ -60,7 +60,7 @@ class DGQLinear(nn.Module):
             self.register_buffer("zeros", kernels.pack_nibbles(weights.z))
 
     @classmethod
-    def int8_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None, s_x: torch.Tensor) -> "DGQLinear":
+    def int8_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None, s_x: torch.Tensor) -> DGQLinear:
         """W8A8 for the layers mixed precision keeps at 8 bits: per-row symmetric int8 weights (round to
         nearest), the same int8 GEMM and ONNX form."""
         layer = cls.__new__(cls)

@@ -72,7 +72,7 @@ def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     return torch.stack(slices).sum(0, dtype=torch.int32).float()
 
 
-class onednn_int8:  # noqa: N801  (a namespace: the oneDNN path and its one-time check)
+class onednn_int8:
     """The int8 GEMM that torch ships for x86 (oneDNN's u8·s8 → s32, `onednn::qlinear_pointwise`), with the
     activation codes shifted to uint8 (zero point 128) and the weights prepacked once per weight tensor.
 

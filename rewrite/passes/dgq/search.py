@@ -31,7 +31,7 @@ FEEDBACK_PATIENCE = 8
 ERROR_DTYPE = torch.float32
 
 
-def quantize_weight(w: torch.Tensor, x: "torch.Tensor | LayerInputs | None", group: int, search: bool,
+def quantize_weight(w: torch.Tensor, x: torch.Tensor | LayerInputs | None, group: int, search: bool,
                     feedback: bool = False, bits: int = 4, patience: int | None = PATIENCE) -> DGQWeights:
     """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error; a
     `LayerInputs` to share what is derived from them with the other layers that read them);
@@ -63,7 +63,7 @@ class LayerInputs:
     def same(self, x: torch.Tensor) -> bool:
         return x.shape == self.x.shape and torch.equal(x, self.x)
 
-    def error(self, width: int) -> "OutputError":
+    def error(self, width: int) -> OutputError:
         if width not in self._errors:
             self._errors[width] = OutputError(self.x, width)
         return self._errors[width]
@@ -73,7 +73,7 @@ class LayerInputs:
             self._factors[width] = inverse_factor(self.x, width)
         return self._factors[width]
 
-def _quantize_rows(w: torch.Tensor, error: "OutputError", group: int, search: bool, k: int, bits: int,
+def _quantize_rows(w: torch.Tensor, error: OutputError, group: int, search: bool, k: int, bits: int,
                    patience: int | None) -> DGQWeights:
     s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search, 2 ** bits - 1)
     return _phase_two(w, error, s_fine, z, group, search, k, bits, patience)
