@@ -42,18 +42,22 @@ def _parse_item(item: Any) -> list[Pass]:
 
 
 def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
-    """`--budget sqnr=DB | metric=Y`: passes that search per-layer settings (fwsvd, lowrank) search within it.
+    """`--budget sqnr=DB | metric=Y | params=F`: passes that search per-layer settings (fwsvd, lowrank) search
+    within it.
 
     sqnr: the whole model's output SQNR on calibration data stays ≥ DB. metric: the --metric score on the
-    --eval data stays ≥ Y (≤ Y for rel-l2)."""
+    --eval data stays ≥ Y (≤ Y for rel-l2). params: keep the fraction F of the target Linears' weights
+    (fwsvd spends it across layers where it hurts least; it is their `param-ratio`)."""
     if not budget:
         return passes
-    key, value = key_value(budget, "--budget", ("sqnr", "metric"))
-    field = f"budget_{key}"
+    key, value = key_value(budget, "--budget", ("sqnr", "metric", "params"))
+    if key == "params" and not 0 < value < 1:
+        raise RewriteError(f"--budget params={value:g}: give the fraction of weights to keep, in (0, 1), e.g. 0.8")
+    field = "param_ratio" if key == "params" else f"budget_{key}"
     if not any(hasattr(p, field) for p in passes):
         raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
-    return [dataclasses.replace(p, **{field: value}) if hasattr(p, field) and not getattr(p, field) else p
-            for p in passes]
+    unset = (lambda p: True) if key == "params" else (lambda p: not getattr(p, field))
+    return [dataclasses.replace(p, **{field: value}) if hasattr(p, field) and unset(p) else p for p in passes]
 
 
 def finite_number(raw: str) -> float | None:

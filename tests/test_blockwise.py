@@ -76,11 +76,13 @@ def test_encoder_blocks_called_with_keyword_masks_are_rewritten_and_verified():
 
 def test_recovery_block_by_block_distills_each_block_on_its_held_out_batches():
     model, calib = _llama(), [(_ids(i, (4, 16)),) for i in range(8)]
-    spec = "lowrank{param-ratio=0.5,min-sqnr=-100}"
+    spec = "lowrank{param-ratio=0.5,whiten=false,min-sqnr=-100}"
     plain = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True)
     recovered = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True,
                                  recover="steps=100")
-    for record in recovered.report.records:  # measured: +0.8 and +0.5 dB on the blocks' held-out batches
+    # Factors from the weights alone (whiten=false) leave error to recover: measured +0.8 and +0.5 dB on the
+    # blocks' held-out batches.
+    for record in recovered.report.records:
         assert record.status == "applied" and record.stats["recovery_steps"] > 0
         assert record.stats["sqnr_db_held_out"] > record.stats["sqnr_db_before_recovery"] + 0.2
     evaluation = [(_ids(10 + i, (4, 16)),) for i in range(2)]

@@ -10,6 +10,11 @@ here they are fitted to a trained layer in closed form, then optionally recovere
 paper's self-guided mixing: o = α·W x + (1−α)·structured(x), α falling 1 → 0 on a cosine schedule over
 the first half of recovery, after which the dense W is dropped.
 
+whiten=true (the default): each factor pair is fitted to the layer's outputs on the calibration inputs
+rather than to its weights: W ≈ [W L]_R L⁻¹ with L Lᵀ = Σ x xᵀ (SVD-LLM's whitening, `rewrite.weighting`;
+BlockDense whitens each input block by its own diagonal block of Σ x xᵀ). On pretrained MiniLM's FFNs
+at param-ratio 0.75 the held-out embedding cosine is 0.93 whitened against 0.74 from the weights alone.
+
 Contract: approximate, SQNR ≥ min-sqnr dB on calibration data (see compress.search_ratios for budgets).
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite import compress
+from rewrite import compress, weighting
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule, shared_weight
@@ -97,15 +102,21 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
 
 
-def low_rank(linear: nn.Linear, rank: int) -> LowRankLinear:
-    first, second = svd_factors(linear.weight.detach(), rank)
+def low_rank(linear: nn.Linear, rank: int, gram: torch.Tensor | None = None) -> LowRankLinear:
+    """The best rank-`rank` pair for the weights, or with `gram` (Σ x xᵀ) for the outputs on those inputs."""
+    first, second = weighting.WeightedSpectrum(linear.weight, gram).factors(rank) if gram is not None else \
+        svd_factors(linear.weight.detach(), rank)
     return LowRankLinear(first, second, None if linear.bias is None else linear.bias.detach())
 
 
-def block_dense(linear: nn.Linear, rank: int, blocks: int) -> BlockDenseLinear:
+def block_dense(linear: nn.Linear, rank: int, blocks: int, gram: torch.Tensor | None = None) -> BlockDenseLinear:
+    """Each input block's rank-R/B fit; with `gram` (Σ x xᵀ), fitted to its outputs (its diagonal block)."""
     w = linear.weight.detach()
-    per = rank // blocks
-    firsts, seconds = zip(*(svd_factors(chunk, per) for chunk in w.chunk(blocks, dim=1)))
+    per, width = rank // blocks, w.shape[1] // blocks
+    grams = [None] * blocks if gram is None else \
+        [gram[k * width:(k + 1) * width, k * width:(k + 1) * width] for k in range(blocks)]
+    firsts, seconds = zip(*(weighting.WeightedSpectrum(chunk, g).factors(per)
+                            for chunk, g in zip(w.chunk(blocks, dim=1), grams)))
     return BlockDenseLinear(torch.stack(firsts), torch.cat(seconds, dim=1),
                             None if linear.bias is None else linear.bias.detach())
 
@@ -121,13 +132,18 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
 
     structure: Literal["lowrank", "blockdense"] = "lowrank"
     rank: int = 0
-    param_ratio: float = 0.5
+    param_ratio: float = 0.8
     blocks: int = 4
     target: Literal["ffn", "all"] = "ffn"
     budget_sqnr: float = 0.0
     budget_metric: float = 0.0
     guided: bool = False
+    whiten: bool = True
     min_sqnr: float = 10.0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.whiten  # the whitening is Σ x xᵀ over the calibration inputs
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,9 +151,12 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
             raise InvalidValue("blocks must be ≥ 1")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        return factorize_linears(self, module, ctx, self._build)
+        paths = [p for p, _ in compress.target_linears(module, self.target)]
+        grams = weighting.moments(module, paths, ctx.calibration, ctx.masks).inputs if self.whiten and paths else {}
+        return factorize_linears(self, module, ctx, lambda linear, path, ratio:
+                                 self._build(linear, ratio, grams.get(path)))
 
-    def _build(self, linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
+    def _build(self, linear: nn.Linear, ratio: float, gram: torch.Tensor | None) -> nn.Module | str:
         if self.structure == "blockdense":
             n, m = linear.in_features, linear.out_features
             if n % self.blocks:
@@ -145,9 +164,14 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
             rank = self.rank or int(ratio * n * m / (m + n / self.blocks))  # params R(M + N/B) = ratio·N·M
             rank = max(self.blocks, rank // self.blocks * self.blocks)
             saves = rank * (linear.out_features + linear.in_features / self.blocks) < linear.weight.numel()
-            return block_dense(linear, rank, self.blocks) if saves else "rank would not save parameters"
+            return block_dense(linear, rank, self.blocks, gram) if saves else "rank would not save parameters"
         rank = compress.saving_rank(linear, self.rank, ratio)
-        return rank if isinstance(rank, str) else low_rank(linear, rank)
+        return rank if isinstance(rank, str) else low_rank(linear, rank, gram)
+
+
+def _weights(layer: nn.Module) -> int:
+    """Weights of a replacement, biases left out (its bias is the original's)."""
+    return sum(q.numel() for name, q in layer.named_parameters() if not name.endswith("bias"))
 
 
 def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -> PassResult:
@@ -178,7 +202,10 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
             replacement = GuidedLinear(linear, replacement)
         set_submodule(module, path, replacement)
         done.append(path)
-    stats = {"factorized": len(done), "mean_weight_rel_err": round(sum(errors) / len(errors), 4) if errors else 0}
+    before = sum(linear.weight.numel() for _, linear in targets)
+    after = before - sum(linear.weight.numel() - _weights(module.get_submodule(p)) for p, linear in targets if p in done)
+    stats = {"factorized": len(done), "mean_weight_rel_err": round(sum(errors) / len(errors), 4) if errors else 0,
+             "target_weights_kept": round(after / before, 4) if before else 1.0}
     if searching:
         stats["ratios"] = ",".join(f"{r:g}" for r in sorted(set(ratios.values())))
     return PassResult(module, bool(done), stats, skipped)

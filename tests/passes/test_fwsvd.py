@@ -86,3 +86,29 @@ def test_recovery_trains_the_fisher_factors_toward_the_original():
                           recover="steps=100,lr=3e-3", measure_latency=False).report.records[0]
     assert record.status == "applied" and record.stats["recovery_steps"] > 0
     assert record.stats["sqnr_db_held_out"] > record.stats["sqnr_db_before_recovery"]
+
+
+def test_whitened_fisher_ranks_share_one_budget_across_layers():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    record = api.optimize(model, (calib[0],), "fwsvd{param-ratio=0.6,min-sqnr=-100}", calib=calib,
+                          measure_latency=False).report.records[0]
+    assert record.status == "applied" and record.stats["ranks"] == "global"
+    assert record.stats["target_weights_kept"] <= 0.6
+
+
+def test_budget_params_sets_the_factorizing_passes_ratio():
+    from rewrite.spec import parse_spec, with_budget
+    (fwsvd,) = with_budget(parse_spec("fwsvd"), "params=0.7")
+    assert fwsvd.param_ratio == 0.7
+    with pytest.raises(api.RewriteError, match="fraction of weights to keep"):
+        with_budget(parse_spec("fwsvd"), "params=7")
+
+
+def test_without_the_fisher_the_whitened_ratio_is_uniform():
+    model = FFN().eval()
+    calib = [torch.randn(16, 32) for _ in range(2)]
+    record = api.optimize(model, (calib[0],), "fwsvd{fisher=none,param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                          measure_latency=False).report.records[0]
+    assert record.stats["ranks"] == "uniform" and record.stats["factorized"] == 4
