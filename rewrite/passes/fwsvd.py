@@ -119,7 +119,7 @@ def _loss(outputs: Any, target: Any, gen: torch.Generator) -> torch.Tensor:
 class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     name = "fwsvd"
     paper = "Hsu et al., Language model compression with weighted low-rank factorization, ICLR 2022 (arXiv:2207.00112)"
-    summary = "Linears → two low-rank Linears by Fisher-weighted SVD (fisher=none: plain SVD baseline)"
+    summary = "Linears → two low-rank Linears by whitened, Fisher-weighted SVD; ranks under one parameter budget"
     applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
     needs_calibration = True
     level = "module"

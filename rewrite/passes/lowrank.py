@@ -125,10 +125,11 @@ def block_dense(linear: nn.Linear, rank: int, blocks: int, gram: torch.Tensor | 
 class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
     name = "lowrank"
     paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
-    summary = "FFN Linears → low-rank or block-dense factors (truncated SVD closed forms)"
+    summary = "FFN Linears → low-rank or block-dense factors (whitened truncated SVD closed forms)"
     applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
     level = "module"
     recoverable = True
+    calibration_note = "needed (whiten=true, the default); optional (whiten=false)"
 
     structure: Literal["lowrank", "blockdense"] = "lowrank"
     rank: int = 0
