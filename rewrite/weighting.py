@@ -158,13 +158,19 @@ class WeightedSpectrum:
         return first.float(), second.float()
 
 
+FREE_ERROR = 1e-4  # cuts are always taken while all of them together cost under this share of the energy
+
+
 def allocate(spectra: dict[str, WeightedSpectrum], keep: float) -> dict[str, int | None]:
     """Ranks that keep at most `keep` of the layers' weights at the least total Σ dropped σ²; None = stay dense.
 
     A Lagrangian split: for a price λ per parameter each layer takes the rank (or dense) that minimises
     dropped + λ·params, and λ is bisected until the parameters fit. A rank-r pair costs r(in+out)
-    parameters, so a layer is factorized only below the break-even rank in·out/(in+out)."""
+    parameters, so a layer is factorized only below the break-even rank in·out/(in+out). The price never
+    falls below FREE_ERROR·(energy / parameters): what is nearly free (a layer of low rank) is cut even
+    past the budget, since all such cuts together cost at most about FREE_ERROR of the output energy."""
     total = sum(s.shape[0] * s.shape[1] for s in spectra.values())
+    free = FREE_ERROR * sum(float(s.s.square().sum()) for s in spectra.values()) / max(total, 1)
     tails = {p: _tail_energy(s) for p, s in spectra.items()}
 
     def choose(price: float) -> dict[str, int | None]:
@@ -180,7 +186,7 @@ def allocate(spectra: dict[str, WeightedSpectrum], keep: float) -> dict[str, int
         low, high = (mid, high) if params(choose(mid)) > keep * total else (low, mid)
         if high / low < 1 + 1e-9:
             break
-    return choose(high)
+    return choose(max(high, free))
 
 
 def _tail_energy(spectrum: WeightedSpectrum) -> torch.Tensor:

@@ -66,3 +66,10 @@ def test_moments_leave_out_padding_and_leave_no_gradients():
     torch.testing.assert_close(found.inputs["proj"], (real.T @ real).double(), rtol=1e-5, atol=1e-5)
     assert found.tokens == 8 and found.outputs["proj"].shape == (32, 32) and bool(found.outputs["proj"].any())
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_nearly_free_cuts_are_taken_past_the_budget():
+    torch.manual_seed(0)
+    low = torch.randn(48, 3) @ torch.randn(3, 48)  # rank 3: everything past it is free
+    spectrum = weighting.WeightedSpectrum(low, None)
+    assert weighting.allocate({"a": spectrum}, keep=0.9)["a"] == 3
