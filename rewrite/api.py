@@ -13,10 +13,19 @@ from rewrite import (calibration, capture, checkpoint, distributed, inputs as st
                      spec, text, verify)
 from rewrite.emit import hf, write
 from rewrite.emit.hf import guard_save_pretrained
-from rewrite.errors import ArtifactError, RewriteError
+from rewrite.errors import ArtifactError, InvalidValue, RewriteError
 from rewrite.modes import Progress, Result  # noqa: F401  (rewrite.Result)
 from rewrite.output import OutputFolder
 from rewrite.report import RunReport
+
+
+def _check_arguments(**values: Any) -> None:
+    """Whole-number arguments of the API, checked before any work: InvalidValue with a sentence, never a bare
+    ValueError from deep inside (`seed="abc"`)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 1):
+            least = "a whole number" if name == "seed" else "a whole number ≥ 1"
+            raise InvalidValue(f"{name}={value!r}: give {least}, e.g. {name}={0 if name == 'seed' else 8}")
 
 
 def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *, calib: Any = None,
@@ -41,6 +50,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`).
     """
     say = progress or (lambda message, done=None, total=None: None)
+    _check_arguments(seed=seed, seq_len=seq_len)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
     emitters, recovery = write.emitters(emit, out), spec.recover_spec(recover)

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 DAMPING = 1e-2  # of the mean diagonal: keeps L and R invertible where the calibration spans few directions
+FULL_GRAM = 8192  # wider sides keep only G's diagonal: a full 49152-wide LM head's would be 19 GB
 
 
 @dataclass
 class Moments:
-    """Per layer path: H = Σ x xᵀ over its input tokens, and G = Σ g gᵀ over its output gradients (if taken)."""
+    """Per layer path: H = Σ x xᵀ over its input tokens, and G = Σ g gᵀ over its output gradients (if taken;
+    only its diagonal, a vector, for outputs wider than FULL_GRAM)."""
 
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
@@ -76,14 +78,21 @@ def moments(module: nn.Module, paths: list[str], batches: list[tuple], masks: li
 
 def _add_gram(total: torch.Tensor, mask: torch.Tensor | None):
     def hook(grad: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
-        total.add_(_gram(grad, mask))
+        total.add_(_gram(grad, mask) if total.dim() == 2 else _squares(grad, mask))
     return hook
 
 
 def _zeros(module: nn.Module, path: str, side: str) -> torch.Tensor:
     layer = module.get_submodule(path)
     n = layer.in_features if side == "in" else layer.out_features
-    return torch.zeros(n, n, dtype=torch.float64)
+    return torch.zeros(n, dtype=torch.float64) if side == "out" and n > FULL_GRAM else \
+        torch.zeros(n, n, dtype=torch.float64)
+
+
+def _squares(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and x.dim() >= 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1]).double().square().sum(0)
 
 
 def _gram(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +132,9 @@ class _gradients_for:
 
 
 def cholesky_root(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Lower-triangular L with L Lᵀ = gram + damping·mean(diag)·I (float64)."""
+    """Lower-triangular L with L Lᵀ = gram + damping·mean(diag)·I (float64); a vector is a diagonal gram."""
+    if gram.dim() == 1:
+        gram = torch.diag(gram)
     scale = float(gram.diagonal().mean()) or 1.0
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     return torch.linalg.cholesky(gram.double() + damping * scale * eye)
@@ -140,7 +151,11 @@ class WeightedSpectrum:
         self.right = cholesky_root(outputs, damping).T if outputs is not None else None  # R, upper
         weighted = w if self.left is None else w @ self.left
         weighted = weighted if self.right is None else self.right @ weighted
-        self.u, self.s, self.vh = torch.linalg.svd(weighted, full_matrices=False)
+        u, self.s, vh = torch.linalg.svd(weighted, full_matrices=False)
+        # Kept in float32 (the spectrum in float64): all of SmolLM2's 210 layers are 3 GB so, not 6.
+        self.u, self.vh = u.float(), vh.float()
+        self.left = None if self.left is None else self.left.float()
+        self.right = None if self.right is None else self.right.float()
 
     def dropped(self, rank: int) -> float:
         """Σ_{i≥rank} σ_i²: the weighted error of a rank-`rank` truncation."""
@@ -149,12 +164,12 @@ class WeightedSpectrum:
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second), float32, with second @ first = R⁻¹ [R W L]_rank L⁻¹."""
         root = self.s[:rank].sqrt()
-        first = root[:, None] * self.vh[:rank]
-        second = self.u[:, :rank] * root
+        first = root[:, None] * self.vh[:rank].double()
+        second = self.u[:, :rank].double() * root
         if self.left is not None:
-            first = torch.linalg.solve_triangular(self.left, first, upper=False, left=False)
+            first = torch.linalg.solve_triangular(self.left.double(), first, upper=False, left=False)
         if self.right is not None:
-            second = torch.linalg.solve_triangular(self.right, second, upper=True)
+            second = torch.linalg.solve_triangular(self.right.double(), second, upper=True)
         return first.float(), second.float()
 
 

@@ -164,3 +164,10 @@ def test_an_artifact_off_the_verified_model_passes_only_when_as_accurate_as_it()
     assert Artifact("onnx", "m.onnx", flips).status == "ok"
     assert "verified model's 6.0e-02" in Artifact("onnx", "m.onnx", broken).problem
     assert Artifact("onnx", "m.onnx", {"max_abs": 0.1, "rel_l2": 0.1}).status == "failed"  # nothing to weigh it by
+
+
+@pytest.mark.parametrize("arguments", [{"seed": "abc"}, {"seed": 1.5}, {"seq_len": 0}, {"seq_len": "512"}])
+def test_api_arguments_of_the_wrong_type_are_one_sentence(arguments):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(rewrite.InvalidValue, match="give a whole number"):
+        rewrite.optimize(model, (torch.randn(2, 4),), "fold-bn", measure_latency=False, **arguments)

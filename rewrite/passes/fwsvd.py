@@ -38,6 +38,7 @@ from rewrite import compress, weighting
 from rewrite.errors import RewriteError
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.passes.lowrank import LowRankLinear, factorize_linears
+from rewrite.patterns import shared_weight
 
 
 def fisher_svd(linear: nn.Linear, importance: torch.Tensor | None, rank: int) -> LowRankLinear:
@@ -138,6 +139,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
         paths = [p for p, _ in compress.target_linears(module, self.target)]
         if not paths:
             return PassResult(module, False, skipped=[("model", f"no Linear layers (target={self.target})")])
+        paths = [p for p in paths if not shared_weight(module, p)]  # left alone below, with the reason
         build, how = self._whitened(module, paths, ctx) if self.whiten else self._weighted(module, paths, ctx)
         result = factorize_linears(self, module, ctx, build)
         result.stats["fisher"] = self.fisher + ("" if ctx.targets is None or self.fisher == "none" else " (labels)")
@@ -167,6 +169,8 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
         allocated = None if searching or self.rank or loss is None else weighting.allocate(spectra, self.param_ratio)
 
         def build(linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
+            if path not in spectra:
+                return "its weight is also used elsewhere in the graph (tied embeddings)"
             rank = allocated.get(path) if allocated is not None else compress.saving_rank(linear, self.rank, ratio)
             if rank is None:
                 return f"kept dense: the global budget (param-ratio={self.param_ratio:g}) cuts where it hurts less"

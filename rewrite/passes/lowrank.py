@@ -152,7 +152,7 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
             raise InvalidValue("blocks must be ≥ 1")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        paths = [p for p, _ in compress.target_linears(module, self.target)]
+        paths = [p for p, _ in compress.target_linears(module, self.target) if not shared_weight(module, p)]
         grams = weighting.moments(module, paths, ctx.calibration, ctx.masks).inputs if self.whiten and paths else {}
         return factorize_linears(self, module, ctx, lambda linear, path, ratio:
                                  self._build(linear, ratio, grams.get(path)))

@@ -35,6 +35,7 @@ CASES = [
     (OPT + ["-p", "fwsvd", "--budget", "sqnr=nan"], "finite number"),
     (OPT + ["-p", "fwsvd", "--budget", "speed=2"], "malformed"),
     (OPT + ["-p", "fold-bn", "--budget", "sqnr=30"], "no pass in the pipeline searches"),
+    (OPT + ["-p", "fwsvd", "--budget", "params=1.5"], "fraction of weights to keep"),
     # command-line syntax (click's errors, one line too)
     (OPT + ["-p", "fold-bn", "--seed", "abc"], "'--seed'"),
     (OPT + ["-p", "fold-bn", "--calib-batches", "abc"], "'--calib-batches'"),
