@@ -203,7 +203,7 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
             replacement = GuidedLinear(linear, replacement)
         set_submodule(module, path, replacement)
         done.append(path)
-    before = sum(linear.weight.numel() for _, linear in targets)
+    before = sum(linear.weight.numel() for p, linear in targets if not shared_weight(module, p))
     after = before - sum(linear.weight.numel() - _weights(module.get_submodule(p)) for p, linear in targets if p in done)
     stats = {"factorized": len(done), "mean_weight_rel_err": round(sum(errors) / len(errors), 4) if errors else 0,
              "target_weights_kept": round(after / before, 4) if before else 1.0}
