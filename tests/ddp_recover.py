@@ -13,7 +13,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = FFN(d=32, hidden=128).eval()
     calib = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    result = rewrite.optimize(model, (calib[0],), "lowrank{rank=8,min-sqnr=-100}", calib=calib,
+    result = rewrite.optimize(model, (calib[0],), "lowrank{rank=8,whiten=false,min-sqnr=-100}", calib=calib,
                               recover="steps=30,patience=100", measure_latency=False)
     if distributed.rank() == 0:
         stats = result.report.records[0].stats
