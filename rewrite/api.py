@@ -14,6 +14,7 @@ from rewrite import (calibration, capture, checkpoint, distributed, inputs as st
 from rewrite.emit import hf, write
 from rewrite.emit.hf import guard_save_pretrained
 from rewrite.errors import ArtifactError, InvalidValue, RewriteError
+from rewrite.loading import Trust
 from rewrite.modes import Progress, Result  # noqa: F401  (rewrite.Result)
 from rewrite.output import OutputFolder
 from rewrite.report import RunReport
@@ -33,13 +34,14 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
              recover: str | None = None, budget: str | None = None,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
-             trusted: bool = False, floor: str | None = None, mask_input: str | None = None,
+             trusted: Any = False, floor: str | None = None, mask_input: str | None = None,
              blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
              allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
-    factory bundles; a pickled module needs `trusted=True`). The user's model is never modified; every
+    factory bundles; a pickled module needs `trusted=True` or "pickle", a checkpoint or tokenizer whose config
+    names its own Python code `trusted=True` or "remote-code"). The user's model is never modified; every
     input is checked before work starts; `out` appears complete or not at all. Raises RewriteError with a
     one-line message on bad input. `blockwise=True` rewrites a transformer stack one block at a time
     (`rewrite.blockwise`); `profile=True` adds the top ops by self time of both models (and of the ONNX
@@ -51,14 +53,16 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     """
     say = progress or (lambda message, done=None, total=None: None)
     _check_arguments(seed=seed, seq_len=seq_len)
+    trust = Trust.of(trusted)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
     emitters, recovery = write.emitters(emit, out), spec.recover_spec(recover)
     if checkpoint.is_checkpoint(model):
         modes.refuse_for_checkpoints(out, emitters, eval)
-        calib, _, _ = steps.tokenized(model, calib, None, None, tokenizer, seq_len, calib_batches)
-        return modes.checkpoint_folder(Path(model), example_inputs, pass_list, calib, OutputFolder(out, force), seed,
-                                       strict, calib_batches, say, recovery)
+        folder = OutputFolder(out, force, protect=steps.model_file(model))
+        calib, _, _ = steps.tokenized(model, calib, None, None, tokenizer, seq_len, calib_batches, trust.remote_code)
+        return modes.checkpoint_folder(Path(model), example_inputs, pass_list, calib, folder, seed,
+                                       strict, calib_batches, say, recovery, trust.remote_code)
     modes.refuse_artifacts_in_memory_blockwise(blockwise, out)
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
@@ -66,7 +70,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     folder = OutputFolder(out, force, protect=steps.model_file(model)) if writes else None
     say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
     job = steps.prepare(model, example_inputs, pass_list, calib=calib, eval=eval, metric=metric, tokenizer=tokenizer,
-                        seq_len=seq_len, calib_batches=calib_batches, seed=seed, trusted=trusted,
+                        seq_len=seq_len, calib_batches=calib_batches, seed=seed, trusted=trust,
                         mask_input=mask_input, needs_eval=floor_value is not None)
     with folder.staging() if folder else contextlib.nullcontext() as stage:
         run = (modes.block_by_block(job, pass_list, recovery, seed, strict, say) if blockwise else
@@ -96,7 +100,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
 
 
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,
-         metric: str | None = None, trusted: bool = False, measure_latency: bool = True) -> RunReport:
+         metric: str | None = None, trusted: Any = False, measure_latency: bool = True) -> RunReport:
     """Outputs, latency, size and (with eval data and a metric) accuracy of two models side by side."""
     a, b = steps.resolve(original, trusted), steps.resolve(rewritten, trusted)
     original, rewritten = steps.private_copy(a.module), steps.private_copy(b.module)
@@ -120,7 +124,7 @@ def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, 
 
 
 def explain(model: nn.Module | str, inputs: Any, pass_name: str, node: str | None = None, *,
-            trusted: bool = False) -> list[str]:
+            trusted: Any = False) -> list[str]:
     """Why a pass's patterns do (not) match in the captured model: its matches and refusals, and with
     `node`, the first difference between each pattern and the graph ending at that node."""
     cls = registry.load_pass(pass_name)
@@ -143,6 +147,7 @@ def explain(model: nn.Module | str, inputs: Any, pass_name: str, node: str | Non
     return lines
 
 
-def load(path: str, trusted: bool = False) -> nn.Module:
-    """A model from a .pt2, a pickled module (only with `trusted=True`) or `package.module:factory`."""
+def load(path: str, trusted: Any = False) -> nn.Module:
+    """A model from a .pt2, a folder, a pickled module (only with `trusted=True` or "pickle") or
+    `package.module:factory`; a folder whose config names its own code needs "remote-code"."""
     return checkpoint.load_model(path, trusted).module

@@ -57,6 +57,7 @@ def from_user(data: Any, model: nn.Module, what: str, max_batches: int = MAX_BAT
         raise RewriteError(f"{what} data is empty: give at least one batch")
     for i, batch in enumerate(batches):
         check_finite(batch, f"{what} batch {i}")
+        check_token_ids(batch, model, f"{what} batch {i}")
     if targets is not None:
         _check_targets(batches, targets, data, what)
     return Data(batches, targets[:len(batches)] if targets is not None else None)
@@ -132,6 +133,24 @@ def _bind(batch: Mapping, model: nn.Module, what: str) -> tuple:
         return bind_positional(inspect.signature(model.forward), (), dict(batch))
     except TypeError as exc:
         raise RewriteError(f"{what} batch keys {sorted(batch)} do not match the model's forward(): {exc}") from exc
+
+
+def check_token_ids(batch: tuple, model: nn.Module, where: str) -> None:
+    """A Hugging Face model's first input indexes its embedding table: every id must be one of its rows (a
+    foreign tokenizer's ids are not), or the first forward dies with a bare IndexError."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        table = get() if callable(get) else None
+    except Exception:  # a model without embeddings says so by raising NotImplementedError
+        return
+    ids = batch[0] if batch else None
+    if not (isinstance(table, nn.Embedding) and isinstance(ids, torch.Tensor) and ids.numel()
+            and not ids.is_floating_point() and ids.dtype != torch.bool):
+        return
+    low, high, rows = int(ids.min()), int(ids.max()), table.num_embeddings
+    if low < 0 or high >= rows:
+        raise RewriteError(f"{where} holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                           f"(ids 0–{rows - 1}): tokenize with the model's own tokenizer")
 
 
 def check_finite(batch: tuple, where: str) -> None:

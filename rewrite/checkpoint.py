@@ -24,23 +24,25 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 from rewrite.errors import RewriteError, first_line
 from rewrite.emit import hf
 from rewrite.emit.hf import guard_save_pretrained
-from rewrite.loading import Loaded, load, load_pt2
+from rewrite.loading import Loaded, Trust, load, load_pt2
 
 MANIFEST = "rewrite-blocks.json"
+REMOTE_CODE = 'add --trust-remote-code if you trust its authors (Python: trusted="remote-code")'
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 FORMAT = "rewrite-blockwise/1"
 
 
-def load_model(spec: str, trusted: bool = False) -> Loaded:
+def load_model(spec: str, trusted: Any = False) -> Loaded:
     """What `rewrite.load` reads: a folder (block-by-block output, layers folder, checkpoint) here, a file or
-    `module:factory` through `rewrite.loading`."""
-    path = Path(spec)
+    `module:factory` through `rewrite.loading`. `trusted`: see `loading.Trust`."""
+    trust, path = Trust.of(trusted), Path(spec)
     if is_rewritten(path):
-        return Loaded(load_rewritten(path, trusted))
+        return Loaded(load_rewritten(path, trust))
     if is_layered(path):
-        return Loaded(load_layers(path))
+        return Loaded(load_layers(path, trust.remote_code))
     if is_checkpoint(path):
-        return Loaded(load_whole(path))
-    return load(spec, trusted)
+        return Loaded(load_whole(path, trust.remote_code))
+    return load(spec, trust.pickle)
 
 
 def is_checkpoint(path: Any) -> bool:
@@ -69,15 +71,17 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 class Shards:
-    """Tensor name → safetensors file, read one prefix at a time."""
+    """Tensor name → safetensors file, read one prefix at a time. Every shard's header is read up front, so a
+    missing, truncated or foreign shard is refused before any work."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         index = folder / "model.safetensors.index.json"
         if index.is_file():
+            inside(folder, index, "the shard index")
             try:
                 self.files = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise RewriteError(f"{str(index)!r} is not a safetensors index ({first_line(exc)}): re-save the "
                                    "checkpoint with save_pretrained") from None
         elif (folder / "model.safetensors").is_file():
@@ -85,13 +89,25 @@ class Shards:
         else:
             raise RewriteError(f"checkpoint folder {str(folder)!r} has no model.safetensors or "
                                "model.safetensors.index.json: save it with save_pretrained(safe_serialization=True)")
+        for file in sorted(set(self.files.values())):
+            inside(folder, file, "the shard")
         missing = sorted({str(f.name) for f in self.files.values() if not f.is_file()})
         if missing:
             raise RewriteError(f"checkpoint folder {str(folder)!r} lacks the shard(s) {', '.join(missing)} that its "
                                "index lists: copy the whole checkpoint")
+        self.headers = {file: _header(file) for file in sorted(set(self.files.values()))}
+        for name, file in self.files.items():
+            if name not in self.headers[file]:
+                raise RewriteError(f"the index of {str(folder)!r} places {name!r} in {file.name}, which does not "
+                                   "hold it: the shards and their index do not belong together; copy the whole "
+                                   "checkpoint again")
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.files.values()))
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str]:
+        """A tensor's shape and safetensors dtype, from its shard's header."""
+        return self.headers[self.files[name]][name]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -100,38 +116,115 @@ class Shards:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
-                out.update({name: handle.get_tensor(name) for name in wanted})
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    out.update({name: handle.get_tensor(name) for name in wanted})
+            except Exception as exc:  # safetensors' own error type is not importable by name
+                raise _damaged(file, exc) from None
+        for name, tensor in out.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise RewriteError(f"checkpoint tensor {name!r} in {self.files[name].name} holds NaN or inf: the "
+                                   "shard is damaged or the model diverged; copy the checkpoint again")
         return out
 
 
-def _names(file: Path) -> list[str]:
+def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     from safetensors import safe_open
-    with safe_open(str(file), framework="pt") as handle:
-        return list(handle.keys())
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                    for name in handle.keys()}
+    except Exception as exc:
+        raise _damaged(file, exc) from None
 
 
-def build_empty(folder: Path, use_cache: bool | None = False) -> nn.Module:
+def _damaged(file: Path, exc: BaseException) -> RewriteError:
+    return RewriteError(f"the shard {str(file)!r} is damaged or not safetensors ({first_line(exc, 100)}): copy or "
+                        "download the checkpoint again")
+
+
+def inside(folder: Path, path: Path, what: str) -> None:
+    """A file a checkpoint is read from must lie in its folder. A link may lead out only the way the Hugging
+    Face cache lays files out: snapshots/<revision>/name → ../../blobs/<hash>."""
+    real, root = path.resolve(), folder.resolve()
+    if real.is_relative_to(root):
+        return
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and path.is_symlink() and real.parent == blobs.resolve():
+        return
+    raise RewriteError(f"{what} {str(path)!r} of the checkpoint leads outside its folder (to {str(real)!r}): a "
+                       "checkpoint reads only its own files; copy the real files into the folder")
+
+
+def _names(file: Path) -> list[str]:
+    return list(_header(file))
+
+
+def build_empty(folder: Path, use_cache: bool | None = False, remote_code: bool = False) -> nn.Module:
     """The checkpoint's architecture from its config.json, parameters on meta, in eval mode, no KV cache
-    (use_cache=None: as the config says)."""
+    (use_cache=None: as the config says). Python files the config names run only with `remote_code`."""
     try:
         import transformers
     except ImportError:
         raise RewriteError("reading a checkpoint folder needs transformers: pip install transformers") from None
+    config, raw = read_config(folder, remote_code)
+    cls = _model_class(config, raw, folder, remote_code)
+    if use_cache is not None:
+        config.use_cache = use_cache
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
+        with parameters_on_meta():
+            model = cls(config)
     except Exception as exc:
-        raise RewriteError(f"cannot read {str(folder / 'config.json')!r}: {first_line(exc)}") from None
+        raise RewriteError(f"{str(folder / 'config.json')!r} does not describe a model {cls.__name__} can build "
+                           f"({first_line(exc, 100)}): re-save the checkpoint with save_pretrained") from None
+    return model.eval()
+
+
+def read_config(folder: Path, remote_code: bool = False) -> tuple[Any, dict]:
+    """transformers' config and the raw JSON. Custom configuration code is refused unless trusted."""
+    import transformers
+    file = folder / "config.json"
+    inside(folder, file, "config.json")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        assert isinstance(raw, dict), "not a JSON object"
+    except (OSError, ValueError, AssertionError) as exc:
+        raise RewriteError(f"{str(file)!r} is not a readable JSON config ({first_line(exc, 100)}): re-save the "
+                           "checkpoint with save_pretrained") from None
+    try:
+        return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=remote_code), raw
+    except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise RewriteError(f"{str(file)!r} names Python code (auto_map: {_custom_code(raw)}) that loading it "
+                               f"would run: {REMOTE_CODE}") from None
+        raise RewriteError(f"cannot read {str(file)!r}: {first_line(exc)}") from None
+
+
+def _custom_code(raw: dict) -> str:
+    auto_map = raw.get("auto_map")
+    return ", ".join(str(v) for v in auto_map.values()) if isinstance(auto_map, dict) else repr(auto_map)
+
+
+def _model_class(config: Any, raw: dict, folder: Path, remote_code: bool) -> type:
+    """transformers' class that `architectures` names; the checkpoint's own code for it only when trusted."""
+    import transformers
     arch = (getattr(config, "architectures", None) or [None])[0]
+    auto_map = raw.get("auto_map") if isinstance(raw.get("auto_map"), dict) else {}
+    ref = next((v for v in auto_map.values() if isinstance(v, str) and arch and v.rsplit(".", 1)[-1] == arch), None)
+    if ref and remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        try:
+            return get_class_from_dynamic_module(ref, str(folder))
+        except Exception as exc:
+            raise RewriteError(f"cannot import {ref} from {str(folder)!r}: {first_line(exc)}") from None
     cls = getattr(transformers, arch, None) if arch else None
+    if cls is None and ref:
+        raise RewriteError(f"{str(folder / 'config.json')!r} names its own model code ({ref}) that loading it would "
+                           f"run: {REMOTE_CODE}")
     if cls is None:
         raise RewriteError(f"{str(folder / 'config.json')!r} names no transformers architecture (architectures: "
                            f"{arch!r}): save the checkpoint with save_pretrained")
-    if use_cache is not None:
-        config.use_cache = use_cache
-    with parameters_on_meta():
-        model = cls(config)
-    return model.eval()
+    return cls
 
 
 def return_freed_memory() -> None:
@@ -150,14 +243,27 @@ def return_freed_memory() -> None:
 class Lazy:
     """A checkpoint's model whose stack of blocks is read from disk one block at a time."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, remote_code: bool = False):
         from rewrite import blockwise
         return_freed_memory()
         self.folder = Path(folder)
+        self.model = build_empty(self.folder, remote_code=remote_code)
         self.shards = Shards(self.folder)
-        self.model = build_empty(self.folder)
+        self._check_layouts()
         self.stack, self.blocks = blockwise.find_stack(self.model)
         self._load_rest()
+
+    def _check_layouts(self) -> None:
+        """Every tensor the checkpoint holds for the model has the shape and kind config.json implies."""
+        for name, expected in self.model.state_dict(keep_vars=True).items():
+            if name not in self.shards.files:
+                continue
+            shape, dtype = self.shards.layout(name)
+            if shape != tuple(expected.shape) or (expected.is_floating_point() and dtype not in FLOAT_DTYPES):
+                raise RewriteError(
+                    f"checkpoint tensor {name!r} ({self.shards.files[name].name}) is {dtype} {list(shape)}, but the "
+                    f"model config.json describes needs {str(expected.dtype).removeprefix('torch.')} "
+                    f"{list(expected.shape)}: the weights and config.json do not belong together")
 
     def _load_rest(self) -> None:
         inside = self.stack + "."
@@ -222,7 +328,7 @@ def block_file(index: int) -> str:
     return f"block-{index:05d}.pt2"
 
 
-def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
+def load_rewritten(folder: str | Path, trusted: Any = False) -> nn.Module:
     """The model a block-by-block run wrote: config → module, rest.safetensors, each block's program."""
     from safetensors.torch import load_file
 
@@ -234,14 +340,15 @@ def load_rewritten(folder: str | Path, trusted: bool = False) -> nn.Module:
     except (OSError, ValueError, KeyError, AssertionError):
         raise RewriteError(f"{str(folder / MANIFEST)!r} is not a {FORMAT} manifest: write the folder with "
                            "rewrite optimize --blockwise") from None
-    model = build_empty(folder)
+    trust = Trust.of(trusted)
+    model = build_empty(folder, remote_code=trust.remote_code)
     model.load_state_dict(load_file(str(folder / "rest.safetensors")), strict=False, assign=True)
     _restore_aliases(model, manifest["aliases"])
     stack = model.get_submodule(manifest["stack"])
     call = manifest["call"]
     spec, constants = treespec_loads(call["spec"]), {int(i): v for i, v in call["constants"].items()}
     for index, file in enumerate(manifest["blocks"]):
-        module, _ = load_pt2(folder / file, trusted)
+        module, _ = load_pt2(folder / file, trust.pickle)
         stack[index] = blockwise.BlockCall(module, spec, constants, call["leaves"])
     _check_complete(model, folder)
     gc.collect()
@@ -278,9 +385,9 @@ class OnDisk(nn.Module):
                            "with rewrite.load(OUT)")
 
 
-def load_whole(folder: str | Path) -> nn.Module:
+def load_whole(folder: str | Path, remote_code: bool = False) -> nn.Module:
     """A checkpoint folder's model with every block read (for commands that need it whole, e.g. diff)."""
-    lazy = Lazy(folder)
+    lazy = Lazy(folder, remote_code)
     for index in range(len(lazy.blocks)):
         lazy.load(index)
     return lazy.model
@@ -292,7 +399,7 @@ def is_layered(path: Any) -> bool:
     return isinstance(path, (str, Path)) and (Path(path) / hf.LAYERS_FILE).is_file()
 
 
-def load_layers(folder: str | Path) -> nn.Module:
+def load_layers(folder: str | Path, remote_code: bool = False) -> nn.Module:
     """The model `write_layers` wrote: its class from config.json, each rewritten layer rebuilt from its
     tensors by the class the manifest names (rewrite's own classes only: nothing else is imported)."""
     from safetensors.torch import load_file
@@ -303,7 +410,7 @@ def load_layers(folder: str | Path) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise RewriteError(f"cannot read {str(folder / hf.LAYER_WEIGHTS)!r}: {first_line(exc)}: the folder is "
                            "incomplete; write it again with rewrite optimize -o") from None
-    model = build_empty(folder, use_cache=None)
+    model = build_empty(folder, use_cache=None, remote_code=remote_code)
     for path, where in sorted(manifest["layers"].items(), key=lambda item: item[0].count(".")):
         own = {name[len(path) + 1:]: t for name, t in tensors.items() if name.startswith(path + ".")}
         owner, _, attr = path.rpartition(".")

@@ -16,7 +16,7 @@ from torch import nn
 
 from rewrite import calibration, capture, checkpoint, measure, text
 from rewrite.errors import RewriteError, first_line
-from rewrite.loading import Loaded
+from rewrite.loading import Loaded, Trust
 from rewrite.pass_base import Approx, Pass
 
 
@@ -36,11 +36,12 @@ class Job:
 
 
 def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, eval: Any, metric: str | None,
-            tokenizer: Any, seq_len: int, calib_batches: int, seed: int, trusted: bool, mask_input: str | None,
+            tokenizer: Any, seq_len: int, calib_batches: int, seed: int, trusted: Any, mask_input: str | None,
             needs_eval: bool) -> Job:
     loaded = resolve(model, trusted)
     calib_is_text = text.is_texts(calib)
-    calib, eval, metric = tokenized(loaded.module, calib, eval, metric, tokenizer, seq_len, calib_batches)
+    calib, eval, metric = tokenized(loaded.module, calib, eval, metric, tokenizer, seq_len, calib_batches,
+                                    Trust.of(trusted).remote_code)
     if example_inputs is None and loaded.inputs is None and calib_is_text:
         example_inputs = calib[0]  # text in: the first calibration window is the example
     model = private_copy(loaded.module)
@@ -62,7 +63,7 @@ def model_file(model: Any) -> tuple[Path, ...]:
     return (Path(model),) if isinstance(model, (str, Path)) and Path(model).exists() else ()
 
 
-def resolve(model: Any, trusted: bool) -> Loaded:
+def resolve(model: Any, trusted: Any) -> Loaded:
     """What `rewrite.load` gives, from a module or a load spec."""
     if isinstance(model, (str, Path)):
         return checkpoint.load_model(str(model), trusted)
@@ -84,6 +85,7 @@ def check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
         raise RewriteError("no example inputs: give them (CLI: --inputs FILE or --input-shape 8,3,32,32)")
     inputs = calibration.as_args(example_inputs, model, "example input")
     calibration.check_finite(inputs, "the example inputs")
+    calibration.check_token_ids(inputs, model, "the example inputs")
     try:
         capture.run(model, inputs)
     except Exception as exc:
@@ -112,12 +114,12 @@ def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, pas
 
 
 def tokenized(model: Any, calib: Any, eval: Any, metric: str | None, tokenizer: Any, seq_len: int,
-              calib_batches: int) -> tuple[Any, Any, str | None]:
+              calib_batches: int, remote_code: bool = False) -> tuple[Any, Any, str | None]:
     """Calibration and evaluation text (lists of strings) as token windows; other data as it came. Eval
     windows of the calibration text itself start after the calibration windows."""
     if not (text.is_texts(calib) or text.is_texts(eval)):
         return calib, eval, metric
-    tok = text.tokenizer_for(model, tokenizer)
+    tok = text.tokenizer_for(model, tokenizer, remote_code)
     calib_text = "\n\n".join(calib) if text.is_texts(calib) else None
     if calib_text is not None:
         calib = text.windows(tok, calib_text, seq_len, calib_batches)

@@ -24,11 +24,36 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from rewrite.errors import RewriteError, first_line
+from rewrite.errors import InvalidValue, RewriteError, first_line
 
 PICKLE_NOTICE = "notice: loading a pickled module runs code stored in the file (trusted with --trust-pickle)"
+REMOTE_CODE_NOTICE = ("notice: a checkpoint's or tokenizer's own Python files (auto_map) will run if its config names "
+                      "them (trusted with --trust-remote-code)")
 SAFE_FORMS = "save it with torch.export.save as a .pt2, or give file.py:factory that builds it"
 MAX_INPUT_SHARE = 0.25  # random example inputs may take at most this share of the machine's memory
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which code stored in the user's files may run: pickled objects (`--trust-pickle`) and the Python files
+    a checkpoint's or tokenizer's config names (`auto_map`, `--trust-remote-code`). Nothing by default."""
+
+    pickle: bool = False
+    remote_code: bool = False
+
+    @classmethod
+    def of(cls, trusted: Any) -> "Trust":
+        """The API's `trusted=`: True (all), False, "pickle", "remote-code", or a list of those."""
+        if isinstance(trusted, Trust):
+            return trusted
+        if isinstance(trusted, bool):
+            return cls(trusted, trusted)
+        kinds = {trusted} if isinstance(trusted, str) else set(trusted) if isinstance(
+            trusted, (list, tuple, set, frozenset)) else None
+        if kinds is None or not kinds <= {"pickle", "remote-code"}:
+            raise InvalidValue(f"trusted={trusted!r}: give True, False, \"pickle\", \"remote-code\" or a list of "
+                               "those (the kinds of code in your files you trust to run)")
+        return cls("pickle" in kinds, "remote-code" in kinds)
 
 
 @dataclass

@@ -131,11 +131,12 @@ def refuse_for_checkpoints(out: Any, emitters: list[str], eval: Any) -> None:
 
 
 def checkpoint_folder(folder: Path, example_inputs: Any, passes: list[Pass], calib: Any, out: OutputFolder,
-                      seed: int, strict: bool, calib_batches: int, say: Progress, recovery: Any = None) -> Result:
+                      seed: int, strict: bool, calib_batches: int, say: Progress, recovery: Any = None,
+                      remote_code: bool = False) -> Result:
     """A Hugging Face checkpoint folder, block by block: one block in memory at a time, each written as
     soon as it is rewritten (`rewrite.checkpoint`), as .pt2 programs and as shards from_pretrained loads."""
     say("reading the checkpoint (weights outside the stack of blocks)")
-    lazy = checkpoint.Lazy(folder)
+    lazy = checkpoint.Lazy(folder, remote_code)
     lazy.check_disk(out.path.parent if out.path.parent.exists() else Path.cwd())
     if calib is None and example_inputs is None:
         raise RewriteError("a checkpoint folder comes without inputs: give calibration token ids with --calib")

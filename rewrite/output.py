@@ -39,6 +39,7 @@ class OutputFolder:
     def check(self) -> None:
         """Every reason the run could not write its output, found before any work starts."""
         self._check_location()
+        self._check_apart()
         if not (self.path.is_dir() and any(self.path.iterdir())):
             return
         if not self.force:
@@ -53,6 +54,16 @@ class OutputFolder:
         if foreign:
             raise RewriteError(f"{str(self.path / foreign[0])!r} was not written by rewrite, and --force never "
                                "replaces such files: choose another -o")
+
+    def _check_apart(self) -> None:
+        """A model folder (a checkpoint) and the output folder never overlap: neither may hold the other."""
+        out = self.path.resolve()
+        for folder in (p for p in self.protect if p.is_dir()):
+            how = ("is" if out == folder else "lies inside" if folder in out.parents else
+                   "holds" if out in folder.parents else None)
+            if how:
+                raise RewriteError(f"output folder {str(self.path)!r} {how} the model folder {str(folder)!r}: the "
+                                   "output must not mix with your files; choose an -o outside it")
 
     def _check_location(self) -> None:
         for folder in (self.path, *self.path.parents):

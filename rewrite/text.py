@@ -54,9 +54,10 @@ def _jsonl_texts(text: str, path: Path, what: str) -> list[str]:
     return texts
 
 
-def tokenizer_for(model: Any, name_or_dir: Any = None) -> Any:
+def tokenizer_for(model: Any, name_or_dir: Any = None, remote_code: bool = False) -> Any:
     """The tokenizer given (an object, a name or a folder), else the one beside the model's weights: a
-    checkpoint folder's, or that of the folder its config was read from."""
+    checkpoint folder's, or that of the folder its config was read from. Python files its config names
+    (`auto_map`) run only with `remote_code`."""
     if name_or_dir is not None and not isinstance(name_or_dir, (str, Path)):
         return name_or_dir  # a tokenizer object
     if name_or_dir is None:
@@ -68,8 +69,12 @@ def tokenizer_for(model: Any, name_or_dir: Any = None) -> Any:
                                "NAME_OR_DIR (Python: tokenizer=...)")
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_dir), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(name_or_dir), trust_remote_code=remote_code)
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise RewriteError(f"the tokenizer {str(name_or_dir)!r} names Python code (auto_map) that loading it "
+                               'would run: add --trust-remote-code if you trust its authors (Python: '
+                               'trusted="remote-code")') from None
         raise RewriteError(f"cannot load the tokenizer {str(name_or_dir)!r} ({first_line(exc)}): give a folder "
                            "with tokenizer.json or tokenizer_config.json (--tokenizer)") from None
 

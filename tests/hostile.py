@@ -133,3 +133,97 @@ def snapshot(d: Path) -> dict[str, str]:
     """Every file's hash and every folder under `d` (so an empty output folder left behind shows too)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in sorted(d.rglob("*"))}
+
+
+# --- checkpoint folders from strangers ------------------------------------------------------------------
+
+CUSTOM_CONFIG = '''
+import pathlib
+pathlib.Path({marker!r}).touch()  # proof that the folder's code ran (transformers runs a copy elsewhere)
+from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny"
+'''
+
+CUSTOM_MODEL = '''
+from transformers import LlamaForCausalLM
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+'''
+
+
+def make_checkpoints(d: Path) -> Path:
+    """A small sharded Llama checkpoint `good`, damaged copies of it, token-id files and a text file."""
+    import json
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    good = d / "good"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(good, max_shard_size="100KB")
+    torch.save([torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)],
+               d / "ids.pt")
+    torch.save([torch.full((2, 16), 1000)], d / "ids_beyond.pt")
+    torch.save([torch.full((2, 16), -3)], d / "ids_negative.pt")
+
+    def variant(name, damage):
+        shutil.copytree(good, d / name, symlinks=True)
+        damage(d / name)
+
+    def config(folder, **changes):
+        raw = json.loads((folder / "config.json").read_text())
+        raw.update(changes)
+        (folder / "config.json").write_text(json.dumps(raw))
+
+    def second_shard(folder):
+        return sorted(folder.glob("model-0000*.safetensors"))[1]
+
+    def index(folder, where):
+        path = folder / "model.safetensors.index.json"
+        raw = json.loads(path.read_text())
+        first = second_shard(folder).name
+        raw["weight_map"] = {n: (where if s == first else s) for n, s in raw["weight_map"].items()}
+        path.write_text(json.dumps(raw))
+
+    def retyped(folder, change):
+        shard = second_shard(folder)
+        save_file({k: change(t) for k, t in load_file(shard).items()}, shard, metadata={"format": "pt"})
+
+    def linked_out(folder):
+        shard = second_shard(folder)
+        shutil.move(shard, d / "moved.safetensors")
+        shard.symlink_to(d / "moved.safetensors")
+
+    def custom_code(folder, model_type="tiny"):
+        (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG.format(marker=str(d / "PWNED")))
+        (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+        config(folder, model_type=model_type, architectures=["TinyForCausalLM"],
+               auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                         "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+
+    shutil.copy(second_shard(good), d / "outside.safetensors")
+    variant("remote_code", custom_code)
+    variant("remote_code_llama_type", lambda f: custom_code(f, "llama"))
+    variant("index_outside", lambda f: index(f, "../outside.safetensors"))
+    variant("index_absolute", lambda f: index(f, "/etc/passwd"))
+    variant("linked_out", linked_out)
+    variant("truncated", lambda f: second_shard(f).write_bytes(second_shard(f).read_bytes()[:3000]))
+    variant("garbage", lambda f: second_shard(f).write_bytes(b"\x10" + b"\x00" * 7 + b"{garbage"))
+    variant("index_lies", lambda f: index(f, "model-00001-of-00005.safetensors"))
+    variant("shape", lambda f: config(f, intermediate_size=96))
+    variant("dtype", lambda f: retyped(f, lambda t: (t * 100).to(torch.int32)))
+    variant("nan", lambda f: retyped(f, lambda t: t.fill_(float("nan"))))
+    variant("bad_json", lambda f: (f / "config.json").write_text("{not json"))
+    variant("list_json", lambda f: (f / "config.json").write_text("[1, 2]"))
+    variant("bad_field", lambda f: config(f, hidden_size="big"))
+    variant("no_arch", lambda f: config(f, architectures=["NoSuchModelForCausalLM"]))
+    (d / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return d

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from rewrite.cli import render
-from rewrite.cli.optimize import MODEL_HELP, TRUST_HELP, _example_inputs
+from rewrite.cli.optimize import MODEL_HELP, REMOTE_CODE_HELP, TRUST_HELP, _example_inputs, trust_kinds
 
 
 def diff(
@@ -18,14 +18,14 @@ def diff(
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
     metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity (token ids; targets optional)")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP)] = False,
 ) -> None:
     """Outputs, latency, size and accuracy of two models side by side."""
-    from rewrite import api, calibration, loading  # torch: only once the command runs
+    from rewrite import api, calibration  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     eval_data = calibration.load_file(eval, "eval") if eval else None
-    if trust_pickle:
-        render.errors.print(loading.PICKLE_NOTICE)
+    trusted = trust_kinds(trust_pickle, trust_remote_code)
     with render.progress() as say:
         say("measuring both models (alternating rounds)")
-        report = api.diff(original, rewritten, example, eval=eval_data, metric=metric, trusted=trust_pickle)
+        report = api.diff(original, rewritten, example, eval=eval_data, metric=metric, trusted=trusted)
     render.show_report(report)

@@ -15,6 +15,8 @@ MODEL_HELP = ("a .pt2 ExportedProgram (carries its example inputs), package.modu
               "(runs code from the file: needs --trust-pickle), or a Hugging Face checkpoint folder (config.json + "
               "safetensors; rewritten block by block, weights read one block at a time)")
 TRUST_HELP = "load a pickled module (or a .pt2 holding pickled objects): runs code stored in the file"
+REMOTE_CODE_HELP = ("load a checkpoint or tokenizer whose config.json names its own Python files (auto_map): runs "
+                    "that code")
 
 
 def optimize(
@@ -50,23 +52,23 @@ def optimize(
     blockwise: Annotated[bool, typer.Option(help="rewrite the stack of repeated blocks one block at a time "
                                                  "(always so for a checkpoint folder)")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP)] = False,
     allow_artifact_errors: Annotated[bool, typer.Option(help="exit 0 even when an artifact failed to export or "
                                                         "differs from the verified model")] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
     spec.parse_spec(passes)  # a typo fails before any model file is read, and before torch loads
-    from rewrite import api, distributed, loading  # torch: only once the command runs
+    from rewrite import api, distributed  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
     out_dir = out or Path("rewrite-out") / _stem(model)
     calib_data = _data(calib, calib_text, "calib")
     eval_data = _data(eval, eval_text, "eval")
-    if trust_pickle:
-        render.errors.print(loading.PICKLE_NOTICE)
+    trusted = trust_kinds(trust_pickle, trust_remote_code)
     with render.progress() as say:
         result = api.optimize(model, example, passes, calib=calib_data, eval=eval_data, metric=metric,
                               emit=emit, out=out_dir, force=force, strict=strict, seed=seed,
                               recover=recover, budget=budget, calib_batches=calib_batches,
-                              measure_latency=latency, trusted=trust_pickle, floor=floor, mask_input=mask_input,
+                              measure_latency=latency, trusted=trusted, floor=floor, mask_input=mask_input,
                               blockwise=blockwise, profile=profile, progress=say, tokenizer=tokenizer,
                               seq_len=seq_len,
                               allow_artifact_errors=True)  # reported below: exit 3
@@ -81,6 +83,15 @@ def optimize(
                             " (--allow-artifact-errors accepts it)"), markup=False, soft_wrap=True)
         if not allow_artifact_errors:
             raise typer.Exit(3)
+
+
+def trust_kinds(pickle: bool, remote_code: bool) -> list[str]:
+    """The flags as the API's `trusted=` kinds, each announced before any file is read."""
+    from rewrite import loading
+    for on, notice in ((pickle, loading.PICKLE_NOTICE), (remote_code, loading.REMOTE_CODE_NOTICE)):
+        if on:
+            render.errors.print(notice, markup=False)
+    return [kind for on, kind in ((pickle, "pickle"), (remote_code, "remote-code")) if on]
 
 
 def _data(tensors: Path | None, text_file: Path | None, what: str) -> object:

@@ -51,11 +51,14 @@ def explain(
     inputs: Annotated[Optional[Path], typer.Option(help="example inputs saved with torch.save")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="load a pickled module")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="run the Python files a "
+                                                    "checkpoint's config.json names")] = False,
 ) -> None:
     """Where a pass's patterns match in MODEL, where they were refused and why (--node: why not there)."""
     from rewrite import api
-    from rewrite.cli.optimize import _example_inputs
-    for line in api.explain(model, _example_inputs(inputs, input_shape), name, node, trusted=trust_pickle):
+    from rewrite.cli.optimize import _example_inputs, trust_kinds
+    trusted = trust_kinds(trust_pickle, trust_remote_code)
+    for line in api.explain(model, _example_inputs(inputs, input_shape), name, node, trusted=trusted):
         render.console.print(line, markup=False, soft_wrap=True)
 
 
