@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rewrite import blockwise, calibration, capture, checkpoint, inputs, measure, pipeline, spec, transplant
-from rewrite.emit import hf, write
+from rewrite.emit import hf, pt2, write
 from rewrite.emit.hf import guard_save_pretrained
 from rewrite.emit.pt2 import export_program
 from rewrite.errors import RewriteError
@@ -146,7 +146,7 @@ def checkpoint_folder(folder: Path, example_inputs: Any, passes: list[Pass], cal
         shards = hf.Sharded(lazy.model, stage)  # the same blocks again, as a folder from_pretrained loads
 
         def keep(index: int, rewritten: nn.Module, captured: capture.Captured, _flat: Any) -> nn.Module:
-            torch.export.save(export_program(rewritten, captured), stage / checkpoint.block_file(index))
+            pt2.save_program(export_program(rewritten, captured), stage / checkpoint.block_file(index))
             shards.add(rewritten, f"model-{index + 1:05d}.safetensors", ("block.", f"{lazy.stack}.{index}."))
             return checkpoint.OnDisk(out.final(stage / checkpoint.block_file(index)))
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -87,6 +88,12 @@ class OutputFolder:
                 try:
                     yield stage
                     self._commit(stage)
+                except Exception as exc:
+                    if _storage_full(exc):
+                        raise RewriteError(f"writing the output to {str(self.path)!r} failed ({_storage_full(exc)}): "
+                                           "free space or choose another -o, and run again; nothing was left "
+                                           "there") from None
+                    raise
                 finally:
                     shutil.rmtree(stage, ignore_errors=True)
         except BaseException:
@@ -114,6 +121,18 @@ class OutputFolder:
             if name != MANIFEST:
                 os.replace(stage / name, self.path / name)
         _write_manifest(self.path, names)
+
+
+FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the size limit",
+        errno.EDQUOT: "the disk quota is used up"}
+
+
+def _storage_full(exc: BaseException) -> str | None:
+    """Why a write failed for want of room (an OSError, or a library's error quoting one), else None."""
+    if isinstance(exc, OSError) and exc.errno in FULL:
+        return FULL[exc.errno]
+    text = str(exc)
+    return next((why for code, why in FULL.items() if os.strerror(code) in text or f"os error {code})" in text), None)
 
 
 @contextlib.contextmanager

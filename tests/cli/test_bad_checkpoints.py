@@ -109,3 +109,24 @@ def test_trust_remote_code_runs_the_folders_code_and_says_so_first(tmp_path):
     assert trusted.exit_code == 0, trusted.output
     assert trusted.output.startswith("notice:") and (d / "PWNED").exists()
     assert (d / "out" / "rewrite-blocks.json").is_file()
+
+
+def test_a_disk_that_fills_during_the_block_writes_leaves_nothing_and_says_so(tmp_path):
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+    d = make_checkpoints(tmp_path)
+    before = snapshot(d)
+    limit = 150_000  # bytes per file: the first block's program is larger
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "rewrite", "optimize", str(d / "good"), "-p", "dgq{group=32}",
+                           "--calib", str(d / "ids.pt"), "-o", str(d / "out"), "--no-latency"],
+                          capture_output=True, text=True, preexec_fn=capped, cwd=Path(__file__).parents[2])
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and "size limit" in lines[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert snapshot(d) == before, "output (or its hidden staging folder) was left behind"
