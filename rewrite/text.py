@@ -14,6 +14,8 @@ from typing import Any
 from rewrite.errors import RewriteError, first_line
 
 SEQ_LEN = 512
+MAX_BYTES = 64 * 2**20  # read at most this much of a text file: millions of tokens, far more than calibration needs
+CHUNK = 2**20  # characters tokenized at a time, until the windows asked for are filled
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -21,18 +23,23 @@ def read(path: str | Path, what: str) -> str:
     """The text of a plain-text file, or of a JSONL file's `text` fields (one document per line)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_BYTES + 1)
     except OSError as exc:
         raise RewriteError(f"cannot read the {what} text {str(path)!r}: {exc.strerror or first_line(exc)}") from None
+    cut = len(raw) > MAX_BYTES  # a larger file: its first MAX_BYTES serve (a gigabyte on one line included)
+    raw = raw[:MAX_BYTES]
     if b"\0" in raw[:65536]:
         raise RewriteError(f"the {what} text {str(path)!r} is a binary file: give a UTF-8 text or JSONL file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RewriteError(f"the {what} text {str(path)!r} is not UTF-8 (byte {exc.start}): convert it, e.g. "
-                           "iconv -t utf-8") from None
+        if not (cut and exc.start >= len(raw) - 3):
+            raise RewriteError(f"the {what} text {str(path)!r} is not UTF-8 (byte {exc.start}): convert it, e.g. "
+                               "iconv -t utf-8") from None
+        text = raw[:exc.start].decode("utf-8")  # the cut fell inside a character
     if path.suffix == ".jsonl":
-        text = "\n\n".join(_jsonl_texts(text, path, what))
+        text = "\n\n".join(_jsonl_texts(text.rpartition("\n")[0] if cut else text, path, what))
     if not text.strip():
         raise RewriteError(f"the {what} text {str(path)!r} is empty: give a file with text in it")
     return text
@@ -89,7 +96,7 @@ def windows(tokenizer: Any, text: str, seq_len: int, count: int, *, skip: int = 
     import torch
     if seq_len < 2:
         raise RewriteError(f"--seq-len {seq_len} is too short: give at least 2 tokens (default {SEQ_LEN})")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(_token_ids(tokenizer, text, (skip + count) * seq_len), dtype=torch.long)
     available = len(ids) // seq_len - skip
     if available < 1:
         after = f" after the {skip} calibration windows" if skip else ""
@@ -97,6 +104,28 @@ def windows(tokenizer: Any, text: str, seq_len: int, count: int, *, skip: int = 
                            "give more text or a smaller --seq-len")
     starts = range(skip * seq_len, (skip + min(count, available)) * seq_len, seq_len)
     return [(ids[s:s + seq_len][None],) for s in starts]
+
+
+def _token_ids(tokenizer: Any, text: str, need: int) -> list[int]:
+    """The text's first `need` token ids (or all), tokenized a chunk at a time, each cut at a line or word
+    break, so a huge text costs only what the windows use."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text) and len(ids) < need:
+        end = len(text) if len(text) - start <= CHUNK else _break_before(text, start + CHUNK, start)
+        ids.extend(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        start = end
+    return ids
+
+
+def _break_before(text: str, end: int, start: int) -> int:
+    """A cut at the last line break (else space) before `end`, within its chunk's second half."""
+    half = start + (end - start) // 2
+    for sep in ("\n", " "):
+        at = text.rfind(sep, half, end)
+        if at > half:
+            return at
+    return end
 
 
 def is_texts(data: Any) -> bool:

@@ -73,3 +73,25 @@ def test_a_causal_lm_calibrates_on_text_and_is_judged_by_perplexity_on_other_tex
     assert "4 batch(es) of ((1, 32))" in result.report.inputs
     [shipped] = [a for a in result.report.artifacts if a.kind == "hf"]  # -o DIR: a from_pretrained folder too
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+
+
+def test_a_huge_one_line_file_is_read_only_as_far_as_needed(tmp_path, monkeypatch):
+    monkeypatch.setattr(text, "MAX_BYTES", 50_000)
+    monkeypatch.setattr(text, "CHUNK", 4_000)
+    path = tmp_path / "huge.txt"
+    path.write_text("word " * 60_000 + "é")  # 300 kB on one line, a two-byte character past the cut
+    read = text.read(path, "calibration")
+    assert len(read) == 50_000
+    calls = []
+
+    class Counting:
+        def __call__(self, piece, add_special_tokens=False):
+            calls.append(len(piece))
+            return {"input_ids": [1] * len(piece.split())}
+
+    windows = text.windows(Counting(), read, seq_len=100, count=3)
+    assert len(windows) == 3 and all(w[0].shape == (1, 100) for w in windows)
+    assert sum(calls) < 8_000, "tokenized past what three windows need"
+    jsonl = tmp_path / "huge.jsonl"
+    jsonl.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "x" * 100_000}) + "\n")
+    assert text.read(jsonl, "calibration") == "first"  # the cut line is left out, not a JSON error
