@@ -29,6 +29,12 @@ def _check_arguments(**values: Any) -> None:
             raise InvalidValue(f"{name}={value!r}: give {least}, e.g. {name}={0 if name == 'seed' else 8}")
 
 
+def _check_timeout(seconds: Any) -> None:
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds < float("inf")):
+        raise InvalidValue(f"pass_timeout={seconds!r}: give a number of seconds > 0, e.g. pass_timeout=600, or None")
+
+
 def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *, calib: Any = None,
              eval: Any = None, metric: str | None = None, emit: str | list[str] | None = None,
              out: str | Path | None = None, force: bool = False, strict: bool = False, seed: int = 0,
@@ -36,7 +42,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              calib_batches: int = calibration.MAX_BATCHES, measure_latency: bool = True,
              trusted: Any = False, floor: str | None = None, mask_input: str | None = None,
              blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
-             allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN) -> Result:
+             allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN,
+             pass_timeout: float | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -49,10 +56,12 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     raises ArtifactError after the output folder is written (its `.result` is the Result), unless
     `allow_artifact_errors=True`; the CLI exits 3 there. `calib` and `eval` may be lists of strings: they
     are tokenized (`tokenizer`, else the one beside the model's weights) into windows of `seq_len` tokens,
-    and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`).
+    and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`). A pass whose
+    `call` runs past `pass_timeout` seconds is stopped and rolled back (on the main thread).
     """
     say = progress or (lambda message, done=None, total=None: None)
     _check_arguments(seed=seed, seq_len=seq_len)
+    _check_timeout(pass_timeout)
     trust = Trust.of(trusted)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
@@ -62,7 +71,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
         folder = OutputFolder(out, force, protect=steps.model_file(model))
         calib, _, _ = steps.tokenized(model, calib, None, None, tokenizer, seq_len, calib_batches, trust.remote_code)
         return modes.checkpoint_folder(Path(model), example_inputs, pass_list, calib, folder, seed,
-                                       strict, calib_batches, say, recovery, trust.remote_code)
+                                       strict, calib_batches, say, recovery, trust.remote_code,
+                                       pass_timeout)
     modes.refuse_artifacts_in_memory_blockwise(blockwise, out)
     floor_value = spec.metric_floor(floor)
     calibration.check_count(calib_batches, "--calib-batches")
@@ -73,8 +83,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                         seq_len=seq_len, calib_batches=calib_batches, seed=seed, trusted=trust,
                         mask_input=mask_input, needs_eval=floor_value is not None)
     with folder.staging() if folder else contextlib.nullcontext() as stage:
-        run = (modes.block_by_block(job, pass_list, recovery, seed, strict, say) if blockwise else
-               modes.whole_model(job, pass_list, emitters, recovery, seed, strict, floor_value, say))
+        run = (modes.block_by_block(job, pass_list, recovery, seed, strict, say, pass_timeout) if blockwise else
+               modes.whole_model(job, pass_list, emitters, recovery, seed, strict, floor_value, say, pass_timeout))
         report = RunReport(pipeline=spec.format_spec(pass_list),
                            capture=run.captured.note if blockwise else run.captured.describe(),
                            inputs=calibration.describe(job.data.batches), records=run.records,

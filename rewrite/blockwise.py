@@ -173,7 +173,8 @@ class Outcome:
 
 def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, strict: bool = False,
         recover: Any = None, say: Callable[..., None] = lambda *a, **k: None,
-        load: Callable[[int], None] = lambda i: None, keep: Callable = in_place) -> Outcome:
+        load: Callable[[int], None] = lambda i: None, keep: Callable = in_place,
+        time_limit: float | None = None) -> Outcome:
     """Rewrite `model`'s stack in place, block by block. With `recover` (a RecoverSpec), a recoverable pass's
     block is distilled toward the block before that pass on the block's own inputs (the rewritten blocks'
     outputs), as block-wise reconstruction does: each block learns to undo its own error given what the
@@ -198,7 +199,7 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         # pipeline's snapshot for rollback. Passes that read ctx.original read the graph itself.
         flat.block, captured.original = None, None
         ctx = PassContext(calibration=block_batches, original_calibration=original_batches, seed=seed,
-                          recover=recover)
+                          recover=recover, time_limit=time_limit)
         module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"

@@ -84,7 +84,7 @@ class Run:
 
 
 def whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recovery: Any, seed: int, strict: bool,
-                floor: float | None, say: Progress) -> Run:
+                floor: float | None, say: Progress, time_limit: float | None = None) -> Run:
     say("capturing")
     captured = capture.capture(job.model, job.inputs)
     inputs.check_shapes(captured, job.data.batches, "calibration")
@@ -94,7 +94,8 @@ def whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recove
     evaluate = measure.evaluator(job.metric, *job.eval_data) if job.eval_data else None
     ctx = PassContext(calibration=job.data.batches, targets=job.data.targets, original=job.model, seed=seed,
                       synthetic_calibration=job.data.synthetic, emit=tuple(emitters), recover=recovery,
-                      evaluate=evaluate, metric=job.metric, masks=job.masks, metric_floor=floor)
+                      evaluate=evaluate, metric=job.metric, masks=job.masks, metric_floor=floor,
+                      time_limit=time_limit)
     graph, records = pipeline.run_passes(captured, passes, ctx, strict=strict, progress=say)
     say("putting the rewritten layers into your model")
     graph_passes = [p.name for p, r in zip(passes, records) if p.level == "graph" and r.status == "applied"]
@@ -104,10 +105,10 @@ def whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recove
     return Run(rewritten, graph, records, captured, warns)
 
 
-def block_by_block(job: inputs.Job, passes: list[Pass], recovery: Any, seed: int, strict: bool, say: Progress
-                   ) -> Run:
+def block_by_block(job: inputs.Job, passes: list[Pass], recovery: Any, seed: int, strict: bool, say: Progress,
+                   time_limit: float | None = None) -> Run:
     outcome = blockwise.run(copy.deepcopy(job.model), job.data.batches, passes, seed=seed, strict=strict,
-                            recover=recovery, say=say)
+                            recover=recovery, say=say, time_limit=time_limit)
     captured = capture.Captured(job.model, job.inputs, graph=False, note=outcome.summary, original=job.model)
     return Run(outcome.model, outcome.model, outcome.records, captured, [job.cache_note] if job.cache_note else [])
 
@@ -132,7 +133,7 @@ def refuse_for_checkpoints(out: Any, emitters: list[str], eval: Any) -> None:
 
 def checkpoint_folder(folder: Path, example_inputs: Any, passes: list[Pass], calib: Any, out: OutputFolder,
                       seed: int, strict: bool, calib_batches: int, say: Progress, recovery: Any = None,
-                      remote_code: bool = False) -> Result:
+                      remote_code: bool = False, time_limit: float | None = None) -> Result:
     """A Hugging Face checkpoint folder, block by block: one block in memory at a time, each written as
     soon as it is rewritten (`rewrite.checkpoint`), as .pt2 programs and as shards from_pretrained loads."""
     say("reading the checkpoint (weights outside the stack of blocks)")
@@ -151,7 +152,7 @@ def checkpoint_folder(folder: Path, example_inputs: Any, passes: list[Pass], cal
             return checkpoint.OnDisk(out.final(stage / checkpoint.block_file(index)))
 
         outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, recover=recovery, say=say,
-                                load=lazy.load, keep=keep)
+                                load=lazy.load, keep=keep, time_limit=time_limit)
         aliases = checkpoint.write_rest(lazy.model, lazy.stack, stage)
         checkpoint.write_manifest(stage, folder, lazy.stack, len(lazy.blocks), outcome.layout, aliases)
         shards.add(lazy.model, "model-00000.safetensors")

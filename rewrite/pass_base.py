@@ -73,6 +73,7 @@ class PassContext:
     masks: list | None = None  # per calibration batch: the (batch, seq) padding mask outputs are compared on
     metric_floor: float | None = None  # --floor metric=Y: approximate passes are judged by the task metric
     progress: Any = None  # progress(message, done, total): how a long pass says where it is (never print)
+    time_limit: float | None = None  # seconds one pass's call may run (--pass-timeout); the pipeline enforces it
 
     def step(self, message: str, done: int, total: int) -> None:
         """Report progress inside a pass (e.g. the layer being searched); a no-op without a listener."""

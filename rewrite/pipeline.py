@@ -1,17 +1,26 @@
 """Run passes in the user's order, verifying each against its contract (the spec text is parsed in spec.py).
 
-A pass that crashes or breaks its contract is rolled back (the model before it is restored) and the
-report says why; with `strict=True` that is an error naming the pass and the passes before it.
+A pass that crashes, returns something else than a module, runs past the time limit, or breaks its
+contract is rolled back (the model before it is restored) and the report says why, naming the plugin's
+distribution; with `strict=True` that is an error naming the pass and the passes before it. A plugin's
+pass reads its own copies of the original model and the calibration data, so nothing it does to them
+can reach the verification that judges it (a change is itself a reason to roll it back).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import signal
+import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
-from rewrite import capture, measure, verify
+from rewrite import capture, measure, registry, verify
 from rewrite.errors import PassError, RewriteError, first_line
 from rewrite.pass_base import Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
@@ -21,9 +30,14 @@ Progress = Callable[..., None]  # (message, done=None, total=None)
 
 # --- running -----------------------------------------------------------------------------------
 
+class PassTimeout(BaseException):
+    """Raised inside a pass at its time limit; a BaseException, so a pass's `except Exception` cannot eat it."""
+
+
 def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext, *,
                strict: bool = False, progress: Progress | None = None) -> tuple[nn.Module, list[PassRecord]]:
-    """Apply `passes` in order to `captured.module`; returns the final module and one record per pass."""
+    """Apply `passes` in order to `captured.module`; returns the final module and one record per pass.
+    A pass whose `call` runs past `ctx.time_limit` seconds is stopped and rolled back."""
     module = captured.module
     outputs = [capture.run(module, batch) for batch in ctx.calibration]
     records = []
@@ -47,8 +61,9 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         record.status, record.reason = "skipped", f"needs a graph: {captured.note}"
         return module, outputs, record
     snapshot, start = copy.deepcopy(module), time.perf_counter()
+    plugin = registry.plugin_of(type(pass_))
     try:
-        result = _call(pass_, module, ctx)
+        result = _call(pass_, module, ctx, plugin)
         held = _recover(result, snapshot, outputs, ctx, progress, pass_.name) if (
             result.modified and pass_.recoverable and ctx.recover is not None) else None
         new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
@@ -56,8 +71,12 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
                              if result.modified else (None, None, None))
     except RewriteError:
         raise
+    except PassTimeout:
+        result, err, broken, flag = None, None, f"ran past the time limit of {ctx.time_limit:g} s (--pass-timeout)", None
     except Exception as exc:  # a pass bug must not take the user's run down with it
         result, err, broken, flag = None, None, f"raised {type(exc).__name__}: {first_line(exc)}", None
+    if broken and plugin:
+        broken += f" [plugin {plugin}]"
     record.seconds = time.perf_counter() - start
     if result is not None:
         record.stats = result.stats
@@ -126,11 +145,18 @@ def _made_by(module: nn.Module, name: str) -> list[nn.Module] | None:
     return [m for m in layers if any(p.is_floating_point() for p in m.parameters())] or None
 
 
-def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:
+def _call(pass_: Pass, module: nn.Module, ctx: PassContext, plugin: str | None = None) -> PassResult:
     before = _layer_identities(module)
-    result = pass_.call(module, ctx)
+    own_ctx = _private_context(ctx) if plugin else ctx
+    versions = _versions(ctx.original, ctx.calibration, ctx.targets)
+    with _deadline(ctx.time_limit):
+        result = pass_.call(module, own_ctx)
     if not isinstance(result, PassResult):
         raise TypeError(f"call() returned {type(result).__name__}, not PassResult")
+    if not isinstance(result.module, nn.Module):
+        raise TypeError(f"call() returned a PassResult whose module is a {type(result.module).__name__}")
+    if _versions(ctx.original, ctx.calibration, ctx.targets) != versions or (plugin and not _same(own_ctx, ctx)):
+        raise RuntimeError("it changed ctx.original or the calibration data, which passes only read")
     if is_graph(result.module) and result.modified:
         # Provenance: nodes the pass created, and call_module nodes whose layer it swapped.
         for node, layer in _layer_identities(result.module).items():
@@ -139,6 +165,54 @@ def _call(pass_: Pass, module: nn.Module, ctx: PassContext) -> PassResult:
         result.module.graph.lint()
         result.module.recompile()
     return result
+
+
+def _private_context(ctx: PassContext) -> PassContext:
+    """A plugin's own copies of what it reads: the model it is judged against, and the data."""
+    return dataclasses.replace(ctx, original=copy.deepcopy(ctx.original), calibration=copy.deepcopy(ctx.calibration),
+                               targets=copy.deepcopy(ctx.targets),
+                               original_calibration=copy.deepcopy(ctx.original_calibration))
+
+
+def _versions(*things: Any) -> list:
+    """Which modules and tensors there are, where their data lives and how often it was written in place
+    (torch counts every in-place write in a tensor's version; writes through `.data` it does not)."""
+    return [(id(t), t.data_ptr(), t._version) for t in _tensors(*things)] + [
+        (name, id(m)) for thing in things if isinstance(thing, nn.Module) for name, m in thing.named_modules()]
+
+
+def _same(copied: PassContext, real: PassContext) -> bool:
+    """A plugin's copies still equal the real ones, value for value."""
+    mine, theirs = _tensors(copied.original, copied.calibration), _tensors(real.original, real.calibration)
+    return len(mine) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def _tensors(*things: Any) -> list[torch.Tensor]:
+    found: list = []
+    for thing in things:
+        if isinstance(thing, nn.Module):
+            thing = list(thing.state_dict(keep_vars=True).values())
+        found += [t for t in tree_leaves(thing) if isinstance(t, torch.Tensor) and not t.is_meta]
+    return found
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Raise PassTimeout in the block after `seconds` (SIGALRM: on the main thread of a Unix process only)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise PassTimeout()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _layer_identities(module: nn.Module) -> dict:

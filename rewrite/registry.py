@@ -57,6 +57,14 @@ def load_pass(name: str) -> type[Pass]:
     return cls
 
 
+def plugin_of(cls: type) -> str | None:
+    """The distribution ("name version") that registered this pass class, when it is not rewrite itself."""
+    entry = registered(PASS_GROUP).get(getattr(cls, "name", None))
+    if entry is None or entry.distribution.startswith("rewrite ") or not entry.value.startswith(cls.__module__):
+        return None
+    return entry.distribution
+
+
 def load_emitter(name: str):
     return lookup(name, registered(EMITTER_GROUP), "emitter").load()
 

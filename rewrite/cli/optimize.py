@@ -53,6 +53,8 @@ def optimize(
                                                  "(always so for a checkpoint folder)")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP)] = False,
+    pass_timeout: Annotated[Optional[float], typer.Option(help="stop and roll back a pass whose rewrite runs "
+                                                          "longer than this many seconds")] = None,
     allow_artifact_errors: Annotated[bool, typer.Option(help="exit 0 even when an artifact failed to export or "
                                                         "differs from the verified model")] = False,
 ) -> None:
@@ -70,7 +72,7 @@ def optimize(
                               recover=recover, budget=budget, calib_batches=calib_batches,
                               measure_latency=latency, trusted=trusted, floor=floor, mask_input=mask_input,
                               blockwise=blockwise, profile=profile, progress=say, tokenizer=tokenizer,
-                              seq_len=seq_len,
+                              seq_len=seq_len, pass_timeout=pass_timeout,
                               allow_artifact_errors=True)  # reported below: exit 3
     if distributed.rank() != 0:
         return  # under torchrun, rank 0 alone reports and writes
