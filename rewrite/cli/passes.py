@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from rewrite import registry
+from rewrite.errors import RewriteError
 from rewrite.cli import render
 
 app = typer.Typer(help="Registered passes, built-in or from plugins.", no_args_is_help=True)
@@ -81,8 +82,12 @@ def markdown_table(names: list[str], links: str | None = None) -> str:
     folder of the pass pages, to link each name to its page)."""
     lines = ["| pass | what it does | contract | calibration | paper |", "|---|---|---|---|---|"]
     for name in names:
-        cls = registry.load_pass(name)
         label = f"[`{name}`]({links}/{name}.md)" if links else f"`{name}`"
+        try:
+            cls = registry.load_pass(name)
+        except RewriteError as exc:  # a broken plugin is a row that says so; the other passes still list
+            lines.append(f"| {label} | {exc} | | | |")
+            continue
         lines.append(f"| {label} | {cls.summary} | {cls.contract_text()} | "
                      f"{cls.calibration_text()} | {cls.paper} |")
     return "\n".join(lines)

@@ -123,6 +123,8 @@ def test_a_plugin_never_reaches_the_users_model(plugins):
 def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_list(plugins):
     listed = CliRunner().invoke(app, ["passes", "list"])
     assert listed.exit_code == 0 and "broken" in listed.output and "dgq" in listed.output
+    table = CliRunner().invoke(app, ["passes", "list", "--markdown"])
+    assert table.exit_code == 0 and "| `dgq` |" in table.output and "needs libfoo.so" in table.output
     used = CliRunner().invoke(app, ["optimize", "examples/cnn.py:build", "-p", "broken", "-o", str(plugins / "o")])
     lines = [line for line in used.output.splitlines() if line.strip()]
     assert used.exit_code == 2 and len(lines) == 1, used.output
