@@ -29,6 +29,19 @@ def _check_arguments(**values: Any) -> None:
             raise InvalidValue(f"{name}={value!r}: give {least}, e.g. {name}={0 if name == 'seed' else 8}")
 
 
+def _check_flags(**values: Any) -> None:
+    """Yes/no arguments are booleans: `strict="no"` would otherwise read as True."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise InvalidValue(f"{name}={value!r}: give True or False")
+
+
+def _check_paths(**values: Any) -> None:
+    for name, value in values.items():
+        if value is not None and not isinstance(value, (str, Path)):
+            raise InvalidValue(f"{name}={value!r}: give a folder path (str or pathlib.Path) or None")
+
+
 def _check_timeout(seconds: Any) -> None:
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or not 0 < seconds < float("inf")):
@@ -60,11 +73,18 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     `call` runs past `pass_timeout` seconds is stopped and rolled back (on the main thread).
     """
     say = progress or (lambda message, done=None, total=None: None)
-    _check_arguments(seed=seed, seq_len=seq_len)
+    _check_arguments(seed=seed, seq_len=seq_len, calib_batches=calib_batches)
+    _check_flags(force=force, strict=strict, measure_latency=measure_latency, blockwise=blockwise, profile=profile,
+                 allow_artifact_errors=allow_artifact_errors)
+    _check_paths(out=out)
     _check_timeout(pass_timeout)
     trust = Trust.of(trusted)
     distributed.init_from_env()  # under torchrun: recovery runs data-parallel, rank 0 alone writes
     pass_list = spec.with_budget(spec.parse_spec(passes), budget)  # cheap checks before any loading
+    distributed.agree({"passes": spec.format_spec(pass_list), "seed": seed, "recover": recover,
+                       "calib_batches": calib_batches, "seq_len": seq_len, "output folder": str(out),
+                       "model": model if isinstance(model, (str, Path)) else type(model).__name__,
+                       "calibration data": calib, "example inputs": example_inputs})
     emitters, recovery = write.emitters(emit, out), spec.recover_spec(recover)
     if checkpoint.is_checkpoint(model):
         modes.refuse_for_checkpoints(out, emitters, eval)

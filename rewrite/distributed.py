@@ -7,6 +7,8 @@ those of the whole batch; only rank 0 writes the output folder. With one process
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
 from typing import Any
 
@@ -19,7 +21,36 @@ from rewrite.errors import RewriteError
 def init_from_env() -> None:
     """Join the process group torchrun describes in the environment (no-op without WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # A process that dies makes the others' collectives fail; one that hangs, time out after this long.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("REWRITE_DIST_TIMEOUT", "600")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+
+
+def agree(arguments: dict[str, Any]) -> None:
+    """Every process of the run was started with the same arguments and data; if not, each says which
+    differ, before any work."""
+    if world() == 1:
+        return
+    mine = {name: _digest(value) for name, value in arguments.items()}
+    everyone: list[Any] = [None] * world()
+    dist.all_gather_object(everyone, mine)
+    for other, theirs in enumerate(everyone):
+        differ = [name for name in mine if theirs.get(name) != everyone[0].get(name)]
+        if differ:
+            raise RewriteError(f"the processes of this torchrun run were given different {', '.join(differ)} (rank "
+                               f"{other} differs from rank 0): start every process with the same command and data")
+
+
+def _digest(value: Any) -> str:
+    from torch.utils._pytree import tree_leaves
+    digest = hashlib.sha256()
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            digest.update(f"{leaf.dtype}{tuple(leaf.shape)}".encode())
+            digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
 
 
 def rank() -> int:

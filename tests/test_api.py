@@ -166,8 +166,14 @@ def test_an_artifact_off_the_verified_model_passes_only_when_as_accurate_as_it()
     assert Artifact("onnx", "m.onnx", {"max_abs": 0.1, "rel_l2": 0.1}).status == "failed"  # nothing to weigh it by
 
 
-@pytest.mark.parametrize("arguments", [{"seed": "abc"}, {"seed": 1.5}, {"seq_len": 0}, {"seq_len": "512"}])
-def test_api_arguments_of_the_wrong_type_are_one_sentence(arguments):
+@pytest.mark.parametrize("arguments, sentence", [
+    ({"seed": "abc"}, "give a whole number"), ({"seed": 1.5}, "give a whole number"), ({"seq_len": 0}, "whole number"),
+    ({"seq_len": "512"}, "whole number"), ({"calib_batches": "8"}, "whole number"), ({"calib_batches": 0}, "whole"),
+    ({"strict": "no"}, "True or False"), ({"blockwise": 1}, "True or False"), ({"force": None}, "True or False"),
+    ({"out": 3}, "folder path"), ({"trusted": "yes"}, '"remote-code"'), ({"trusted": ["pickle", "all"]}, "kinds"),
+    ({"pass_timeout": "10"}, "seconds"),
+])
+def test_api_arguments_of_the_wrong_type_are_one_sentence(arguments, sentence):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(rewrite.InvalidValue, match="give a whole number"):
+    with pytest.raises(rewrite.InvalidValue, match=sentence):
         rewrite.optimize(model, (torch.randn(2, 4),), "fold-bn", measure_latency=False, **arguments)

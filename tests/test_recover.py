@@ -1,3 +1,8 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +51,7 @@ def _torchrun(processes: int) -> dict:
     import subprocess
     import sys
     from pathlib import Path
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                            "-m", "tests.ddp_recover"], capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -125,3 +130,30 @@ def test_a_token_classifier_is_not_judged_as_a_language_model():
     following = [torch.nn.functional.one_hot(torch.roll(b[0], -1, 1), 8).float() * 20 for b in ids]  # the next token
     assert verify._judged_by_perplexity(object(), ctx, [0, 1], following)
     assert not verify._judged_by_perplexity(object(), SimpleNamespace(**{**vars(ctx), "targets": ids}), [0, 1], following)
+
+
+def _torchrun_cli(mode: str, tmp_path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "tests.ddp_dies",
+                           str(tmp_path / "out"), mode], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    return done, [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_in_recovery_stops_the_others_with_one_line_and_no_output(tmp_path):
+    start = time.perf_counter()
+    done, errors = _torchrun_cli("dies", tmp_path)
+    assert done.returncode != 0 and time.perf_counter() - start < 120
+    # torchrun's SIGTERM, or (when the dead peer's closed socket is noticed first) the failed collective
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 ") and errors[0].endswith(
+        "nothing was written to the output folder"), done.stdout[-2000:] + done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # no output folder, no hidden staging folder, no lock file
+
+
+@pytest.mark.slow
+def test_ranks_given_different_arguments_are_refused_before_any_work(tmp_path):
+    done, errors = _torchrun_cli("mismatch", tmp_path)
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
+    assert all("were given different seed" in e for e in errors)
+    assert list(tmp_path.iterdir()) == []

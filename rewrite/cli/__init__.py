@@ -10,6 +10,7 @@ import warnings
 
 warnings.filterwarnings("ignore")  # third-party deprecation chatter; our own warnings are in the report
 
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -57,5 +58,15 @@ app.add_typer(passes.app, name="passes")
 
 def main() -> None:
     """Console entry point. SIGTERM unwinds like Ctrl-C, so no half-written output is left behind."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _stopped)
     app()
+
+
+def _stopped(*_: object) -> None:
+    """One line, then unwind. Under torchrun, SIGTERM is how the launcher ends the other processes of a run
+    in which one process failed."""
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    why = (f"rank {rank} was stopped by torchrun: another process of this run failed (torchrun's summary names "
+           "it)" if rank is not None else "stopped by SIGTERM")
+    sys.stderr.write(f"error: {why}; nothing was written to the output folder\n")
+    sys.exit(143)

@@ -74,6 +74,14 @@ def progress() -> Iterator:
         yield update
 
 
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another process of a torchrun run died or stopped answering."""
+    import torch.distributed as dist
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, (dist.DistError, RuntimeError)) and (
+        isinstance(exc, dist.DistError) or any(s in str(exc) for s in ("Connection closed by peer", "Timed out",
+                                                                         "Connection reset by peer", "gloo")))
+
+
 def user_errors(command: Callable) -> Callable:
     """Bad input → `error: <one line>` on stderr and exit code 2; a bug → its one-line cause and exit 1."""
     @functools.wraps(command)
@@ -88,6 +96,11 @@ def user_errors(command: Callable) -> Callable:
         except Exception as exc:
             if os.environ.get("REWRITE_TRACEBACK"):
                 raise
+            if _lost_peer(exc):
+                typer.echo(f"error: rank {os.environ.get('RANK', '?')} lost contact with another process of this "
+                           f"torchrun run ({first_line(exc, 120)}); nothing was written to the output folder",
+                           err=True)
+                raise typer.Exit(1) from None
             typer.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc, 200)} (a bug in rewrite or a "
                        "plugin; REWRITE_TRACEBACK=1 shows where)", err=True)
             raise typer.Exit(1) from None
