@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from rewrite.errors import RewriteError, first_line
+from rewrite.text import inside
 from rewrite.emit import hf
 from rewrite.emit.hf import guard_save_pretrained
 from rewrite.loading import Loaded, Trust, load, load_pt2
@@ -141,19 +142,6 @@ def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 def _damaged(file: Path, exc: BaseException) -> RewriteError:
     return RewriteError(f"the shard {str(file)!r} is damaged or not safetensors ({first_line(exc, 100)}): copy or "
                         "download the checkpoint again")
-
-
-def inside(folder: Path, path: Path, what: str) -> None:
-    """A file a checkpoint is read from must lie in its folder. A link may lead out only the way the Hugging
-    Face cache lays files out: snapshots/<revision>/name → ../../blobs/<hash>."""
-    real, root = path.resolve(), folder.resolve()
-    if real.is_relative_to(root):
-        return
-    blobs = root.parent.parent / "blobs"
-    if root.parent.name == "snapshots" and path.is_symlink() and real.parent == blobs.resolve():
-        return
-    raise RewriteError(f"{what} {str(path)!r} of the checkpoint leads outside its folder (to {str(real)!r}): a "
-                       "checkpoint reads only its own files; copy the real files into the folder")
 
 
 def _names(file: Path) -> list[str]:

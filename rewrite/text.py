@@ -61,6 +61,23 @@ def _jsonl_texts(text: str, path: Path, what: str) -> list[str]:
     return texts
 
 
+def inside(folder: Path, path: Path, what: str) -> None:
+    """A file a checkpoint is read from must lie in its folder (see `is_inside`)."""
+    if not is_inside(folder, path):
+        raise RewriteError(f"{what} {str(path)!r} of the checkpoint leads outside its folder (to "
+                           f"{str(path.resolve())!r}): a checkpoint reads only its own files; copy the real files "
+                           "into the folder")
+
+
+def is_inside(folder: Path, path: Path) -> bool:
+    """Does `path` lie in `folder`? A link may lead out only the way the Hugging Face cache lays files out:
+    snapshots/<revision>/name → ../../blobs/<hash>."""
+    real, root = path.resolve(), folder.resolve()
+    if real.is_relative_to(root):
+        return True
+    return root.parent.name == "snapshots" and path.is_symlink() and real.parent == (root.parent.parent / "blobs").resolve()
+
+
 def tokenizer_for(model: Any, name_or_dir: Any = None, remote_code: bool = False) -> Any:
     """The tokenizer given (an object, a name or a folder), else the one beside the model's weights: a
     checkpoint folder's, or that of the folder its config was read from. Python files its config names

@@ -63,9 +63,22 @@ def emit_hf(report: RunReport, model: nn.Module, out_dir: Path, use_cache: bool 
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if source.is_dir() and (source / name).is_file():
+    """The tokenizer files beside the model's weights, and the Python files its config names (auto_map), so
+    the output loads as the input did. A file that leads outside the folder is not copied (a link to
+    /etc/passwd named tokenizer.json would otherwise land in the output)."""
+    names = list(TOKENIZER_FILES) + _code_files(source / "config.json") + _code_files(source / "tokenizer_config.json")
+    for name in dict.fromkeys(names):
+        if source.is_dir() and (source / name).is_file() and text.is_inside(source, source / name):
             shutil.copyfile(source / name, out_dir / name)
+
+
+def _code_files(config: Path) -> list[str]:
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map") or {}
+        refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [ref.rsplit(".", 1)[0] + ".py" for ref in refs if "--" not in ref and "/" not in ref]
 
 
 def hf_artifact(config: Path, form: str) -> Artifact:

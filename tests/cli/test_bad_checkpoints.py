@@ -109,6 +109,38 @@ def test_trust_remote_code_runs_the_folders_code_and_says_so_first(tmp_path):
     assert trusted.exit_code == 0, trusted.output
     assert trusted.output.startswith("notice:") and (d / "PWNED").exists()
     assert (d / "out" / "rewrite-blocks.json").is_file()
+    assert (d / "out" / "modeling_tiny.py").is_file()  # the output loads as the input did: with the same trust
+    import rewrite
+    with pytest.raises(rewrite.RewriteError, match="--trust-remote-code"):
+        rewrite.load(str(d / "out"))
+    assert type(rewrite.load(str(d / "out"), trusted="remote-code")).__name__ == "TinyForCausalLM"
+    assert type(rewrite.load(str(d / "remote_code"), trusted=True)).__name__ == "TinyForCausalLM"
+
+
+def test_a_hugging_face_cache_snapshot_of_links_into_blobs_is_read_and_other_links_out_are_not(tmp_path):
+    import transformers
+
+    from rewrite import checkpoint, text
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+    torch_model.save_pretrained(tmp_path / "saved")
+    repo = tmp_path / "models--someone--tiny"
+    snapshot_dir, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot_dir.mkdir(parents=True)
+    blobs.mkdir()
+    for file in (tmp_path / "saved").iterdir():
+        blob = blobs / f"hash-{file.name}"
+        shutil.copy(file, blob)
+        (snapshot_dir / file.name).symlink_to(f"../../blobs/{blob.name}")
+    lazy = checkpoint.Lazy(snapshot_dir)  # the cache's own layout: links into ../../blobs
+    assert len(lazy.blocks) == 2
+    (tmp_path / "secret").write_text("not yours")
+    (snapshot_dir / "tokenizer.json").symlink_to(tmp_path / "secret")
+    assert not text.is_inside(snapshot_dir, snapshot_dir / "tokenizer.json")
+    from rewrite.emit import write
+    (tmp_path / "copied").mkdir()
+    write.copy_tokenizer(snapshot_dir, tmp_path / "copied")
+    assert not (tmp_path / "copied" / "tokenizer.json").exists()  # a link out is never copied into the output
 
 
 def test_a_disk_that_fills_during_the_block_writes_leaves_nothing_and_says_so(tmp_path):
