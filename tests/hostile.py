@@ -225,5 +225,11 @@ def make_checkpoints(d: Path) -> Path:
     variant("list_json", lambda f: (f / "config.json").write_text("[1, 2]"))
     variant("bad_field", lambda f: config(f, hidden_size="big"))
     variant("no_arch", lambda f: config(f, architectures=["NoSuchModelForCausalLM"]))
+    def pickled_weights_only(folder):
+        for shard in folder.glob("model*.safetensors*"):
+            shard.unlink()
+        torch.save(Payload(d / "PWNED"), folder / "pytorch_model.bin")  # the format that runs code on load
+
+    variant("pickled_bin", pickled_weights_only)
     (d / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     return d

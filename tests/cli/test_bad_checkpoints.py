@@ -33,6 +33,7 @@ CASES = [
     (["optimize", "{d}/shape"] + RUN, "do not belong together"),
     (["optimize", "{d}/dtype"] + RUN, "do not belong together"),
     (["optimize", "{d}/nan"] + RUN, "NaN or inf"),
+    (["optimize", "{d}/pickled_bin"] + RUN, "safe_serialization=True"),
     # config.json
     (["optimize", "{d}/bad_json"] + RUN, "not a readable JSON config"),
     (["optimize", "{d}/list_json"] + RUN, "not a readable JSON config"),
