@@ -51,7 +51,8 @@ class OutputFolder:
                 raise RewriteError(f"the model file {str(protected)!r} is inside the output folder: --force could "
                                    "replace it; choose another -o")
         ours = set(_manifest(self.path))
-        foreign = [n for n in PRODUCTS if (self.path / n).exists() and n not in ours]
+        pictures = sorted(p.name for p in self.path.glob("report-*.png"))  # their names follow the passes run
+        foreign = [n for n in [*PRODUCTS, *pictures] if (self.path / n).exists() and n not in ours]
         if foreign:
             raise RewriteError(f"{str(self.path / foreign[0])!r} was not written by rewrite, and --force never "
                                "replaces such files: choose another -o")

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewrite import capture, measure, registry, verify
 from rewrite.errors import PassError, RewriteError, first_line
-from rewrite.pass_base import Pass, PassContext, PassResult, is_graph
+from rewrite.pass_base import Approx, Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
 
 Progress = Callable[..., None]  # (message, done=None, total=None)
@@ -90,6 +90,8 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         record.params_after, record.layers_after = record.params_before, record.layers_before
         record.bytes_after = record.bytes_before
         return snapshot, outputs, record
+    if result.modified and isinstance(pass_.contract, Approx) and ctx.calibration:
+        record.layers = _layers(snapshot, result.module, ctx.calibration[0])
     record.status = "applied" if result.modified else "nothing to rewrite"
     record.reason = flag or ""
     if not result.modified:
@@ -133,6 +135,14 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     elif stats.get("too_little_data"):
         result.stats["recovery_warning"] = stats["too_little_data"]
     return held or None
+
+
+def _layers(before: nn.Module, after: nn.Module, batch: tuple) -> list[dict]:
+    """Per-layer errors for the report's pictures; a model whose layers cannot be run alone has none."""
+    try:
+        return verify.layer_errors(before, after, batch)
+    except Exception:  # e.g. a layer called with arguments only its parent's forward builds
+        return []
 
 
 def _made_by(module: nn.Module, name: str) -> list[nn.Module] | None:

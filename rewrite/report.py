@@ -26,6 +26,7 @@ class PassRecord:
     layers_after: int = 0
     bytes_before: int = 0  # weights in memory (parameters and weight buffers)
     bytes_after: int = 0
+    layers: list[dict[str, Any]] = field(default_factory=list)  # approximate passes: per-layer error and size
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RunReport:
     recipe: dict[str, Any] = field(default_factory=dict)
     profiles: dict[str, list] = field(default_factory=dict)  # "torch, rewritten" → [(op, ms, share)], top first
     generation: dict[str, Any] = field(default_factory=dict)  # causal LMs: prefill ms and decode tokens/s, both
+    pictures: list[tuple[str, str]] | None = field(default_factory=list)  # (PNG file, caption); None: no matplotlib
 
     # --- views --------------------------------------------------------------------------------
 
@@ -158,7 +160,9 @@ class RunReport:
         return lines
 
     def write(self, folder: Path) -> None:
-        """report.md, report.json and recipe.json into `folder`."""
+        """report.md, report.json, recipe.json and the pictures (rewrite.plots) into `folder`."""
+        from rewrite import plots
+        self.pictures = plots.draw(self.records, self.speeds, folder) if plots.available() else None
         (folder / "report.md").write_text(self.to_markdown())
         (folder / "report.json").write_text(self.to_json())
         (folder / "recipe.json").write_text(json.dumps(self.recipe, indent=2, default=str))
@@ -185,6 +189,11 @@ class RunReport:
             for label, ops in self.profiles.items():
                 parts.append(f"- {label}: " + ", ".join(f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops))
         parts.append("\n## Verdict\n\n" + "\n".join(f"- {line}" for line in self.verdicts()))
+        if self.pictures:
+            parts.append("\n## Pictures\n\n" + "\n\n".join(f"![{caption}]({file})" for file, caption in self.pictures))
+        elif self.pictures is None:
+            from rewrite.plots import HOW_TO_GET
+            parts.append(f"\n{HOW_TO_GET}")
         return "\n".join(parts) + "\n"
 
 

@@ -291,3 +291,56 @@ def _growth(before: Any, after: Any, batch: tuple) -> str | None:
     if f0 and f1 > f0 * 1.001:
         return f"compute grew {f0:,} → {f1:,} FLOPs"
     return None
+
+
+# --- per layer: which layers a pass hurt, and what it kept of each ---------------------------------------
+
+def layer_errors(before: torch.nn.Module, after: torch.nn.Module, batch: tuple) -> list[dict[str, Any]]:
+    """Each layer a pass replaced or changed, in model order: its output error on the inputs the original
+    layer saw (the first calibration batch), and its weight bytes before and after. A layer that no longer
+    exists is judged as its nearest enclosing module that does (an FFN block a kernel layer replaced)."""
+    from rewrite import capture, measure
+    changed = _changed_layers(before, after)
+    if not changed:
+        return []
+    inputs: dict[str, tuple] = {}
+    hooks = [before.get_submodule(p).register_forward_pre_hook(
+        lambda m, args, kwargs, p=p: inputs.setdefault(p, (args, kwargs)), with_kwargs=True) for p in changed]
+    try:
+        with torch.no_grad():
+            capture.run(before, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for path in (p for p in changed if p in inputs):
+        args, kwargs = inputs[path]
+        with torch.no_grad():
+            want = before.get_submodule(path)(*args, **kwargs)
+            got = after.get_submodule(path)(*args, **kwargs)
+        rows.append({"layer": path, "sqnr_db": round(compare([want], [got]).sqnr_db, 2),
+                     "bytes_before": measure.weight_bytes(before.get_submodule(path)),
+                     "bytes_after": measure.weight_bytes(after.get_submodule(path))})
+    return rows
+
+
+def _changed_layers(before: torch.nn.Module, after: torch.nn.Module) -> list[str]:
+    """Paths (in `before`'s order) of weight-holding layers whose type or weights the pass changed."""
+    now = dict(after.named_modules())
+    changed: dict[str, None] = {}
+    for path, layer in before.named_modules():
+        if not path or not any(True for _ in layer.parameters(recurse=False)):
+            continue
+        where = path
+        while where and where not in now:
+            where = where.rpartition(".")[0]
+        if not where:
+            continue
+        if where != path or type(now[where]) is not type(layer) or not _same_weights(layer, now[where]):
+            changed[where] = None
+    return [p for p in changed if not any(p.startswith(q + ".") for q in changed)]  # outermost only
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pa, pb = dict(a.named_parameters(recurse=False)), dict(b.named_parameters(recurse=False))
+    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape and torch.equal(pa[k], pb[k]) for k in pa)
