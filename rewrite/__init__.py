@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 
 from rewrite.errors import ArtifactError, CaptureError, InvalidValue, PassError, RewriteError  # noqa: E402
 
-_LAZY = {"optimize": "rewrite.api", "diff": "rewrite.api", "load": "rewrite.api", "Result": "rewrite.api",
+_LAZY = {"optimize": "rewrite.api", "tune": "rewrite.tune", "diff": "rewrite.api", "load": "rewrite.api", "Result": "rewrite.api",
          "train": "rewrite.recover", "Pass": "rewrite.pass_base", "PassResult": "rewrite.pass_base",
          "PassContext": "rewrite.pass_base", "Exact": "rewrite.pass_base", "Approx": "rewrite.pass_base",
          "SqnrFloor": "rewrite.pass_base"}
 
-__all__ = ["optimize", "diff", "load", "train", "Result", "Pass", "PassResult", "PassContext", "Exact", "Approx",
+__all__ = ["optimize", "tune", "diff", "load", "train", "Result", "Pass", "PassResult", "PassContext", "Exact", "Approx",
            "SqnrFloor", "RewriteError", "ArtifactError", "CaptureError", "InvalidValue", "PassError", "__version__"]
 
 

@@ -56,7 +56,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              trusted: Any = False, floor: str | None = None, mask_input: str | None = None,
              blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
              allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN,
-             pass_timeout: float | None = None) -> Result:
+             pass_timeout: float | None = None, search: dict | None = None) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -70,7 +70,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     `allow_artifact_errors=True`; the CLI exits 3 there. `calib` and `eval` may be lists of strings: they
     are tokenized (`tokenizer`, else the one beside the model's weights) into windows of `seq_len` tokens,
     and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`). A pass whose
-    `call` runs past `pass_timeout` seconds is stopped and rolled back (on the main thread).
+    `call` runs past `pass_timeout` seconds is stopped and rolled back (on the main thread). `search`:
+    what `rewrite.tune` tried (its Pareto front), kept in the report.
     """
     say = progress or (lambda message, done=None, total=None: None)
     _check_arguments(seed=seed, seq_len=seq_len, calib_batches=calib_batches)
@@ -109,7 +110,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                            capture=run.captured.note if blockwise else run.captured.describe(),
                            inputs=calibration.describe(job.data.batches), records=run.records,
                            warnings=job.warnings + run.warnings,
-                           compared=judge.compared(job.model, mask_input, job.masks, floor_value, job.metric))
+                           compared=judge.compared(job.model, mask_input, job.masks, floor_value, job.metric),
+                           search=search or {})
         judge.before_after(report, job.model, run.rewritten, job.inputs, job.data.batches, job.masks, job.eval_data,
                            job.metric, latency=measure_latency, profile=profile, own_class=run.own_class, say=say)
         if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)

@@ -23,9 +23,12 @@ def available() -> bool:
     return True
 
 
-def draw(records: list[Any], speeds: list[Any], folder: Path) -> list[tuple[str, str]]:
+def draw(records: list[Any], speeds: list[Any], folder: Path, search: dict | None = None) -> list[tuple[str, str]]:
     """Write the pictures into `folder`; returns (file name, caption) for each."""
     pictures = []
+    if search:
+        _front_figure(search).savefig(folder / "report-front.png", dpi=110)
+        pictures.append(("report-front.png", "rewrite tune: every pipeline tried, the Pareto front and the choice"))
     for name, layers in _layers_by_pass(records).items():
         file = f"report-layers-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         _layer_figure(name, layers).savefig(folder / file, dpi=110)
@@ -87,6 +90,23 @@ def _speed_figure(speeds: list[Any]) -> Any:
     axes.set_xticks(list(x), [s.backend for s in speeds])
     axes.set_ylabel("original time / rewritten time")
     axes.set_title("speed-up (1 = none)")
+    return figure
+
+
+def _front_figure(search: dict) -> Any:
+    figure = _figure(6.5, 4.5)
+    axes = figure.subplots()
+    for p in search["points"]:
+        x = 1 / p["speed"] if p["speed"] else p["proxy"]
+        chosen = p["spec"] == search["chosen"]
+        axes.scatter([x], [p["quality"]], s=90 if chosen else 40, marker="*" if chosen else "o",
+                     color="#c0392b" if chosen else "#2e86c1" if p["front"] else "#aab7b8", zorder=3)
+        axes.annotate(p["applied"].replace("fold-bn,", "").replace("reparam,", "")[:38], (x, p["quality"]),
+                      fontsize=6, xytext=(4, 2), textcoords="offset points")
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.set_xlabel("time vs the original (paired on the front, proxy elsewhere)")
+    axes.set_ylabel(search["quality"])
+    axes.set_title(f"rewrite tune ({search['target']}): blue = Pareto front, star = chosen")
     return figure
 
 

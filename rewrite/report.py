@@ -107,6 +107,7 @@ class RunReport:
     profiles: dict[str, list] = field(default_factory=dict)  # "torch, rewritten" → [(op, ms, share)], top first
     generation: dict[str, Any] = field(default_factory=dict)  # causal LMs: prefill ms and decode tokens/s, both
     pictures: list[tuple[str, str]] | None = field(default_factory=list)  # (PNG file, caption); None: no matplotlib
+    search: dict[str, Any] = field(default_factory=dict)  # rewrite tune: the candidates, the front, the choice
 
     # --- views --------------------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ class RunReport:
     def write(self, folder: Path) -> None:
         """report.md, report.json, recipe.json and the pictures (rewrite.plots) into `folder`."""
         from rewrite import plots
-        self.pictures = plots.draw(self.records, self.speeds, folder) if plots.available() else None
+        self.pictures = plots.draw(self.records, self.speeds, folder, self.search) if plots.available() else None
         (folder / "report.md").write_text(self.to_markdown())
         (folder / "report.json").write_text(self.to_json())
         (folder / "recipe.json").write_text(json.dumps(self.recipe, indent=2, default=str))
@@ -189,12 +190,28 @@ class RunReport:
             for label, ops in self.profiles.items():
                 parts.append(f"- {label}: " + ", ".join(f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops))
         parts.append("\n## Verdict\n\n" + "\n".join(f"- {line}" for line in self.verdicts()))
+        if self.search:
+            parts.append(_search_section(self.search))
         if self.pictures:
             parts.append("\n## Pictures\n\n" + "\n\n".join(f"![{caption}]({file})" for file, caption in self.pictures))
         elif self.pictures is None:
             from rewrite.plots import HOW_TO_GET
             parts.append(f"\n{HOW_TO_GET}")
         return "\n".join(parts) + "\n"
+
+
+def _search_section(search: dict[str, Any]) -> str:
+    """rewrite tune's candidates as a table: the front first, the chosen point marked."""
+    rows = [["pipeline kept", search["quality"], "time vs original (proxy)", "paired speed-up (95%)", "weights", ""]]
+    for p in sorted(search["points"], key=lambda p: (not p["front"], p["proxy"])):
+        speed = f"{p['speed']:.2f}x ({p['low']:.2f}–{p['high']:.2f})" if p["speed"] else "-"
+        mark = "chosen" if p["spec"] == search["chosen"] else "front" if p["front"] else ""
+        rows.append([p["applied"], f"{p['quality']:.4g}", f"{p['proxy']:.2f}", speed, _size(p["weight_bytes"]),
+                     mark])
+    verdict = ("the chosen one is the most accurate that meets the target" if search["met"] else
+               "none met the target, so the fastest point of the front was chosen: loosen --target or add passes")
+    return (f"\n## Search (rewrite tune, {search['target']}, {search['seconds']} s)\n\n"
+            f"{len(search['points'])} distinct pipelines tried; {verdict}.\n\n" + _md_table(rows))
 
 
 def _speed_line(s: Any) -> str:

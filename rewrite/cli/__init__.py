@@ -17,7 +17,7 @@ import sys  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from rewrite.cli import diff, optimize, passes  # noqa: E402
+from rewrite.cli import diff, optimize, passes, tune  # noqa: E402
 from rewrite.cli.render import user_errors  # noqa: E402
 
 
@@ -53,6 +53,7 @@ app = typer.Typer(cls=OneLineErrors, help="Capture a PyTorch model, apply verifi
                   "emit .pt2 / ONNX.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command("optimize")(user_errors(optimize.optimize))
 app.command("diff")(user_errors(diff.diff))
+app.command("tune")(user_errors(tune.tune))
 app.add_typer(passes.app, name="passes")
 
 

@@ -21,7 +21,10 @@ REMOTE_CODE_HELP = ("load a checkpoint or tokenizer whose config.json names its 
 
 def optimize(
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
-    passes: Annotated[str, typer.Option("--passes", "-p", help="pipeline, e.g. fold-bn,reparam or dgq{group=128}")],
+    passes: Annotated[Optional[str], typer.Option("--passes", "-p", help="pipeline, e.g. fold-bn,reparam or "
+                                                  "dgq{group=128}")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="a recipe.json an earlier run (or rewrite tune) wrote: its "
+                                                   "pipeline and seed, reproduced")] = None,
     inputs: Annotated[Optional[Path], typer.Option(help="example inputs saved with torch.save")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="calibration data saved with torch.save")] = None,
@@ -59,6 +62,7 @@ def optimize(
                                                         "differs from the verified model")] = False,
 ) -> None:
     """Rewrite MODEL with the given passes, verify each, measure, and write artifacts and a report."""
+    passes, seed = _pipeline(passes, recipe, seed)
     spec.parse_spec(passes)  # a typo fails before any model file is read, and before torch loads
     from rewrite import api, distributed  # torch: only once the command runs
     example = _example_inputs(inputs, input_shape)
@@ -85,6 +89,16 @@ def optimize(
                             " (--allow-artifact-errors accepts it)"), markup=False, soft_wrap=True)
         if not allow_artifact_errors:
             raise typer.Exit(3)
+
+
+def _pipeline(passes: str | None, recipe: Path | None, seed: int) -> tuple[str, int]:
+    """--passes, or the pipeline and seed of --recipe (not both)."""
+    if (passes is None) == (recipe is None):
+        raise RewriteError("give the pipeline with --passes SPEC, or a recipe.json with --recipe (one of them)")
+    if recipe is None:
+        return passes, seed
+    from rewrite.tune import recipe_spec
+    return recipe_spec(recipe)
 
 
 def trust_kinds(pickle: bool, remote_code: bool) -> list[str]:

@@ -40,7 +40,7 @@ CASES = [
     (OPT + ["-p", "fold-bn", "--seed", "abc"], "'--seed'"),
     (OPT + ["-p", "fold-bn", "--calib-batches", "abc"], "'--calib-batches'"),
     (OPT + ["-p", "fold-bn", "--no-such-flag"], "--no-such-flag"),
-    (["optimize", "{d}/m.pt2"], "--passes"),
+    (["optimize", "{d}/m.pt2"], "--passes SPEC, or a recipe.json"),
     (["frobnicate"], "frobnicate"),
     (["passes", "show", "nope"], "unknown pass 'nope'"),
     # counts and shapes
@@ -102,6 +102,15 @@ CASES = [
     (["optimize", "no_such_pkg_xyz.mod:build", "-p", "fold-bn"], "cannot import"),
     (["optimize", "{d}/factories.py:specialized", "-p", "fold-bn", "--calib-batches", "2",
       "--calib", "{d}/calib_b2.pt"], "captured for (8, 4)"),
+    # tune and recipes
+    (["tune", "{d}/m.pt2", "--target", "latency=abc"], "--target"),
+    (["tune", "{d}/m.pt2", "--target", "speed=2"], "--target"),
+    (["tune", "{d}/m.pt2", "--target", "latency=-1"], "fraction"),
+    (["tune", "{d}/m.pt2", "--time", "soon"], "--time"),
+    (["tune", "{d}/m.pt2", "--time", "0s"], "--time"),
+    (["optimize", "{d}/m.pt2", "--recipe", "{d}/missing.json"], "not a recipe.json"),
+    (["optimize", "{d}/m.pt2", "--recipe", "{d}/x.pt"], "not a recipe.json"),
+    (["optimize", "{d}/m.pt2", "--recipe", "{d}/x.pt", "-p", "fold-bn"], "one of them"),
     # diff
     (["diff", "{d}/m.pt2", "{d}/missing.pt2"], "not found"),
     (["diff", "{d}/evil.pt", "{d}/m.pt2"], "--trust-pickle"),

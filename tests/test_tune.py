@@ -1,0 +1,52 @@
+"""rewrite tune: candidates through the verified pipeline, a Pareto front, a choice that --recipe reproduces."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rewrite import tune
+from rewrite.cli import app
+from rewrite.tune import Point
+
+
+def _point(name, proxy, quality, speed=None):
+    return Point(name, name, quality, proxy, 100, speed, speed and speed * 0.9, speed and speed * 1.1)
+
+
+def test_the_front_keeps_what_nothing_beats_and_the_choice_meets_the_target_most_accurately():
+    points = [_point("exact", 1.0, 140), _point("fwsvd", 0.5, 60), _point("dgq", 0.6, 40), _point("slow", 1.2, 30)]
+    front = tune._pareto(points, None)
+    assert [p.spec for p in front] == ["fwsvd", "exact"]  # dgq: slower and worse than fwsvd; slow: worse than all
+    front[0].speed, front[1].speed = 2.1, 1.0
+    chosen, met = tune._choose(front, 0.5, None)
+    assert chosen.spec == "fwsvd" and met
+    chosen, met = tune._choose(front, 0.4, None)
+    assert chosen.spec == "fwsvd" and not met  # none meets 0.4: the fastest
+    perplexity = [_point("a", 0.5, 12.0, 2.0), _point("b", 0.5, 11.0, 2.0)]
+    assert tune._choose(perplexity, 0.5, "perplexity")[0].spec == "b"  # lower perplexity is better
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("90s", 90), ("1h", 3600), ("45", 45)])
+def test_time_limits_read_as_people_write_them(text, seconds):
+    assert tune.parse_time(text) == seconds
+
+
+def test_tune_chooses_writes_the_front_and_its_recipe_reproduces_the_model_bit_for_bit(tmp_path):
+    run = CliRunner().invoke(app, ["tune", "examples/cnn.py:build", "--time", "15s", "-o", str(tmp_path / "t")])
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    search = report["search"]
+    assert search["points"] and any(p["front"] for p in search["points"])
+    assert search["chosen"] == json.loads((tmp_path / "t" / "recipe.json").read_text())["pipeline"]
+    assert (tmp_path / "t" / "report-front.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Search" in (tmp_path / "t" / "report.md").read_text()
+    again = CliRunner().invoke(app, ["optimize", "examples/cnn.py:build", "--recipe", str(tmp_path / "t" / "recipe.json"),
+                                     "-o", str(tmp_path / "r"), "--no-latency"])
+    assert again.exit_code == 0, again.output
+    programs = [torch.export.load(tmp_path / d / "model.pt2") for d in ("t", "r")]
+    x = programs[0].example_inputs[0][0]
+    outputs = [p.module()(x) for p in programs]
+    assert torch.equal(outputs[0], outputs[1])
+    weights = [p.state_dict for p in programs]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
