@@ -1,0 +1,62 @@
+"""`rewrite tune` on models nobody here wrote, as a user runs it: the front it finds and the point it chooses.
+
+    python benchmarks/tune_models.py minilm [--time 10m]   # calibration: stdlib docstrings; judged on
+                                                           # installed packages' README sentences (held out)
+    python benchmarks/tune_models.py fno                   # the bundled FNO (examples/fno_mlp.py)
+
+Prints the search table of the chosen run's report; the pictures are in the output folder.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+import rewrite  # noqa: E402
+
+
+def minilm(limit: str, out: Path):
+    from compress_minilm import encode, load
+    from corpora import calibration_sentences, evaluation_sentences
+    model, tokenizer = load()
+    calibration, evaluation = calibration_sentences(256), evaluation_sentences(256)
+    calib = [encode(tokenizer, calibration[i:i + 32]) for i in range(0, len(calibration), 32)]
+    held = [encode(tokenizer, evaluation[i:i + 32]) for i in range(0, len(evaluation), 32)]
+    with torch.no_grad():
+        targets = [model(*batch).last_hidden_state for batch in held]
+    return rewrite.tune(model, calib[0], calib=calib, eval={"inputs": held, "targets": targets}, metric="cosine",
+                        target="latency=0.5", time_limit=limit, out=out, force=True, progress=_say)
+
+
+def fno(limit: str, out: Path):
+    from examples.fno_mlp import build
+    model, inputs, *calib = build()
+    return rewrite.tune(model, inputs, calib=calib[0] if calib else None, target="latency=0.5", time_limit=limit,
+                        out=out, force=True, progress=_say)
+
+
+def _say(message, done=None, total=None):
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", choices=["minilm", "fno"])
+    parser.add_argument("--time", default="10m")
+    parser.add_argument("-o", "--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or f"rewrite-out/tune-{args.model}")
+    start = time.perf_counter()
+    result = {"minilm": minilm, "fno": fno}[args.model](args.time, out)
+    report = result.report.to_markdown()
+    print(report[report.index("## Search"):report.index("## Pictures") if "## Pictures" in report else None])
+    print(result.report.verdicts()[0] if result.report.speeds else "")
+    print(f"whole run {time.perf_counter() - start:.0f} s; pictures in {out}/")
+
+
+if __name__ == "__main__":
+    main()
