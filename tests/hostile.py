@@ -129,6 +129,24 @@ def _evil_pt2(good: Path, evil: Path, payload: Payload) -> None:
             dst.writestr(item, data)
 
 
+def assert_refused(argv: list[str], text: str, workspace: Path) -> None:
+    """The corpus's promise for one command line: exit 2, one `error:` line containing `text`, no
+    traceback, no code from the user's files run, every file byte-identical, nothing left behind."""
+    from typer.testing import CliRunner
+
+    from rewrite.cli import app
+    before = snapshot(workspace)
+    result = CliRunner().invoke(app, argv)
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("notice:")]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert text in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not (workspace / "PWNED").exists(), "code from an untrusted file ran"
+    assert snapshot(workspace) == before, "a file the user gave was changed, or output was left behind"
+    assert not list(workspace.glob(".*rewrite-*"))
+
+
 def snapshot(d: Path) -> dict[str, str]:
     """Every file's hash and every folder under `d` (so an empty output folder left behind shows too)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
