@@ -209,9 +209,12 @@ def _search_section(search: dict[str, Any]) -> str:
         rows.append([p["applied"], f"{p['quality']:.4g}", f"{p['proxy']:.2f}", speed, _size(p["weight_bytes"]),
                      mark])
     verdict = ("the chosen one is the most accurate that meets the target" if search["met"] else
-               "none met the target, so the fastest point of the front was chosen: loosen --target or add passes")
+               "none met the target, so the fastest point of the front was chosen: loosen --target, or protect "
+               "accuracy with --floor metric=Y")
+    defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
     return (f"\n## Search (rewrite tune, {search['target']}, {search['seconds']} s)\n\n"
-            f"{len(search['points'])} distinct pipelines tried; {verdict}.\n\n" + _md_table(rows))
+            f"{len(search['points'])} distinct pipelines tried; {verdict}.\n\n" + _md_table(rows) +
+            (f"\nAgainst each pass run alone with its defaults:{defaults}\n" if defaults else ""))
 
 
 def _speed_line(s: Any) -> str:

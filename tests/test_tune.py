@@ -50,3 +50,13 @@ def test_tune_chooses_writes_the_front_and_its_recipe_reproduces_the_model_bit_f
     assert torch.equal(outputs[0], outputs[1])
     weights = [p.state_dict for p in programs]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_report_says_whether_the_choice_beats_each_pass_run_alone_with_its_defaults():
+    chosen = _point("fold-bn,reparam,t1,fwsvd{param-ratio=0.5},pointwise,inplace", 0.5, 60, 2.0)
+    fwsvd = _point("fold-bn,reparam,t1,fwsvd,pointwise,inplace", 0.6, 55)
+    dgq = _point("fold-bn,reparam,t1,dgq,pointwise,inplace", 1.3, 70)
+    lines = tune._against_defaults([chosen, fwsvd, dgq], chosen, None)
+    assert len(lines) == 2
+    assert lines[0].startswith("fwsvd with its defaults") and "as fast or faster and as accurate" in lines[0]
+    assert lines[1].startswith("dgq with its defaults") and "not dominated" in lines[1]  # dgq is more accurate
