@@ -159,7 +159,10 @@ def _against_defaults(points: list[Point], chosen: Point, metric: str | None) ->
     lines = []
     for family in FAMILIES:
         default = next((p for p in points if p.spec == f"{BEFORE},{family},{AFTER}"), None)
-        if default is None or default is chosen:
+        if default is None:
+            continue
+        if default is chosen:
+            lines.append(f"{family} with its defaults is the chosen point")
             continue
         time_a = 1 / chosen.speed if chosen.speed and default.speed else chosen.proxy
         time_b = 1 / default.speed if chosen.speed and default.speed else default.proxy
