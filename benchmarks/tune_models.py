@@ -3,6 +3,7 @@
     python benchmarks/tune_models.py minilm [--time 10m]   # calibration: stdlib docstrings; judged on
                                                            # installed packages' README sentences (held out)
     python benchmarks/tune_models.py fno                   # the bundled FNO (examples/fno_mlp.py)
+    ... --backend onnxruntime                              # latency timed in onnxruntime instead of torch
 
 Prints the search table of the chosen run's report; the pictures are in the output folder.
 """
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import rewrite  # noqa: E402
 
 
-def minilm(limit: str, out: Path):
+def minilm(limit: str, out: Path, backend: str):
     from compress_minilm import encode, load
     from corpora import calibration_sentences, evaluation_sentences
     model, tokenizer = load()
@@ -29,14 +30,14 @@ def minilm(limit: str, out: Path):
     with torch.no_grad():
         targets = [model(*batch).last_hidden_state for batch in held]
     return rewrite.tune(model, calib[0], calib=calib, eval={"inputs": held, "targets": targets}, metric="cosine",
-                        target="latency=0.5", time_limit=limit, out=out, force=True, progress=_say)
+                        target="latency=0.5", time_limit=limit, out=out, force=True, backend=backend, progress=_say)
 
 
-def fno(limit: str, out: Path):
+def fno(limit: str, out: Path, backend: str):
     from examples.fno_mlp import build
     model, inputs, *calib = build()
     return rewrite.tune(model, inputs, calib=calib[0] if calib else None, target="latency=0.5", time_limit=limit,
-                        out=out, force=True, progress=_say)
+                        out=out, force=True, backend=backend, progress=_say)
 
 
 def _say(message, done=None, total=None):
@@ -47,11 +48,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model", choices=["minilm", "fno"])
     parser.add_argument("--time", default="10m")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("-o", "--out", default=None)
     args = parser.parse_args()
     out = Path(args.out or f"rewrite-out/tune-{args.model}")
     start = time.perf_counter()
-    result = {"minilm": minilm, "fno": fno}[args.model](args.time, out)
+    result = {"minilm": minilm, "fno": fno}[args.model](args.time, out, args.backend)
     report = result.report.to_markdown()
     print(report[report.index("## Search"):report.index("## Pictures") if "## Pictures" in report else None])
     print(result.report.verdicts()[0] if result.report.speeds else "")

@@ -212,7 +212,8 @@ def _search_section(search: dict[str, Any]) -> str:
                "none met the target, so the fastest point of the front was chosen: loosen --target, or protect "
                "accuracy with --floor metric=Y")
     defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
-    return (f"\n## Search (rewrite tune, {search['target']}, {search['seconds']} s)\n\n"
+    return (f"\n## Search (rewrite tune, {search['target']} in {search.get('backend', 'torch')}, "
+            f"{search['seconds']} s)\n\n"
             f"{len(search['points'])} distinct pipelines tried; {verdict}.\n\n" + _md_table(rows) +
             (f"\nAgainst each pass run alone with its defaults:{defaults}\n" if defaults else ""))
 

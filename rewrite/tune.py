@@ -15,6 +15,7 @@ report carries the front (a table, and a picture with the chosen point marked) a
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,12 @@ def parse_target(target: str) -> float:
     return value
 
 
+def check_backend(backend: str) -> str:
+    if backend not in Timer.BACKENDS:
+        raise InvalidValue(f"--backend {backend!r}: choose torch or onnxruntime")
+    return backend
+
+
 def parse_time(text: str | float) -> float:
     """`10m`, `90s`, `1h` or seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
@@ -74,20 +81,61 @@ def parse_time(text: str | float) -> float:
     return seconds
 
 
+class Timer:
+    """Paired timings of a candidate against the original on one backend: eager torch in this process, or
+    onnxruntime on exported ONNX files in a worker process (`measure.compare_onnx`)."""
+
+    BACKENDS = ("torch", "onnxruntime")
+
+    def __init__(self, backend: str, original: nn.Module, args: tuple, folder: Path):
+        self.backend, self.original, self.args, self.folder = check_backend(backend), original, args, folder
+        self.files: dict[int, Path] = {}
+        if backend == "onnxruntime":
+            self.original_onnx = self._export(original, "original")
+
+    def speed(self, result: api.Result, budget_s: float) -> measure.Speed:
+        if self.backend == "torch":
+            return measure.compare_torch(self.original, result.model, self.args, budget_s=budget_s).speed
+        if id(result) not in self.files:
+            self.files[id(result)] = self._export(result.model, f"candidate-{len(self.files)}", result.captured)
+        return measure.compare_onnx(self.original_onnx, self.files[id(result)], self.args, budget_s=budget_s).speed
+
+    def _export(self, module: nn.Module, name: str, captured: Any = None) -> Path:
+        from rewrite import capture
+        from rewrite.emit import onnx as onnx_emit
+        path = self.folder / f"{name}.onnx"
+        dims = captured.dynamic_dims if captured is not None else {}
+        try:
+            onnx_emit.export_onnx(module, capture.Captured(module, self.args, True, dims), path)
+        except Exception as exc:
+            raise RewriteError(f"{name} does not export to ONNX ({onnx_emit.first_line(exc)}): tune with "
+                               "--backend torch") from None
+        return path
+
+
 def tune(model: nn.Module | str, example_inputs: Any, *, target: str = "latency=0.5", time_limit: Any = "10m",
          calib: Any = None, eval: Any = None, metric: str | None = None, floor: str | None = None,
          out: str | Path | None = None, force: bool = False, seed: int = 0, trusted: Any = False,
-         progress: Callable[..., None] | None = None) -> api.Result:
+         backend: str = "torch", progress: Callable[..., None] | None = None) -> api.Result:
     """Search, choose, and rewrite the chosen point into `out`; the Result's report holds the front."""
+    with tempfile.TemporaryDirectory(prefix="rewrite-tune-") as scratch:
+        return _tune(model, example_inputs, target, time_limit, dict(calib=calib, eval=eval, metric=metric,
+                     floor=floor, seed=seed), out, force, trusted, backend, Path(scratch), progress)
+
+
+def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: dict, out: Any, force: bool,
+          trusted: Any, backend: str, scratch: Path, progress: Callable[..., None] | None) -> api.Result:
     say = progress or (lambda message, done=None, total=None: None)
+    metric = run["metric"]
     goal, budget, start = parse_target(target), parse_time(time_limit), time.perf_counter()
+    check_backend(backend)
     loaded = steps.resolve(model, trusted)
     module, example = loaded.module, loaded.inputs if example_inputs is None else example_inputs
-    calib = loaded.calibration if calib is None else calib
-    run = dict(calib=calib, eval=eval, metric=metric, floor=floor, seed=seed)
+    run["calib"] = loaded.calibration if run["calib"] is None else run["calib"]
     args = steps.check_model_and_inputs(steps.private_copy(module), example)
+    timer = Timer(backend, module, args, scratch)
     points: list[Point] = []
-    models: dict[str, nn.Module] = {}
+    results: dict[str, api.Result] = {}
     for family, options in [("exact", [EXACT])] + [(f, [f"{BEFORE},{o},{AFTER}" for o in opts])
                                                     for f, opts in FAMILIES.items()]:
         for option in options:
@@ -95,23 +143,24 @@ def tune(model: nn.Module | str, example_inputs: Any, *, target: str = "latency=
                 break
             say(f"trying {option} ({len(points)} distinct so far)")
             result = api.optimize(module, example, option, measure_latency=False, **run)
-            point = _point(option, result, module, args, metric)
+            point = _point(option, result, timer, metric)
             if family != "exact" and point.applied == points[0].applied:
                 break  # this family rewrites nothing here (or is rolled back): its other options would not either
             if not any(_same_model(p, point) for p in points):
                 points.append(point)
-                models[point.spec] = result.model
+                results[point.spec] = result
     front = _pareto(points, metric)
     for i, point in enumerate(front):
         say(f"timing the front, paired with the original: {point.applied}", i, len(front))
-        speed = measure.compare_torch(module, models[point.spec], args, budget_s=PAIRED_BUDGET_S).speed
+        speed = timer.speed(results[point.spec], PAIRED_BUDGET_S)
         point.speed, point.low, point.high, point.front = speed.ratio, speed.low, speed.high, True
     chosen, met = _choose(front, goal, metric)
-    search = {"target": target, "chosen": chosen.spec, "met": met, "quality": _quality_name(metric),
+    search = {"target": target, "backend": backend, "chosen": chosen.spec, "met": met, "quality": _quality_name(metric),
               "against_defaults": _against_defaults(points, chosen, metric), "seconds": round(time.perf_counter() - start, 1),
               "points": [asdict(p) for p in points]}
     say(f"rewriting the chosen point: {chosen.spec}")
-    return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, **run)
+    emit = "onnx" if backend == "onnxruntime" and out is not None else None  # the report times the chosen point there
+    return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, **run)
 
 
 def _same_model(a: Point, b: Point) -> bool:
@@ -119,12 +168,12 @@ def _same_model(a: Point, b: Point) -> bool:
     return a.applied == b.applied or (a.quality == b.quality and a.weight_bytes == b.weight_bytes)
 
 
-def _point(candidate: str, result: api.Result, original: nn.Module, args: tuple, metric: str | None) -> Point:
+def _point(candidate: str, result: api.Result, timer: Timer, metric: str | None) -> Point:
     report = result.report
     applied = ",".join(r.spec for r in report.records if r.status == "applied") or "(none)"
     quality = (report.metric.get("rewritten", float("nan")) if metric else
                (report.error_vs_original or {}).get("sqnr_db", float("nan")))
-    proxy = 1 / measure.compare_torch(original, result.model, args, budget_s=PROXY_BUDGET_S).speed.ratio
+    proxy = 1 / timer.speed(result, PROXY_BUDGET_S).ratio
     return Point(candidate, applied, float(quality), proxy, measure.weight_bytes(result.model))
 
 

@@ -15,6 +15,7 @@ def tune(
     target: Annotated[str, typer.Option(help="latency=F: the rewritten model's time as a fraction of the "
                                         "original's")] = "latency=0.5",
     time: Annotated[str, typer.Option("--time", help="how long to search, e.g. 10m, 90s")] = "10m",
+    backend: Annotated[str, typer.Option(help="where latency is timed: torch (eager) or onnxruntime")] = "torch",
     floor: Annotated[Optional[str], typer.Option(help="metric=Y: accept approximate passes by --metric on --eval "
                                                  "data instead of their SQNR floor")] = None,
     inputs: Annotated[Optional[Path], typer.Option(help="example inputs saved with torch.save")] = None,
@@ -34,13 +35,14 @@ def tune(
     """Search pipelines of the registered passes for the most accurate one that meets --target, and write it."""
     from rewrite import tune as search
     goal, limit = search.parse_target(target), search.parse_time(time)  # bad values fail before any loading
+    search.check_backend(backend)
     trusted = trust_kinds(trust_pickle, trust_remote_code)
     out_dir = out or Path("rewrite-out") / f"{_stem(model)}-tuned"
     with render.progress() as say:
         result = search.tune(model, _example_inputs(inputs, input_shape), target=f"latency={goal:g}",
                              time_limit=limit, calib=_data(calib, calib_text, "calib"),
                              eval=_data(eval, eval_text, "eval"), metric=metric, floor=floor, out=out_dir,
-                             force=force, seed=seed, trusted=trusted, progress=say)
+                             force=force, seed=seed, trusted=trusted, backend=backend, progress=say)
     render.show_report(result.report)
     chosen = result.report.search
     render.console.print(f"chose {chosen['chosen']} ({'meets' if chosen['met'] else 'does NOT meet'} {target}); "

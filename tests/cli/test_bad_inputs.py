@@ -105,6 +105,7 @@ CASES = [
     (["tune", "{d}/m.pt2", "--target", "latency=-1"], "fraction"),
     (["tune", "{d}/m.pt2", "--time", "soon"], "--time"),
     (["tune", "{d}/m.pt2", "--time", "0s"], "--time"),
+    (["tune", "{d}/m.pt2", "--backend", "tensorrt"], "choose torch or onnxruntime"),
     (["optimize", "{d}/m.pt2", "--recipe", "{d}/missing.json"], "not a recipe.json"),
     (["optimize", "{d}/m.pt2", "--recipe", "{d}/x.pt"], "not a recipe.json"),
     (["optimize", "{d}/m.pt2", "--recipe", "{d}/x.pt", "-p", "fold-bn"], "one of them"),
