@@ -192,14 +192,17 @@ def _pareto(points: list[Point], metric: str | None) -> list[Point]:
 
 
 def _choose(front: list[Point], goal: float, metric: str | None) -> tuple[Point, bool]:
+    """The most accurate point that meets the target; if none does, the most accurate of those the paired
+    timing cannot tell from the fastest (their intervals overlap): speed within noise, then accuracy."""
     meets = [p for p in front if p.speed and 1 / p.speed <= goal]
     if not meets:
-        return max(front, key=lambda p: p.speed or 0), False
+        fastest = max(front, key=lambda p: p.speed or 0)
+        meets = [p for p in front if p.speed and fastest.low is not None and p.high >= fastest.low] or [fastest]
     best = meets[0]
     for p in meets[1:]:
         if _better(p.quality, best.quality, metric) and p.quality != best.quality:
             best = p
-    return best, True
+    return best, any(p.speed and 1 / p.speed <= goal for p in [best])
 
 
 def _against_defaults(points: list[Point], chosen: Point, metric: str | None) -> list[str]:
