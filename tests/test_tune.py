@@ -38,7 +38,7 @@ def test_time_limits_read_as_people_write_them(text, seconds):
 
 
 def test_tune_chooses_writes_the_front_and_its_recipe_reproduces_the_model_bit_for_bit(tmp_path):
-    run = CliRunner().invoke(app, ["tune", "examples/cnn.py:build", "--time", "15s", "-o", str(tmp_path / "t")])
+    run = CliRunner().invoke(app, ["tune", "examples/cnn.py:build", "--time", "5s", "-o", str(tmp_path / "t")])
     assert run.exit_code == 0, run.output
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     search = report["search"]
