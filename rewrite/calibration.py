@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,29 +221,63 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
     return seen
 
 
+class _Enough(Exception):
+    """Raised by a hook once a run has given everything asked of it: the rest of the forward is skipped."""
+
+
 def _run_hooked(module: nn.Module, batches: list[tuple], hooks: list) -> None:
-    """Run `module` over `batches` without gradients, then remove `hooks` (also when the run fails)."""
+    """Run `module` over `batches` without gradients, then remove `hooks` (also when the run fails). A hook
+    may end a batch's run early by raising `_Enough`."""
     try:
         with torch.no_grad():
             for batch in batches:
-                module(*batch)
+                try:
+                    module(*batch)
+                except _Enough:
+                    pass
     finally:
         for hook in hooks:
             hook.remove()
 
 
 def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
-    """max |input| per channel (last axis) of each layer at `paths`, over all batches, in one run."""
+    """max |input| per channel (last axis) of each layer at `paths`, over all batches, in one run. In a graph
+    that calls each of them once, a batch's run stops at the last of them (an LLM's head is never run)."""
     peaks: dict[str, torch.Tensor] = {}
+    once, seen = _each_called_once(module, paths), set()
 
     def record(path: str):
         def hook(_module, args):
             peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
             peaks[path] = torch.maximum(peaks[path], peak) if path in peaks else peak
+            seen.add(path)
+            if once and len(seen) == len(paths):
+                seen.clear()
+                raise _Enough
         return hook
 
     _run_hooked(module, batches, [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths])
     return peaks
+
+
+def _each_called_once(module: nn.Module, paths: list[str]) -> bool:
+    if not isinstance(module, fx.GraphModule):
+        return False
+    calls = Counter(n.target for n in module.graph.nodes if n.op == "call_module")
+    return all(calls[path] == 1 for path in paths)
+
+
+def first_tokens(batches: list[tuple], tokens: int) -> list[tuple]:
+    """The first batches, whole, until they hold `tokens` tokens (rows of the first input: batch × sequence):
+    what a per-layer statistic needs, so that more calibration text does not cost more forwards."""
+    taken, rows = [], 0
+    for batch in batches:
+        if taken and rows >= tokens:
+            break
+        taken.append(batch)
+        first = next((t for t in batch if isinstance(t, torch.Tensor)), None)
+        rows += first.shape[:2].numel() if first is not None and first.dim() >= 2 else 1
+    return taken
 
 
 def sequential_inputs(module: nn.Module, paths: list[str], batches: list[tuple]):

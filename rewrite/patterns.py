@@ -92,6 +92,23 @@ def layers(module: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Mod
     return [(path, m) for path, m in module.named_modules() if isinstance(m, kinds)]
 
 
+def same_input(module: nn.Module, paths: list[str]) -> dict[str, list[str]]:
+    """Per layer path, the layers among `paths` that the graph calls on the very same value (q/k/v of an
+    attention, gate/up of a gated block), in graph order; each layer alone outside a graph (or where one
+    module is called more than once)."""
+    alone = {path: [path] for path in paths}
+    if not isinstance(module, fx.GraphModule):
+        return alone
+    calls = [n for n in module.graph.nodes if n.op == "call_module" and n.target in alone]
+    if len({n.target for n in calls}) != len(calls):
+        return alone
+    by_value: dict[object, list[str]] = {}
+    for node in calls:
+        if len(node.args) == 1 and not node.kwargs:
+            by_value.setdefault(node.args[0], []).append(node.target)
+    return alone | {path: group for group in by_value.values() for path in group}
+
+
 def attribute(module: nn.Module, target: str):
     """The tensor (or module) a `get_attr` target names, e.g. "layer.0.weight"."""
     owner, _, name = target.rpartition(".")

@@ -7,6 +7,7 @@ from rewrite.emit import onnx as onnx_emit
 from rewrite.errors import RewriteError
 from rewrite.passes.dgq import kernels
 from rewrite.passes.dgq import DGQLinear, quantize_weight
+from rewrite.passes.dgq.feedback import with_feedback
 from tests.passes.test_lowrank import FFN
 
 
@@ -46,9 +47,10 @@ def test_error_feedback_keeps_the_searched_grid_and_lowers_the_output_error():
     x = torch.randn(600, 200, generator=g) @ mix  # 200: a padded last group too
     ref = x @ w.T
     searched, fed = quantize_weight(w, x, 128, True), quantize_weight(w, x, 128, True, feedback=True)
-    assert all(torch.equal(getattr(searched, f), getattr(fed, f)) for f in ("z", "S", "s1"))
+    again = with_feedback(w, x, searched)
+    assert all(torch.equal(getattr(searched, f), getattr(again, f)) for f in ("z", "S", "s1"))
+    assert not torch.equal(searched.q, again.q)
     assert int(fed.q.max()) <= 15 and int(fed.w_s8().int().abs().max()) <= 127
-    assert not torch.equal(searched.q, fed.q)
     error = {name: float((x @ dq.dequantized().T - ref).norm() / ref.norm()) for name, dq in
              (("search", searched), ("feedback", fed))}
     assert error["feedback"] < 0.8 * error["search"], error

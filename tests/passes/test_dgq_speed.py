@@ -1,6 +1,7 @@
 """dgq's fast paths against their references: the early-stopping scale search on real pretrained layers,
 mixed precision's one-backward ranking against its measured probes, and the oneDNN int8 GEMM."""
 import copy
+import itertools
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,13 +11,15 @@ import torch
 from torch import nn
 
 from rewrite.passes.dgq import DGQLinear, kernels, mixed, quantize_weight
+from rewrite.passes.dgq.feedback import with_feedback
 from rewrite.passes.dgq.search import FEEDBACK_PATIENCE, LayerInputs, OutputError
 from tests.conftest import minilm, smollm2
 from tests.passes.test_dgq import _deep_mlp
 
 MINILM_LAYERS = ["encoder.layer.2.attention.self.query", "encoder.layer.2.intermediate.dense",
                  "encoder.layer.2.output.dense"]
-SMOLLM2_LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.down_proj"]
+SMOLLM2_LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.gate_proj",
+                  "model.layers.3.mlp.down_proj"]
 
 
 def _inputs_of(model: nn.Module, paths: list[str], batches: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -39,15 +42,28 @@ def _total_error(w: torch.Tensor, x: torch.Tensor, found) -> float:
 
 
 def _fast_equals_reference(w: torch.Tensor, x: torch.Tensor, bits: int) -> None:
-    """Without feedback: the search's own result. With it (the default): what the pass keeps, a shorter
-    row search before feedback, against the full search before feedback."""
+    """Without feedback: the early-stopping search against every one of the 80 ratios (the same choice for
+    almost every row, the same error)."""
     fast = quantize_weight(w, x, 128, True, bits=bits)
-    reference = quantize_weight(w, x, 128, True, bits=bits, patience=None)  # every one of the 80 ratios
+    reference = quantize_weight(w, x, 128, True, bits=bits, patience=None)
     assert _total_error(w, x, fast) <= _total_error(w, x, reference) * (1 + 1e-3)
-    assert (fast.s1 == reference.s1).float().mean() >= 0.97  # the same choice for almost every row
-    kept = quantize_weight(w, x, 128, True, True, bits, FEEDBACK_PATIENCE)
-    reference = quantize_weight(w, x, 128, True, True, bits, patience=None)
-    assert _total_error(w, x, kept) <= _total_error(w, x, reference) * (1 + 5e-3)
+    assert (fast.s1 == reference.s1).float().mean() >= 0.97
+
+
+def _default_against_full_search(layers: dict, bits: int) -> None:
+    """With feedback (the default): the grid searched on G's diagonal with early stopping, against the
+    search before it (every ratio, the full d·G·dᵀ), both rounded again with feedback, fit on the first
+    part of each layer's inputs and judged on the rest (text the search never saw). Over all layers the
+    default's error is no higher; no layer is more than 3% worse."""
+    total = {"default": 0.0, "reference": 0.0}
+    for w, x in layers.values():
+        fit, held = x[:len(x) * 3 // 4], x[len(x) * 3 // 4:]
+        default = quantize_weight(w, fit, 128, True, True, bits, FEEDBACK_PATIENCE)
+        reference = with_feedback(w, fit, quantize_weight(w, fit, 128, True, bits=bits, patience=None))
+        errors = {"default": _total_error(w, held, default), "reference": _total_error(w, held, reference)}
+        assert errors["default"] <= errors["reference"] * 1.03, errors
+        total = {name: total[name] + errors[name] for name in total}
+    assert total["default"] <= total["reference"], total
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +85,19 @@ def test_the_early_stopping_search_finds_the_reference_error_on_pretrained_minil
     _fast_equals_reference(*minilm_layers[path], bits)
 
 
+@pytest.mark.parametrize("bits", [4, 5])
+def test_the_default_search_is_no_worse_than_the_full_search_on_pretrained_minilm_layers(minilm_layers, bits):
+    _default_against_full_search(minilm_layers, bits)
+
+
 @pytest.mark.slow
-def test_the_early_stopping_search_finds_the_reference_error_on_smollm2_layers():
+def test_the_fast_searches_match_the_full_search_on_smollm2_layers():
     model, _, calibration = smollm2().build()
     layers = _inputs_of(model, SMOLLM2_LAYERS, [batch[0] for batch in calibration[:4]])
     for w, x in layers.values():
         _fast_equals_reference(w, x, 4)
+    for bits in (4, 5):
+        _default_against_full_search(layers, bits)
 
 
 def test_layers_reading_the_same_inputs_share_their_gram_and_factor():
@@ -122,3 +145,27 @@ def test_the_int8_gemm_is_exact_and_repacks_a_weight_changed_in_place():
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert kernels.onednn_int8.layout in ("whole", "halves")  # x86: the int8 GEMM, not the float fallback
+
+
+@pytest.mark.parametrize("shape", ["linear", "concave", "steps"])
+def test_the_mixed_precision_search_finds_the_fewest_layers_in_fewer_forwards_than_bisection(shape):
+    """`fewest` on monotone cosine curves over 210 ranked layers: the same k as a scan from 0, in fewer
+    probes than bisection's 10 where the gains predict the curve."""
+    gains = sorted(torch.rand(210, generator=torch.Generator().manual_seed(1)).tolist(), reverse=True)
+    removed = [0.0, *itertools.accumulate(gains)]
+    share = {"linear": lambda f: f, "concave": lambda f: f ** 0.5, "steps": lambda f: round(f * 8) / 8}[shape]
+
+    def curve(k: int) -> float:
+        return 0.95 + 0.05 * share(removed[k] / removed[-1])
+
+    probes = []
+
+    def cosine_with(k: int) -> float:
+        probes.append(k)
+        return curve(k)
+
+    k, reached = mixed.fewest(cosine_with, 200, 0.99, gains)
+    assert k == next(i for i in range(201) if curve(i) >= 0.99) and reached == curve(k)
+    assert len(probes) <= (4 if shape == "linear" else 10)
+    assert mixed.fewest(lambda k: 0.999, 200, 0.99, gains)[0] == 0  # 4 bits everywhere already holds
+    assert mixed.fewest(lambda k: 0.9, 200, 0.99, gains) == (200, 0.9)  # never holds: the most affordable

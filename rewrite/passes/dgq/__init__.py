@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from rewrite import verify
-from rewrite.calibration import sequential_inputs
+from rewrite.calibration import first_tokens, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.passes.dgq import mixed
@@ -38,12 +38,14 @@ from rewrite.passes.dgq.search import (  # noqa: F401
     PATIENCE,
     LayerInputs,
     OutputError,
+    quantize_layers,
     quantize_weight,
 )
 from rewrite.passes.dgq.smoothing import smooth_outliers
-from rewrite.patterns import layers, set_submodule, shared_weight
+from rewrite.patterns import layers, same_input, set_submodule, shared_weight
 
-MAX_TOKENS = 4096  # calibration rows kept per layer for the search
+MAX_TOKENS = 4096  # calibration tokens run through the model for the search (and kept per layer)
+ERROR_TOKENS = 512  # tokens each layer's reported error is measured on
 
 
 @dataclass(frozen=True)
@@ -79,31 +81,17 @@ class DualGrainedQuant(SqnrFloor, Pass):
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         skipped, smoothed = [], 0
         if self.smooth:
-            smoothed, why_not = smooth_outliers(module, ctx.original_calibration or ctx.calibration)
+            smoothed, why_not = smooth_outliers(module, first_tokens(ctx.original_calibration or ctx.calibration,
+                                                                     MAX_TOKENS))
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
+        fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
         reference = mixed.output_vectors(module, *judge) if judge else None
         candidates = dict(layers(module, (nn.Linear,)))
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
         todo = [path for path, reason in reasons.items() if not reason]
-        w4, wide, errors, originals, shared = {}, {}, {}, {}, None
-        for i, (path, inputs) in enumerate(sequential_inputs(module, todo, fit)):
-            ctx.step(f"searching scales of {path}", i, len(todo))
-            linear, x = candidates.pop(path), _rows(inputs)  # x: through the layers already quantized
-            shared = shared if shared is not None and shared.same(x) else LayerInputs(x)
-            if x.abs().max() == 0:
-                skipped.append((path, "its calibration activations are all zero: no scale can be set"))
-                continue
-            s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
-            w4[path] = DGQLinear(quantize_weight(linear.weight.detach(), shared, self.group, self.search,
-                                                 self.feedback, patience=self._patience()), linear.bias, s_x,
-                                 self.form)
-            if self.budget_cos:  # the alternative mixed precision may choose
-                wide[path], originals[path] = self._upgraded(linear, shared, s_x), linear.weight.detach()
-            with torch.no_grad():
-                errors[path] = verify.relative_error(linear(x), w4[path](x))
-            set_submodule(module, path, w4[path])
+        w4, wide, errors, originals = self._quantize_all(module, ctx, candidates, todo, fit, skipped)
         chosen, reached = {path: w4[path] for path in w4}, None
         if reference is not None and w4:
             chosen, reached = mixed.mixed_precision(module, ctx, judge, reference, w4, wide, originals, self.budget_cos,
@@ -114,16 +102,47 @@ class DualGrainedQuant(SqnrFloor, Pass):
                                          "the calibration data the weights were fit on (one batch: none held out)")
         return PassResult(module, bool(w4), stats, skipped)
 
-    def _upgraded(self, linear: nn.Linear, x: LayerInputs, s_x: torch.Tensor) -> DGQLinear:
-        """The layer with wider weights, for mixed precision: upgrade-bits codes in the same format and int8
-        GEMM (found by the same search and feedback), or W8A8 (upgrade-bits=8). MiniLM, every layer wide:
-        5-bit codes reach embedding cosine 0.9929 at 5.16 bits, int8 weights 0.9920 at 8.1. (Without the
-        scale search, SmolLM2's first 4 blocks needed 20 layers wide for budget-cos=0.9995 instead of 16.)"""
-        weight = linear.weight.detach()
-        if self.upgrade_bits == 8:
-            return DGQLinear.int8_weights(weight, linear.bias, s_x)
-        return DGQLinear(quantize_weight(weight, x, self.group, self.search, self.feedback, self.upgrade_bits,
-                                         self._patience()), linear.bias, s_x, "int8")
+    def _quantize_all(self, module: nn.Module, ctx: PassContext, candidates: dict[str, nn.Linear], todo: list[str],
+                      fit: list[tuple], skipped: list) -> tuple[dict, dict, dict, dict]:
+        """Every layer in `todo`, in execution order, each on inputs through the layers already quantized; the
+        layers that read the same value (q/k/v, gate/up) together, at their first."""
+        w4, wide, errors, originals, shared = {}, {}, {}, {}, None
+        readers = same_input(module, todo)
+        for i, (path, inputs) in enumerate(sequential_inputs(module, todo, fit)):
+            ctx.step(f"searching scales of {path}", i, len(todo))
+            if path in w4 or any(path == p for p, _ in skipped):
+                continue  # done with the first layer that reads its inputs
+            x, group = _rows(inputs), [p for p in readers[path] if p not in w4]
+            if x.abs().max() == 0:
+                skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
+                continue
+            shared = shared if shared is not None and shared.same(x) else LayerInputs(x)
+            s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
+            for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x)):
+                w4[p] = found[0]
+                if self.budget_cos:  # the alternative mixed precision may choose
+                    wide[p], originals[p] = found[1], candidates[p].weight.detach()
+                sample = x[::max(1, len(x) // ERROR_TOKENS)]
+                with torch.no_grad():
+                    errors[p] = verify.relative_error(candidates[p](sample), w4[p](sample))
+                set_submodule(module, p, w4[p])
+        return w4, wide, errors, originals
+
+    def _quantized(self, linears: list[nn.Linear], x: LayerInputs, s_x: torch.Tensor) -> list[list[DGQLinear]]:
+        """Per layer (all reading x), the layer at 4 bits and, when mixed precision may choose it, with wider
+        weights: upgrade-bits codes in the same format and int8 GEMM (found by the same search and feedback,
+        side by side), or W8A8 (upgrade-bits=8). MiniLM, every layer wide: 5-bit codes reach embedding
+        cosine 0.9929 at 5.16 bits, int8 weights 0.9920 at 8.1. (Without the scale search, SmolLM2's first 4
+        blocks needed 20 layers wide for budget-cos=0.9995 instead of 16.)"""
+        weights = [linear.weight.detach() for linear in linears]
+        widths = (self.bits, self.upgrade_bits) if self.budget_cos and self.upgrade_bits < 8 else (self.bits,)
+        found = quantize_layers(weights, x, self.group, self.search, self.feedback, widths, self._patience())
+        layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8") for q in per]
+                        for linear, per in zip(linears, found)]
+        if self.budget_cos and self.upgrade_bits == 8:
+            for linear, weight, per in zip(linears, weights, layers_found):
+                per.append(DGQLinear.int8_weights(weight, linear.bias, s_x))
+        return layers_found
 
     def _patience(self) -> int:
         return FEEDBACK_PATIENCE if self.feedback else PATIENCE

@@ -18,45 +18,93 @@ from rewrite.passes.dgq.format import DGQWeights, expand
 FEEDBACK_DAMP = 0.1
 
 
-def with_feedback(w: torch.Tensor, x: torch.Tensor, grid: DGQWeights, block: int = 128,
-                  upper: torch.Tensor | None = None) -> DGQWeights:
+def with_feedback(w: torch.Tensor, x: torch.Tensor, grid: DGQWeights, upper: torch.Tensor | None = None
+                  ) -> DGQWeights:
     """The codes rounded column by column on the searched grid (z, S, s1 fixed), each column's rounding
     error pushed onto the columns not yet rounded through the inverse Hessian of the layer's output error
     (H = xᵀx): GPTQ (Frantar et al., arXiv:2210.17323), which DGQ's own code offers as a weight function.
-    Lazy batch updates: columns in blocks, the rest of the matrix updated once per block. Columns are
-    rows here (the weight transposed), so each step reads contiguous memory. upper: `inverse_factor(x)`
-    when the caller has it (layers that share their inputs share it)."""
-    k_padded = grid.q.shape[1]
-    weight = nn.functional.pad(w.float(), (0, k_padded - w.shape[1])).t().contiguous()  # (K, O)
+    upper: `inverse_factor(x)` when the caller has it (layers that share their inputs share it)."""
+    return with_feedback_all([w], x, [grid], upper)[0]
+
+
+def with_feedback_all(weights: list[torch.Tensor], x: torch.Tensor, grids: list[DGQWeights],
+                      upper: torch.Tensor | None = None) -> list[DGQWeights]:
+    """`with_feedback` for several weights that read the same inputs x (a layer's 4- and 5-bit candidates,
+    q/k/v), side by side as one matrix: the rows are independent given H, so this is each alone, with one
+    column loop for all. Columns are rows here (the weights transposed), so each step reads contiguous
+    memory; lazy batch updates in two levels (GPTQ's blocks of 128, rank-1 steps only within 16)."""
+    k_padded = grids[0].q.shape[1]
     upper = inverse_factor(x, k_padded) if upper is None else upper
+    weight = torch.cat([nn.functional.pad(w.float(), (0, k_padded - w.shape[1])) for w in weights]).t().contiguous()
     weight[_dead_columns(x, k_padded)] = 0.0  # padding or channels that are always zero: nothing to fit
-    scale = (expand(grid.S.float(), grid.group) * grid.s1[:, None]).t().contiguous()
-    zero = expand(grid.z.float(), grid.group).t().contiguous()
-    limit = torch.floor(127 / expand(grid.S.float(), grid.group)).t()
-    lo, hi = (zero - limit).clamp_min(0), (zero + limit).clamp_max(2 ** grid.bits - 1)
+    scale, zero, lo, hi = (torch.cat(parts, 1) for parts in zip(*(_grid_columns(g) for g in grids)))
     codes = torch.empty_like(weight)
-    for start in range(0, k_padded, block):
-        end = min(start + block, k_padded)
-        part, errors = weight[start:end].clone(), torch.empty(end - start, weight.shape[1])
-        for j in range(end - start):
-            c = start + j
-            q = torch.round(part[j] / scale[c]).add_(zero[c]).clamp_(min=lo[c], max=hi[c])
-            codes[c] = q
-            errors[j] = (part[j] - (q - zero[c]) * scale[c]) / upper[c, c]
-            part[j:].addr_(upper[c, c:end], errors[j], alpha=-1)
-        weight[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
-    return DGQWeights(codes.t().to(torch.uint8), grid.z, grid.S, grid.s1, grid.group, grid.k, grid.bits)
+    step = _Rounding(weight, upper, scale, zero, lo, hi, codes)
+    for start in range(0, k_padded, BLOCK):
+        end = min(start + BLOCK, k_padded)
+        errors = step.block(start, end)  # rounding errors, not yet scaled by 1/U[c, c]
+        scaled = upper[start:end, end:] / upper.diagonal()[start:end, None]
+        weight[end:].addmm_(scaled.t(), errors, alpha=-1)
+    rows = codes.t().to(torch.uint8).split([g.q.shape[0] for g in grids])
+    return [DGQWeights(q.contiguous(), g.z, g.S, g.s1, g.group, g.k, g.bits) for q, g in zip(rows, grids)]
 
 
-def inverse_factor(x: torch.Tensor, width: int) -> torch.Tensor:
+BLOCK, STEP = 128, 16  # GPTQ's lazy-update block; rank-1 updates only within a step of 16 columns
+
+
+class _Rounding:
+    """One block of columns [start, end) rounded in order, each column's error scaled by 1/U[c, c] and
+    pushed onto the block's later columns: rank-1 within a step of STEP columns, one GEMM per step."""
+
+    def __init__(self, weight, upper, scale, zero, lo, hi, codes):
+        self.weight, self.upper, self.codes = weight, upper, codes
+        self.scale, self.zero, self.lo, self.hi = scale, zero, lo, hi
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        part, errors = self.weight[start:end], torch.empty(end - start, self.weight.shape[1])
+        upper = self.upper[start:end, start:end] / self.upper.diagonal()[start:end, None]  # rows scaled by 1/U[c, c]
+        zero = self.zero[start:end]
+        offsets = self.codes[start:end]  # q − z here; z is added once per block
+        # Each column's rows as views taken at once: a step is a handful of vector ops, and indexing a
+        # tensor per op would cost as much as the op.
+        rows, scales, lows, highs, outs, errs, uppers = (t.unbind(0) for t in (
+            part, self.scale[start:end], self.lo[start:end] - zero, self.hi[start:end] - zero, offsets, errors,
+            upper))
+        for first in range(0, end - start, STEP):
+            last = min(first + STEP, end - start)
+            for j in range(first, last):
+                q = torch.div(rows[j], scales[j], out=outs[j]).round_()
+                torch.minimum(torch.maximum(q, lows[j], out=q), highs[j], out=q)
+                torch.addcmul(rows[j], q, scales[j], value=-1, out=errs[j])
+                part[j + 1:last].addr_(uppers[j][j + 1:last], errs[j], alpha=-1)
+            part[last:].addmm_(upper[first:last, last:].t(), errors[first:last], alpha=-1)
+        offsets += zero
+        return errors
+
+
+def _grid_columns(grid: DGQWeights) -> tuple[torch.Tensor, ...]:
+    """The grid per weight, transposed to (K, O): scale S·s1, zero z and the code range [lo, hi] that keeps
+    S·(q − z) within int8."""
+    scale = (expand(grid.S.float(), grid.group) * grid.s1[:, None]).t()
+    zero = expand(grid.z.float(), grid.group).t()
+    limit = torch.floor(127 / expand(grid.S.float(), grid.group)).t()
+    return scale, zero, (zero - limit).clamp_min(0), (zero + limit).clamp_max(2 ** grid.bits - 1)
+
+
+def inverse_factor(x: torch.Tensor, width: int, hessian: torch.Tensor | None = None) -> torch.Tensor:
     """U with Uᵀ·U = H⁻¹, H = xᵀx + λ·mean(diag H)·I (x zero-padded to `width` columns; dead columns get a
-    unit diagonal)."""
-    inputs = nn.functional.pad(x.float(), (0, width - x.shape[1]))
-    hessian = inputs.T @ inputs
+    unit diagonal). hessian: xᵀx (`gram(x, width)`) when the caller has it."""
+    hessian = gram(x, width) if hessian is None else hessian.clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     hessian += FEEDBACK_DAMP * hessian.diagonal().mean() * torch.eye(width)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+
+
+def gram(x: torch.Tensor, width: int) -> torch.Tensor:
+    """xᵀx in float32, x zero-padded to `width` columns."""
+    inputs = nn.functional.pad(x.float(), (0, width - x.shape[1]))
+    return inputs.T @ inputs
 
 
 def _dead_columns(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewrite.passes.dgq.feedback import inverse_factor, with_feedback
+from rewrite.passes.dgq.feedback import gram, inverse_factor, with_feedback_all
 from rewrite.passes.dgq.format import DGQWeights
 
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
@@ -35,21 +35,41 @@ def quantize_weight(w: torch.Tensor, x: torch.Tensor | LayerInputs | None, group
                     feedback: bool = False, bits: int = 4, patience: int | None = PATIENCE) -> DGQWeights:
     """Both phases for one Linear weight (O, K), with calibration inputs x (T, K) (None: weight error; a
     `LayerInputs` to share what is derived from them with the other layers that read them);
-    feedback: the codes are then rounded again on that grid with GPTQ's error feedback. bits: the code
-    width (4 in A8W4; wider codes, as mixed precision uses, fit the same int8 GEMM: S·(q − z) ≤ 127).
-    patience: phase two's early stop per row (`PATIENCE`; None searches every ratio, the reference)."""
-    o, k = w.shape
+    feedback: the codes are then rounded again on that grid with GPTQ's error feedback, and the grid is
+    searched on G's diagonal (`DiagonalError`). bits: the code width (4 in A8W4; wider codes, as mixed
+    precision uses, fit the same int8 GEMM: S·(q − z) ≤ 127). patience: phase two's early stop per row
+    (`PATIENCE`; None searches every ratio, the reference)."""
+    return quantize_layers([w], x, group, search, feedback, (bits,), patience)[0][0]
+
+
+def quantize_layers(weights: list[torch.Tensor], x: torch.Tensor | LayerInputs | None, group: int, search: bool,
+                    feedback: bool, widths: tuple[int, ...], patience: int | None = PATIENCE
+                    ) -> list[list[DGQWeights]]:
+    """`quantize_weight` for several weights that read the same inputs (q/k/v, gate/up), each at several code
+    widths (mixed precision's 4-bit layer and its wider candidate): per weight, one result per width. The
+    error feedback of all of them runs as one column loop."""
+    k = weights[0].shape[1]
     pad = -k % group  # K not a multiple of the group: zero columns (their inputs are zero: no output error)
     inputs = x if isinstance(x, LayerInputs) or x is None else LayerInputs(x)
-    error = inputs.error(k + pad) if inputs else OutputError(None, k + pad)
-    rows = max(1, ROW_ELEMENTS // (k + pad))  # rows are independent: chunks bound the temporaries
+    fed = feedback and inputs is not None
+    error = inputs.error(k + pad, diagonal=fed) if inputs else OutputError(None, k + pad)
+    grids = [[_searched(w, error, group, search, bits, patience) for bits in widths] for w in weights]
+    if not fed:
+        return grids
+    flat = with_feedback_all([w for w in weights for _ in widths], inputs.x, [g for per in grids for g in per],
+                             upper=inputs.inverse_factor(k + pad))
+    return [flat[i:i + len(widths)] for i in range(0, len(flat), len(widths))]
+
+
+def _searched(w: torch.Tensor, error: OutputError, group: int, search: bool, bits: int, patience: int | None
+              ) -> DGQWeights:
+    """Both phases for one weight, in chunks of rows (rows are independent: chunks bound the temporaries)."""
+    o, k = w.shape
+    pad = -k % group
+    rows = max(1, ROW_ELEMENTS // (k + pad))
     parts = [_quantize_rows(nn.functional.pad(w[i:i + rows].to(ERROR_DTYPE), (0, pad)), error, group, search, k, bits,
-                            patience)
-             for i in range(0, o, rows)]
-    found = DGQWeights(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "z", "S", "s1")), group, k, bits)
-    if not (feedback and inputs):
-        return found
-    return with_feedback(w, inputs.x, found, upper=inputs.inverse_factor(k + pad))
+                            patience) for i in range(0, o, rows)]
+    return DGQWeights(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "z", "S", "s1")), group, k, bits)
 
 
 class LayerInputs:
@@ -58,20 +78,28 @@ class LayerInputs:
     (q/k/v, gate/up) and the wider candidates of mixed precision share them."""
 
     def __init__(self, x: torch.Tensor):
-        self.x, self._errors, self._factors = x, {}, {}
+        self.x, self._errors, self._factors, self._grams = x, {}, {}, {}
 
     def same(self, x: torch.Tensor) -> bool:
         return x.shape == self.x.shape and torch.equal(x, self.x)
 
-    def error(self, width: int) -> OutputError:
-        if width not in self._errors:
-            self._errors[width] = OutputError(self.x, width)
-        return self._errors[width]
+    def error(self, width: int, diagonal: bool = False) -> OutputError:
+        if (width, diagonal) not in self._errors:
+            self._errors[width, diagonal] = (DiagonalError(self.gram(width).diagonal()) if diagonal else
+                                             OutputError(self.x, width))
+        return self._errors[width, diagonal]
 
     def inverse_factor(self, width: int) -> torch.Tensor:
         if width not in self._factors:
-            self._factors[width] = inverse_factor(self.x, width)
+            self._factors[width] = inverse_factor(self.x, width, self.gram(width))
         return self._factors[width]
+
+    def gram(self, width: int) -> torch.Tensor:
+        """xᵀx in float32 (feedback's Hessian; its diagonal weighs the grid search before feedback)."""
+        if width not in self._grams:
+            self._grams[width] = gram(self.x, width)
+        return self._grams[width]
+
 
 def _quantize_rows(w: torch.Tensor, error: OutputError, group: int, search: bool, k: int, bits: int,
                    patience: int | None) -> DGQWeights:
@@ -107,6 +135,14 @@ class OutputError:
                 self._blocks = (xg.transpose(1, 2) @ xg).to(ERROR_DTYPE)
         return self._blocks
 
+    def groups(self, d: torch.Tensor) -> torch.Tensor:
+        """Each (row, group)'s error within its group, d (o, groups, group) → (o, groups)."""
+        return torch.einsum("ogi,gij,ogj->og", d, self.blocks(d.shape[-1]), d)
+
+    def grouped_rows(self, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Each row's error of d·diag(scale per group) (scale (o, groups), one factor per group's columns)."""
+        return self.rows(d * scale.sqrt().repeat_interleave(d.shape[1] // scale.shape[1], 1))
+
     def rows(self, d: torch.Tensor) -> torch.Tensor:
         """Each row's error d_o·G·d_oᵀ, as float64."""
         d = d.to(ERROR_DTYPE)
@@ -114,19 +150,41 @@ class OutputError:
             return (d @ self.xt).square().sum(1).double()
         return ((d @ self.gram) * d).sum(1).double()
 
+class DiagonalError(OutputError):
+    """The output error through G's diagonal only, Σ_k G_kk·d_k²: the grid search's criterion when error
+    feedback follows. Feedback rounds every code again and pushes each rounding error through the full
+    inverse Hessian, so the grid need only weigh each weight by how much its input carries. The full d·G·dᵀ
+    judges codes that feedback then replaces. On SmolLM2 layers (blocks 3 and 15: q, o, gate, down; 4 and 5
+    bits) this grid gave, after feedback, a lower output error than the full search in 13 of 16 cases, on
+    the fit tokens and on other text alike (the worst: +2.2% on the fit tokens, +0.3% on other text),
+    with O·K work per candidate instead of O·K²."""
+
+    def __init__(self, weights: torch.Tensor):
+        """weights: G's diagonal, Σ_t x_tk² per input channel (zero-padded to the search's width)."""
+        self.x, self.by_inputs, self.weights = None, False, weights.to(ERROR_DTYPE).contiguous()
+
+    def groups(self, d: torch.Tensor) -> torch.Tensor:
+        return (d.square() * self.weights.reshape(d.shape[1], d.shape[2])).sum(-1)
+
+    def rows(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.mv(d.to(ERROR_DTYPE).square(), self.weights).double()
+
+    def grouped_rows(self, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (self.groups(d.reshape(*scale.shape, -1)) * scale).sum(1).double()
+
+
 def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool, top: int):
     """Per (row, group): asymmetric scale and zero point (codes 0..top) minimizing the group's output error."""
     o, n_groups, _ = wg.shape
-    blocks = error.blocks(group)
     lo, hi = wg.amin(-1), wg.amax(-1)
     best = torch.full((o, n_groups), float("inf"), dtype=torch.float64)
     best_s, best_z = torch.ones_like(lo), torch.zeros_like(lo)
     for r in (GROUP_RATIOS if search else [1.0]):
         s = ((hi - lo) * r / top).clamp_min(1e-12)
         z = torch.round(-lo * r / s).clamp(0, top)
-        q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, top)
-        d = wg - (q - z[..., None]) * s[..., None]
-        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+        u = wg / s[..., None]  # w − s·(q − z) = s·(u − clamp(round(u), −z, top − z)): fewer passes over w
+        residual = u.sub_(_clamped(torch.round(u), -z[..., None], (top - z)[..., None]))
+        err = error.groups(residual) * s.square()
         better = err < best
         best, best_s, best_z = torch.where(better, err, best), torch.where(better, s, best_s), torch.where(better, z, best_z)
     return best_s, best_z
@@ -140,21 +198,22 @@ def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: tor
     peak = w.abs().amax(1).clamp_min(1e-12)
     best = torch.full((o,), float("inf"), dtype=torch.float64)
     since_best = torch.zeros(o, dtype=torch.long)
-    q_best = torch.zeros_like(w)
-    S_best, s1_best = torch.ones_like(s_fine), peak / 127
+    best_bound = peak.clone()
     rows = torch.arange(o)  # the rows still searched
     for r in (CHANNEL_RATIOS if search else [1.0]):
-        q, S, s1, err = _row_candidates(w[rows], error, s_fine[rows], z[rows], peak[rows] * r, group, bits)
+        every = len(rows) == o
+        part = (w, s_fine, z, peak) if every else (w[rows], s_fine[rows], z[rows], peak[rows])
+        err = _row_candidates(part[0], error, part[1], part[2], part[3] * r, group, bits)[3]
         better = err < best[rows]
         won = rows[better]
-        best[won], q_best[won], S_best[won], s1_best[won] = err[better], q[better], S[better], s1[better]
+        best[won], best_bound[won] = err[better], part[3][better] * r
         since_best[rows] = torch.where(better, 0, since_best[rows] + 1)
         if patience is not None:
             rows = rows[since_best[rows] < patience]
             if not len(rows):
                 break
-    return DGQWeights(q_best.to(torch.uint8), z.to(torch.uint8), S_best.to(torch.uint8), s1_best.float(), group,
-                      k, bits)
+    q, S, s1, _ = _row_candidates(w, None, s_fine, z, best_bound, group, bits)  # the codes at each row's best
+    return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k, bits)
 
 
 def _row_candidates(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: torch.Tensor, bound: torch.Tensor,
@@ -166,8 +225,19 @@ def _row_candidates(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z
     S = torch.clamp(torch.round(s_fine / s1[:, None]), 1, 127)
     limit = torch.floor(127 / S)
     lo, hi = (z - limit).clamp_min(0)[..., None], (z + limit).clamp_max(2 ** bits - 1)[..., None]
-    clip = bound[:, None, None]
-    q = torch.round(torch.maximum(torch.minimum(wg, clip), -clip) / (S * s1[:, None])[..., None]) + zg
-    q = torch.minimum(torch.maximum(q, lo), hi)
-    err = error.rows((wg - (s1[:, None] * S)[..., None] * (q - zg)).reshape(n, -1))
-    return q.reshape(n, -1), S, s1, err
+    step = (S * s1[:, None])[..., None]
+    # Clipping w at ±bound needs no pass of its own: bound/step = 127/S, and the code range already keeps
+    # |q − z| ≤ ⌊127/S⌋.
+    u = wg / step
+    codes = _clamped(torch.round(u), lo - zg, hi - zg)  # q − z
+    if error is None:
+        return codes.add_(zg).reshape(n, -1), S, s1, None
+    # w − step·(q − z) = step·(u − (q − z)): the row error from per-group sums scaled by step²
+    err = error.grouped_rows(u.sub_(codes).reshape(n, -1), step[..., 0].square())
+    return None, S, s1, err
+
+
+def _clamped(t: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """t clamped in place to broadcast bounds (maximum/minimum: several times faster than clamp_ with tensor
+    bounds on CPU)."""
+    return torch.minimum(torch.maximum(t, low, out=t), high, out=t)
