@@ -75,8 +75,8 @@ def main(blocks: int, pipelines: list[str]) -> None:
               f"in fp32 (this machine: 24 GiB)\n")
         print("| pipeline | status per block | s per block | peak RSS GiB | output / input size | 32 blocks (extrapolated) |")
         print("|---|---|---|---|---|---|")
-        for passes in pipelines:
-            out = Path(tmp) / f"out-{passes.split('{')[0]}"
+        for i, passes in enumerate(pipelines):
+            out = Path(tmp) / f"out-{i}-{passes.split('{')[0]}"  # one folder per pipeline (two may share a pass)
             done = subprocess.run([sys.executable, __file__, "--one", str(ckpt), passes, str(out)],
                                   capture_output=True, text=True)
             if done.returncode:

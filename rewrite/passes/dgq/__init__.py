@@ -13,8 +13,10 @@ error, a row's search stopping once 8 ratios (40 without feedback) in a row foun
 search=off is the round-to-nearest baseline in the same format. feedback (default) then rounds
 the codes again on that grid, column by column, each column's error pushed onto the columns not yet
 rounded through the inverse of H = xᵀx (GPTQ, Frantar et al., arXiv:2210.17323; DGQ's code offers it as
-a weight function). Layers are quantized one at a time, each calibrated on activations produced by the
-already-quantized layers before it.
+a weight function); with feedback the search weighs each weight's error by H's diagonal alone (feedback
+then handles the rest: lower output error than the full d·H·dᵀ on SmolLM2's layers). Layers are quantized
+one at a time, each calibrated on activations produced by the already-quantized layers before it; layers
+that read the same value (q/k/v, gate/up) are quantized together.
 
 Paper: Zhang et al., "Dual Grained Quantization: Efficient Fine-Grained Quantization for LLM",
 arXiv:2310.04836 (2023); code ilur98/DGQ. Contract: approximate, SQNR ≥ min-sqnr dB.
