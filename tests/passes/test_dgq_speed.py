@@ -164,8 +164,12 @@ def test_the_mixed_precision_search_finds_the_fewest_layers_in_fewer_forwards_th
         probes.append(k)
         return curve(k)
 
+    want = next(i for i in range(201) if curve(i) >= 0.99)
     k, reached = mixed.fewest(cosine_with, 200, 0.99, gains)
-    assert k == next(i for i in range(201) if curve(i) >= 0.99) and reached == curve(k)
+    assert k == want and reached == curve(k)
     assert len(probes) <= (4 if shape == "linear" else 10)
+    probes.clear()  # with the total error at 4 bits, the first probe is predicted (exactly, on a linear curve)
+    assert mixed.fewest(cosine_with, 200, 0.99, gains, total=removed[-1]) == (want, curve(want))
+    assert len(probes) <= (3 if shape == "linear" else 10)
     assert mixed.fewest(lambda k: 0.999, 200, 0.99, gains)[0] == 0  # 4 bits everywhere already holds
     assert mixed.fewest(lambda k: 0.9, 200, 0.99, gains) == (200, 0.9)  # never holds: the most affordable

@@ -35,7 +35,7 @@ def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, origina
     bit are upgraded: as few as give model outputs with a mean cosine ≥ budget-cos on the calibration
     data held out from the weight fit (a search over that ranking, `fewest`), never more than keep the
     average at max-bits."""
-    ranked, gains = ranking(module, ctx, judge, reference, w4, wide, originals)
+    ranked, gains, total = ranking(module, ctx, judge, reference, w4, wide, originals)
     affordable = affordable_count(ranked, w4, wide, max_bits)
 
     def chosen(k: int) -> dict[str, DGQLinear]:
@@ -48,17 +48,21 @@ def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, origina
             set_submodule(module, path, layer)
         return cosine(reference, output_vectors(module, *judge))
 
-    k, reached = fewest(cosine_with, affordable, budget_cos, [gains[path] for path in ranked])
+    k, reached = fewest(cosine_with, affordable, budget_cos, [gains[path] for path in ranked], total)
     for path, layer in chosen(k).items():  # the module as chosen (the last probe may have been another k)
         set_submodule(module, path, layer)
     return chosen(k), reached
 
 
-def fewest(cosine_with, most: int, budget: float, gains: list[float]) -> tuple[int, float]:
-    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), and that cosine. Each probe is a forward of the judged batches, so the next k is predicted from the probes
-    so far: the cosine taken as linear in the output error the first k layers remove (the running sum of
-    `gains`), between the bracket's ends; a bisection step where that keeps moving the same end. SmolLM2:
-    4–5 forwards where bisection over 210 layers took 10."""
+def fewest(cosine_with, most: int, budget: float, gains: list[float], total: float | None = None
+           ) -> tuple[int, float]:
+    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), and that cosine. Each probe
+    is a forward of the judged batches, so the next k is predicted from the probes so far: the cosine taken
+    as linear in the output error the first k layers remove (the running sum of `gains`), between the
+    bracket's ends; a bisection step where that keeps moving the same end. total: the error of all layers
+    at 4 bits in the gains' units, which with the cosine at k = 0 predicts the first k to try (else the
+    first is `most`). SmolLM2: 8 forwards where bisection over 210 layers took 10 (its cosine is concave and
+    noisy at 2e-4 near the budget: 103 layers wide gave 0.98996, 104 gave 0.98986, 105 gave 0.99032)."""
     removed = [0.0, *itertools.accumulate(max(g, 0.0) for g in gains)]
     seen = {}
 
@@ -66,17 +70,31 @@ def fewest(cosine_with, most: int, budget: float, gains: list[float]) -> tuple[i
         seen[k] = cosine_with(k)
         return seen[k] >= budget
 
-    if probe(0) or not most or not probe(most):
-        k = 0 if seen[0] >= budget or not most else most
-    else:
-        low, high, moved = 0, most, []  # invariant: low fails, high holds
-        while high - low > 1:
-            stuck = len(moved) >= 2 and moved[-1] == moved[-2]  # the line keeps missing on one side
-            k = _middle(low, high) if stuck else _predicted(low, high, seen, removed, budget)
-            low, high = (low, k) if probe(k) else (k, high)
-            moved.append(high == k)
-        k = high
-    return k, seen[k]
+    if probe(0) or not most:
+        return 0, seen[0]
+    low, high = 0, most
+    first = _first_guess(seen[0], budget, total, removed, most)
+    if first is not None:
+        low, high = (0, first) if probe(first) else (first, most)
+    if high not in seen and not probe(high):
+        return high, seen[high]  # even the most affordable count misses the budget
+    moved = []  # invariant from here: low fails, high holds
+    while high - low > 1:
+        stuck = len(moved) >= 2 and moved[-1] == moved[-2]  # the line keeps missing on one side
+        k = _middle(low, high) if stuck else _predicted(low, high, seen, removed, budget)
+        low, high = (low, k) if probe(k) else (k, high)
+        moved.append(high == k)
+    return high, seen[high]
+
+
+def _first_guess(start: float, budget: float, total: float | None, removed: list[float], most: int) -> int | None:
+    """The k where the error left, total − removed[k], scaled so that all of it gives the measured deficit
+    1 − start, falls to the budget's deficit 1 − budget; None without a usable total."""
+    if not total or total <= 0 or start >= 1:
+        return None
+    target = total * (1 - (1 - budget) / (1 - start))
+    k = bisect.bisect_left(removed, target, lo=1, hi=most)
+    return k if 0 < k < most else None
 
 
 def _middle(low: int, high: int) -> int:
@@ -95,23 +113,27 @@ def _predicted(low: int, high: int, seen: dict[int, float], removed: list[float]
 
 
 def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict
-            ) -> tuple[list[str], dict[str, float]]:
+            ) -> tuple[list[str], dict[str, float], float | None]:
     """Layers by output error removed per extra weight bit when that layer alone gets its wider weights, on
-    the first judged batch(es), and each layer's gain: from one backward pass (`sketched_gains`), or where
+    the first judged batch(es), each layer's gain, and the sketched error of all layers at 4 bits (None
+    where the gains were measured): from one backward pass (`sketched_gains`), or where
     the module has no gradients, by measuring the model from each layer on with that layer wide
     (`probed_gains`)."""
     probe = first_tokens(judge[0], PROBE_TOKENS)
     masks = judge[1][:len(probe)] if judge[1] else None
     ctx.step("mixed precision: ranking layers by output sensitivity", 0, len(w4))
+    lows: dict[str, float] = {}
     try:
-        gain = sketched_gains(module, probe, masks, w4, wide, originals)
+        gain = sketched_gains(module, probe, masks, w4, wide, originals, lows)
     except (RuntimeError, NotImplementedError):  # ops without gradients (a custom op, an integer graph)
-        gain = probed_gains(module, ctx, probe, masks, reference[:len(probe)], w4, wide)
+        gain, lows = probed_gains(module, ctx, probe, masks, reference[:len(probe)], w4, wide), {}
     extra = {path: (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count() for path in w4}
-    return sorted(w4, key=lambda path: gain[path] / extra[path], reverse=True), gain
+    ranked = sorted(w4, key=lambda path: gain[path] / extra[path], reverse=True)
+    return ranked, gain, sum(lows.values()) if lows else None
 
 
-def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict) -> dict[str, float]:
+def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict,
+                   lows: dict[str, float] | None = None) -> dict[str, float]:
     """Per layer, e(W4) − e(W_wide) with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order change of the model's
     outputs (rows scaled to unit norm, as the cosine budget sees them) that the layer's weight error causes,
     projected on a seeded random direction r: g_t = J_tᵀr is the gradient of rᵀy at the layer's output for
@@ -136,6 +158,8 @@ def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict) 
     finally:
         for path in w4:
             set_submodule(module, path, w4[path])
+    if lows is not None:  # each layer's own sketched error at 4 bits, e(W4)
+        lows.update((path, sensor.low) for path, sensor in probes.items())
     return {path: sensor.gain for path, sensor in probes.items()}
 
 
@@ -147,7 +171,7 @@ class _Sensor(nn.Module):
         self.weight, self.bias = low.float_weight(), low.bias
         self.low_error, self.wide_error = self.weight - original, wide.float_weight() - original
         self.input = self.output = None
-        self.gain = 0.0
+        self.gain = self.low = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.input = x.detach()
@@ -163,6 +187,7 @@ class _Sensor(nn.Module):
             low = ((x @ self.low_error.t()) * g).sum(1).square().sum()
             wide = ((x @ self.wide_error.t()) * g).sum(1).square().sum()
             self.gain += float(low - wide)
+            self.low += float(low)
         self.input = self.output = None
 
 
