@@ -108,14 +108,15 @@ class DualGrainedQuant(SqnrFloor, Pass):
                       fit: list[tuple], skipped: list) -> tuple[dict, dict, dict, dict]:
         """Every layer in `todo`, in execution order, each on inputs through the layers already quantized; the
         layers that read the same value (q/k/v, gate/up) together, at their first."""
-        w4, wide, errors, originals, shared = {}, {}, {}, {}, None
+        w4, wide, errors, originals, shared, silent = {}, {}, {}, {}, None, set()
         readers = same_input(module, todo)
         for i, (path, inputs) in enumerate(sequential_inputs(module, todo, fit)):
             ctx.step(f"searching scales of {path}", i, len(todo))
-            if path in w4 or any(path == p for p, _ in skipped):
+            if path in w4 or path in silent:
                 continue  # done with the first layer that reads its inputs
             x, group = _rows(inputs), [p for p in readers[path] if p not in w4]
             if x.abs().max() == 0:
+                silent.update(group)
                 skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
                 continue
             shared = shared if shared is not None and shared.same(x) else LayerInputs(x)

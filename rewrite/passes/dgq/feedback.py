@@ -39,10 +39,9 @@ def with_feedback_all(weights: list[torch.Tensor], x: torch.Tensor, grids: list[
     weight[_dead_columns(x, k_padded)] = 0.0  # padding or channels that are always zero: nothing to fit
     scale, zero, lo, hi = (torch.cat(parts, 1) for parts in zip(*(_grid_columns(g) for g in grids)))
     codes = torch.empty_like(weight)
-    step = _Rounding(weight, upper, scale, zero, lo, hi, codes)
     for start in range(0, k_padded, BLOCK):
         end = min(start + BLOCK, k_padded)
-        errors = step.block(start, end)  # rounding errors, not yet scaled by 1/U[c, c]
+        errors = _round_block(weight, upper, (scale, zero, lo, hi), codes, start, end)  # not yet scaled by 1/U[c, c]
         scaled = upper[start:end, end:] / upper.diagonal()[start:end, None]
         weight[end:].addmm_(scaled.t(), errors, alpha=-1)
     rows = codes.t().to(torch.uint8).split([g.q.shape[0] for g in grids])
@@ -52,34 +51,28 @@ def with_feedback_all(weights: list[torch.Tensor], x: torch.Tensor, grids: list[
 BLOCK, STEP = 128, 16  # GPTQ's lazy-update block; rank-1 updates only within a step of 16 columns
 
 
-class _Rounding:
-    """One block of columns [start, end) rounded in order, each column's error scaled by 1/U[c, c] and
-    pushed onto the block's later columns: rank-1 within a step of STEP columns, one GEMM per step."""
-
-    def __init__(self, weight, upper, scale, zero, lo, hi, codes):
-        self.weight, self.upper, self.codes = weight, upper, codes
-        self.scale, self.zero, self.lo, self.hi = scale, zero, lo, hi
-
-    def block(self, start: int, end: int) -> torch.Tensor:
-        part, errors = self.weight[start:end], torch.empty(end - start, self.weight.shape[1])
-        upper = self.upper[start:end, start:end] / self.upper.diagonal()[start:end, None]  # rows scaled by 1/U[c, c]
-        zero = self.zero[start:end]
-        offsets = self.codes[start:end]  # q − z here; z is added once per block
-        # Each column's rows as views taken at once: a step is a handful of vector ops, and indexing a
-        # tensor per op would cost as much as the op.
-        rows, scales, lows, highs, outs, errs, uppers = (t.unbind(0) for t in (
-            part, self.scale[start:end], self.lo[start:end] - zero, self.hi[start:end] - zero, offsets, errors,
-            upper))
-        for first in range(0, end - start, STEP):
-            last = min(first + STEP, end - start)
-            for j in range(first, last):
-                q = torch.div(rows[j], scales[j], out=outs[j]).round_()
-                torch.minimum(torch.maximum(q, lows[j], out=q), highs[j], out=q)
-                torch.addcmul(rows[j], q, scales[j], value=-1, out=errs[j])
-                part[j + 1:last].addr_(uppers[j][j + 1:last], errs[j], alpha=-1)
-            part[last:].addmm_(upper[first:last, last:].t(), errors[first:last], alpha=-1)
-        offsets += zero
-        return errors
+def _round_block(weight, upper, grid, codes, start: int, end: int) -> torch.Tensor:
+    """Columns [start, end) rounded in order on `grid` (scale, zero, lo, hi per column), each column's error
+    scaled by 1/U[c, c] and pushed onto the block's later columns: rank-1 within a step of STEP columns,
+    one GEMM per step. Returns the block's rounding errors."""
+    part, errors = weight[start:end], torch.empty(end - start, weight.shape[1])
+    scaled = upper[start:end, start:end] / upper.diagonal()[start:end, None]  # rows scaled by 1/U[c, c]
+    scale, zero, lo, hi = (t[start:end] for t in grid)
+    offsets = codes[start:end]  # q − z here; z is added once per block
+    # Each column's rows as views taken at once: a step is a handful of vector ops, and indexing a tensor
+    # per op would cost as much as the op.
+    rows, scales, lows, highs, outs, errs, uppers = (t.unbind(0) for t in (
+        part, scale, lo - zero, hi - zero, offsets, errors, scaled))
+    for first in range(0, end - start, STEP):
+        last = min(first + STEP, end - start)
+        for j in range(first, last):
+            q = torch.div(rows[j], scales[j], out=outs[j]).round_()
+            torch.minimum(torch.maximum(q, lows[j], out=q), highs[j], out=q)
+            torch.addcmul(rows[j], q, scales[j], value=-1, out=errs[j])
+            part[j + 1:last].addr_(uppers[j][j + 1:last], errs[j], alpha=-1)
+        part[last:].addmm_(scaled[first:last, last:].t(), errors[first:last], alpha=-1)
+    offsets += zero
+    return errors
 
 
 def _grid_columns(grid: DGQWeights) -> tuple[torch.Tensor, ...]:
