@@ -149,8 +149,8 @@ def test_the_int8_gemm_is_exact_and_repacks_a_weight_changed_in_place():
 
 @pytest.mark.parametrize("shape", ["linear", "concave", "steps"])
 def test_the_mixed_precision_search_finds_the_fewest_layers_in_fewer_forwards_than_bisection(shape):
-    """`fewest` on monotone cosine curves over 210 ranked layers: the same k as a scan from 0, in fewer
-    probes than bisection's 10 where the gains predict the curve."""
+    """`fewest` on monotone cosine curves over 210 ranked layers: the k of a scan from 0 (or at most
+    1/32 of the layers more), in fewer probes than bisection's 10 where the gains predict the curve."""
     gains = sorted(torch.rand(210, generator=torch.Generator().manual_seed(1)).tolist(), reverse=True)
     removed = [0.0, *itertools.accumulate(gains)]
     share = {"linear": lambda f: f, "concave": lambda f: f ** 0.5, "steps": lambda f: round(f * 8) / 8}[shape]
@@ -166,10 +166,12 @@ def test_the_mixed_precision_search_finds_the_fewest_layers_in_fewer_forwards_th
 
     want = next(i for i in range(201) if curve(i) >= 0.99)
     k, reached = mixed.fewest(cosine_with, 200, 0.99, gains)
-    assert k == want and reached == curve(k)
+    assert want <= k <= want + mixed.close_enough(200) and reached == curve(k) >= 0.99
     assert len(probes) <= (4 if shape == "linear" else 10)
     probes.clear()  # with the total error at 4 bits, the first probe is predicted (exactly, on a linear curve)
-    assert mixed.fewest(cosine_with, 200, 0.99, gains, total=removed[-1]) == (want, curve(want))
+    k, reached = mixed.fewest(cosine_with, 200, 0.99, gains, total=removed[-1])
+    assert want <= k <= want + mixed.close_enough(200) and reached == curve(k)
     assert len(probes) <= (3 if shape == "linear" else 10)
+    assert mixed.fewest(cosine_with, 20, 0.99, gains)[0] == min(want, 20)  # few layers: found exactly
     assert mixed.fewest(lambda k: 0.999, 200, 0.99, gains)[0] == 0  # 4 bits everywhere already holds
     assert mixed.fewest(lambda k: 0.9, 200, 0.99, gains) == (200, 0.9)  # never holds: the most affordable

@@ -47,6 +47,7 @@ from rewrite.passes.dgq.smoothing import smooth_outliers
 from rewrite.patterns import layers, same_input, set_submodule, shared_weight
 
 MAX_TOKENS = 4096  # calibration tokens run through the model for the search (and kept per layer)
+PEAK_TOKENS = 1024  # tokens whose channel peaks choose the smoothed channels (outlier channels recur in every batch)
 ERROR_TOKENS = 512  # tokens each layer's reported error is measured on
 
 
@@ -84,7 +85,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         skipped, smoothed = [], 0
         if self.smooth:
             smoothed, why_not = smooth_outliers(module, first_tokens(ctx.original_calibration or ctx.calibration,
-                                                                     MAX_TOKENS))
+                                                                     PEAK_TOKENS))
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards

@@ -56,7 +56,8 @@ def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, origina
 
 def fewest(cosine_with, most: int, budget: float, gains: list[float], total: float | None = None
            ) -> tuple[int, float]:
-    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), and that cosine. Each probe
+    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), and that cosine, to within
+    `close_enough(most)` layers. Each probe
     is a forward of the judged batches, so the next k is predicted from the probes so far: the cosine taken
     as linear in the output error the first k layers remove (the running sum of `gains`), between the
     bracket's ends; a bisection step where that keeps moving the same end. total: the error of all layers
@@ -78,13 +79,20 @@ def fewest(cosine_with, most: int, budget: float, gains: list[float], total: flo
         low, high = (0, first) if probe(first) else (first, most)
     if high not in seen and not probe(high):
         return high, seen[high]  # even the most affordable count misses the budget
-    moved = []  # invariant from here: low fails, high holds
-    while high - low > 1:
+    moved, slack = [], close_enough(most)  # invariant from here: low fails, high holds
+    while high - low > slack:
         stuck = len(moved) >= 2 and moved[-1] == moved[-2]  # the line keeps missing on one side
         k = _middle(low, high) if stuck else _predicted(low, high, seen, removed, budget)
         low, high = (low, k) if probe(k) else (k, high)
         moved.append(high == k)
     return high, seen[high]
+
+
+def close_enough(most: int) -> int:
+    """How far above the fewest layers the search may stop: 1/32 of the affordable ones (a probe is a forward;
+    near the budget SmolLM2's cosine is noisy at 2e-4 from one layer to the next, so the last probes only
+    chase noise), at most that many layers more at the wider width."""
+    return max(1, most // 32)
 
 
 def _first_guess(start: float, budget: float, total: float | None, removed: list[float], most: int) -> int | None:
@@ -169,7 +177,7 @@ class _Sensor(nn.Module):
     def __init__(self, low: DGQLinear, original: torch.Tensor, wide: DGQLinear):
         super().__init__()
         self.weight, self.bias = low.float_weight(), low.bias
-        self.low_error, self.wide_error = self.weight - original, wide.float_weight() - original
+        self.low_error, self.wide_error = self.weight - original, wide.float_weight().sub_(original)
         self.input = self.output = None
         self.gain = self.low = 0.0
 
