@@ -93,7 +93,21 @@ class _FullRange(nn.Module):
         self.register_buffer("s_x", s_x)
 
     def forward(self, x):
-        return kernels.a8w8_linear(x, self.w_s8, self.s1, self.bias, self.s_x)
+        return kernels.a8w8(x, self.w_s8, self.s1, self.bias, self.s_x)
+
+
+@pytest.mark.parametrize("act", ["static", "per-token"])
+def test_eager_calls_skip_the_op_dispatch_and_tracers_still_see_the_op(act):
+    """In plain eager torch `a8w8` runs the op's body directly (decode speed), with the same bits; export
+    and fx still record rewrite::a8w8_linear, which the ONNX translation needs."""
+    x = torch.randn(3, 5, 64)
+    module = _FullRange(64, 32, (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0))
+    direct = module(x)
+    assert torch.equal(direct, kernels.a8w8_linear(x, module.w_s8, module.s1, module.bias, module.s_x))
+    exported = torch.export.export(module, (x,))
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert torch.ops.rewrite.a8w8_linear.default in targets
+    assert torch.equal(exported.module()(x), direct)
 
 
 @pytest.mark.parametrize("act", ["static", "per-token"])

@@ -100,7 +100,7 @@ class DGQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "int8":
-            return kernels.a8w8_linear(x, self.w_s8, self.s1, self.bias, self.s_x)
+            return kernels.a8w8(x, self.w_s8, self.s1, self.bias, self.s_x)
         return kernels.w4_linear(x, self.packed, self.scales, self.zeros, self.bias)
 
     def stored_bits_per_weight(self) -> float:

@@ -22,6 +22,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _lib = "rewrite"
 
@@ -38,8 +39,21 @@ def activation_codes(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).clamp_(-127, 127), scale
 
 
+def a8w8(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
+    """rewrite::a8w8_linear where a tracer must see the op (export, fx, dynamo, dispatch modes); in plain eager
+    torch its body directly: the op's dispatch costs about 30 µs a call, which at one token a step (decode)
+    is a third of the int8 GEMM's own time and made SmolLM2's decode slower than fp32."""
+    if type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+        return _a8w8_linear(x, w_s8, s1, bias, s_x)
+    return a8w8_linear(x, w_s8, s1, bias, s_x)
+
+
 @torch.library.custom_op(f"{_lib}::a8w8_linear", mutates_args=())
 def a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
+    return _a8w8_linear(x, w_s8, s1, bias, s_x)
+
+
+def _a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])
     codes, scale = activation_codes(flat, s_x)
     acc = integer_matmul(codes, w_s8)
@@ -81,7 +95,7 @@ class onednn_int8:
     |w| ≤ 64 (w = ⌊w/2⌋ + ⌈w/2⌉) laid side by side along K, so one GEMM over 2K sums the same integers
     without saturating (255·64·2 < 2^15). Which layout is exact is measured once, on the worst case."""
 
-    _packed: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(weight) → (weight, its version, packed)
+    _packed: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(weight) → (weight, its version, packed)
     layout: str | None = None  # "whole" or "halves" (exact), "none" (no oneDNN int8 here); None: not checked
 
     @classmethod
@@ -95,13 +109,14 @@ class onednn_int8:
         x_u8 = (codes + 128).to(torch.uint8)
         if cls.layout == "halves":
             x_u8 = torch.cat([x_u8, x_u8], 1)
-        out = w_s8.shape[0]
-        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, cls._packed_weight(w_s8), torch.ones(out),
-                                                  torch.zeros(out, dtype=torch.long), None, 1.0, 0, torch.float32,
-                                                  "none", [], "")
+        packed, unit_scales, zero_points = cls._packed_weight(w_s8)
+        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, unit_scales, zero_points, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
 
     @classmethod
-    def _packed_weight(cls, w_s8: Tensor) -> Tensor:
+    def _packed_weight(cls, w_s8: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(packed weight, unit weight scales, zero points), made once per weight: at one token a call, making
+        the two small tensors again each time cost as much as the GEMM's memory traffic."""
         # Keyed by identity (a WeakKeyDictionary would compare tensors with ==); a weight changed in place
         # is packed again, and an entry goes with its weight.
         key = id(w_s8)
@@ -112,7 +127,9 @@ class onednn_int8:
                 low = torch.div(w_s8, 2, rounding_mode="floor")
                 laid_out = torch.cat([low, w_s8 - low], 1)
             alive = weakref.ref(w_s8, lambda _: cls._packed.pop(key, None))
-            cached = (alive, w_s8._version, torch.ops.onednn.qlinear_prepack(laid_out.contiguous(), None))
+            out = w_s8.shape[0]
+            cached = (alive, w_s8._version, (torch.ops.onednn.qlinear_prepack(laid_out.contiguous(), None),
+                                             torch.ones(out), torch.zeros(out, dtype=torch.long)))
             cls._packed[key] = cached
         return cached[2]
 
