@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 
 from rewrite.capture import bind_positional
 from rewrite.errors import RewriteError, first_line
-from rewrite.patterns import mutates
+from rewrite.patterns import mutates, single_calls
 
 MAX_BATCHES = 8
 
@@ -261,10 +260,8 @@ def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> 
 
 
 def _each_called_once(module: nn.Module, paths: list[str]) -> bool:
-    if not isinstance(module, fx.GraphModule):
-        return False
-    calls = Counter(n.target for n in module.graph.nodes if n.op == "call_module")
-    return all(calls[path] == 1 for path in paths)
+    calls = single_calls(module, paths)
+    return calls is not None and len(calls) == len(set(paths))
 
 
 def first_tokens(batches: list[tuple], tokens: int) -> list[tuple]:

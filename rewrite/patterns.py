@@ -97,16 +97,24 @@ def same_input(module: nn.Module, paths: list[str]) -> dict[str, list[str]]:
     attention, gate/up of a gated block), in graph order; each layer alone outside a graph (or where one
     module is called more than once)."""
     alone = {path: [path] for path in paths}
-    if not isinstance(module, fx.GraphModule):
-        return alone
-    calls = [n for n in module.graph.nodes if n.op == "call_module" and n.target in alone]
-    if len({n.target for n in calls}) != len(calls):
+    calls = single_calls(module, paths)
+    if calls is None:
         return alone
     by_value: dict[object, list[str]] = {}
     for node in calls:
         if len(node.args) == 1 and not node.kwargs:
             by_value.setdefault(node.args[0], []).append(node.target)
     return alone | {path: group for group in by_value.values() for path in group}
+
+
+def single_calls(module: nn.Module, paths: list[str]) -> list[fx.Node] | None:
+    """The call_module nodes that run the layers at `paths`, in graph order, when the graph calls none of
+    them twice; None where one is (a shared module) or outside a graph."""
+    if not isinstance(module, fx.GraphModule):
+        return None
+    wanted = set(paths)
+    calls = [n for n in module.graph.nodes if n.op == "call_module" and n.target in wanted]
+    return calls if len({n.target for n in calls}) == len(calls) else None
 
 
 def attribute(module: nn.Module, target: str):

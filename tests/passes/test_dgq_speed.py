@@ -128,7 +128,8 @@ def test_the_one_backward_ranking_agrees_with_the_measured_probes():
     probe = [(x[:128],)]
     with torch.no_grad():
         want = mixed.vectors_of([model(*probe[0])], None)
-    sketched = mixed.sketched_gains(module, probe, None, w4, wide, originals)
+    sketched, lows = mixed.sketched_gains(module, probe, None, w4, wide, originals)
+    assert all(lows[p] >= sketched[p] for p in paths)  # a gain is the part of the 4-bit error wider codes remove
     assert all(module[int(p)] is w4[p] for p in paths)  # every layer back as it was
     probed = mixed.probed_gains(module, SimpleNamespace(step=lambda *a: None), probe, None, want, w4, wide)
     assert max(paths, key=sketched.get) == max(paths, key=probed.get) == "4"  # the outlier layer

@@ -130,9 +130,8 @@ def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict
     probe = first_tokens(judge[0], PROBE_TOKENS)
     masks = judge[1][:len(probe)] if judge[1] else None
     ctx.step("mixed precision: ranking layers by output sensitivity", 0, len(w4))
-    lows: dict[str, float] = {}
     try:
-        gain = sketched_gains(module, probe, masks, w4, wide, originals, lows)
+        gain, lows = sketched_gains(module, probe, masks, w4, wide, originals)
     except (RuntimeError, NotImplementedError):  # ops without gradients (a custom op, an integer graph)
         gain, lows = probed_gains(module, ctx, probe, masks, reference[:len(probe)], w4, wide), {}
     extra = {path: (wide[path].format_bits() - w4[path].format_bits()) * w4[path].weight_count() for path in w4}
@@ -140,9 +139,9 @@ def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict
     return ranked, gain, sum(lows.values()) if lows else None
 
 
-def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict,
-                   lows: dict[str, float] | None = None) -> dict[str, float]:
-    """Per layer, e(W4) − e(W_wide) with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order change of the model's
+def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per layer, the gain e(W4) − e(W_wide), and e(W4), with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order change of the model's
     outputs (rows scaled to unit norm, as the cosine budget sees them) that the layer's weight error causes,
     projected on a seeded random direction r: g_t = J_tᵀr is the gradient of rᵀy at the layer's output for
     token t (one backward pass for all layers), so E_r[e] = Σ_t ‖J_t (Ŵ − W) x_t‖². The layers run as
@@ -166,9 +165,8 @@ def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict,
     finally:
         for path in w4:
             set_submodule(module, path, w4[path])
-    if lows is not None:  # each layer's own sketched error at 4 bits, e(W4)
-        lows.update((path, sensor.low) for path, sensor in probes.items())
-    return {path: sensor.gain for path, sensor in probes.items()}
+    return ({path: sensor.gain for path, sensor in probes.items()},
+            {path: sensor.low for path, sensor in probes.items()})
 
 
 class _Sensor(nn.Module):

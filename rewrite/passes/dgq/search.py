@@ -61,7 +61,7 @@ def quantize_layers(weights: list[torch.Tensor], x: torch.Tensor | LayerInputs |
     return [flat[i:i + len(widths)] for i in range(0, len(flat), len(widths))]
 
 
-def _searched(w: torch.Tensor, error: OutputError, group: int, search: bool, bits: int, patience: int | None
+def _searched(w: torch.Tensor, error: Criterion, group: int, search: bool, bits: int, patience: int | None
               ) -> DGQWeights:
     """Both phases for one weight, in chunks of rows (rows are independent: chunks bound the temporaries)."""
     o, k = w.shape
@@ -83,7 +83,7 @@ class LayerInputs:
     def same(self, x: torch.Tensor) -> bool:
         return x.shape == self.x.shape and torch.equal(x, self.x)
 
-    def error(self, width: int, diagonal: bool = False) -> OutputError:
+    def error(self, width: int, diagonal: bool = False) -> Criterion:
         if (width, diagonal) not in self._errors:
             self._errors[width, diagonal] = (DiagonalError(self.gram(width).diagonal()) if diagonal else
                                              OutputError(self.x, width))
@@ -101,12 +101,28 @@ class LayerInputs:
         return self._grams[width]
 
 
-def _quantize_rows(w: torch.Tensor, error: OutputError, group: int, search: bool, k: int, bits: int,
+def _quantize_rows(w: torch.Tensor, error: Criterion, group: int, search: bool, k: int, bits: int,
                    patience: int | None) -> DGQWeights:
     s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search, 2 ** bits - 1)
     return _phase_two(w, error, s_fine, z, group, search, k, bits, patience)
 
-class OutputError:
+class Criterion:
+    """What the grid search minimizes for weight changes d: each (row, group)'s error and each row's."""
+
+    def groups(self, d: torch.Tensor) -> torch.Tensor:
+        """d (o, groups, group) → (o, groups)."""
+        raise NotImplementedError
+
+    def rows(self, d: torch.Tensor) -> torch.Tensor:
+        """d (o, K) → (o,), as float64."""
+        raise NotImplementedError
+
+    def grouped_rows(self, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Each row's error of d·diag(scale per group) (scale (o, groups), one factor per group's columns)."""
+        raise NotImplementedError
+
+
+class OutputError(Criterion):
     """The output error d·G·dᵀ of weight-row changes d, G = xᵀx from calibration inputs x (T, K) (identity
     without them): through G when K ≤ T, else as ‖d·xᵀ‖² (cheaper when T < K, and no K×K matrix: a
     7B model's 11008-wide layers)."""
@@ -150,7 +166,7 @@ class OutputError:
             return (d @ self.xt).square().sum(1).double()
         return ((d @ self.gram) * d).sum(1).double()
 
-class DiagonalError(OutputError):
+class DiagonalError(Criterion):
     """The output error through G's diagonal only, Σ_k G_kk·d_k²: the grid search's criterion when error
     feedback follows. Feedback rounds every code again and pushes each rounding error through the full
     inverse Hessian, so the grid need only weigh each weight by how much its input carries. The full d·G·dᵀ
@@ -161,7 +177,7 @@ class DiagonalError(OutputError):
 
     def __init__(self, weights: torch.Tensor):
         """weights: G's diagonal, Σ_t x_tk² per input channel (zero-padded to the search's width)."""
-        self.x, self.by_inputs, self.weights = None, False, weights.to(ERROR_DTYPE).contiguous()
+        self.weights = weights.to(ERROR_DTYPE).contiguous()
 
     def groups(self, d: torch.Tensor) -> torch.Tensor:
         return (d.square() * self.weights.reshape(d.shape[1], d.shape[2])).sum(-1)
@@ -173,7 +189,7 @@ class DiagonalError(OutputError):
         return (self.groups(d.reshape(*scale.shape, -1)) * scale).sum(1).double()
 
 
-def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool, top: int):
+def _phase_one(wg: torch.Tensor, error: Criterion, group: int, search: bool, top: int):
     """Per (row, group): asymmetric scale and zero point (codes 0..top) minimizing the group's output error."""
     o, n_groups, _ = wg.shape
     lo, hi = wg.amin(-1), wg.amax(-1)
@@ -189,7 +205,7 @@ def _phase_one(wg: torch.Tensor, error: OutputError, group: int, search: bool, t
         best, best_s, best_z = torch.where(better, err, best), torch.where(better, s, best_s), torch.where(better, z, best_z)
     return best_s, best_z
 
-def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
+def _phase_two(w: torch.Tensor, error: Criterion, s_fine: torch.Tensor, z: torch.Tensor, group: int, search: bool,
                k: int, bits: int, patience: int | None = PATIENCE):
     """Per row: the fp scale s1 (and integer group scales S = round(s'/s1)) minimizing the row's output error.
     `k`: the layer's true in_features (w may carry zero columns up to a whole group). A row stops being
@@ -216,7 +232,7 @@ def _phase_two(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: tor
     return DGQWeights(q.to(torch.uint8), z.to(torch.uint8), S.to(torch.uint8), s1.float(), group, k, bits)
 
 
-def _row_candidates(w: torch.Tensor, error: OutputError, s_fine: torch.Tensor, z: torch.Tensor, bound: torch.Tensor,
+def _row_candidates(w: torch.Tensor, error: Criterion, s_fine: torch.Tensor, z: torch.Tensor, bound: torch.Tensor,
                     group: int, bits: int):
     """Codes, group scales, row scales and row errors of rows w (n, K) clipped at ±bound (n,)."""
     n = w.shape[0]
