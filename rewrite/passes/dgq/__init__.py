@@ -5,8 +5,8 @@ and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127,
 z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
 epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token; first
 (smooth=true, the default) input channels above the top 0.5% of a Linear's input peaks (over the first
-1,024 calibration tokens) are divided out where the input is made (a norm's weight, `up`'s rows) and multiplied into the consuming columns, x·W =
-(x/s)·(s·W), exact in float (DGQ §3.3).
+1,024 calibration tokens) are divided out where the input is made (a norm's weight, `up`'s rows) and
+multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float (DGQ §3.3).
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
 on calibration activations; then per row, up to 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
 error, a row's search stopping once 8 ratios (40 without feedback) in a row found nothing better.

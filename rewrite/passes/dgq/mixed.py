@@ -56,14 +56,14 @@ def mixed_precision(module, ctx, judge, reference, w4: dict, wide: dict, origina
 
 def fewest(cosine_with, most: int, budget: float, gains: list[float], total: float | None = None
            ) -> tuple[int, float]:
-    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), and that cosine, to within
-    `close_enough(most)` layers. Each probe
-    is a forward of the judged batches, so the next k is predicted from the probes so far: the cosine taken
-    as linear in the output error the first k layers remove (the running sum of `gains`), between the
-    bracket's ends; a bisection step where that keeps moving the same end. total: the error of all layers
-    at 4 bits in the gains' units, which with the cosine at k = 0 predicts the first k to try (else the
-    first is `most`). SmolLM2: 8 forwards where bisection over 210 layers took 10 (its cosine is concave and
-    noisy at 2e-4 near the budget: 103 layers wide gave 0.98996, 104 gave 0.98986, 105 gave 0.99032)."""
+    """The smallest k ≤ most whose cosine_with(k) reaches `budget` (else `most`), to within
+    `close_enough(most)` layers, and that cosine. Each probe is a forward of the judged batches, so the next
+    k is predicted from the probes so far: the cosine taken as linear in the output error the first k layers
+    remove (the running sum of `gains`), between the bracket's ends; a bisection step where that keeps
+    moving the same end. total: the error of all layers at 4 bits in the gains' units, which with the
+    cosine at k = 0 predicts the first k to try (else the first is `most`). SmolLM2: 6 forwards where
+    bisection over 210 layers took 10 (its cosine is concave and noisy at 2e-4 near the budget: 103 layers
+    wide gave 0.98996, 104 gave 0.98986, 105 gave 0.99032)."""
     removed = [0.0, *itertools.accumulate(max(g, 0.0) for g in gains)]
     seen = {}
 
@@ -102,7 +102,7 @@ def _first_guess(start: float, budget: float, total: float | None, removed: list
         return None
     target = total * (1 - (1 - budget) / (1 - start))
     k = bisect.bisect_left(removed, target, lo=1, hi=most)
-    return k if 0 < k < most else None
+    return k if k < most else None
 
 
 def _middle(low: int, high: int) -> int:
@@ -124,9 +124,8 @@ def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict
             ) -> tuple[list[str], dict[str, float], float | None]:
     """Layers by output error removed per extra weight bit when that layer alone gets its wider weights, on
     the first judged batch(es), each layer's gain, and the sketched error of all layers at 4 bits (None
-    where the gains were measured): from one backward pass (`sketched_gains`), or where
-    the module has no gradients, by measuring the model from each layer on with that layer wide
-    (`probed_gains`)."""
+    where the gains were measured): from one backward pass (`sketched_gains`), or where the module has no
+    gradients, by measuring the model from each layer on with that layer wide (`probed_gains`)."""
     probe = first_tokens(judge[0], PROBE_TOKENS)
     masks = judge[1][:len(probe)] if judge[1] else None
     ctx.step("mixed precision: ranking layers by output sensitivity", 0, len(w4))
@@ -141,9 +140,9 @@ def ranking(module, ctx, judge, reference, w4: dict, wide: dict, originals: dict
 
 def sketched_gains(module, probe, masks, w4: dict, wide: dict, originals: dict
                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """Per layer, the gain e(W4) − e(W_wide), and e(W4), with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order change of the model's
-    outputs (rows scaled to unit norm, as the cosine budget sees them) that the layer's weight error causes,
-    projected on a seeded random direction r: g_t = J_tᵀr is the gradient of rᵀy at the layer's output for
+    """Per layer, the gain e(W4) − e(W_wide), and e(W4), with e(Ŵ) = Σ_t (g_t·(Ŵ − W)x_t)²: the first-order
+    change of the model's outputs (rows scaled to unit norm, as the cosine budget sees them) that the
+    layer's weight error causes, projected on a seeded random direction r: g_t = J_tᵀr is the gradient of rᵀy at the layer's output for
     token t (one backward pass for all layers), so E_r[e] = Σ_t ‖J_t (Ŵ − W) x_t‖². The layers run as
     dequantized float Linears (their int8 kernel has no gradient)."""
     probes = {path: _Sensor(w4[path], originals[path], wide[path]) for path in w4}

@@ -8,6 +8,8 @@ the codes are rounded again on that grid with GPTQ's error feedback (`feedback`)
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -106,23 +108,17 @@ def _quantize_rows(w: torch.Tensor, error: Criterion, group: int, search: bool, 
     s_fine, z = _phase_one(w.reshape(w.shape[0], -1, group), error, group, search, 2 ** bits - 1)
     return _phase_two(w, error, s_fine, z, group, search, k, bits, patience)
 
-class Criterion:
-    """What the grid search minimizes for weight changes d: each (row, group)'s error and each row's."""
+class Criterion(Protocol):
+    """What the grid search minimizes for weight changes d (`OutputError`, `DiagonalError`)."""
 
-    def groups(self, d: torch.Tensor) -> torch.Tensor:
-        """d (o, groups, group) → (o, groups)."""
-        raise NotImplementedError
+    def groups(self, d: torch.Tensor) -> torch.Tensor: ...  # d (o, groups, group) → each (row, group)'s error
 
-    def rows(self, d: torch.Tensor) -> torch.Tensor:
-        """d (o, K) → (o,), as float64."""
-        raise NotImplementedError
+    def rows(self, d: torch.Tensor) -> torch.Tensor: ...  # d (o, K) → each row's error, float64
 
-    def grouped_rows(self, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Each row's error of d·diag(scale per group) (scale (o, groups), one factor per group's columns)."""
-        raise NotImplementedError
+    def grouped_rows(self, d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor: ...  # rows of d·diag(scale)
 
 
-class OutputError(Criterion):
+class OutputError:
     """The output error d·G·dᵀ of weight-row changes d, G = xᵀx from calibration inputs x (T, K) (identity
     without them): through G when K ≤ T, else as ‖d·xᵀ‖² (cheaper when T < K, and no K×K matrix: a
     7B model's 11008-wide layers)."""
@@ -166,7 +162,7 @@ class OutputError(Criterion):
             return (d @ self.xt).square().sum(1).double()
         return ((d @ self.gram) * d).sum(1).double()
 
-class DiagonalError(Criterion):
+class DiagonalError:
     """The output error through G's diagonal only, Σ_k G_kk·d_k²: the grid search's criterion when error
     feedback follows. Feedback rounds every code again and pushes each rounding error through the full
     inverse Hessian, so the grid need only weigh each weight by how much its input carries. The full d·G·dᵀ
