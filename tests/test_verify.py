@@ -39,6 +39,14 @@ def test_nan_output_breaks_any_contract():
     assert check(Approx(min_sqnr_db=0), err) is not None
 
 
+def test_infinite_or_unmatched_outputs_are_reported_not_raised():
+    inf = compare([torch.ones(3)], [torch.tensor([1.0, float("inf"), 1.0])])
+    assert inf.sqnr_db == -math.inf and math.isnan(inf.max_abs) and not inf.within_tolerance
+    assert check(Approx(min_sqnr_db=0), inf) is not None
+    silent = compare([torch.zeros(3)], [torch.ones(3)])  # no signal to measure noise against
+    assert silent.sqnr_db == -math.inf and silent.max_abs == 1.0
+
+
 def test_masked_positions_are_not_compared():
     ref = torch.ones(2, 4, 3)
     new = ref.clone()
