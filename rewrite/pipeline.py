@@ -64,7 +64,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     plugin = registry.plugin_of(type(pass_))
     try:
         result = _call(pass_, module, ctx, plugin)
-        held = _recover(result, snapshot, outputs, ctx, progress, pass_.name) if (
+        held = _recover(result, snapshot, outputs, ctx, progress, pass_) if (
             result.modified and pass_.recoverable and ctx.recover is not None) else None
         new_outputs = [capture.run(result.module, batch) for batch in ctx.calibration] if result.modified else outputs
         err, broken, flag = (verify.judge(pass_, snapshot, result.module, outputs, new_outputs, ctx, held)
@@ -102,7 +102,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
 
 
 def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
-             progress: Progress | None, pass_name: str) -> list[int] | None:
+             progress: Progress | None, pass_: Pass) -> list[int] | None:
     """Distill the rewritten model toward the model before this pass on part of the calibration data.
 
     Returns the held-out batch indices the contract is then checked on (None: too little data to hold
@@ -115,12 +115,14 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     # logits raised the held-out SQNR from 0 to 3 dB while perplexity went from 17,153 to 5.3 million.
     logits = verify.reads_as_logits(outputs[0], ctx.calibration[0])
     kind = "kl" if ctx.metric in ("top1", "perplexity") or logits else "mse"
-    stats = distill(result.module, teacher, pick(ctx.calibration, train), ctx.recover,
+    spec = ctx.recover if ctx.recover.lr is not None else dataclasses.replace(ctx.recover, lr=pass_.recovery_lr)
+    stats = distill(result.module, teacher, pick(ctx.calibration, train), spec,
                     targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
                     held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
-                    progress=progress, trainable=_made_by(result.module, pass_name))
+                    progress=progress, trainable=_made_by(result.module, pass_.name),
+                    masks=pick(ctx.masks, train), held_masks=pick(ctx.masks, held) if held else None)
     result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
-    result.stats["recovery_steps"] = stats["steps"]
+    result.stats["recovery_steps"], result.stats["recovery_lr"] = stats["steps"], spec.lr
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
     result.stats["recovery_curve"] = [round(x, 6) for x in stats["curve"]]  # held-out loss at each check
     if stats["processes"] > 1:

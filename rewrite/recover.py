@@ -14,17 +14,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from rewrite import distributed
+from rewrite import distributed, verify
+from rewrite.pass_base import Pass
 from rewrite.spec import RecoverSpec  # noqa: F401  (the options recovery runs with, parsed in spec.py)
 
 
-def _loss(out: Any, target: Any, kind: str = "mse") -> torch.Tensor:
+def _loss(out: Any, target: Any, kind: str = "mse", mask: torch.Tensor | None = None) -> torch.Tensor:
     """By output kind: logits against integer labels → cross-entropy; logits against the teacher's logits
     with kind="kl" → KL(teacher ‖ student) over the last axis; otherwise relative squared error over the
-    float leaves (scale-free, so one lr fits many models)."""
-    pairs = [(o, t.detach()) for o, t in zip(tree_leaves(out), tree_leaves(target))
+    float leaves (scale-free, so one lr fits many models). With a (batch, seq) padding mask, only the
+    positions it keeps count, as in verification: a padded position's output is read by nothing."""
+    pairs = [_kept(o, t.detach(), mask) for o, t in zip(tree_leaves(out), tree_leaves(target))
              if isinstance(o, torch.Tensor) and o.is_floating_point()]
     return sum(_pair_loss(o, t, kind) for o, t in pairs)
+
+
+def _kept(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if mask is None or not verify.per_position(out, mask):
+        return out, target
+    keep = mask.bool()
+    return out[keep], target[keep] if target.dim() >= 2 and target.shape[:2] == mask.shape else target
 
 
 def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -48,29 +57,33 @@ def split(count: int) -> tuple[list[int], list[int]]:
 def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: RecoverSpec, *,
             targets: list[Any] | None = None, held_out: list[tuple] | None = None,
             held_targets: list[Any] | None = None, seed: int = 0, kind: str = "mse",
-            progress: Callable[..., None] | None = None, trainable: list[nn.Module] | None = None) -> dict[str, Any]:
+            progress: Callable[..., None] | None = None, trainable: list[nn.Module] | None = None,
+            masks: list | None = None, held_masks: list | None = None) -> dict[str, Any]:
     """Train `student` in place toward `teacher` (or `targets`); returns the loss before and after.
 
     With `held_out` batches, early stopping and the kept state follow the loss on them, not on the
     training batches. kind="kl" distills logits by KL divergence (classifiers), "mse" by relative
-    squared error. `trainable`: the layers to train (default: every floating-point parameter)."""
+    squared error. `trainable`: the layers to train (default: every floating-point parameter). `masks`,
+    `held_masks`: each batch's (batch, seq) padding mask or None (the positions the losses count)."""
     torch.manual_seed(seed)
     batches, held_out = [distributed.shard(b) for b in batches], [distributed.shard(b) for b in held_out or []]
     targets = [distributed.shard(t, "target batch") for t in targets] if targets is not None else None
     held_targets = [distributed.shard(t, "target batch") for t in held_targets] if held_targets is not None else None
+    masks = [distributed.shard(m) for m in masks] if masks else [None] * len(batches)
+    held_masks = [distributed.shard(m) for m in held_masks] if held_masks else [None] * len(held_out)
     with torch.no_grad():
         goals = targets if targets is not None else [teacher(*b) for b in batches]
-        watch = held_out or batches
+        watch, watch_masks = (held_out, held_masks) if held_out else (batches, masks)
         watch_goals = (held_targets if held_targets is not None else [teacher(*b) for b in held_out]) \
             if held_out else goals
     sources = trainable or [student]
     params = list({id(p): p for m in sources for p in m.parameters() if p.is_floating_point()}.values())
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=spec.lr)
+    optimizer = torch.optim.Adam(params, lr=spec.lr if spec.lr is not None else Pass.recovery_lr)
     runner = distributed.wrap(student)  # DistributedDataParallel under torchrun: gradients of the whole batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
-    before = _mean_loss(student, watch, watch_goals, kind)
+    before = _mean_loss(student, watch, watch_goals, kind, watch_masks)
     # No train()/eval() switching: captured graphs have eval semantics baked in (and refuse the call).
     guided = [m for m in student.modules() if hasattr(m, "recovery_progress")]  # self-guided layers (lowrank)
     best, best_state, since_best, step = before, _state(student), 0, 0
@@ -82,12 +95,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: list[tuple], spec: 
             best = math.inf  # the model is not the final structure yet: nothing to keep
         i = step % len(batches)
         optimizer.zero_grad()
-        loss = _loss(runner(*batches[i]), goals[i], kind)
+        loss = _loss(runner(*batches[i]), goals[i], kind, masks[i])
         loss.backward()
         optimizer.step()
         schedule.step()
         if (step + 1) % max(1, len(batches)) == 0:
-            current = _mean_loss(student, watch, watch_goals, kind)
+            current = _mean_loss(student, watch, watch_goals, kind, watch_masks)
             curve.append(current)
             if progress:
                 progress(f"recovering: loss {current:.3g} (start {before:.3g})", step + 1, spec.steps)
@@ -118,10 +131,10 @@ def _loss_name(target: Any, kind: str) -> str:
     return "CE" if leaves and not leaves[0].is_floating_point() else kind
 
 
-def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: str) -> float:
+def _mean_loss(model: nn.Module, batches: list[tuple], goals: list[Any], kind: str, masks: list) -> float:
     """Over all ranks' shards when data-parallel (each rank's loss is its share of the whole batch's)."""
     with torch.no_grad():
-        mine = sum(_loss(model(*b), g, kind).double() for b, g in zip(batches, goals)) / len(batches)
+        mine = sum(_loss(model(*b), g, kind, m).double() for b, g, m in zip(batches, goals, masks)) / len(batches)
         return float(distributed.total(torch.as_tensor(mine)) / distributed.world())
 
 

@@ -165,7 +165,7 @@ class RecoverSpec:
     """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (`rewrite.recover` runs it)."""
 
     steps: int = 200
-    lr: float = 1e-3
+    lr: float | None = None  # None: the pass's own `recovery_lr`
     patience: int = 50
 
 
@@ -183,7 +183,7 @@ def recover_spec(text: str | None):
             raise RewriteError(f"--recover {key}={raw!r} must be a number")
         values[key] = value
     spec = RecoverSpec(**values)
-    if spec.steps <= 0 or spec.patience <= 0 or spec.lr <= 0:
+    if spec.steps <= 0 or spec.patience <= 0 or (spec.lr is not None and spec.lr <= 0):
         raise RewriteError(f"--recover {text!r}: steps, lr and patience must be positive (and finite)")
     return spec
 

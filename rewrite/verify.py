@@ -33,7 +33,7 @@ def float_leaves(outputs: Any, mask: torch.Tensor | None = None, flatten: bool =
     """
     leaves = [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if mask is not None:
-        leaves = [t[mask.bool()] if _per_position(t, mask) else t for t in leaves]
+        leaves = [t[mask.bool()] if per_position(t, mask) else t for t in leaves]
     return [t.flatten() for t in leaves] if flatten else leaves
 
 
@@ -43,13 +43,13 @@ def sequence_means(outputs: Any, mask: torch.Tensor | None = None) -> list[torch
     means = []
     for t in float_leaves(outputs, flatten=False):
         if t.dim() == 3:
-            keep = mask if mask is not None and _per_position(t, mask) else torch.ones(t.shape[:2])
+            keep = mask if mask is not None and per_position(t, mask) else torch.ones(t.shape[:2])
             weights = keep.float()[..., None]
             means.append((t.float() * weights).sum(1) / weights.sum(1).clamp_min(1))
     return means
 
 
-def _per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
+def per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether `t`'s leading dims are the mask's (batch, seq): the one masking rule."""
     return t.dim() >= 2 and t.shape[:2] == mask.shape
 

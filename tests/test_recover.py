@@ -46,6 +46,35 @@ def test_integer_targets_train_by_cross_entropy():
     torch.testing.assert_close(_loss(logits, labels), F.cross_entropy(logits, labels))
 
 
+def test_padded_positions_do_not_count_in_the_loss():
+    out, target = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    garbage = target.clone()
+    garbage[0, 3:] = 1e3
+    torch.testing.assert_close(_loss(out, garbage, "mse", mask), _loss(out[mask.bool()], target[mask.bool()], "mse"))
+    assert float(_loss(out, garbage, "mse")) != pytest.approx(float(_loss(out, target, "mse")))
+
+
+def test_recovery_with_masks_fits_the_kept_positions_only():
+    # What padded positions "should" output is noise: with the masks, the student learns the real map.
+    torch.manual_seed(0)
+    true = nn.Linear(8, 8)
+    batches, targets, masks = [], [], []
+    for _ in range(4):
+        x, mask = torch.randn(4, 6, 8), torch.ones(4, 6, dtype=torch.long)
+        mask[:, 4:] = 0
+        y = true(x).detach()
+        y[:, 4:] = 50 * torch.randn(4, 2, 8)
+        batches, targets, masks = batches + [(x,)], targets + [y], masks + [mask]
+    errors = {}
+    for masked in (True, False):
+        student = nn.Linear(8, 8)
+        distill(student, None, batches, RecoverSpec(steps=300, lr=3e-2, patience=300), targets=targets,
+                masks=masks if masked else None)
+        errors[masked] = float((student.weight - true.weight).norm() / true.weight.norm())
+    assert errors[True] < 0.05 < errors[False]
+
+
 def _torchrun(processes: int) -> dict:
     import json
     import subprocess

@@ -139,6 +139,9 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     needs_calibration = True
     level = "module"
     recoverable = True  # its factors train like lowrank's (the benchmark's `--recover` rows were no-ops)
+    # MiniLM, half the FFN weights, 200 steps: held-out cosine 0.880 at lr 1e-3 (no step beat the start), 0.904 at
+    # 3e-4, 0.906 at 1e-4
+    recovery_lr = 1e-4
 
     rank: int = 0
     param_ratio: float = 0.8

@@ -129,6 +129,9 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
     applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
     level = "module"
     recoverable = True
+    # MiniLM, half the FFN weights, 200 steps: held-out cosine 0.845 at lr 1e-3 and 3e-4 (no step beat the start),
+    # 0.875 at 1e-4
+    recovery_lr = 1e-4
     calibration_note = "needed (whiten=true, the default); optional (whiten=false)"
 
     structure: Literal["lowrank", "blockdense"] = "lowrank"

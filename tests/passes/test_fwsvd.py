@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from rewrite import api
+from rewrite.pass_base import Pass
 from rewrite.passes.fwsvd import FisherSVD, fisher_importance, fisher_svd
 from rewrite.passes.lowrank import LowRankLinear
 from rewrite.testing import check_pass
@@ -86,6 +87,15 @@ def test_recovery_trains_the_fisher_factors_toward_the_original():
                           recover="steps=100,lr=3e-3", measure_latency=False).report.records[0]
     assert record.status == "applied" and record.stats["recovery_steps"] > 0
     assert record.stats["sqnr_db_held_out"] > record.stats["sqnr_db_before_recovery"]
+    assert record.stats["recovery_lr"] == 3e-3  # the lr the user gave
+
+
+def test_recovery_without_an_lr_takes_the_pass_s_own():
+    torch.manual_seed(0)
+    calib = [torch.randn(16, 32) for _ in range(2)]
+    record = api.optimize(FFN().eval(), (calib[0],), "fwsvd{param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                          recover="steps=2", measure_latency=False).report.records[0]
+    assert record.stats["recovery_lr"] == FisherSVD.recovery_lr < Pass.recovery_lr
 
 
 def test_whitened_fisher_ranks_share_one_budget_across_layers():
