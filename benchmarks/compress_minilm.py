@@ -137,7 +137,7 @@ def latency(model, tokenizer, ratio=0.5):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="ratio 0.75 only")
-    parser.add_argument("--recovery", action="store_true", help="only the recovery rows (about 25 minutes)")
+    parser.add_argument("--recovery", action="store_true", help="only the recovery rows (24 minutes on 2 cores)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load()
