@@ -33,7 +33,8 @@ def _kept(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) ->
     if mask is None or not verify.per_position(out, mask):
         return out, target
     keep = mask.bool()
-    return out[keep], target[keep] if target.dim() >= 2 and target.shape[:2] == mask.shape else target
+    per_token_target = target.dim() >= 2 and target.shape[:2] == mask.shape  # not a pooled or per-sentence target
+    return out[keep], (target[keep] if per_token_target else target)
 
 
 def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
