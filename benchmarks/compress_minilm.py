@@ -49,11 +49,8 @@ def spearman(a, b):
 
 
 def fidelity(model, tokenizer, ratios):
-    evaluation, calibration = evaluation_sentences(400), calibration_sentences(512)
-    ids, mask = encode(tokenizer, evaluation)
-    calib = [encode(tokenizer, calibration[i:i + 32]) for i in range(0, len(calibration), 32)]
-    reference = embed(model, ids, mask)
-    upper = torch.triu_indices(len(evaluation), len(evaluation), 1)
+    ids, mask, calib, reference = _data(model, tokenizer, 512)
+    upper = torch.triu_indices(len(ids), len(ids), 1)
     ref_sims = (reference @ reference.T)[upper[0], upper[1]]
     # A fixed-ratio sweep measures fidelity at each ratio, so the floor is off here on purpose; the
     # "defaults" rows show what a user gets with no options (the floor on).
@@ -68,41 +65,51 @@ def fidelity(model, tokenizer, ratios):
     runs = [("defaults", name, name) for name in ("fwsvd", "lowrank")]
     runs += [(f"{r}", name, spec.format(r=r)) for r in ratios for name, spec in methods.items()]
     for label, name, spec in runs:
-        start = time.perf_counter()
-        result = rewrite.optimize(model, (ids[:8], mask[:8]), spec, calib=calib, measure_latency=False)
-        seconds = time.perf_counter() - start
-        emb = embed(result.model, ids, mask)
-        cos = float((emb * reference).sum(-1).mean())
+        result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), spec, calib=calib,
+                                 measure_latency=False)
+        emb, rec = embed(result.model, ids, mask), result.report.records[0]
         sims = (emb @ emb.T)[upper[0], upper[1]]
-        rec = result.report.records[0]
-        kept = 1 - (rec.params_before - rec.params_after) / _ffn_params(model)
-        rows.append([label, name, rec.status, f"{cos:.4f}", f"{spearman(sims, ref_sims):.4f}", f"{kept:.2f}",
-                     f"{seconds:.0f}"])
+        rows.append([label, name, rec.status, f"{float((emb * reference).sum(-1).mean()):.4f}",
+                     f"{spearman(sims, ref_sims):.4f}", f"{_kept(model, rec):.2f}", f"{seconds:.0f}"])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return table(rows)
 
 
 def recovery(model, tokenizer, ratios, sentences=1536, steps=600):
-    """fwsvd at fixed FFN ratios, then `--recover steps=N` (the pass's default lr, the padding mask kept) on
-    `sentences` calibration sentences: held-out cosine without and with it, and the whole run's time."""
+    """fwsvd at fixed FFN ratios with its default SQNR floor, then `--recover steps=N` (the pass's default lr,
+    the padding mask kept) on `sentences` calibration sentences: what a user gets (applied or rolled back),
+    the held-out cosine, the held-out SQNR the floor judged, and the whole run's time."""
+    ids, mask, calib, reference = _data(model, tokenizer, sentences)
+    rows = [["FFN param ratio", "recovery", "status", "mean cosine", "weights kept", "held-out SQNR dB", "seconds"]]
+    for ratio in ratios:
+        for recover in (None, f"steps={steps},patience={steps // 3}"):
+            result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), f"fwsvd{{param-ratio={ratio}}}",
+                                     calib=calib, calib_batches=len(calib), recover=recover, measure_latency=False)
+            cos = float((embed(result.model, ids, mask) * reference).sum(-1).mean())
+            rec = result.report.records[0]
+            sqnr = rec.stats.get("sqnr_db_held_out", (rec.error or {}).get("sqnr_db", float("nan")))
+            rows.append([f"{ratio}", recover or "none", rec.status, f"{cos:.4f}", f"{_kept(model, rec):.2f}",
+                         f"{sqnr:.2f}", f"{seconds:.0f}"])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return table(rows)
+
+
+def _data(model, tokenizer, sentences):
+    """Evaluation ids and mask (400 README sentences), calibration batches of 32, the original embeddings."""
     evaluation, calibration = evaluation_sentences(400), calibration_sentences(sentences)
     ids, mask = encode(tokenizer, evaluation)
     calib = [encode(tokenizer, calibration[i:i + 32]) for i in range(0, len(calibration), 32)]
-    reference = embed(model, ids, mask)
-    rows = [["FFN param ratio", "recovery", "mean cosine", "weights kept", "recovery steps", "seconds"]]
-    for ratio in ratios:
-        for recover in (None, f"steps={steps},patience={steps // 3}"):
-            start = time.perf_counter()
-            result = rewrite.optimize(model, (ids[:8], mask[:8]), f"fwsvd{{param-ratio={ratio},min-sqnr=-100}}",
-                                      calib=calib, calib_batches=len(calib), recover=recover, measure_latency=False)
-            seconds = time.perf_counter() - start
-            cos = float((embed(result.model, ids, mask) * reference).sum(-1).mean())
-            rec = result.report.records[0]
-            kept = 1 - (rec.params_before - rec.params_after) / _ffn_params(model)
-            rows.append([f"{ratio}", recover or "none", f"{cos:.4f}", f"{kept:.2f}",
-                         str(rec.stats.get("recovery_steps", "-")), f"{seconds:.0f}"])
-            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    return table(rows)
+    return ids, mask, calib, embed(model, ids, mask)
+
+
+def _timed(run, *args, **kwargs):
+    start = time.perf_counter()
+    return run(*args, **kwargs), time.perf_counter() - start
+
+
+def _kept(model, record):
+    """The share of the FFN Linears' weights left after the pass."""
+    return 1 - (record.params_before - record.params_after) / _ffn_params(model)
 
 
 def _ffn_params(model):

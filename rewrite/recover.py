@@ -24,17 +24,9 @@ def _loss(out: Any, target: Any, kind: str = "mse", mask: torch.Tensor | None = 
     with kind="kl" → KL(teacher ‖ student) over the last axis; otherwise relative squared error over the
     float leaves (scale-free, so one lr fits many models). With a (batch, seq) padding mask, only the
     positions it keeps count, as in verification: a padded position's output is read by nothing."""
-    pairs = [_kept(o, t.detach(), mask) for o, t in zip(tree_leaves(out), tree_leaves(target))
-             if isinstance(o, torch.Tensor) and o.is_floating_point()]
+    pairs = [(verify.kept_positions(o, mask), verify.kept_positions(t.detach(), mask))
+             for o, t in zip(tree_leaves(out), tree_leaves(target)) if isinstance(o, torch.Tensor) and o.is_floating_point()]
     return sum(_pair_loss(o, t, kind) for o, t in pairs)
-
-
-def _kept(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if mask is None or not verify.per_position(out, mask):
-        return out, target
-    keep = mask.bool()
-    per_token_target = target.dim() >= 2 and target.shape[:2] == mask.shape  # not a pooled or per-sentence target
-    return out[keep], (target[keep] if per_token_target else target)
 
 
 def _pair_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:

@@ -32,8 +32,7 @@ def float_leaves(outputs: Any, mask: torch.Tensor | None = None, flatten: bool =
     vector) are compared whole, since they already summarize the kept positions only.
     """
     leaves = [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if mask is not None:
-        leaves = [t[mask.bool()] if per_position(t, mask) else t for t in leaves]
+    leaves = [kept_positions(t, mask) for t in leaves]
     return [t.flatten() for t in leaves] if flatten else leaves
 
 
@@ -43,13 +42,19 @@ def sequence_means(outputs: Any, mask: torch.Tensor | None = None) -> list[torch
     means = []
     for t in float_leaves(outputs, flatten=False):
         if t.dim() == 3:
-            keep = mask if mask is not None and per_position(t, mask) else torch.ones(t.shape[:2])
+            keep = mask if mask is not None and _per_position(t, mask) else torch.ones(t.shape[:2])
             weights = keep.float()[..., None]
             means.append((t.float() * weights).sum(1) / weights.sum(1).clamp_min(1))
     return means
 
 
-def per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
+def kept_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`t` at the positions a (batch, seq) mask keeps when its leading dims are the mask's, else whole: what
+    verification compares and recovery trains on."""
+    return t[mask.bool()] if mask is not None and _per_position(t, mask) else t
+
+
+def _per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether `t`'s leading dims are the mask's (batch, seq): the one masking rule."""
     return t.dim() >= 2 and t.shape[:2] == mask.shape
 
