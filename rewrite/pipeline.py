@@ -107,7 +107,7 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
 
     Returns the held-out batch indices the contract is then checked on (None: too little data to hold
     any out, which the stats say), so recovery never grades its own homework."""
-    from rewrite.recover import distill, split
+    from rewrite.recover import distill, split, swapped_layers
     train, held = split(len(ctx.calibration))
     pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
     before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration], masks=ctx.masks)
@@ -116,6 +116,11 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     logits = verify.reads_as_logits(outputs[0], ctx.calibration[0])
     kind = "kl" if ctx.metric in ("top1", "perplexity") or logits else "mse"
     spec = ctx.recover if ctx.recover.lr is not None else dataclasses.replace(ctx.recover, lr=pass_.recovery_lr)
+    layers = swapped_layers(result.module, teacher) if spec.local else []
+    if layers:
+        return _recover_locally(result, teacher, outputs, ctx, progress, layers, spec, before, train, held)
+    if spec.local:
+        result.stats["recovery_warning"] = "no layer swapped in place to fit alone: the whole model was distilled"
     stats = distill(result.module, teacher, pick(ctx.calibration, train), spec,
                     targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
                     held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
@@ -127,6 +132,30 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     result.stats["recovery_curve"] = [round(x, 6) for x in stats["curve"]]  # held-out loss at each check
     if stats["processes"] > 1:
         result.stats["recovery_processes"] = stats["processes"]
+    if stats.get("too_little_data"):
+        result.stats["recovery_warning"] = stats["too_little_data"]
+    return _recovered_errors(result, outputs, ctx, train, held)
+
+
+def _recover_locally(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
+                     progress: Progress | None, layers: list[str], spec: Any, before: Any, train: list[int],
+                     held: list[int]) -> list[int] | None:
+    """`--recover local`: each swapped layer fitted alone to its original (`recover.fit_layers`)."""
+    from rewrite.recover import fit_layers
+    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
+    stats = fit_layers(result.module, teacher, layers, pick(ctx.calibration, train), spec,
+                       held_out=pick(ctx.calibration, held) if held else None, masks=pick(ctx.masks, train),
+                       held_masks=pick(ctx.masks, held) if held else None, seed=ctx.seed, progress=progress)
+    result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
+    result.stats["recovery_layers"], result.stats["recovery_lr"] = stats["layers"], spec.lr
+    result.stats["recovery_loss"] = f"local mse {stats['loss_before']:.3g}→{stats['loss_after']:.3g} (summed over layers)"
+    return _recovered_errors(result, outputs, ctx, train, held)
+
+
+def _recovered_errors(result: PassResult, outputs: list, ctx: PassContext, train: list[int],
+                      held: list[int]) -> list[int] | None:
+    """The recovered model's SQNR on the batches it trained on and on those it did not."""
+    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
     new = [capture.run(result.module, b) for b in ctx.calibration]
     for name, idx in (("train", train), ("held_out", held)):
         if idx:
@@ -134,8 +163,6 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
                 pick(outputs, idx), pick(new, idx), masks=pick(ctx.masks, idx)).sqnr_db, 2)
     if not held:
         result.stats["recovery_warning"] = "one calibration batch: checked on the data it trained on; give more"
-    elif stats.get("too_little_data"):
-        result.stats["recovery_warning"] = stats["too_little_data"]
     return held or None
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from rewrite import distributed, verify
 from rewrite.pass_base import Pass
@@ -144,3 +144,85 @@ def train(model: nn.Module, batches: list[tuple], targets: list[Any], *, steps: 
     spec = RecoverSpec(steps=steps, lr=lr, patience=max(steps, 1))
     return distill(model, None, batches, spec, targets=targets, held_out=held_out, held_targets=held_targets,
                    seed=seed, progress=progress)
+
+
+# --- layer-local recovery -----------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a hook once it holds what it came for: the rest of the forward is not needed."""
+
+
+def swapped_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Paths where `student` holds a new layer with trainable weights in place of one the teacher has
+    (fwsvd, lowrank, tconv swap layers in place), in the order a forward calls them."""
+    theirs = dict(teacher.named_modules())
+    paths = [p for p, m in student.named_modules() if p and p in theirs and m is not theirs[p]
+             and type(m) is not type(theirs[p]) and any(q.is_floating_point() for q in m.parameters())]
+    outer = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+    return outer
+
+
+def fit_layers(student: nn.Module, teacher: nn.Module, paths: list[str], batches: list[tuple], spec: RecoverSpec, *,
+               held_out: list[tuple] | None = None, masks: list | None = None, held_masks: list | None = None,
+               seed: int = 0, progress: Callable[..., None] | None = None, order: tuple | None = None) -> dict[str, Any]:
+    """Layer-local recovery: fit each swapped layer, in forward order, to the original layer's outputs.
+
+    Layer k sees the inputs the already-fitted layers before it produce (as GPTQ and SVD-LLM's update do),
+    and is trained toward what the original layer made of the original inputs, so it also makes up for
+    the error that reaches it. Only that layer runs forward and backward, on cached inputs; `held_out`
+    batches pick its best state and stop it early. Returns the summed relative errors before and after."""
+    paths = _forward_order(student, paths, order if order is not None else batches[0])
+    total_before = total_after = 0.0
+    for k, path in enumerate(paths):
+        if progress:
+            progress(f"fitting layer {k + 1}/{len(paths)}: {path}", k, len(paths))
+        xs, ys = _layer_io(student, teacher, path, batches)
+        hx, hy = _layer_io(student, teacher, path, held_out) if held_out else (None, None)
+        stats = distill(student.get_submodule(path), None, xs, spec, targets=ys, held_out=hx, held_targets=hy,
+                        seed=seed, masks=masks, held_masks=held_masks)
+        total_before, total_after = total_before + stats["loss_before"], total_after + stats["loss_after"]
+    return {"layers": len(paths), "loss_before": total_before, "loss_after": total_after}
+
+
+def _forward_order(model: nn.Module, paths: list[str], batch: tuple) -> list[str]:
+    """`paths` in the order one forward first calls them (those never called are left out)."""
+    seen: list[str] = []
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
+        lambda m, a, p=p: seen.append(p) if p not in seen else None) for p in paths]
+    try:
+        with torch.no_grad():
+            model(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _layer_io(student: nn.Module, teacher: nn.Module, path: str, batches: list[tuple]) -> tuple[list, list]:
+    """Per batch: the student layer's inputs (after the fitted prefix) and the teacher layer's outputs."""
+    return [_first_call(student, path, b, "input") for b in batches], \
+        [_first_call(teacher, path, b, "output") for b in batches]
+
+
+def _first_call(model: nn.Module, path: str, batch: tuple, what: str) -> Any:
+    """What the layer at `path` takes (its positional args) or gives at its first call on `batch`; the
+    forward stops right there."""
+    held: list = []
+
+    def grab(module, args, output=None):
+        held.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) if what == "input"
+                    else tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output))
+        raise _Stop
+
+    layer = model.get_submodule(path)
+    hook = layer.register_forward_pre_hook(grab) if what == "input" else layer.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(*batch)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    if not held:
+        raise RuntimeError(f"layer {path} was not called by the forward")
+    return held[0]

@@ -162,22 +162,28 @@ def metric_floor(floor: str | None) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class RecoverSpec:
-    """`steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (`rewrite.recover` runs it)."""
+    """`[local,]steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (`rewrite.recover`
+    runs it). local: each rewritten layer is fitted to its original alone, in forward order; steps and
+    patience then count per layer."""
 
     steps: int = 200
-    lr: float | None = None  # None: the pass's own `recovery_lr`
+    lr: float | None = None  # None: the pass's own `recovery_lr` (or `local_lr` for local)
     patience: int = 50
+    local: bool = False
 
 
 def recover_spec(text: str | None):
-    """`--recover steps=N[,lr=X][,patience=N]` → a RecoverSpec (None: no recovery)."""
+    """`--recover [local,]steps=N[,lr=X][,patience=N]` → a RecoverSpec (None: no recovery)."""
     if not text:
         return None
     values: dict[str, Any] = {}
     for item in text.split(","):
         key, eq, raw = (part.strip() for part in item.partition("="))
+        if key == "local" and not eq:
+            values["local"] = True
+            continue
         if not eq or key not in ("steps", "lr", "patience"):
-            raise RewriteError(f"malformed --recover {text!r}: write steps=N[,lr=X][,patience=N]")
+            raise RewriteError(f"malformed --recover {text!r}: write [local,]steps=N[,lr=X][,patience=N]")
         value = _try_coerce(raw, float if key == "lr" else int)
         if value is _FAIL:
             raise RewriteError(f"--recover {key}={raw!r} must be a number")

@@ -186,3 +186,74 @@ def test_ranks_given_different_arguments_are_refused_before_any_work(tmp_path):
     assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]
     assert all("were given different seed" in e for e in errors)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- layer-local recovery ----------------------------------------------------------------------
+
+class _Swapped(nn.Linear):
+    """A stand-in for a pass's replacement layer (another type at the same path)."""
+
+
+def _swapped_pair(seed=0):
+    torch.manual_seed(seed)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5))
+    student = nn.Sequential(_Swapped(8, 16), nn.GELU(), _Swapped(16, 5))
+    with torch.no_grad():
+        for t, s in ((teacher[0], student[0]), (teacher[2], student[2])):
+            s.weight.copy_(t.weight + 0.3 * torch.randn_like(t.weight))
+            s.bias.copy_(t.bias)
+    batches = [(torch.randn(64, 8),) for _ in range(6)]
+    return teacher, student, batches
+
+
+def test_swapped_layers_are_found_in_forward_order():
+    from rewrite.recover import swapped_layers
+    teacher, student, _ = _swapped_pair()
+    assert swapped_layers(student, teacher) == ["0", "2"]
+    assert swapped_layers(teacher, teacher) == []
+
+
+def test_local_recovery_fits_each_layer_to_its_original():
+    from rewrite.recover import fit_layers
+    teacher, student, batches = _swapped_pair()
+    error = lambda: sum(float(((student(*b).detach() - teacher(*b)) ** 2).sum()) for b in batches[4:])
+    start = error()
+    stats = fit_layers(student, teacher, ["2", "0"], batches[:4], RecoverSpec(steps=300, lr=1e-2, patience=300),
+                       held_out=batches[4:])
+    assert stats["layers"] == 2 and stats["loss_after"] < 0.1 * stats["loss_before"]
+    assert error() < 0.05 * start  # on batches it never trained on
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_a_later_layer_makes_up_for_an_earlier_one_it_cannot_fix():
+    """The second layer sees the first layer's real (wrong) outputs and its original's targets."""
+    from rewrite.recover import fit_layers
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    student = nn.Sequential(nn.Linear(6, 6), _Swapped(6, 6))
+    with torch.no_grad():  # the first layer is off by an invertible map; the second can undo it exactly
+        student[0].weight.copy_(2 * teacher[0].weight)
+        student[0].bias.copy_(2 * teacher[0].bias)
+    batches = [(torch.randn(64, 6),) for _ in range(6)]
+    fit_layers(student, teacher, ["1"], batches[:4], RecoverSpec(steps=600, lr=1e-2, patience=600), held_out=batches[4:])
+    rel = sum(float(((student(*b) - teacher(*b)) ** 2).sum() / (teacher(*b) ** 2).sum()) for b in batches[4:]) / 2
+    assert rel < 1e-3, rel
+
+
+def test_local_recovery_through_the_pipeline_reports_its_layers():
+    import rewrite
+    from rewrite.passes.lowrank import StructuredFFN
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+    calib = [(torch.randn(32, 16),) for _ in range(4)]
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                              recover="local,steps=20", measure_latency=False).report.records[0]
+    assert record.status == "applied", record.reason
+    assert record.stats["recovery_layers"] == 2 and record.stats["recovery_loss"].startswith("local mse")
+    assert record.stats["recovery_lr"] == StructuredFFN.recovery_lr
+
+
+def test_local_parses_as_a_recovery_mode():
+    assert recover_spec("local").local and recover_spec("local").steps == 200
+    assert recover_spec("local,steps=5,lr=0.01") == RecoverSpec(steps=5, lr=0.01, local=True)
+    assert not recover_spec("steps=5").local

@@ -42,7 +42,7 @@ def optimize(
     force: Annotated[bool, typer.Option(help="replace what an earlier rewrite run wrote in the output folder")] = False,
     strict: Annotated[bool, typer.Option(help="a pass that breaks its contract is an error, not a rollback")] = False,
     seed: Annotated[int, typer.Option(help="seed for synthetic data and randomized passes")] = 0,
-    recover: Annotated[Optional[str], typer.Option(help="distill approximate rewrites: steps=N[,lr=X]")] = None,
+    recover: Annotated[Optional[str], typer.Option(help="distill approximate rewrites: [local,]steps=N[,lr=X] (local: each swapped layer alone)")] = None,
     budget: Annotated[Optional[str], typer.Option(help="factorizing passes (fwsvd, lowrank): params=F keeps that fraction of their weights; sqnr=DB or metric=Y searches per-layer ranks within it")] = None,
     calib_batches: Annotated[int, typer.Option(help="at most this many calibration batches")] = 8,
     latency: Annotated[bool, typer.Option(help="measure latency before and after")] = True,
