@@ -23,9 +23,36 @@ class Factorizes:
         check_rank_options(self.rank, self.param_ratio)
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's `Conv1D` (transformers.pytorch_utils): y = x W + b with W stored (in, out), a Linear transposed."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and getattr(layer, "weight", None) is not None \
+        and layer.weight.dim() == 2
+
+
+def conv1d_as_linear(layer: nn.Module) -> nn.Linear:
+    """The nn.Linear that computes what a `Conv1D` does (its weight transposed)."""
+    n_in, n_out = layer.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight.T)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear.requires_grad_(layer.weight.requires_grad)
+
+
+def linearize_targets(module: nn.Module, target: str) -> int:
+    """Swap the target `Conv1D`s (GPT-2) for their equal nn.Linear, so one factorization serves both; the
+    rest of the model is left as it is. Returns how many were swapped."""
+    conv1d = [p for p, m in target_linears(module, target) if is_conv1d(m)]
+    for path in conv1d:
+        set_submodule(module, path, conv1d_as_linear(module.get_submodule(path)))
+    return len(conv1d)
+
+
 def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
-    """`all` Linears, or `ffn`: Linear → activation → Linear pairs (both linears of each pair)."""
-    found = layers(module, (nn.Linear,))
+    """`all` Linears, or `ffn`: Linear → activation → Linear pairs (both linears of each pair). GPT-2's
+    `Conv1D`s are among them (`linearize_targets` turns them into Linears before a pass reads them)."""
+    found = [(p, m) for p, m in layers(module, (nn.Module,)) if isinstance(m, nn.Linear) or is_conv1d(m)]
     if target == "all":
         return found
     ffn = _ffn_paths(module) if isinstance(module, fx.GraphModule) else _ffn_paths_eager(module)
@@ -40,7 +67,7 @@ def _ffn_paths(gm: fx.GraphModule) -> set[str]:
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:
     """Without a graph, the usual names: HF BERT intermediate/output, *.fc1/fc2, *.mlp.*."""
-    names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     keys = ("intermediate.dense", "output.dense", "fc1", "fc2", "mlp.", "linear1", "linear2")
     return {p for p in names if any(k in p for k in keys) and "attention" not in p}
 

@@ -135,7 +135,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     name = "fwsvd"
     paper = "Hsu et al., Language model compression with weighted low-rank factorization, ICLR 2022 (arXiv:2207.00112)"
     summary = "Linears → two low-rank Linears by whitened, Fisher-weighted SVD; ranks under one parameter budget"
-    applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
+    applies_to = "Linear layers and GPT-2 Conv1D (target=ffn: Linear→activation→Linear pairs; target=all)"
     needs_calibration = True
     level = "module"
     recoverable = True  # its factors train like lowrank's (the benchmark's `--recover` rows were no-ops)
@@ -153,6 +153,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     min_sqnr: float = 10.0
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
         paths = [p for p, _ in compress.target_linears(module, self.target)]
         if not paths:
             return PassResult(module, False, skipped=[("model", f"no Linear layers (target={self.target})")])

@@ -126,7 +126,7 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
     name = "lowrank"
     paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
     summary = "FFN Linears → low-rank or block-dense factors (whitened truncated SVD closed forms)"
-    applies_to = "Linear layers (target=ffn: Linear→activation→Linear pairs; target=all)"
+    applies_to = "Linear layers and GPT-2 Conv1D (target=ffn: Linear→activation→Linear pairs; target=all)"
     level = "module"
     recoverable = True
     # MiniLM, half the FFN weights, 200 steps: held-out cosine 0.845 at lr 1e-3 and 3e-4 (no step beat the start),
@@ -155,6 +155,7 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
             raise InvalidValue("blocks must be ≥ 1")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
+        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
         paths = [p for p, _ in compress.target_linears(module, self.target) if not shared_weight(module, p)]
         grams = weighting.moments(module, paths, ctx.calibration, ctx.masks).inputs if self.whiten and paths else {}
         return factorize_linears(self, module, ctx, lambda linear, path, ratio:

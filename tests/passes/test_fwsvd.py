@@ -122,3 +122,40 @@ def test_without_the_fisher_the_whitened_ratio_is_uniform():
     record = api.optimize(model, (calib[0],), "fwsvd{fisher=none,param-ratio=0.5,min-sqnr=-100}", calib=calib,
                           measure_latency=False).report.records[0]
     assert record.stats["ranks"] == "uniform" and record.stats["factorized"] == 4
+
+
+def _tiny_gpt2():
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    calib = [(torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    return transformers.GPT2LMHeadModel(cfg).eval(), calib
+
+
+def test_a_conv1d_is_the_linear_of_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    from rewrite.compress import conv1d_as_linear, is_conv1d
+    conv = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(3, 5, 16)
+    assert is_conv1d(conv) and not is_conv1d(torch.nn.Linear(16, 24))
+    torch.testing.assert_close(conv1d_as_linear(conv)(x), conv(x))
+
+
+@pytest.mark.parametrize("spec, expected", [("fwsvd{target=all,min-sqnr=-100}", 8), ("fwsvd{min-sqnr=-100}", 4),
+                                            ("lowrank{param-ratio=0.5,min-sqnr=-100}", 4)])
+def test_gpt2_conv1d_layers_are_factorized(spec, expected):
+    import rewrite
+    from rewrite.passes.lowrank import LowRankLinear
+    model, calib = _tiny_gpt2()
+    before = [p for p, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    result = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied", record.reason
+    factorized = [p for p, m in result.model.named_modules() if isinstance(m, LowRankLinear)]
+    assert len(factorized) == record.stats["factorized"] and 0 < len(factorized) <= expected
+    assert all(".mlp." in p for p in factorized) or "target=all" in spec
+    assert len(before) == 8 and all(type(m).__name__ == "Conv1D" for p, m in model.named_modules() if p in before)
+    assert record.params_after < record.params_before
+    assert hasattr(result.model, "generate")
