@@ -117,6 +117,11 @@ class Pass:
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement call()")
 
+    def pinned(self, stats: dict[str, Any]) -> "Pass":
+        """This pass with what it chose by timing this machine (`stats` of its run) fixed as
+        options, so a recipe re-runs it to the same model under any load. Default: nothing measured."""
+        return self
+
     @classmethod
     def contract_text(cls) -> str:
         """The contract in words; passes whose contract depends on an option override `contract_note`."""
@@ -179,3 +184,15 @@ def _type_name(annotation: Any) -> str:
 def is_graph(module: nn.Module) -> bool:
     from torch import fx
     return isinstance(module, fx.GraphModule)
+
+
+def pinned_choices(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """`path:choice;path:choice` (a `layers=` option a recipe wrote) → {path: choice}."""
+    from rewrite.errors import InvalidValue
+    chosen = {}
+    for item in filter(None, text.split(";")):
+        path, _, choice = item.rpartition(":")
+        if not path or choice not in allowed:
+            raise InvalidValue(f"layers={text!r}: write path:choice;… with a choice among {', '.join(allowed)}")
+        chosen[path] = choice
+    return chosen

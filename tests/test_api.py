@@ -128,12 +128,36 @@ def test_model_for_refuses_passes_that_need_data_at_the_new_shape():
 
 def test_the_recipe_records_what_passes_chose_by_measuring(tmp_path):
     import json
+
+    from rewrite.pass_base import pinned_choices
     from rewrite.testing import ToyFNO
     model = ToyFNO(2, 16).eval()
     rewrite.optimize(model, model.example_inputs(), "t1", out=tmp_path / "o", measure_latency=False)
     recipe = json.loads((tmp_path / "o" / "recipe.json").read_text())
     [t1] = recipe["passes"]
     assert set(t1["choices"]["forms"].values()) <= {"gemm", "fft"} and len(t1["choices"]["forms"]) == 2
+    # The pipeline to re-run pins those choices, so a busier machine cannot choose otherwise.
+    pinned = rewrite.spec.parse_spec(recipe["pipeline"])[0]
+    assert recipe["asked"] == "t1" and pinned_choices(pinned.layers, ("gemm", "fft")) == t1["choices"]["forms"]
+
+
+def test_pinned_forms_are_taken_without_timing(monkeypatch):
+    from rewrite import measure
+    from rewrite.testing import ToyFNO
+    model = ToyFNO(2, 16).eval()
+    first = rewrite.optimize(model, model.example_inputs(), "t1,pointwise", measure_latency=False)
+    pinned = [p.pinned(r.stats) for p, r in zip(first.passes, first.report.records)]
+    monkeypatch.setattr(measure, "best_times", lambda *a, **k: pytest.fail("a pinned choice was timed again"))
+    again = rewrite.optimize(model, model.example_inputs(), pinned, measure_latency=False)
+    x = model.example_inputs()[0]
+    assert torch.equal(first.model(x), again.model(x))
+    assert [r.stats.get("forms") for r in again.report.records] == [r.stats.get("forms") for r in first.report.records]
+
+
+@pytest.mark.parametrize("spec", ["pointwise{layers=a:fast}", "t1{layers=gemm}"])
+def test_a_malformed_pinned_choice_is_a_one_line_error(spec):
+    with pytest.raises(rewrite.RewriteError, match="layers="):
+        rewrite.spec.parse_spec(spec)
 
 
 def test_a_failed_artifact_raises_after_the_folder_is_written_unless_allowed(tmp_path, monkeypatch):

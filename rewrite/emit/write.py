@@ -113,11 +113,20 @@ def _onnx_size(path: Path) -> int:
 
 def recipe(report: RunReport, seed: int, inputs: tuple, passes: list[Pass]) -> dict:
     return {
-        "pipeline": spec.format_spec(passes), "seed": seed, "input_sha256": _hash(inputs),
+        "pipeline": spec.format_spec(_pinned(passes, report.records)), "asked": spec.format_spec(passes),
+        "seed": seed, "input_sha256": _hash(inputs),
         # What each pass chose by measuring (t1's forms, searched ranks), so a run can be reproduced.
         "passes": [{"spec": r.spec, "status": r.status, "choices": r.stats} for r in report.records],
         "versions": {"rewrite": __version__, "torch": torch.__version__, "python": os.sys.version.split()[0]},
     }
+
+
+def _pinned(passes: list[Pass], records: list) -> list[Pass]:
+    """The pipeline with what each applied pass chose by timing fixed as options: `--recipe` then makes
+    the same model under any load (a run that chose otherwise would differ in the last bits)."""
+    if len(records) != len(passes):  # block by block: one record per block and pass
+        return passes
+    return [p.pinned(r.stats or {}) for p, r in zip(passes, records)]  # a choice not to rewrite is a choice too
 
 
 def _hash(inputs: tuple) -> str:

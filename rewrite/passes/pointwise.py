@@ -16,6 +16,7 @@ Contract: exact (float tolerance).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from rewrite import measure
-from rewrite.pass_base import Exact, Pass, PassContext, PassResult
+from rewrite.pass_base import Exact, Pass, PassContext, PassResult, pinned_choices
 from rewrite.calibration import layer_values
 from rewrite.patterns import layers, set_submodule
 
@@ -67,6 +68,7 @@ class Pointwise(Pass):
     level = "graph"
 
     form: Literal["auto", "matmul", "linear"] = "auto"
+    layers: str = ""  # `path:form;…` (form matmul, linear or conv): form=auto's choices pinned (a recipe writes it)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         convs = layers(module, _CONVS)
@@ -78,18 +80,30 @@ class Pointwise(Pass):
             if reason:
                 skipped.append((path, reason))
                 continue
-            choice, timed = self._choose(conv, shapes[path])
+            choice, timed = self._choose(conv, shapes[path], path)
             times[path] = timed
             if choice is None:
-                skipped.append((path, "the convolution is fastest here (" + _ms(timed) + ")"))
+                skipped.append((path, "the convolution is fastest here (" + (_ms(timed) or "pinned") + ")"))
                 continue
             set_submodule(module, path, PointwiseMatmul(conv, choice))
             forms[path] = choice
         return PassResult(module, bool(forms), {"rewritten": len(forms), "forms": forms, "ms": times}, skipped)
 
-    def _choose(self, conv: nn.Module, shape: torch.Size) -> tuple[str | None, dict[str, float]]:
+    def __post_init__(self):
+        pinned_choices(self.layers, ("matmul", "linear", "conv"))  # a malformed one is refused when parsed
+
+    def pinned(self, stats: dict) -> Pointwise:
+        if self.form != "auto" or not stats.get("ms"):
+            return self
+        chosen = {path: stats.get("forms", {}).get(path, "conv") for path in stats["ms"]}
+        return dataclasses.replace(self, layers=";".join(f"{p}:{f}" for p, f in chosen.items()))
+
+    def _choose(self, conv: nn.Module, shape: torch.Size, path: str = "") -> tuple[str | None, dict[str, float]]:
         if self.form != "auto":
             return self.form, {}
+        fixed = pinned_choices(self.layers, ("matmul", "linear", "conv")).get(path)
+        if fixed:
+            return (None if fixed == "conv" else fixed), {}
         x = torch.randn(*shape)
         candidates = {"conv": conv, "matmul": PointwiseMatmul(conv, "matmul"), "linear": PointwiseMatmul(conv, "linear")}
         timed = {name: round(ms, 4) for name, ms in measure.best_times(candidates, (x,)).items()}

@@ -22,6 +22,7 @@ is distilled with --recover. Contract (mode=t1): SQNR ≥ `min-sqnr` dB against 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +33,7 @@ from torch import fx, nn
 from rewrite import measure, verify
 from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue, RewriteError
-from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph
+from rewrite.pass_base import Approx, Exact, Pass, PassContext, PassResult, is_graph, pinned_choices
 from rewrite.passes.t1 import fusion, gemm, student
 from rewrite.patterns import attribute, module_paths, region, region_io, replace_region, set_submodule
 
@@ -59,8 +60,10 @@ class TransformOnce(Pass):
     modes_ratio: float = 1.0
     select: Literal["lowest", "energy"] = "lowest"
     min_sqnr: float = 20.0
+    layers: str = ""  # `path:gemm;path:fft`: form=auto's timed choices pinned (a recipe writes it)
 
     def __post_init__(self):
+        pinned_choices(self.layers, ("gemm", "fft"))  # a malformed one is refused when the pipeline is read
         if not 0 < self.modes_ratio <= 1:
             raise InvalidValue("modes-ratio must be in (0, 1]: the share of the FNO's kept modes that t1 keeps")
 
@@ -83,7 +86,7 @@ class TransformOnce(Pass):
         for path in paths:
             layer, reason = None, _changed_since_capture(module, original, path)
             if reason is None:
-                layer, reason = self._convert(original.get_submodule(path), shapes.get(path), ctx)
+                layer, reason = self._convert(original.get_submodule(path), shapes.get(path), ctx, path)
             if layer is not None:
                 reason = replace_region(module, path, layer) if is_graph(module) else set_submodule(module, path, layer)
             (skipped.append((path, reason)) if reason else done.append(path))
@@ -122,7 +125,7 @@ class TransformOnce(Pass):
                  "init": self.init, "modes": modes, "select": self.select, "absorbed": ",".join(absorbed) or "-"}
         return PassResult(module, bool(done), stats, skipped)
 
-    def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext):
+    def _convert(self, conv: nn.Module, shape: torch.Size | None, ctx: PassContext, path: str = ""):
         if shape is None:
             return None, "not run on the calibration inputs"
         grid = tuple(shape[2:])
@@ -134,13 +137,19 @@ class TransformOnce(Pass):
             error = verify.relative_error(conv(probe), built(probe), kind="max")
         if not error <= 1e-5:
             return None, f"not a truncated Fourier multiplier (GEMM form differs by {error:.1e})"
-        return self._faster(conv, built, torch.randn(*shape), ctx)
+        return self._faster(conv, built, torch.randn(*shape), ctx, path)
 
-    def _faster(self, conv: nn.Module, layer: nn.Module, x: torch.Tensor, ctx: PassContext):
-        if self.form == "gemm" or "onnx" in ctx.emit:
+    def pinned(self, stats: dict) -> TransformOnce:
+        if self.mode != "exact" or self.form != "auto" or not stats.get("forms"):
+            return self
+        return dataclasses.replace(self, layers=";".join(f"{p}:{f}" for p, f in stats["forms"].items()))
+
+    def _faster(self, conv: nn.Module, layer: nn.Module, x: torch.Tensor, ctx: PassContext, path: str = ""):
+        fixed = pinned_choices(self.layers, ("gemm", "fft")).get(path)
+        if self.form == "gemm" or "onnx" in ctx.emit or fixed == "gemm":
             return layer, None
-        if self.form == "fft":
-            return None, "form=fft keeps the FFT"
+        if self.form == "fft" or fixed == "fft":
+            return None, "kept the FFT (pinned by layers=)" if fixed else "form=fft keeps the FFT"
         fft_ms, gemm_ms = measure.best_times({"fft": conv, "gemm": layer}, (x,)).values()
         if gemm_ms < fft_ms:
             return layer, None
