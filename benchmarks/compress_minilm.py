@@ -77,12 +77,13 @@ def fidelity(model, tokenizer, ratios):
 
 def recovery(model, tokenizer, ratios, sentences=1536, steps=600):
     """fwsvd at fixed FFN ratios with its default SQNR floor, then `--recover steps=N` (the pass's default lr,
-    the padding mask kept) on `sentences` calibration sentences: what a user gets (applied or rolled back),
-    the held-out cosine, the held-out SQNR the floor judged, and the whole run's time."""
+    the padding mask kept) and `--recover local` (each factorized layer fitted alone) on `sentences` calibration
+    sentences: what a user gets (applied or rolled back), the held-out cosine, the held-out SQNR the floor
+    judged, and the whole run's time."""
     ids, mask, calib, reference = _data(model, tokenizer, sentences)
     rows = [["FFN param ratio", "recovery", "status", "mean cosine", "weights kept", "held-out SQNR dB", "seconds"]]
     for ratio in ratios:
-        for recover in (None, f"steps={steps},patience={steps // 3}"):
+        for recover in (None, f"steps={steps},patience={steps // 3}", "local"):
             result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), f"fwsvd{{param-ratio={ratio}}}",
                                      calib=calib, calib_batches=len(calib), recover=recover, measure_latency=False)
             cos = float((embed(result.model, ids, mask) * reference).sum(-1).mean())
