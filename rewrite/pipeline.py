@@ -117,16 +117,19 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     kind = "kl" if ctx.metric in ("top1", "perplexity") or logits else "mse"
     spec = ctx.recover if ctx.recover.lr is not None else dataclasses.replace(ctx.recover, lr=pass_.recovery_lr)
     layers = swapped_layers(result.module, teacher) if spec.local else []
+    result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     if layers:
-        return _recover_locally(result, teacher, outputs, ctx, progress, layers, spec, before, train, held)
-    if spec.local:
+        _recover_locally(result, teacher, ctx, progress, layers, spec, train, held)
+        if not spec.then:
+            return _recovered_errors(result, outputs, ctx, train, held)
+        spec = dataclasses.replace(spec, steps=spec.then)  # whole-model distillation after the local fits
+    elif spec.local:
         result.stats["recovery_warning"] = "no layer swapped in place to fit alone: the whole model was distilled"
     stats = distill(result.module, teacher, pick(ctx.calibration, train), spec,
                     targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
                     held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
                     progress=progress, trainable=_made_by(result.module, pass_.name),
                     masks=pick(ctx.masks, train), held_masks=pick(ctx.masks, held) if held else None)
-    result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_steps"], result.stats["recovery_lr"] = stats["steps"], spec.lr
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
     result.stats["recovery_curve"] = [round(x, 6) for x in stats["curve"]]  # held-out loss at each check
@@ -137,19 +140,16 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     return _recovered_errors(result, outputs, ctx, train, held)
 
 
-def _recover_locally(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassContext,
-                     progress: Progress | None, layers: list[str], spec: Any, before: Any, train: list[int],
-                     held: list[int]) -> list[int] | None:
+def _recover_locally(result: PassResult, teacher: nn.Module, ctx: PassContext, progress: Progress | None,
+                     layers: list[str], spec: Any, train: list[int], held: list[int]) -> None:
     """`--recover local`: each swapped layer fitted alone to its original (`recover.fit_layers`)."""
     from rewrite.recover import fit_layers
     pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
     stats = fit_layers(result.module, teacher, layers, pick(ctx.calibration, train), spec,
                        held_out=pick(ctx.calibration, held) if held else None, masks=pick(ctx.masks, train),
                        held_masks=pick(ctx.masks, held) if held else None, seed=ctx.seed, progress=progress)
-    result.stats["sqnr_db_before_recovery"] = round(before.sqnr_db, 2)
     result.stats["recovery_layers"], result.stats["recovery_lr"] = stats["layers"], spec.lr
-    result.stats["recovery_loss"] = f"local mse {stats['loss_before']:.3g}→{stats['loss_after']:.3g} (summed over layers)"
-    return _recovered_errors(result, outputs, ctx, train, held)
+    result.stats["recovery_local_loss"] = f"mse {stats['loss_before']:.3g}→{stats['loss_after']:.3g} (summed over layers)"
 
 
 def _recovered_errors(result: PassResult, outputs: list, ctx: PassContext, train: list[int],

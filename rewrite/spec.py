@@ -162,18 +162,19 @@ def metric_floor(floor: str | None) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class RecoverSpec:
-    """`[local,]steps=N[,lr=..,patience=..]` from the CLI's --recover / the API's recover= (`rewrite.recover`
-    runs it). local: each rewritten layer is fitted to its original alone, in forward order; steps and
-    patience then count per layer."""
+    """`[local,]steps=N[,lr=..,patience=..,then=N]` from the CLI's --recover / the API's recover=
+    (`rewrite.recover` runs it). local: each rewritten layer is fitted to its original alone, in forward
+    order; steps and patience then count per layer, and then=N adds N steps of whole-model distillation."""
 
     steps: int = 200
     lr: float | None = None  # None: the pass's own `recovery_lr` (or `local_lr` for local)
     patience: int = 50
     local: bool = False
+    then: int = 0  # with local: whole-model distillation steps after the local fits
 
 
 def recover_spec(text: str | None):
-    """`--recover [local,]steps=N[,lr=X][,patience=N]` → a RecoverSpec (None: no recovery)."""
+    """`--recover [local,]steps=N[,lr=X][,patience=N][,then=N]` → a RecoverSpec (None: no recovery)."""
     if not text:
         return None
     values: dict[str, Any] = {}
@@ -182,14 +183,16 @@ def recover_spec(text: str | None):
         if key == "local" and not eq:
             values["local"] = True
             continue
-        if not eq or key not in ("steps", "lr", "patience"):
-            raise RewriteError(f"malformed --recover {text!r}: write [local,]steps=N[,lr=X][,patience=N]")
+        if not eq or key not in ("steps", "lr", "patience", "then"):
+            raise RewriteError(f"malformed --recover {text!r}: write [local,]steps=N[,lr=X][,patience=N][,then=N]")
         value = _try_coerce(raw, float if key == "lr" else int)
         if value is _FAIL:
             raise RewriteError(f"--recover {key}={raw!r} must be a number")
         values[key] = value
     spec = RecoverSpec(**values)
-    if spec.steps <= 0 or spec.patience <= 0 or (spec.lr is not None and spec.lr <= 0):
+    if spec.then and not spec.local:
+        raise RewriteError(f"--recover {text!r}: then=N follows local fits; write local,then=N")
+    if spec.steps <= 0 or spec.patience <= 0 or spec.then < 0 or (spec.lr is not None and spec.lr <= 0):
         raise RewriteError(f"--recover {text!r}: steps, lr and patience must be positive (and finite)")
     return spec
 

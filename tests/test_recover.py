@@ -249,7 +249,11 @@ def test_local_recovery_through_the_pipeline_reports_its_layers():
     record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=calib,
                               recover="local,steps=20", measure_latency=False).report.records[0]
     assert record.status == "applied", record.reason
-    assert record.stats["recovery_layers"] == 2 and record.stats["recovery_loss"].startswith("local mse")
+    assert record.stats["recovery_layers"] == 2 and record.stats["recovery_local_loss"].startswith("mse")
+    assert "recovery_steps" not in record.stats  # no whole-model distillation unless then= asks for it
+    record = rewrite.optimize(model, calib[0], "lowrank{param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                              recover="local,steps=20,then=8", measure_latency=False).report.records[0]
+    assert record.stats["recovery_layers"] == 2 and 0 < record.stats["recovery_steps"] <= 8
     assert record.stats["recovery_lr"] == StructuredFFN.recovery_lr
 
 
@@ -257,3 +261,6 @@ def test_local_parses_as_a_recovery_mode():
     assert recover_spec("local").local and recover_spec("local").steps == 200
     assert recover_spec("local,steps=5,lr=0.01") == RecoverSpec(steps=5, lr=0.01, local=True)
     assert not recover_spec("steps=5").local
+    assert recover_spec("local,then=300").then == 300
+    with pytest.raises(RewriteError, match="local,then"):
+        recover_spec("steps=5,then=3")
