@@ -109,7 +109,6 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
     any out, which the stats say), so recovery never grades its own homework."""
     from rewrite.recover import distill, split, swapped_layers
     train, held = split(len(ctx.calibration))
-    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
     before = verify.compare(outputs, [capture.run(result.module, b) for b in ctx.calibration], masks=ctx.masks)
     # Logits (a classifier's, a language model's) distill by KL: measured on SmolLM2 with fwsvd, MSE on the
     # logits raised the held-out SQNR from 0 to 3 dB while perplexity went from 17,153 to 5.3 million.
@@ -125,11 +124,11 @@ def _recover(result: PassResult, teacher: nn.Module, outputs: list, ctx: PassCon
         spec = dataclasses.replace(spec, steps=spec.then)  # whole-model distillation after the local fits
     elif spec.local:
         result.stats["recovery_warning"] = "no layer swapped in place to fit alone: the whole model was distilled"
-    stats = distill(result.module, teacher, pick(ctx.calibration, train), spec,
-                    targets=pick(ctx.targets, train), held_out=pick(ctx.calibration, held) if held else None,
-                    held_targets=pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
+    stats = distill(result.module, teacher, _pick(ctx.calibration, train), spec,
+                    targets=_pick(ctx.targets, train), held_out=_pick(ctx.calibration, held) if held else None,
+                    held_targets=_pick(ctx.targets, held) if held else None, seed=ctx.seed, kind=kind,
                     progress=progress, trainable=_made_by(result.module, pass_.name),
-                    masks=pick(ctx.masks, train), held_masks=pick(ctx.masks, held) if held else None)
+                    masks=_pick(ctx.masks, train), held_masks=_pick(ctx.masks, held) if held else None)
     result.stats["recovery_steps"], result.stats["recovery_lr"] = stats["steps"], spec.lr
     result.stats["recovery_loss"] = f"{stats['loss']} {stats['loss_before']:.3g}→{stats['loss_after']:.3g}"
     result.stats["recovery_curve"] = [round(x, 6) for x in stats["curve"]]  # held-out loss at each check
@@ -144,10 +143,9 @@ def _recover_locally(result: PassResult, teacher: nn.Module, ctx: PassContext, p
                      layers: list[str], spec: Any, train: list[int], held: list[int]) -> None:
     """`--recover local`: each swapped layer fitted alone to its original (`recover.fit_layers`)."""
     from rewrite.recover import fit_layers
-    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
-    stats = fit_layers(result.module, teacher, layers, pick(ctx.calibration, train), spec,
-                       held_out=pick(ctx.calibration, held) if held else None, masks=pick(ctx.masks, train),
-                       held_masks=pick(ctx.masks, held) if held else None, seed=ctx.seed, progress=progress)
+    stats = fit_layers(result.module, teacher, layers, _pick(ctx.calibration, train), spec,
+                       held_out=_pick(ctx.calibration, held) if held else None, masks=_pick(ctx.masks, train),
+                       held_masks=_pick(ctx.masks, held) if held else None, seed=ctx.seed, progress=progress)
     result.stats["recovery_layers"], result.stats["recovery_lr"] = stats["layers"], spec.lr
     result.stats["recovery_local_loss"] = f"mse {stats['loss_before']:.3g}→{stats['loss_after']:.3g} (summed over layers)"
 
@@ -155,15 +153,19 @@ def _recover_locally(result: PassResult, teacher: nn.Module, ctx: PassContext, p
 def _recovered_errors(result: PassResult, outputs: list, ctx: PassContext, train: list[int],
                       held: list[int]) -> list[int] | None:
     """The recovered model's SQNR on the batches it trained on and on those it did not."""
-    pick = (lambda xs, idx: [xs[i] for i in idx] if xs is not None else None)
     new = [capture.run(result.module, b) for b in ctx.calibration]
     for name, idx in (("train", train), ("held_out", held)):
         if idx:
             result.stats[f"sqnr_db_{name}"] = round(verify.compare(
-                pick(outputs, idx), pick(new, idx), masks=pick(ctx.masks, idx)).sqnr_db, 2)
+                _pick(outputs, idx), _pick(new, idx), masks=_pick(ctx.masks, idx)).sqnr_db, 2)
     if not held:
         result.stats["recovery_warning"] = "one calibration batch: checked on the data it trained on; give more"
     return held or None
+
+
+def _pick(items: list | None, idx: list[int]) -> list | None:
+    """The items at `idx` (None stays None): calibration batches, targets or masks of a split."""
+    return [items[i] for i in idx] if items is not None else None
 
 
 def _layers(before: nn.Module, after: nn.Module, batch: tuple) -> list[dict]:

@@ -164,14 +164,14 @@ def swapped_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 def fit_layers(student: nn.Module, teacher: nn.Module, paths: list[str], batches: list[tuple], spec: RecoverSpec, *,
                held_out: list[tuple] | None = None, masks: list | None = None, held_masks: list | None = None,
-               seed: int = 0, progress: Callable[..., None] | None = None, order: tuple | None = None) -> dict[str, Any]:
+               seed: int = 0, progress: Callable[..., None] | None = None) -> dict[str, Any]:
     """Layer-local recovery: fit each swapped layer, in forward order, to the original layer's outputs.
 
     Layer k sees the inputs the already-fitted layers before it produce (as GPTQ and SVD-LLM's update do),
     and is trained toward what the original layer made of the original inputs, so it also makes up for
     the error that reaches it. Only that layer runs forward and backward, on cached inputs; `held_out`
     batches pick its best state and stop it early. Returns the summed relative errors before and after."""
-    paths = _forward_order(student, paths, order if order is not None else batches[0])
+    paths = _forward_order(student, paths, batches[0])
     total_before = total_after = 0.0
     for k, path in enumerate(paths):
         if progress:
