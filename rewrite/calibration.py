@@ -239,16 +239,33 @@ def _run_hooked(module: nn.Module, batches: list[tuple], hooks: list) -> None:
             hook.remove()
 
 
-def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
-    """max |input| per channel (last axis) of each layer at `paths`, over all batches, in one run. In a graph
-    that calls each of them once, a batch's run stops at the last of them (an LLM's head is never run)."""
-    peaks: dict[str, torch.Tensor] = {}
+@dataclass
+class InputStats:
+    """What a layer's inputs look like per channel (last axis), over every token seen, and a sample of
+    whole tokens (rows) for statistics across channels (a per-token scale's error)."""
+
+    peak: torch.Tensor  # max |x|
+    mean_abs: torch.Tensor  # mean |x|
+    mean_square: torch.Tensor  # mean x², the diagonal of xᵀx / tokens
+    rows: torch.Tensor  # (≤ sample_rows, channels): the first tokens seen
+
+
+def input_stats(module: nn.Module, paths: list[str], batches: list[tuple], sample_rows: int = 512
+                ) -> dict[str, InputStats]:
+    """`InputStats` of each layer at `paths`, over all batches, in one run. In a graph that calls each of
+    them once, a batch's run stops at the last of them (an LLM's head is never run)."""
+    sums: dict[str, list] = {}
     once, seen = _each_called_once(module, paths), set()
 
     def record(path: str):
         def hook(_module, args):
-            peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-            peaks[path] = torch.maximum(peaks[path], peak) if path in peaks else peak
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            parts = (x.abs().amax(0), x.abs().sum(0), x.square().sum(0), x.shape[0], x[:sample_rows])
+            if path in sums:
+                old = sums[path]
+                parts = (torch.maximum(old[0], parts[0]), old[1] + parts[1], old[2] + parts[2], old[3] + parts[3],
+                         torch.cat([old[4], x[:sample_rows - len(old[4])]]))
+            sums[path] = list(parts)
             seen.add(path)
             if once and len(seen) == len(paths):
                 seen.clear()
@@ -256,7 +273,8 @@ def channel_peaks(module: nn.Module, paths: list[str], batches: list[tuple]) -> 
         return hook
 
     _run_hooked(module, batches, [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths])
-    return peaks
+    return {p: InputStats(peak, total_abs / n, total_square / n, rows)
+            for p, (peak, total_abs, total_square, n, rows) in sums.items()}
 
 
 def _each_called_once(module: nn.Module, paths: list[str]) -> bool:

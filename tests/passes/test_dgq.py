@@ -151,12 +151,12 @@ def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):
 def test_widths_that_are_not_a_multiple_of_the_group_get_a_padded_last_group():
     model = nn.Sequential(nn.Linear(576, 256), nn.ReLU(), nn.Linear(256, 64)).eval()  # 576 = 4.5 groups of 128
     calib = [torch.randn(32, 576) for _ in range(2)]
-    result = api.optimize(model, (calib[0],), "dgq", calib=calib, measure_latency=False)
+    result = api.optimize(model, (calib[0],), "dgq{group=128}", calib=calib, measure_latency=False)
     record = result.report.records[0]
     assert record.status == "applied" and record.stats["quantized"] == 2
     assert record.stats["layer_rel_err"]["0"] < 0.1  # the padded layer is as good as a whole-group one
     assert result.model.get_submodule("0").w_s8.shape == (256, 576)
-    w4 = api.optimize(model, (calib[0],), "dgq{form=w4,min-sqnr=0}", calib=calib, measure_latency=False)
+    w4 = api.optimize(model, (calib[0],), "dgq{group=128,form=w4,min-sqnr=0}", calib=calib, measure_latency=False)
     skipped = dict(w4.report.records[0].skipped)
     assert "not a multiple of group=128 (form=w4 packs whole groups" in skipped["0"]
 
@@ -214,10 +214,47 @@ def test_smoothing_moves_outliers_into_the_weights_exactly_before_quantizing():
     x = torch.randn(32, 128)
     captured = capture.capture(model, (x,))
     before = captured.module(x)
-    count, skipped = smooth_outliers(captured.module, [(x,)])
-    assert count == 1 and not skipped
+    chosen, skipped = smooth_outliers(captured.module, [(x,)])
+    assert chosen.get("none", 0) == 0 and sum(chosen.values()) == 1 and not skipped
     torch.testing.assert_close(captured.module(x), before, rtol=1e-4, atol=1e-4)  # float-exact transform
     assert float(captured.module.norm.weight.detach().abs().max()) < 30.0
+
+
+def _real_error(weight, x, s, group=32):
+    """The output error of W at 4 bits (round to nearest) and x at int8 per token, both after scaling by s."""
+    scaled = (weight * s).reshape(weight.shape[0], -1, group)
+    low, high = scaled.amin(-1, keepdim=True), scaled.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    w_hat = (torch.round((scaled - low) / step) * step + low).reshape(weight.shape)
+    xs = x / s
+    unit = xs.abs().amax(1, keepdim=True) / 127
+    return float((xs @ (weight * s).T - torch.round(xs / unit) * unit @ w_hat.T).square().sum(1).mean())
+
+
+def test_smoothing_estimates_the_output_error_of_independent_channels():
+    from rewrite.calibration import InputStats
+    from rewrite.passes.dgq.smoothing import estimated_error
+    torch.manual_seed(0)
+    x, weight = torch.randn(4096, 128) * torch.rand(128) * 3, torch.randn(64, 128)
+    stats = InputStats(x.abs().amax(0), x.abs().mean(0), x.square().mean(0), x[:2048])
+    for s in (torch.ones(128), x.abs().mean(0).sqrt()):
+        assert estimated_error(weight, stats, s, 32, "per-token") == pytest.approx(_real_error(weight, x, s), rel=0.1)
+
+
+def test_smoothing_chooses_a_scale_that_lowers_the_real_error_of_an_outlier_channel():
+    from rewrite.calibration import InputStats
+    from rewrite.passes.dgq.smoothing import _clip_scale, best_scale
+    torch.manual_seed(0)
+    x, weight = torch.randn(2048, 128), torch.randn(64, 128)
+    x[:, 7] *= 60  # one channel carries most of the activations' range, as in real decoders
+    stats = InputStats(x.abs().amax(0), x.abs().mean(0), x.square().mean(0), x)
+    kind, s = best_scale(weight, stats, 32, "per-token")
+    assert kind != "none"
+    real = _real_error(weight, x, s)
+    assert real < 0.5 * _real_error(weight, x, torch.ones(128))
+    assert real <= _real_error(weight, x, _clip_scale(stats.peak, 0.005)) * 1.05
+    weights_only = best_scale(torch.randn(64, 128), InputStats(*(torch.ones(128),) * 3, torch.ones(8, 128)), 32, None)
+    assert weights_only == ("none", None)  # nothing to gain on flat inputs: left alone
 
 
 def test_smoothing_skips_post_norm_residuals():
@@ -234,8 +271,8 @@ def test_smoothing_skips_post_norm_residuals():
             return h + self.fc(h)
 
     captured = capture.capture(PostNorm().eval(), (torch.randn(4, 128),))
-    count, skipped = smooth_outliers(captured.module, [(torch.randn(4, 128),)])
-    assert count == 0 and "residual" in skipped[0][1]
+    chosen, skipped = smooth_outliers(captured.module, [(torch.randn(4, 128),)])
+    assert not chosen and "residual" in skipped[0][1]
 
 
 def test_float32_search_errors_choose_what_float64_chooses(monkeypatch):
@@ -265,9 +302,9 @@ def _cosine(a, b):
 @pytest.mark.parametrize("upgrade", [5, 8])
 def test_mixed_precision_widens_the_worst_layers_until_the_cosine_budget_holds(upgrade):
     model, x = _deep_mlp(), torch.randn(256, 256)
-    plain = api.optimize(model, (x[:8],), "dgq{budget-cos=0,min-sqnr=0}", calib=[x], measure_latency=False)
+    plain = api.optimize(model, (x[:8],), "dgq{group=128,budget-cos=0,min-sqnr=0}", calib=[x], measure_latency=False)
     budget = 0.998
-    mixed = api.optimize(model, (x[:8],), f"dgq{{budget-cos={budget},max-bits=8.5,min-sqnr=0,upgrade-bits={upgrade}}}",
+    mixed = api.optimize(model, (x[:8],), f"dgq{{group=128,budget-cos={budget},max-bits=8.5,min-sqnr=0,upgrade-bits={upgrade}}}",
                          calib=[x], measure_latency=False)
     with torch.no_grad():
         want, got_plain, got_mixed = model(x), plain.model(x), mixed.model(x)
@@ -281,7 +318,7 @@ def test_mixed_precision_widens_the_worst_layers_until_the_cosine_budget_holds(u
 
 def test_mixed_precision_never_exceeds_max_bits():
     model, x = _deep_mlp(), torch.randn(256, 256)
-    capped = api.optimize(model, (x[:8],), "dgq{budget-cos=0.99999,max-bits=5.2,min-sqnr=0,upgrade-bits=8}",
+    capped = api.optimize(model, (x[:8],), "dgq{group=128,budget-cos=0.99999,max-bits=5.2,min-sqnr=0,upgrade-bits=8}",
                           calib=[x], measure_latency=False)
     stats = capped.report.records[0].stats
     assert stats["upgraded_layers"] == 1 and stats["bits_per_weight"] <= 5.2  # a second layer would be 6.2
@@ -345,7 +382,7 @@ def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     gm = capture.capture(model, (ids,)).module
     want = gm(ids).logits
     smoothed, skipped = smooth_outliers(gm, [(ids,)])
-    assert smoothed == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
+    assert sum(smoothed.values()) == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
     assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
     torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)
 

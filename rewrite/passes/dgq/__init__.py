@@ -1,12 +1,13 @@
 """W x + b → s_x·s1[o]·Σ_k x_q[k]·S[o,G(k)]·(q[o,k] − z[o,G(k)]) + b: Dual-Grained Quantization, A8W4.
 
-uint4 codes q with a zero point z per (row, group of 128 along K), an integer group scale S ∈ 1..127,
-and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the clamp of q to
+uint4 codes q with a zero point z per (row, group of 64 along K; the paper's 128 with group=128), an
+integer group scale S ∈ 1..127, and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the clamp of q to
 z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
 epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token; first
-(smooth=true, the default) input channels above the top 0.5% of a Linear's input peaks (over the first
-1,024 calibration tokens) are divided out where the input is made (a norm's weight, `up`'s rows) and
-multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float (DGQ §3.3).
+(smooth=true, the default) each Linear input's channels are divided by s where the input is made (a norm's
+weight, `up`'s rows) and s multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float; s is
+DGQ §3.3's percentile clipping, AWQ's mean|x|^α or none, whichever leaves the lowest estimated output
+error on the first 1,024 calibration tokens (`smoothing`).
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
 on calibration activations; then per row, up to 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
 error, a row's search stopping once 8 ratios (40 without feedback) in a row found nothing better.
@@ -47,7 +48,7 @@ from rewrite.passes.dgq.smoothing import smooth_outliers
 from rewrite.patterns import layers, same_input, set_submodule, shared_weight
 
 MAX_TOKENS = 4096  # calibration tokens run through the model for the search (and kept per layer)
-PEAK_TOKENS = 1024  # tokens whose channel peaks choose the smoothed channels (outlier channels recur in every batch)
+PEAK_TOKENS = 1024  # tokens whose channel statistics choose the smoothing (outlier channels recur in every batch)
 ERROR_TOKENS = 512  # tokens each layer's reported error is measured on
 
 
@@ -60,7 +61,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     needs_calibration = True
     level = "module"
 
-    group: int = 128
+    group: int = 64  # the paper's is 128; 64 lost less on unseen text on SmolLM2 at 4.23 bits (RESULTS.md)
     act: Literal["static", "per-token"] = "per-token"
     search: bool = True
     feedback: bool = True
@@ -79,13 +80,14 @@ class DualGrainedQuant(SqnrFloor, Pass):
             raise InvalidValue(f"upgrade-bits={self.upgrade_bits}: mixed precision widens codes to 5–7 bits (same "
                                "format) or 8 (W8A8, int8 weights); give 5, 6, 7 or 8")
         if self.group <= 0 or self.group % 2:
-            raise InvalidValue("group must be a positive even number (128 in the paper)")
+            raise InvalidValue("group must be a positive even number (64 by default, 128 in the paper)")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        skipped, smoothed = [], 0
+        skipped, smoothed = [], {}
         if self.smooth:
             smoothed, why_not = smooth_outliers(module, first_tokens(ctx.original_calibration or ctx.calibration,
-                                                                     PEAK_TOKENS))
+                                                                     PEAK_TOKENS), self.group,
+                                                self.act if self.form == "int8" else None)
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
@@ -151,13 +153,14 @@ class DualGrainedQuant(SqnrFloor, Pass):
     def _patience(self) -> int:
         return FEEDBACK_PATIENCE if self.feedback else PATIENCE
 
-    def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: int,
+    def _stats(self, chosen: dict[str, DGQLinear], errors: dict[str, float], smoothed: dict[str, int],
                reached: float | None) -> dict:
         sizes = {path: layer.weight_count() for path, layer in chosen.items()}
         total = sum(sizes.values()) or 1
         wide = [path for path, layer in chosen.items() if layer.weight_bits > self.bits]
         return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
-                "smoothed_norms": smoothed, "upgraded_layers": len(wide),
+                "smoothed_inputs": sum(n for kind, n in smoothed.items() if kind != "none"),
+                "smoothing": smoothed, "upgraded_layers": len(wide),
                 "upgrade_bits": self.upgrade_bits, "budget_cos": self.budget_cos,
                 "calibration_cosine": round(reached, 5) if reached is not None else None,
                 "budget": _budget_note(self, reached),

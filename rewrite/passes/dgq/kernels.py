@@ -12,9 +12,9 @@ rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
   off on a 256→128 layer; U8U8 is exact there and within 15% of U8S8's time (both faster than fp32).
   Signed-int8 activations measured 3x slower than fp32 on x86, so they are never emitted.
 rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: uint4 codes packed two per
-  byte, per-(row, 128-block) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
-  path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=128, accuracy_level=4), which quantizes
-  activations per 128-block on the fly: not bit-exact DGQ.
+  byte, per-(row, group) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
+  path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=group, accuracy_level=4), which quantizes
+  activations per block on the fly: not bit-exact DGQ.
 """
 from __future__ import annotations
 
