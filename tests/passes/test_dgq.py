@@ -209,12 +209,12 @@ class _PreNorm(nn.Module):
 
 def test_smoothing_moves_outliers_into_the_weights_exactly_before_quantizing():
     from rewrite import capture
-    from rewrite.passes.dgq import smooth_outliers
+    from rewrite.passes.dgq import smooth_inputs
     model = _PreNorm().eval()
     x = torch.randn(32, 128)
     captured = capture.capture(model, (x,))
     before = captured.module(x)
-    chosen, skipped = smooth_outliers(captured.module, [(x,)])
+    chosen, skipped = smooth_inputs(captured.module, [(x,)])
     assert chosen.get("none", 0) == 0 and sum(chosen.values()) == 1 and not skipped
     torch.testing.assert_close(captured.module(x), before, rtol=1e-4, atol=1e-4)  # float-exact transform
     assert float(captured.module.norm.weight.detach().abs().max()) < 30.0
@@ -259,7 +259,7 @@ def test_smoothing_chooses_a_scale_that_lowers_the_real_error_of_an_outlier_chan
 
 def test_smoothing_skips_post_norm_residuals():
     from rewrite import capture
-    from rewrite.passes.dgq import smooth_outliers
+    from rewrite.passes.dgq import smooth_inputs
 
     class PostNorm(nn.Module):
         def __init__(self):
@@ -271,7 +271,7 @@ def test_smoothing_skips_post_norm_residuals():
             return h + self.fc(h)
 
     captured = capture.capture(PostNorm().eval(), (torch.randn(4, 128),))
-    chosen, skipped = smooth_outliers(captured.module, [(torch.randn(4, 128),)])
+    chosen, skipped = smooth_inputs(captured.module, [(torch.randn(4, 128),)])
     assert not chosen and "residual" in skipped[0][1]
 
 
@@ -370,7 +370,7 @@ def test_few_calibration_tokens_score_errors_through_the_inputs_with_the_same_ch
 def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     import transformers
     from rewrite import capture
-    from rewrite.passes.dgq import smooth_outliers
+    from rewrite.passes.dgq import smooth_inputs
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -381,7 +381,7 @@ def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     ids = torch.randint(0, 128, (2, 12))
     gm = capture.capture(model, (ids,)).module
     want = gm(ids).logits
-    smoothed, skipped = smooth_outliers(gm, [(ids,)])
+    smoothed, skipped = smooth_inputs(gm, [(ids,)])
     assert sum(smoothed.values()) == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
     assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
     torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)

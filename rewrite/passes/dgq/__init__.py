@@ -44,7 +44,7 @@ from rewrite.passes.dgq.search import (  # noqa: F401
     quantize_layers,
     quantize_weight,
 )
-from rewrite.passes.dgq.smoothing import smooth_outliers
+from rewrite.passes.dgq.smoothing import smooth_inputs
 from rewrite.patterns import layers, same_input, set_submodule, shared_weight
 
 MAX_TOKENS = 4096  # calibration tokens run through the model for the search (and kept per layer)
@@ -85,9 +85,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         skipped, smoothed = [], {}
         if self.smooth:
-            smoothed, why_not = smooth_outliers(module, first_tokens(ctx.original_calibration or ctx.calibration,
-                                                                     PEAK_TOKENS), self.group,
-                                                self.act if self.form == "int8" else None)
+            peak_batches = first_tokens(ctx.original_calibration or ctx.calibration, PEAK_TOKENS)
+            smoothed, why_not = smooth_inputs(module, peak_batches, self.group,
+                                              self.act if self.form == "int8" else None)  # w4: fp activations
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards

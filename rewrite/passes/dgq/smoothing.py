@@ -26,8 +26,8 @@ SAMPLE_ROWS = 256  # tokens whose int8 rounding estimates the activations' error
 WEIGHT_ROWS = 512  # output rows that estimate a candidate's error (gate and up together have 3,072 in SmolLM2)
 
 
-def smooth_outliers(module: nn.Module, batches: list[tuple], group: int = 128, act: str | None = "per-token",
-                    top: float = TOP) -> tuple[dict[str, int], list]:
+def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token",
+                  top: float = TOP) -> tuple[dict[str, int], list]:
     """Choose and apply s at every value that only Linears read and whose channels an exact rescaling can
     reach. group: the weights' quantization group; act: "per-token", "static" (int8 activations at that
     scale) or None (weights only). Returns how many inputs took each kind of scale, and what was skipped."""
