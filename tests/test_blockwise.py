@@ -55,8 +55,7 @@ def test_block_by_block_dgq_equals_the_whole_model_run():
                for m in (whole.model, blocks.model)]
     # Smoothing (on by default) takes its peaks from the original blocks' activations in both runs: with
     # peaks from the already-quantized blocks' outputs instead, the runs differed by 7e-5.
-    smoothing = whole.report.records[0].stats["smoothing"]
-    assert sum(smoothing.values()) == 6 and smoothing.get("none", 0) < 6, smoothing
+    assert whole.report.records[0].stats["smoothed_inputs"] > 0, whole.report.records[0].stats["smoothing"]
     assert abs(ppl[0] - ppl[1]) / ppl[0] < 1e-6
     assert "block by block: 2 LlamaDecoderLayer blocks of model.layers" in blocks.report.capture
     for name, module in blocks.model.named_modules():

@@ -302,10 +302,11 @@ def _cosine(a, b):
 @pytest.mark.parametrize("upgrade", [5, 8])
 def test_mixed_precision_widens_the_worst_layers_until_the_cosine_budget_holds(upgrade):
     model, x = _deep_mlp(), torch.randn(256, 256)
-    plain = api.optimize(model, (x[:8],), "dgq{group=128,budget-cos=0,min-sqnr=0}", calib=[x], measure_latency=False)
+    plain = api.optimize(model, (x[:8],), "dgq{group=128,budget-cos=0,min-sqnr=0}", calib=[x],
+                         measure_latency=False)
     budget = 0.998
-    mixed = api.optimize(model, (x[:8],), f"dgq{{group=128,budget-cos={budget},max-bits=8.5,min-sqnr=0,upgrade-bits={upgrade}}}",
-                         calib=[x], measure_latency=False)
+    spec = f"dgq{{group=128,budget-cos={budget},max-bits=8.5,min-sqnr=0,upgrade-bits={upgrade}}}"
+    mixed = api.optimize(model, (x[:8],), spec, calib=[x], measure_latency=False)
     with torch.no_grad():
         want, got_plain, got_mixed = model(x), plain.model(x), mixed.model(x)
     assert _cosine(want, got_plain) < budget <= _cosine(want, got_mixed)
@@ -382,7 +383,8 @@ def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     gm = capture.capture(model, (ids,)).module
     want = gm(ids).logits
     smoothed, skipped = smooth_inputs(gm, [(ids,)])
-    assert sum(smoothed.values()) == 6  # per block: q/k/v after the input norm, gate/up after the second norm, down after up
+    # per block: q/k/v after the input norm, gate/up after the second norm, down after up
+    assert sum(smoothed.values()) == 6
     assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
     torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)
 

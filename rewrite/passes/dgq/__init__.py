@@ -1,13 +1,13 @@
 """W x + b → s_x·s1[o]·Σ_k x_q[k]·S[o,G(k)]·(q[o,k] − z[o,G(k)]) + b: Dual-Grained Quantization, A8W4.
 
-uint4 codes q with a zero point z per (row, group of 64 along K; the paper's 128 with group=128), an
-integer group scale S ∈ 1..127, and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the clamp of q to
-z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
+uint4 codes q with a zero point z per (row, group of 64 along K; the paper's 128 with group=128), an integer
+group scale S ∈ 1..127, and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the
+clamp of q to z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
 epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token; first
 (smooth=true, the default) each Linear input's channels are divided by s where the input is made (a norm's
-weight, `up`'s rows) and s multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float; s is
-DGQ §3.3's percentile clipping, AWQ's mean|x|^α or none, whichever leaves the lowest estimated output
-error on the first 1,024 calibration tokens (`smoothing`).
+weight, `up`'s rows) and s multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float; s is DGQ
+§3.3's percentile clipping, AWQ's mean|x|^α or none, whichever leaves the lowest estimated output error on the
+first 1,024 calibration tokens (`smoothing`).
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
 on calibration activations; then per row, up to 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
 error, a row's search stopping once 8 ratios (40 without feedback) in a row found nothing better.
@@ -160,8 +160,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
         wide = [path for path, layer in chosen.items() if layer.weight_bits > self.bits]
         return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
                 "smoothed_inputs": sum(n for kind, n in smoothed.items() if kind != "none"),
-                "smoothing": smoothed, "upgraded_layers": len(wide),
-                "upgrade_bits": self.upgrade_bits, "budget_cos": self.budget_cos,
+                "smoothing": ", ".join(f"{kind} {n}" for kind, n in smoothed.items()),  # inputs per kind of scale
+                "upgraded_layers": len(wide), "upgrade_bits": self.upgrade_bits, "budget_cos": self.budget_cos,
                 "calibration_cosine": round(reached, 5) if reached is not None else None,
                 "budget": _budget_note(self, reached),
                 "bits_per_weight": round(sum(chosen[p].format_bits() * n for p, n in sizes.items()) / total, 3),
