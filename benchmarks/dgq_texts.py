@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import rewrite  # noqa: E402
-from rewrite import measure, text  # noqa: E402
-from rewrite.passes.dgq.format import DGQLinear  # noqa: E402
+import rewrite
+from rewrite import measure, text
+from rewrite.passes.dgq.format import DGQLinear
 
 SEQ, CALIB_WINDOWS = 512, 8
 
