@@ -18,19 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import torch
+from peers_smollm2 import (  # the same windows and perplexity as the peers' table
+    CALIB_WINDOWS,
+    SEQ,
+    perplexity,
+)
 from torch import nn
 
 import rewrite
-from rewrite import measure, text
+from rewrite import text
 from rewrite.passes.dgq.format import DGQLinear
-
-SEQ, CALIB_WINDOWS = 512, 8
-
-
-def perplexity(model, windows) -> float:
-    with torch.inference_mode():
-        outputs = [model(ids, use_cache=False).logits for (ids,) in windows]
-    return measure.perplexity(outputs, [ids for (ids,) in windows])
+from rewrite.patterns import layers, set_submodule
 
 
 class _Int8Inputs(nn.Module):
@@ -46,10 +44,9 @@ class _Int8Inputs(nn.Module):
 
 
 def _replace(model: nn.Module, kind: type, make) -> nn.Module:
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kind) and name != "lm_head":
-                setattr(parent, name, make(child))
+    for path, layer in layers(model, (kind,)):
+        if path != "lm_head":  # tied to the embedding: dgq leaves it in float too
+            set_submodule(model, path, make(layer))
     return model
 
 

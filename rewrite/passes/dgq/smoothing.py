@@ -26,8 +26,8 @@ SAMPLE_ROWS = 256  # tokens whose int8 rounding estimates the activations' error
 WEIGHT_ROWS = 512  # output rows that estimate a candidate's error (gate and up together have 3,072 in SmolLM2)
 
 
-def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token",
-                  top: float = TOP) -> tuple[dict[str, int], list]:
+def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token"
+                  ) -> tuple[dict[str, int], list]:
     """Choose and apply s at every value that only Linears read and whose channels an exact rescaling can
     reach. group: the weights' quantization group; act: "per-token", "static" (int8 activations at that
     scale) or None (weights only). Returns how many inputs took each kind of scale, and what was skipped."""
@@ -39,7 +39,7 @@ def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act:
     for node, consumers, divide in points:
         linears = [module.get_submodule(user.target) for user in consumers]
         kind, scale = best_scale(torch.cat([linear.weight.detach() for linear in linears]).float(),
-                                 stats[consumers[0].target], group, act, top)
+                                 stats[consumers[0].target], group, act)
         chosen[kind] = chosen.get(kind, 0) + 1
         if scale is None:
             continue
@@ -50,13 +50,13 @@ def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act:
     return chosen, skipped
 
 
-def best_scale(weight: torch.Tensor, stats: InputStats, group: int, act: str | None, top: float = TOP
+def best_scale(weight: torch.Tensor, stats: InputStats, group: int, act: str | None
                ) -> tuple[str, torch.Tensor | None]:
     """(kind, s) of the candidate with the lowest estimated output error (s None: no smoothing wins). The
     errors are sums over output rows: every n-th row, up to `WEIGHT_ROWS`, estimates them for every candidate
     alike."""
     weight = weight[::max(1, len(weight) // WEIGHT_ROWS)]
-    candidates = {"none": None, "clip": _clip_scale(stats.peak, top)}
+    candidates = {"none": None, "clip": _clip_scale(stats.peak)}
     floor = stats.mean_abs.max().clamp_min(1e-12) * 1e-4  # dead channels: no scale of 0
     for alpha in ALPHAS:
         s = stats.mean_abs.clamp_min(floor).pow(alpha)
@@ -85,9 +85,9 @@ def estimated_error(weight: torch.Tensor, stats: InputStats, s: torch.Tensor | N
     return error + float(e.square_().mean(0) @ (s.square() * weight.square().sum(0)))
 
 
-def _clip_scale(peak: torch.Tensor, top: float) -> torch.Tensor:
-    """DGQ §3.3: channels above the top share of the peaks are scaled down to that baseline."""
-    keep = int(top * peak.numel() + 1.5)
+def _clip_scale(peak: torch.Tensor) -> torch.Tensor:
+    """DGQ §3.3: channels above the top `TOP` share of the peaks are scaled down to that baseline."""
+    keep = int(TOP * peak.numel() + 1.5)
     baseline = peak.sort().values[-keep]
     return torch.where(peak > baseline, peak / baseline.clamp_min(1e-12), torch.ones_like(peak))
 
