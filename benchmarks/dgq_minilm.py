@@ -26,7 +26,7 @@ from rewrite.emit import onnx as onnx_emit  # noqa: E402
 # The RTN baseline and the static variant switch the floor off on purpose: a baseline is measured even
 # when it is worse than the floor, and the table says how much worse.
 VARIANTS = {
-    "DGQ defaults (4/5-bit mixed to cosine 0.99, ≤ 5 bits)": "dgq",
+    "DGQ defaults (4/5-bit mixed to cosine 0.995, ≤ 5 bits)": "dgq",
     "DGQ mixed with int8 weights (upgrade-bits=8)": "dgq{upgrade-bits=8}",
     "DGQ A8W4 only (budget-cos=0)": "dgq{budget-cos=0}",
     "DGQ A8W4, search only (feedback=false)": "dgq{budget-cos=0,feedback=false}",

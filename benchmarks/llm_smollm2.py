@@ -29,7 +29,7 @@ from rewrite import capture, measure  # noqa: E402
 from rewrite.emit import onnx as onnx_emit  # noqa: E402
 
 DGQ = {
-    "dgq (defaults: smoothing, 4/5-bit mixed to cosine 0.99, ≤ 5 bits)": "dgq",
+    "dgq (defaults: smoothing, 4/5-bit mixed to cosine 0.995, ≤ 5 bits)": "dgq",
     "dgq A8W4 only (budget-cos=0; smoothing)": "dgq{budget-cos=0}",
     "dgq A8W4 without smoothing": "dgq{budget-cos=0,smooth=false}",
     # A baseline is measured even below the SQNR floor (the table says how far below), so its floor is off.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rewrite.passes.dgq import DGQLinear, kernels, mixed, quantize_weight
+from rewrite.passes.dgq import DGQLinear, feedback, kernels, mixed, quantize_weight
 from rewrite.passes.dgq.feedback import with_feedback
 from rewrite.passes.dgq.search import FEEDBACK_PATIENCE, LayerInputs, OutputError
 from tests.conftest import minilm, smollm2
@@ -90,6 +90,20 @@ def test_the_default_search_is_no_worse_than_the_full_search_on_pretrained_minil
     _default_against_full_search(minilm_layers, bits)
 
 
+@pytest.mark.parametrize("bits", [4, 5])
+def test_act_order_lowers_the_held_out_error_on_pretrained_minilm_layers(minilm_layers, bits, monkeypatch):
+    """Feedback's column order (largest expected rounding cost first) against the natural order, fit on the
+    first three quarters of each layer's inputs and judged on the rest: lower on every layer (measured 8–30%
+    lower on these three)."""
+    for w, x in minilm_layers.values():
+        fit, held = x[:len(x) * 3 // 4], x[len(x) * 3 // 4:]
+        errors = {}
+        for act_order in (False, True):
+            monkeypatch.setattr(feedback, "ACT_ORDER", act_order)
+            errors[act_order] = _total_error(w, held, quantize_weight(w, fit, 64, True, True, bits, FEEDBACK_PATIENCE))
+        assert errors[True] < errors[False], errors
+
+
 @pytest.mark.slow
 def test_the_fast_searches_match_the_full_search_on_smollm2_layers():
     model, _, calibration = smollm2().build()
@@ -104,7 +118,7 @@ def test_layers_reading_the_same_inputs_share_their_gram_and_factor():
     x = torch.randn(300, 256)
     shared = LayerInputs(x)
     assert shared.same(x.clone()) and not shared.same(x + 1e-3)
-    assert shared.error(256) is shared.error(256) and shared.inverse_factor(256) is shared.inverse_factor(256)
+    assert shared.error(256) is shared.error(256) and shared.gram(256) is shared.gram(256)
     w = 0.05 * torch.randn(32, 256)
     a, b = quantize_weight(w, shared, 128, True, feedback=True), quantize_weight(w, x, 128, True, feedback=True)
     assert torch.equal(a.q, b.q) and torch.equal(a.s1, b.s1)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from rewrite.passes.dgq.feedback import gram, inverse_factor, with_feedback_all
+from rewrite.passes.dgq.feedback import gram, with_feedback_all
 from rewrite.passes.dgq.format import DGQWeights
 
 GROUP_RATIOS = [1.02 - 0.22 * (i + 1) / 20 for i in range(20)]
@@ -59,7 +59,7 @@ def quantize_layers(weights: list[torch.Tensor], x: torch.Tensor | LayerInputs |
     if not fed:
         return grids
     flat = with_feedback_all([w for w in weights for _ in widths], inputs.x, [g for per in grids for g in per],
-                             upper=inputs.inverse_factor(k + pad))
+                             hessian=inputs.gram(k + pad))
     return [flat[i:i + len(widths)] for i in range(0, len(flat), len(widths))]
 
 
@@ -75,12 +75,12 @@ def _searched(w: torch.Tensor, error: Criterion, group: int, search: bool, bits:
 
 
 class LayerInputs:
-    """A layer's calibration inputs x (T, K) and what the search derives from them (G for the errors, the
-    inverse Hessian's factor for feedback), each computed once: the layers that read the same activations
+    """A layer's calibration inputs x (T, K) and what the search derives from them (G = xᵀx for the errors and
+    feedback's Hessian), each computed once: the layers that read the same activations
     (q/k/v, gate/up) and the wider candidates of mixed precision share them."""
 
     def __init__(self, x: torch.Tensor):
-        self.x, self._errors, self._factors, self._grams = x, {}, {}, {}
+        self.x, self._errors, self._grams = x, {}, {}
 
     def same(self, x: torch.Tensor) -> bool:
         return x.shape == self.x.shape and torch.equal(x, self.x)
@@ -90,11 +90,6 @@ class LayerInputs:
             self._errors[width, diagonal] = (DiagonalError(self.gram(width).diagonal()) if diagonal else
                                              OutputError(self.x, width))
         return self._errors[width, diagonal]
-
-    def inverse_factor(self, width: int) -> torch.Tensor:
-        if width not in self._factors:
-            self._factors[width] = inverse_factor(self.x, width, self.gram(width))
-        return self._factors[width]
 
     def gram(self, width: int) -> torch.Tensor:
         """xᵀx in float32 (feedback's Hessian; its diagonal weighs the grid search before feedback)."""
