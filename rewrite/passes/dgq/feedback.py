@@ -91,9 +91,6 @@ def _grid_columns(grid: DGQWeights) -> tuple[torch.Tensor, ...]:
     return scale, zero, (zero - limit).clamp_min(0), (zero + limit).clamp_max(2 ** grid.bits - 1)
 
 
-ACT_ORDER = True  # False: the natural column order (the tests compare the two)
-
-
 def ordered_factor(hessian: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The column order of feedback and the inverse factor of H in that order: the columns whose rounding
     is expected to cost most first (H_cc times the mean squared grid step of column c), so their errors are
@@ -101,7 +98,7 @@ def ordered_factor(hessian: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Te
     (largest xᵀx diagonal first); where a group's grid is coarse (a few large weights set its scale), it
     also puts the finer columns, which can absorb errors, last."""
     cost = hessian.diagonal() * scale.square().mean(1)
-    order = torch.argsort(cost, descending=True, stable=True) if ACT_ORDER else torch.arange(hessian.shape[0])
+    order = torch.argsort(cost, descending=True, stable=True)
     return order, inverse_factor(hessian[order][:, order])
 
 
