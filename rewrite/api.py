@@ -113,7 +113,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                            compared=judge.compared(job.model, mask_input, job.masks, floor_value, job.metric),
                            search=search or {})
         judge.before_after(report, job.model, run.rewritten, job.inputs, job.data.batches, job.masks, job.eval_data,
-                           job.metric, latency=measure_latency, profile=profile, own_class=run.own_class, say=say)
+                           job.metric, latency=measure_latency, profile=profile, own_class=run.own_class, say=say,
+                           before=job.outputs, after=run.outputs)
         if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)
             write.emit_all(report, job.model, run.graph, run.captured, emitters, stage, measure_latency, profile, say)
             if run.own_class and hf.is_hf(run.rewritten):

@@ -200,7 +200,7 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         flat.block, captured.original = None, None
         ctx = PassContext(calibration=block_batches, original_calibration=original_batches, seed=seed,
                           recover=recover, time_limit=time_limit)
-        module, records = pipeline.run_passes(captured, passes, ctx, strict=strict)
+        module, records, _outputs = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"
         return module, records, captured

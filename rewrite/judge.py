@@ -26,11 +26,14 @@ def compared(model: nn.Module, mask_input: str | None, masks: list | None, floor
 
 def before_after(report: RunReport, original: nn.Module, rewritten: nn.Module, inputs: tuple, batches: list[tuple],
                  masks: list | None, eval_data: tuple | None, metric: str | None, *, latency: bool, profile: bool,
-                 own_class: bool, say: Callable[..., None]) -> None:
-    """Fill `report` with the diff of `original` and `rewritten`: outputs on `batches`, timing and profiles
-    on `inputs` (`own_class`: the user's class came back, so a causal LM can generate)."""
-    report.error_vs_original = verify.compare([capture.run(original, b) for b in batches],
-                                              [capture.run(rewritten, b) for b in batches], masks=masks).to_dict()
+                 own_class: bool, say: Callable[..., None], before: list | None = None,
+                 after: list | None = None) -> None:
+    """Fill `report` with the diff of `original` and `rewritten`: outputs on `batches` (`before`, `after`:
+    theirs where earlier steps computed them), timing and profiles on `inputs` (`own_class`: the user's class
+    came back, so a causal LM can generate)."""
+    before = before if before is not None else [capture.run(original, b) for b in batches]
+    after = after if after is not None else [capture.run(rewritten, b) for b in batches]
+    report.error_vs_original = verify.compare(before, after, masks=masks).to_dict()
     if latency:
         say("measuring latency (eager torch, original and rewritten in alternating rounds)")
         add_timing(report, measure.compare_torch(original, rewritten, inputs), original, rewritten)

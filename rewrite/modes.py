@@ -59,7 +59,7 @@ class Result:
         captured = capture.capture(original, inputs)
         data = calibration.synthetic(inputs, self.seed)
         ctx = PassContext(calibration=data.batches, original=original, seed=self.seed, synthetic_calibration=True)
-        module, _records = pipeline.run_passes(captured, self.passes, ctx, strict=True)
+        module, _records, _outputs = pipeline.run_passes(captured, self.passes, ctx, strict=True)
         return module
 
 
@@ -77,6 +77,7 @@ class Run:
     records: list
     captured: capture.Captured
     warnings: list[str]
+    outputs: list | None = None  # `rewritten`'s outputs on the calibration batches, where a step computed them
 
     @property
     def own_class(self) -> bool:
@@ -96,13 +97,13 @@ def whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recove
                       synthetic_calibration=job.data.synthetic, emit=tuple(emitters), recover=recovery,
                       evaluate=evaluate, metric=job.metric, masks=job.masks, metric_floor=floor,
                       time_limit=time_limit)
-    graph, records = pipeline.run_passes(captured, passes, ctx, strict=strict, progress=say)
+    graph, records, outputs = pipeline.run_passes(captured, passes, ctx, strict=strict, progress=say)
     say("putting the rewritten layers into your model")
     graph_passes = [p.name for p, r in zip(passes, records) if p.level == "graph" and r.status == "applied"]
-    own, lost = transplant.choose(graph, job.model, graph_passes, job.data.batches, job.masks)
+    own, own_outputs, lost = transplant.choose(graph, job.model, graph_passes, job.data.batches, job.masks, outputs)
     rewritten = own if own is not None else capture.accept_original_calls(graph, job.model, job.inputs)
     warns += [w for w in (job.cache_note if own is None else None, lost) if w]
-    return Run(rewritten, graph, records, captured, warns)
+    return Run(rewritten, graph, records, captured, warns, own_outputs if own is not None else outputs)
 
 
 def block_by_block(job: inputs.Job, passes: list[Pass], recovery: Any, seed: int, strict: bool, say: Progress,

@@ -34,9 +34,10 @@ class PassTimeout(BaseException):
     """Raised inside a pass at its time limit; a BaseException, so a pass's `except Exception` cannot eat it."""
 
 
-def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext, *,
-               strict: bool = False, progress: Progress | None = None) -> tuple[nn.Module, list[PassRecord]]:
-    """Apply `passes` in order to `captured.module`; returns the final module and one record per pass.
+def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext, *, strict: bool = False,
+               progress: Progress | None = None) -> tuple[nn.Module, list[PassRecord], list]:
+    """Apply `passes` in order to `captured.module`; returns the final module, one record per pass, and the
+    final module's outputs on `ctx.calibration` (verification computed them: later steps need not again).
     A pass whose `call` runs past `ctx.time_limit` seconds is stopped and rolled back."""
     module = captured.module
     outputs = [capture.run(module, batch) for batch in ctx.calibration]
@@ -49,7 +50,7 @@ def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext,
         earlier = ",".join(p.spec() for p in passes[:i]) or "none"
         module, outputs, record = _run_one(pass_, module, outputs, ctx, captured, earlier, strict, progress)
         records.append(record)
-    return module, records
+    return module, records, outputs
 
 
 def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, captured: capture.Captured,

@@ -19,10 +19,11 @@ from rewrite import capture, verify
 from rewrite.patterns import set_submodule
 
 
-def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: list | None = None
-               ) -> nn.Module | None:
-    """A copy of `eager` holding `graph`'s rewritten layers and weights, or None where it would compute
-    something else than `graph` on `batches` (positions `masks` keep)."""
+def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: list | None = None,
+               want: list | None = None) -> tuple[nn.Module, list] | None:
+    """(a copy of `eager` holding `graph`'s rewritten layers and weights, its outputs on `batches`), or None
+    where it would compute something else than `graph` there (positions `masks` keep). `want`: the graph's
+    outputs on `batches` where the caller has them (verification computed them)."""
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return None
     target = copy.deepcopy(eager)
@@ -43,13 +44,13 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
         for name, tensor in graph.state_dict().items():
             if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
                 mine[name].copy_(tensor)
-    want = [capture.run(graph, batch) for batch in batches]
+    want = want if want is not None else [capture.run(graph, batch) for batch in batches]
     try:
         got = [capture.run(target, batch) for batch in batches]
         same = verify.compare(want, got, masks=masks).within_tolerance
     except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
         return None
-    return target if same else None
+    return (target, got) if same else None
 
 
 def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:
@@ -63,10 +64,14 @@ def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:
 
 
 def choose(graph: nn.Module, eager: nn.Module, graph_passes: list[str], batches: list[tuple],
-           masks: list | None = None) -> tuple[nn.Module | None, str | None]:
-    """(your class with the rewritten layers, or None to return the graph; what the graph loses, if anything).
-    Only a model with something to lose (a Hugging Face model's generate, config) is put back, and only when no
-    graph pass applied: the graph then holds a rewrite the eager copy cannot."""
+           masks: list | None = None, graph_outputs: list | None = None
+           ) -> tuple[nn.Module | None, list | None, str | None]:
+    """(your class with the rewritten layers, or None to return the graph; its outputs on `batches`, or None;
+    what the graph loses, if anything). Only a model with something to lose (a Hugging Face model's generate,
+    config) is put back, and only when no graph pass applied: the graph then holds a rewrite the eager copy
+    cannot."""
     lost = lost_in_the_graph(eager, graph_passes)
-    own = onto_eager(graph, eager, batches, masks) if lost and not graph_passes else None
-    return own, (lost if own is None and graph is not eager else None)
+    own = onto_eager(graph, eager, batches, masks, graph_outputs) if lost and not graph_passes else None
+    if own is None:
+        return None, None, (lost if graph is not eager else None)
+    return own[0], own[1], None
