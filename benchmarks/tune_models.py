@@ -3,6 +3,9 @@
     python benchmarks/tune_models.py minilm [--time 10m]   # calibration: stdlib docstrings; judged on
                                                            # installed packages' README sentences (held out)
     python benchmarks/tune_models.py fno                   # the bundled FNO (examples/fno_mlp.py)
+    python benchmarks/tune_models.py smollm2 --calib-text A.txt --eval-text B.txt --time 15m
+                                                           # SmolLM2-135M: 8 × 512 tokens of A; perplexity
+                                                           # on B's 512-token windows (another source)
     ... --backend onnxruntime                              # latency timed in onnxruntime instead of torch
 
 Prints the search table of the chosen run's report; the pictures are in the output folder.
@@ -40,20 +43,39 @@ def fno(limit: str, out: Path, backend: str):
                         out=out, force=True, backend=backend, progress=_say)
 
 
+def smollm2(limit: str, out: Path, backend: str, calib_text: Path, eval_text: Path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import smollm2 as example
+    from peers_smollm2 import CALIB_WINDOWS, SEQ
+
+    from rewrite import text
+    torch.set_num_threads(2)
+    model, tokenizer = example.load()
+    calib = text.windows(tokenizer, calib_text.read_text(), SEQ, CALIB_WINDOWS)
+    held = text.windows(tokenizer, eval_text.read_text(), SEQ, 10_000, what="eval")
+    return rewrite.tune(model, calib[0], calib=calib, eval=held, metric="perplexity", target="latency=0.5",
+                        time_limit=limit, out=out, force=True, backend=backend, progress=_say)
+
+
 def _say(message, done=None, total=None):
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", choices=["minilm", "fno"])
+    parser.add_argument("model", choices=["minilm", "fno", "smollm2"])
+    parser.add_argument("--calib-text", type=Path, help="smollm2: the calibration text")
+    parser.add_argument("--eval-text", type=Path, help="smollm2: the held-out text perplexity is judged on")
     parser.add_argument("--time", default="10m")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("-o", "--out", default=None)
     args = parser.parse_args()
     out = Path(args.out or f"rewrite-out/tune-{args.model}")
     start = time.perf_counter()
-    result = {"minilm": minilm, "fno": fno}[args.model](args.time, out, args.backend)
+    texts = (args.calib_text, args.eval_text) if args.model == "smollm2" else ()
+    if args.model == "smollm2" and None in texts:
+        parser.error("smollm2 needs --calib-text and --eval-text (texts from two different sources)")
+    result = {"minilm": minilm, "fno": fno, "smollm2": smollm2}[args.model](args.time, out, args.backend, *texts)
     report = result.report.to_markdown()
     print(report[report.index("## Search"):report.index("## Pictures") if "## Pictures" in report else None])
     print(result.report.verdicts()[0] if result.report.speeds else "")

@@ -4,9 +4,11 @@ folder), judge (the before/after diff), emit.write (artifacts)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rewrite import (calibration, capture, checkpoint, distributed, inputs as steps, judge, measure, modes, registry,
@@ -56,7 +58,8 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
              trusted: Any = False, floor: str | None = None, mask_input: str | None = None,
              blockwise: bool = False, profile: bool = False, progress: Progress | None = None,
              allow_artifact_errors: bool = False, tokenizer: Any = None, seq_len: int = text.SEQ_LEN,
-             pass_timeout: float | None = None, search: dict | None = None) -> Result:
+             pass_timeout: float | None = None, search: dict | None = None, reuse: modes.Reuse | None = None
+             ) -> Result:
     """Capture `model`, run `passes` with verification, measure before/after, and emit artifacts to `out`.
 
     `model` is a module or a spec for `rewrite.load` (then `example_inputs=None` takes the inputs a .pt2 or
@@ -71,7 +74,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     are tokenized (`tokenizer`, else the one beside the model's weights) into windows of `seq_len` tokens,
     and `eval` text is scored by perplexity unless `metric` says otherwise (`rewrite.text`). A pass whose
     `call` runs past `pass_timeout` seconds is stopped and rolled back (on the main thread). `search`:
-    what `rewrite.tune` tried (its Pareto front), kept in the report.
+    what `rewrite.tune` tried (its Pareto front), kept in the report. `reuse`: a `modes.Reuse` that runs on
+    the same model, inputs and data (only the passes differ) share: the checks, the capture, the original's
+    outputs and score are made once (whole-model runs).
     """
     say = progress or (lambda message, done=None, total=None: None)
     _check_arguments(seed=seed, seq_len=seq_len, calib_batches=calib_batches)
@@ -99,13 +104,14 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     calibration.check_count(calib_batches, "--calib-batches")
     writes = out is not None and distributed.rank() == 0
     folder = OutputFolder(out, force, protect=steps.model_file(model)) if writes else None
-    say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
-    job = steps.prepare(model, example_inputs, pass_list, calib=calib, eval=eval, metric=metric, tokenizer=tokenizer,
-                        seq_len=seq_len, calib_batches=calib_batches, seed=seed, trusted=trust,
-                        mask_input=mask_input, needs_eval=floor_value is not None)
+    reuse = reuse if reuse is not None and not blockwise else None
+    job = _prepared(reuse, say, model, example_inputs, pass_list, calib=calib, eval=eval, metric=metric,
+                    tokenizer=tokenizer, seq_len=seq_len, calib_batches=calib_batches, seed=seed, trusted=trust,
+                    mask_input=mask_input, needs_eval=floor_value is not None)
     with folder.staging() if folder else contextlib.nullcontext() as stage:
         run = (modes.block_by_block(job, pass_list, recovery, seed, strict, say, pass_timeout) if blockwise else
-               modes.whole_model(job, pass_list, emitters, recovery, seed, strict, floor_value, say, pass_timeout))
+               modes.whole_model(job, pass_list, emitters, recovery, seed, strict, floor_value, say, pass_timeout,
+                                 reuse))
         report = RunReport(pipeline=spec.format_spec(pass_list),
                            capture=run.captured.note if blockwise else run.captured.describe(),
                            inputs=calibration.describe(job.data.batches), records=run.records,
@@ -114,7 +120,9 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                            search=search or {})
         judge.before_after(report, job.model, run.rewritten, job.inputs, job.data.batches, job.masks, job.eval_data,
                            job.metric, latency=measure_latency, profile=profile, own_class=run.own_class, say=say,
-                           before=job.outputs, after=run.outputs)
+                           before=job.outputs, after=run.outputs, original_score=reuse.score if reuse else None)
+        if reuse is not None and report.metric:
+            reuse.score = report.metric["original"]
         if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)
             write.emit_all(report, job.model, run.graph, run.captured, emitters, stage, measure_latency, profile, say)
             if run.own_class and hf.is_hf(run.rewritten):
@@ -130,6 +138,19 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
     if report.problems() and not allow_artifact_errors:
         raise ArtifactError(f"{'; '.join(report.problems())} (allow_artifact_errors=True accepts it)", result)
     return result
+
+
+def _prepared(reuse: modes.Reuse | None, say: Progress, model: Any, example_inputs: Any, passes: list,
+              **options: Any) -> steps.Job:
+    """The checked job: made (`inputs.prepare`), or a run before this one's with these passes' warnings."""
+    if reuse is None or reuse.job is None:
+        say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
+        job = steps.prepare(model, example_inputs, passes, **options)
+        if reuse is not None:
+            reuse.job = job
+        return job
+    torch.manual_seed(options["seed"])  # as prepare leaves it, so a run reusing the job rewrites what a fresh one does
+    return dataclasses.replace(reuse.job, warnings=steps.data_warnings(reuse.job.data, passes))
 
 
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,

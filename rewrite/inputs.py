@@ -102,10 +102,7 @@ def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, pas
     before/after diff reuses them: on SmolLM2 a forward over 16 × 256 tokens is seconds), and warnings."""
     if calib is None:
         data = calibration.synthetic(inputs, seed)
-        approximate = [p.name for p in passes if isinstance(p.contract, Approx) or p.needs_calibration]
-        warns = [f"no calibration data: {', '.join(approximate)} verified on synthetic inputs only; "
-                 "pass --calib for a trustworthy error"] if approximate else []
-        return data, None, warns
+        return data, None, data_warnings(data, passes)
     data = calibration.from_user(calib, model, "calibration", max_batches)
     outputs = []
     for i, batch in enumerate(data.batches):
@@ -115,6 +112,15 @@ def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, pas
             raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
                                f"{first_line(exc)}") from exc
     return data, outputs, []
+
+
+def data_warnings(data: calibration.Data, passes: list[Pass]) -> list[str]:
+    """What the report should say of the data these passes are verified on."""
+    approximate = [p.name for p in passes if isinstance(p.contract, Approx) or p.needs_calibration]
+    if not (data.synthetic and approximate):
+        return []
+    return [f"no calibration data: {', '.join(approximate)} verified on synthetic inputs only; pass --calib for a "
+            "trustworthy error"]
 
 
 def tokenized(model: Any, calib: Any, eval: Any, metric: str | None, tokenizer: Any, seq_len: int,

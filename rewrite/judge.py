@@ -27,10 +27,10 @@ def compared(model: nn.Module, mask_input: str | None, masks: list | None, floor
 def before_after(report: RunReport, original: nn.Module, rewritten: nn.Module, inputs: tuple, batches: list[tuple],
                  masks: list | None, eval_data: tuple | None, metric: str | None, *, latency: bool, profile: bool,
                  own_class: bool, say: Callable[..., None], before: list | None = None,
-                 after: list | None = None) -> None:
+                 after: list | None = None, original_score: float | None = None) -> None:
     """Fill `report` with the diff of `original` and `rewritten`: outputs on `batches` (`before`, `after`:
     theirs where earlier steps computed them), timing and profiles on `inputs` (`own_class`: the user's class
-    came back, so a causal LM can generate)."""
+    came back, so a causal LM can generate), the metric (`original_score`: the original's, if known)."""
     before = before if before is not None else [capture.run(original, b) for b in batches]
     after = after if after is not None else [capture.run(rewritten, b) for b in batches]
     report.error_vs_original = verify.compare(before, after, masks=masks).to_dict()
@@ -44,7 +44,7 @@ def before_after(report: RunReport, original: nn.Module, rewritten: nn.Module, i
         report.generation = {k: generation[k] for k in ("prompt_tokens", "new_tokens", "prefill_ms",
                                                         "decode_tokens_per_s")}
     if eval_data is not None:
-        score(report, original, rewritten, eval_data, metric)
+        score(report, original, rewritten, eval_data, metric, original_score)
     if profile:
         say("profiling (eager torch)")
         report.profiles = {f"torch, {label}": measure.profile_torch(m, inputs)
@@ -60,7 +60,9 @@ def add_timing(report: RunReport, timed: measure.Timed, original: nn.Module, rew
     report.speeds.append(timed.speed)
 
 
-def score(report: RunReport, original: nn.Module, rewritten: nn.Module, eval_data: tuple, metric: str) -> None:
+def score(report: RunReport, original: nn.Module, rewritten: nn.Module, eval_data: tuple, metric: str,
+          original_score: float | None = None) -> None:
     report.metric_name = metric
-    for label, module in (("original", original), ("rewritten", rewritten)):
-        report.metric[label] = measure.evaluator(metric, *eval_data)(module)
+    evaluate = measure.evaluator(metric, *eval_data)
+    report.metric["original"] = original_score if original_score is not None else evaluate(original)
+    report.metric["rewritten"] = evaluate(rewritten)

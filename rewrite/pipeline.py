@@ -35,12 +35,13 @@ class PassTimeout(BaseException):
 
 
 def run_passes(captured: capture.Captured, passes: list[Pass], ctx: PassContext, *, strict: bool = False,
-               progress: Progress | None = None) -> tuple[nn.Module, list[PassRecord], list]:
+               progress: Progress | None = None, outputs: list | None = None) -> tuple[nn.Module, list[PassRecord], list]:
     """Apply `passes` in order to `captured.module`; returns the final module, one record per pass, and the
     final module's outputs on `ctx.calibration` (verification computed them: later steps need not again).
-    A pass whose `call` runs past `ctx.time_limit` seconds is stopped and rolled back."""
+    `outputs`: the captured module's own outputs there, where the caller has them. A pass whose `call`
+    runs past `ctx.time_limit` seconds is stopped and rolled back."""
     module = captured.module
-    outputs = [capture.run(module, batch) for batch in ctx.calibration]
+    outputs = outputs if outputs is not None else [capture.run(module, batch) for batch in ctx.calibration]
     records = []
     for i, pass_ in enumerate(passes):
         if progress:

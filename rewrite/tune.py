@@ -1,11 +1,14 @@
 """`rewrite tune`: search pipelines of the registered passes under the user's latency target, and choose.
 
 Successive halving in two rungs, every candidate through the same verified pipeline as `optimize`:
-1. each candidate (the exact passes, then each approximate family with its main options) is rewritten and
-   verified once, without the report's latency rounds: its output SQNR against the original (or the task
-   metric on the eval data), its weight bytes, and a short paired timing against the original (the
-   proxy: a few alternating rounds, so a noisy moment hits both). A family
-   that rewrites nothing in its first candidate is not tried again with other options.
+1. each candidate (the exact passes, then every approximate family's defaults, then the other options of
+   the families whose defaults are on the front, then the rest: a time limit cuts options of dominated
+   families first, never whole families) is rewritten and verified once, without the report's latency
+   rounds: its output SQNR against the original (or the task metric on the eval data), its weight bytes,
+   and a short paired timing against the original (the proxy: a few alternating rounds, so a noisy moment
+   hits both). A family that rewrites nothing in its first candidate is not tried again with other
+   options. The candidates share one capture, one check of the data and one score of the original
+   (`modes.Reuse`).
 2. the Pareto front of (proxy time, error) is timed again, paired against the original in alternating
    rounds, as the report times (`measure.compare_torch`).
 The chosen point is the most accurate front point whose paired time meets the target (else the fastest,
@@ -23,7 +26,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from rewrite import api, inputs as steps, measure, spec
+from rewrite import api, inputs as steps, measure, modes, spec
 from rewrite.errors import InvalidValue, RewriteError
 
 # Exact passes: those that apply do, the others leave "nothing to rewrite". The approximate family goes between
@@ -34,7 +37,7 @@ EXACT = f"{BEFORE},{AFTER}"
 FAMILIES = {  # each approximate family's main options, its defaults first (what a user would try alone)
     "fwsvd": ["fwsvd", "fwsvd{param-ratio=0.9}", "fwsvd{param-ratio=0.5}"],
     "lowrank": ["lowrank", "lowrank{param-ratio=0.5}"],
-    "dgq": ["dgq", "dgq{budget-cos=0}"],
+    "dgq": ["dgq", "dgq{budget-cos=0}", "dgq{form=w4}"],  # w4: float activations, slower in eager torch
     "fwsvd+dgq": ["fwsvd,dgq"],
 }
 PROXY_BUDGET_S, PAIRED_BUDGET_S = 0.4, 2.0
@@ -134,21 +137,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     run["calib"] = loaded.calibration if run["calib"] is None else run["calib"]
     args = steps.check_model_and_inputs(steps.private_copy(module), example)
     timer = Timer(backend, module, args, scratch)
-    points: list[Point] = []
-    results: dict[str, api.Result] = {}
-    for family, options in [("exact", [EXACT])] + [(f, [f"{BEFORE},{o},{AFTER}" for o in opts])
-                                                    for f, opts in FAMILIES.items()]:
-        for option in options:
-            if points and time.perf_counter() - start > budget:
-                break
-            say(f"trying {option} ({len(points)} distinct so far)")
-            result = api.optimize(module, example, option, measure_latency=False, **run)
-            point = _point(option, result, timer, metric)
-            if family != "exact" and point.applied == points[0].applied:
-                break  # this family rewrites nothing here (or is rolled back): its other options would not either
-            if not any(_same_model(p, point) for p in points):
-                points.append(point)
-                results[point.spec] = result
+    shared = modes.Reuse()  # one capture, one check of the data, one score of the original for every run
+    points, results = _explore(module, example, run, timer, metric, shared, start + budget, say)
     front = _pareto(points, metric)
     for i, point in enumerate(front):
         say(f"timing the front, paired with the original: {point.applied}", i, len(front))
@@ -160,7 +150,56 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
               "points": [asdict(p) for p in points]}
     say(f"rewriting the chosen point: {chosen.spec}")
     emit = "onnx" if backend == "onnxruntime" and out is not None else None  # the report times the chosen point there
-    return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, **run)
+    return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, reuse=shared,
+                        **run)
+
+
+def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
+             deadline: float, say: Callable[..., None]) -> tuple[list[Point], dict[str, api.Result]]:
+    """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
+    first after the defaults), and each point's run. A candidate starts only while it and the final rewrite
+    (about one candidate more) are expected to end by `deadline`, from the mean time of those before it."""
+    points: list[Point] = []
+    results: dict[str, api.Result] = {}
+    idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
+    queue = candidates()
+    for step in range(len(queue)):
+        if step == 1 + len(FAMILIES):  # every family's defaults tried
+            queue[step:] = front_families_first(queue[step:], points, family_of, metric)
+        family, option = queue[step]
+        if family in idle:
+            continue
+        now = time.perf_counter()
+        if ran and now + 2 * (now - began) / ran > deadline:
+            break
+        say(f"trying {option} ({len(points)} distinct so far)")
+        result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
+        point = _point(option, result, timer, metric)
+        if family != "exact" and point.applied == points[0].applied:
+            idle.add(family)  # it rewrites nothing here (or is rolled back): its other options would not either
+        elif not any(_same_model(p, point) for p in points):
+            points.append(point)
+            results[point.spec], family_of[point.spec] = result, family
+    return points, results
+
+
+def front_families_first(rest: list[tuple[str, str]], points: list[Point], family_of: dict[str, str],
+                         metric: str | None) -> list[tuple[str, str]]:
+    """The candidates left, those of families with a point on the Pareto front first (in their order)."""
+    on_front = {family_of[p.spec] for p in _pareto(points, metric)}
+    return sorted(rest, key=lambda candidate: candidate[0] not in on_front)
+
+
+def candidates() -> list[tuple[str, str]]:
+    """(family, pipeline) in the order tried: the exact passes, then every family's defaults, then each
+    family's next option, and so on, so that a time limit cuts options, never whole families (on SmolLM2 a
+    candidate takes minutes: in family order, 15 minutes ended before dgq was tried). After the defaults,
+    `_explore` moves the options of the families on the Pareto front ahead of the others."""
+    order = [("exact", EXACT)]
+    for rung in range(max(len(options) for options in FAMILIES.values())):
+        order += [(family, f"{BEFORE},{options[rung]},{AFTER}") for family, options in FAMILIES.items()
+                  if rung < len(options)]
+    return order
 
 
 def _same_model(a: Point, b: Point) -> bool:

@@ -65,3 +65,46 @@ def test_the_report_says_whether_the_choice_beats_each_pass_run_alone_with_its_d
     assert len(lines) == 2
     assert lines[0].startswith("fwsvd with its defaults") and "as fast or faster and as accurate" in lines[0]
     assert lines[1].startswith("dgq with its defaults") and "not dominated" in lines[1]  # dgq is more accurate
+
+
+def test_candidates_sharing_a_reuse_are_captured_once_and_rewritten_as_fresh_runs_rewrite_them(monkeypatch):
+    import rewrite
+    from rewrite import capture, modes
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    with torch.no_grad():  # rank 8, so fwsvd's halving loses little and is applied
+        for linear in (model[0], model[2]):
+            linear.weight.copy_(torch.randn(linear.out_features, 8) @ torch.randn(8, linear.in_features) / 8)
+    calib = [(torch.randn(16, 64),) for _ in range(4)]
+    held = {"inputs": [(torch.randn(16, 64),)], "targets": [torch.randn(16, 32)]}
+    captures = []
+    real = capture.capture
+    monkeypatch.setattr(capture, "capture", lambda *a, **k: captures.append(1) or real(*a, **k))
+    shared = modes.Reuse()
+    for spec in ("fwsvd{param-ratio=0.5}", "dgq{budget-cos=0}", "fwsvd{param-ratio=0.5}"):
+        kept = rewrite.optimize(model, calib[0], spec, calib=calib, eval=held, metric="rel-l2", measure_latency=False,
+                                reuse=shared)
+        fresh = rewrite.optimize(model, calib[0], spec, calib=calib, eval=held, metric="rel-l2", measure_latency=False)
+        assert kept.report.records[0].status == "applied"
+        assert torch.equal(kept.model(*calib[0]), fresh.model(*calib[0]))  # the shared capture was not changed
+        assert kept.report.metric == fresh.report.metric
+        assert kept.report.error_vs_original == fresh.report.error_vs_original
+    assert len(captures) == 1 + 3  # the shared one, then each fresh run's own
+
+
+def test_every_familys_defaults_are_tried_before_any_other_option():
+    order = tune.candidates()
+    assert order[0] == ("exact", tune.EXACT)
+    families = [family for family, _ in order[1:]]
+    firsts = families[:len(tune.FAMILIES)]
+    assert firsts == list(tune.FAMILIES)  # a time limit that ends after these has tried every family
+    assert all(f"{tune.BEFORE},{tune.FAMILIES[f][0]},{tune.AFTER}" == p for (f, p) in order[1:len(tune.FAMILIES) + 1])
+    assert len(order) == 1 + sum(len(options) for options in tune.FAMILIES.values())
+
+
+def test_after_the_defaults_the_options_of_families_on_the_front_come_first():
+    points = [_point("exact", 1.0, 140), _point("fwsvd", 0.9, 20), _point("dgq", 0.6, 40)]
+    family_of = {"exact": "exact", "fwsvd": "fwsvd", "dgq": "dgq"}  # fwsvd: slower and worse than dgq
+    rest = [("fwsvd", "fwsvd{param-ratio=0.9}"), ("lowrank", "lowrank{param-ratio=0.5}"), ("dgq", "dgq{form=w4}"),
+            ("fwsvd", "fwsvd{param-ratio=0.5}")]
+    assert tune.front_families_first(rest, points, family_of, None) == [rest[2], rest[0], rest[1], rest[3]]
