@@ -103,6 +103,9 @@ def _front_figure(search: dict) -> Any:
                      color="#c0392b" if chosen else "#2e86c1" if p["front"] else "#aab7b8", zorder=3)
         axes.annotate(p["applied"].replace("fold-bn,", "").replace("reparam,", "")[:38], (x, p["quality"]),
                       fontsize=6, xytext=(4, 2), textcoords="offset points")
+    qualities = [p["quality"] for p in search["points"] if p["quality"] == p["quality"]]
+    if qualities and min(qualities) > 0 and max(qualities) > 10 * min(qualities):
+        axes.set_yscale("log")  # one broken candidate (perplexity 436 beside 14) would flatten the front
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xlabel("time vs the original (paired on the front, proxy elsewhere)")
     axes.set_ylabel(search["quality"])

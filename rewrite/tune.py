@@ -157,8 +157,9 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
 def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
              deadline: float, say: Callable[..., None]) -> tuple[list[Point], dict[str, api.Result]]:
     """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
-    first after the defaults), and each point's run. A candidate starts only while it and the final rewrite
-    (about one candidate more) are expected to end by `deadline`, from the mean time of those before it."""
+    first after the defaults), and each point's run. A candidate starts only while it, the front's timing and
+    the final rewrite (on SmolLM2 together 2.4 candidates' time) are expected to end by `deadline`, from the
+    mean time of the candidates before it."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
@@ -170,7 +171,7 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
         if family in idle:
             continue
         now = time.perf_counter()
-        if ran and now + 2 * (now - began) / ran > deadline:
+        if ran and now + 3 * (now - began) / ran > deadline:  # itself, the front's timing, the final rewrite
             break
         say(f"trying {option} ({len(points)} distinct so far)")
         result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
