@@ -96,3 +96,38 @@ def test_needs_recovery_passes_with_labels_are_judged_by_held_out_accuracy():
     _, broken, _ = verify.judge(Different(), before, Scaled(3.0), outputs, [3 * o for o in outputs], without_labels,
                                 held=[3])
     assert broken.startswith("SQNR")  # no labels: the SQNR floor stays the contract
+
+
+def _language_model_outputs(scale):
+    """Token batches and logits sure of each next token (4 nats over 7 others), shrunk by `scale`."""
+    ids = [(torch.randint(0, 8, (2, 6), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    sure = [torch.nn.functional.one_hot(torch.roll(b[0], -1, 1), 8).float() * 4 for b in ids]
+    return ids, sure, [logits * scale for logits in sure]
+
+
+@pytest.mark.parametrize("scale, rolled_back", [(0.8, True), (0.95, False)])
+def test_a_language_model_whose_logits_meet_the_sqnr_floor_is_also_judged_by_perplexity(scale, rolled_back):
+    """Logits at 0.8x keep 14 dB SQNR (over the 10 dB floor) and raise perplexity 1.14x: rolled back."""
+    from types import SimpleNamespace
+    from rewrite.passes.dgq import DualGrainedQuant
+    ids, before, after = _language_model_outputs(scale)
+    ctx = SimpleNamespace(calibration=ids, masks=None, targets=None, metric_floor=None, recover=None)
+    err, broken, note = verify.judge(DualGrainedQuant(), torch.nn.Identity(), torch.nn.Identity(), before, after, ctx)
+    assert err.sqnr_db > 10
+    if rolled_back:
+        assert broken.startswith("calibration perplexity") and "milder option" in broken and note is None
+    else:
+        assert broken is None and note.startswith("calibration perplexity")
+
+
+def test_a_min_sqnr_the_user_set_is_the_only_bar_and_other_models_are_not_judged_by_perplexity():
+    from types import SimpleNamespace
+    from rewrite.passes.dgq import DualGrainedQuant
+    ids, before, after = _language_model_outputs(0.8)
+    ctx = SimpleNamespace(calibration=ids, masks=None, targets=None, metric_floor=None, recover=None)
+    _, broken, note = verify.judge(DualGrainedQuant(min_sqnr=5.0), torch.nn.Identity(), torch.nn.Identity(), before,
+                                   after, ctx)
+    assert broken is None and note is None
+    images = SimpleNamespace(**{**vars(ctx), "calibration": [(torch.randn(2, 3, 8, 8),) for _ in ids]})
+    _, broken, note = verify.judge(DualGrainedQuant(), torch.nn.Identity(), torch.nn.Identity(), before, after, images)
+    assert broken is None and note is None  # float inputs: no token ids to predict, so no perplexity
