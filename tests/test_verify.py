@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from rewrite.pass_base import Approx, Exact
 from rewrite import verify
+from rewrite.pass_base import Approx, Exact
 from rewrite.verify import check, compare
 
 
@@ -109,6 +109,7 @@ def _language_model_outputs(scale):
 def test_a_language_model_whose_logits_meet_the_sqnr_floor_is_also_judged_by_perplexity(scale, rolled_back):
     """Logits at 0.8x keep 14 dB SQNR (over the 10 dB floor) and raise perplexity 1.14x: rolled back."""
     from types import SimpleNamespace
+
     from rewrite.passes.dgq import DualGrainedQuant
     ids, before, after = _language_model_outputs(scale)
     ctx = SimpleNamespace(calibration=ids, masks=None, targets=None, metric_floor=None, recover=None)
@@ -122,6 +123,7 @@ def test_a_language_model_whose_logits_meet_the_sqnr_floor_is_also_judged_by_per
 
 def test_a_min_sqnr_the_user_set_is_the_only_bar_and_other_models_are_not_judged_by_perplexity():
     from types import SimpleNamespace
+
     from rewrite.passes.dgq import DualGrainedQuant
     ids, before, after = _language_model_outputs(0.8)
     ctx = SimpleNamespace(calibration=ids, masks=None, targets=None, metric_floor=None, recover=None)
