@@ -177,18 +177,24 @@ def _judged_by_perplexity(pass_: Any, ctx: Any, held: list[int] | None,
     took perplexity from 17,153 to 2,926 while the logit SQNR fell from 0 to −3.8 dB. A min-sqnr the user
     set is their bar and is kept, and calibration targets (labels) are judged as labels.
     Returns (the held-out token ids, the perplexity before the pass) when it applies, else None."""
-    if not held or ctx.recover is None or ctx.targets is not None or _set_sqnr(pass_):
+    if not held or ctx.recover is None or _set_sqnr(pass_):
         return None
-    if any(m is not None for m in (ctx.masks or [])):
+    return _language_model_baseline(ctx, outputs, held)
+
+
+def _language_model_baseline(ctx: Any, outputs: list, keep: list[int]) -> tuple[list[torch.Tensor], float] | None:
+    """(the token ids of batches `keep`, the perplexity of `outputs` there) when the model is a language
+    model read without labels or padding, else None."""
+    if ctx.targets is not None or any(m is not None for m in (ctx.masks or [])):
         return None
-    pairs = [next_token_pair(outputs[i], ctx.calibration[i]) for i in held]
-    if any(p is None for p in pairs):
+    pairs = [next_token_pair(outputs[i], ctx.calibration[i]) for i in keep]
+    if not pairs or any(p is None for p in pairs):
         return None
     # A token classifier also maps ids to per-token logits; a language model predicts the next token, at
     # least about as well as a uniform guess over its vocabulary (a trained one far better).
     from rewrite.measure import perplexity
     ids = [tokens for _, tokens in pairs]
-    before = perplexity([outputs[i] for i in held], ids)
+    before = perplexity([outputs[i] for i in keep], ids)
     return (ids, before) if before <= 2 * pairs[0][0].shape[-1] else None
 
 
@@ -204,16 +210,12 @@ def _perplexity_guard(pass_: Any, ctx: Any, outputs: list, new_outputs: list,
     perplexity on the calibration batches, which the floor does not bound (fwsvd's defaults on SmolLM2 kept
     the logits above 10 dB and made perplexity 5.4x fp32's on unseen text). A min-sqnr the user set is
     their bar alone."""
-    if _set_sqnr(pass_) or ctx.targets is not None or any(m is not None for m in (ctx.masks or [])):
-        return None, None
-    pairs = [next_token_pair(outputs[i], ctx.calibration[i]) for i in keep]
-    if not pairs or any(p is None for p in pairs):
+    baseline = None if _set_sqnr(pass_) else _language_model_baseline(ctx, outputs, keep)
+    if baseline is None:
         return None, None
     from rewrite.measure import perplexity
-    ids = [tokens for _, tokens in pairs]
-    old, new = perplexity([outputs[i] for i in keep], ids), perplexity([new_outputs[i] for i in keep], ids)
-    if old > 2 * pairs[0][0].shape[-1]:  # not a language model: worse than a uniform guess
-        return None, None
+    ids, old = baseline
+    new = perplexity([new_outputs[i] for i in keep], ids)
     if new > old * PERPLEXITY_GUARD:
         return (f"calibration perplexity {new:.4g}, {new / old:.2f}x the {old:.4g} before the pass, though its logits "
                 f"met min-sqnr (a language model may lose at most {PERPLEXITY_GUARD:g}x on the data the pass fit): "
