@@ -8,14 +8,16 @@ import numpy as np
 import torch
 
 
-def session(path: str | Path, threads: int = 0):
-    """An onnxruntime CPU session that does not spin (spinning threads fight torch for 2 cores)."""
+def session(path: str | Path | bytes, threads: int = 0):
+    """An onnxruntime CPU session that does not spin (spinning threads fight torch for 2 cores); `path` may
+    be a serialized model."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def feed(sess: Any, inputs: tuple) -> dict[str, np.ndarray]:

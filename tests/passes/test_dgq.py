@@ -143,11 +143,18 @@ def test_eager_calls_skip_the_op_dispatch_and_tracers_still_see_the_op(act):
     assert torch.equal(exported.module()(x), direct)
 
 
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("act", ["static", "per-token"])
-def test_onnx_graph_is_exact_on_full_range_weights_and_saturating_activations(act, tmp_path):
+def test_onnx_graph_is_exact_on_full_range_weights_and_saturating_activations(act, signed, monkeypatch, tmp_path):
     """onnxruntime's U8S8 kernel on x86 without VNNI sums u8·s8 pairs in saturating int16: activations near
-    their peak times weights near ±127 came out 0.15 rel L2 off. The graph feeds U8U8, exact everywhere."""
+    their peak times weights near ±127 came out 0.15 rel L2 off. The graph feeds int8 weights (U8S8) only
+    where this machine's onnxruntime sums them exactly, else uint8 (U8U8); both forms are exact here."""
+    import onnx
+
     from rewrite.capture import Captured
+    if signed and not kernels.onnx_weights_signed():
+        pytest.skip("this CPU's onnxruntime saturates u8·s8 sums (x86 without VNNI): only the U8U8 form is exact")
+    monkeypatch.setattr(kernels, "onnx_weights_signed", lambda: signed)
     x = torch.randn(2, 16, 256) * 3
     x[..., ::2] = x[..., ::2].abs() + 2  # long runs of large positive codes: pairs that saturate int16
     module = _FullRange(256, 96, (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0))
@@ -155,6 +162,20 @@ def test_onnx_graph_is_exact_on_full_range_weights_and_saturating_activations(ac
     onnx_emit.export_onnx(module, Captured(module, (x,), True), path)
     got = onnx_emit.run(onnx_emit.session(path), (x,))[0]
     assert torch.equal(got, module(x))
+    graph = onnx.load(path).graph
+    [matmul] = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    [weight_zero] = [t for t in graph.initializer if t.name == matmul.input[5]]  # typed as the weights are
+    assert weight_zero.data_type == (onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
+
+
+def test_the_signed_weight_probe_matches_a_saturation_free_reference():
+    """The probe's worst case: u8·s8 pairs of 255·127 that overflow int16 where the kernel saturates."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import platform
+    from pathlib import Path
+    flags = Path("/proc/cpuinfo").read_text() if platform.system() == "Linux" else ""
+    if platform.machine() in ("x86_64", "AMD64") and flags:
+        assert kernels.onnx_weights_signed() == ("vnni" in flags), onnxruntime.__version__
 
 
 @pytest.mark.parametrize("k", [7, 576, kernels.EXACT_K + 1, 2300])

@@ -6,11 +6,16 @@ rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
   PyTorch: oneDNN's x86 int8 GEMM (`onednn_int8`, exact integers); without it, float32 GEMMs over slices
   of K short enough that every partial sum is an integer below 2^24 (torch._int_mm gives the same integers,
   but its CPU kernel measured 57x slower than the fp32 GEMM at 512×576·576×1536). ONNX (static): QuantizeLinear to uint8 with zero
-  point 128 + com.microsoft.MatMulIntegerToFloat; ONNX (per-token): the same integers through
-  MatMulInteger. Both take the weights as uint8 with zero point 128 (U8U8): onnxruntime's U8S8 kernel on
-  x86 without VNNI sums pairs of u8·s8 products in saturating int16 (vpmaddubsw), measured 0.15 rel L2
-  off on a 256→128 layer; U8U8 is exact there and within 15% of U8S8's time (both faster than fp32).
-  Signed-int8 activations measured 3x slower than fp32 on x86, so they are never emitted.
+  point 128 + com.microsoft.MatMulIntegerToFloat; ONNX (per-token): x/s_x[t] through QuantizeLinear
+  (scale 1, zero point 128: the same round-half-even and clamp), MatMulIntegerToFloat with the column
+  scale, then the row scale and bias. The weights go in as int8 (U8S8) where the exporting machine's
+  onnxruntime sums u8·s8 products exactly (x86 with VNNI, ARM; `onnx_weights_signed` measures it), else as
+  uint8 with zero point 128 (U8U8): the U8S8 kernel of x86 without VNNI sums pairs of products in
+  saturating int16 (vpmaddubsw), measured 0.15 rel L2 off on a 256→128 layer, where U8U8 is exact and
+  within 15% of U8S8's time. On AVX-512 VNNI U8S8 is 2.6x faster than U8U8 (MiniLM's FFN shape), so a
+  model exported there is exact on VNNI and ARM CPUs, and saturates on x86 without VNNI: export it on
+  such a machine to get U8U8. Signed-int8 activations measured 3x slower than fp32 on x86, so they are
+  never emitted.
 rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: uint4 codes packed two per
   byte, per-(row, group) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
   path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=group, accuracy_level=4), which quantizes
@@ -18,6 +23,7 @@ rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: u
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -193,33 +199,44 @@ def onnx_translations() -> dict:
     msft = Opset("com.microsoft", 1)
     matmul_integer_to_float, matmul_nbits = Op(msft, "MatMulIntegerToFloat"), Op(msft, "MatMulNBits")
 
+    signed = onnx_weights_signed()
+
     def a8w8(x, w_s8, s1, bias, s_x):
         if s_x.shape is not None and len(s_x.shape) == 1 and s_x.shape[0] == 0:
             return _per_token(x, w_s8, s1, bias)
-        zero = op.Constant(value=onnxscript.ir.tensor(128, dtype=onnxscript.ir.DataType.UINT8))
         scale = op.Squeeze(s_x)
-        x_q = op.QuantizeLinear(x, scale, zero)
-        return matmul_integer_to_float(x_q, _unsigned_t(w_s8), scale, s1, zero, zero, bias)
+        x_q = op.QuantizeLinear(x, scale, _u8(128))
+        return matmul_integer_to_float(x_q, _weights(w_s8), scale, s1, _u8(128), _weight_zero(), bias)
 
     def _per_token(x, w_s8, s1, bias):
         scale = op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1),
                        op.Constant(value_float=127.0))
         scale = op.Max(scale, op.Constant(value_float=1e-12))
-        shifted = op.Add(op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-127.0),
-                                 op.Constant(value_float=127.0)), op.Constant(value_float=128.0))
-        x_u8 = op.Cast(shifted, to=onnxscript.ir.DataType.UINT8)
-        zero = op.Constant(value=onnxscript.ir.tensor(128, dtype=onnxscript.ir.DataType.UINT8))
-        acc = op.MatMulInteger(x_u8, _unsigned_t(w_s8), zero, zero)
-        # Column scale first, row scale after: onnxruntime's MatMulIntegerToFloat fusion (extended graph
-        # optimizations) mis-handles one combined (rows × columns) scale (measured: 0.06 off on a unit layer).
-        per_column = op.Mul(op.Cast(acc, to=onnxscript.ir.DataType.FLOAT), s1)
+        # QuantizeLinear rounds half to even and adds the zero point, as round(x/s)+128 does; |x/s| ≤ 127
+        # by the scale's choice, so its saturation to [0, 255] is the clamp to ±127.
+        x_u8 = op.QuantizeLinear(op.Div(x, scale), op.Constant(value_float=1.0), _u8(128))
+        # Column scale inside, row scale after: onnxruntime's MatMulIntegerToFloat takes a per-column
+        # b_scale, and mis-handles one combined (rows × columns) scale (measured: 0.06 off on a unit layer).
+        per_column = matmul_integer_to_float(x_u8, _weights(w_s8), op.Constant(value_float=1.0), s1, _u8(128),
+                                             _weight_zero())
         return op.Add(op.Mul(per_column, scale), bias)
 
-    def _unsigned_t(w_s8):
-        """int8 (O, K) → uint8 (K, O) shifted by the zero point 128 (constant-folded by onnxruntime)."""
+    def _u8(value):
+        return op.Constant(value=onnxscript.ir.tensor(value, dtype=onnxscript.ir.DataType.UINT8))
+
+    def _weights(w_s8):
+        """int8 (O, K) → (K, O): int8 (U8S8) or uint8 shifted by the zero point 128 (U8U8); constant-folded by
+        onnxruntime."""
+        if signed:
+            return op.Transpose(w_s8, perm=[1, 0])
         shifted = op.Add(op.Cast(w_s8, to=onnxscript.ir.DataType.INT16), op.Constant(value=onnxscript.ir.tensor(
             128, dtype=onnxscript.ir.DataType.INT16)))
         return op.Transpose(op.Cast(shifted, to=onnxscript.ir.DataType.UINT8), perm=[1, 0])
+
+    def _weight_zero():
+        if signed:
+            return op.Constant(value=onnxscript.ir.tensor(0, dtype=onnxscript.ir.DataType.INT8))
+        return _u8(128)
 
     def w4(x, packed, scales, zeros, bias):
         n, blocks, half = packed.shape
@@ -228,6 +245,35 @@ def onnx_translations() -> dict:
                                 K=k, N=n, bits=4, block_size=half * 2, accuracy_level=4)
 
     return {torch.ops.rewrite.a8w8_linear.default: a8w8, torch.ops.rewrite.w4_linear.default: w4}
+
+
+@functools.cache
+def onnx_weights_signed() -> bool:
+    """Whether this machine's onnxruntime computes uint8·int8 MatMulInteger exactly, on the worst case for a
+    saturating int16 pair sum (255·127 twice): true on x86 with VNNI and on ARM, false on x86 with AVX2 alone
+    or without onnxruntime."""
+    try:
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+
+        from rewrite.ort import session
+    except ImportError:
+        return False
+    codes = np.array([[255] * 64, [1] * 64, [255, 1] * 32], dtype=np.uint8)  # x + 128 for x = ±127
+    weights = np.array([[127, -127, 127]] * 64, dtype=np.int8)
+    weights[1::2, 2] = -127
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "az", "wz"], ["y"])], "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, list(codes.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [3, 3])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(128, np.uint8), "az"),
+         numpy_helper.from_array(np.array(0, np.int8), "wz")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    try:
+        got = session(model.SerializeToString()).run(None, {"a": codes})[0]
+    except Exception:  # noqa: BLE001  (onnxruntime's errors derive from Exception alone): the uint8 form
+        return False
+    return bool(np.array_equal(got, (codes.astype(np.int64) - 128) @ weights.astype(np.int64)))
 
 
 _CONTRIB = {  # onnxruntime contrib ops we emit: inputs (name, optional), integer attributes, output typed as
