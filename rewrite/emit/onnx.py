@@ -18,7 +18,8 @@ from rewrite.report import Artifact
 
 
 def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for logger in ("torch.onnx", "onnxscript"):  # onnxscript's constant folding warns of what it leaves unfolded
+        logging.getLogger(logger).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         table = kernels.onnx_translations()
