@@ -212,9 +212,12 @@ def _search_section(search: dict[str, Any]) -> str:
                "none met the target, so the most accurate of the points as fast as the fastest (within 5% of its "
                "speed-up or its 95% interval) was chosen: loosen --target, or protect accuracy with --floor metric=Y")
     defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
+    left_out = (f" Left out: {', '.join(search['left_out'])}, which change the graph itself: your "
+                f"{search.get('model_class', 'model')} would come back as a graph, without its generate, config and "
+                "save_pretrained (`rewrite optimize --passes` runs them)." if search.get("left_out") else "")
     return (f"\n## Search (rewrite tune, {search['target']} in {search.get('backend', 'torch')}, "
             f"{search['seconds']} s)\n\n"
-            f"{len(search['points'])} distinct pipelines tried; {verdict}.\n\n" + _md_table(rows) +
+            f"{len(search['points'])} distinct pipelines tried; {verdict}.{left_out}\n\n" + _md_table(rows) +
             (f"\nAgainst each pass run alone with its defaults:{defaults}\n" if defaults else ""))
 
 

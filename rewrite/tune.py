@@ -1,14 +1,14 @@
 """`rewrite tune`: search pipelines of the registered passes under the user's latency target, and choose.
 
 Successive halving in two rungs, every candidate through the same verified pipeline as `optimize`:
-1. each candidate (the exact passes, then every approximate family's defaults, then the other options of
-   the families whose defaults are on the front, then the rest: a time limit cuts options of dominated
-   families first, never whole families) is rewritten and verified once, without the report's latency
-   rounds: its output SQNR against the original (or the task metric on the eval data), its weight bytes,
-   and a short paired timing against the original (the proxy: a few alternating rounds, so a noisy moment
-   hits both). A family that rewrites nothing in its first candidate is not tried again with other
-   options. The candidates share one capture, one check of the data and one score of the original
-   (`modes.Reuse`).
+1. each candidate (the exact passes, for a Hugging Face model those that keep its class; then every
+   approximate family's defaults, then the other options of the families whose defaults are on the front,
+   then the rest: a time limit cuts options of dominated families first, never whole families) is
+   rewritten and verified once, without the report's latency rounds: its output SQNR against the original
+   (or the task metric on the eval data), its weight bytes, and a short paired timing against the original
+   (the proxy: a few alternating rounds, so a noisy moment hits both). A family that rewrites nothing in
+   its first candidate is not tried again with other options. The candidates share one capture, one check
+   of the data and one score of the original (`modes.Reuse`).
 2. the Pareto front of (proxy time, error) is timed again, paired against the original in alternating
    rounds, as the report times (`measure.compare_torch`).
 The chosen point is the most accurate front point whose paired time meets the target (else the most
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from rewrite import api, inputs as steps, measure, modes, spec
+from rewrite import api, inputs as steps, measure, modes, registry, spec, transplant
 from rewrite.errors import InvalidValue, RewriteError
 
 # Exact passes: those that apply do, the others leave "nothing to rewrite". The approximate family goes between
@@ -139,7 +139,9 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     args = steps.check_model_and_inputs(steps.private_copy(module), example)
     timer = Timer(backend, module, args, scratch)
     shared = modes.Reuse()  # one capture, one check of the data, one score of the original for every run
-    points, results = _explore(module, example, run, timer, metric, shared, start + budget, say)
+    before, after, left_out = exact_passes(module)
+    points, results = _explore(module, example, run, timer, metric, shared, start + budget, say,
+                               candidates(before, after))
     front = _pareto(points, metric)
     for i, point in enumerate(front):
         say(f"timing the front, paired with the original: {point.applied}", i, len(front))
@@ -147,8 +149,9 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
         point.speed, point.low, point.high, point.front = speed.ratio, speed.low, speed.high, True
     chosen, met = _choose(front, goal, metric)
     search = {"target": target, "backend": backend, "chosen": chosen.spec, "met": met, "quality": _quality_name(metric),
-              "against_defaults": _against_defaults(points, chosen, metric), "seconds": round(time.perf_counter() - start, 1),
-              "points": [asdict(p) for p in points]}
+              "against_defaults": _against_defaults(points, chosen, metric, before, after),
+              "seconds": round(time.perf_counter() - start, 1), "points": [asdict(p) for p in points],
+              "left_out": left_out, "model_class": type(module).__name__}
     say(f"rewriting the chosen point: {chosen.spec}")
     emit = "onnx" if backend == "onnxruntime" and out is not None else None  # the report times the chosen point there
     return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, reuse=shared,
@@ -156,7 +159,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
 
 
 def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
-             deadline: float, say: Callable[..., None]) -> tuple[list[Point], dict[str, api.Result]]:
+             deadline: float, say: Callable[..., None], queue: list[tuple[str, str]]
+             ) -> tuple[list[Point], dict[str, api.Result]]:
     """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
     first after the defaults), and each point's run. A candidate starts only while it, the front's timing and
     the final rewrite (on SmolLM2 together 2.4 candidates' time) are expected to end by `deadline`, from the
@@ -164,7 +168,6 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
     points: list[Point] = []
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
-    queue = candidates()
     for step in range(len(queue)):
         if step == 1 + len(FAMILIES):  # every family's defaults tried
             queue[step:] = front_families_first(queue[step:], points, family_of, metric)
@@ -192,16 +195,32 @@ def front_families_first(rest: list[tuple[str, str]], points: list[Point], famil
     return sorted(rest, key=lambda candidate: candidate[0] not in on_front)
 
 
-def candidates() -> list[tuple[str, str]]:
+def candidates(before: str = BEFORE, after: str = AFTER) -> list[tuple[str, str]]:
     """(family, pipeline) in the order tried: the exact passes, then every family's defaults, then each
     family's next option, and so on, so that a time limit cuts options, never whole families (on SmolLM2 a
     candidate takes minutes: in family order, 15 minutes ended before dgq was tried). After the defaults,
     `_explore` moves the options of the families on the Pareto front ahead of the others."""
-    order = [("exact", EXACT)]
+    order = [("exact", _joined(before, after))]
     for rung in range(max(len(options) for options in FAMILIES.values())):
-        order += [(family, f"{BEFORE},{options[rung]},{AFTER}") for family, options in FAMILIES.items()
+        order += [(family, _joined(before, options[rung], after)) for family, options in FAMILIES.items()
                   if rung < len(options)]
     return order
+
+
+def _joined(*parts: str) -> str:
+    return ",".join(part for part in parts if part)
+
+
+def exact_passes(model: nn.Module) -> tuple[str, str, list[str]]:
+    """(the exact passes before the approximate family, those after, the graph-level ones left out). A model
+    with something to lose as a graph (a Hugging Face model's generate, config, save_pretrained) is searched
+    without the passes that change the graph itself (pointwise, inplace), so that every candidate, and the
+    chosen one, stays the user's class (on MiniLM inplace applied and measured 0.99x: it only cost the class)."""
+    if transplant.lost_in_the_graph(model, []) is None:
+        return BEFORE, AFTER, []
+    graph_level = [name for name in EXACT.split(",") if registry.load_pass(name).level == "graph"]
+    keep = [[name for name in part.split(",") if name not in graph_level] for part in (BEFORE, AFTER)]
+    return ",".join(keep[0]), ",".join(keep[1]), graph_level
 
 
 def _same_model(a: Point, b: Point) -> bool:
@@ -256,12 +275,13 @@ def _as_fast(p: Point, fastest: Point) -> bool:
     return overlaps or p.speed >= NEAR_FASTEST * fastest.speed
 
 
-def _against_defaults(points: list[Point], chosen: Point, metric: str | None) -> list[str]:
+def _against_defaults(points: list[Point], chosen: Point, metric: str | None, before: str = BEFORE,
+                      after: str = AFTER) -> list[str]:
     """Each single pass with its default options, as a user would run it alone: does the choice beat it on
     both time and quality? (time: paired where both were paired, else the proxy)."""
     lines = []
     for family in FAMILIES:
-        default = next((p for p in points if p.spec == f"{BEFORE},{family},{AFTER}"), None)
+        default = next((p for p in points if p.spec == _joined(before, family, after)), None)
         if default is None:
             continue
         if default is chosen:

@@ -113,3 +113,32 @@ def test_after_the_defaults_the_options_of_families_on_the_front_come_first():
     rest = [("fwsvd", "fwsvd{param-ratio=0.9}"), ("lowrank", "lowrank{param-ratio=0.5}"), ("dgq", "dgq{form=w4}"),
             ("fwsvd", "fwsvd{param-ratio=0.5}")]
     assert tune.front_families_first(rest, points, family_of, None) == [rest[2], rest[0], rest[1], rest[3]]
+
+
+def _tiny_bert():
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_a_model_with_a_class_to_keep_is_searched_without_the_graph_passes():
+    """On MiniLM, inplace applied (0.99x: no faster) and the chosen model came back as a graph, without
+    save_pretrained or config. A Hugging Face model is now searched without pointwise and inplace."""
+    before, after, left_out = tune.exact_passes(_tiny_bert())
+    assert left_out and {"pointwise", "inplace"} <= set(left_out)
+    assert not set(left_out) & set(f"{before},{after}".split(","))
+    assert all(not set(left_out) & set(pipeline.split(",")) for _, pipeline in tune.candidates(before, after))
+    assert tune.exact_passes(torch.nn.Sequential(torch.nn.Linear(4, 4))) == (tune.BEFORE, tune.AFTER, [])
+
+
+@pytest.mark.slow
+def test_tune_returns_a_hugging_face_model_as_its_own_class(tmp_path):
+    model = _tiny_bert()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    calib = [(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    result = tune.tune(model, (ids,), calib=calib, time_limit="40s", out=tmp_path, force=True)
+    assert type(result.model) is type(model) and hasattr(result.model, "save_pretrained")
+    report = (tmp_path / "report.md").read_text()
+    assert "Left out: " in report and "inplace" in report.split("Left out: ")[1].split("\n")[0]
