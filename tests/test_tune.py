@@ -147,7 +147,7 @@ def test_tune_returns_a_hugging_face_model_as_its_own_class(tmp_path):
 def test_the_front_picture_marks_the_target():
     pytest.importorskip("matplotlib")
     from rewrite import plots
-    points = [dict(spec=s, applied=s, quality=q, proxy=t, speed=None, front=True) for s, q, t in
+    points = [{"spec": s, "applied": s, "quality": q, "proxy": t, "speed": None, "front": True} for s, q, t in
               [("dgq", 0.99, 0.52), ("(none)", 1.0, 0.98)]]
     figure = plots._front_figure({"points": points, "chosen": "dgq", "target": "latency=0.5", "quality": "cosine"})
     lines = {tuple(line.get_xdata()) for line in figure.axes[0].get_lines()}
