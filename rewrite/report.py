@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+GROUPED_SKIPS = 3  # more places left alone for one reason than this read as one line
+
 
 @dataclass
 class PassRecord:
@@ -118,6 +120,24 @@ class RunReport:
         data["status"] = "failed" if self.problems() else "ok"
         return json.dumps(data, indent=2, default=str)
 
+    def skip_lines(self, quote: str = "") -> list[tuple[str, str, str]]:
+        """(pass, where, why) per thing a pass left alone; one line for a reason shared by more than
+        GROUPED_SKIPS places (BERT: 13 norms dgq does not smooth), naming the first and last (all in
+        report.json)."""
+        lines = []
+        for r in self.records:
+            by_reason: dict[str, list[str]] = {}
+            for where, why in r.skipped:
+                by_reason.setdefault(why, []).append(where)
+            for why, places in by_reason.items():
+                if len(places) > GROUPED_SKIPS:
+                    where = (f"{len(places)} places ({quote}{places[0]}{quote} … {quote}{places[-1]}{quote}; "
+                             "all in report.json)")
+                    lines.append((r.name, where, why))
+                else:
+                    lines += [(r.name, f"{quote}{place}{quote}", why) for place in places]
+        return lines
+
     def pass_rows(self) -> list[list[str]]:
         header = ["pass", "status", "rewrote", "max|Δ|", "SQNR dB", "contract", "params", "weights", "layers",
                   "time"]
@@ -180,7 +200,7 @@ class RunReport:
         details = [f"- `{r.name}`: {_details(r)}" for r in self.records if _details(r)]
         if details:
             parts.append("\nMore of what each pass chose (all of it in report.json):\n\n" + "\n".join(details))
-        skips = [f"- `{r.name}` skipped `{where}`: {why}" for r in self.records for where, why in r.skipped]
+        skips = [f"- `{name}` skipped {where}: {why}" for name, where, why in self.skip_lines("`")]
         if skips:
             parts.append("\nLeft alone:\n\n" + "\n".join(skips))
         if self.measurements:

@@ -15,6 +15,18 @@ def test_a_pass_row_shows_its_headline_stats_and_the_details_go_below_and_to_jso
     assert json.loads(report.to_json())["records"][0]["stats"]["per_layer"] == {"a": 1.0}
 
 
+def test_many_places_left_alone_for_one_reason_read_as_one_line():
+    """dgq on BERT listed 13 norms it did not smooth, one line each, in the terminal and in report.md."""
+    norms = [[f"encoder.layer.{i}.output.LayerNorm", "feeds a residual: not smoothed"] for i in range(13)]
+    report = RunReport("dgq", "graph", "1 batch", records=[PassRecord(
+        "dgq", "dgq", "SQNR≥10 dB", "applied", skipped=[*norms, ["lm_head", "tied to the embedding"]])])
+    lines = report.skip_lines()
+    grouped = "13 places (encoder.layer.0.output.LayerNorm … encoder.layer.12.output.LayerNorm; all in report.json)"
+    assert lines == [("dgq", grouped, "feeds a residual: not smoothed"), ("dgq", "lm_head", "tied to the embedding")]
+    assert report.to_markdown().count("\n- `dgq` skipped ") == 2
+    assert len(json.loads(report.to_json())["records"][0]["skipped"]) == 14
+
+
 def _pictured_report():
     from rewrite.measure import Speed
     layers = [{"layer": f"encoder.layer.{i}.output.dense", "sqnr_db": 20.0 + i, "bytes_before": 1000,

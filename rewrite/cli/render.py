@@ -42,9 +42,8 @@ def show_report(report: RunReport) -> None:
         errors.print(f"[yellow]warning:[/] {w}")
     if report.records:
         console.print(table(report.pass_rows(), "passes"))
-        for r in report.records:
-            for where, why in r.skipped:
-                console.print(f"  [dim]{r.name} skipped {where}: {why}[/]")
+        for name, where, why in report.skip_lines():
+            console.print(f"  [dim]{name} skipped {where}: {why}[/]")
     if report.measurements:
         console.print(table(report.measurement_rows(), "before / after"))
     for label, ops in report.profiles.items():
