@@ -79,6 +79,12 @@ class Reuse:
     captured: capture.Captured | None = None
     outputs: list | None = None
     score: float | None = None
+    runs: dict = field(default_factory=dict)  # a pipeline and its settings (`run_key`) → its Run
+
+    def keep_runs(self, pipelines: list[str]) -> None:
+        """Forget the runs of other pipelines: each holds a rewritten model (tune keeps those it may choose)."""
+        wanted = {spec.format_spec(spec.parse_spec(pipeline)) for pipeline in pipelines}
+        self.runs = {key: run for key, run in self.runs.items() if key[0] in wanted}
 
     def capture(self, job: inputs.Job) -> capture.Captured:
         if self.captured is None:
@@ -104,8 +110,28 @@ class Run:
         return self.rewritten is not self.graph
 
 
+def run_key(passes: list[Pass], emitters: list[str], recovery: Any, seed: int, strict: bool, floor: float | None,
+            time_limit: float | None) -> tuple:
+    """What a whole-model run's result depends on besides the shared model and data (t1 reads the emitters)."""
+    return (spec.format_spec(passes), tuple(emitters), repr(recovery), seed, strict, floor, time_limit)
+
+
 def whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recovery: Any, seed: int, strict: bool,
                 floor: float | None, say: Progress, time_limit: float | None = None, reuse: Reuse | None = None) -> Run:
+    """The passes over the captured model, verified, and your class back where it can be. With `reuse`, a
+    pipeline already run with the same settings is not run again (tune's final rewrite of its chosen point)."""
+    key = run_key(passes, emitters, recovery, seed, strict, floor, time_limit)
+    if reuse is not None and key in reuse.runs:
+        say("reusing the run of this pipeline")
+        return reuse.runs[key]
+    run = _whole_model(job, passes, emitters, recovery, seed, strict, floor, say, time_limit, reuse)
+    if reuse is not None:
+        reuse.runs[key] = run
+    return run
+
+
+def _whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recovery: Any, seed: int, strict: bool,
+                 floor: float | None, say: Progress, time_limit: float | None, reuse: Reuse | None) -> Run:
     say("capturing")
     captured = reuse.capture(job) if reuse is not None else capture.capture(job.model, job.inputs)
     inputs.check_shapes(captured, job.data.batches, "calibration")

@@ -13,9 +13,10 @@ Successive halving in two rungs, every candidate through the same verified pipel
    rounds, as the report times (`measure.compare_torch`).
 The chosen point is the most accurate front point whose paired time meets the target (else the most
 accurate of those within 5% of the fastest's speed-up or its timing interval, and the report says the
-target was not met). It is rewritten once more into the output folder, whose
-report carries the front (a table, and a picture with the chosen point marked) and whose recipe.json
-`rewrite optimize MODEL --recipe recipe.json` reproduces.
+target was not met). Its run is written into the output folder (run again only with --backend
+onnxruntime, whose ONNX output can change t1's form); the folder's report carries the front (a table, and
+a picture with the chosen point marked) and its recipe.json `rewrite optimize MODEL --recipe recipe.json`
+reproduces.
 """
 from __future__ import annotations
 
@@ -143,6 +144,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     points, results = _explore(module, example, run, timer, metric, shared, start + budget, say,
                                candidates(before, after))
     front = _pareto(points, metric)
+    shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
         say(f"timing the front, paired with the original: {point.applied}", i, len(front))
         speed = timer.speed(results[point.spec], PAIRED_BUDGET_S)

@@ -152,3 +152,16 @@ def test_the_front_picture_marks_the_target():
     figure = plots._front_figure({"points": points, "chosen": "dgq", "target": "latency=0.5", "quality": "cosine"})
     lines = {tuple(line.get_xdata()) for line in figure.axes[0].get_lines()}
     assert (0.5, 0.5) in lines and (1.0, 1.0) in lines  # the target, and the original's time
+
+
+def test_the_chosen_point_is_written_from_its_candidate_run_not_rewritten_again(monkeypatch, tmp_path):
+    from examples.cnn import build
+    from rewrite import modes
+    runs, tries = [], []
+    real = modes.pipeline.run_passes
+    monkeypatch.setattr(modes.pipeline, "run_passes", lambda *a, **k: runs.append(1) or real(*a, **k))
+    model, example, *calib = build()
+    result = tune.tune(model, example, calib=calib[0] if calib else None, time_limit="5s", out=tmp_path / "t",
+                       progress=lambda message, *_: tries.append(message) if message.startswith("trying") else None)
+    assert tries and len(runs) == len(tries)  # one run per candidate, none for the final rewrite
+    assert (tmp_path / "t" / "model.pt2").exists() and result.report.search["chosen"]
