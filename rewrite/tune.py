@@ -141,8 +141,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     timer = Timer(backend, module, args, scratch)
     shared = modes.Reuse()  # one capture, one check of the data, one score of the original for every run
     before, after, left_out = exact_passes(module)
-    points, results = _explore(module, example, run, timer, metric, shared, start + budget, say,
-                               candidates(before, after))
+    points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
+                                     candidates(before, after))
     front = _pareto(points, metric)
     shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
@@ -151,7 +151,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
         point.speed, point.low, point.high, point.front = speed.ratio, speed.low, speed.high, True
     chosen, met = _choose(front, goal, metric)
     search = {"target": target, "backend": backend, "chosen": chosen.spec, "met": met, "quality": _quality_name(metric),
-              "against_defaults": _against_defaults(points, chosen, metric, before, after),
+              "against_defaults": _against_defaults(points, chosen, metric, before, after, idle),
               "seconds": round(time.perf_counter() - start, 1), "points": [asdict(p) for p in points],
               "left_out": left_out, "model_class": type(module).__name__}
     say(f"rewriting the chosen point: {chosen.spec}")
@@ -162,11 +162,11 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
 
 def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
              deadline: float, say: Callable[..., None], queue: list[tuple[str, str]]
-             ) -> tuple[list[Point], dict[str, api.Result]]:
+             ) -> tuple[list[Point], dict[str, api.Result], set[str]]:
     """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
-    first after the defaults), and each point's run. A candidate starts only while it, the front's timing and
-    the final rewrite (on SmolLM2 together 2.4 candidates' time) are expected to end by `deadline`, from the
-    mean time of the candidates before it."""
+    first after the defaults), each point's run, and the families whose defaults kept nothing. A candidate
+    starts only while it, the front's timing and the final rewrite (on SmolLM2 together 2.4 candidates'
+    time) are expected to end by `deadline`, from the mean time of the candidates before it."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
@@ -187,7 +187,7 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
         elif not any(_same_model(p, point) for p in points):
             points.append(point)
             results[point.spec], family_of[point.spec] = result, family
-    return points, results
+    return points, results, idle
 
 
 def front_families_first(rest: list[tuple[str, str]], points: list[Point], family_of: dict[str, str],
@@ -278,12 +278,15 @@ def _as_fast(p: Point, fastest: Point) -> bool:
 
 
 def _against_defaults(points: list[Point], chosen: Point, metric: str | None, before: str = BEFORE,
-                      after: str = AFTER) -> list[str]:
+                      after: str = AFTER, idle: set[str] = frozenset()) -> list[str]:
     """Each single pass with its default options, as a user would run it alone: does the choice beat it on
     both time and quality? (time: paired where both were paired, else the proxy)."""
     lines = []
     for family in FAMILIES:
         default = next((p for p in points if p.spec == _joined(before, family, after)), None)
+        if default is None and family in idle:
+            lines.append(f"{family} with its defaults kept nothing here (rolled back, or nothing to rewrite; the "
+                         "run's report says why): its other options were not tried")
         if default is None:
             continue
         if default is chosen:

@@ -115,6 +115,14 @@ def test_after_the_defaults_the_options_of_families_on_the_front_come_first():
     assert tune.front_families_first(rest, points, family_of, None) == [rest[2], rest[0], rest[1], rest[3]]
 
 
+def test_a_family_whose_defaults_kept_nothing_is_named_against_the_choice():
+    """SmolLM2: fwsvd's and lowrank's defaults were rolled back (perplexity guard), and the report's comparison
+    with each pass alone listed only dgq, as if the others had not been tried."""
+    chosen = _point(f"{tune.BEFORE},dgq,{tune.AFTER}", 0.6, 14.0, 1.5)
+    lines = tune._against_defaults([chosen], chosen, "perplexity", idle={"fwsvd"})
+    assert lines[0].startswith("fwsvd with its defaults kept nothing here") and "dgq with its defaults is" in lines[1]
+
+
 def _tiny_bert():
     import transformers
     torch.manual_seed(0)
