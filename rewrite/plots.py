@@ -107,21 +107,13 @@ def _front_figure(search: dict) -> Any:
     if qualities and min(qualities) > 0 and max(qualities) > 10 * min(qualities):
         axes.set_yscale("log")  # one broken candidate (perplexity 436 beside 14) would flatten the front
     axes.axvline(1.0, color="black", linewidth=0.8)
-    goal = _latency_goal(search["target"])
+    goal = search.get("goal")  # tune's parsed latency target
     if goal is not None:
         axes.axvline(goal, color="#c0392b", linewidth=0.8, linestyle="--")  # left of it meets the target
     axes.set_xlabel("time vs the original (paired on the front, proxy elsewhere; dashed: the target)")
     axes.set_ylabel(search["quality"])
     axes.set_title(f"rewrite tune ({search['target']}): blue = Pareto front, star = chosen")
     return figure
-
-
-def _latency_goal(target: str) -> float | None:
-    """`latency=0.5` → 0.5 (plots sit below tune, so the target is read here, not by tune.parse_target)."""
-    try:
-        return float(target.split("=", 1)[1])
-    except (IndexError, ValueError):
-        return None
 
 
 def _short(path: str) -> str:

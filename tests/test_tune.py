@@ -157,7 +157,8 @@ def test_the_front_picture_marks_the_target():
     from rewrite import plots
     points = [{"spec": s, "applied": s, "quality": q, "proxy": t, "speed": None, "front": True} for s, q, t in
               [("dgq", 0.99, 0.52), ("(none)", 1.0, 0.98)]]
-    figure = plots._front_figure({"points": points, "chosen": "dgq", "target": "latency=0.5", "quality": "cosine"})
+    figure = plots._front_figure({"points": points, "chosen": "dgq", "target": "latency=0.5", "goal": 0.5,
+                                   "quality": "cosine"})
     lines = {tuple(line.get_xdata()) for line in figure.axes[0].get_lines()}
     assert (0.5, 0.5) in lines and (1.0, 1.0) in lines  # the target, and the original's time
 

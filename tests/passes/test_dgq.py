@@ -173,9 +173,10 @@ def test_the_signed_weight_probe_matches_a_saturation_free_reference():
     onnxruntime = pytest.importorskip("onnxruntime")
     import platform
     from pathlib import Path
-    flags = Path("/proc/cpuinfo").read_text() if platform.system() == "Linux" else ""
-    if platform.machine() in ("x86_64", "AMD64") and flags:
-        assert kernels.onnx_weights_signed() == ("vnni" in flags), onnxruntime.__version__
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the expected answer is known for x86 Linux CPUs (their flags say whether VNNI is there)")
+    flags = Path("/proc/cpuinfo").read_text()
+    assert kernels.onnx_weights_signed() == ("vnni" in flags), onnxruntime.__version__
 
 
 @pytest.mark.parametrize("k", [7, 576, kernels.EXACT_K + 1, 2300])
