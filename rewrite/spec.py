@@ -55,7 +55,7 @@ def with_budget(passes: list[Pass], budget: str | None) -> list[Pass]:
         raise RewriteError(f"--budget params={value:g}: give the fraction of weights to keep, in (0, 1), e.g. 0.8")
     field = "param_ratio" if key == "params" else f"budget_{key}"
     if not any(hasattr(p, field) for p in passes):
-        raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank)")
+        raise RewriteError("--budget given but no pass in the pipeline searches per-layer settings (fwsvd, lowrank, prune)")
     unset = (lambda p: True) if key == "params" else (lambda p: not getattr(p, field))
     return [dataclasses.replace(p, **{field: value}) if hasattr(p, field) and unset(p) else p for p in passes]
 

@@ -1,0 +1,163 @@
+import pytest
+import torch
+from torch import nn
+
+import rewrite
+from rewrite import api
+from rewrite.passes.prune import (
+    PrunedLinear,
+    PruneFFN,
+    allocate_units,
+    refit,
+    removal_order,
+)
+from rewrite.testing import check_pass
+from tests import fresh
+from tests.passes.test_lowrank import FFN
+
+
+class Gated(nn.Module):
+    """A SwiGLU block with a residual, and a projection before it that is no FFN."""
+
+    def __init__(self, d=16, hidden=48):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _gram(x):
+    x = torch.cat([x, torch.ones(x.shape[0], 1)], 1).double()
+    return x.T @ x
+
+
+def test_the_greedy_costs_add_up_to_the_refit_s_error_in_the_metric():
+    """OBS bookkeeping: Σ δ over the removed columns is the G-weighted error of the least-squares refit."""
+    torch.manual_seed(0)
+    x = torch.randn(500, 24) @ torch.randn(24, 24)
+    w, a = torch.randn(10, 25), torch.randn(10, 10)
+    metric, gram = a @ a.T, _gram(x)
+    order, costs = removal_order(w, gram, metric, steps=15, fixed=(24,))
+    assert 24 not in order and len(set(order)) == 15
+    kept = sorted(set(range(25)) - set(order))
+    error = w.double().clone()
+    error[:, kept] -= refit(w, gram, kept).double()
+    damped = gram + 1e-2 * gram.diagonal()[:24].mean() * torch.eye(25, dtype=torch.float64)
+    assert sum(costs) == pytest.approx(float(torch.trace(metric.double() @ error @ damped @ error.T)), rel=1e-6)
+
+
+def test_a_unit_that_is_a_copy_of_another_goes_first_and_costs_little():
+    torch.manual_seed(0)
+    x, w = torch.randn(300, 8), torch.randn(4, 9)
+    _, independent = removal_order(w, _gram(x), None, steps=1, fixed=(8,))
+    x[:, 5] = x[:, 2]  # unit 5 carries nothing unit 2 does not: only the damping keeps it from being free
+    order, costs = removal_order(w, _gram(x), None, steps=1, fixed=(8,))
+    assert order[0] in (2, 5) and costs[0] < 0.2 * independent[0]
+
+
+def test_the_budget_goes_to_the_cheapest_units_across_blocks():
+    counts = allocate_units({"a": [1.0, 2.0, 50.0], "b": [0.5, 40.0, 60.0]}, {"a": 10, "b": 10}, remove=30)
+    assert counts == {"a": 2, "b": 1}
+
+
+def test_a_pruned_ffn_is_narrower_and_its_refit_keeps_the_output():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    result = check_pass(PruneFFN(param_ratio=0.75, min_sqnr=5), model, (calib[0],), calib=calib)
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["blocks"] == 2
+    assert record.stats["target_weights_kept"] == pytest.approx(0.75, abs=0.01)
+    narrowed = [p for p, m in result.model.named_modules() if isinstance(m, PrunedLinear)]
+    assert sorted(narrowed) == ["down1", "down2", "up1", "up2"]  # proj is no FFN and stays
+    assert result.model.get_submodule("up1").out_features == result.model.get_submodule("down1").in_features < 128
+    assert record.params_after < record.params_before
+
+
+def test_the_refit_beats_dropping_the_units_alone():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    pruned = api.optimize(model, (calib[0],), "prune{param-ratio=0.6,min-sqnr=-100}", calib=calib,
+                          measure_latency=False).model
+    x = torch.randn(256, 32)
+    h = torch.nn.functional.gelu(model.up1(model.proj(x)))
+    kept = [j for j in range(128) if any(torch.equal(model.up1.weight[j], r) for r in pruned.up1.weight)]
+    dropped = (model.down1(h) - (h[:, kept] @ model.down1.weight[:, kept].T + model.down1.bias)).norm()
+    refitted = (model.down1(h) - pruned.down1(h[:, kept])).norm()
+    assert len(kept) == pruned.up1.out_features and refitted < 0.8 * dropped
+
+
+def test_gate_and_up_lose_the_same_units_and_the_down_gains_a_bias():
+    torch.manual_seed(0)
+    model = Gated().eval()
+    calib = [torch.randn(64, 16) for _ in range(4)]
+    result = check_pass(PruneFFN(param_ratio=0.7, min_sqnr=0), model, (calib[0],), calib=calib)
+    gate, up, down = (result.model.get_submodule(p) for p in ("gate", "up", "down"))
+    kept = [j for j in range(48) if any(torch.equal(model.gate.weight[j], r) for r in gate.weight)]
+    assert torch.equal(up.weight, model.up.weight[kept]) and down.in_features == len(kept) < 48
+    assert down.bias is not None and gate.bias is None
+
+
+def test_a_non_elementwise_middle_is_left_alone_with_the_reason():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.down(torch.softmax(self.up(x), -1))  # softmax mixes the hidden units
+
+    calib = [torch.randn(16, 8) for _ in range(2)]
+    record = api.optimize(Mixed(), (calib[0],), "prune{min-sqnr=-100}", calib=calib,
+                          measure_latency=False).report.records[0]
+    assert record.status != "applied"
+
+
+def test_a_model_without_a_feed_forward_block_is_not_touched():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh()).eval()
+    record = api.optimize(model, (torch.randn(4, 8),), "prune", calib=[torch.randn(4, 8)],
+                          measure_latency=False).report.records[0]
+    assert record.status != "applied" and "feed-forward" in " ".join(why for _, why in record.skipped)
+
+
+def test_param_ratio_outside_zero_one_is_a_clear_error():
+    with pytest.raises(api.RewriteError, match="param-ratio"):
+        api.optimize(FFN(), (torch.randn(2, 32),), "prune{param-ratio=1.5}", calib=[torch.randn(2, 32)])
+
+
+@pytest.mark.slow
+def test_a_pruned_llama_keeps_its_class_and_loads_back_with_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
+                              measure_latency=False)
+    assert type(result.model).__name__ == "LlamaForCausalLM" and result.report.records[0].status == "applied"
+    assert result.model.model.layers[0].mlp.down_proj.in_features < 96
+    result.model.save_pretrained(tmp_path / "p")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    code = ("import sys, torch, rewrite\n"
+            "m = rewrite.load(sys.argv[1])\n"
+            "ids = torch.load(sys.argv[2])\n"
+            "torch.save({'cls': type(m).__name__, 'logits': m(ids).logits.detach()}, sys.argv[3])\n")
+    reloaded = fresh.run(code, tmp_path / "p", ids, tmp_path)
+    assert reloaded["cls"] == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded["logits"], result.model(ids).logits)
+
+
+def test_local_recovery_fits_the_refit_down_linears_not_the_narrowed_ups():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(64, 32) for _ in range(8)]
+    record = api.optimize(model, (calib[0],), "prune{param-ratio=0.6,min-sqnr=0}", calib=calib, measure_latency=False,
+                          recover="local,steps=20").report.records[0]
+    assert record.status == "applied" and record.stats["recovery_layers"] == 2
