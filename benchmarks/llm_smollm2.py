@@ -5,7 +5,8 @@ output cosine; pure A8W4 with budget-cos=0, with and without smoothing; with --a
 precision, static activations, 4-bit storage) vs round-to-nearest in the same format vs onnxruntime's own int8
 (`quantize_dynamic`) and int4 (`MatMulNBitsQuantizer`, block 128): perplexity on held-out prose, bits per
 Linear weight, rewrite wall time, prefill latency (eager torch and onnxruntime, each against its own fp32).
-`--structured` adds fwsvd/lowrank on all Linears at 0.8 and 0.9 of their weights beside SVD-LLM and plain SVD.
+`--structured` adds fwsvd/lowrank on all Linears at 0.8 and 0.9 of their weights beside SVD-LLM and plain SVD,
+and prune (FFN hidden units) at 0.8 of the FFN weights and at 20% of all Linear weights.
 
 The packaged weights went through 4-bit once (GGUF Q4_1, blocks of 32): every fidelity number here is a
 second quantization of an already quantized model; DGQ's groups (128) do not align with that grid.
@@ -53,6 +54,9 @@ STRUCTURED = {
     "plain SVD, uniform ratio 0.8 (floor off)": "fwsvd{target=all,fisher=none,whiten=false,min-sqnr=-100}",
     "lowrank{target=all} (whitened, uniform 0.8)": "lowrank{target=all}",
     "fwsvd{target=all} + recover steps=200": ("fwsvd{target=all}", " + recover steps=200"),
+    # The MLPs hold 3/4 of the Linear weights: 0.733 of them kept is 20% of all Linear weights removed.
+    "prune (defaults: FFN hidden units by OBS, 0.8 of the FFN weights)": "prune",
+    "prune{param-ratio=0.733} (20% of all Linear weights, as fwsvd{target=all})": "prune{param-ratio=0.733}",
 }
 
 
