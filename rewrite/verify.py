@@ -344,30 +344,51 @@ def _growth(before: Any, after: Any, batch: tuple) -> str | None:
 def layer_errors(before: torch.nn.Module, after: torch.nn.Module, batch: tuple) -> list[dict[str, Any]]:
     """Each layer a pass replaced or changed, in model order: its output error on the inputs the original
     layer saw (the first calibration batch), and its weight bytes before and after. A layer that no longer
-    exists is judged as its nearest enclosing module that does (an FFN block a kernel layer replaced)."""
-    from rewrite import capture, measure
+    exists, or no longer takes or gives what the original did (prune's narrower Linears), is judged as its
+    nearest enclosing module that does (an FFN block a kernel layer replaced or narrowed)."""
+    from rewrite import capture
     changed = _changed_layers(before, after)
     if not changed:
         return []
     inputs: dict[str, tuple] = {}
+    enclosing = dict.fromkeys(q for p in changed for q in _self_and_ancestors(p))
     hooks = [before.get_submodule(p).register_forward_pre_hook(
-        lambda m, args, kwargs, p=p: inputs.setdefault(p, (args, kwargs)), with_kwargs=True) for p in changed]
+        lambda m, args, kwargs, p=p: inputs.setdefault(p, (args, kwargs)), with_kwargs=True) for p in enclosing]
     try:
         with torch.no_grad():
             capture.run(before, batch)
     finally:
         for hook in hooks:
             hook.remove()
-    rows = []
-    for path in (p for p in changed if p in inputs):
-        args, kwargs = inputs[path]
-        with torch.no_grad():
-            want = before.get_submodule(path)(*args, **kwargs)
-            got = after.get_submodule(path)(*args, **kwargs)
-        rows.append({"layer": path, "sqnr_db": round(compare([want], [got]).sqnr_db, 2),
-                     "bytes_before": measure.weight_bytes(before.get_submodule(path)),
-                     "bytes_after": measure.weight_bytes(after.get_submodule(path))})
-    return rows
+    rows: dict[str, dict[str, Any]] = {}
+    for path in changed:
+        judged = _judged(before, after, path, inputs)
+        if judged is not None and judged["layer"] not in rows:
+            rows[judged["layer"]] = judged
+    return list(rows.values())
+
+
+def _self_and_ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _judged(before: torch.nn.Module, after: torch.nn.Module, path: str, inputs: dict) -> dict[str, Any] | None:
+    """The row of the innermost module around `path` whose new form takes the original's inputs and gives
+    outputs of the original's shapes."""
+    from rewrite import measure
+    for where in (p for p in _self_and_ancestors(path) if p in inputs):
+        args, kwargs = inputs[where]
+        try:
+            with torch.no_grad():
+                want = before.get_submodule(where)(*args, **kwargs)
+                got = after.get_submodule(where)(*args, **kwargs)
+            error = compare([want], [got]).sqnr_db
+        except (RuntimeError, ValueError, TypeError):  # e.g. a narrower Linear fed the original's inputs
+            continue
+        return {"layer": where, "sqnr_db": round(error, 2), "bytes_before": measure.weight_bytes(before.get_submodule(where)),
+                "bytes_after": measure.weight_bytes(after.get_submodule(where))}
+    return None
 
 
 def _changed_layers(before: torch.nn.Module, after: torch.nn.Module) -> list[str]:

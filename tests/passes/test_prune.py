@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import rewrite
-from rewrite import api
+from rewrite import api, verify
 from rewrite.passes.prune import (
     PrunedLinear,
     PruneFFN,
@@ -142,6 +142,10 @@ def test_a_pruned_llama_keeps_its_class_and_loads_back_with_generate(tmp_path):
                               measure_latency=False)
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.report.records[0].status == "applied"
     assert result.model.model.layers[0].mlp.down_proj.in_features < 96
+    # per-layer errors judge each narrowed MLP as a whole (its Linears no longer take the originals' inputs)
+    rows = verify.layer_errors(model, result.model, calib[0])
+    assert [row["layer"] for row in rows] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(0 < row["sqnr_db"] < 100 and row["bytes_after"] < row["bytes_before"] for row in rows)
     result.model.save_pretrained(tmp_path / "p")
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
     code = ("import sys, torch, rewrite\n"
