@@ -165,3 +165,17 @@ def test_local_recovery_fits_the_refit_down_linears_not_the_narrowed_ups():
     record = api.optimize(model, (calib[0],), "prune{param-ratio=0.6,min-sqnr=0}", calib=calib, measure_latency=False,
                           recover="local,steps=20").report.records[0]
     assert record.status == "applied" and record.stats["recovery_layers"] == 2
+
+
+def test_block_by_block_each_decoder_block_loses_its_share():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    records = rewrite.optimize(model, calib[0], "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
+                               measure_latency=False, blockwise=True).report.records
+    assert [r.name for r in records] == ["prune @ model.layers.0", "prune @ model.layers.1"]
+    assert all(r.status == "applied" and r.stats["target_weights_kept"] == pytest.approx(0.7, abs=0.01)
+               for r in records)
