@@ -191,7 +191,10 @@ class _Equality:
         if pn.op != gn.op:
             return False
         if pn.op == "call_module":
-            return type(self.gm.get_submodule(gn.target)) is type(self.pattern.get_submodule(pn.target))
+            found, wanted = type(self.gm.get_submodule(gn.target)), type(self.pattern.get_submodule(pn.target))
+            # Exact types: a subclass may compute something else (a quantized Linear), unless it says it is
+            # the plain layer with other shapes (prune's narrowed Linears set `plain_form = nn.Linear`).
+            return found is wanted or getattr(found, "plain_form", None) is wanted
         if pn.op == "call_function":
             return _canonical(pn.target) == _canonical(gn.target)
         if pn.op == "get_attr":

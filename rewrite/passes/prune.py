@@ -45,6 +45,8 @@ SEARCH_DEPTH = 3
 class PrunedLinear(nn.Linear):
     """A Linear with fewer inputs or outputs than the one it replaced (rebuilt from its tensors on load)."""
 
+    plain_form = nn.Linear  # it computes what nn.Linear does: the matcher lets later passes' patterns take it
+
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> PrunedLinear:
         weight, bias = tensors["weight"], tensors.get("bias")

@@ -179,3 +179,12 @@ def test_block_by_block_each_decoder_block_loses_its_share():
     assert [r.name for r in records] == ["prune @ model.layers.0", "prune @ model.layers.1"]
     assert all(r.status == "applied" and r.stats["target_weights_kept"] == pytest.approx(0.7, abs=0.01)
                for r in records)
+
+
+def test_a_later_pass_s_patterns_take_the_narrowed_linears():
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    records = api.optimize(model, (calib[0],), "prune{param-ratio=0.8,min-sqnr=-100},lowrank{param-ratio=0.5,min-sqnr=-100}",
+                           calib=calib, measure_latency=False).report.records
+    assert [r.status for r in records] == ["applied", "applied"] and records[1].params_after < records[0].params_after
