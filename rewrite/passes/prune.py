@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from rewrite import compress, weighting
-from rewrite.errors import InvalidValue
+from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import feed_forward, gated_feed_forward, set_submodule
 
@@ -224,10 +224,7 @@ class PruneFFN(SqnrFloor, Pass):
         blocks, skipped = confirmed_blocks(module, groups, ctx.calibration[0])
         if not blocks:
             return PassResult(module, False, skipped=skipped)
-        gen = torch.Generator().manual_seed(ctx.seed)
-        found = weighting.moments(module, [b.down for b in blocks], ctx.calibration, ctx.masks,
-                                  lambda out, i: weighting.fisher_loss(
-                                      out, ctx.targets[i] if ctx.targets is not None else None, gen))
+        found = self._moments(module, blocks, ctx)
         orders = {}
         for k, block in enumerate(blocks):
             ctx.step(f"ordering the hidden units of {block.down}", k, len(blocks))
@@ -250,11 +247,26 @@ class PruneFFN(SqnrFloor, Pass):
         return PassResult(module, any(counts.values()), stats, skipped)
 
     @staticmethod
+    def _moments(module: nn.Module, blocks: list[Block], ctx: PassContext) -> weighting.Moments:
+        """The downs' input grams and output Fishers; without a Fisher (integer outputs carry no gradient),
+        each block's own output error ranks its units (G = I)."""
+        gen = torch.Generator().manual_seed(ctx.seed)
+        downs = [b.down for b in blocks]
+        try:
+            found = weighting.moments(module, downs, ctx.calibration, ctx.masks, lambda out, i: weighting.fisher_loss(
+                out, ctx.targets[i] if ctx.targets is not None else None, gen))
+        except RewriteError:  # no floating-point output to take gradients of
+            return weighting.moments(module, downs, ctx.calibration, ctx.masks)
+        if not any(bool(g.any()) for g in found.outputs.values()):
+            found.outputs = {}
+        return found
+
+    @staticmethod
     def _order(module: nn.Module, block: Block, found: weighting.Moments, ratio: float) -> tuple[list[int], list[float]]:
         down = module.get_submodule(block.down)
         width = down.in_features
         steps = min(width - max(1, width // KEEP_AT_LEAST), math.ceil(SEARCH_DEPTH * (1 - ratio) * width))
-        return removal_order(_with_bias(down), found.with_constant(block.down), found.outputs[block.down],
+        return removal_order(_with_bias(down), found.with_constant(block.down), found.outputs.get(block.down),
                              steps=steps, fixed=(width,))
 
     @staticmethod

@@ -188,3 +188,19 @@ def test_a_later_pass_s_patterns_take_the_narrowed_linears():
     records = api.optimize(model, (calib[0],), "prune{param-ratio=0.8,min-sqnr=-100},lowrank{param-ratio=0.5,min-sqnr=-100}",
                            calib=calib, measure_latency=False).report.records
     assert [r.status for r in records] == ["applied", "applied"] and records[1].params_after < records[0].params_after
+
+
+def test_integer_outputs_rank_units_by_each_block_s_own_output_error():
+    class Argmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.head = nn.Linear(8, 64), nn.Linear(64, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(x + self.down(torch.relu(self.up(x)))).argmax(-1)
+
+    torch.manual_seed(0)
+    calib = [torch.randn(32, 8) for _ in range(3)]
+    record = api.optimize(Argmax().eval(), (calib[0],), "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
+                          measure_latency=False).report.records[0]
+    assert record.status == "applied" and record.stats["target_weights_kept"] == pytest.approx(0.7, abs=0.02)
