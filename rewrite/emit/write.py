@@ -83,7 +83,7 @@ def _code_files(config: Path) -> list[str]:
 
 def hf_artifact(config: Path, form: str) -> Artifact:
     quantized = "quantization_config" in json.loads(config.read_text())
-    how = ("rewrite.load(DIR) gives your class back (from_pretrained cannot: factorized layers)"
+    how = ("rewrite.load(DIR) gives your class back (from_pretrained cannot: its layers have no standard form)"
            if form == hf.LAYERS else "AutoModel*.from_pretrained(DIR) loads it" +
            (" (with pip install compressed-tensors)" if quantized else ""))
     return Artifact("hf", str(config), None, how)
