@@ -89,6 +89,9 @@ class PassResult:
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Per-layer rows for the report's picture ({"layer", "sqnr_db", "bytes_before", "bytes_after"}), where the
+    # pass knows them and the framework cannot run the new layers alone (prune's narrowed FFNs in a graph).
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

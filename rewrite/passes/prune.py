@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from rewrite import compress, weighting
+from rewrite import compress, measure, weighting
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import feed_forward, gated_feed_forward, set_submodule
@@ -234,17 +234,20 @@ class PruneFFN(SqnrFloor, Pass):
                                 (1 - self.param_ratio) * sum(self._weights(module, b) for b in blocks))
         before = sum(self._weights(module, b) for b in blocks)
         kept_units: list[tuple[int, int]] = []
+        rows = []
         for block in blocks:
             width = module.get_submodule(block.down).in_features
             removed = set(orders[block.down][0][:counts[block.down]])
             kept = [j for j in range(width) if j not in removed]
             kept_units.append((len(kept), width))
             if removed:
-                self._narrow(module, block, kept, found.with_constant(block.down))
+                row = {"layer": block.down, "bytes_before": self._bytes(module, block)}
+                row["sqnr_db"] = self._narrow(module, block, kept, found.with_constant(block.down))
+                rows.append(row | {"bytes_after": self._bytes(module, block)})
         after = sum(self._weights(module, b) for b in blocks)
         stats = {"blocks": len(blocks), "units_kept": _spread(kept_units),
                  "target_weights_kept": round(after / before, 4)}
-        return PassResult(module, any(counts.values()), stats, skipped)
+        return PassResult(module, any(counts.values()), stats, skipped, layers=rows)
 
     @staticmethod
     def _moments(module: nn.Module, blocks: list[Block], ctx: PassContext) -> weighting.Moments:
@@ -270,14 +273,22 @@ class PruneFFN(SqnrFloor, Pass):
                              steps=steps, fixed=(width,))
 
     @staticmethod
-    def _narrow(module: nn.Module, block: Block, kept: list[int], gram: torch.Tensor) -> None:
+    def _narrow(module: nn.Module, block: Block, kept: list[int], gram: torch.Tensor) -> float:
+        """Swaps in the narrowed block; returns its output SQNR (dB) on the calibration inputs."""
         down = module.get_submodule(block.down)
-        weight = refit(_with_bias(down), gram, kept + [down.in_features])
+        columns = kept + [down.in_features]
+        weight = refit(_with_bias(down), gram, columns)
         for path in block.ups:
             up = module.get_submodule(path)
             set_submodule(module, path, PrunedLinear.from_state(
                 {"weight": up.weight.detach()[kept]} | ({} if up.bias is None else {"bias": up.bias.detach()[kept]})))
+        sqnr = _output_sqnr(_with_bias(down), weight, columns, gram)
         set_submodule(module, block.down, PrunedLinear.from_state({"weight": weight[:, :-1], "bias": weight[:, -1]}))
+        return sqnr
+
+    @staticmethod
+    def _bytes(module: nn.Module, block: Block) -> int:
+        return sum(measure.weight_bytes(module.get_submodule(p)) for p in block.ups + [block.down])
 
     @staticmethod
     def _unit_weights(module: nn.Module, block: Block) -> int:
@@ -287,6 +298,16 @@ class PruneFFN(SqnrFloor, Pass):
     @staticmethod
     def _weights(module: nn.Module, block: Block) -> int:
         return sum(module.get_submodule(p).weight.numel() for p in block.ups + [block.down])
+
+
+def _output_sqnr(weight: torch.Tensor, refit_columns: torch.Tensor, columns: list[int], gram: torch.Tensor) -> float:
+    """10·log10(‖W x̃‖² / ‖(W − W′) x̃‖²) summed over the calibration tokens, from their gram: the down's
+    output error on the inputs the original saw (W′: the refit columns, zero where units were removed)."""
+    error = weight.double().clone()
+    error[:, columns] -= refit_columns.double()
+    signal = float(torch.einsum("oi,ij,oj->", weight.double(), gram.double(), weight.double()))
+    noise = float(torch.einsum("oi,ij,oj->", error, gram.double(), error))
+    return round(10 * math.log10(signal / noise), 2) if noise > 0 else math.inf
 
 
 def _spread(kept: list[tuple[int, int]]) -> str:

@@ -204,3 +204,21 @@ def test_integer_outputs_rank_units_by_each_block_s_own_output_error():
     record = api.optimize(Argmax().eval(), (calib[0],), "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
                           measure_latency=False).report.records[0]
     assert record.status == "applied" and record.stats["target_weights_kept"] == pytest.approx(0.7, abs=0.02)
+
+
+def test_the_report_rows_are_each_narrowed_block_s_output_sqnr():
+    """In a graph a narrowed Linear cannot be run alone: the pass gives the rows, from the grams it holds."""
+    torch.manual_seed(0)
+    model = FFN().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    result = api.optimize(model, (calib[0],), "prune{param-ratio=0.75,min-sqnr=-100}", calib=calib,
+                          measure_latency=False)
+    rows = result.report.records[0].layers
+    assert [row["layer"] for row in rows] == ["down1", "down2"]
+    x = torch.cat(calib)
+    h = torch.nn.functional.gelu(model.up1(model.proj(x)))
+    kept = [j for j in range(128) if any(torch.equal(model.up1.weight[j], r) for r in result.model.up1.weight)]
+    want, got = model.down1(h), result.model.down1(h[:, kept])
+    sqnr = 10 * torch.log10(want.square().sum() / (want - got).square().sum())
+    assert rows[0]["sqnr_db"] == pytest.approx(float(sqnr), abs=0.05)
+    assert all(row["bytes_after"] < row["bytes_before"] for row in rows)
