@@ -203,6 +203,14 @@ def describe(batches: list[tuple]) -> str:
     return f"{len(batches)} batch(es) of ({shapes})"
 
 
+def forward_order(model: nn.Module, paths: list[str], batch: tuple) -> list[str]:
+    """`paths` in the order one forward first calls them (those never called are left out)."""
+    seen: list[str] = []
+    run_hooked(model, [batch], [model.get_submodule(p).register_forward_pre_hook(
+        lambda _m, _a, p=p: seen.append(p) if p not in seen else None) for p in paths])
+    return seen
+
+
 def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
                  outputs: tuple[str, ...] = ()) -> dict[str, list[torch.Tensor]]:
     """What each layer at `paths` receives (its first positional input), or returns for the paths also
@@ -215,7 +223,7 @@ def layer_values(module: nn.Module, paths: list[str], batches: list[tuple],
         return hook
 
     layers = [module.get_submodule(p) for p in paths]
-    _run_hooked(module, batches, [layer.register_forward_hook(record(p)) if p in outputs
+    run_hooked(module, batches, [layer.register_forward_hook(record(p)) if p in outputs
                                   else layer.register_forward_pre_hook(record(p)) for p, layer in zip(paths, layers)])
     return seen
 
@@ -224,7 +232,7 @@ class _Enough(Exception):
     """Raised by a hook once a run has given everything asked of it: the rest of the forward is skipped."""
 
 
-def _run_hooked(module: nn.Module, batches: list[tuple], hooks: list) -> None:
+def run_hooked(module: nn.Module, batches: list[tuple], hooks: list) -> None:
     """Run `module` over `batches` without gradients, then remove `hooks` (also when the run fails). A hook
     may end a batch's run early by raising `_Enough`."""
     try:
@@ -272,7 +280,7 @@ def input_stats(module: nn.Module, paths: list[str], batches: list[tuple], sampl
                 raise _Enough
         return hook
 
-    _run_hooked(module, batches, [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths])
+    run_hooked(module, batches, [module.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths])
     return {p: InputStats(peak, total_abs / n, total_square / n, rows)
             for p, (peak, total_abs, total_square, n, rows) in sums.items()}
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from rewrite import distributed, verify
+from rewrite import calibration, distributed, verify
 from rewrite.pass_base import Pass
 from rewrite.spec import RecoverSpec  # noqa: F401  (the options recovery runs with, parsed in spec.py)
 
@@ -180,7 +180,7 @@ def fit_layers(student: nn.Module, teacher: nn.Module, paths: list[str], batches
     and is trained toward what the original layer made of the original inputs, so it also makes up for
     the error that reaches it. Only that layer runs forward and backward, on cached inputs; `held_out`
     batches pick its best state and stop it early. Returns the summed relative errors before and after."""
-    paths = _forward_order(student, paths, batches[0])
+    paths = calibration.forward_order(student, paths, batches[0])
     total_before = total_after = 0.0
     for k, path in enumerate(paths):
         if progress:
@@ -191,20 +191,6 @@ def fit_layers(student: nn.Module, teacher: nn.Module, paths: list[str], batches
                         seed=seed, masks=masks, held_masks=held_masks)
         total_before, total_after = total_before + stats["loss_before"], total_after + stats["loss_after"]
     return {"layers": len(paths), "loss_before": total_before, "loss_after": total_after}
-
-
-def _forward_order(model: nn.Module, paths: list[str], batch: tuple) -> list[str]:
-    """`paths` in the order one forward first calls them (those never called are left out)."""
-    seen: list[str] = []
-    hooks = [model.get_submodule(p).register_forward_pre_hook(
-        lambda m, a, p=p: seen.append(p) if p not in seen else None) for p in paths]
-    try:
-        with torch.no_grad():
-            model(*batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def _layer_io(student: nn.Module, teacher: nn.Module, path: str, batches: list[tuple]) -> tuple[list, list]:

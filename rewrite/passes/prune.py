@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from rewrite import compress, measure, weighting
+from rewrite import calibration, compress, measure, weighting
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import feed_forward, gated_feed_forward, set_submodule
@@ -125,7 +125,7 @@ def candidate_groups(module: nn.Module) -> list[list[str]]:
 def confirmed_blocks(module: nn.Module, groups: list[list[str]], batch: tuple) -> tuple[list[Block], list]:
     """Blocks whose hidden unit k reaches the down Linear from unit k of the ups alone: the last Linear a
     forward calls is the down, and zeroing some of the ups' outputs must zero exactly those of its input."""
-    order = _call_order(module, [p for g in groups for p in g], batch)
+    order = calibration.forward_order(module, [p for g in groups for p in g], batch)
     blocks, skipped = [], []
     for group in groups:
         called = sorted((p for p in group if p in order), key=order.index)
@@ -139,23 +139,6 @@ def confirmed_blocks(module: nn.Module, groups: list[list[str]], batch: tuple) -
     skipped += [(b.down, "a layer between the up and down Linears mixes hidden units (or φ(0) ≠ 0)")
                 for b in blocks if not local[b.down]]
     return [b for b in blocks if local[b.down]], skipped
-
-
-def _call_order(module: nn.Module, paths: list[str], batch: tuple) -> list[str]:
-    seen: list[str] = []
-    _run_hooked(module, batch, [module.get_submodule(p).register_forward_pre_hook(
-        lambda _m, _a, p=p: seen.append(p) if p not in seen else None) for p in paths])
-    return seen
-
-
-def _run_hooked(module: nn.Module, batch: tuple, hooks: list) -> None:
-    """One forward without gradients, the hooks removed after it however it ends."""
-    try:
-        with torch.no_grad():
-            module(*batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _elementwise(module: nn.Module, blocks: list[Block], batch: tuple) -> dict[str, bool]:
@@ -172,8 +155,8 @@ def _elementwise(module: nn.Module, blocks: list[Block], batch: tuple) -> dict[s
             local[path] &= bool((x[..., masks[path]] == 0).all()) and bool((x[..., ~masks[path]] != 0).any())
         return hook
     hooks = [module.get_submodule(u).register_forward_hook(zero(masks[b.down])) for b in blocks for u in b.ups]
-    _run_hooked(module, batch, hooks + [module.get_submodule(b.down).register_forward_pre_hook(check(b.down))
-                                        for b in blocks])
+    hooks += [module.get_submodule(b.down).register_forward_pre_hook(check(b.down)) for b in blocks]
+    calibration.run_hooked(module, [batch], hooks)
     return local
 
 
@@ -229,10 +212,9 @@ class PruneFFN(SqnrFloor, Pass):
         for k, block in enumerate(blocks):
             ctx.step(f"ordering the hidden units of {block.down}", k, len(blocks))
             orders[block.down] = self._order(module, block, found, self.param_ratio)
-        counts = allocate_units({d: costs for d, (_, costs) in orders.items()},
-                                {b.down: self._unit_weights(module, b) for b in blocks},
-                                (1 - self.param_ratio) * sum(self._weights(module, b) for b in blocks))
         before = sum(self._weights(module, b) for b in blocks)
+        counts = allocate_units({d: costs for d, (_, costs) in orders.items()},
+                                {b.down: self._unit_weights(module, b) for b in blocks}, (1 - self.param_ratio) * before)
         kept_units: list[tuple[int, int]] = []
         rows = []
         for block in blocks:

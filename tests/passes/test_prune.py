@@ -130,14 +130,19 @@ def test_param_ratio_outside_zero_one_is_a_clear_error():
         api.optimize(FFN(), (torch.randn(2, 32),), "prune{param-ratio=1.5}", calib=[torch.randn(2, 32)])
 
 
-@pytest.mark.slow
-def test_a_pruned_llama_keeps_its_class_and_loads_back_with_generate(tmp_path):
+def _tiny_llama():
+    """A random two-block Llama (hidden 32, FFN 96) and three calibration batches of token ids."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
     calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    return transformers.LlamaForCausalLM(cfg).eval(), calib
+
+
+@pytest.mark.slow
+def test_a_pruned_llama_keeps_its_class_and_loads_back_with_generate(tmp_path):
+    model, calib = _tiny_llama()
     result = rewrite.optimize(model, calib[0], "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
                               measure_latency=False)
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.report.records[0].status == "applied"
@@ -168,12 +173,7 @@ def test_local_recovery_fits_the_refit_down_linears_not_the_narrowed_ups():
 
 
 def test_block_by_block_each_decoder_block_loses_its_share():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    model, calib = _tiny_llama()
     records = rewrite.optimize(model, calib[0], "prune{param-ratio=0.7,min-sqnr=-100}", calib=calib,
                                measure_latency=False, blockwise=True).report.records
     assert [r.name for r in records] == ["prune @ model.layers.0", "prune @ model.layers.1"]
