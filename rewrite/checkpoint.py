@@ -121,7 +121,7 @@ class Shards:
                 with safe_open(str(file), framework="pt") as handle:
                     out.update({name: handle.get_tensor(name) for name in wanted})
             except Exception as exc:  # safetensors' own error type is not importable by name
-                raise _damaged(file, exc) from None
+                raise (_out_of_memory(file, exc) if _memory_failure(exc) else _damaged(file, exc)) from None
         for name, tensor in out.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise RewriteError(f"checkpoint tensor {name!r} in {self.files[name].name} holds NaN or inf: the "
@@ -137,6 +137,17 @@ def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                     for name in handle.keys()}
     except Exception as exc:
         raise _damaged(file, exc) from None
+
+
+def _memory_failure(exc: BaseException) -> bool:
+    """safetensors reports a failed mmap (the address space or the data limit is full) like a bad file."""
+    return any(words in str(exc) for words in ("unable to mmap", "allocate memory"))
+
+
+def _out_of_memory(file: Path, exc: BaseException) -> RewriteError:
+    return RewriteError(f"out of memory reading the shard {str(file)!r} ({first_line(exc, 100)}): the file is "
+                        "fine, this process has no room for it; free memory, or give rewrite the folder with --out "
+                        "so that it works one block at a time")
 
 
 def _damaged(file: Path, exc: BaseException) -> RewriteError:

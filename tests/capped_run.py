@@ -30,8 +30,8 @@ def main(folder: str, out: str, mode: str, headroom: int) -> None:
             checkpoint.load_whole(folder)
         else:
             rewrite.optimize(folder, None, spec, calib=calib, out=out, measure_latency=False)
-    except (MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "allocate memory" not in str(exc):
+    except (MemoryError, RuntimeError, rewrite.RewriteError) as exc:
+        if not isinstance(exc, MemoryError) and not any(s in str(exc) for s in ("allocate memory", "out of memory")):
             raise
         print("out of memory")
         return

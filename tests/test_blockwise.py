@@ -177,13 +177,13 @@ def test_a_checkpoint_larger_than_the_memory_cap_still_quantizes(tmp_path):
     import sys
     from pathlib import Path
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(cfg)
-    size = sum(p.numel() * 4 for p in model.parameters())  # 380 MB
+    size = sum(p.numel() * 4 for p in model.parameters())  # 250 MB
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="20MB")
     del model
-    cap = size // 2  # above the warmed-up process: half the model
+    cap = size * 3 // 5  # above the warmed-up process: 60% of the model
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors go back to the system
 
     def run(mode):
@@ -196,7 +196,7 @@ def test_a_checkpoint_larger_than_the_memory_cap_still_quantizes(tmp_path):
 
     assert run("whole") == "out of memory"  # the cap binds: the model does not fit whole
     assert run("blocks") == "ok"
-    assert (tmp_path / "out-blocks" / "block-00023.pt2").is_file()
+    assert (tmp_path / "out-blocks" / "block-00015.pt2").is_file()
 
 
 def _gpt2():

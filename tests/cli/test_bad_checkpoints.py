@@ -154,3 +154,22 @@ def test_a_disk_that_fills_during_the_block_writes_leaves_nothing_and_says_so(tm
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and "size limit" in lines[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert snapshot(d) == before, "output (or its hidden staging folder) was left behind"
+
+
+def test_a_shard_that_cannot_be_mapped_for_lack_of_memory_is_not_called_damaged(tmp_path, monkeypatch):
+    """safetensors says 'unable to mmap' when the process's memory is full, as when a file is truncated:
+    the message names memory and the way out, not a re-download of a good file."""
+    import safetensors
+
+    from rewrite.checkpoint import Shards
+    from rewrite.errors import RewriteError
+    shards = Shards(make_checkpoints(tmp_path) / "good")
+
+    def full(*_args, **_kwargs):
+        raise OSError("unable to mmap 19932464 bytes from file <model.safetensors>: Cannot allocate memory "
+                      "(os error 12)")
+
+    monkeypatch.setattr(safetensors, "safe_open", full)
+    with pytest.raises(RewriteError, match="out of memory reading the shard .*--out") as refused:
+        shards.read(list(shards.files)[:1])
+    assert "damaged" not in str(refused.value)
