@@ -121,7 +121,7 @@ class Shards:
                 with safe_open(str(file), framework="pt") as handle:
                     out.update({name: handle.get_tensor(name) for name in wanted})
             except Exception as exc:  # safetensors' own error type is not importable by name
-                raise (_out_of_memory(file, exc) if _memory_failure(exc) else _damaged(file, exc)) from None
+                raise _damaged(file, exc) from None
         for name, tensor in out.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise RewriteError(f"checkpoint tensor {name!r} in {self.files[name].name} holds NaN or inf: the "
@@ -151,6 +151,9 @@ def _out_of_memory(file: Path, exc: BaseException) -> RewriteError:
 
 
 def _damaged(file: Path, exc: BaseException) -> RewriteError:
+    """Why a shard could not be read: out of memory where the mapping failed for that, else a bad file."""
+    if _memory_failure(exc):
+        return _out_of_memory(file, exc)
     return RewriteError(f"the shard {str(file)!r} is damaged or not safetensors ({first_line(exc, 100)}): copy or "
                         "download the checkpoint again")
 
