@@ -136,6 +136,13 @@ class Pass:
         return cls.contract.describe()
 
     @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        """Whether a look at the module's layers shows that the pass has nothing to rewrite there, without a
+        capture or a run (`tune` names only the passes it leaves out that could have done something). False
+        when it cannot tell so cheaply."""
+        return False
+
+    @classmethod
     def patterns(cls) -> list:
         """The `rewrite.match.Pattern`s the pass rewrites (for `rewrite passes explain`); none by default."""
         return []

@@ -232,7 +232,9 @@ def _search_section(search: dict[str, Any]) -> str:
                "none met the target, so the most accurate of the points as fast as the fastest (within 5% of its "
                "speed-up or its 95% interval) was chosen: loosen --target, or protect accuracy with --floor metric=Y")
     defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
-    left_out = (f" Left out: {', '.join(search['left_out'])}, which change the graph itself: your "
+    names = search.get("left_out", [])
+    verb = "changes" if len(names) == 1 else "change"
+    left_out = (f" Left out: {', '.join(names)}, which {verb} the graph itself: your "
                 f"{search.get('model_class', 'model')} would come back as a graph, without its generate, config and "
                 "save_pretrained (`rewrite optimize --passes` runs them)." if search.get("left_out") else "")
     return (f"\n## Search (rewrite tune, {search['target']} in {search.get('backend', 'torch')}, "

@@ -216,7 +216,8 @@ def _joined(*parts: str) -> str:
 
 
 def exact_passes(model: nn.Module) -> tuple[str, str, list[str]]:
-    """(the exact passes before the approximate family, those after, the graph-level ones left out). A model
+    """(the exact passes before the approximate family, those after, the graph-level ones left out that could
+    have rewritten something: a language model has no 1×1 convolution for pointwise). A model
     with something to lose as a graph (a Hugging Face model's generate, config, save_pretrained) is searched
     without the passes that change the graph itself (pointwise, inplace), so that every candidate, and the
     chosen one, stays the user's class (on MiniLM inplace applied and measured 0.99x: it only cost the class)."""
@@ -224,7 +225,8 @@ def exact_passes(model: nn.Module) -> tuple[str, str, list[str]]:
         return BEFORE, AFTER, []
     graph_level = [name for name in EXACT.split(",") if registry.load_pass(name).level == "graph"]
     keep = [[name for name in part.split(",") if name not in graph_level] for part in (BEFORE, AFTER)]
-    return ",".join(keep[0]), ",".join(keep[1]), graph_level
+    useful = [name for name in graph_level if not registry.load_pass(name).finds_nothing_in(model)]
+    return ",".join(keep[0]), ",".join(keep[1]), useful
 
 
 def _same_model(a: Point, b: Point) -> bool:

@@ -89,6 +89,10 @@ class Pointwise(Pass):
             forms[path] = choice
         return PassResult(module, bool(forms), {"rewritten": len(forms), "forms": forms, "ms": times}, skipped)
 
+    @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return all(_why_not(conv) for _, conv in layers(module, _CONVS))
+
     def __post_init__(self):
         pinned_choices(self.layers, ("matmul", "linear", "conv"))  # a malformed one is refused when parsed
 
