@@ -162,8 +162,8 @@ def test_the_int8_gemm_is_exact_and_repacks_a_weight_changed_in_place():
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
     w_s8.neg_()  # a load_state_dict copies into the same tensor
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert kernels.onednn_int8.layout in ("whole", "halves")  # x86: the int8 GEMM, not the float fallback
+    if kernels.onednn_int8.usable():  # the same integers through oneDNN and through the float path
+        assert torch.equal(kernels.onednn_int8.matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
 
 
 @pytest.mark.parametrize("shape", ["linear", "concave", "steps"])

@@ -3,9 +3,10 @@
 rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
     y = s_x · s1[o] · Σ_k clamp(round(x/s_x), ±127)[k] · W_s8[o, k] + bias[o]
   s_x is a 1-element tensor (static per-tensor) or empty (dynamic per-token: s_x[t] = max|x_t|/127).
-  PyTorch: oneDNN's x86 int8 GEMM (`onednn_int8`, exact integers); without it, float32 GEMMs over slices
-  of K short enough that every partial sum is an integer below 2^24 (torch._int_mm gives the same integers,
-  but its CPU kernel measured 57x slower than the fp32 GEMM at 512×576·576×1536). ONNX (static): QuantizeLinear to uint8 with zero
+  PyTorch: oneDNN's x86 int8 GEMM where it sums u8·s8 products exactly (`onednn_int8`: VNNI, AVX-512);
+  elsewhere float32 GEMMs over slices of K short enough that every partial sum is an integer below 2^24
+  (torch._int_mm gives the same integers, but its CPU kernel measured 57x slower than the fp32 GEMM at
+  512×576·576×1536). ONNX (static): QuantizeLinear to uint8 with zero
   point 128 + com.microsoft.MatMulIntegerToFloat; ONNX (per-token): x/s_x[t] through QuantizeLinear
   (scale 1, zero point 128: the same round-half-even and clamp), MatMulIntegerToFloat with the column
   scale, then the row scale and bias. The weights go in as int8 (U8S8) where the exporting machine's
@@ -76,8 +77,8 @@ EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 
 def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     """codes (T, K) · w_s8 (O, K)ᵀ: the exact int32 sums, as float32 (what int32 → float32 gives).
 
-    On x86 CPUs, oneDNN's int8 GEMM (`onednn_int8`); elsewhere float32 GEMMs over K-slices short enough
-    that every partial sum is an integer below 2^24, exact in any summation order."""
+    On x86 CPUs with VNNI, oneDNN's int8 GEMM (`onednn_int8`); elsewhere float32 GEMMs over K-slices short
+    enough that every partial sum is an integer below 2^24, exact in any summation order."""
     if torch.get_float32_matmul_precision() != "highest" or codes.is_cuda:  # float GEMMs may round (bf16/tf32)
         if not codes.shape[0]:
             return codes.new_zeros(0, w_s8.shape[0])
@@ -96,25 +97,26 @@ class onednn_int8:
     """The int8 GEMM that torch ships for x86 (oneDNN's u8·s8 → s32, `onednn::qlinear_pointwise`), with the
     activation codes shifted to uint8 (zero point 128) and the weights prepacked once per weight tensor.
 
-    Without VNNI (AVX2), oneDNN sums pairs of u8·s8 products in saturating int16 (vpmaddubsw): 255·127·2
-    overflows, measured 148,399 off at 512×576·576×1536. There each weight is split in two halves of
-    |w| ≤ 64 (w = ⌊w/2⌋ + ⌈w/2⌉) laid side by side along K, so one GEMM over 2K sums the same integers
-    without saturating (255·64·2 < 2^15). Which layout is exact is measured once, on the worst case."""
+    Used only where it sums the same integers as the float path, which is measured once, on the worst case.
+    Without VNNI (AVX2) oneDNN sums pairs of u8·s8 products in saturating int16 (vpmaddubsw): 255·127·2
+    overflows, measured 148,399 off at 512×576·576×1536. Splitting each weight in two halves of |w| ≤ 64
+    along K made it exact there, but that GEMM over 2K measured 1.2–3.3x slower than the float path on an
+    AVX2 EPYC at 512 and 4,096 tokens (SmolLM2's shapes), and no faster at 1–16 (SmolLM2's prefill 0.41x
+    fp32 speed against the float path's 0.88x, decode 0.53x against 0.56x; benchmarks/int8_gemm.py), so
+    AVX2 takes the float path."""
 
     _packed: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(weight) → (weight, its version, packed)
-    layout: str | None = None  # "whole" or "halves" (exact), "none" (no oneDNN int8 here); None: not checked
+    exact: bool | None = None  # whether oneDNN's int8 GEMM sums exactly here; None: not checked yet
 
     @classmethod
     def usable(cls) -> bool:
-        if cls.layout is None:
-            cls.layout = cls._exact_layout()
-        return cls.layout != "none"
+        if cls.exact is None:
+            cls.exact = cls._sums_exactly()
+        return cls.exact
 
     @classmethod
     def matmul(cls, codes: Tensor, w_s8: Tensor) -> Tensor:
         x_u8 = (codes + 128).to(torch.uint8)
-        if cls.layout == "halves":
-            x_u8 = torch.cat([x_u8, x_u8], 1)
         packed, unit_scales, zero_points = cls._packed_weight(w_s8)
         return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, unit_scales, zero_points, None, 1.0, 0,
                                                   torch.float32, "none", [], "")
@@ -128,31 +130,25 @@ class onednn_int8:
         key = id(w_s8)
         cached = cls._packed.get(key)
         if cached is None or cached[0]() is not w_s8 or cached[1] != w_s8._version:
-            laid_out = w_s8
-            if cls.layout == "halves":
-                low = torch.div(w_s8, 2, rounding_mode="floor")
-                laid_out = torch.cat([low, w_s8 - low], 1)
             alive = weakref.ref(w_s8, lambda _: cls._packed.pop(key, None))
             out = w_s8.shape[0]
-            cached = (alive, w_s8._version, (torch.ops.onednn.qlinear_prepack(laid_out.contiguous(), None),
+            cached = (alive, w_s8._version, (torch.ops.onednn.qlinear_prepack(w_s8.contiguous(), None),
                                              torch.ones(out), torch.zeros(out, dtype=torch.long)))
             cls._packed[key] = cached
         return cached[2]
 
     @classmethod
-    def _exact_layout(cls) -> str:
+    def _sums_exactly(cls) -> bool:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
-            return "none"
+            return False
         codes = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32])  # saturates int16 pair sums
         weights = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)
-        for layout in ("whole", "halves"):
-            cls.layout, cls._packed = layout, {}
-            try:
-                if torch.equal(cls.matmul(codes, weights.clone()), codes @ weights.float().t()):
-                    return layout
-            except RuntimeError:  # a torch build without oneDNN's quantized kernels
-                return "none"
-        return "none"
+        try:
+            return torch.equal(cls.matmul(codes, weights), codes @ weights.float().t())
+        except RuntimeError:  # a torch build without oneDNN's quantized kernels
+            return False
+        finally:
+            cls._packed = {}
 
 
 @a8w8_linear.register_fake
