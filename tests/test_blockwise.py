@@ -177,13 +177,16 @@ def test_a_checkpoint_larger_than_the_memory_cap_still_quantizes(tmp_path):
     import sys
     from pathlib import Path
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(cfg)
-    size = sum(p.numel() * 4 for p in model.parameters())  # 250 MB
+    size = sum(p.numel() * 4 for p in model.parameters())  # 189 MB, blocks of 16 MB
     model.save_pretrained(tmp_path / "ckpt", max_shard_size="20MB")
     del model
-    cap = size * 3 // 5  # above the warmed-up process: 60% of the model
+    # Above the warmed-up process: 79% of the model. Block by block passed at 135 MB too; its peak grows with the
+    # size of a block, not with their number (blocks of 19 MB failed at 140 MB).
+    cap = 150_000_000
+    assert size > cap * 5 // 4
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors go back to the system
 
     def run(mode):
@@ -196,7 +199,7 @@ def test_a_checkpoint_larger_than_the_memory_cap_still_quantizes(tmp_path):
 
     assert run("whole") == "out of memory"  # the cap binds: the model does not fit whole
     assert run("blocks") == "ok"
-    assert (tmp_path / "out-blocks" / "block-00015.pt2").is_file()
+    assert (tmp_path / "out-blocks" / "block-00011.pt2").is_file()
 
 
 def _gpt2():

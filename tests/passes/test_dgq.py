@@ -452,7 +452,9 @@ def test_the_bundled_fno_quantized_by_dgq_exports_onnx_at_parity(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
     import fno_mlp
     model, example, calib = fno_mlp.build()
-    result = api.optimize(model, example, "t1,dgq", calib=calib, emit="onnx", out=tmp_path, measure_latency=False)
+    # Two calibration batches (of four): one to fit, one to judge the budget on; the parity is what is tested.
+    result = api.optimize(model, example, "t1,dgq", calib=calib[:2], emit="onnx", out=tmp_path,
+                          measure_latency=False)
     assert [r.status for r in result.report.records] == ["applied", "applied"]
     [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
     assert onnx.status == "ok" and onnx.parity["rel_l2"] < 1e-3, onnx.parity
