@@ -62,3 +62,29 @@ def test_compiled_aotinductor_package(tmp_path):
     assert art.path, art.note
     compiled = torch._inductor.aoti_load_package(art.path)
     torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+class _Spectral(torch.nn.Module):
+    """A spectral layer as FNOs have them: complex weights on the low modes of an rFFT."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, dtype=torch.cfloat))
+
+    def forward(self, x):
+        f = torch.fft.rfft(x)
+        f = torch.cat([f[..., :4] * self.w, torch.zeros_like(f[..., 4:])], -1)
+        return torch.fft.irfft(f, n=x.shape[-1])
+
+
+def test_an_original_that_onnx_cannot_hold_says_why_in_words():
+    """The README's main job once printed the exporter's 'Failed to decompose the FX graph … slice_scatter
+    does not support automatic differentiation for outputs with complex dtype' as its reason."""
+    from rewrite import capture
+    from rewrite.emit import write
+    from rewrite.report import RunReport
+    model, x = _Spectral().eval(), torch.randn(2, 16)
+    report = RunReport("drop-noops", "graph", "x")
+    write.ort_timing(report, model, capture.capture(model, (x,)), Path("never-read.onnx"))
+    [warning] = report.warnings
+    assert "complex tensors, which ONNX has no type for" in warning and "Failed to decompose" not in warning
