@@ -30,13 +30,13 @@ def best_ms(fn, rounds: int = 7) -> float:
 
 
 def onednn(codes: torch.Tensor, w_s8: torch.Tensor, halves: bool):
-    """A closure running oneDNN's int8 GEMM on prepacked weights (halves: the AVX2-exact form over 2K)."""
-    x_u8 = (codes + 128).to(torch.uint8)
-    weight = w_s8
-    if halves:
-        low = torch.div(w_s8, 2, rounding_mode="floor")
-        weight, x_u8 = torch.cat([low, w_s8 - low], 1), torch.cat([x_u8, x_u8], 1)
-    packed = torch.ops.onednn.qlinear_prepack(weight.contiguous(), None)
+    """A closure running oneDNN's int8 GEMM: dgq's own where one GEMM is exact, else the AVX2-exact form
+    over 2K with the weights in halves (which dgq no longer has), called the same way."""
+    if not halves:
+        return lambda: kernels.onednn_int8.matmul(codes, w_s8)
+    low = torch.div(w_s8, 2, rounding_mode="floor")
+    x_u8 = torch.cat([codes + 128] * 2, 1).to(torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(torch.cat([low, w_s8 - low], 1).contiguous(), None)
     ones, zeros = torch.ones(w_s8.shape[0]), torch.zeros(w_s8.shape[0], dtype=torch.long)
     return lambda: torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, ones, zeros, None, 1.0, 0,
                                                       torch.float32, "none", [], "")

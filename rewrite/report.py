@@ -236,7 +236,7 @@ def _search_section(search: dict[str, Any]) -> str:
     verb = "changes" if len(names) == 1 else "change"
     left_out = (f" Left out: {', '.join(names)}, which {verb} the graph itself: your "
                 f"{search.get('model_class', 'model')} would come back as a graph, without its generate, config and "
-                "save_pretrained (`rewrite optimize --passes` runs them)." if search.get("left_out") else "")
+                "save_pretrained (`rewrite optimize --passes` runs them)." if names else "")
     return (f"\n## Search (rewrite tune, {search['target']} in {search.get('backend', 'torch')}, "
             f"{search['seconds']} s)\n\n"
             f"{len(search['points'])} distinct pipelines tried; {verdict}.{left_out}\n\n" + _md_table(rows) +

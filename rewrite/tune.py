@@ -114,7 +114,7 @@ class Timer:
         try:
             onnx_emit.export_onnx(module, capture.Captured(module, self.args, True, dims), path)
         except Exception as exc:
-            raise RewriteError(f"{name} does not export to ONNX ({onnx_emit.first_line(exc)}): tune with "
+            raise RewriteError(f"{name} does not export to ONNX ({onnx_emit.why_not_exported(exc)}): tune with "
                                "--backend torch") from None
         return path
 

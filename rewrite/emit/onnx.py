@@ -41,12 +41,21 @@ def first_line(exc: BaseException) -> str:
     return " / ".join(dict.fromkeys(errors.first_line(e) for e in (exc, root)))
 
 
+def why_not_exported(exc: BaseException) -> str:
+    """Why the exporter failed, in the user's terms where the reason is a known one (an FNO's complex FFT
+    outputs gave 'Failed to decompose the FX graph … slice_scatter … complex dtype'), else its first lines."""
+    said = first_line(exc)
+    if "complex" in said:
+        return "it computes with complex tensors, which ONNX has no type for"
+    return said
+
+
 def emit_onnx(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:
     path = out_dir / "model.onnx"
     try:
         export_onnx(module, captured, path)
     except Exception as exc:
-        return Artifact("onnx", "", None, f"ONNX export failed: {first_line(exc)}")
+        return Artifact("onnx", "", None, f"ONNX export failed: {why_not_exported(exc)}")
     inputs = captured.example_inputs
     try:
         got = run(session(path), inputs)

@@ -98,20 +98,13 @@ def ort_timing(report: RunReport, original: nn.Module, captured: capture.Capture
             onnx_emit.export_onnx(original, original_captured, original_path)
         except Exception as exc:
             report.warnings.append(f"the original model does not export to ONNX, so onnxruntime latency is not "
-                                   f"compared: {_why_not_onnx(onnx_emit.first_line(exc))}")
+                                   f"compared: {onnx_emit.why_not_exported(exc)} (the rewritten model does export)")
             return
         timed = measure.compare_onnx(original_path, rewritten_path, captured.example_inputs)
         sizes = [_onnx_size(original_path), _onnx_size(rewritten_path)]
     for label, (p50, p90, runs), size in zip(("original", "rewritten"), (timed.original, timed.rewritten), sizes):
         report.measurements.append(Measurement(label, "onnxruntime", p50, p90, runs, size_bytes=size))
     report.speeds.append(timed.speed)
-
-
-def _why_not_onnx(exporter_says: str) -> str:
-    """The exporter's reason, in the user's terms where it is a known one."""
-    if "complex" in exporter_says:  # e.g. an FNO's spectral layers: complex FFT outputs
-        return "it computes with complex tensors, which ONNX has no type for (the rewritten model does export)"
-    return exporter_says
 
 
 def _onnx_size(path: Path) -> int:
