@@ -58,11 +58,11 @@ def solve(u0: torch.Tensor, t: float = 0.002) -> torch.Tensor:
 
 
 def train(model: nn.Module, steps: int = 100, seed: int = 0) -> float:
-    """A few seconds of Adam at 32² (an FNO is resolution-independent; it is used at 64²)."""
+    """A few seconds of Adam at 16² (an FNO is resolution-independent; it is used at 64²)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        x = smooth_fields(8, gen, grid=32)
+        x = smooth_fields(8, gen, grid=16)
         target = solve(x)
         loss = ((model(x) - target) ** 2).mean() / (target ** 2).mean()
         opt.zero_grad()
