@@ -157,7 +157,7 @@ class Pass:
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""
-        changed = [f"{name.replace('_', '-')}={value}" for name, value in self.changed_options().items()]
+        changed = [f"{name.replace('_', '-')}={_written(value)}" for name, value in self.changed_options().items()]
         return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
 
     def changed_options(self) -> dict[str, Any]:
@@ -206,3 +206,13 @@ def pinned_choices(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
             raise InvalidValue(f"layers={text!r}: write path:choice;… with a choice among {', '.join(allowed)}")
         chosen[path] = choice
     return chosen
+
+
+def _written(value: Any) -> str:
+    """An option's value as a user writes it: budget-cos=0 and on=true, not 0.0 and True (floats otherwise in
+    full, so that a recipe reproduces them exactly)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)

@@ -28,7 +28,16 @@ def test_parse_maps_kebab_case_options_onto_typed_fields(monkeypatch):
     [fold, opts] = spec_language.parse_spec("fold-bn, options{rank=8,ratio=0.25,on=true,mode=t1,limit=none}")
     assert isinstance(fold, FoldBatchNorm)
     assert opts == _Options(rank=8, ratio=0.25, on=True, mode="t1", limit=None)
-    assert spec_language.format_spec([fold, opts]) == "fold-bn,options{rank=8,ratio=0.25,on=True,mode=t1}"
+    assert spec_language.format_spec([fold, opts]) == "fold-bn,options{rank=8,ratio=0.25,on=true,mode=t1}"
+
+
+@pytest.mark.parametrize("ratio, written", [(0.0, "0"), (2.0, "2"), (0.1234567891, "0.1234567891"), (1e-07, "1e-07")])
+def test_a_spec_is_written_as_users_write_it_and_reads_back_exactly(monkeypatch, ratio, written):
+    """`rewrite tune` once listed `dgq{budget-cos=0.0}` for what the user writes as budget-cos=0."""
+    monkeypatch.setattr(spec_language.registry, "load_pass", lambda name: _Options)
+    opts = _Options(ratio=ratio, on=True)
+    assert opts.spec() == f"options{{ratio={written},on=true}}"
+    assert spec_language.parse_spec(opts.spec()) == [opts]
 
 
 @pytest.mark.parametrize("spec, message", [
