@@ -53,7 +53,7 @@ def load():
     if not (CACHE / "model.safetensors").is_file():
         _cache()
     config = AutoConfig.from_pretrained(CACHE)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     from safetensors.torch import load_model
     load_model(model, str(CACHE / "model.safetensors"))
     return model.eval(), AutoTokenizer.from_pretrained(CACHE)
@@ -64,7 +64,7 @@ def _cache() -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(_gguf_file())
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     CACHE.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()

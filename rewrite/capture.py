@@ -85,9 +85,17 @@ def without_kv_cache(model: nn.Module, inputs: tuple) -> str | None:
     return None
 
 
+def copied(module: Any) -> Any:
+    """copy.deepcopy, without the FutureWarning torch 2.13 raises when a graph's pytree specs are copied (its
+    own deprecated LeafSpec class warns on being copied): nothing there for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
+        return copy.deepcopy(module)
+
+
 def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     """Capture a copy of `model` (the user's module is never modified). Falls back to eager on failure."""
-    model = copy.deepcopy(model).eval()
+    model = copied(model).eval()
     try:
         gm, dynamic = _export(model, example_inputs)
     except Exception as exc:  # export raises many types; all mean "not capturable"

@@ -6,7 +6,6 @@ evaluation data are checked against it; text (lists of strings) is tokenized int
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ def resolve(model: Any, trusted: Any) -> Loaded:
 
 def private_copy(model: nn.Module) -> nn.Module:
     try:
-        return copy.deepcopy(model).eval()
+        return capture.copied(model).eval()
     except Exception as exc:
         raise RewriteError(f"cannot copy the model ({type(model).__name__}: {first_line(exc)}); rewrite works "
                            "on a private copy so yours is never modified: make the module deep-copyable") from exc

@@ -3,7 +3,6 @@
 rewritten), and the same passes again at another input shape (`Result.model_for`)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -90,7 +89,7 @@ class Reuse:
         if self.captured is None:
             self.captured = capture.capture(job.model, job.inputs)
             self.outputs = [capture.run(self.captured.module, batch) for batch in job.data.batches]
-        return dataclasses.replace(self.captured, module=copy.deepcopy(self.captured.module))
+        return dataclasses.replace(self.captured, module=capture.copied(self.captured.module))
 
 
 @dataclass
@@ -155,7 +154,7 @@ def _whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recov
 
 def block_by_block(job: inputs.Job, passes: list[Pass], recovery: Any, seed: int, strict: bool, say: Progress,
                    time_limit: float | None = None) -> Run:
-    outcome = blockwise.run(copy.deepcopy(job.model), job.data.batches, passes, seed=seed, strict=strict,
+    outcome = blockwise.run(capture.copied(job.model), job.data.batches, passes, seed=seed, strict=strict,
                             recover=recovery, say=say, time_limit=time_limit)
     captured = capture.Captured(job.model, job.inputs, graph=False, note=outcome.summary, original=job.model)
     return Run(outcome.model, outcome.model, outcome.records, captured, [job.cache_note] if job.cache_note else [])

@@ -62,7 +62,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     if pass_.level == "graph" and not is_graph(module):
         record.status, record.reason = "skipped", f"needs a graph: {captured.note}"
         return module, outputs, record
-    snapshot, start = copy.deepcopy(module), time.perf_counter()
+    snapshot, start = capture.copied(module), time.perf_counter()
     plugin = registry.plugin_of(type(pass_))
     try:
         result = _call(pass_, module, ctx, plugin)
@@ -212,7 +212,7 @@ def _call(pass_: Pass, module: nn.Module, ctx: PassContext, plugin: str | None =
 
 def _private_context(ctx: PassContext) -> PassContext:
     """A plugin's own copies of what it reads: the model it is judged against, and the data."""
-    return dataclasses.replace(ctx, original=copy.deepcopy(ctx.original), calibration=copy.deepcopy(ctx.calibration),
+    return dataclasses.replace(ctx, original=capture.copied(ctx.original), calibration=copy.deepcopy(ctx.calibration),
                                targets=copy.deepcopy(ctx.targets),
                                original_calibration=copy.deepcopy(ctx.original_calibration))
 

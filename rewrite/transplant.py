@@ -10,8 +10,6 @@ computes what the verified graph computes on the calibration batches; where a pa
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 
@@ -26,7 +24,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     outputs on `batches` where the caller has them (verification computed them)."""
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return None
-    target = copy.deepcopy(eager)
+    target = capture.copied(eager)
     paths = dict(target.named_modules())
     for node in graph.graph.nodes:
         if node.op != "call_module":

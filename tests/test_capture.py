@@ -136,3 +136,17 @@ def test_graph_nodes_are_named_by_the_module_path_a_user_can_find():
     norm = next(n.name for n in gm.graph.nodes if "layer_norm" in str(n.target))
     assert capture.module_path(gm, norm) == f"0.norm ({norm})"
     assert capture.module_path(gm, "1.proj") == "1.proj"  # already a path: kept
+
+
+def test_a_run_shows_the_user_no_warning_from_copying_torchs_graphs():
+    """torch 2.13 warns (FutureWarning, `isinstance(treespec, LeafSpec)` is deprecated) when an exported graph's
+    pytree specs are deep-copied: every rollback snapshot did, and API users saw it."""
+    import warnings
+
+    from rewrite import api
+    from rewrite.testing import ConvBN
+    model = ConvBN().eval()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        api.optimize(model, model.example_inputs(), "fold-bn", measure_latency=False)
+    assert not [w for w in seen if "LeafSpec" in str(w.message)]
