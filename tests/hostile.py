@@ -137,7 +137,8 @@ def assert_refused(argv: list[str], text: str, workspace: Path) -> None:
     from rewrite.cli import app
     before = snapshot(workspace)
     result = CliRunner().invoke(app, argv)
-    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith("notice:")]
+    lines = [line for line in result.output.splitlines()
+             if line.strip() and not line.startswith(("notice:", "progress: "))]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert text in lines[0], result.output

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -59,9 +60,10 @@ def progress() -> Iterator:
     """The current stage, a bar when the stage counts steps (layers searched, recovery steps), and the
     elapsed time; yields the callback the library calls: (message, done=None, total=None).
 
-    Only on a terminal: in a pipe or CI log a live display is noise (and leaves a blank line behind)."""
+    A live display only on a terminal: in a pipe or CI log it is noise (and leaves a blank line behind); there,
+    `heartbeat` lines instead."""
     if not errors.is_terminal:
-        yield lambda message, done=None, total=None: None
+        yield heartbeat(errors)
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=errors, transient=True) as bar:
@@ -71,6 +73,26 @@ def progress() -> Iterator:
             bar.tasks[0].total = total  # rich's update() ignores total=None: a stage that counts nothing
             bar.update(task, description=message, completed=done or 0)
         yield update
+
+
+HEARTBEAT_S = 15.0  # in a pipe or a log: a plain progress line at most this often
+
+
+def heartbeat(out: Console) -> Callable:
+    """The progress callback where no live display can go (a pipe, a CI log, nohup): a `progress:` line at most
+    every HEARTBEAT_S seconds, so a long search shows where it is (SmolLM2's dgq run was silent for minutes);
+    work shorter than that prints nothing."""
+    start = last = time.monotonic()
+
+    def update(message: str, done: int | None = None, total: int | None = None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < HEARTBEAT_S:
+            return
+        last = now
+        count = f" ({done}/{total})" if total else ""
+        out.print(f"progress: {message}{count}, {now - start:.0f} s", markup=False, highlight=False, soft_wrap=True)
+    return update
 
 
 def _lost_peer(exc: BaseException) -> bool:
