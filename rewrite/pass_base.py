@@ -157,7 +157,7 @@ class Pass:
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass: `name{key=value}` with only non-default options."""
-        changed = [f"{name.replace('_', '-')}={_written(value)}" for name, value in self.changed_options().items()]
+        changed = [f"{name.replace('_', '-')}={written(value)}" for name, value in self.changed_options().items()]
         return f"{self.name}{{{','.join(changed)}}}" if changed else self.name
 
     def changed_options(self) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def pinned_choices(text: str, allowed: tuple[str, ...]) -> dict[str, str]:
     return chosen
 
 
-def _written(value: Any) -> str:
+def written(value: Any) -> str:
     """An option's value as a user writes it: budget-cos=0 and on=true, not 0.0 and True (floats otherwise in
     full, so that a recipe reproduces them exactly)."""
     if isinstance(value, bool):

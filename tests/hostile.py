@@ -129,6 +129,11 @@ def _evil_pt2(good: Path, evil: Path, payload: Payload) -> None:
             dst.writestr(item, data)
 
 
+def said(output: str) -> list[str]:
+    """The lines of a command's output other than notices and a pipe's progress lines."""
+    return [line for line in output.splitlines() if line.strip() and not line.startswith(("notice:", "progress: "))]
+
+
 def assert_refused(argv: list[str], text: str, workspace: Path) -> None:
     """The corpus's promise for one command line: exit 2, one `error:` line containing `text`, no
     traceback, no code from the user's files run, every file byte-identical, nothing left behind."""
@@ -137,8 +142,7 @@ def assert_refused(argv: list[str], text: str, workspace: Path) -> None:
     from rewrite.cli import app
     before = snapshot(workspace)
     result = CliRunner().invoke(app, argv)
-    lines = [line for line in result.output.splitlines()
-             if line.strip() and not line.startswith(("notice:", "progress: "))]
+    lines = said(result.output)
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert text in lines[0], result.output

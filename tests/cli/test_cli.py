@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from rewrite.cli import app
 from rewrite.testing import ConvBN
+from tests.hostile import said
 
 EXAMPLE = str(Path(__file__).parents[2] / "examples" / "cnn.py") + ":build"
 runner = CliRunner()
@@ -19,8 +20,7 @@ def invoke(*args):
 
 def _one_line_error(result, text):
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines()
-             if line.strip() and not line.startswith(("notice:", "progress: "))]
+    lines = said(result.output)
     assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.output
     assert "Traceback" not in result.output
 
@@ -49,8 +49,7 @@ def test_the_readme_main_job_applies_every_pass_without_third_party_warnings(tmp
     for name in args[args.index("--passes") + 1].split(","):
         assert re.search(rf"│ {name} +│ applied", proc.stdout), proc.stdout
     assert (tmp_path / "fno" / "model.onnx").is_file() and "artifact onnx: FAILED" not in proc.stdout
-    said = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("progress: ")]
-    assert not said and "Warning" not in proc.stdout, proc.stderr  # progress lines (a pipe's) are ours
+    assert not said(proc.stderr) and "Warning" not in proc.stdout, proc.stderr  # progress lines are ours
 
 
 def test_in_a_pipe_long_work_prints_progress_lines_and_short_work_none(monkeypatch, tmp_path):
