@@ -21,7 +21,8 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
                want: list | None = None) -> tuple[nn.Module, list] | None:
     """(a copy of `eager` holding `graph`'s rewritten layers and weights, its outputs on `batches`), or None
     where it would compute something else than `graph` there (positions `masks` keep). `want`: the graph's
-    outputs on `batches` where the caller has them (verification computed them)."""
+    outputs on `batches` where the caller has them (verification computed them); where the copy gives them
+    bit for bit on the probe batches, they are its outputs (`capture.outputs_on`)."""
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return None
     target = capture.copied(eager)
@@ -44,7 +45,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
                 mine[name].copy_(tensor)
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
     try:
-        got = [capture.run(target, batch) for batch in batches]
+        got = capture.outputs_on(target, batches, want, masks)
         same = verify.compare(want, got, masks=masks).within_tolerance
     except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
         return None

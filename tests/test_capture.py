@@ -150,3 +150,55 @@ def test_a_run_shows_the_user_no_warning_from_copying_torchs_graphs():
         warnings.simplefilter("always")
         api.optimize(model, model.example_inputs(), "fold-bn", measure_latency=False)
     assert not [w for w in seen if "LeafSpec" in str(w.message)]
+
+
+class _Counted(nn.Module):
+    """x·scale, counting its calls; `off_at`: the batch sizes on which it adds a rounding-sized error."""
+
+    def __init__(self, off_at: tuple[int, ...] = ()):
+        super().__init__()
+        self.calls, self.off_at = 0, off_at
+
+    def forward(self, x):
+        self.calls += 1
+        return {"y": x * 3.0 + (1e-6 if x.shape[0] in self.off_at else 0.0)}
+
+
+def _batches_and_known(sizes=(2, 3, 4, 5)):
+    batches = [(torch.randn(n, 4),) for n in sizes]
+    return batches, [{"y": b[0] * 3.0} for b in batches]
+
+
+def test_outputs_known_bit_for_bit_on_the_probes_are_taken_whole():
+    batches, known = _batches_and_known()
+    module = _Counted()
+    got = capture.outputs_on(module, batches, known)
+    assert module.calls == 1 and got == known  # the first batch probed, the other three not run
+
+
+def test_outputs_that_differ_on_a_probe_are_all_computed():
+    batches, known = _batches_and_known()
+    module = _Counted(off_at=(2,))
+    got = capture.outputs_on(module, batches, known)
+    assert module.calls == 4 and not torch.equal(got[0]["y"], known[0]["y"])
+    assert torch.equal(got[1]["y"], known[1]["y"])  # its own outputs, equal where it computes the same
+
+
+def test_the_most_padded_batch_is_probed_too():
+    """A model equal on the first batch but not where padding is heaviest is run on every batch."""
+    batches, known = _batches_and_known()
+    masks = [torch.ones(2, 1), torch.ones(3, 1), torch.tensor([[1.0], [0.0], [0.0], [0.0]]), torch.ones(5, 1)]
+    module = _Counted(off_at=(4,))
+    capture.outputs_on(module, batches, known, masks)
+    assert module.calls == 4
+    quiet = _Counted()
+    capture.outputs_on(quiet, batches, known, masks)
+    assert quiet.calls == 2
+
+
+def test_bit_equal_needs_the_same_structure_dtype_and_bits():
+    x = torch.randn(3)
+    assert capture.bit_equal({"a": x, "n": None}, {"a": x.clone(), "n": None})
+    assert not capture.bit_equal({"a": x}, {"b": x})
+    assert not capture.bit_equal(x, x.double())
+    assert not capture.bit_equal(x, torch.nextafter(x, x + 1))  # one unit in the last place
