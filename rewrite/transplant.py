@@ -46,7 +46,8 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
     try:
         got = capture.outputs_on(target, batches, want, masks)
-        same = verify.compare(want, got, masks=masks).within_tolerance
+        taken = all(g is w for g, w in zip(got, want))  # bit for bit on the probes: nothing left to compare
+        same = taken or verify.compare(want, got, masks=masks).within_tolerance
     except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
         return None
     return (target, got) if same else None
