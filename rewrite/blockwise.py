@@ -96,6 +96,10 @@ class FlatCall(nn.Module):
         return self.block(*args, **kwargs)
 
 
+def _in_block(path: str) -> str:
+    return path.removeprefix("block.")
+
+
 class BlockCall(nn.Module):
     """A rewritten block (a module of positional tensors) in its old place, called as the original block."""
 
@@ -203,6 +207,10 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         module, records, _outputs = pipeline.run_passes(captured, passes, ctx, strict=strict)
         for record in records:
             record.name = f"{record.name} @ {path}.{index}"
+            # paths inside the block as the user's model names them below it (`mlp.down_proj`), not below the
+            # FlatCall that holds it for capture (`block.mlp.down_proj`)
+            record.layers = [dict(row, layer=_in_block(row["layer"])) for row in record.layers]
+            record.skipped = [[_in_block(where), why] for where, why in record.skipped]
         return module, records, captured
 
     reports = list(rewrite_blocks(blocks, calls, rewrite_one, keep, load))

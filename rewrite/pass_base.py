@@ -91,6 +91,8 @@ class PassResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Per-layer rows for the report's picture ({"layer", "sqnr_db", "bytes_before", "bytes_after"}), where the
     # pass knows them and the framework cannot run the new layers alone (prune's narrowed FFNs in a graph).
+    # Where given, they are the report's rows whether the model is a graph or eager, so that the same pass
+    # names the same rows either way.
     layers: list[dict[str, Any]] = field(default_factory=list)
 
 

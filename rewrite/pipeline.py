@@ -93,7 +93,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
         record.bytes_after = record.bytes_before
         return snapshot, outputs, record
     if result.modified and isinstance(pass_.contract, Approx) and ctx.calibration:
-        record.layers = _layers(snapshot, result.module, ctx.calibration[0]) or result.layers
+        record.layers = result.layers or _layers(snapshot, result.module, ctx.calibration[0])
     record.status = "applied" if result.modified else "nothing to rewrite"
     record.reason = flag or ""
     if not result.modified:

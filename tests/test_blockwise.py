@@ -58,6 +58,9 @@ def test_block_by_block_dgq_equals_the_whole_model_run():
     assert whole.report.records[0].stats["smoothed_inputs"] > 0, whole.report.records[0].stats["smoothing"]
     assert abs(ppl[0] - ppl[1]) / ppl[0] < 1e-6
     assert "block by block: 2 LlamaDecoderLayer blocks of model.layers" in blocks.report.capture
+    # the report's per-layer rows name the same layers both ways (once a block's, then the model's paths)
+    in_blocks = [f"{r.name.partition(' @ ')[2]}.{row['layer']}" for r in blocks.report.records for row in r.layers]
+    assert in_blocks == [row["layer"] for row in whole.report.records[0].layers] and len(in_blocks) == 14
     for name, module in blocks.model.named_modules():
         assert not isinstance(module, nn.Linear) or name == "lm_head"
 

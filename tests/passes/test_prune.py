@@ -147,6 +147,9 @@ def test_a_pruned_llama_keeps_its_class_and_loads_back_with_generate(tmp_path):
                               measure_latency=False)
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.report.records[0].status == "applied"
     assert result.model.model.layers[0].mlp.down_proj.in_features < 96
+    # the report's rows are the pass's own, named by each block's down projection, as in a graph
+    assert [row["layer"] for row in result.report.records[0].layers] == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     # per-layer errors judge each narrowed MLP as a whole (its Linears no longer take the originals' inputs)
     rows = verify.layer_errors(model, result.model, calib[0])
     assert [row["layer"] for row in rows] == ["model.layers.0.mlp", "model.layers.1.mlp"]
