@@ -90,11 +90,13 @@ class Timed:
     speed: Speed
 
 
-def compare_torch(original: nn.Module, rewritten: nn.Module, inputs: tuple, budget_s: float = 2.0) -> Timed:
+def compare_torch(original: nn.Module, rewritten: nn.Module, inputs: tuple, budget_s: float = 2.0,
+                  min_rounds: int = 10) -> Timed:
     """Both modules called in alternating rounds in this process (eager torch)."""
     def caller(module: nn.Module) -> Callable[[], Any]:
         return lambda: _inference(module, inputs)
-    return _timed("torch", *timing.paired_rounds(caller(original), caller(rewritten), budget_s=budget_s))
+    return _timed("torch", *timing.paired_rounds(caller(original), caller(rewritten), budget_s=budget_s,
+                                                 min_rounds=min_rounds))
 
 
 PROMPT_TOKENS, NEW_TOKENS = 512, 64
@@ -142,7 +144,8 @@ def _inference(module: nn.Module, inputs: tuple) -> None:
         module(*inputs)
 
 
-def compare_onnx(original: Path, rewritten: Path, inputs: tuple, budget_s: float = 2.0) -> Timed:
+def compare_onnx(original: Path, rewritten: Path, inputs: tuple, budget_s: float = 2.0, min_rounds: int = 10
+                 ) -> Timed:
     """Both ONNX files in onnxruntime, in a worker process where torch's threads cannot spin beside it."""
     with tempfile.TemporaryDirectory() as tmp:
         feeds = Path(tmp) / "feeds.npz"
@@ -150,7 +153,7 @@ def compare_onnx(original: Path, rewritten: Path, inputs: tuple, budget_s: float
         np.savez(feeds, **{f"x{i}": t for i, t in enumerate(tensors)})
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         proc = subprocess.run([sys.executable, timing.__file__, str(original), str(rewritten), str(feeds),
-                               str(budget_s)], capture_output=True, text=True, env=env, timeout=600)
+                               str(budget_s), str(min_rounds)], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise RewriteError(f"onnxruntime timing failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     data = json.loads(proc.stdout)

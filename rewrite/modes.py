@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -80,6 +81,7 @@ class Reuse:
     outputs: list | None = None
     score: float | None = None
     runs: dict = field(default_factory=dict)  # a pipeline and its settings (`run_key`) → its Run
+    setup_s: float = 0.0  # time the first run spent making the job and the capture the others reuse
 
     def keep_runs(self, pipelines: list[str]) -> None:
         """Forget the runs of other pipelines: each holds a rewritten model (tune keeps those it may choose)."""
@@ -88,8 +90,10 @@ class Reuse:
 
     def capture(self, job: inputs.Job) -> capture.Captured:
         if self.captured is None:
+            start = time.perf_counter()
             self.captured = capture.capture(job.model, job.inputs)
             self.outputs = capture.outputs_on(self.captured.module, job.data.batches, job.outputs, job.masks)
+            self.setup_s += time.perf_counter() - start
         return dataclasses.replace(self.captured, module=capture.copied(self.captured.module))
 
 

@@ -1,7 +1,7 @@
 """Paired latency: two callables timed in alternating rounds, so background load lands on both alike.
 
 Pure standard library, because this file is also the onnxruntime timing worker: run as a script
-(`python timing.py ORIGINAL.onnx REWRITTEN.onnx FEEDS.npz`) it times two ONNX models in a process of
+(`python timing.py ORIGINAL.onnx REWRITTEN.onnx FEEDS.npz BUDGET_S MIN_ROUNDS`) it times two ONNX models in a process of
 its own, where no torch thread pool can spin beside onnxruntime's (one backend at a time), and
 prints the per-round times as JSON.
 """
@@ -23,8 +23,9 @@ def paired_rounds(first: Callable[[], Any], second: Callable[[], Any], *, budget
 
     Per-round medians feed the paired ratio; the single calls feed p50/p90.
     """
-    for fn in (first, second, first, second):  # warm-up: allocator, caches, lazy init
-        fn()
+    first(), second()  # warm-up: allocator, caches, lazy init
+    # a second warm-up, timed to size the rounds (a 512-token SmolLM2 forward takes 3 s on a 2-core AVX2 CPU:
+    # every call not needed is seconds)
     repeats = max(1, min(50, math.ceil(ROUND_MS / max(once(first), once(second), 1e-3))))
     rounds: tuple[list[float], list[float]] = ([], [])
     calls: tuple[list[float], list[float]] = ([], [])
@@ -70,15 +71,16 @@ def _ort_session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _time_onnx(original: str, rewritten: str, feeds_path: str, budget_s: float) -> dict[str, Any]:
+def _time_onnx(original: str, rewritten: str, feeds_path: str, budget_s: float, min_rounds: int) -> dict[str, Any]:
     import numpy as np
     arrays = np.load(feeds_path)
     sessions = [_ort_session(original), _ort_session(rewritten)]
     feeds = [{i.name: arrays[f"x{k}"] for k, i in enumerate(s.get_inputs())} for s in sessions]
     first, second, calls = paired_rounds(lambda: sessions[0].run(None, feeds[0]),
-                                         lambda: sessions[1].run(None, feeds[1]), budget_s=budget_s)
+                                         lambda: sessions[1].run(None, feeds[1]), budget_s=budget_s,
+                                         min_rounds=min_rounds)
     return {"rounds": [first, second], "calls": calls}
 
 
 if __name__ == "__main__":
-    print(json.dumps(_time_onnx(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))))
+    print(json.dumps(_time_onnx(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))))

@@ -44,6 +44,9 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     "fwsvd+dgq": ["fwsvd,dgq"],
 }
 PROXY_BUDGET_S, PAIRED_BUDGET_S = 0.4, 2.0
+# The proxy's rounds: a few are enough to rank candidates, and on SmolLM2 (a 512-token forward takes 3 s on a
+# 2-core AVX2 CPU) the report's ten took a minute of every candidate.
+PROXY_ROUNDS = 3
 
 
 @dataclass
@@ -99,12 +102,12 @@ class Timer:
         if backend == "onnxruntime":
             self.original_onnx = self._export(original, "original")
 
-    def speed(self, result: api.Result, budget_s: float) -> measure.Speed:
+    def speed(self, result: api.Result, budget_s: float, rounds: int = 10) -> measure.Speed:
         if self.backend == "torch":
-            return measure.compare_torch(self.original, result.model, self.args, budget_s=budget_s).speed
+            return measure.compare_torch(self.original, result.model, self.args, budget_s, rounds).speed
         if id(result) not in self.files:
             self.files[id(result)] = self._export(result.model, f"candidate-{len(self.files)}", result.captured)
-        return measure.compare_onnx(self.original_onnx, self.files[id(result)], self.args, budget_s=budget_s).speed
+        return measure.compare_onnx(self.original_onnx, self.files[id(result)], self.args, budget_s, rounds).speed
 
     def _export(self, module: nn.Module, name: str, captured: Any = None) -> Path:
         from rewrite import capture
@@ -168,7 +171,9 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
     """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
     first after the defaults), each point's run, and the families whose defaults kept nothing. A candidate
     starts only while it, the front's timing and the final rewrite (on SmolLM2 together 2.4 candidates'
-    time) are expected to end by `deadline`, from the mean time of the candidates before it."""
+    time) are expected to end by `deadline`, from the mean time of the candidates before it, less what the
+    first spent making what they all share (the checked data, the capture): on SmolLM2 on a 2-core AVX2 CPU
+    that made the first candidate 7 minutes, and a 15-minute search then tried no other."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
@@ -179,7 +184,8 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
         if family in idle:
             continue
         now = time.perf_counter()
-        if ran and now + 3 * (now - began) / ran > deadline:  # itself, the front's timing, the final rewrite
+        each = (now - began - shared.setup_s) / max(ran, 1)
+        if ran and now + 3 * each > deadline:  # itself, the front's timing, the final rewrite
             break
         say(f"trying {option} ({len(points)} distinct so far)")
         result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
@@ -239,7 +245,7 @@ def _point(candidate: str, result: api.Result, timer: Timer, metric: str | None)
     applied = ",".join(r.spec for r in report.records if r.status == "applied") or "(none)"
     quality = (report.metric.get("rewritten", float("nan")) if metric else
                (report.error_vs_original or {}).get("sqnr_db", float("nan")))
-    proxy = 1 / timer.speed(result, PROXY_BUDGET_S).ratio
+    proxy = 1 / timer.speed(result, PROXY_BUDGET_S, PROXY_ROUNDS).ratio
     return Point(candidate, applied, float(quality), proxy, measure.weight_bytes(result.model))
 
 

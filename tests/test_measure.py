@@ -78,6 +78,19 @@ def test_the_onnxruntime_worker_runs_without_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 
 
+def test_a_pair_of_slow_calls_is_warmed_up_once_and_timed_once_before_the_rounds():
+    import time
+    calls = [0, 0]
+
+    def call(which):
+        def run():
+            calls[which] += 1
+            time.sleep(timing.ROUND_MS / 1e3)  # one call fills a round: one call a round
+        return run
+    first, second, _ = timing.paired_rounds(call(0), call(1), budget_s=0, min_rounds=3)
+    assert len(first) == len(second) == 3 and calls == [2 + 3, 2 + 3]
+
+
 def test_onnx_pair_is_timed_in_a_worker(tmp_path):
     small, big = nn.Linear(64, 64).eval(), nn.Sequential(*[nn.Linear(64, 64) for _ in range(12)]).eval()
     x = torch.randn(16, 64)
@@ -85,6 +98,7 @@ def test_onnx_pair_is_timed_in_a_worker(tmp_path):
         torch.onnx.export(m, (x,), str(tmp_path / f"{name}.onnx"), dynamo=False)
     timed = measure.compare_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", (x,), budget_s=0.5)
     assert timed.speed.backend == "onnxruntime" and timed.speed.rounds >= 10
+    assert measure.compare_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", (x,), 0, min_rounds=3).speed.rounds == 3
     assert timed.original[2] > 0 and timed.rewritten[0] > 0
 
 

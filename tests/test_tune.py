@@ -97,6 +97,24 @@ def test_candidates_sharing_a_reuse_are_captured_once_and_rewritten_as_fresh_run
     assert len(captures) == 1 + 3  # the shared one, then each fresh run's own
 
 
+def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(monkeypatch):
+    from rewrite import modes
+    clock, tried = [0.0], []
+    monkeypatch.setattr(tune.time, "perf_counter", lambda: clock[0])
+
+    def optimize(module, example, option, reuse, **options):
+        if reuse.job is None:  # the first run checks the data and captures the model: 400 s, shared by all
+            reuse.job, reuse.setup_s, clock[0] = "job", 400.0, clock[0] + 400
+        clock[0] += 60
+        tried.append(option)
+        return option
+    monkeypatch.setattr(tune.api, "optimize", optimize)
+    monkeypatch.setattr(tune, "_point", lambda option, *_: Point(option, option, len(tried), 1.0, 1))
+    tune._explore(None, None, {}, None, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
+    # 460 s for the first; then each 60 s while 3 candidates' time (180 s) is left: at 460, 520, ..., 700
+    assert len(tried) == 6
+
+
 def test_every_familys_defaults_are_tried_before_any_other_option():
     order = tune.candidates()
     assert order[0] == ("exact", tune.EXACT)
