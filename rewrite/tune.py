@@ -1,9 +1,13 @@
 """`rewrite tune`: search pipelines of the registered passes under the user's latency target, and choose.
 
-Successive halving in two rungs, every candidate through the same verified pipeline as `optimize`:
+Successive halving in three rungs, every candidate through the same verified pipeline as `optimize`:
+0. a cheap proxy (`block_proxy`): each approximate family's defaults on one block of the model's stack of
+   repeated blocks, which orders the families in each round of rung one (most promising first, so that a
+   time limit cuts the least promising);
 1. each candidate (the exact passes, for a Hugging Face model those that keep its class; then every
    approximate family's defaults, then the other options of the families whose defaults are on the front,
-   then the rest: a time limit cuts options of dominated families first, never whole families) is
+   then the rest: a time limit cuts options of dominated families first, and families only where it cannot
+   hold every family's defaults, the least promising by rung zero first) is
    rewritten and verified once, without the report's latency rounds: its output SQNR against the original
    (or the task metric on the eval data), its weight bytes, and a short paired timing against the original
    (the proxy: a few alternating rounds, so a noisy moment hits both). A family that rewrites nothing in
