@@ -239,19 +239,8 @@ def _search_section(search: dict[str, Any]) -> str:
                 "save_pretrained (`rewrite optimize --passes` runs them)." if names else "")
     return (f"\n## Search (rewrite tune, {search['target']} in {search.get('backend', 'torch')}, "
             f"{search['seconds']} s)\n\n"
-            f"{len(search['points'])} distinct pipelines tried; {verdict}.{left_out}\n\n" + _proxy_line(search) +
-            _md_table(rows) + (f"\nAgainst each pass run alone with its defaults:{defaults}\n" if defaults else ""))
-
-
-def _proxy_line(search: dict[str, Any]) -> str:
-    """Rung zero: what each family's defaults did to one block, which ordered the families tried."""
-    proxies = search.get("block_proxy") or {}
-    if not proxies:
-        return ""
-    said = [f"{family} kept nothing" if found is None else f"{family} {found[0]:.1f} dB at {found[1]:.2f}x its time"
-            for family, found in proxies.items()]
-    return ("Each family's defaults on one block first (output SQNR, time against the original block), to try the "
-            f"most promising first: {'; '.join(said)}.\n\n")
+            f"{len(search['points'])} distinct pipelines tried; {verdict}.{left_out}\n\n" + _md_table(rows) +
+            (f"\nAgainst each pass run alone with its defaults:{defaults}\n" if defaults else ""))
 
 
 def _speed_line(s: Any) -> str:

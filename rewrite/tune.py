@@ -1,13 +1,10 @@
 """`rewrite tune`: search pipelines of the registered passes under the user's latency target, and choose.
 
-Successive halving in three rungs, every candidate through the same verified pipeline as `optimize`:
-0. a cheap proxy (`block_proxy`): each approximate family's defaults on one block of the model's stack of
-   repeated blocks, which orders the families in each round of rung one (most promising first, so that a
-   time limit cuts the least promising);
+Successive halving in two rungs, every candidate through the same verified pipeline as `optimize`:
 1. each candidate (the exact passes, for a Hugging Face model those that keep its class; then every
    approximate family's defaults, then the other options of the families whose defaults are on the front,
    then the rest: a time limit cuts options of dominated families first, and families only where it cannot
-   hold every family's defaults, the least promising by rung zero first) is
+   hold every family's defaults) is
    rewritten and verified once, without the report's latency rounds: its output SQNR against the original
    (or the task metric on the eval data), its weight bytes, and a short paired timing against the original
    (the proxy: a few alternating rounds, so a noisy moment hits both). A family that rewrites nothing in
@@ -30,13 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from rewrite import api, blockwise, capture, inputs as steps, measure, modes, pipeline, registry, spec, transplant
-from rewrite import verify
+from rewrite import api, inputs as steps, measure, modes, registry, spec, transplant
 from rewrite.errors import InvalidValue, RewriteError
-from rewrite.pass_base import PassContext
 
 # Exact passes: those that apply do, the others leave "nothing to rewrite". The approximate family goes between
 # them: pointwise turns 1×1 projections into plain GEMMs, which the factorizing and quantizing passes would
@@ -152,8 +146,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     timer = Timer(backend, module, args, scratch)
     shared = modes.Reuse()  # one capture, one check of the data, one score of the original for every run
     before, after, left_out = exact_passes(module)
-    points, results, idle, proxies = _explore(module, example, run, timer, metric, shared, start + budget, say,
-                                              candidates(before, after))
+    points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
+                                     candidates(before, after))
     front = _pareto(points, metric)
     shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
@@ -165,7 +159,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
               "quality": _quality_name(metric),
               "against_defaults": _against_defaults(points, chosen, metric, before, after, idle),
               "seconds": round(time.perf_counter() - start, 1), "points": [asdict(p) for p in points],
-              "left_out": left_out, "model_class": type(module).__name__, "block_proxy": proxies}
+              "left_out": left_out, "model_class": type(module).__name__}
     say(f"rewriting the chosen point: {chosen.spec}")
     emit = "onnx" if backend == "onnxruntime" and out is not None else None  # the report times the chosen point there
     return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, reuse=shared,
@@ -174,31 +168,26 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
 
 def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
              deadline: float, say: Callable[..., None], queue: list[tuple[str, str]]
-             ) -> tuple[list[Point], dict[str, api.Result], set[str], dict]:
-    """Rungs zero and one: the distinct points the candidates made (in `candidates()` order, reordered by the
-    block proxy after the exact candidate, the families on the front first after the defaults), each point's
-    run, the families whose defaults kept nothing, and the block proxy's findings. A candidate
+             ) -> tuple[list[Point], dict[str, api.Result], set[str]]:
+    """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
+    first after the defaults), each point's run, and the families whose defaults kept nothing. A candidate
     starts only while it, the front's timing and the final rewrite (on SmolLM2 together 2.4 candidates'
     time) are expected to end by `deadline`, from the mean time of the candidates before it, less what the
     first spent making what they all share (the checked data, the capture): on SmolLM2 on a 2-core AVX2 CPU
     that made the first candidate 7 minutes, and a 15-minute search then tried no other."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
-    idle, family_of, began, ran, proxies, proxy_s = set(), {}, time.perf_counter(), 0, {}, 0.0
+    idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
     for step in range(len(queue)):
-        now = time.perf_counter()
-        each = (now - began - shared.setup_s - proxy_s) / max(ran, 1)
-        if ran and now + 3 * each > deadline:  # itself, the front's timing, the final rewrite
-            break
-        if step == 1:  # after the exact candidate, which made the checked data the block proxy reads
-            say("trying each family's defaults on one block of the model first")
-            proxies = block_proxy(shared.job, run.get("seed", 0))
-            queue[step:], proxy_s = promising_families_first(queue[step:], proxies), time.perf_counter() - now
         if step == 1 + len(FAMILIES):  # every family's defaults tried
             queue[step:] = front_families_first(queue[step:], points, family_of, metric)
         family, option = queue[step]
         if family in idle:
             continue
+        now = time.perf_counter()
+        each = (now - began - shared.setup_s) / max(ran, 1)
+        if ran and now + 3 * each > deadline:  # itself, the front's timing, the final rewrite
+            break
         say(f"trying {option} ({len(points)} distinct so far)")
         result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
         point = _point(option, result, timer, metric)
@@ -207,7 +196,7 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
         elif not any(_same_model(p, point) for p in points):
             points.append(point)
             results[point.spec], family_of[point.spec] = result, family
-    return points, results, idle, proxies
+    return points, results, idle
 
 
 def front_families_first(rest: list[tuple[str, str]], points: list[Point], family_of: dict[str, str],
@@ -215,59 +204,6 @@ def front_families_first(rest: list[tuple[str, str]], points: list[Point], famil
     """The candidates left, those of families with a point on the Pareto front first (in their order)."""
     on_front = {family_of[p.spec] for p in _pareto(points, metric)}
     return sorted(rest, key=lambda candidate: candidate[0] not in on_front)
-
-
-def block_proxy(job: steps.Job, seed: int = 0) -> dict[str, tuple[float, float] | None]:
-    """Rung zero, the cheap proxy: each family's defaults through the verified pipeline on one block of the
-    model's stack of repeated blocks (the middle one, on the activations of two calibration batches): family →
-    (the block's output SQNR dB, its time against the original block's from a short paired timing), or None
-    where the family kept nothing there. {} for a model without such a stack, or whose blocks cannot be run
-    alone. On SmolLM2 a family costs seconds here against minutes for a whole-model candidate."""
-    try:
-        _, blocks = blockwise.find_stack(job.model)
-        calls = blockwise.first_block_calls(job.model, blocks[len(blocks) // 2], job.data.batches[:2])
-    except (RewriteError, RuntimeError, TypeError, ValueError):
-        return {}
-    flat = blockwise.FlatCall(blocks[len(blocks) // 2], calls[0])
-    inputs = [flat.tensors(call) for call in calls]
-    with torch.no_grad():
-        want = [flat(*x) for x in inputs]
-    return {family: _on_block(flat, inputs, want, options[0], seed) for family, options in FAMILIES.items()}
-
-
-def _on_block(flat: nn.Module, inputs: list[tuple], want: list, pipeline_spec: str, seed: int
-              ) -> tuple[float, float] | None:
-    try:
-        module, records, _ = pipeline.run_passes(capture.capture(flat, inputs[0]), spec.parse_spec(pipeline_spec),
-                                                 PassContext(calibration=inputs, seed=seed))
-        if not any(r.status == "applied" for r in records):
-            return None
-        with torch.no_grad():
-            error = verify.compare(want, [module(*x) for x in inputs]).sqnr_db
-        return error, 1 / measure.compare_torch(flat, module, inputs[0], PROXY_BUDGET_S, PROXY_ROUNDS).speed.ratio
-    except Exception:  # noqa: BLE001  a proxy that cannot run orders nothing; the candidate itself will say why
-        return None
-
-
-def promising_families_first(rest: list[tuple[str, str]], proxies: dict[str, tuple[float, float] | None]
-                             ) -> list[tuple[str, str]]:
-    """The candidates left, reordered by the block proxy: families on its front of (time, SQNR) first, most
-    accurate first, then the others by SQNR, then those that kept nothing on the block (a time limit cuts those
-    first: on SmolLM2 on a 2-core AVX2 CPU, 15 minutes tried two families, fwsvd the second; it was rolled back).
-    Without a proxy, the order stays."""
-    if not proxies:
-        return rest
-    kept = {f: p for f, p in proxies.items() if p is not None}
-    front = {f for f, (e, t) in kept.items()
-             if not any((e2 >= e and t2 <= t) and (e2, t2) != (e, t) for e2, t2 in kept.values())}
-
-    def rank(family: str) -> tuple:
-        if family not in kept:
-            return (2, 0.0) if family in proxies else (1, 0.0)
-        return (0 if family in front else 1, -kept[family][0])
-    rounds = [sum(1 for f, _ in rest[:i] if f == family) for i, (family, _) in enumerate(rest)]
-    order = sorted(range(len(rest)), key=lambda i: (rounds[i], rank(rest[i][0])))  # each family's defaults first
-    return [rest[i] for i in order]
 
 
 def candidates(before: str = BEFORE, after: str = AFTER) -> list[tuple[str, str]]:

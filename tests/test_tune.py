@@ -110,7 +110,6 @@ def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(mo
         return option
     monkeypatch.setattr(tune.api, "optimize", optimize)
     monkeypatch.setattr(tune, "_point", lambda option, *_: Point(option, option, len(tried), 1.0, 1))
-    monkeypatch.setattr(tune, "block_proxy", lambda *_: {})
     tune._explore(None, None, {}, None, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
     # 460 s for the first; then each 60 s while 3 candidates' time (180 s) is left: at 460, 520, ..., 700
     assert len(tried) == 6
@@ -199,33 +198,5 @@ def test_the_chosen_point_is_written_from_its_candidate_run_not_rewritten_again(
     model, example, *calib = build()
     result = tune.tune(model, example, calib=calib[0] if calib else None, time_limit="5s", out=tmp_path / "t",
                        progress=lambda message, *_: tries.append(message) if message.startswith("trying") else None)
-    # one run per candidate, one per family on the block (the proxy), none for the final rewrite
-    assert tries and len(runs) == len(tries) + len(tune.FAMILIES) * bool(result.report.search["block_proxy"])
+    assert tries and len(runs) == len(tries)  # one run per candidate, none for the final rewrite
     assert (tmp_path / "t" / "model.pt2").exists() and result.report.search["chosen"]
-
-
-def test_the_block_proxy_orders_each_round_front_first_most_accurate_first_and_idle_last():
-    proxies = {"fwsvd": (15.0, 0.9), "lowrank": (10.0, 0.95), "dgq": (30.0, 1.0), "prune": None,
-               "fwsvd+dgq": (14.0, 0.85)}
-    order = [family for family, _ in tune.promising_families_first(tune.candidates()[1:], proxies)]
-    # lowrank is dominated by fwsvd on the block (less accurate and slower); prune kept nothing there
-    assert order[:5] == ["dgq", "fwsvd", "fwsvd+dgq", "lowrank", "prune"]
-    assert order[5:] == ["dgq", "fwsvd", "lowrank", "prune", "dgq", "fwsvd"]  # later rounds: the same order
-    assert tune.promising_families_first(tune.candidates()[1:], {}) == tune.candidates()[1:]
-
-
-def test_the_block_proxy_runs_each_family_s_defaults_on_one_decoder_block():
-    from types import SimpleNamespace
-
-    import transformers
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.config.use_cache = False  # as the checked job's copy has it (capture.without_kv_cache)
-    batches = [(torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
-    found = tune.block_proxy(SimpleNamespace(model=model, data=SimpleNamespace(batches=batches)))
-    assert found.keys() == tune.FAMILIES.keys()
-    sqnr, time_ratio = found["dgq"]
-    assert 10 < sqnr < 60 and time_ratio > 0
-    assert tune.block_proxy(SimpleNamespace(model=torch.nn.Linear(4, 4), data=SimpleNamespace(batches=[]))) == {}
