@@ -45,6 +45,10 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     "fwsvd+dgq": ["fwsvd,dgq"],
 }
 PROXY_BUDGET_S, PAIRED_BUDGET_S = 0.4, 2.0
+# What a candidate kept when no pass applied: the original model, whose proxy time is 1 without timing it against
+# itself (half a minute on SmolLM2 here). The front still times it, so that its interval says how noisy the
+# host is beside the others'.
+NOTHING = "(none)"
 # The proxy's rounds: a few are enough to rank candidates, and on SmolLM2 (a 512-token forward takes 3 s on a
 # 2-core AVX2 CPU) the report's ten took a minute of every candidate.
 PROXY_ROUNDS = 3
@@ -243,10 +247,10 @@ def _same_model(a: Point, b: Point) -> bool:
 
 def _point(candidate: str, result: api.Result, timer: Timer, metric: str | None) -> Point:
     report = result.report
-    applied = ",".join(r.spec for r in report.records if r.status == "applied") or "(none)"
+    applied = ",".join(r.spec for r in report.records if r.status == "applied") or NOTHING
     quality = (report.metric.get("rewritten", float("nan")) if metric else
                (report.error_vs_original or {}).get("sqnr_db", float("nan")))
-    proxy = 1 / timer.speed(result, PROXY_BUDGET_S, PROXY_ROUNDS).ratio
+    proxy = 1.0 if applied == NOTHING else 1 / timer.speed(result, PROXY_BUDGET_S, PROXY_ROUNDS).ratio
     return Point(candidate, applied, float(quality), proxy, measure.weight_bytes(result.model))
 
 

@@ -200,3 +200,15 @@ def test_the_chosen_point_is_written_from_its_candidate_run_not_rewritten_again(
                        progress=lambda message, *_: tries.append(message) if message.startswith("trying") else None)
     assert tries and len(runs) == len(tries)  # one run per candidate, none for the final rewrite
     assert (tmp_path / "t" / "model.pt2").exists() and result.report.search["chosen"]
+
+
+def test_a_candidate_that_kept_nothing_is_the_original_and_is_not_timed_against_itself():
+    from types import SimpleNamespace
+
+    class Untimed:
+        def speed(self, *_):
+            raise AssertionError("the original was timed against itself")
+    record = SimpleNamespace(status="nothing to rewrite", spec="t1")
+    report = SimpleNamespace(records=[record], metric={}, error_vs_original={"sqnr_db": float("inf")})
+    point = tune._point("t1", SimpleNamespace(report=report, model=torch.nn.Linear(4, 4)), Untimed(), None)
+    assert point.applied == "(none)" and point.proxy == 1.0
