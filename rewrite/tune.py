@@ -52,6 +52,9 @@ NOTHING = "(none)"
 # The proxy's rounds: a few are enough to rank candidates, and on SmolLM2 (a 512-token forward takes 3 s on a
 # 2-core AVX2 CPU) the report's ten took a minute of every candidate.
 PROXY_ROUNDS = 3
+# A front point's paired timing against a candidate's proxy timing: 2 s against 0.4 s of rounds where calls are
+# short, 10 rounds against 3 where they are long (a 512-token SmolLM2 forward takes 3 s here).
+FRONT_OVER_PROXY = 5
 
 
 @dataclass
@@ -175,13 +178,15 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
              ) -> tuple[list[Point], dict[str, api.Result], set[str]]:
     """Rung one: the distinct points the candidates made (in `candidates()` order, the families on the front
     first after the defaults), each point's run, and the families whose defaults kept nothing. A candidate
-    starts only while it, the front's timing and the final rewrite (on SmolLM2 together 2.4 candidates'
-    time) are expected to end by `deadline`, from the mean time of the candidates before it, less what the
-    first spent making what they all share (the checked data, the capture): on SmolLM2 on a 2-core AVX2 CPU
-    that made the first candidate 7 minutes, and a 15-minute search then tried no other."""
+    starts only while it, the front's timing and the final rewrite are expected to end by `deadline`: itself
+    and the final rewrite a mean candidate's time each, less what the first spent making what they all share
+    (the checked data, the capture: on SmolLM2 on a 2-core AVX2 CPU that made the first candidate 7 minutes,
+    and a 15-minute search then tried no other); the front's timing, each point on the front so far
+    FRONT_OVER_PROXY times the mean proxy timing (MiniLM in onnxruntime: 3 × a candidate left 105 s too
+    little for 4 front points and the final export)."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
-    idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
+    idle, family_of, began, ran, timings = set(), {}, time.perf_counter(), 0, [0.0]
     for step in range(len(queue)):
         if step == 1 + len(FAMILIES):  # every family's defaults tried
             queue[step:] = front_families_first(queue[step:], points, family_of, metric)
@@ -190,11 +195,14 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
             continue
         now = time.perf_counter()
         each = (now - began - shared.setup_s) / max(ran, 1)
-        if ran and now + 3 * each > deadline:  # itself, the front's timing, the final rewrite
+        front = len(_pareto(points, metric)) * FRONT_OVER_PROXY * max(timings)
+        if ran and now + 2 * each + front > deadline:
             break
         say(f"trying {option} ({len(points)} distinct so far)")
         result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
+        timed = time.perf_counter()
         point = _point(option, result, timer, metric)
+        timings.append(time.perf_counter() - timed)
         if family != "exact" and point.applied == points[0].applied:
             idle.add(family)  # it rewrites nothing here (or is rolled back): its other options would not either
         elif not any(_same_model(p, point) for p in points):

@@ -109,9 +109,13 @@ def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(mo
         tried.append(option)
         return option
     monkeypatch.setattr(tune.api, "optimize", optimize)
-    monkeypatch.setattr(tune, "_point", lambda option, *_: Point(option, option, len(tried), 1.0, 1))
+    def point(option, *_):  # its proxy timing: 5 s
+        clock[0] += 5
+        return Point(option, option, len(tried), 1.0, 1)
+    monkeypatch.setattr(tune, "_point", point)
     tune._explore(None, None, {}, None, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
-    # 460 s for the first; then each 60 s while 3 candidates' time (180 s) is left: at 460, 520, ..., 700
+    # 465 s for the first; then each 65 s while two candidates' time and the front's timing (one point, 5 × 5 s)
+    # are left (155 s): at 465, 530, 595, 660, 725
     assert len(tried) == 6
 
 
