@@ -114,8 +114,8 @@ def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(mo
         return Point(option, option, len(tried), 1.0, 1)
     monkeypatch.setattr(tune, "_point", point)
     tune._explore(None, None, {}, None, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
-    # 465 s for the first; then each 65 s while two candidates' time and the front's timing (one point, 5 × 5 s)
-    # are left (155 s): at 465, 530, 595, 660, 725
+    # 465 s for the first; then each 65 s while two candidates' time and the front's timing (one point, 10/3 × 5 s)
+    # are left (147 s): at 465, 530, 595, 660, 725
     assert len(tried) == 6
 
 
