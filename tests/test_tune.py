@@ -98,6 +98,8 @@ def test_candidates_sharing_a_reuse_are_captured_once_and_rewritten_as_fresh_run
 
 
 def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(monkeypatch):
+    from types import SimpleNamespace
+
     from rewrite import modes
     clock, tried = [0.0], []
     monkeypatch.setattr(tune.time, "perf_counter", lambda: clock[0])
@@ -109,13 +111,14 @@ def test_the_time_limit_counts_each_candidate_s_time_not_the_setup_they_share(mo
         tried.append(option)
         return option
     monkeypatch.setattr(tune.api, "optimize", optimize)
-    def point(option, *_):  # its proxy timing: 5 s
+    def point(option, *_):  # its proxy timing: 5 s, from which a front point's timing is expected to take 15
         clock[0] += 5
         return Point(option, option, len(tried), 1.0, 1)
     monkeypatch.setattr(tune, "_point", point)
-    tune._explore(None, None, {}, None, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
-    # 465 s for the first; then each 65 s while two candidates' time and the front's timing (one point, 10/3 × 5 s)
-    # are left (147 s): at 465, 530, 595, 660, 725
+    timer = SimpleNamespace(front_point_s=15.0)
+    tune._explore(None, None, {}, timer, None, modes.Reuse(), 900.0, lambda *a, **k: None, tune.candidates())
+    # 465 s for the first; then each 65 s while two candidates' time and the front's timing (one point, 15 s)
+    # are left (145 s): at 465, 530, 595, 660, 725
     assert len(tried) == 6
 
 
@@ -216,3 +219,17 @@ def test_a_candidate_that_kept_nothing_is_the_original_and_is_not_timed_against_
     report = SimpleNamespace(records=[record], metric={}, error_vs_original={"sqnr_db": float("inf")})
     point = tune._point("t1", SimpleNamespace(report=report, model=torch.nn.Linear(4, 4)), Untimed(), None)
     assert point.applied == "(none)" and point.proxy == 1.0
+
+
+def test_a_front_point_s_timing_is_expected_from_the_proxy_timing_s_fixed_cost_and_its_calls():
+    from rewrite.measure import Speed, Timed
+    def timer():
+        return tune.Timer("torch", torch.nn.Linear(2, 2), (torch.randn(1, 2),), None)
+    speed = Speed("torch", 1.0, 1.0, 1.0, 3)
+    long, short = timer(), timer()
+    long._expect(6.0, Timed((1000.0, 1000.0, 3), (500.0, 500.0, 3), speed), 3)  # 4.5 s of calls in 3 rounds
+    assert long.front_point_s == pytest.approx(6.0 - 4.5 + 4.5 * 10 / 3)  # 10 rounds
+    short._expect(9.0, Timed((1.0, 1.0, 200), (1.0, 1.0, 200), speed), 3)  # onnxruntime's worker: 8.6 s fixed
+    assert short.front_point_s == pytest.approx(9.0 - 0.4 + tune.PAIRED_BUDGET_S)  # the calls fill the budget
+    short._expect(5.0, Timed((1.0, 1.0, 200), (1.0, 1.0, 200), speed), 3)
+    assert short.front_point_s == pytest.approx(9.0 - 0.4 + tune.PAIRED_BUDGET_S)  # the longest so far
