@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +145,10 @@ def _prepared(reuse: modes.Reuse | None, say: Progress, model: Any, example_inpu
     """The checked job: made (`inputs.prepare`), or a run before this one's with these passes' warnings."""
     if reuse is None or reuse.job is None:
         say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
-        start = time.perf_counter()
-        job = steps.prepare(model, example_inputs, passes, **options)
+        with reuse.shared_setup() if reuse is not None else contextlib.nullcontext():
+            job = steps.prepare(model, example_inputs, passes, **options)
         if reuse is not None:
-            reuse.job, reuse.setup_s = job, reuse.setup_s + time.perf_counter() - start
+            reuse.job = job
         return job
     torch.manual_seed(options["seed"])  # as prepare leaves it, so a run reusing the job rewrites what a fresh one does
     return dataclasses.replace(reuse.job, warnings=steps.data_warnings(reuse.job.data, passes))

@@ -75,6 +75,8 @@ class FlatCall(nn.Module):
     """`block(*args, **kwargs)` as a module of positional tensors, for capture; non-tensor arguments (flags,
     None) are fixed to the values of the first call."""
 
+    HELD = "block"  # the attribute that holds the user's block, the first name of every path captured below it
+
     def __init__(self, block: nn.Module, call: Call):
         super().__init__()
         self.block = block
@@ -97,7 +99,7 @@ class FlatCall(nn.Module):
 
 
 def _in_block(path: str) -> str:
-    return path.removeprefix("block.")
+    return path.removeprefix(f"{FlatCall.HELD}.")
 
 
 class BlockCall(nn.Module):

@@ -125,6 +125,12 @@ class Timer:
         rounds_s = max(PAIRED_BUDGET_S, calls * 10 / rounds)  # short calls fill the budget; long ones, 10 rounds
         self.front_point_s = max(self.front_point_s, seconds - calls + rounds_s)
 
+    def final_timing_s(self) -> float:
+        """What the final report's timing adds to a candidate's time: nothing in eager torch (a candidate's pass
+        outweighs it: SmolLM2 on an AVX2 CPU, 4-5 minutes against 5-6.5), and with onnxruntime two paired
+        timings as long as a front point's, one per runtime (MiniLM: 132 s against a candidate's 55)."""
+        return 2 * self.front_point_s if self.backend == "onnxruntime" else 0.0
+
     def _export(self, module: nn.Module, name: str, captured: Any = None) -> Path:
         from rewrite import capture
         from rewrite.emit import onnx as onnx_emit
@@ -159,7 +165,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     run["calib"] = loaded.calibration if run["calib"] is None else run["calib"]
     args = steps.check_model_and_inputs(steps.private_copy(module), example)
     timer = Timer(backend, module, args, scratch)
-    shared = modes.Reuse()  # one capture, one check of the data, one score of the original for every run
+    # one capture, one check of the data, one score of the original for every run
+    shared = modes.Reuse(emit=("onnx",) if backend == "onnxruntime" else ())
     before, after, left_out = exact_passes(module)
     points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
                                      candidates(before, after))
@@ -178,7 +185,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     say(f"rewriting the chosen point: {chosen.spec}")
     emit = "onnx" if backend == "onnxruntime" and out is not None else None  # the report times the chosen point there
     return api.optimize(module, example, chosen.spec, out=out, force=force, search=search, emit=emit, reuse=shared,
-                        **run)
+                        progress=progress, **run)
 
 
 def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: str | None, shared: modes.Reuse,
@@ -189,9 +196,9 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
     starts only while it, the front's timing and the final rewrite are expected to end by `deadline`: itself
     and the final rewrite a mean candidate's time each, less what the first spent making what they all share
     (the checked data, the capture: on SmolLM2 on a 2-core AVX2 CPU that made the first candidate 7 minutes,
-    and a 15-minute search then tried no other); the front's timing, each point on the front so far as the
-    proxy timings let expect it (`Timer._expect`; MiniLM in onnxruntime: 3 × a candidate left 105 s too
-    little for 4 front points and the final export)."""
+    and a 15-minute search then tried no other), and the final report's own timing (`Timer.final_timing_s`);
+    the front's timing, each point on the front so far as the proxy timings let expect it (`Timer._expect`;
+    MiniLM in onnxruntime: 3 × a candidate left 105 s too little for 4 front points and the final export)."""
     points: list[Point] = []
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
@@ -204,7 +211,7 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
         now = time.perf_counter()
         each = (now - began - shared.setup_s) / max(ran, 1)
         front = len(_pareto(points, metric)) * timer.front_point_s
-        if ran and now + 2 * each + front > deadline:
+        if ran and now + 2 * each + front + timer.final_timing_s() > deadline:
             break
         say(f"trying {option} ({len(points)} distinct so far)")
         result, ran = api.optimize(module, example, option, measure_latency=False, reuse=shared, **run), ran + 1
