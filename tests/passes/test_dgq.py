@@ -190,6 +190,36 @@ def test_the_eager_integer_matmul_is_exact_beyond_what_one_float32_sum_holds(k):
     assert torch.equal(kernels.integer_matmul(codes, w_s8).double(), want.float().double())
 
 
+@pytest.mark.parametrize("largest, one_gemm", [(86, True), (87, False)])
+def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_2_24(largest, one_gemm):
+    """K = 1,536 (SmolLM2's down projections): 127 · 86 · 1,536 < 2^24 ≤ 127 · 87 · 1,536."""
+    codes = torch.randint(-127, 128, (9, 1536)).float()
+    codes[0] = 127
+    w_s8 = torch.randint(-20, 21, (12, 1536), dtype=torch.int8)
+    w_s8[0] = largest
+    assert kernels.sums_below_2_24(w_s8) == one_gemm
+    assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
+    w_s8[0] = 127  # changed in place (a load_state_dict): judged again
+    assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
+    assert not kernels.per_weight(kernels._one_gemm, w_s8, kernels.sums_below_2_24)
+
+
+def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of_inference_mode():
+    codes = torch.randint(-127, 128, (3, 64)).float()
+    first, second = (torch.randint(-127, 128, (8, 64), dtype=torch.int8) for _ in range(2))
+    if hasattr(kernels._scratch, "buffer"):
+        del kernels._scratch.buffer
+    with torch.inference_mode():  # the buffer is made here, and written outside it below
+        kept = kernels.integer_matmul(codes, first)
+    got = kernels.integer_matmul(codes, second)
+    assert torch.equal(kept, codes @ first.float().T) and torch.equal(got, codes @ second.float().T)
+    trained = codes.clone().requires_grad_()  # autograd keeps its own copy of the weights, not the buffer
+    y = kernels.integer_matmul(trained, first)
+    kernels.integer_matmul(codes, second)
+    y.sum().backward()
+    assert torch.equal(trained.grad, first.float().sum(0).expand(3, 64))
+
+
 def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):
     import onnx
     model = FFN(d=128, hidden=256).eval()
