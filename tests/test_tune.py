@@ -217,7 +217,8 @@ def test_the_chosen_point_is_written_from_its_candidate_run_not_rewritten_again(
     monkeypatch.setattr(modes.pipeline, "run_passes", lambda *a, **k: runs.append(1) or real(*a, **k))
     model, example, *calib = build()
     result = tune.tune(model, example, calib=calib[0] if calib else None, time_limit="5s", out=tmp_path / "t",
-                       backend=backend, progress=lambda message, *_: tries.append(message) if message.startswith("trying") else None)
+                       backend=backend,
+                       progress=lambda message, *_: tries.append(message) if message.startswith("trying") else None)
     assert tries and len(runs) == len(tries)  # one run per candidate, none for the final rewrite
     assert (tmp_path / "t" / "model.pt2").exists() and result.report.search["chosen"]
 
