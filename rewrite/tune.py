@@ -14,10 +14,10 @@ Successive halving in two rungs, every candidate through the same verified pipel
    rounds, as the report times (`measure.compare_torch`).
 The chosen point is the most accurate front point whose paired time meets the target (else the most
 accurate of those within 5% of the fastest's speed-up or its timing interval, and the report says the
-target was not met). Its run is written into the output folder (run again only with --backend
-onnxruntime, whose ONNX output can change t1's form); the folder's report carries the front (a table, and
-a picture with the chosen point marked) and its recipe.json `rewrite optimize MODEL --recipe recipe.json`
-reproduces.
+target was not met). Its run is written into the output folder, not made again (with --backend onnxruntime
+every candidate is made as ONNX takes them, since that output can change t1's form); the folder's report
+carries the front (a table, and a picture with the chosen point marked) and its recipe.json
+`rewrite optimize MODEL --recipe recipe.json` reproduces.
 """
 from __future__ import annotations
 
