@@ -143,15 +143,15 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
 def _prepared(reuse: modes.Reuse | None, say: Progress, model: Any, example_inputs: Any, passes: list,
               **options: Any) -> steps.Job:
     """The checked job: made (`inputs.prepare`), or a run before this one's with these passes' warnings."""
-    if reuse is None or reuse.job is None:
-        say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
-        with reuse.shared_setup() if reuse is not None else contextlib.nullcontext():
-            job = steps.prepare(model, example_inputs, passes, **options)
-        if reuse is not None:
-            reuse.job = job
-        return job
-    torch.manual_seed(options["seed"])  # as prepare leaves it, so a run reusing the job rewrites what a fresh one does
-    return dataclasses.replace(reuse.job, warnings=steps.data_warnings(reuse.job.data, passes))
+    if reuse is not None and reuse.job is not None:
+        torch.manual_seed(options["seed"])  # as prepare leaves it: a run reusing the job rewrites what a fresh one does
+        return dataclasses.replace(reuse.job, warnings=steps.data_warnings(reuse.job.data, passes))
+    say("loading the model" if isinstance(model, (str, Path)) else "checking the model and its inputs")
+    if reuse is None:
+        return steps.prepare(model, example_inputs, passes, **options)
+    with reuse.shared_setup():
+        reuse.job = steps.prepare(model, example_inputs, passes, **options)
+    return reuse.job
 
 
 def diff(original: nn.Module | str, rewritten: nn.Module | str, inputs: Any, *, eval: Any = None,

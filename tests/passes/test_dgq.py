@@ -220,6 +220,25 @@ def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of
     assert torch.equal(trained.grad, first.float().sum(0).expand(3, 64))
 
 
+def test_a_gemv_converts_its_weights_on_one_thread_and_gives_the_threads_back(monkeypatch):
+    monkeypatch.setattr(kernels.onednn_int8, "exact", False)  # the float path, as on x86 without VNNI
+    seen = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src: seen.append(torch.get_num_threads())
+                        or real_copy(self, src))
+    w_s8 = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (1, kernels.FEW_ROWS, kernels.FEW_ROWS + 1):
+            codes = torch.randint(-127, 128, (rows, 64)).float()
+            assert torch.equal(kernels.integer_matmul(codes, w_s8), codes @ w_s8.float().T)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1, 2]  # a GEMV's conversion on one thread, a GEMM's on all
+
+
 def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):
     import onnx
     model = FFN(d=128, hidden=256).eval()

@@ -96,7 +96,8 @@ def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     if codes.shape[0] and onednn_int8.usable():
         return onednn_int8.matmul(codes, w_s8)
     # autograd would keep the reused buffer for a backward pass, and the next call would change it under it
-    k, w = codes.shape[-1], w_s8.float() if codes.requires_grad else as_float(w_s8)
+    few_rows = codes.shape[0] <= FEW_ROWS
+    k, w = codes.shape[-1], w_s8.float() if codes.requires_grad else as_float(w_s8, one_thread=few_rows)
     if k <= EXACT_K or per_weight(_one_gemm, w_s8, sums_below_2_24):
         return codes @ w.t()
     slices = [(codes[:, i:i + EXACT_K] @ w[:, i:i + EXACT_K].t()).to(torch.int32) for i in range(0, k, EXACT_K)]
@@ -128,18 +129,34 @@ SCRATCH_MAX = 1 << 22  # float32 elements (16 MB a thread): SmolLM2's and MiniLM
 _scratch = threading.local()
 
 
-def as_float(w_s8: Tensor) -> Tensor:
+FEW_ROWS = 16  # activation rows up to which a GEMM reads its weights more than it computes (decode)
+
+
+def as_float(w_s8: Tensor, one_thread: bool = False) -> Tensor:
     """w_s8 as float32, written into a buffer this thread reuses: a new 3.5 MB tensor a call (SmolLM2's MLP
     layers) measured 1.3 ms against 0.22 ms for the conversion into a reused buffer and the GEMV, and 0.31 ms
     for the fp32 model's GEMV (one token, 2 threads, AVX2): the conversion reads a quarter of fp32's bytes,
-    and the buffer it writes stays in cache. The result is valid until this thread's next call."""
+    and the buffer it writes stays in cache. The result is valid until this thread's next call.
+
+    one_thread: convert on this thread alone, for a GEMV, which reads the buffer on this thread. On a 2-core
+    AVX2 VM (SmolLM2's decode shapes, a layer's conversion and GEMV), two threads took 0.37 ms for hours at a
+    time, where one took 0.21–0.23 ms and fp32's GEMV 0.21 ms; at other times two took 0.18 ms. The host's
+    placement of the two vCPUs decides, not the process. One thread keeps the time near fp32's in both: SmolLM2
+    decoded at 0.62x fp32's speed against 0.56x, and at 0.70x against 0.75x."""
     if w_s8.numel() > SCRATCH_MAX:
         return w_s8.float()
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < w_s8.numel():
         with torch.inference_mode(False):  # a buffer made under inference mode could not be written outside it
             buffer = _scratch.buffer = torch.empty(w_s8.numel())
-    return buffer[:w_s8.numel()].view(w_s8.shape).copy_(w_s8)
+    threads = torch.get_num_threads()
+    if one_thread and threads > 1:
+        torch.set_num_threads(1)  # 0.4 µs; a caller on another thread may see one thread meanwhile
+    try:
+        return buffer[:w_s8.numel()].view(w_s8.shape).copy_(w_s8)
+    finally:
+        if one_thread and threads > 1:
+            torch.set_num_threads(threads)
 
 
 class onednn_int8:
