@@ -220,6 +220,20 @@ def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of
     assert torch.equal(trained.grad, first.float().sum(0).expand(3, 64))
 
 
+def test_per_token_codes_need_no_clamp_to_stay_within_127():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(4096, 64, generator=g) * 10.0 ** torch.randint(-44, 38, (4096, 1), generator=g),
+            torch.tensor([[3.0e38, -3.0e38, 1.0], [1e-45, -1e-45, 0.0], [0.0, 0.0, 0.0], [1e-12, 127e-12, -5e-11]])]
+    for x in rows:
+        codes, scale = kernels.activation_codes(x, torch.empty(0))
+        assert codes.abs().max() <= 127 and torch.equal(codes, codes.clamp(-127, 127))
+    full = kernels.activation_codes(rows[0], torch.empty(0))[0].abs().amax(-1) == 127
+    assert full.float().mean() > 0.5  # a row's largest entry takes the full range, bar rows below the clamped scale
+    special = torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0]])
+    codes = kernels.activation_codes(special, torch.empty(0))[0]
+    torch.testing.assert_close(codes, codes.clamp(-127, 127), rtol=0, atol=0, equal_nan=True)  # NaN stays NaN
+
+
 def test_a_gemv_converts_its_weights_on_one_thread_and_gives_the_threads_back(monkeypatch):
     monkeypatch.setattr(kernels.onednn_int8, "exact", False)  # the float path, as on x86 without VNNI
     seen = []

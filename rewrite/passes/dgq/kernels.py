@@ -48,10 +48,11 @@ def activation_codes(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
     # In place where the value is new, and max|x| as one op: at one token a call (decode) these small ops,
     # not the GEMM, are what a dgq Linear adds to an fp32 one.
     if s_x.numel():
-        scale = s_x
-    else:
-        scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(127).clamp_min_(1e-12)
-    return torch.div(x, scale).round_().clamp_(-127, 127), scale
+        return torch.div(x, s_x).round_().clamp_(-127, 127), s_x
+    # |x|/(max|x|/127) ≤ 127·(1 + 2^-24) rounds to 127 at most, and a clamped scale only makes it smaller: the
+    # clamp to ±127 that a static scale needs would change nothing here (NaN and inf stay what they were).
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(127).clamp_min_(1e-12)
+    return torch.div(x, scale).round_(), scale
 
 
 def a8w8(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
