@@ -220,6 +220,31 @@ def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of
     assert torch.equal(trained.grad, first.float().sum(0).expand(3, 64))
 
 
+def test_linears_reading_one_tensor_share_its_codes_until_it_changes(monkeypatch):
+    calls = []
+    real = kernels.activation_codes
+    monkeypatch.setattr(kernels, "activation_codes", lambda x, s_x: calls.append(x.shape) or real(x, s_x))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (DGQLinear.int8_weights(torch.randn(16, 64, generator=g), None, torch.empty(0)) for _ in range(3))
+    x = torch.randn(1, 1, 64, generator=g)
+    alone = [layer(x.clone()) for layer in (q, k, v)]
+    calls.clear()
+    with torch.no_grad():
+        shared = [layer(x) for layer in (q, k, v)]
+        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(alone, shared))
+        x.mul_(2)  # changed in place: its codes are made again
+        assert torch.equal(q(x), q(x.clone())) and len(calls) == 3
+        q(x[0]), q(torch.randn(32, 64)), q(x.detach())  # a view, many rows (prefill), another tensor: not shared
+        assert len(calls) == 6
+        with torch.inference_mode():  # inference tensors do not count their in-place changes
+            y = torch.randn(1, 64)
+            q(y), k(y)
+        assert len(calls) == 8
+    x.requires_grad_()
+    q(x), k(x)  # autograd keeps its own codes
+    assert len(calls) == 10
+
+
 def test_per_token_codes_need_no_clamp_to_stay_within_127():
     g = torch.Generator().manual_seed(0)
     rows = [torch.randn(4096, 64, generator=g) * 10.0 ** torch.randint(-44, 38, (4096, 1), generator=g),
