@@ -207,11 +207,11 @@ def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_
 def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of_inference_mode():
     codes = torch.randint(-127, 128, (3, 64)).float()
     first, second = (torch.randint(-127, 128, (8, 64), dtype=torch.int8) for _ in range(2))
-    if hasattr(kernels._scratch, "buffer"):
-        del kernels._scratch.buffer
-    with torch.inference_mode():  # the buffer is made here, and written outside it below
+    kernels._scratch.__init__()
+    with torch.inference_mode():  # the buffer and its view are made here, and written outside it below
         kept = kernels.integer_matmul(codes, first)
     got = kernels.integer_matmul(codes, second)
+    assert torch.equal(kernels.integer_matmul(codes, first[:4]), codes @ first[:4].float().T)  # another shape
     assert torch.equal(kept, codes @ first.float().T) and torch.equal(got, codes @ second.float().T)
     trained = codes.clone().requires_grad_()  # autograd keeps its own copy of the weights, not the buffer
     y = kernels.integer_matmul(trained, first)

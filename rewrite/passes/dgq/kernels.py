@@ -152,7 +152,27 @@ def per_weight(cache: dict[int, tuple], w: Tensor, make: Callable[[Tensor], Any]
 
 
 SCRATCH_MAX = 1 << 22  # float32 elements (16 MB a thread): SmolLM2's and MiniLM's layers, not a 7B model's
-_scratch = threading.local()
+
+
+class _Scratch(threading.local):
+    """A float32 buffer a thread reuses, with a view of it per weight shape: making the slice and view each
+    call took half of a 192 × 576 conversion's time (52 µs against 25 µs on a 2-core AVX2 VM)."""
+
+    def __init__(self) -> None:
+        self.buffer, self.views = None, {}
+
+    def shaped(self, shape: torch.Size) -> Tensor:
+        view = self.views.get(shape)
+        if view is None:
+            numel = shape.numel()
+            with torch.inference_mode(False):  # made under inference mode, neither could be written outside it
+                if self.buffer is None or self.buffer.numel() < numel:
+                    self.buffer, self.views = torch.empty(numel), {}
+                view = self.views[shape] = self.buffer[:numel].view(shape)
+        return view
+
+
+_scratch = _Scratch()
 
 
 FEW_ROWS = 16  # activation rows up to which a GEMM reads its weights more than it computes (decode)
@@ -171,15 +191,11 @@ def as_float(w_s8: Tensor, one_thread: bool = False) -> Tensor:
     decoded at 0.62x fp32's speed against 0.56x, and at 0.70x against 0.75x."""
     if w_s8.numel() > SCRATCH_MAX:
         return w_s8.float()
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < w_s8.numel():
-        with torch.inference_mode(False):  # a buffer made under inference mode could not be written outside it
-            buffer = _scratch.buffer = torch.empty(w_s8.numel())
     threads = torch.get_num_threads()
     if one_thread and threads > 1:
         torch.set_num_threads(1)  # 0.4 µs; a caller on another thread may see one thread meanwhile
     try:
-        return buffer[:w_s8.numel()].view(w_s8.shape).copy_(w_s8)
+        return _scratch.shaped(w_s8.shape).copy_(w_s8)
     finally:
         if one_thread and threads > 1:
             torch.set_num_threads(threads)
