@@ -273,9 +273,11 @@ def test_a_gemv_converts_its_weights_on_one_thread_and_gives_the_threads_back(mo
             codes = torch.randint(-127, 128, (rows, 64)).float()
             assert torch.equal(kernels.integer_matmul(codes, w_s8), codes @ w_s8.float().T)
             assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)  # measured on 2 cores only: wider machines keep their threads
+        kernels.integer_matmul(torch.ones(1, 64), w_s8)
     finally:
         torch.set_num_threads(threads)
-    assert seen == [1, 1, 2]  # a GEMV's conversion on one thread, a GEMM's on all
+    assert seen == [1, 1, 2, 3]  # a GEMV's conversion on one thread, a GEMM's on all
 
 
 def test_w4_form_stores_four_bits_and_exports_matmulnbits(tmp_path):

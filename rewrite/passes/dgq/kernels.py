@@ -176,6 +176,9 @@ _scratch = _Scratch()
 
 
 FEW_ROWS = 16  # activation rows up to which a GEMM reads its weights more than it computes (decode)
+# The thread count at which a GEMV's weights are converted on one thread: measured on 2 cores only. With more,
+# the conversion's share of the time grows, and the GEMV may spread over threads itself: unmeasured there.
+ONE_THREAD_AT = 2
 
 
 def as_float(w_s8: Tensor, one_thread: bool = False) -> Tensor:
@@ -192,12 +195,13 @@ def as_float(w_s8: Tensor, one_thread: bool = False) -> Tensor:
     if w_s8.numel() > SCRATCH_MAX:
         return w_s8.float()
     threads = torch.get_num_threads()
-    if one_thread and threads > 1:
+    one_thread = one_thread and threads == ONE_THREAD_AT
+    if one_thread:
         torch.set_num_threads(1)  # 0.4 µs; a caller on another thread may see one thread meanwhile
     try:
         return _scratch.shaped(w_s8.shape).copy_(w_s8)
     finally:
-        if one_thread and threads > 1:
+        if one_thread:
             torch.set_num_threads(threads)
 
 
