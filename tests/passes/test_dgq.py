@@ -201,7 +201,7 @@ def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
     w_s8[0] = 127  # changed in place (a load_state_dict): judged again
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
-    assert not kernels.per_weight(kernels._one_gemm, w_s8, kernels.sums_below_2_24)
+    assert not kernels.per_tensor(kernels._one_gemm, w_s8, kernels.sums_below_2_24)
 
 
 def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of_inference_mode():

@@ -86,23 +86,13 @@ def _sharable(x: Tensor, s_x: Tensor) -> bool:
     return not s_x.numel() and x.numel() <= FEW_ROWS * x.shape[-1] and not x.requires_grad and not x.is_inference()
 
 
-class _LastCodes(threading.local):
-    source: Callable[[], Tensor | None] = staticmethod(lambda: None)  # a weak reference to the input
-    version: int = -1
-    known: tuple[Tensor, Tensor] = ()
-
-
-_last_codes = _LastCodes()
+_codes: dict[int, tuple] = {}  # id(input) → (input, its version, its per-token codes and scale)
 
 
 def _shared_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     """x's per-token codes, made once for the Linears that read the same tensor one after another: q/k/v and
     gate/up, 3 of a Llama block's 7 Linears, each saved 5 small ops (about 40 µs at one token, AVX2)."""
-    last = _last_codes
-    if last.source() is not x or last.version != x._version:
-        last.known = activation_codes(x.reshape(-1, x.shape[-1]), torch.empty(0))
-        last.source, last.version = weakref.ref(x), x._version
-    return last.known
+    return per_tensor(_codes, x, lambda t: activation_codes(t.reshape(-1, t.shape[-1]), torch.empty(0)))
 
 
 EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 products is exact
@@ -124,7 +114,7 @@ def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     # autograd would keep the reused buffer for a backward pass, and the next call would change it under it
     few_rows = codes.shape[0] <= FEW_ROWS
     k, w = codes.shape[-1], w_s8.float() if codes.requires_grad else as_float(w_s8, one_thread=few_rows)
-    if k <= EXACT_K or per_weight(_one_gemm, w_s8, sums_below_2_24):
+    if k <= EXACT_K or per_tensor(_one_gemm, w_s8, sums_below_2_24):
         return codes @ w.t()
     slices = [(codes[:, i:i + EXACT_K] @ w[:, i:i + EXACT_K].t()).to(torch.int32) for i in range(0, k, EXACT_K)]
     return torch.stack(slices).sum(0, dtype=torch.int32).float()
@@ -140,7 +130,7 @@ def sums_below_2_24(w_s8: Tensor) -> bool:
 _one_gemm: dict[int, tuple] = {}  # id(weight) → (weight, its version, whether one float32 GEMM is exact)
 
 
-def per_weight(cache: dict[int, tuple], w: Tensor, make: Callable[[Tensor], Any]) -> Any:
+def per_tensor(cache: dict[int, tuple], w: Tensor, make: Callable[[Tensor], Any]) -> Any:
     """make(w), kept while w lives and is not changed in place. Keyed by identity: a WeakKeyDictionary would
     compare tensors with ==."""
     key = id(w)
@@ -241,7 +231,7 @@ class onednn_int8:
             out = w.shape[0]
             return (torch.ops.onednn.qlinear_prepack(w.contiguous(), None), torch.ones(out),
                     torch.zeros(out, dtype=torch.long))
-        return per_weight(cls._packed, w_s8, pack)  # a weight changed in place is packed again
+        return per_tensor(cls._packed, w_s8, pack)  # a weight changed in place is packed again
 
     @classmethod
     def _sums_exactly(cls) -> bool:
