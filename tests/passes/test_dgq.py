@@ -245,6 +245,18 @@ def test_linears_reading_one_tensor_share_its_codes_until_it_changes(monkeypatch
     assert len(calls) == 10
 
 
+def test_a_layer_made_in_inference_mode_runs_and_sees_its_weights_change():
+    """Inference-mode tensors keep no version counter: nothing is cached for them (it crashed at K > 1,040)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        layer = DGQLinear.int8_weights(torch.randn(8, 1536, generator=g) * 0.01, None, torch.empty(0))
+        x = torch.randn(2, 1536, generator=g)
+        want = kernels.a8w8(x.clone(), layer.w_s8.clone(), layer.s1, layer.bias, layer.s_x)
+        assert torch.equal(layer(x), want)
+        layer.w_s8.copy_(-layer.w_s8)  # as a load_state_dict under inference mode would, uncounted
+        assert torch.equal(layer(x), -want)
+
+
 def test_per_token_codes_need_no_clamp_to_stay_within_127():
     g = torch.Generator().manual_seed(0)
     rows = [torch.randn(4096, 64, generator=g) * 10.0 ** torch.randint(-44, 38, (4096, 1), generator=g),

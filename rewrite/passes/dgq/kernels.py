@@ -81,9 +81,8 @@ def _a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor,
 
 
 def _sharable(x: Tensor, s_x: Tensor) -> bool:
-    """Per-token codes of a few rows (decode), outside autograd, of a tensor that counts its in-place changes
-    (inference-mode tensors do not)."""
-    return not s_x.numel() and x.numel() <= FEW_ROWS * x.shape[-1] and not x.requires_grad and not x.is_inference()
+    """Per-token codes of a few rows (decode), outside autograd."""
+    return not s_x.numel() and x.numel() <= FEW_ROWS * x.shape[-1] and not x.requires_grad
 
 
 _codes: dict[int, tuple] = {}  # id(input) → (input, its version, its per-token codes and scale)
@@ -132,7 +131,11 @@ _one_gemm: dict[int, tuple] = {}  # id(weight) → (weight, its version, whether
 
 def per_tensor(cache: dict[int, tuple], w: Tensor, make: Callable[[Tensor], Any]) -> Any:
     """make(w), kept while w lives and is not changed in place. Keyed by identity: a WeakKeyDictionary would
-    compare tensors with ==."""
+    compare tensors with ==. An inference-mode tensor keeps no version counter (a load_state_dict under
+    inference mode would change it unseen), so its make(w) is made each call: build or load a model outside
+    inference mode to keep oneDNN's packing and the one-GEMM check."""
+    if w.is_inference():
+        return make(w)
     key = id(w)
     cached = cache.get(key)
     if cached is None or cached[0]() is not w or cached[1] != w._version:
