@@ -50,6 +50,18 @@ def test_cp_als_recovers_a_tensor_of_that_rank():
     assert float((factors.cp_dense(found) - tensor).norm() / tensor.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("format", ["cp", "tucker2", "separable"])
+def test_an_all_zero_kernel_factors_to_zero(format):
+    """timm's ResNets zero-initialize each residual branch's last BatchNorm: after fold-bn its conv is all
+    zero, and CP's least squares met a singular Gram matrix there (the pass rolled back with LinAlgError)."""
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+    chain = {"cp": lambda: factors.decompose_cp(conv, 4), "tucker2": lambda: factors.decompose_tucker2(conv, 3, 4),
+             "separable": lambda: factors.decompose_separable(conv, 4)}[format]()
+    assert torch.equal(chain.dense_weight(), torch.zeros_like(conv.weight))
+
+
 def test_full_rank_tucker_and_separable_are_exact():
     conv = nn.Conv2d(4, 5, 3)
     for chain in (factors.decompose_tucker2(conv, 4, 5), factors.decompose_separable(conv, 12)):

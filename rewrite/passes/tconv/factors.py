@@ -149,7 +149,10 @@ def cp_als(t: torch.Tensor, rank: int, iterations: int = 200, tol: float = 1e-7,
         for mode in range(t.dim()):
             others = [f for m, f in enumerate(factors) if m != mode]
             gram = math.prod(f.T @ f for f in others)
-            gram = gram + 1e-12 * gram.diagonal().mean() * torch.eye(rank, dtype=t.dtype)  # rank-deficient starts
+            # damping for rank-deficient starts; its floor keeps an all-zero kernel (a zero-initialized
+            # residual branch folded with its BatchNorm, as timm's ResNets have) solvable: its factors are zero
+            damping = max(1e-12 * float(gram.diagonal().mean()), 1e-30)
+            gram = gram + damping * torch.eye(rank, dtype=t.dtype)
             product = _mttkrp(t, factors, mode)
             factors[mode] = torch.linalg.solve(gram, product.T).T
             if mode > 0:
