@@ -242,6 +242,19 @@ def return_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+def _refuse_quantized(folder: Path) -> None:
+    """A quantized checkpoint (e.g. the compressed-tensors folder dgq writes) is read by transformers, not here."""
+    try:
+        quantized = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # build_empty says what is wrong with the config
+    if quantized:
+        method = quantized.get("quant_method", "quantized") if isinstance(quantized, dict) else "quantized"
+        raise RewriteError(f"{str(folder)!r} is a {method} checkpoint: load it with transformers' "
+                           "AutoModelForCausalLM.from_pretrained(DIR) (pip install compressed-tensors for rewrite's "
+                           "dgq folders); rewrite reads float checkpoints and its own layers folders")
+
+
 class Lazy:
     """A checkpoint's model whose stack of blocks is read from disk one block at a time."""
 
@@ -249,6 +262,7 @@ class Lazy:
         from rewrite import blockwise
         return_freed_memory()
         self.folder = Path(folder)
+        _refuse_quantized(self.folder)
         self.model = build_empty(self.folder, remote_code=remote_code)
         self.shards = Shards(self.folder)
         self._check_layouts()
@@ -413,10 +427,9 @@ def load_layers(folder: str | Path, remote_code: bool = False) -> nn.Module:
         raise RewriteError(f"cannot read {str(folder / hf.LAYER_WEIGHTS)!r}: {first_line(exc)}: the folder is "
                            "incomplete; write it again with rewrite optimize -o") from None
     model = build_empty(folder, use_cache=None, remote_code=remote_code)
-    for path, where in sorted(manifest["layers"].items(), key=lambda item: item[0].count(".")):
-        own = {name[len(path) + 1:]: t for name, t in tensors.items() if name.startswith(path + ".")}
+    for path, layer in _rebuilt_layers(manifest, tensors, folder).items():
         owner, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(owner), attr, _layer_class(where, folder).from_state(own))
+        setattr(model.get_submodule(owner), attr, layer)
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(p + ".") for p in manifest["layers"])}
     model.load_state_dict(rest, strict=False, assign=True)
     _restore_aliases(model, manifest["aliases"])
@@ -424,11 +437,30 @@ def load_layers(folder: str | Path, remote_code: bool = False) -> nn.Module:
     return guard_save_pretrained(model.eval(), None)
 
 
+def _rebuilt_layers(manifest: dict, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, nn.Module]:
+    """The outermost rewritten layers, each rebuilt by its class from its tensors and saved config; a layer
+    inside another (a quantized factor) is rebuilt first and handed to its holder's from_state."""
+    layers, configs, built = manifest["layers"], manifest.get("configs", {}), {}
+    for path in sorted(layers, key=lambda p: -p.count(".")):  # the innermost first
+        children = {inner[len(path) + 1:]: built.pop(inner) for inner in list(built) if inner.startswith(path + ".")}
+        own = {name[len(path) + 1:]: t for name, t in tensors.items()
+               if name.startswith(path + ".") and not any(name.startswith(f"{path}.{c}.") for c in children)}
+        try:
+            kwargs = dict(configs.get(path, {})) | ({"children": children} if children else {})
+            built[path] = _layer_class(layers[path], folder).from_state(own, **kwargs)
+        except (TypeError, KeyError, ValueError, RuntimeError) as exc:
+            raise RewriteError(f"cannot rebuild the layer {path} from {str(folder)!r} ({type(exc).__name__}: "
+                               f"{first_line(exc)}): the folder is damaged; write it again with rewrite optimize -o"
+                               ) from None
+    return built
+
+
 def _layers_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / hf.LAYERS_FILE).read_text())
         assert manifest["format"] == hf.LAYERS_FORMAT
         assert isinstance(manifest["layers"], dict) and isinstance(manifest["aliases"], dict)
+        assert isinstance(manifest.get("configs", {}), dict)
     except (OSError, ValueError, KeyError, AssertionError, TypeError):
         raise RewriteError(f"{str(folder / hf.LAYERS_FILE)!r} is not a {hf.LAYERS_FORMAT} manifest: write the folder with "
                            "rewrite optimize -o DIR") from None

@@ -324,6 +324,63 @@ def test_a_factorized_llm_folder_loads_back_into_its_class_with_generate(tmp_pat
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f")
 
 
+def _gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64)).eval()
+
+
+ANY = "min-sqnr=-100"  # random weights: the floor is not what these tests check
+
+
+@pytest.mark.parametrize("build, spec", [
+    (lambda: _decoder("llama"), f"prune{{{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
+    (lambda: _decoder("llama"), f"fwsvd{{param-ratio=0.75,{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
+    (_gpt2, f"dgq{{budget-cos=0,{ANY}}}")], ids=["pruned", "factors-quantized", "conv1d"])
+def test_quantized_layers_whose_shapes_the_config_does_not_give_reload_through_the_layers_folder(build, spec, tmp_path):
+    """prune then dgq once wrote a compressed-tensors folder whose narrower FFN from_pretrained refused (size
+    mismatch), while the report said it loads; fwsvd then dgq and GPT-2's Conv1D (transposed) had no folder
+    at all. Now each is rewrite's layers folder, and rewrite.load gives the same logits in the user's class."""
+    model = build()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False)
+    assert [r.status for r in result.report.records] == ["applied"] * len(result.report.records)
+    result.model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "model.safetensors").exists()  # from_pretrained stops instead of loading noise
+    back = rewrite.load(tmp_path / "m")
+    assert type(back) is type(model)
+    assert {type(m).__name__ for m in back.modules()} >= {"DGQLinear"}
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, result.model(ids).logits)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m["configs"].update({p: {"form": "int8"} for p in m["configs"]}), "cannot rebuild the layer"),
+    (lambda m: m.update(configs=[]), "is not a rewrite-layers/1 manifest"),
+    (lambda m: m["layers"].update({p: "os:system" for p in m["layers"]}), "names the layer class 'os:system'")])
+def test_a_damaged_layers_folder_is_a_one_line_error(damage, message, tmp_path):
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16)),)]
+    result = rewrite.optimize(model, calib[0], f"fwsvd{{param-ratio=0.75,{ANY}}},dgq{{budget-cos=0,{ANY}}}",
+                              calib=calib, measure_latency=False)
+    result.model.save_pretrained(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "rewrite-layers.json").read_text())
+    damage(manifest)
+    (tmp_path / "m" / "rewrite-layers.json").write_text(json.dumps(manifest))
+    with pytest.raises(rewrite.RewriteError, match=message):
+        rewrite.load(tmp_path / "m")
+
+
+def test_a_compressed_tensors_folder_given_to_rewrite_load_says_where_it_loads(tmp_path):
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16)),)]
+    result = rewrite.optimize(model, calib[0], "dgq{budget-cos=0,min-sqnr=-100}", calib=calib, measure_latency=False)
+    result.model.save_pretrained(tmp_path / "q")
+    with pytest.raises(rewrite.RewriteError, match="compressed-tensors checkpoint: load it with transformers'"):
+        rewrite.load(tmp_path / "q")
+
+
 def test_the_diff_reuses_the_forwards_verification_ran_and_reports_what_a_fresh_run_gives():
     """prepare runs the model on each calibration batch (to check it takes them), the pipeline runs the graph,
     the transplant runs your class: the before/after diff takes those outputs instead of running both models

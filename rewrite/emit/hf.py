@@ -2,11 +2,13 @@
 layers in the compressed-tensors format with a `quantization_config` (loading needs `pip install
 compressed-tensors`, as for any llm-compressor checkpoint; vLLM reads the same folder).
 
-A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group"})` (dgq's DGQLinear). A model
-holding another rewritten layer (a factorized fwsvd/lowrank layer) has no form from_pretrained knows: it is
-written as `write_layers` does (config.json, rewritten.safetensors, rewrite-layers.json),
-which `rewrite.load(DIR)` reads back into the model's own class. There is no model.safetensors in such a
-folder, so from_pretrained stops with "no file named model.safetensors" instead of loading random weights.
+A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group"})` (dgq's DGQLinear) and every
+tensor has the shape the class built from its config expects. A model holding another rewritten layer (a
+factorized fwsvd/lowrank layer), or whose shapes changed (prune's narrower FFNs, GPT-2's Conv1D quantized as a
+Linear) has no form from_pretrained knows: it is written as `write_layers` does (config.json,
+rewritten.safetensors, rewrite-layers.json), which `rewrite.load(DIR)` reads back into the model's own class.
+There is no model.safetensors in such a folder, so from_pretrained stops with "no file named
+model.safetensors" instead of loading random weights.
 """
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ def save(model: nn.Module, folder: str | Path) -> str:
     layers folder. Returns which (COMPRESSED or LAYERS)."""
     folder = Path(folder)
     if all(hasattr(layer, "compressed_tensors") for layer in rewritten_layers(model).values()):
-        _save_compressed(model, folder)
-        return COMPRESSED
+        try:
+            _save_compressed(model, folder)
+            return COMPRESSED
+        except _NotInConfig:  # e.g. prune's narrower FFN, quantized after: rewrite's folder keeps the shapes
+            pass
     write_layers(model, folder)
     return LAYERS
 
@@ -47,7 +52,7 @@ def save(model: nn.Module, folder: str | Path) -> str:
 def _save_compressed(model: nn.Module, folder: Path) -> None:
     """config.json (+ quantization_config), generation_config.json and model.safetensors into `folder`."""
     from safetensors.torch import save_file
-    part = _state(model, _expected_names(model))
+    part = _state(model, _expected_shapes(model))
     folder.mkdir(parents=True, exist_ok=True)
     config = _config(model.config.to_dict() | {"architectures": [type(model).__name__]}, part.schemes, part.linears)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -62,7 +67,7 @@ class Sharded:
     stops the folder (`problem` says why); the block-by-block output stays loadable by rewrite.load."""
 
     def __init__(self, model: nn.Module, folder: Path):
-        self.expected, self.folder = _expected_names(model), folder
+        self.expected, self.folder = _expected_shapes(model), folder
         self.weight_map: dict[str, str] = {}
         self.schemes: dict[tuple[int, int], list[str]] = {}
         self.linears: list[str] = []
@@ -86,7 +91,7 @@ class Sharded:
 
     def finish(self, config: dict) -> None:
         """The index and config.json (`config`: the source checkpoint's, as a dict)."""
-        missing = sorted(self.expected - set(self.weight_map) - _tied(config, self.expected))
+        missing = sorted(self.expected.keys() - set(self.weight_map) - _tied(config, self.expected))
         if self.problem is None and missing:
             self.problem = f"the weights {', '.join(missing[:3])} were not written"
         if self.problem:
@@ -98,8 +103,8 @@ class Sharded:
         (self.folder / "config.json").write_text(json.dumps(_config(config, self.schemes, self.linears), indent=2))
 
 
-def _tied(config: dict, expected: set[str]) -> set[str]:
-    return {"lm_head.weight"} & expected if config.get("tie_word_embeddings") else set()
+def _tied(config: dict, expected: dict) -> set[str]:
+    return {"lm_head.weight"} & expected.keys() if config.get("tie_word_embeddings") else set()
 
 
 def _config(config: dict, schemes: dict, linears: list[str]) -> dict:
@@ -118,8 +123,13 @@ class _Part:
     linears: list[str]  # the Linears left in float: compressed-tensors' ignore list
 
 
-def _state(model: nn.Module, expected: set[str], rename=lambda name: name) -> _Part:
-    """The tensors under the names from_pretrained expects, and the compressed-tensors schemes."""
+class _NotInConfig(RewriteError):
+    """A tensor has no name or shape in the model's class as its config builds it."""
+
+
+def _state(model: nn.Module, expected: dict[str, tuple], rename=lambda name: name) -> _Part:
+    """The tensors under the names (and with the shapes) from_pretrained expects, and the compressed-tensors
+    schemes. `expected`: name → shape in the model's class built from its config."""
     state, by_scheme, shipped = {}, {}, []
     for path, module in model.named_modules():
         if not hasattr(module, "compressed_tensors") or any(path.startswith(p + ".") for p in shipped):
@@ -128,6 +138,7 @@ def _state(model: nn.Module, expected: set[str], rename=lambda name: name) -> _P
             tensors, args = module.compressed_tensors()
         except ValueError as exc:
             raise RewriteError(f"save_pretrained cannot write {rename(path)}: {exc}") from None
+        _check_shape(rename(f"{path}.weight"), tensors["weight"], expected)
         for name, tensor in tensors.items():
             if name != "bias" or rename(f"{path}.bias") in expected:
                 state[rename(f"{path}.{name}")] = tensor
@@ -137,8 +148,10 @@ def _state(model: nn.Module, expected: set[str], rename=lambda name: name) -> _P
     for name, tensor in model.state_dict().items():
         if any(name.startswith(p + ".") for p in shipped):
             continue
-        if rename(name) not in expected:
-            raise RewriteError(f"save_pretrained cannot write this rewritten model: {rename(name)} has no form "
+        if rename(name) in expected:
+            _check_shape(rename(name), tensor, expected)
+        else:
+            raise _NotInConfig(f"save_pretrained cannot write this rewritten model: {rename(name)} has no form "
                                "from_pretrained loads (it would load that layer as random weights); write it with "
                                "rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
         if tensor.untyped_storage().data_ptr() in seen:
@@ -149,11 +162,18 @@ def _state(model: nn.Module, expected: set[str], rename=lambda name: name) -> _P
     return _Part({k: v.detach().contiguous() for k, v in state.items()}, by_scheme, linears)
 
 
-def _expected_names(model: nn.Module) -> set[str]:
-    """The state-dict names of the model's class built from its config (on the meta device: no memory)."""
+def _check_shape(name: str, tensor: torch.Tensor, expected: dict[str, tuple]) -> None:
+    if name in expected and tuple(tensor.shape) != expected[name]:
+        raise _NotInConfig(f"save_pretrained cannot write {name} in a form from_pretrained loads: it is "
+                           f"{tuple(tensor.shape)} where the config builds {expected[name]} (a narrower or "
+                           "transposed layer); write it with rewrite optimize -o DIR and read it with rewrite.load")
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Name → shape of the state of the model's class built from its config (on the meta device: no memory)."""
     with torch.device("meta"):
         empty = type(model)(model.config)
-    return set(empty.state_dict())
+    return {name: tuple(t.shape) for name, t in empty.state_dict().items()}
 
 
 def _scheme(targets: list[str], bits: int, group: int) -> dict:
@@ -174,24 +194,39 @@ def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def saved_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a layers folder rebuilds, by path: the outermost of rewrite's classes, and the ones inside a
+    layer whose from_state takes them rebuilt (`takes_children`: a factorized pair quantized by dgq after)."""
+    found: dict[str, nn.Module] = {}
+
+    def visit(path: str, layer: nn.Module) -> None:
+        inner = {".".join(filter(None, (name, sub))): m for name, child in layer.named_children()
+                 for sub, m in rewritten_layers(child).items()}
+        if not hasattr(type(layer), "from_state") or (inner and not getattr(type(layer), "takes_children", False)):
+            what = type(layer).__name__ + (f" holding {type(next(iter(inner.values()))).__name__}" if inner else "")
+            raise RewriteError(f"save_pretrained cannot write {path} ({what}): that layer has no saved form yet; "
+                               "write the model with rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
+        found[path] = layer
+        for name, child in inner.items():
+            visit(f"{path}.{name}", child)
+
+    for path, layer in rewritten_layers(model).items():
+        visit(path, layer)
+    return found
+
+
 def write_layers(model: nn.Module, folder: Path) -> None:
     """A Hugging Face model whose rewritten layers have no standard form (factorized Linears): its config,
     every weight by its state-dict name (tied ones once) and, per rewritten layer, the class that rebuilds it
-    from its tensors (`from_state`). `rewrite.load(folder)` gives the model's own class back."""
+    from its tensors (`from_state`, with the layer's `saved_config()` where it has one). `rewrite.load(folder)`
+    gives the model's own class back."""
     from safetensors.torch import save_file
-    layers = rewritten_layers(model)
-    for path, layer in layers.items():
-        inner = [n for n, m in layer.named_modules() if n and type(m).__module__.startswith("rewrite.")]
-        if not hasattr(type(layer), "from_state") or inner:
-            what = f"{type(layer).__name__} holding {type(layer.get_submodule(inner[0])).__name__}" if inner else \
-                type(layer).__name__
-            raise RewriteError(f"save_pretrained cannot write {path} ({what}): that layer has no saved form yet; "
-                               "write the model with rewrite optimize -o DIR and read it back with rewrite.load(DIR)")
+    layers = saved_layers(model)
     seen: dict[int, str] = {}
     tensors, aliases = {}, {}
     for name, tensor in model.state_dict().items():
         key = tensor.untyped_storage().data_ptr()
-        if key in seen:
+        if key in seen and tensor.numel():  # empty tensors (dgq's per-token s_x) all point at 0: none is tied
             aliases[name] = seen[key]
             continue
         seen[key] = name
@@ -203,7 +238,9 @@ def write_layers(model: nn.Module, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
     save_file(tensors, str(folder / LAYER_WEIGHTS), metadata={"format": "pt"})
     classes = {path: f"{type(layer).__module__}:{type(layer).__qualname__}" for path, layer in layers.items()}
-    (folder / LAYERS_FILE).write_text(json.dumps({"format": LAYERS_FORMAT, "layers": classes, "aliases": aliases},
+    configs = {path: layer.saved_config() for path, layer in layers.items() if hasattr(layer, "saved_config")}
+    (folder / LAYERS_FILE).write_text(json.dumps({"format": LAYERS_FORMAT, "layers": classes, "aliases": aliases,
+                                                  "configs": configs},
                                             indent=2))
 
 

@@ -32,6 +32,16 @@ from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule, shared_weight
 
 
+def _plain_linear(tensors: dict[str, torch.Tensor], name: str) -> nn.Linear:
+    weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 class LowRankLinear(nn.Module):
     """second(first(x)): first = Linear(in → r, no bias), second = Linear(r → out, original bias)."""
 
@@ -45,10 +55,20 @@ class LowRankLinear(nn.Module):
             if bias is not None:
                 self.second.bias.copy_(bias)
 
+    takes_children = True  # its factors may be rewritten layers themselves (dgq after fwsvd): from_state takes them
+
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "LowRankLinear":
-        """The layer its state dict describes (a saved model folder, `rewrite.checkpoint.load_layers`)."""
-        return cls(tensors["first.weight"], tensors["second.weight"], tensors.get("second.bias"))
+    def from_state(cls, tensors: dict[str, torch.Tensor], children: dict[str, nn.Module] | None = None
+                   ) -> "LowRankLinear":
+        """The layer its state dict describes (a saved model folder, `rewrite.checkpoint.load_layers`); a factor
+        given in `children` (rebuilt by its own class) replaces the plain Linear."""
+        children = children or {}
+        first = children.get("first") or _plain_linear(tensors, "first")
+        second = children.get("second") or _plain_linear(tensors, "second")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.first, layer.second = first, second
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
@@ -66,9 +86,16 @@ class BlockDenseLinear(nn.Module):
             if bias is not None:
                 self.mix.bias.copy_(bias)
 
+    takes_children = True
+
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> "BlockDenseLinear":
-        return cls(tensors["blocks"], tensors["mix.weight"], tensors.get("mix.bias"))
+    def from_state(cls, tensors: dict[str, torch.Tensor], children: dict[str, nn.Module] | None = None
+                   ) -> "BlockDenseLinear":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.blocks = nn.Parameter(tensors["blocks"].clone())
+        layer.mix = (children or {}).get("mix") or _plain_linear(tensors, "mix")
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, r, n = self.blocks.shape

@@ -71,6 +71,24 @@ class DGQLinear(nn.Module):
         layer._int8_buffers(torch.round(weight / s1[:, None]).clamp(-127, 127).to(torch.int8), s1, s_x)
         return layer
 
+    def saved_config(self) -> dict:
+        """What a saved layer needs besides its tensors (`from_state`; rewrite's layers folder)."""
+        return {"form": self.form, "group": self.group, "in_features": self.in_features, "bits": self.weight_bits}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], form: str, group: int | None, in_features: int,
+                   bits: int) -> DGQLinear:
+        """The layer its buffers and `saved_config()` describe (a layers folder, `rewrite.checkpoint`)."""
+        names = ("bias", "w_s8", "s1", "s_x") if form == "int8" else ("bias", "packed", "scales", "zeros")
+        if set(tensors) != set(names):
+            raise ValueError(f"a {form} DGQ layer holds {', '.join(names)}, not {', '.join(sorted(tensors))}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.form, layer.group, layer.in_features, layer.weight_bits = form, group, in_features, bits
+        for name in names:
+            layer.register_buffer(name, tensors[name])
+        return layer
+
     def _int8_buffers(self, w_s8: torch.Tensor, s1: torch.Tensor, s_x: torch.Tensor) -> None:
         self.register_buffer("w_s8", w_s8)
         self.register_buffer("s1", s1)
