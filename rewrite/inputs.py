@@ -6,6 +6,7 @@ evaluation data are checked against it; text (lists of strings) is tokenized int
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, 
             tokenizer: Any, seq_len: int, calib_batches: int, seed: int, trusted: Any, mask_input: str | None,
             needs_eval: bool) -> Job:
     loaded = resolve(model, trusted)
-    calib_is_text = text.is_texts(calib)
+    calib_is_text, eval_is_text = text.is_texts(calib), text.is_texts(eval)
     calib, eval, metric = tokenized(loaded.module, calib, eval, metric, tokenizer, seq_len, calib_batches,
                                     Trust.of(trusted).remote_code)
     if example_inputs is None and loaded.inputs is None and calib_is_text:
         example_inputs = calib[0]  # text in: the first calibration window is the example
     model = private_copy(loaded.module)
     inputs = check_model_and_inputs(model, loaded.inputs if example_inputs is None else example_inputs)
+    calib = like_example(calib, inputs, model) if calib_is_text else calib
+    eval = like_example(eval, inputs, model) if eval_is_text else eval
     calib = loaded.calibration if calib is None else calib
     torch.manual_seed(seed)
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -95,6 +98,32 @@ def check_model_and_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return inputs
 
 
+# inputs a text window can fill when the example passes them (an encoder's tokenizer output)
+_FILLED = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
+
+
+def like_example(windows: list[tuple], inputs: tuple, model: nn.Module) -> list[tuple]:
+    """Text windows (token ids alone) in the example's structure: an attention mask of ones and token type
+    ids of zeros where the example passes them (the graph is captured with the example's inputs)."""
+    names = list(inspect.signature(model.forward).parameters)[1:len(inputs)]
+    fills = []
+    for name, value in zip(names, inputs[1:]):
+        if value is not None and name not in _FILLED:
+            raise RewriteError(f"text gives token ids only, but the example inputs also pass {name}: give "
+                               "calibration data as tensors in the example's structure (--calib FILE)")
+        fills.append(_FILLED[name] if value is not None else None)
+    return [(ids, *[fill(ids) if fill else None for fill in fills]) for ids, *_ in windows]
+
+
+def _same_structure(batch: tuple, inputs: tuple, what: str) -> None:
+    """The captured graph takes the example's inputs: a batch must pass the same ones."""
+    def passed(args: tuple) -> list[int]:
+        return [i for i, x in enumerate(args) if x is not None]
+    if passed(batch) != passed(inputs):
+        raise RewriteError(f"{what} passes the inputs at positions {passed(batch)}, the example inputs "
+                           f"{passed(inputs)}: give every batch the example's structure (the same named inputs)")
+
+
 def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, passes: list[Pass],
                      max_batches: int) -> tuple[calibration.Data, list | None, list[str]]:
     """The batches, the model's outputs on them where the check that the model takes them ran it (the
@@ -105,6 +134,7 @@ def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, pas
     data = calibration.from_user(calib, model, "calibration", max_batches)
     outputs = []
     for i, batch in enumerate(data.batches):
+        _same_structure(batch, inputs, f"calibration batch {i}")
         try:
             outputs.append(capture.run(model, batch))
         except Exception as exc:
@@ -146,7 +176,10 @@ def evaluation_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[li
     measure.metric_fn(metric)  # unknown names fail here
     data = calibration.from_user(eval, model, "eval", max_batches=10_000)
     if data.targets is None and metric == "perplexity":  # a language model's targets are its own token ids
-        return data.batches, [batch[0] for batch in data.batches]
+        targets = [batch[0] for batch in data.batches]
+        with torch.no_grad():  # one batch now: a model without logits fails here, not after the whole run
+            measure.perplexity([capture.run(model, data.batches[0])], targets[:1])
+        return data.batches, targets
     if data.targets is None:
         raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
     return data.batches, data.targets

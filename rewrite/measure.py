@@ -242,6 +242,11 @@ def perplexity(outputs: list[Any], targets: list[Any]) -> float:
         if logits.dim() != 3 or ids.dim() != 2:
             raise RewriteError(f"perplexity needs logits (batch, n, vocab) and token ids (batch, n); got "
                                f"{tuple(logits.shape)} and {tuple(ids.shape)}")
+        if int(ids.max()) >= logits.shape[-1]:
+            raise RewriteError(f"perplexity needs logits over the vocabulary, but the model's output has "
+                               f"{logits.shape[-1]} values per position for token ids up to {int(ids.max())} (a "
+                               "model without a language-model head, e.g. an encoder): score it with --eval FILE "
+                               "--metric cosine against its original outputs")
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
                                                 ignore_index=-100, reduction="sum")
         total, count = total + float(nll), count + int((ids[:, 1:] != -100).sum())

@@ -95,3 +95,39 @@ def test_a_huge_one_line_file_is_read_only_as_far_as_needed(tmp_path, monkeypatc
     jsonl = tmp_path / "huge.jsonl"
     jsonl.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "x" * 100_000}) + "\n")
     assert text.read(jsonl, "calibration") == "first"  # the cut line is left out, not a JSON error
+
+
+def _bert(vocab):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_an_encoder_whose_example_passes_a_mask_calibrates_on_text(tmp_path):
+    """Text windows are token ids alone; MiniLM's example passes an attention mask too, and the captured
+    graph (two inputs) once met one-input batches: a raw "Trying to flatten user inputs" ValueError."""
+    folder = _tokenizer_dir()
+    model = _bert(30522)
+    ids = torch.randint(0, 1000, (2, 12))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = rewrite.optimize(model, example, "prune{min-sqnr=-100}", calib=[PROSE], tokenizer=folder, seq_len=32,
+                              calib_batches=3, measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    assert "3 batch(es) of ((1, 32), (1, 32))" in result.report.inputs  # ids and a mask of ones
+
+
+def test_perplexity_of_a_model_without_logits_fails_before_the_run():
+    model = _bert(30522)
+    ids = torch.randint(0, 1000, (2, 12))
+    with pytest.raises(RewriteError, match="perplexity needs logits over the vocabulary.*--metric cosine"):
+        rewrite.optimize(model, (ids,), "prune", calib=[(ids,)], eval=[PROSE], tokenizer=_tokenizer_dir(),
+                         seq_len=32, measure_latency=False)
+
+
+def test_a_batch_that_passes_other_inputs_than_the_example_is_a_one_line_error():
+    model = _bert(128)
+    ids = torch.randint(0, 128, (2, 12))
+    with pytest.raises(RewriteError, match=r"calibration batch 0 passes the inputs at positions \[0\], the example "
+                                           r"inputs \[0, 1\]"):
+        rewrite.optimize(model, (ids, torch.ones_like(ids)), "prune", calib=[(ids,)], measure_latency=False)
