@@ -43,6 +43,7 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     "dgq": ["dgq", "dgq{budget-cos=0}", "dgq{form=w4}"],  # w4: float activations, slower in eager torch
     "prune": ["prune", "prune{param-ratio=0.6}"],  # narrower dense FFNs: faster in every runtime
     "fwsvd+dgq": ["fwsvd,dgq"],
+    "tconv": ["tconv", "tconv{param-ratio=0.5}"],  # factored convs (CNNs); left out where no conv has a k > 1 kernel
 }
 PROXY_BUDGET_S, PAIRED_BUDGET_S = 0.4, 2.0
 # What a candidate kept when no pass applied: the original model, whose proxy time is 1 without timing it against
@@ -170,7 +171,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     shared = modes.Reuse(emit=("onnx",) if backend == "onnxruntime" else ())
     before, after, left_out = exact_passes(module)
     points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
-                                     candidates(before, after))
+                                     candidates(before, after, families_for(module)))
     front = _pareto(points, metric)
     shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
@@ -204,7 +205,7 @@ def _explore(module: nn.Module, example: Any, run: dict, timer: Timer, metric: s
     results: dict[str, api.Result] = {}
     idle, family_of, began, ran = set(), {}, time.perf_counter(), 0
     for step in range(len(queue)):
-        if step == 1 + len(FAMILIES):  # every family's defaults tried
+        if step == 1 + len({family for family, _ in queue[1:]}):  # every family's defaults tried
             queue[step:] = front_families_first(queue[step:], points, family_of, metric)
         family, option = queue[step]
         if family in idle:
@@ -232,14 +233,22 @@ def front_families_first(rest: list[tuple[str, str]], points: list[Point], famil
     return sorted(rest, key=lambda candidate: candidate[0] not in on_front)
 
 
-def candidates(before: str = BEFORE, after: str = AFTER) -> list[tuple[str, str]]:
+def families_for(module: nn.Module) -> dict[str, list[str]]:
+    """The families whose passes may rewrite something in `module` (a look at its layers, no run: tconv on a
+    model without a conv to factor would cost a candidate's time, minutes on an LLM, to find nothing)."""
+    return {family: options for family, options in FAMILIES.items()
+            if not any(registry.load_pass(name).finds_nothing_in(module) for name in options[0].split(","))}
+
+
+def candidates(before: str = BEFORE, after: str = AFTER, families: dict[str, list[str]] = FAMILIES
+               ) -> list[tuple[str, str]]:
     """(family, pipeline) in the order tried: the exact passes, then every family's defaults, then each
     family's next option, and so on, so that a time limit cuts options, never whole families (on SmolLM2 a
     candidate takes minutes: in family order, 15 minutes ended before dgq was tried). After the defaults,
     `_explore` moves the options of the families on the Pareto front ahead of the others."""
     order = [("exact", _joined(before, after))]
-    for rung in range(max(len(options) for options in FAMILIES.values())):
-        order += [(family, _joined(before, options[rung], after)) for family, options in FAMILIES.items()
+    for rung in range(max((len(options) for options in families.values()), default=0)):
+        order += [(family, _joined(before, options[rung], after)) for family, options in families.items()
                   if rung < len(options)]
     return order
 

@@ -247,3 +247,14 @@ def test_a_front_point_s_timing_is_expected_from_the_proxy_timing_s_fixed_cost_a
     assert short.front_point_s == pytest.approx(9.0 - 0.4 + tune.PAIRED_BUDGET_S)  # the calls fill the budget
     short._expect(5.0, Timed((1.0, 1.0, 200), (1.0, 1.0, 200), speed), 3)
     assert short.front_point_s == pytest.approx(9.0 - 0.4 + tune.PAIRED_BUDGET_S)  # the longest so far
+
+
+def test_a_family_with_nothing_to_rewrite_in_the_layers_is_left_out_without_a_run():
+    """tconv joined the families for CNNs; on a model without a conv to factor it would cost a candidate's time
+    (minutes on an LLM) to find nothing."""
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 1), torch.nn.Flatten())
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    pointwise_only = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8))
+    assert "tconv" in tune.families_for(cnn) and "tconv" not in tune.families_for(mlp)
+    assert "tconv" not in tune.families_for(pointwise_only)  # 1×1 and depthwise convs: nothing to factor
+    assert [f for f, _ in tune.candidates(families=tune.families_for(mlp))].count("tconv") == 0

@@ -56,6 +56,10 @@ class TensorFactoredConv(Pass):
     min_sqnr: float = 10.0
     seed: int = 0
 
+    @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return not any(conv.groups == 1 and math.prod(conv.kernel_size) > 1 for _, conv in layers(module, _CONVS))
+
     def __post_init__(self):
         if self.rank < 0 or not 0 < self.param_ratio < 1:
             raise InvalidValue("rank must be > 0 (or 0 to follow param-ratio) and param-ratio in (0, 1)")
