@@ -40,6 +40,17 @@ def conv1d_as_linear(layer: nn.Module) -> nn.Linear:
     return linear.requires_grad_(layer.weight.requires_grad)
 
 
+def linear_from(tensors: dict[str, torch.Tensor], prefix: str = "", kind: type = nn.Linear) -> nn.Linear:
+    """A Linear (or `kind`, a subclass) holding a saved state's `{prefix}weight` and `{prefix}bias`."""
+    weight, bias = tensors[f"{prefix}weight"], tensors.get(f"{prefix}bias")
+    linear = kind(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def linearize_targets(module: nn.Module, target: str) -> int:
     """Swap the target `Conv1D`s (GPT-2) for their equal nn.Linear, so one factorization serves both; the
     rest of the model is left as it is. Returns how many were swapped."""

@@ -32,16 +32,6 @@ from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
 from rewrite.patterns import set_submodule, shared_weight
 
 
-def _plain_linear(tensors: dict[str, torch.Tensor], name: str) -> nn.Linear:
-    weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
 class LowRankLinear(nn.Module):
     """second(first(x)): first = Linear(in → r, no bias), second = Linear(r → out, original bias)."""
 
@@ -63,8 +53,8 @@ class LowRankLinear(nn.Module):
         """The layer its state dict describes (a saved model folder, `rewrite.checkpoint.load_layers`); a factor
         given in `children` (rebuilt by its own class) replaces the plain Linear."""
         children = children or {}
-        first = children.get("first") or _plain_linear(tensors, "first")
-        second = children.get("second") or _plain_linear(tensors, "second")
+        first = children.get("first") or compress.linear_from(tensors, "first.")
+        second = children.get("second") or compress.linear_from(tensors, "second.")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.first, layer.second = first, second
@@ -94,7 +84,7 @@ class BlockDenseLinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.blocks = nn.Parameter(tensors["blocks"].clone())
-        layer.mix = (children or {}).get("mix") or _plain_linear(tensors, "mix")
+        layer.mix = (children or {}).get("mix") or compress.linear_from(tensors, "mix.")
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

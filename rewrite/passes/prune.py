@@ -49,13 +49,7 @@ class PrunedLinear(nn.Linear):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> PrunedLinear:
-        weight, bias = tensors["weight"], tensors.get("bias")
-        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        return layer
+        return compress.linear_from(tensors, kind=cls)
 
 
 @dataclass

@@ -58,7 +58,7 @@ class TensorFactoredConv(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return not any(conv.groups == 1 and math.prod(conv.kernel_size) > 1 for _, conv in layers(module, _CONVS))
+        return all(_kind_not_factored(conv) for _, conv in layers(module, _CONVS + _TRANSPOSED))
 
     def __post_init__(self):
         if self.rank < 0 or not 0 < self.param_ratio < 1:
@@ -98,12 +98,8 @@ class TensorFactoredConv(Pass):
         return PassResult(module, bool(done), stats, skipped)
 
     def _why_not(self, conv: nn.Module) -> str | None:
-        if isinstance(conv, _TRANSPOSED):
-            return "transposed conv: not supported"
-        if conv.groups != 1:
-            return f"grouped conv (groups={conv.groups}): its kernels are already per group; not factored"
-        if math.prod(conv.kernel_size) == 1:
-            return "1×1 conv: nothing to factor"
+        if reason := _kind_not_factored(conv):
+            return reason
         if self.format == "separable" and not isinstance(conv, nn.Conv2d):
             return "format=separable (k×1 then 1×k) is for Conv2d: use format=cp or tucker2"
         rank, full = self._rank(conv, self.param_ratio), factors.full_rank(conv, self.format)
@@ -142,6 +138,17 @@ class TensorFactoredConv(Pass):
                                        ctx.evaluate, ctx.metric, ctx.masks)
         return compress.search_ratios(module, [p for p, _ in candidates], build, ctx.calibration, reference, within,
                                       grid=(0.05, 0.1, 0.2, 0.33, 0.5))
+
+
+def _kind_not_factored(conv: nn.Module) -> str | None:
+    """Why no option factors this conv (None when its kind can be)."""
+    if isinstance(conv, _TRANSPOSED):
+        return "transposed conv: not supported"
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups}): its kernels are already per group; not factored"
+    if math.prod(conv.kernel_size) == 1:
+        return "1×1 conv: nothing to factor"
+    return None
 
 
 def _kernel_error(conv: nn.Module, chain: factors.FactoredConv) -> float:
