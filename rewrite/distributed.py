@@ -75,6 +75,14 @@ def shard(batch: Any, what: str = "calibration batch") -> Any:
     return batch.chunk(world())[rank()]
 
 
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another process of a torchrun run died or stopped answering: the whole
+    run is over, so no pass may treat it as its own failure and roll back."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, (dist.DistError, RuntimeError)) and (
+        isinstance(exc, dist.DistError) or any(s in str(exc) for s in ("Connection closed by peer", "Timed out",
+                                                                         "Connection reset by peer", "gloo")))
+
+
 def total(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of a (detached) tensor."""
     if world() == 1:

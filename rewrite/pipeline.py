@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from rewrite import capture, measure, registry, verify
+from rewrite import capture, distributed, measure, registry, verify
 from rewrite.errors import PassError, RewriteError, first_line
 from rewrite.pass_base import Approx, Pass, PassContext, PassResult, is_graph
 from rewrite.report import PassRecord
@@ -76,6 +76,8 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     except PassTimeout:
         result, err, broken, flag = None, None, f"ran past the time limit of {ctx.time_limit:g} s (--pass-timeout)", None
     except Exception as exc:  # a pass bug must not take the user's run down with it
+        if distributed.lost_peer(exc):
+            raise  # another rank died: the run is over, not this pass
         result, err, broken, flag = None, None, f"raised {type(exc).__name__}: {first_line(exc)}", None
     if broken and plugin:
         broken += f" [plugin {plugin}]"

@@ -111,6 +111,29 @@ def test_a_crashing_pass_is_rolled_back_with_its_exception():
     assert "IndexError: boom" in result.report.records[0].reason
 
 
+GLOO_SAYS = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
+
+
+@dataclass(frozen=True)
+class _LosesPeer(Pass):
+    """What a collective in recovery raises on rank 0 when rank 1 has died."""
+    name = "loses-peer"
+
+    def call(self, gm, ctx):
+        raise RuntimeError(GLOO_SAYS)
+
+
+def test_a_dead_peer_under_torchrun_ends_the_run_instead_of_rolling_the_pass_back(monkeypatch):
+    model = TinyMLP()
+    result = api.optimize(model, model.example_inputs(), [_LosesPeer()], measure_latency=False)
+    assert result.report.records[0].status == "rolled back"  # one process: an ordinary pass failure
+    from rewrite import distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the process group itself is not needed here
+    monkeypatch.setattr(distributed, "init_from_env", lambda: None)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        api.optimize(model, model.example_inputs(), [_LosesPeer()], measure_latency=False)
+
+
 def test_approximate_contract_uses_the_sqnr_floor():
     model = TinyMLP()
     ok = api.optimize(model, model.example_inputs(), [_Noisy(scale=1e-3)], measure_latency=False)

@@ -18,7 +18,7 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from rewrite.cli import diff, optimize, passes, tune  # noqa: E402
-from rewrite.cli.render import user_errors  # noqa: E402
+from rewrite.cli.render import say_error, user_errors  # noqa: E402
 
 
 # Click's exception base, whether typer vendors click (0.2x) or uses the click package (older releases).
@@ -69,5 +69,5 @@ def _stopped(*_: object) -> None:
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     why = (f"rank {rank} was stopped by torchrun: another process of this run failed (torchrun's summary names "
            "it)" if rank is not None else "stopped by SIGTERM")
-    sys.stderr.write(f"error: {why}; nothing was written to the output folder\n")
+    say_error(f"{why}; nothing was written to the output folder")
     sys.exit(143)

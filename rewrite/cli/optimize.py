@@ -81,7 +81,7 @@ def optimize(
     if distributed.rank() != 0:
         return  # under torchrun, rank 0 alone reports and writes
     render.show_report(result.report)
-    render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)")
+    render.console.print(f"wrote {out_dir}/ (report.md, report.json, recipe.json)", markup=False)
     problems = result.report.problems()
     if problems:
         word = "warning" if allow_artifact_errors else "error"

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from rewrite import registry
 from rewrite.errors import RewriteError
@@ -35,10 +36,10 @@ def show(name: Annotated[str, typer.Argument(help="a pass name from `rewrite pas
     """A pass's contract, options (types and defaults), paper and what it applies to."""
     cls = registry.load_pass(name)
     entry = registry.registered()[name]
-    render.console.print(f"[bold]{cls.name}[/]  ({entry.distribution})\n{cls.summary}\n"
-                         f"paper: {cls.paper}\ncontract: {cls.contract_text()}\n"
-                         f"applies to: {cls.applies_to}\ncalibration: {cls.calibration_text()}\n"
-                         f"works without a graph: {cls.level == 'module'}", markup=True)
+    render.console.print(f"[bold]{escape(cls.name)}[/]  " + escape(  # a plugin's text may hold "[...]"
+        f"({entry.distribution})\n{cls.summary}\npaper: {cls.paper}\ncontract: {cls.contract_text()}\n"
+        f"applies to: {cls.applies_to}\ncalibration: {cls.calibration_text()}\n"
+        f"works without a graph: {cls.level == 'module'}"))
     rows = [["option", "type", "default"]] + [[n, t, repr(d)] for n, t, d in cls.options()]
     if len(rows) > 1:
         render.console.print(render.table(rows, "options"))

@@ -8,13 +8,15 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import typer
-
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from rewrite.errors import RewriteError, first_line
 from rewrite.report import RunReport
+
 
 def _console(stderr: bool) -> Console:
     probe = Console(stderr=stderr)
@@ -31,28 +33,30 @@ def table(rows: list[list[str]], title: str) -> Table:
     for name in rows[0]:
         t.add_column(name, overflow="fold")
     for row in rows[1:]:
-        t.add_row(*row)
+        t.add_row(*(Text(cell) for cell in row))  # plain text: a reason may quote "[...]" from a library
     return t
 
 
 def show_report(report: RunReport) -> None:
-    console.print(f"[bold]pipeline[/] {report.pipeline}   [bold]capture[/] {report.capture}")
+    """Every text that comes from the run (reasons, layer names, warnings) is escaped: an error quoted from a
+    library, such as gloo's "[/pytorch/.../pair.cc:553]", is text, not rich markup."""
+    console.print(f"[bold]pipeline[/] {escape(report.pipeline)}   [bold]capture[/] {escape(report.capture)}")
     if report.compared:
-        console.print(f"[bold]compared[/] {report.compared}")
+        console.print(f"[bold]compared[/] {escape(report.compared)}")
     for w in report.warnings:
-        errors.print(f"[yellow]warning:[/] {w}")
+        errors.print(f"[yellow]warning:[/] {escape(w)}")
     if report.records:
         console.print(table(report.pass_rows(), "passes"))
         for name, where, why in report.skip_lines():
-            console.print(f"  [dim]{name} skipped {where}: {why}[/]")
+            console.print(f"  [dim]{escape(f'{name} skipped {where}: {why}')}[/]")
     if report.measurements:
         console.print(table(report.measurement_rows(), "before / after"))
     for label, ops in report.profiles.items():
-        console.print(f"[bold]where the time goes[/] ({label}): " + ", ".join(
-            f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops[:5]), markup=True, highlight=False)
+        console.print(f"[bold]where the time goes[/] ({escape(label)}): " + escape(", ".join(
+            f"{op} {ms:.3g} ms ({share:.0%})" for op, ms, share in ops[:5])), highlight=False)
     for line in report.verdicts():
         style = "bold red" if "SLOWER" in line else ""
-        console.print(f"[{style}]{line}[/]" if style else line)
+        console.print(f"[{style}]{escape(line)}[/]" if style else escape(line))
 
 
 @contextmanager
@@ -95,34 +99,42 @@ def heartbeat(out: Console) -> Callable:
     return update
 
 
-def _lost_peer(exc: BaseException) -> bool:
-    """A collective failed because another process of a torchrun run died or stopped answering."""
-    import torch.distributed as dist
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(exc, (dist.DistError, RuntimeError)) and (
-        isinstance(exc, dist.DistError) or any(s in str(exc) for s in ("Connection closed by peer", "Timed out",
-                                                                         "Connection reset by peer", "gloo")))
+_said_error = False
+
+
+def say_error(line: str) -> None:
+    """`error: <line>` on stderr, once per command: under torchrun, the SIGTERM that stops a rank can land while
+    that rank is already reporting its own failure, and the user must read one cause, not two."""
+    global _said_error
+    if not _said_error:
+        _said_error = True
+        typer.echo(f"error: {line}", err=True)
 
 
 def user_errors(command: Callable) -> Callable:
     """Bad input → `error: <one line>` on stderr and exit code 2; a bug → its one-line cause and exit 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        global _said_error
+        _said_error = False  # once per command: tests run many in one process
         try:
             return command(*args, **kwargs)
         except RewriteError as exc:
-            typer.echo(f"error: {first_line(exc, 400)}", err=True)
+            say_error(first_line(exc, 400))
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort):
             raise  # a command's own exit code
         except Exception as exc:
             if os.environ.get("REWRITE_TRACEBACK"):
                 raise
-            if _lost_peer(exc):
-                typer.echo(f"error: rank {os.environ.get('RANK', '?')} lost contact with another process of this "
-                           f"torchrun run ({first_line(exc, 120)}); nothing was written to the output folder",
-                           err=True)
+            from rewrite import (
+                distributed,  # here: `rewrite --help` must answer without loading torch
+            )
+            if distributed.lost_peer(exc):
+                say_error(f"rank {os.environ.get('RANK', '?')} lost contact with another process of this torchrun "
+                          f"run ({first_line(exc, 120)}); nothing was written to the output folder")
                 raise typer.Exit(1) from None
-            typer.echo(f"error: unexpected {type(exc).__name__}: {first_line(exc, 200)} (a bug in rewrite or a "
-                       "plugin; REWRITE_TRACEBACK=1 shows where)", err=True)
+            say_error(f"unexpected {type(exc).__name__}: {first_line(exc, 200)} (a bug in rewrite or a "
+                      "plugin; REWRITE_TRACEBACK=1 shows where)")
             raise typer.Exit(1) from None
     return wrapper

@@ -70,6 +70,45 @@ def test_in_a_pipe_long_work_prints_progress_lines_and_short_work_none(monkeypat
     assert any("fold-bn" in line for line in lines) and all(re.search(r", \d+ s$", line) for line in lines), lines
 
 
+def test_a_reason_quoting_brackets_is_shown_as_written_not_read_as_markup(monkeypatch):
+    """gloo's errors start with "[/path/pair.cc:553]", which rich read as a closing tag and raised on."""
+    import io
+
+    from rich.console import Console
+
+    from rewrite.cli import render
+    from rewrite.report import PassRecord, RunReport
+    from tests.test_pipeline import GLOO_SAYS
+    record = PassRecord("lowrank", "lowrank", "approx", status="rolled back", reason=f"raised RuntimeError: {GLOO_SAYS}",
+                        skipped=[["layers[0]", "[bold]not[/bold] a Linear"]])
+    report = RunReport("lowrank[x]", "graph [/x]", "", records=[record], warnings=[GLOO_SAYS])
+    shown = io.StringIO()
+    for name in ("console", "errors"):
+        monkeypatch.setattr(render, name, Console(file=shown, width=400))
+    render.show_report(report)
+    assert GLOO_SAYS in shown.getvalue() and "[bold]not[/bold] a Linear" in shown.getvalue(), shown.getvalue()
+
+
+def test_a_rank_that_lost_its_peer_says_one_line_even_when_torchrun_then_stops_it(monkeypatch, capsys):
+    """The race CI met: rank 0's collective fails, and torchrun's SIGTERM lands while it reports."""
+    import typer
+
+    from rewrite.cli import _stopped, render
+    from tests.test_pipeline import GLOO_SAYS
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def recovery_collective():
+        raise RuntimeError(GLOO_SAYS)
+    with pytest.raises(typer.Exit):
+        render.user_errors(recovery_collective)()
+    with pytest.raises(SystemExit):
+        _stopped()
+    lines = said(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 lost contact") and lines[0].endswith(
+        "nothing was written to the output folder"), lines
+
+
 def test_pickled_module_with_inputs_file(tmp_path):
     torch.save(ConvBN(), tmp_path / "model.pt")
     torch.save(torch.randn(2, 3, 8, 8), tmp_path / "x.pt")

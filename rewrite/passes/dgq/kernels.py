@@ -108,7 +108,7 @@ def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
         if not codes.shape[0]:
             return codes.new_zeros(0, w_s8.shape[0])
         return torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous()).float()
-    if codes.shape[0] and onednn_int8.usable():
+    if codes.shape[0] and not codes.requires_grad and onednn_int8.usable():  # oneDNN's op has no backward
         return onednn_int8.matmul(codes, w_s8)
     # autograd would keep the reused buffer for a backward pass, and the next call would change it under it
     few_rows = codes.shape[0] <= FEW_ROWS

@@ -203,8 +203,8 @@ def _toeplitz(total: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Ten
     sums = torch.zeros(heads, 2 * n - 1, dtype=torch.float64).index_add_(1, flat(diagonal)[0], flat(total * known).double())
     counts = torch.zeros(heads, 2 * n - 1, dtype=torch.float64).index_add_(1, flat(diagonal)[0], flat(known).double())
     table = sums / counts.clamp_min(1)
-    spread = ((total - table[:, diagonal[0, 0]][None]).abs() * known).max()
-    if spread > 1e-5 * (1 + float(table.abs().max())):
+    spread = ((total - table[:, diagonal[0, 0]][None]).abs() * known).max().detach()
+    if spread > 1e-5 * (1 + float(table.detach().abs().max())):
         return ("the bias is not a function of j − i alone (not Toeplitz, or it depends on the data): "
                 f"scores on one diagonal differ by {float(spread):.2g}")
     return table.float(), causal
