@@ -216,7 +216,7 @@ def test_swapped_layers_are_found_in_forward_order():
 def test_local_recovery_fits_each_layer_to_its_original():
     from rewrite.recover import fit_layers
     teacher, student, batches = _swapped_pair()
-    error = lambda: sum(float(((student(*b).detach() - teacher(*b)) ** 2).sum()) for b in batches[4:])
+    error = lambda: sum(float(((student(*b) - teacher(*b)).detach() ** 2).sum()) for b in batches[4:])
     start = error()
     stats = fit_layers(student, teacher, ["2", "0"], batches[:4], RecoverSpec(steps=300, lr=1e-2, patience=300),
                        held_out=batches[4:])
