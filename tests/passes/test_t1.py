@@ -312,7 +312,7 @@ def test_dct_student_and_vp_init():
     vp = build(model.fno_blocks, x, "coeff", "dct", init="vp")
     expected = (16 * 16 / (6 * 8 * 9)) ** 0.5  # √(N / (fan_in · m))
     assert abs(float(vp.spectral[0].detach().std()) / expected - 1) < 0.1
-    assert abs(float(vp.mixers[0].std()) * 8 ** 0.5 - 1) < 0.15  # Kaiming: N(0, 1/m)
+    assert abs(float(vp.mixers[0].detach().std()) * 8 ** 0.5 - 1) < 0.15  # Kaiming: N(0, 1/m)
     kept = build(model.fno_blocks, x, "pseudo", "dft", init="vp")  # DFT weights carry over: VP touches nothing
     torch.testing.assert_close(kept.spectral[0], build(model.fno_blocks, x).spectral[0])
 
