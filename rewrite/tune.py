@@ -171,7 +171,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     shared = modes.Reuse(emit=("onnx",) if backend == "onnxruntime" else ())
     before, after, left_out = exact_passes(module)
     points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
-                                     candidates(before, after, families_for(module)))
+                                     candidates(before, after, families_for(module), baseline(module)))
     front = _pareto(points, metric)
     shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
@@ -240,13 +240,13 @@ def families_for(module: nn.Module) -> dict[str, list[str]]:
             if not any(registry.load_pass(name).finds_nothing_in(module) for name in options[0].split(","))}
 
 
-def candidates(before: str = BEFORE, after: str = AFTER, families: dict[str, list[str]] = FAMILIES
-               ) -> list[tuple[str, str]]:
+def candidates(before: str = BEFORE, after: str = AFTER, families: dict[str, list[str]] = FAMILIES,
+               first: str | None = None) -> list[tuple[str, str]]:
     """(family, pipeline) in the order tried: the exact passes, then every family's defaults, then each
     family's next option, and so on, so that a time limit cuts options, never whole families (on SmolLM2 a
     candidate takes minutes: in family order, 15 minutes ended before dgq was tried). After the defaults,
     `_explore` moves the options of the families on the Pareto front ahead of the others."""
-    order = [("exact", _joined(before, after))]
+    order = [("exact", first or _joined(before, after))]
     for rung in range(max((len(options) for options in families.values()), default=0)):
         order += [(family, _joined(before, options[rung], after)) for family, options in families.items()
                   if rung < len(options)]
@@ -259,16 +259,29 @@ def _joined(*parts: str) -> str:
 
 def exact_passes(model: nn.Module) -> tuple[str, str, list[str]]:
     """(the exact passes before the approximate family, those after, the graph-level ones left out that could
-    have rewritten something: a language model has no 1×1 convolution for pointwise). A model
+    have rewritten something). Passes that a look at the layers shows have nothing here are not tried (t1 on
+    MiniLM: no FFT; fold-bn: no BatchNorm), so that neither the candidates nor the recipe name them. A model
     with something to lose as a graph (a Hugging Face model's generate, config, save_pretrained) is searched
     without the passes that change the graph itself (pointwise, inplace), so that every candidate, and the
     chosen one, stays the user's class (on MiniLM inplace applied and measured 0.99x: it only cost the class)."""
+    useful = {name for name in EXACT.split(",") if not registry.load_pass(name).finds_nothing_in(model)}
+    graph_level = _graph_level(model)
+    keep = [",".join(n for n in part.split(",") if n in useful and n not in graph_level) for part in (BEFORE, AFTER)]
+    return keep[0], keep[1], [name for name in graph_level if name in useful]
+
+
+def baseline(model: nn.Module) -> str:
+    """The first candidate, the one every other is compared with: the exact passes, those that find nothing
+    too where none would apply (then it is the original model, run through the same pipeline)."""
+    before, after, _ = exact_passes(model)
+    return _joined(before, after) or ",".join(n for n in EXACT.split(",") if n not in _graph_level(model))
+
+
+def _graph_level(model: nn.Module) -> list[str]:
+    """The exact passes a model with a class to keep is searched without: those that change the graph."""
     if transplant.lost_in_the_graph(model, []) is None:
-        return BEFORE, AFTER, []
-    graph_level = [name for name in EXACT.split(",") if registry.load_pass(name).level == "graph"]
-    keep = [[name for name in part.split(",") if name not in graph_level] for part in (BEFORE, AFTER)]
-    useful = [name for name in graph_level if not registry.load_pass(name).finds_nothing_in(model)]
-    return ",".join(keep[0]), ",".join(keep[1]), useful
+        return []
+    return [name for name in EXACT.split(",") if registry.load_pass(name).level == "graph"]
 
 
 def _same_model(a: Point, b: Point) -> bool:

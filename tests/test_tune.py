@@ -177,7 +177,23 @@ def test_a_model_with_a_class_to_keep_is_searched_without_the_graph_passes():
     graph_level = {"pointwise", *left_out}
     assert not graph_level & set(f"{before},{after}".split(","))
     assert all(not graph_level & set(pipeline.split(",")) for _, pipeline in tune.candidates(before, after))
-    assert tune.exact_passes(torch.nn.Sequential(torch.nn.Linear(4, 4))) == (tune.BEFORE, tune.AFTER, [])
+    # nothing to fold, merge, transform or turn into a GEMM there: only inplace is tried
+    assert tune.exact_passes(torch.nn.Sequential(torch.nn.Linear(4, 4))) == ("", "inplace", [])
+    assert tune.exact_passes(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                                 torch.nn.Conv2d(4, 4, 3))) == ("fold-bn,reparam", "inplace", [])
+    assert tune.exact_passes(_tiny_bert())[:2] == ("", "")  # MiniLM's searches named t1 in every candidate
+
+
+def test_the_exact_passes_say_when_a_model_has_nothing_for_them():
+    from examples.fno_mlp import build
+    from rewrite.passes.fold_bn import FoldBatchNorm
+    from rewrite.passes.reparam import ReparamLargeKernel
+    from rewrite.passes.t1 import TransformOnce
+    fno = build()[0]
+    assert not TransformOnce.finds_nothing_in(fno) and TransformOnce.finds_nothing_in(_tiny_bert())
+    assert FoldBatchNorm.finds_nothing_in(fno) and not FoldBatchNorm.finds_nothing_in(torch.nn.BatchNorm1d(3))
+    assert ReparamLargeKernel.finds_nothing_in(torch.nn.Conv2d(3, 3, 3))
+    assert not ReparamLargeKernel.finds_nothing_in(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.Conv2d(3, 3, 1)))
 
 
 def test_pointwise_says_when_a_model_has_nothing_for_it():

@@ -60,6 +60,10 @@ class FoldBatchNorm(Pass):
     applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm"
 
     @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+    @classmethod
     def patterns(cls) -> list[Pattern]:
         return [layer_bn()]
 

@@ -39,6 +39,10 @@ class ReparamLargeKernel(Pass):
     shrinks = True
     applies_to = "sums of parallel Conv(+BatchNorm) branches on one input"
 
+    @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return sum(isinstance(m, _CONV) for m in module.modules()) < 2  # a merge needs two branches
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         merged, skipped = 0, []
         conv_bn = {m["bn"]: m for m in layer_bn().find(gm) or [] if isinstance(m.layer(gm, "layer"), _CONV)}

@@ -75,6 +75,10 @@ class TransformOnce(Pass):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.mode == "t1"
 
+    @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return not any(_calls_fft(m) for m in module.modules())  # the root too: a model may be one spectral layer
+
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         if self.mode == "t1":
             return self._transform_once(module, ctx)
