@@ -78,7 +78,7 @@ def main():
     result = {"minilm": minilm, "fno": fno, "smollm2": smollm2}[args.model](args.time, out, args.backend, *texts)
     report = result.report.to_markdown()
     print(report[report.index("## Search"):report.index("## Pictures") if "## Pictures" in report else None])
-    print(result.report.verdicts()[0] if result.report.speeds else "")
+    print("\n".join(line for line in result.report.verdicts() if line.startswith(f"{args.backend}:")))
     print(f"whole run {time.perf_counter() - start:.0f} s; pictures in {out}/")
 
 

@@ -31,19 +31,15 @@ def is_conv1d(layer: nn.Module) -> bool:
 
 def conv1d_as_linear(layer: nn.Module) -> nn.Linear:
     """The nn.Linear that computes what a `Conv1D` does (its weight transposed)."""
-    n_in, n_out = layer.weight.shape
-    linear = nn.Linear(n_in, n_out, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(layer.weight.T)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
+    linear = linear_from({"weight": layer.weight.detach().T, "bias": layer.bias})
     return linear.requires_grad_(layer.weight.requires_grad)
 
 
 def linear_from(tensors: dict[str, torch.Tensor], prefix: str = "", kind: type = nn.Linear) -> nn.Linear:
-    """A Linear (or `kind`, a subclass) holding a saved state's `{prefix}weight` and `{prefix}bias`."""
+    """A Linear (or `kind`, a subclass) holding `{prefix}weight` and `{prefix}bias` (None or absent: no bias),
+    on their device and in their dtype."""
     weight, bias = tensors[f"{prefix}weight"], tensors.get(f"{prefix}bias")
-    linear = kind(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear = kind(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
