@@ -262,20 +262,22 @@ def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, tmp_path):
+@pytest.mark.parametrize("family,act", [("llama", "per-token"), ("qwen2", "per-token"), ("llama", "static")])
+def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, act, tmp_path):
     """In a fresh process, AutoModelForCausalLM.from_pretrained gives the same weights and logits within the
-    activation-rounding difference (compressed-tensors rounds activations on max|x|/127.5, dgq on /127)."""
+    activation-rounding difference (compressed-tensors rounds per-token activations on max|x|/127.5, dgq on
+    /127; static ones on dgq's own scale, clamped at −128 where dgq clamps at −127)."""
     pytest.importorskip("compressed_tensors")
     model = _decoder(family)
     calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
-    result = rewrite.optimize(model, calib[0], "dgq{group=32,min-sqnr=-100}", calib=calib, measure_latency=False)
+    result = rewrite.optimize(model, calib[0], f"dgq{{group=32,min-sqnr=-100,act={act}}}", calib=calib,
+                              measure_latency=False)
     result.model.save_pretrained(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
-    group = next(iter(config["config_groups"].values()))
-    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                          "dynamic": True}
+    strategy = {"per-token": "token", "static": "tensor"}[act]  # a static model once shipped as per-token
+    assert all(g["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy,
+                                          "dynamic": act == "per-token"} for g in config["config_groups"].values())
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} <= {4, 8}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "q", ids, tmp_path)

@@ -2,7 +2,7 @@
 layers in the compressed-tensors format with a `quantization_config` (loading needs `pip install
 compressed-tensors`, as for any llm-compressor checkpoint; vLLM reads the same folder).
 
-A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group"})` (dgq's DGQLinear) and every
+A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group", "act"})` (dgq's DGQLinear) and every
 tensor has the shape the class built from its config expects. A model holding another rewritten layer (a
 factorized fwsvd/lowrank layer), or whose shapes changed (prune's narrower FFNs, GPT-2's Conv1D quantized as a
 Linear) has no form from_pretrained knows: it is written as `write_layers` does (config.json,
@@ -69,7 +69,7 @@ class Sharded:
     def __init__(self, model: nn.Module, folder: Path):
         self.expected, self.folder = _expected_shapes(model), folder
         self.weight_map: dict[str, str] = {}
-        self.schemes: dict[tuple[int, int], list[str]] = {}
+        self.schemes: dict[tuple[int, int, str], list[str]] = {}
         self.linears: list[str] = []
         self.problem: str | None = None
 
@@ -110,7 +110,7 @@ def _tied(config: dict, expected: dict) -> set[str]:
 def _config(config: dict, schemes: dict, linears: list[str]) -> dict:
     if not schemes:
         return config
-    groups = {f"group_{i}": _scheme(paths, bits, group) for i, ((bits, group), paths) in enumerate(schemes.items())}
+    groups = {f"group_{i}": _scheme(paths, *scheme) for i, (scheme, paths) in enumerate(schemes.items())}
     return config | {"quantization_config": {"quant_method": "compressed-tensors", "format": "int-quantized",
                                              "quantization_status": "compressed", "config_groups": groups,
                                              "ignore": linears}}
@@ -119,7 +119,7 @@ def _config(config: dict, schemes: dict, linears: list[str]) -> dict:
 @dataclass
 class _Part:
     tensors: dict[str, torch.Tensor]
-    schemes: dict[tuple[int, int], list[str]]  # (bits, group) → the layers in that scheme
+    schemes: dict[tuple[int, int, str], list[str]]  # (bits, group, activation strategy) → the layers in that scheme
     linears: list[str]  # the Linears left in float: compressed-tensors' ignore list
 
 
@@ -142,7 +142,7 @@ def _state(model: nn.Module, expected: dict[str, tuple], rename=lambda name: nam
         for name, tensor in tensors.items():
             if name != "bias" or rename(f"{path}.bias") in expected:
                 state[rename(f"{path}.{name}")] = tensor
-        by_scheme.setdefault((args["bits"], args["group"]), []).append(rename(path))
+        by_scheme.setdefault((args["bits"], args["group"], args["act"]), []).append(rename(path))
         shipped.append(path)
     seen: set = set()
     for name, tensor in model.state_dict().items():
@@ -176,13 +176,14 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in empty.state_dict().items()}
 
 
-def _scheme(targets: list[str], bits: int, group: int) -> dict:
-    """One config group: asymmetric int weights per group, int8 per-token dynamic activations (W4A8)."""
+def _scheme(targets: list[str], bits: int, group: int, act: str) -> dict:
+    """One config group: asymmetric int weights per group, int8 activations (W4A8), per-token dynamic
+    (act="token") or one calibrated scale per tensor, each layer's `input_scale` (act="tensor": dgq{act=static})."""
     return {"targets": targets, "format": "int-quantized",
             "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
                         "group_size": group, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
-                                  "dynamic": True}}
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": act,
+                                  "dynamic": act == "token"}}
 
 
 def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -102,7 +102,13 @@ class DGQLinear(nn.Module):
         if self.form != "int8":
             raise ValueError("form=w4 layers have no compressed-tensors form here yet: use form=int8")
         tensors, bits, group = ship.encode(self.w_s8, self.s1, self.group)
-        return tensors | {"bias": self.bias}, {"bits": bits, "group": group}
+        if not self.s_x.numel():
+            return tensors | {"bias": self.bias}, {"bits": bits, "group": group, "act": "token"}
+        # act=static: compressed-tensors' static per-tensor int8 activations, with its scale (and the zero point
+        # it registers for every static input, 0: symmetric)
+        static = {"input_scale": self.s_x.reshape(1).float().clone(),  # a copy: siblings share one s_x
+                  "input_zero_point": torch.zeros(1, dtype=torch.int8)}
+        return tensors | static | {"bias": self.bias}, {"bits": bits, "group": group, "act": "tensor"}
 
     def format_bits(self) -> float:
         """Bits per weight of the format, whatever the storage: 4-bit codes with an int8 scale and a 4-bit zero
