@@ -127,9 +127,7 @@ def user_errors(command: Callable) -> Callable:
         except Exception as exc:
             if os.environ.get("REWRITE_TRACEBACK"):
                 raise
-            from rewrite import (
-                distributed,  # here: `rewrite --help` must answer without loading torch
-            )
+            from rewrite import distributed  # imported here: `rewrite --help` answers without loading torch
             if distributed.lost_peer(exc):
                 say_error(f"rank {os.environ.get('RANK', '?')} lost contact with another process of this torchrun "
                           f"run ({first_line(exc, 120)}); nothing was written to the output folder")

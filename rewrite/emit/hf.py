@@ -2,8 +2,8 @@
 layers in the compressed-tensors format with a `quantization_config` (loading needs `pip install
 compressed-tensors`, as for any llm-compressor checkpoint; vLLM reads the same folder).
 
-A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group", "act"})` (dgq's DGQLinear) and every
-tensor has the shape the class built from its config expects. A model holding another rewritten layer (a
+A layer ships when it has `compressed_tensors() -> (tensors, {"bits", "group", "act"})` (dgq's DGQLinear) and
+every tensor has the shape the class built from its config expects. A model holding another rewritten layer (a
 factorized fwsvd/lowrank layer), or whose shapes changed (prune's narrower FFNs, GPT-2's Conv1D quantized as a
 Linear) has no form from_pretrained knows: it is written as `write_layers` does (config.json,
 rewritten.safetensors, rewrite-layers.json), which `rewrite.load(DIR)` reads back into the model's own class.
@@ -119,7 +119,7 @@ def _config(config: dict, schemes: dict, linears: list[str]) -> dict:
 @dataclass
 class _Part:
     tensors: dict[str, torch.Tensor]
-    schemes: dict[tuple[int, int, str], list[str]]  # (bits, group, activation strategy) → the layers in that scheme
+    schemes: dict[tuple[int, int, str], list[str]]  # (bits, group, activation strategy) → its layers
     linears: list[str]  # the Linears left in float: compressed-tensors' ignore list
 
 
