@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import typer
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -127,7 +128,8 @@ def user_errors(command: Callable) -> Callable:
         except Exception as exc:
             if os.environ.get("REWRITE_TRACEBACK"):
                 raise
-            from rewrite import distributed  # imported here: `rewrite --help` answers without loading torch
+            # imported here: `rewrite --help` answers without loading torch
+            from rewrite import distributed
             if distributed.lost_peer(exc):
                 say_error(f"rank {os.environ.get('RANK', '?')} lost contact with another process of this torchrun "
                           f"run ({first_line(exc, 120)}); nothing was written to the output folder")
