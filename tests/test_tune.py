@@ -72,6 +72,23 @@ def test_the_report_says_whether_the_choice_beats_each_pass_run_alone_with_its_d
     assert lines[1].startswith("dgq with its defaults") and "not dominated" in lines[1]  # dgq is more accurate
 
 
+def test_a_choice_that_traded_accuracy_for_the_target_names_the_more_accurate_point():
+    """MiniLM: static dgq met 0.5x at cosine 0.965; per-token dgq was 0.992 at 0.53x. The report says so."""
+    from rewrite.report import _search_section
+    static, per_token = _point("dgq{act=static}", 0.42, 0.965, 2.14), _point("dgq", 0.56, 0.9917, 1.89)
+    exact = _point("(none)", 1.0, 1.0, 0.98)
+    chosen, met = tune._choose([static, per_token, exact], 0.5, "cosine")
+    assert chosen is static and met
+    more = tune._more_accurate([static, per_token, exact], chosen, "cosine")
+    assert more == "dgq (0.9917, 1.89x)"  # the fastest of the more accurate points, not the original
+    assert tune._more_accurate([static], static, "cosine") is None
+    perplexity = [_point("a", 0.4, 14.0, 2.5), _point("b", 0.6, 13.0, 1.6)]  # lower is better
+    assert tune._more_accurate(perplexity, perplexity[0], "perplexity") == "b (13, 1.60x)"
+    search = {"target": "latency=0.5", "chosen": chosen.spec, "met": True, "more_accurate": more, "seconds": 1,
+              "quality": "cosine", "points": [vars(p) | {"front": True} for p in (static, per_token, exact)]}
+    assert "more accurate, but slower than the target: dgq (0.9917, 1.89x)" in _search_section(search)
+
+
 def test_candidates_sharing_a_reuse_are_captured_once_and_rewritten_as_fresh_runs_rewrite_them(monkeypatch):
     import rewrite
     from rewrite import capture, modes
