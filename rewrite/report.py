@@ -233,7 +233,8 @@ def _search_section(search: dict[str, Any]) -> str:
                f"; more accurate, but slower than the target: {more} (a looser --target takes it)" if more else "")
                if search["met"] else
                "none met the target, so the most accurate of the points as fast as the fastest (within 5% of its "
-               "speed-up or its 95% interval) was chosen: loosen --target, or protect accuracy with --floor metric=Y")
+               "speed-up or its 95% interval) was chosen" + (f"; more accurate, but slower: {more}" if more else "") +
+               ": loosen --target, or protect accuracy with --floor metric=Y")
     defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
     names = search.get("left_out", [])
     verb = "changes" if len(names) == 1 else "change"
