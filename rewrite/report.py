@@ -229,12 +229,13 @@ def _search_section(search: dict[str, Any]) -> str:
         rows.append([p["applied"], f"{p['quality']:.4g}", f"{p['proxy']:.2f}", speed, _size(p["weight_bytes"]),
                      mark])
     more = search.get("more_accurate")
-    verdict = ("the chosen one is the most accurate that meets the target" + (
-               f"; more accurate, but slower than the target: {more} (a looser --target takes it)" if more else "")
-               if search["met"] else
-               "none met the target, so the most accurate of the points as fast as the fastest (within 5% of its "
-               "speed-up or its 95% interval) was chosen" + (f"; more accurate, but slower: {more}" if more else "") +
-               ": loosen --target, or protect accuracy with --floor metric=Y")
+    if search["met"]:
+        verdict = "the chosen one is the most accurate that meets the target" + (
+            f"; more accurate, but slower than the target: {more} (a looser --target takes it)" if more else "")
+    else:
+        verdict = ("none met the target, so the most accurate of the points as fast as the fastest (within 5% of its "
+                   "speed-up or its 95% interval) was chosen" + (f"; more accurate, but slower: {more}" if more else "")
+                   + ": loosen --target, or protect accuracy with --floor metric=Y")
     defaults = "".join(f"\n- {line}" for line in search.get("against_defaults", []))
     names = search.get("left_out", [])
     verb = "changes" if len(names) == 1 else "change"

@@ -174,7 +174,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
     shared = modes.Reuse(emit=("onnx",) if backend == "onnxruntime" else ())
     before, after, left_out = exact_passes(module)
     points, results, idle = _explore(module, example, run, timer, metric, shared, start + budget, say,
-                                     candidates(before, after, families_for(module), baseline(module)))
+                                     candidates(before, after, families_for(module), baseline(before, after)))
     front = _pareto(points, metric)
     shared.keep_runs([point.spec for point in front])  # the final rewrite takes its point's run from these
     for i, point in enumerate(front):
@@ -269,23 +269,17 @@ def exact_passes(model: nn.Module) -> tuple[str, str, list[str]]:
     without the passes that change the graph itself (pointwise, inplace), so that every candidate, and the
     chosen one, stays the user's class (on MiniLM inplace applied and measured 0.99x: it only cost the class)."""
     useful = {name for name in EXACT.split(",") if not registry.load_pass(name).finds_nothing_in(model)}
-    graph_level = _graph_level(model)
+    keeps_class = transplant.lost_in_the_graph(model, []) is not None
+    graph_level = [name for name in EXACT.split(",") if keeps_class and registry.load_pass(name).level == "graph"]
     keep = [",".join(n for n in part.split(",") if n in useful and n not in graph_level) for part in (BEFORE, AFTER)]
     return keep[0], keep[1], [name for name in graph_level if name in useful]
 
 
-def baseline(model: nn.Module) -> str:
-    """The first candidate, the one every other is compared with: the exact passes, those that find nothing
-    too where none would apply (then it is the original model, run through the same pipeline)."""
-    before, after, _ = exact_passes(model)
-    return _joined(before, after) or ",".join(n for n in EXACT.split(",") if n not in _graph_level(model))
-
-
-def _graph_level(model: nn.Module) -> list[str]:
-    """The exact passes a model with a class to keep is searched without: those that change the graph."""
-    if transplant.lost_in_the_graph(model, []) is None:
-        return []
-    return [name for name in EXACT.split(",") if registry.load_pass(name).level == "graph"]
+def baseline(before: str, after: str) -> str:
+    """The first candidate, the one every other is compared with: the exact passes `exact_passes` kept, or where
+    it kept none (a model with a class to keep and nothing for them: MiniLM) those that leave the class as it is,
+    which then find nothing: the original model, run through the same pipeline."""
+    return _joined(before, after) or ",".join(n for n in EXACT.split(",") if registry.load_pass(n).level != "graph")
 
 
 def _same_model(a: Point, b: Point) -> bool:
