@@ -262,7 +262,8 @@ def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,act", [("llama", "per-token"), ("qwen2", "per-token"), ("llama", "static")])
+@pytest.mark.parametrize("family,act", [("llama", "per-token"), ("qwen2", "per-token"), ("llama", "static"),
+                                        ("llama", "tensor")])
 def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, act, tmp_path):
     """In a fresh process, AutoModelForCausalLM.from_pretrained gives the same weights and logits within the
     activation-rounding difference (compressed-tensors rounds per-token activations on max|x|/127.5, dgq on
@@ -275,9 +276,10 @@ def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained
     result.model.save_pretrained(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
-    strategy = {"per-token": "token", "static": "tensor"}[act]  # a static model once shipped as per-token
-    assert all(g["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy,
-                                          "dynamic": act == "per-token"} for g in config["config_groups"].values())
+    strategy = {"per-token": "token", "static": "tensor", "tensor": "tensor"}[act]  # static once shipped per token
+    assert all(g["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": act != "tensor",
+                                          "strategy": strategy, "dynamic": act != "static"}
+               for g in config["config_groups"].values())
     assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} <= {4, 8}
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "q", ids, tmp_path)
@@ -338,7 +340,8 @@ ANY = "min-sqnr=-100"  # random weights: the floor is not what these tests check
 @pytest.mark.parametrize("build, spec", [
     (lambda: _decoder("llama"), f"prune{{{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
     (lambda: _decoder("llama"), f"fwsvd{{param-ratio=0.75,{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
-    (_gpt2, f"dgq{{budget-cos=0,{ANY}}}")], ids=["pruned", "factors-quantized", "conv1d"])
+    (_gpt2, f"dgq{{budget-cos=0,{ANY}}}"), (_gpt2, f"dgq{{budget-cos=0,act=tensor,{ANY}}}")],
+    ids=["pruned", "factors-quantized", "conv1d", "conv1d-tensor"])
 def test_quantized_layers_whose_shapes_the_config_does_not_give_reload_through_the_layers_folder(build, spec, tmp_path):
     """prune then dgq once wrote a compressed-tensors folder whose narrower FFN from_pretrained refused (size
     mismatch), while the report said it loads; fwsvd then dgq and GPT-2's Conv1D (transposed) had no folder

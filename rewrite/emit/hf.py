@@ -177,13 +177,15 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple]:
 
 
 def _scheme(targets: list[str], bits: int, group: int, act: str) -> dict:
-    """One config group: asymmetric int weights per group, int8 activations (W4A8), per-token dynamic
-    (act="token") or one calibrated scale per tensor, each layer's `input_scale` (act="tensor": dgq{act=static})."""
+    """One config group: asymmetric int weights per group, int8 activations (W4A8): dgq's act per-token
+    (dynamic, symmetric per token), static (one calibrated symmetric scale a tensor, each layer's `input_scale`)
+    or tensor (dynamic, asymmetric per tensor: a scale and zero point made from each input)."""
     return {"targets": targets, "format": "int-quantized",
             "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
                         "group_size": group, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": act,
-                                  "dynamic": act == "token"}}
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": act != "tensor",
+                                  "strategy": "token" if act == "per-token" else "tensor",
+                                  "dynamic": act != "static"}}
 
 
 def rewritten_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -93,20 +93,28 @@ def _ints(x_q, w_s8):
     return (x_q.double() @ w_s8.double().T)  # exact: |sums| < 2^53
 
 
-@pytest.mark.parametrize("act", ["static", "per-token"])
+def _s_x(act, x):
+    """The calibrated scale a static layer takes; none for the dynamic ones."""
+    return (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0)
+
+
+@pytest.mark.parametrize("act", ["static", "per-token", "tensor"])
 def test_torch_kernel_onnx_graph_and_float_reference_agree_exactly(act, tmp_path):
     w, x = _layer_with_outliers()
     linear = nn.Linear(256, 64)
     with torch.no_grad():
         linear.weight.copy_(w)
     weights = quantize_weight(w, x, 128, True)
-    s_x = (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0)
-    layer = DGQLinear(weights, linear.bias, s_x, "int8")
+    layer = DGQLinear(weights, linear.bias, _s_x(act, x), "int8", act)
     probe = x[:100]
     got = layer(probe)
-    x_q, scale = kernels.quantize_activation(probe, s_x)
-    sums = _ints(x_q, weights.w_s8())
-    reference = (sums.float() * (scale * weights.s1) if act == "static" else sums.float() * weights.s1 * scale)
+    if act == "tensor":  # uint8 codes on the tensor's range, less their zero point
+        codes, scale, zero = kernels.tensor_codes(probe)
+        reference = _ints(codes - zero, weights.w_s8()).float() * (scale * weights.s1)
+    else:
+        x_q, scale = kernels.quantize_activation(probe, _s_x(act, x))
+        sums = _ints(x_q, weights.w_s8())
+        reference = (sums.float() * (scale * weights.s1) if act == "static" else sums.float() * weights.s1 * scale)
     assert torch.equal(got, reference + linear.bias)  # the int32 sums are exact
     result = api.optimize(nn.Sequential(linear), (probe,), f"dgq{{act={act},min-sqnr=0}}", calib=[x],
                           emit="onnx", out=tmp_path, measure_latency=False)
@@ -117,34 +125,42 @@ def test_torch_kernel_onnx_graph_and_float_reference_agree_exactly(act, tmp_path
 class _FullRange(nn.Module):
     """The a8w8 kernel over int8 weights that use the whole ±127 range, as every real layer's do."""
 
-    def __init__(self, k, o, s_x):
+    def __init__(self, k, o, act, x):
         super().__init__()
         g = torch.Generator().manual_seed(1)
+        self.act = act
         self.register_buffer("w_s8", torch.randint(-127, 128, (o, k), generator=g, dtype=torch.int8))
         self.register_buffer("s1", torch.rand(o, generator=g) / 100)
         self.register_buffer("bias", torch.randn(o, generator=g))
-        self.register_buffer("s_x", s_x)
+        self.register_buffer("s_x", _s_x(act, x))
 
     def forward(self, x):
+        if self.act == "tensor":
+            return kernels.a8w8_dynamic(x, self.w_s8, self.s1, self.bias)
         return kernels.a8w8(x, self.w_s8, self.s1, self.bias, self.s_x)
 
 
-@pytest.mark.parametrize("act", ["static", "per-token"])
+OP = {"static": "a8w8_linear", "per-token": "a8w8_linear", "tensor": "a8w8_dynamic_linear"}
+
+
+@pytest.mark.parametrize("act", ["static", "per-token", "tensor"])
 def test_eager_calls_skip_the_op_dispatch_and_tracers_still_see_the_op(act):
     """In plain eager torch `a8w8` runs the op's body directly (decode speed), with the same bits; export
     and fx still record rewrite::a8w8_linear, which the ONNX translation needs."""
     x = torch.randn(3, 5, 64)
-    module = _FullRange(64, 32, (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0))
+    module = _FullRange(64, 32, act, x)
     direct = module(x)
-    assert torch.equal(direct, kernels.a8w8_linear(x, module.w_s8, module.s1, module.bias, module.s_x))
+    op = getattr(torch.ops.rewrite, OP[act])
+    args = (module.w_s8, module.s1, module.bias) + ((module.s_x,) if act != "tensor" else ())
+    assert torch.equal(direct, op(x, *args))
     exported = torch.export.export(module, (x,))
     targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
-    assert torch.ops.rewrite.a8w8_linear.default in targets
+    assert op.default in targets
     assert torch.equal(exported.module()(x), direct)
 
 
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("act", ["static", "per-token"])
+@pytest.mark.parametrize("act", ["static", "per-token", "tensor"])
 def test_onnx_graph_is_exact_on_full_range_weights_and_saturating_activations(act, signed, monkeypatch, tmp_path):
     """onnxruntime's U8S8 kernel on x86 without VNNI sums u8·s8 pairs in saturating int16: activations near
     their peak times weights near ±127 came out 0.15 rel L2 off. The graph feeds int8 weights (U8S8) only
@@ -157,14 +173,15 @@ def test_onnx_graph_is_exact_on_full_range_weights_and_saturating_activations(ac
     monkeypatch.setattr(kernels, "onnx_weights_signed", lambda: signed)
     x = torch.randn(2, 16, 256) * 3
     x[..., ::2] = x[..., ::2].abs() + 2  # long runs of large positive codes: pairs that saturate int16
-    module = _FullRange(256, 96, (x.abs().max() / 127).reshape(1) if act == "static" else torch.empty(0))
+    module = _FullRange(256, 96, act, x)
     path = tmp_path / "layer.onnx"
     onnx_emit.export_onnx(module, Captured(module, (x,), True), path)
     got = onnx_emit.run(onnx_emit.session(path), (x,))[0]
     assert torch.equal(got, module(x))
     graph = onnx.load(path).graph
-    [matmul] = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-    [weight_zero] = [t for t in graph.initializer if t.name == matmul.input[5]]  # typed as the weights are
+    node, zero_at = ("DynamicQuantizeMatMul", 3) if act == "tensor" else ("MatMulIntegerToFloat", 5)
+    [matmul] = [n for n in graph.node if n.op_type == node]
+    [weight_zero] = [t for t in graph.initializer if t.name == matmul.input[zero_at]]  # typed as the weights are
     assert weight_zero.data_type == (onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
 
 
@@ -188,6 +205,46 @@ def test_the_eager_integer_matmul_is_exact_beyond_what_one_float32_sum_holds(k):
     w_s8[0] = 127
     want = (codes.double() @ w_s8.double().T)
     assert torch.equal(kernels.integer_matmul(codes, w_s8).double(), want.float().double())
+
+
+@pytest.mark.parametrize("path", ["onednn", "one float GEMM", "K-slices", "int_mm"])
+def test_the_zero_point_shift_is_summed_exactly_on_every_path(path, monkeypatch):
+    """act=tensor's codes q − 128 ∈ [−128, 127] with (128 − z)·Σ_k W added in the integers: the same sums
+    as (q − z)·Wᵀ in float64, whichever GEMM runs, rounded to float32 once."""
+    if path == "onednn" and not kernels.onednn_int8.usable():
+        pytest.skip("oneDNN's int8 GEMM does not sum exactly on this CPU (x86 without VNNI)")
+    if path != "onednn":
+        monkeypatch.setattr(kernels.onednn_int8, "exact", False)
+    if path == "int_mm":
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    k = 2300 if path == "K-slices" else 300
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(0, 256, (21, k), generator=g).float()
+    q[0] = 255  # the largest sums: 255 − z times +127 weights
+    w_s8 = torch.randint(-127, 128, (13, k), generator=g, dtype=torch.int8)
+    w_s8[0] = 127
+    for zero in (0, 3, 128, 255):
+        want = ((q.double() - zero) @ w_s8.double().T).float()
+        assert torch.equal(kernels.integer_matmul(q - 128, w_s8, shift=128 - zero), want), zero
+
+
+@pytest.mark.parametrize("x", [torch.zeros(4, 8), torch.rand(4, 8) + 1, -torch.rand(4, 8) - 1,
+                               torch.linspace(-3, 5, 64).reshape(8, 8), torch.randn(16, 32) * 7])
+def test_tensor_codes_are_onnxruntime_dynamic_quantize_linear(x):
+    """Codes, scale and zero point as onnxruntime's DynamicQuantizeLinear makes them (all-zero, one-signed
+    and evenly spaced inputs: the edges of the range and ties of the rounding)."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, list(x.shape)),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info("z", TensorProto.UINT8, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    q, s, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})
+    codes, scale, zero = kernels.tensor_codes(x)
+    assert torch.equal(codes, torch.from_numpy(q).float()) and float(scale) == float(s) and zero == int(z)
 
 
 @pytest.mark.parametrize("largest, one_gemm", [(86, True), (87, False)])

@@ -3,7 +3,9 @@
 uint4 codes q with a zero point z per (row, group of 64 along K; the paper's 128 with group=128), an integer
 group scale S ∈ 1..127, and one fp scale s1 per output channel, so that W_s8 = S·(q − z) ∈ [−127, 127] (the
 clamp of q to z ± ⌊127/S⌋ makes overflow impossible) and the matmul is one int8 GEMM over all of K with an fp
-epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token; first
+epilogue. Activations: int8 symmetric, static per-tensor (calibrated) or dynamic per-token (the default), or
+act=tensor: uint8 codes q_x on each input tensor's range with a zero point z_x, made at run time (onnxruntime's
+quantize_dynamic scheme, x ≈ s_x·(q_x − z_x): one DynamicQuantizeMatMul node a layer in ONNX); first
 (smooth=true, the default) each Linear input's channels are divided by s where the input is made (a norm's
 weight, `up`'s rows) and s multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float; s is DGQ
 §3.3's percentile clipping, AWQ's mean|x|^α or none, whichever leaves the lowest estimated output error on the
@@ -66,7 +68,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
     level = "module"
 
     group: int = 64  # the paper's is 128; 64 lost less on unseen text on SmolLM2 at 4.23 bits (RESULTS.md)
-    act: Literal["static", "per-token"] = "per-token"
+    act: Literal["static", "per-token", "tensor"] = "per-token"
     search: bool = True
     feedback: bool = True
     form: Literal["int8", "w4"] = "int8"
@@ -149,12 +151,15 @@ class DualGrainedQuant(SqnrFloor, Pass):
         weights = [linear.weight.detach() for linear in linears]
         widths = (self.bits, self.upgrade_bits) if self.budget_cos and self.upgrade_bits < 8 else (self.bits,)
         found = quantize_layers(weights, x, self.group, self.search, self.feedback, widths, self._patience())
-        layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8") for q in per]
-                        for linear, per in zip(linears, found)]
+        layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8", self._act())
+                         for q in per] for linear, per in zip(linears, found)]
         if self.budget_cos and self.upgrade_bits == 8:
             for linear, weight, per in zip(linears, weights, layers_found):
-                per.append(DGQLinear.int8_weights(weight, linear.bias, s_x))
+                per.append(DGQLinear.int8_weights(weight, linear.bias, s_x, self._act()))
         return layers_found
+
+    def _act(self) -> str | None:
+        return self.act if self.form == "int8" else None  # form=w4: MatMulNBits quantizes per block itself
 
     def _patience(self) -> int:
         return FEEDBACK_PATIENCE if self.feedback else PATIENCE

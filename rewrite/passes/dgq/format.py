@@ -37,6 +37,18 @@ class DGQWeights:
     def dequantized(self) -> torch.Tensor:
         return self.s1[:, None] * self.w_s8().float()
 
+ACTS = ("per-token", "static", "tensor")  # int8 activations: dynamic per token, calibrated, dynamic per tensor
+
+
+def act_of(s_x: torch.Tensor, act: str | None) -> str:
+    """The activation scheme: as given, else what s_x says (one calibrated scale: static; none: per-token)."""
+    if act is not None and act not in ACTS:
+        raise ValueError(f"act={act!r}: a DGQ layer's activations are one of {', '.join(ACTS)}")
+    if act == "tensor" and s_x.numel():
+        raise ValueError("act=tensor makes its scale from each input: it takes no calibrated s_x")
+    return act or ("static" if s_x.numel() else "per-token")
+
+
 def expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
     return per_group.repeat_interleave(group, dim=1)
 
@@ -45,12 +57,14 @@ class DGQLinear(nn.Module):
 
     weight_bits = 4  # wider codes (mixed precision's upgrade): 5–7; int8_weights() layers: 8
 
-    def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str):
+    def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str,
+                 act: str | None = None):
         super().__init__()
         out = weights.q.shape[0]
         if form == "w4" and weights.bits != 4:
             raise ValueError("form w4 stores 4-bit codes only")
         self.form, self.group, self.in_features, self.weight_bits = form, weights.group, weights.k, weights.bits
+        self.act = act_of(s_x, act)
         self.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(out))
         if form == "int8":
             self._int8_buffers(weights.w_s8(), weights.s1, s_x)
@@ -60,12 +74,14 @@ class DGQLinear(nn.Module):
             self.register_buffer("zeros", kernels.pack_nibbles(weights.z))
 
     @classmethod
-    def int8_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None, s_x: torch.Tensor) -> DGQLinear:
+    def int8_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None, s_x: torch.Tensor,
+                     act: str | None = None) -> DGQLinear:
         """W8A8 for the layers mixed precision keeps at 8 bits: per-row symmetric int8 weights (round to
         nearest), the same int8 GEMM and ONNX form."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.form, layer.group, layer.in_features, layer.weight_bits = "int8", None, weight.shape[1], 8
+        layer.act = act_of(s_x, act)
         s1 = (weight.abs().amax(1) / 127).clamp_min(1e-12).float()
         layer.register_buffer("bias", bias.detach().float().clone() if bias is not None else torch.zeros(len(s1)))
         layer._int8_buffers(torch.round(weight / s1[:, None]).clamp(-127, 127).to(torch.int8), s1, s_x)
@@ -73,11 +89,12 @@ class DGQLinear(nn.Module):
 
     def saved_config(self) -> dict:
         """What a saved layer needs besides its tensors (`from_state`; rewrite's layers folder)."""
-        return {"form": self.form, "group": self.group, "in_features": self.in_features, "bits": self.weight_bits}
+        return {"form": self.form, "group": self.group, "in_features": self.in_features, "bits": self.weight_bits,
+                "act": self.act}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], form: str, group: int | None, in_features: int,
-                   bits: int) -> DGQLinear:
+                   bits: int, act: str | None = None) -> DGQLinear:
         """The layer its buffers and `saved_config()` describe (a layers folder, `rewrite.checkpoint`)."""
         names = ("bias", "w_s8", "s1", "s_x") if form == "int8" else ("bias", "packed", "scales", "zeros")
         if set(tensors) != set(names):
@@ -87,6 +104,7 @@ class DGQLinear(nn.Module):
         layer.form, layer.group, layer.in_features, layer.weight_bits = form, group, in_features, bits
         for name in names:
             layer.register_buffer(name, tensors[name])
+        layer.act = act_of(tensors.get("s_x", torch.empty(0)), act)  # folders written before act=tensor: None
         return layer
 
     def _int8_buffers(self, w_s8: torch.Tensor, s1: torch.Tensor, s_x: torch.Tensor) -> None:
@@ -102,13 +120,13 @@ class DGQLinear(nn.Module):
         if self.form != "int8":
             raise ValueError("form=w4 layers have no compressed-tensors form here yet: use form=int8")
         tensors, bits, group = ship.encode(self.w_s8, self.s1, self.group)
-        if not self.s_x.numel():
-            return tensors | {"bias": self.bias}, {"bits": bits, "group": group, "act": "token"}
+        if self.act != "static":  # scales made from each input: per token, or per tensor with a zero point
+            return tensors | {"bias": self.bias}, {"bits": bits, "group": group, "act": self.act}
         # act=static: compressed-tensors' static per-tensor int8 activations, with its scale (and the zero point
         # it registers for every static input, 0: symmetric)
         static = {"input_scale": self.s_x.reshape(1).float().clone(),  # a copy: siblings share one s_x
                   "input_zero_point": torch.zeros(1, dtype=torch.int8)}
-        return tensors | static | {"bias": self.bias}, {"bits": bits, "group": group, "act": "tensor"}
+        return tensors | static | {"bias": self.bias}, {"bits": bits, "group": group, "act": "static"}
 
     def format_bits(self) -> float:
         """Bits per weight of the format, whatever the storage: 4-bit codes with an int8 scale and a 4-bit zero
@@ -123,6 +141,8 @@ class DGQLinear(nn.Module):
         return kernels.unpack_w4(self.packed, self.zeros, self.scales, self.group)[:, :self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "int8" and self.act == "tensor":
+            return kernels.a8w8_dynamic(x, self.w_s8, self.s1, self.bias)
         if self.form == "int8":
             return kernels.a8w8(x, self.w_s8, self.s1, self.bias, self.s_x)
         return kernels.w4_linear(x, self.packed, self.scales, self.zeros, self.bias)

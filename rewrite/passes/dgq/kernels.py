@@ -17,6 +17,10 @@ rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
   model exported there is exact on VNNI and ARM CPUs, and saturates on x86 without VNNI: export it on
   such a machine to get U8U8. Signed-int8 activations measured 3x slower than fp32 on x86, so they are
   never emitted.
+rewrite::a8w8_dynamic_linear(x, w_s8, s1, bias) — the same GEMM on onnxruntime's dynamic activations
+  (`quantize_dynamic`'s, act=tensor): uint8 codes q over [min(x, 0), max(x, 0)] of the whole tensor in 255
+  steps, with a zero point z (DynamicQuantizeLinear), y = s_x · s1[o] · Σ_k (q − z)[k] · W_s8[o, k] + bias[o].
+  ONNX: com.microsoft.DynamicQuantizeMatMul, one node a layer, where per-token codes take eight more.
 rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: uint4 codes packed two per
   byte, per-(row, group) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
   path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=group, accuracy_level=4), which quantizes
@@ -64,6 +68,42 @@ def a8w8(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tens
     return a8w8_linear(x, w_s8, s1, bias, s_x)
 
 
+def a8w8_dynamic(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
+    """rewrite::a8w8_dynamic_linear where a tracer must see the op, else its body (as `a8w8`)."""
+    if type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+        return _a8w8_dynamic_linear(x, w_s8, s1, bias)
+    return a8w8_dynamic_linear(x, w_s8, s1, bias)
+
+
+def tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """onnxruntime's DynamicQuantizeLinear: x's uint8 codes (held in float32), scale and zero point. The range
+    [min(x, 0), max(x, 0)] in 255 steps; the zero point is −min/scale rounded (half to even, as every
+    rounding here); scale 1 for an all-zero x."""
+    low, high = torch.aminmax(x)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = (high - low).div_(255) if bool(high > low) else torch.ones((), dtype=x.dtype)
+    zero = int(torch.div(-low, scale).clamp_(0, 255).round_())
+    return torch.div(x, scale).round_().add_(zero).clamp_(0, 255), scale, zero
+
+
+@torch.library.custom_op(f"{_lib}::a8w8_dynamic_linear", mutates_args=())
+def a8w8_dynamic_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
+    return _a8w8_dynamic_linear(x, w_s8, s1, bias)
+
+
+def _a8w8_dynamic_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
+    codes, scale, zero = tensor_codes(x.reshape(-1, x.shape[-1]))
+    # q − 128 ∈ [−128, 127] for the int8 GEMMs, and (128 − z)·Σ_k W_s8 added to the integer sums
+    acc = integer_matmul(codes.sub_(128), w_s8, shift=128 - zero)
+    y = acc.mul_(scale * s1).add_(bias)  # MatMulIntegerToFloat's order: the two scales as one factor
+    return y.reshape(*x.shape[:-1], w_s8.shape[0])
+
+
+@a8w8_dynamic_linear.register_fake
+def _(x, w_s8, s1, bias):
+    return x.new_empty(*x.shape[:-1], w_s8.shape[0])
+
+
 @torch.library.custom_op(f"{_lib}::a8w8_linear", mutates_args=())
 def a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tensor:
     return _a8w8_linear(x, w_s8, s1, bias, s_x)
@@ -97,8 +137,14 @@ def _shared_codes(x: Tensor) -> tuple[Tensor, Tensor]:
 EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 products is exact
 
 
-def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
-    """codes (T, K) · w_s8 (O, K)ᵀ: the exact int32 sums, as float32 (what int32 → float32 gives).
+def exact_k(peak: int) -> int:
+    """How many products of codes |c| ≤ peak and weights |w| ≤ 127 a float32 sum holds exactly."""
+    return 2 ** 24 // (peak * 127)
+
+
+def integer_matmul(codes: Tensor, w_s8: Tensor, shift: int = 0) -> Tensor:
+    """codes (T, K) · w_s8 (O, K)ᵀ + shift·Σ_k w_s8[:, k]: the exact int32 sums, as float32 (what int32 →
+    float32 gives). Codes are integers in ±127, or in [−128, 127] with a shift (a zero point's).
 
     On x86 CPUs with VNNI, oneDNN's int8 GEMM (`onednn_int8`); elsewhere float32 GEMMs of the weights made
     float in a reused buffer (`as_float`): one over all of K where no partial sum can reach 2^24
@@ -107,26 +153,40 @@ def integer_matmul(codes: Tensor, w_s8: Tensor) -> Tensor:
     if torch.get_float32_matmul_precision() != "highest" or codes.is_cuda:  # float GEMMs may round (bf16/tf32)
         if not codes.shape[0]:
             return codes.new_zeros(0, w_s8.shape[0])
-        return torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous()).float()
+        sums = torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous())
+        return (sums + shift * row_sums(w_s8) if shift else sums).float()
     if codes.shape[0] and not codes.requires_grad and onednn_int8.usable():  # oneDNN's op has no backward
-        return onednn_int8.matmul(codes, w_s8)
+        return onednn_int8.matmul(codes, w_s8, shift)
     # autograd would keep the reused buffer for a backward pass, and the next call would change it under it
-    few_rows = codes.shape[0] <= FEW_ROWS
+    few_rows, peak = codes.shape[0] <= FEW_ROWS, 128 if shift else 127
     k, w = codes.shape[-1], w_s8.float() if codes.requires_grad else as_float(w_s8, one_thread=few_rows)
-    if k <= EXACT_K or per_tensor(_one_gemm, w_s8, sums_below_2_24):
-        return codes @ w.t()
-    slices = [(codes[:, i:i + EXACT_K] @ w[:, i:i + EXACT_K].t()).to(torch.int32) for i in range(0, k, EXACT_K)]
-    return torch.stack(slices).sum(0, dtype=torch.int32).float()
+    if k <= exact_k(peak) or sums_below_2_24(w_s8, peak):
+        sums = codes @ w.t()
+        return (sums.double() + shift * row_sums(w_s8)).float() if shift else sums  # one rounding, as int32's
+    step = exact_k(peak)
+    slices = [(codes[:, i:i + step] @ w[:, i:i + step].t()).to(torch.int32) for i in range(0, k, step)]
+    sums = torch.stack(slices).sum(0, dtype=torch.int32)
+    return (sums + shift * row_sums(w_s8) if shift else sums).float()
 
 
-def sums_below_2_24(w_s8: Tensor) -> bool:
-    """Whether every partial sum of codes (|c| ≤ 127) times a row of w_s8 stays below 2^24, in any order, so
-    that one float32 GEMM over all of K is exact: 127 times the largest row's L1 norm. SmolLM2's down
-    projections (K = 1,536) hold it; the two K-slices and their int32 sum cost a third of a one-token call."""
-    return 127 * int(w_s8.abs().sum(1, dtype=torch.int64).max()) < 2 ** 24 if w_s8.numel() else True
+def row_sums(w_s8: Tensor) -> Tensor:
+    return per_tensor(_row_sums, w_s8, lambda w: w.sum(1, dtype=torch.int32))
 
 
-_one_gemm: dict[int, tuple] = {}  # id(weight) → (weight, its version, whether one float32 GEMM is exact)
+def sums_below_2_24(w_s8: Tensor, peak: int = 127) -> bool:
+    """Whether every partial sum of codes (|c| ≤ peak) times a row of w_s8 stays below 2^24, in any order, so
+    that one float32 GEMM over all of K is exact: peak times the largest row's L1 norm. SmolLM2's down
+    projections (K = 1,536) hold it at 127; the two K-slices and their int32 sum cost a third of a one-token
+    call."""
+    return peak * per_tensor(_one_gemm, w_s8, _largest_l1) < 2 ** 24
+
+
+def _largest_l1(w_s8: Tensor) -> int:
+    return int(w_s8.abs().sum(1, dtype=torch.int64).max()) if w_s8.numel() else 0
+
+
+_row_sums: dict[int, tuple] = {}  # id(weight) → (weight, its version, Σ_k w[:, k] in int32)
+_one_gemm: dict[int, tuple] = {}  # id(weight) → (weight, its version, its largest row's L1 norm)
 
 
 def per_tensor(cache: dict[int, tuple], w: Tensor, make: Callable[[Tensor], Any]) -> Any:
@@ -220,11 +280,12 @@ class onednn_int8:
         return cls.exact
 
     @classmethod
-    def matmul(cls, codes: Tensor, w_s8: Tensor) -> Tensor:
+    def matmul(cls, codes: Tensor, w_s8: Tensor, shift: int = 0) -> Tensor:
+        """(codes + shift)·w_s8ᵀ: the codes as uint8 c + 128 on the zero point 128 − shift."""
         x_u8 = (codes + 128).to(torch.uint8)
         packed, unit_scales, zero_points = cls._packed_weight(w_s8)
-        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, unit_scales, zero_points, None, 1.0, 0,
-                                                  torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128 - shift, packed, unit_scales, zero_points, None,
+                                                  1.0, 0, torch.float32, "none", [], "")
 
     @classmethod
     def _packed_weight(cls, w_s8: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,6 +354,7 @@ def onnx_translations() -> dict:
     _register_contrib_schemas()
     msft = Opset("com.microsoft", 1)
     matmul_integer_to_float, matmul_nbits = Op(msft, "MatMulIntegerToFloat"), Op(msft, "MatMulNBits")
+    dynamic_quantize_matmul = Op(msft, "DynamicQuantizeMatMul")
 
     signed = onnx_weights_signed()
 
@@ -318,6 +380,9 @@ def onnx_translations() -> dict:
                                              _weight_zero())
         return op.Add(op.Mul(per_column, scale), bias)
 
+    def a8w8_dynamic(x, w_s8, s1, bias):
+        return dynamic_quantize_matmul(x, _weights(w_s8), s1, _weight_zero(), bias)
+
     def _u8(value):
         return op.Constant(value=onnxscript.ir.tensor(value, dtype=onnxscript.ir.DataType.UINT8))
 
@@ -341,7 +406,8 @@ def onnx_translations() -> dict:
         return matmul_nbits(x, packed, scales, zeros, None, bias,
                                 K=k, N=n, bits=4, block_size=half * 2, accuracy_level=4)
 
-    return {torch.ops.rewrite.a8w8_linear.default: a8w8, torch.ops.rewrite.w4_linear.default: w4}
+    return {torch.ops.rewrite.a8w8_linear.default: a8w8, torch.ops.rewrite.w4_linear.default: w4,
+            torch.ops.rewrite.a8w8_dynamic_linear.default: a8w8_dynamic}
 
 
 @functools.cache
@@ -376,6 +442,8 @@ def onnx_weights_signed() -> bool:
 _CONTRIB = {  # onnxruntime contrib ops we emit: inputs (name, optional), integer attributes, output typed as
     "MatMulIntegerToFloat": ([("A", False), ("B", False), ("a_scale", False), ("b_scale", False),
                               ("a_zero_point", True), ("b_zero_point", True), ("bias", True)], [], 2),
+    "DynamicQuantizeMatMul": ([("A", False), ("B", False), ("b_scale", False), ("b_zero_point", True),
+                               ("bias", True)], [], 0),
     "MatMulNBits": ([("A", False), ("B", False), ("scales", False), ("zero_points", True), ("g_idx", True),
                      ("bias", True)], ["K", "N", "bits", "block_size", "accuracy_level"], 0),
 }

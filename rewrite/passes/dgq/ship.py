@@ -1,7 +1,8 @@
 """A DGQ layer in the compressed-tensors format that `from_pretrained` (with the compressed-tensors package)
 and vLLM load: W = scale[o, g]·(q[o, k] − zp[o, g]), asymmetric int weights per group, int8 per-token dynamic
-activations (the W4A8 scheme), or with `act=static` int8 activations on each layer's calibrated scale
-(compressed-tensors' "tensor" strategy and `input_scale`).
+activations (the W4A8 scheme), with `act=static` int8 activations on each layer's calibrated scale
+(compressed-tensors' "tensor" strategy and `input_scale`), or with `act=tensor` dynamic asymmetric ones per
+tensor (the same codes: compressed-tensors' zero point is onnxruntime's less 128).
 
 DGQ's W = s1[o]·W_s8[o, k] with W_s8 = S·(q − z) ∈ ±127 is such a grid: per group, S′ = gcd|W_s8| and
 d = W_s8/S′ span at most 15 (2^bits − 1 for mixed precision's wider codes), so q′ = d − min d, zp = −min d,

@@ -29,7 +29,7 @@ WEIGHT_ROWS = 512  # output rows that estimate a candidate's error (gate and up 
 def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token"
                   ) -> tuple[dict[str, int], list]:
     """Choose and apply s at every value that only Linears read and whose channels an exact rescaling can
-    reach. group: the weights' quantization group; act: "per-token", "static" (int8 activations at that
+    reach. group: the weights' quantization group; act: "per-token", "static", "tensor" (int8 activations at that
     scale) or None (weights only). Returns how many inputs took each kind of scale, and what was skipped."""
     if not isinstance(module, fx.GraphModule):
         return {}, [("smooth", "needs a captured graph")]
@@ -80,9 +80,17 @@ def estimated_error(weight: torch.Tensor, stats: InputStats, s: torch.Tensor | N
     if act is None:
         return error
     x = stats.rows / s
-    unit = ((x.abs().amax(1, keepdim=True) if act == "per-token" else x.abs().max()) / 127).clamp_min(1e-12)
+    unit = activation_step(x, act)
     e = torch.round(x / unit).mul_(unit).sub_(x)
     return error + float(e.square_().mean(0) @ (s.square() * weight.square().sum(0)))
+
+
+def activation_step(x: torch.Tensor, act: str) -> torch.Tensor:
+    """The int8 grid step of x's activations: max|x|/127 per token or per tensor (static), or the tensor's
+    range with zero in it over 255 steps (act=tensor: a zero point moves the grid, never its step)."""
+    if act == "tensor":
+        return (x.max().clamp(min=0) - x.min().clamp(max=0)).div(255).clamp_min(1e-12)
+    return ((x.abs().amax(1, keepdim=True) if act == "per-token" else x.abs().max()) / 127).clamp_min(1e-12)
 
 
 def _clip_scale(peak: torch.Tensor) -> torch.Tensor:
