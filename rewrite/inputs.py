@@ -27,7 +27,7 @@ class Job:
     model: nn.Module  # the private copy, KV cache off
     inputs: tuple  # example inputs
     data: calibration.Data  # calibration batches (synthetic where none were given)
-    eval_data: tuple | None  # (batches, targets) for the metric
+    eval_data: tuple | None  # (batches, targets, padding masks or None) for the metric
     metric: str | None
     masks: list | None  # per batch: which output positions count (padding excluded)
     warnings: list[str]
@@ -54,7 +54,7 @@ def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, 
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     cache_note = capture.without_kv_cache(model, inputs)
     data, outputs, warns = calibration_data(calib, model, inputs, seed, passes, calib_batches)
-    eval_data = evaluation_data(eval, metric, model) if eval is not None else None
+    eval_data = evaluation_data(eval, metric, model, mask_input) if eval is not None else None
     if needs_eval and eval_data is None:
         raise RewriteError("--floor metric=... needs eval data and a metric: add --eval FILE --metric NAME")
     masks = calibration.masks(data.batches, calibration.mask_index(model, mask_input))
@@ -170,7 +170,8 @@ def tokenized(model: Any, calib: Any, eval: Any, metric: str | None, tokenizer: 
     return calib, eval, metric
 
 
-def evaluation_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[list[tuple], list[Any]]:
+def evaluation_data(eval: Any, metric: str | None, model: nn.Module, mask_input: str | None = None
+                    ) -> tuple[list[tuple], list[Any], list | None]:
     if metric is None:
         raise RewriteError(f"eval data given without a metric: add --metric {'|'.join(measure.METRICS)}")
     measure.metric_fn(metric)  # unknown names fail here
@@ -179,10 +180,10 @@ def evaluation_data(eval: Any, metric: str | None, model: nn.Module) -> tuple[li
         targets = [batch[0] for batch in data.batches]
         with torch.no_grad():  # one batch now: a model without logits fails here, not after the whole run
             measure.perplexity([capture.run(model, data.batches[0])], targets[:1])
-        return data.batches, targets
+        return data.batches, targets, None
     if data.targets is None:
         raise RewriteError('eval data has no targets: save {"inputs": [...], "targets": [...]} with torch.save')
-    return data.batches, data.targets
+    return data.batches, data.targets, calibration.masks(data.batches, calibration.mask_index(model, mask_input))
 
 
 def check_shapes(captured: capture.Captured, batches: list[tuple], what: str) -> None:

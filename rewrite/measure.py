@@ -208,32 +208,42 @@ def _first(outputs: Any) -> torch.Tensor:
     return leaves[0].detach().float()
 
 
-def rel_l2(outputs: list[Any], targets: list[Any]) -> float:
-    """Mean relative L2 error per sample (lower is better)."""
+def rel_l2(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
+    """Mean relative L2 error per sample (lower is better); padded positions left out (`_unpadded`)."""
     errs = []
-    for out, tgt in zip(outputs, targets):
-        o, t = _first(out), _first(tgt)
-        o, t = o.reshape(o.shape[0], -1), t.reshape(t.shape[0], -1)
+    for i, (out, tgt) in enumerate(zip(outputs, targets)):
+        o, t = _unpadded(_first(out), _first(tgt), masks[i] if masks else None)
         errs.append((o - t).norm(dim=1) / t.norm(dim=1).clamp_min(1e-12))
     return float(torch.cat(errs).mean())
 
 
-def top1(outputs: list[Any], targets: list[Any]) -> float:
+def _unpadded(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as (samples, values), zero at the positions a (batch, seq) padding mask excludes, where the outputs
+    are per position (an encoder's hidden states): what the model computes there is discarded by its users,
+    and verification leaves it out too."""
+    if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+        keep = (mask != 0).reshape(*mask.shape, *[1] * (out.dim() - 2))
+        out, target = out * keep, target * keep
+    return out.reshape(out.shape[0], -1), target.reshape(target.shape[0], -1)
+
+
+def top1(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
     """Fraction of samples whose arg-max over the last axis equals the integer target."""
     hits = [(_first(o).argmax(-1) == _first(t).long()).float().flatten() for o, t in zip(outputs, targets)]
     return float(torch.cat(hits).mean())
 
 
-def cosine(outputs: list[Any], targets: list[Any]) -> float:
-    """Mean cosine similarity per sample between outputs and targets (e.g. reference embeddings)."""
+def cosine(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
+    """Mean cosine similarity per sample between outputs and targets (e.g. reference embeddings); padded
+    positions left out (`_unpadded`)."""
     sims = []
-    for out, tgt in zip(outputs, targets):
-        o, t = _first(out), _first(tgt)
-        sims.append(torch.nn.functional.cosine_similarity(o.reshape(o.shape[0], -1), t.reshape(t.shape[0], -1)))
+    for i, (out, tgt) in enumerate(zip(outputs, targets)):
+        sims.append(torch.nn.functional.cosine_similarity(*_unpadded(_first(out), _first(tgt),
+                                                                     masks[i] if masks else None)))
     return float(torch.cat(sims).mean())
 
 
-def perplexity(outputs: list[Any], targets: list[Any]) -> float:
+def perplexity(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
     """exp(mean next-token negative log-likelihood): logits (batch, n, vocab) at position i score token i+1
     of the target ids (batch, n); targets of -100 (padding) are left out (lower is better)."""
     total, count = 0.0, 0
@@ -253,7 +263,8 @@ def perplexity(outputs: list[Any], targets: list[Any]) -> float:
     return math.exp(total / max(count, 1))
 
 
-METRICS: dict[str, Callable[[list[Any], list[Any]], float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine,
+# metric(outputs, targets, padding masks or None) → score; perplexity's padding is its -100 targets, top1's none
+METRICS: dict[str, Callable[..., float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine,
                                                                 "perplexity": perplexity}
 HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True, "perplexity": False}
 
@@ -263,13 +274,14 @@ def meets(metric: str | None, score: float, floor: float) -> bool:
     return score >= floor if HIGHER_IS_BETTER.get(metric or "", True) else score <= floor
 
 
-def evaluator(name: str, batches: list[tuple], targets: list[Any]) -> Callable[[nn.Module], float]:
-    """module → its score on the eval data."""
+def evaluator(name: str, batches: list[tuple], targets: list[Any], masks: list | None = None
+              ) -> Callable[[nn.Module], float]:
+    """module → its score on the eval data (masks: each batch's padding mask, or None)."""
     score = metric_fn(name)
 
     def evaluate(module: nn.Module) -> float:
         with torch.no_grad():
-            return score([module(*b) for b in batches], targets)
+            return score([module(*b) for b in batches], targets, masks)
     return evaluate
 
 
