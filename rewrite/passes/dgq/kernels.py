@@ -121,8 +121,9 @@ def _a8w8_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor,
 
 
 def _sharable(x: Tensor, s_x: Tensor) -> bool:
-    """Per-token codes of a few rows (decode), outside autograd."""
-    return not s_x.numel() and x.numel() <= FEW_ROWS * x.shape[-1] and not x.requires_grad
+    """Per-token codes, outside autograd: at one token (decode) and at many (prefill, where making them is a
+    fifth of a layer's time: 0.55 of 2.5 ms for SmolLM2's gate at 512 tokens; its prefill 6% faster shared)."""
+    return not s_x.numel() and not x.requires_grad
 
 
 _codes: dict[int, tuple] = {}  # id(input) → (input, its version, its per-token codes and scale)
