@@ -23,6 +23,7 @@ is distilled with --recover. Contract (mode=t1): SQNR ≥ `min-sqnr` dB against 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Literal
@@ -77,7 +78,8 @@ class TransformOnce(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return not any(_calls_fft(m) for m in module.modules())  # the root too: a model may be one spectral layer
+        # the root too: a model may be one spectral layer; each class read once (an LLM has 200 Linears)
+        return not any(_forward_calls_fft(cls) for cls in {type(m) for m in module.modules()})
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         if self.mode == "t1":
@@ -242,8 +244,13 @@ def _eager_candidates(model: nn.Module) -> list[str]:
 
 
 def _calls_fft(module: nn.Module) -> bool:
+    return _forward_calls_fft(type(module))
+
+
+@functools.cache
+def _forward_calls_fft(cls: type) -> bool:
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return "rfft" in source and "irfft" in source
