@@ -635,3 +635,13 @@ def test_the_compressed_tensors_form_holds_the_same_weights_bit_for_bit(k):
     assert args["bits"] == 4 and int(codes.min()) >= 0 and int(codes.max()) <= 15 and k % group == 0
     weight = (codes - zero.repeat_interleave(group, 1)) * tensors["weight_scale"].repeat_interleave(group, 1)
     torch.testing.assert_close(weight, layer.s1[:, None] * layer.w_s8.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("s_x, scheme", [(torch.tensor([0.05]), "static"), (torch.empty(0), "per-token")])
+def test_a_layer_pickled_before_act_tensor_runs_and_ships_as_its_scale_says(s_x, scheme):
+    layer = DGQLinear.int8_weights(torch.randn(8, 64), None, s_x)
+    x = torch.randn(3, 64)
+    want = layer(x)
+    del layer.act  # what torch.load gives for a layer saved by an older rewrite
+    assert layer.act is None and torch.equal(layer(x), want)
+    assert layer.compressed_tensors()[1]["act"] == scheme

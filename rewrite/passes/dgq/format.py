@@ -56,6 +56,7 @@ class DGQLinear(nn.Module):
     """A8W4 Linear. form="int8": bit-exact DGQ (int8 GEMM); form="w4": 4-bit storage (MatMulNBits in ONNX)."""
 
     weight_bits = 4  # wider codes (mixed precision's upgrade): 5–7; int8_weights() layers: 8
+    act: str | None = None  # ACTS; None in layers pickled before act=tensor existed: what s_x says
 
     def __init__(self, weights: DGQWeights, bias: torch.Tensor | None, s_x: torch.Tensor, form: str,
                  act: str | None = None):
@@ -120,8 +121,9 @@ class DGQLinear(nn.Module):
         if self.form != "int8":
             raise ValueError("form=w4 layers have no compressed-tensors form here yet: use form=int8")
         tensors, bits, group = ship.encode(self.w_s8, self.s1, self.group)
-        if self.act != "static":  # scales made from each input: per token, or per tensor with a zero point
-            return tensors | {"bias": self.bias}, {"bits": bits, "group": group, "act": self.act}
+        act = act_of(self.s_x, self.act)
+        if act != "static":  # scales made from each input: per token, or per tensor with a zero point
+            return tensors | {"bias": self.bias}, {"bits": bits, "group": group, "act": act}
         # act=static: compressed-tensors' static per-tensor int8 activations, with its scale (and the zero point
         # it registers for every static input, 0: symmetric)
         static = {"input_scale": self.s_x.reshape(1).float().clone(),  # a copy: siblings share one s_x
