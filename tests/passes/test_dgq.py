@@ -248,8 +248,10 @@ def test_tensor_codes_are_onnxruntime_dynamic_quantize_linear(x):
 
 
 @pytest.mark.parametrize("largest, one_gemm", [(86, True), (87, False)])
-def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_2_24(largest, one_gemm):
+def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_2_24(largest, one_gemm,
+                                                                                      monkeypatch):
     """K = 1,536 (SmolLM2's down projections): 127 · 86 · 1,536 < 2^24 ≤ 127 · 87 · 1,536."""
+    monkeypatch.setattr(kernels.onednn_int8, "exact", False)  # the float path, on VNNI CPUs too
     codes = torch.randint(-127, 128, (9, 1536)).float()
     codes[0] = 127
     w_s8 = torch.randint(-20, 21, (12, 1536), dtype=torch.int8)
@@ -258,7 +260,8 @@ def test_one_float32_gemm_over_all_of_k_is_taken_where_no_partial_sum_can_reach_
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
     w_s8[0] = 127  # changed in place (a load_state_dict): judged again
     assert torch.equal(kernels.integer_matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
-    assert not kernels.per_tensor(kernels._one_gemm, w_s8, kernels.sums_below_2_24)
+    assert kernels.per_tensor(kernels._one_gemm, w_s8, kernels._largest_l1) == 127 * 1536  # the cache saw it
+    assert not kernels.sums_below_2_24(w_s8)
 
 
 def test_the_reused_float_buffer_leaves_no_result_shared_and_works_in_and_out_of_inference_mode():
