@@ -41,9 +41,9 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     "fwsvd": ["fwsvd", "fwsvd{param-ratio=0.9}", "fwsvd{param-ratio=0.5}"],
     "lowrank": ["lowrank", "lowrank{param-ratio=0.5}"],
     # w4: float activations, slower in eager torch; act=static: one scale per activation tensor, no per-token
-    # codes to make (MiniLM in onnxruntime on an AVX-512 VNNI CPU: 0.45x the time at cosine 0.965, against
-    # per-token's 0.55x at 0.992); act=tensor: one dynamic scale and zero point per tensor, one onnxruntime node
-    # a layer (MiniLM: 0.48x at 0.984; per-token codes keep BERT's outlier tokens off the others' grid)
+    # codes to make (MiniLM in onnxruntime on an AVX-512 VNNI CPU: 0.48x the time at cosine 0.969, against
+    # per-token's 0.53x at 0.991); act=tensor: one dynamic scale and zero point per tensor, one onnxruntime node
+    # a layer (MiniLM: 0.50x at 0.984; per-token codes keep BERT's outlier tokens off the others' grid)
     "dgq": ["dgq", "dgq{budget-cos=0}", "dgq{form=w4}", "dgq{act=static}", "dgq{act=tensor}"],
     "prune": ["prune", "prune{param-ratio=0.6}"],  # narrower dense FFNs: faster in every runtime
     "fwsvd+dgq": ["fwsvd,dgq"],

@@ -37,6 +37,7 @@ class DGQWeights:
     def dequantized(self) -> torch.Tensor:
         return self.s1[:, None] * self.w_s8().float()
 
+
 ACTS = ("per-token", "static", "tensor")  # int8 activations: dynamic per token, calibrated, dynamic per tensor
 
 
