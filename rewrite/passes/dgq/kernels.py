@@ -20,7 +20,8 @@ rewrite::a8w8_linear(x, w_s8, s1, bias, s_x) — the bit-exact DGQ matmul:
 rewrite::a8w8_dynamic_linear(x, w_s8, s1, bias) — the same GEMM on onnxruntime's dynamic activations
   (`quantize_dynamic`'s, act=tensor): uint8 codes q over [min(x, 0), max(x, 0)] of the whole tensor in 255
   steps, with a zero point z (DynamicQuantizeLinear), y = s_x · s1[o] · Σ_k (q − z)[k] · W_s8[o, k] + bias[o].
-  ONNX: com.microsoft.DynamicQuantizeMatMul, one node a layer, where per-token codes take eight more.
+  ONNX: com.microsoft.DynamicQuantizeMatMul, one node a layer, where per-token codes take eleven (the
+  scale's six, Div, QuantizeLinear, MatMulIntegerToFloat, then Mul and Add).
 rewrite::w4_linear(x, packed, scales, zeros, bias) — the 4-bit storage form: uint4 codes packed two per
   byte, per-(row, group) scale S·s1 and zero point z. PyTorch: dequantize and matmul (a reference
   path). ONNX: com.microsoft.MatMulNBits(bits=4, block_size=group, accuracy_level=4), which quantizes
