@@ -136,12 +136,12 @@ def _shared_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     return per_tensor(_codes, x, lambda t: activation_codes(t.reshape(-1, t.shape[-1]), torch.empty(0)))
 
 
-EXACT_K = 2 ** 24 // (127 * 127)  # 1040: a float32 sum of this many int8·int8 products is exact
-
-
 def exact_k(peak: int) -> int:
     """How many products of codes |c| ≤ peak and weights |w| ≤ 127 a float32 sum holds exactly."""
     return 2 ** 24 // (peak * 127)
+
+
+EXACT_K = exact_k(127)  # 1040: a float32 sum of this many int8·int8 products is exact
 
 
 def integer_matmul(codes: Tensor, w_s8: Tensor, shift: int = 0) -> Tensor:
@@ -155,20 +155,25 @@ def integer_matmul(codes: Tensor, w_s8: Tensor, shift: int = 0) -> Tensor:
     if torch.get_float32_matmul_precision() != "highest" or codes.is_cuda:  # float GEMMs may round (bf16/tf32)
         if not codes.shape[0]:
             return codes.new_zeros(0, w_s8.shape[0])
-        sums = torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous())
-        return (sums + shift * row_sums(w_s8) if shift else sums).float()
+        return _shifted(torch._int_mm(codes.to(torch.int8), w_s8.t().contiguous()), w_s8, shift)
     if codes.shape[0] and not codes.requires_grad and onednn_int8.usable():  # oneDNN's op has no backward
         return onednn_int8.matmul(codes, w_s8, shift)
     # autograd would keep the reused buffer for a backward pass, and the next call would change it under it
     few_rows, peak = codes.shape[0] <= FEW_ROWS, 128 if shift else 127
     k, w = codes.shape[-1], w_s8.float() if codes.requires_grad else as_float(w_s8, one_thread=few_rows)
     if k <= exact_k(peak) or sums_below_2_24(w_s8, peak):
-        sums = codes @ w.t()
-        return (sums.double() + shift * row_sums(w_s8)).float() if shift else sums  # one rounding, as int32's
+        return _shifted(codes @ w.t(), w_s8, shift)
     step = exact_k(peak)
     slices = [(codes[:, i:i + step] @ w[:, i:i + step].t()).to(torch.int32) for i in range(0, k, step)]
-    sums = torch.stack(slices).sum(0, dtype=torch.int32)
-    return (sums + shift * row_sums(w_s8) if shift else sums).float()
+    return _shifted(torch.stack(slices).sum(0, dtype=torch.int32), w_s8, shift)
+
+
+def _shifted(sums: Tensor, w_s8: Tensor, shift: int) -> Tensor:
+    """Exact integer sums (int32, or float32 below 2^24) plus shift·Σ_k w_s8, rounded to float32 once, as
+    int32 → float32 does."""
+    if shift:
+        sums = (sums.double() if sums.is_floating_point() else sums) + shift * row_sums(w_s8)
+    return sums.float()
 
 
 def row_sums(w_s8: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from rewrite.calibration import InputStats, input_stats
+from rewrite.passes.dgq import kernels
 from rewrite.patterns import attribute, shared_weight
 
 ALPHAS = tuple(i / 10 for i in range(1, 11))  # AWQ's exponents (its code tries 20 in [0, 1))
@@ -86,11 +87,13 @@ def estimated_error(weight: torch.Tensor, stats: InputStats, s: torch.Tensor | N
 
 
 def activation_step(x: torch.Tensor, act: str) -> torch.Tensor:
-    """The int8 grid step of x's activations: max|x|/127 per token or per tensor (static), or the tensor's
-    range with zero in it over 255 steps (act=tensor: a zero point moves the grid, never its step)."""
+    """The int8 grid step of x's activations, as the kernels make it: per token, per tensor with a zero point
+    (act=tensor: it moves the grid, never its step), or static: max|x|/127 over the tensor."""
     if act == "tensor":
-        return (x.max().clamp(min=0) - x.min().clamp(max=0)).div(255).clamp_min(1e-12)
-    return ((x.abs().amax(1, keepdim=True) if act == "per-token" else x.abs().max()) / 127).clamp_min(1e-12)
+        return kernels.tensor_codes(x)[1]
+    if act == "per-token":
+        return kernels.activation_codes(x, torch.empty(0))[1]
+    return (x.abs().max() / 127).clamp_min(1e-12)
 
 
 def _clip_scale(peak: torch.Tensor) -> torch.Tensor:
