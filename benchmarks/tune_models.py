@@ -1,7 +1,8 @@
 """`rewrite tune` on models nobody here wrote, as a user runs it: the front it finds and the point it chooses.
 
     python benchmarks/tune_models.py minilm [--time 10m]   # calibration: stdlib docstrings; judged on
-                                                           # installed packages' README sentences (held out)
+                                                           # installed packages' README sentences (held out),
+                                                           # by their embeddings (--metric cosine: hidden states)
     python benchmarks/tune_models.py fno                   # the bundled FNO (examples/fno_mlp.py)
     python benchmarks/tune_models.py smollm2 --calib-text A.txt --eval-text B.txt --time 15m
                                                            # SmolLM2-135M: 8 × 512 tokens of A; perplexity
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import rewrite  # noqa: E402
 
 
-def minilm(limit: str, out: Path, backend: str):
+def minilm(limit: str, out: Path, backend: str, metric: str):
     from compress_minilm import encode, load
     from corpora import calibration_sentences, evaluation_sentences
     model, tokenizer = load()
@@ -32,8 +33,15 @@ def minilm(limit: str, out: Path, backend: str):
     held = [encode(tokenizer, evaluation[i:i + 32]) for i in range(0, len(evaluation), 32)]
     with torch.no_grad():
         targets = [model(*batch).last_hidden_state for batch in held]
-    return rewrite.tune(model, calib[0], calib=calib, eval={"inputs": held, "targets": targets}, metric="cosine",
-                        target="latency=0.5", time_limit=limit, out=out, force=True, backend=backend, progress=_say)
+    result = rewrite.tune(model, calib[0], calib=calib, eval={"inputs": held, "targets": targets}, metric=metric,
+                          target="latency=0.5", time_limit=limit, out=out, force=True, backend=backend, progress=_say)
+    from rewrite import measure
+    with torch.no_grad():
+        outputs = [result.model(*batch) for batch in held]
+    masks = [mask for _, mask in held]
+    print("chosen model, held out: " + ", ".join(f"{name} {measure.METRICS[name](outputs, targets, masks):.4f}"
+                                                 for name in ("embedding-cosine", "cosine")))
+    return result
 
 
 def fno(limit: str, out: Path, backend: str):
@@ -66,13 +74,15 @@ def main():
     parser.add_argument("model", choices=["minilm", "fno", "smollm2"])
     parser.add_argument("--calib-text", type=Path, help="smollm2: the calibration text")
     parser.add_argument("--eval-text", type=Path, help="smollm2: the held-out text perplexity is judged on")
+    parser.add_argument("--metric", default="embedding-cosine", choices=["embedding-cosine", "cosine"],
+                        help="minilm: held-out sentence embeddings (mean-pooled, the default), or the hidden states")
     parser.add_argument("--time", default="10m")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     parser.add_argument("-o", "--out", default=None)
     args = parser.parse_args()
     out = Path(args.out or f"rewrite-out/tune-{args.model}")
     start = time.perf_counter()
-    texts = (args.calib_text, args.eval_text) if args.model == "smollm2" else ()
+    texts = {"smollm2": (args.calib_text, args.eval_text), "minilm": (args.metric,)}.get(args.model, ())
     if args.model == "smollm2" and None in texts:
         parser.error("smollm2 needs --calib-text and --eval-text (texts from two different sources)")
     result = {"minilm": minilm, "fno": fno, "smollm2": smollm2}[args.model](args.time, out, args.backend, *texts)

@@ -243,6 +243,28 @@ def cosine(outputs: list[Any], targets: list[Any], masks: list | None = None) ->
     return float(torch.cat(sims).mean())
 
 
+def embedding_cosine(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
+    """Mean cosine similarity per sample between sentence embeddings: an output per position (batch, seq,
+    features) is averaged over the positions its padding mask keeps first (mean pooling, as
+    sentence-transformers embeds a sentence with all-MiniLM-L6-v2); other outputs are compared as they are.
+    Errors that differ from token to token partly cancel in the mean, so this reads higher than `cosine`
+    on the same hidden states; it is the number a user of the embeddings sees."""
+    sims = []
+    for i, (out, tgt) in enumerate(zip(outputs, targets)):
+        mask = masks[i] if masks else None
+        o, t = (_mean_pooled(_first(x), mask) for x in (out, tgt))
+        sims.append(torch.nn.functional.cosine_similarity(o.reshape(len(o), -1), t.reshape(len(t), -1)))
+    return float(torch.cat(sims).mean())
+
+
+def _mean_pooled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() != 3:
+        return x
+    keep = mask != 0 if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else torch.ones(x.shape[:2])
+    weights = keep.float()[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
 def perplexity(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
     """exp(mean next-token negative log-likelihood): logits (batch, n, vocab) at position i score token i+1
     of the target ids (batch, n); targets of -100 (padding) are left out (lower is better)."""
@@ -265,8 +287,8 @@ def perplexity(outputs: list[Any], targets: list[Any], masks: list | None = None
 
 # metric(outputs, targets, padding masks or None) → score; perplexity's padding is its -100 targets, top1's none
 METRICS: dict[str, Callable[..., float]] = {"rel-l2": rel_l2, "top1": top1, "cosine": cosine,
-                                                                "perplexity": perplexity}
-HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True, "perplexity": False}
+                                            "embedding-cosine": embedding_cosine, "perplexity": perplexity}
+HIGHER_IS_BETTER = {"rel-l2": False, "top1": True, "cosine": True, "embedding-cosine": True, "perplexity": False}
 
 
 def meets(metric: str | None, score: float, floor: float) -> bool:

@@ -182,3 +182,22 @@ def test_held_out_cosine_and_rel_l2_leave_padded_positions_out_as_verification_d
     assert unmasked < 0.9
     with torch.no_grad():  # pooled outputs (batch, values) are not per position: nothing to leave out
         assert measure.cosine([targets[0][:, 0]], [targets[0][:, 0]], [mask]) == pytest.approx(1.0)
+
+
+def test_embedding_cosine_compares_each_sentences_mean_over_its_unpadded_positions():
+    """A sentence encoder's user reads the mean of its hidden states (mean pooling): token errors that cancel
+    in the mean leave the embedding as it was, while `cosine` on the hidden states counts them."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 4, 6)
+    mask = torch.ones(2, 4)
+    mask[1, 2:] = 0
+    noise = torch.randn(2, 1, 6).expand(2, 2, 6)
+    cancels = hidden + torch.cat([noise, -noise], 1)  # ± the same error on two positions of each sentence
+    cancels[1, 2:] = 1e3  # sentence 1's second pair is padding: what the model made there is not read
+    cancels[1, 1] = hidden[1, 1] + (hidden[1, 0] - cancels[1, 0])  # its kept pair cancels on its own
+    assert measure.embedding_cosine([cancels], [hidden], [mask]) == pytest.approx(1.0)
+    assert measure.cosine([cancels], [hidden], [mask]) < 0.95
+    pooled = hidden.mean(1)
+    assert measure.embedding_cosine([pooled], [pooled]) == pytest.approx(1.0)  # (batch, values): as it is
+    assert measure.embedding_cosine([-hidden], [hidden], [mask]) == pytest.approx(-1.0)
+    assert measure.HIGHER_IS_BETTER["embedding-cosine"] and "embedding-cosine" in measure.METRICS

@@ -16,7 +16,7 @@ def diff(
     inputs: Annotated[Optional[Path], typer.Option(help="inputs saved with torch.save")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="random inputs, e.g. 8,3,32,32")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
-    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity (token ids; targets optional)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | embedding-cosine | perplexity (token ids; targets optional)")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help=TRUST_HELP)] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help=REMOTE_CODE_HELP)] = False,
 ) -> None:

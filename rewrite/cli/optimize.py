@@ -29,7 +29,7 @@ def optimize(
     input_shape: Annotated[Optional[str], typer.Option(help="random example inputs, e.g. 8,3,32,32")] = None,
     calib: Annotated[Optional[Path], typer.Option(help="calibration data saved with torch.save")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
-    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity (token ids; targets optional)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | embedding-cosine | perplexity (token ids; targets optional)")] = None,
     calib_text: Annotated[Optional[Path], typer.Option(help="calibration text: UTF-8, or .jsonl with a \"text\" "
                                                        "field; tokenized into --seq-len windows")] = None,
     eval_text: Annotated[Optional[Path], typer.Option(help="held-out text scored by perplexity (windows never "

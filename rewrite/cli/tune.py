@@ -24,7 +24,7 @@ def tune(
     calib_text: Annotated[Optional[Path], typer.Option(help="calibration text (UTF-8 or .jsonl)")] = None,
     eval: Annotated[Optional[Path], typer.Option("--eval", help='{"inputs": ..., "targets": ...} for --metric')] = None,
     eval_text: Annotated[Optional[Path], typer.Option(help="held-out text scored by perplexity")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | perplexity: what the search "
+    metric: Annotated[Optional[str], typer.Option(help="rel-l2 | top1 | cosine | embedding-cosine | perplexity: what the search "
                                                   "maximizes (else output SQNR against the original)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder [rewrite-out/<model>-tuned]")] = None,
     force: Annotated[bool, typer.Option(help="replace what an earlier rewrite run wrote in the output folder")] = False,
