@@ -242,6 +242,10 @@ def test_the_front_picture_marks_the_target():
                                    "quality": "cosine"})
     lines = {tuple(line.get_xdata()) for line in figure.axes[0].get_lines()}
     assert (0.5, 0.5) in lines and (1.0, 1.0) in lines  # the target, and the original's time
+    labels = {text.get_text() for text in figure.axes[0].texts}
+    assert labels == {"dgq", "(none)"}
+    long = "dgq{act=tensor,max-bits=8,upgrade-bits=8},fwsvd{param-ratio=0.9}"
+    assert plots._short(long).endswith("…") and len(plots._short(long)) == 48 and plots._short("dgq") == "dgq"
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])  # onnxruntime: the final run also emits ONNX
