@@ -39,9 +39,10 @@ def with_feedback_all(weights: list[torch.Tensor], x: torch.Tensor, grids: list[
     memory; lazy batch updates in two levels (GPTQ's blocks of 128, rank-1 steps only within 16)."""
     k_padded = grids[0].q.shape[1]
     scale, zero, lo, hi = (torch.cat(parts, 1) for parts in zip(*(_grid_columns(g) for g in grids)))
-    order, upper = ordered_factor(gram(x, k_padded) if hessian is None else hessian, scale)
+    hessian = gram(x, k_padded) if hessian is None else hessian
+    order, upper = ordered_factor(hessian, scale)
     weight = torch.cat([nn.functional.pad(w.float(), (0, k_padded - w.shape[1])) for w in weights]).t()
-    weight[_dead_columns(x, k_padded)] = 0.0  # padding or channels that are always zero: nothing to fit
+    weight[hessian.diagonal() == 0] = 0.0  # padding or channels that are always zero (Σ x² = 0): nothing to fit
     weight = weight[order].contiguous()
     scale, zero, lo, hi = (t[order] for t in (scale, zero, lo, hi))
     codes = torch.empty_like(weight)
@@ -126,6 +127,3 @@ def gram(x: torch.Tensor, width: int) -> torch.Tensor:
         hessian[i + step:, i:i + step] = hessian[i:i + step, i + step:].t()
     return hessian
 
-
-def _dead_columns(x: torch.Tensor, width: int) -> torch.Tensor:
-    return nn.functional.pad(x.float().square().sum(0), (0, width - x.shape[1])) == 0
