@@ -308,6 +308,26 @@ def test_linears_reading_one_tensor_share_its_codes_until_it_changes(monkeypatch
     assert len(calls) == 12
 
 
+def test_act_tensor_linears_reading_one_tensor_share_its_codes_until_it_changes(monkeypatch):
+    calls = []
+    real = kernels.tensor_codes
+    monkeypatch.setattr(kernels, "tensor_codes", lambda x: calls.append(x.shape) or real(x))
+    g = torch.Generator().manual_seed(0)
+    q, k = (DGQLinear.int8_weights(torch.randn(16, 64, generator=g), None, torch.empty(0), "tensor") for _ in range(2))
+    x = torch.randn(2, 5, 64, generator=g)
+    alone = [layer(x.clone()) for layer in (q, k)]
+    calls.clear()
+    with torch.no_grad():
+        shared = [layer(x) for layer in (q, k)]
+        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(alone, shared))
+        x.add_(1)  # changed in place (a new range, a new zero point): its codes are made again
+        assert torch.equal(q(x), q(x.clone())) and len(calls) == 3
+    assert torch.equal(k(x), k(x.clone())) and len(calls) == 4  # q's GEMM left the shared codes as they were
+    x.requires_grad_()
+    q(x), k(x)  # autograd keeps its own codes
+    assert len(calls) == 6
+
+
 def test_a_layer_made_in_inference_mode_runs_and_sees_its_weights_change():
     """Inference-mode tensors keep no version counter: nothing is cached for them (it crashed at K > 1,040)."""
     g = torch.Generator().manual_seed(0)

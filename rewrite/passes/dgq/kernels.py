@@ -72,7 +72,7 @@ def a8w8(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tens
 def a8w8_dynamic(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
     """rewrite::a8w8_dynamic_linear where a tracer must see the op, else its body (as `a8w8`)."""
     if type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
-        return _a8w8_dynamic_linear(x, w_s8, s1, bias)
+        return _a8w8_dynamic_linear(x, w_s8, s1, bias, None if x.requires_grad else _shared_tensor_codes(x))
     return a8w8_dynamic_linear(x, w_s8, s1, bias)
 
 
@@ -92,12 +92,28 @@ def a8w8_dynamic_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Te
     return _a8w8_dynamic_linear(x, w_s8, s1, bias)
 
 
-def _a8w8_dynamic_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
-    codes, scale, zero = tensor_codes(x.reshape(-1, x.shape[-1]))
-    # q − 128 ∈ [−128, 127] for the int8 GEMMs, and (128 − z)·Σ_k W_s8 added to the integer sums
-    acc = integer_matmul(codes.sub_(128), w_s8, shift=128 - zero)
+def _a8w8_dynamic_linear(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor,
+                         known: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+    codes, scale, zero = known or _centred_tensor_codes(x)
+    acc = integer_matmul(codes, w_s8, shift=128 - zero)
     y = acc.mul_(scale * s1).add_(bias)  # MatMulIntegerToFloat's order: the two scales as one factor
     return y.reshape(*x.shape[:-1], w_s8.shape[0])
+
+
+def _centred_tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """`tensor_codes` of x as (T, K), less 128: q − 128 ∈ [−128, 127] for the int8 GEMMs, which add
+    (128 − z)·Σ_k W_s8 to the integer sums."""
+    codes, scale, zero = tensor_codes(x.reshape(-1, x.shape[-1]))
+    return codes.sub_(128), scale, zero
+
+
+_tensor_codes: dict[int, tuple] = {}  # id(input) → (input, its version, its centred codes, scale and zero point)
+
+
+def _shared_tensor_codes(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """x's act=tensor codes, made once for the Linears that read the same tensor (q/k/v, gate/up), as
+    `_shared_codes` does for per-token codes."""
+    return per_tensor(_tensor_codes, x, _centred_tensor_codes)
 
 
 @a8w8_dynamic_linear.register_fake
