@@ -234,8 +234,9 @@ def top1(outputs: list[Any], targets: list[Any], masks: list | None = None) -> f
 
 
 def cosine(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:
-    """Mean cosine similarity per sample between outputs and targets (e.g. reference embeddings); padded
-    positions left out (`_unpadded`)."""
+    """Mean cosine similarity per sample between outputs and targets (e.g. reference embeddings), each sample's
+    values taken as one vector (an encoder's: all its hidden states at once); padded positions left out
+    (`_unpadded`). `embedding_cosine` compares each sequence's mean instead."""
     sims = []
     for i, (out, tgt) in enumerate(zip(outputs, targets)):
         sims.append(torch.nn.functional.cosine_similarity(*_unpadded(_first(out), _first(tgt),
