@@ -221,7 +221,7 @@ def _unpadded(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
     """Both as (samples, values), zero at the positions a (batch, seq) padding mask excludes, where the outputs
     are per position (an encoder's hidden states): what the model computes there is discarded by its users,
     and verification leaves it out too."""
-    if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+    if mask is not None and per_position(out, mask):
         keep = (mask != 0).reshape(*mask.shape, *[1] * (out.dim() - 2))
         out, target = out * keep, target * keep
     return out.reshape(out.shape[0], -1), target.reshape(target.shape[0], -1)
@@ -253,17 +253,25 @@ def embedding_cosine(outputs: list[Any], targets: list[Any], masks: list | None 
     sims = []
     for i, (out, tgt) in enumerate(zip(outputs, targets)):
         mask = masks[i] if masks else None
-        o, t = (_mean_pooled(_first(x), mask) for x in (out, tgt))
+        o, t = (mean_pooled(_first(x), mask) for x in (out, tgt))
         sims.append(torch.nn.functional.cosine_similarity(o.reshape(len(o), -1), t.reshape(len(t), -1)))
     return float(torch.cat(sims).mean())
 
 
-def _mean_pooled(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def mean_pooled(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A (batch, seq, features) output's mean over the positions the mask keeps (all positions without one):
+    one vector per sequence, what a sentence embedding is made of; other outputs as they are."""
     if x.dim() != 3:
         return x
-    keep = mask != 0 if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape) else torch.ones(x.shape[:2])
+    keep = mask != 0 if mask is not None and per_position(x, mask) else torch.ones(x.shape[:2])
     weights = keep.float()[..., None]
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+    return (x.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether `t`'s leading dims are the (batch, seq) padding mask's: the one masking rule, which
+    verification, recovery and the metrics share."""
+    return t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape)
 
 
 def perplexity(outputs: list[Any], targets: list[Any], masks: list | None = None) -> float:

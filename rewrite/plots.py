@@ -101,7 +101,7 @@ def _front_figure(search: dict) -> Any:
         chosen = p["spec"] == search["chosen"]
         axes.scatter([x], [p["quality"]], s=90 if chosen else 40, marker="*" if chosen else "o",
                      color="#c0392b" if chosen else "#2e86c1" if p["front"] else "#aab7b8", zorder=3)
-        axes.annotate(_short(p["applied"].replace("fold-bn,", "").replace("reparam,", "")), (x, p["quality"]),
+        axes.annotate(_label(p["applied"].replace("fold-bn,", "").replace("reparam,", "")), (x, p["quality"]),
                       fontsize=6, xytext=(4, 2), textcoords="offset points")
     qualities = [p["quality"] for p in search["points"] if p["quality"] == p["quality"]]
     if qualities and min(qualities) > 0 and max(qualities) > 10 * min(qualities):
@@ -123,6 +123,6 @@ def _short(path: str) -> str:
     return ".".join(parts[first_index:])[-40:]
 
 
-def _short(label: str, most: int = 48) -> str:
+def _label(label: str, most: int = 48) -> str:
     """A point's label, cut with an ellipsis (a cut label must not pass for another pipeline)."""
     return label if len(label) <= most else label[:most - 1] + "…"

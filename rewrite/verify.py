@@ -39,24 +39,15 @@ def float_leaves(outputs: Any, mask: torch.Tensor | None = None, flatten: bool =
 def sequence_means(outputs: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each (batch, seq, features) floating-point output's mean over the positions the mask keeps (all
     positions without one): one vector per sequence, what a sentence embedding is made of."""
-    means = []
-    for t in float_leaves(outputs, flatten=False):
-        if t.dim() == 3:
-            keep = mask if mask is not None and _per_position(t, mask) else torch.ones(t.shape[:2])
-            weights = keep.float()[..., None]
-            means.append((t.float() * weights).sum(1) / weights.sum(1).clamp_min(1))
-    return means
+    from rewrite.measure import mean_pooled
+    return [mean_pooled(t, mask) for t in float_leaves(outputs, flatten=False) if t.dim() == 3]
 
 
 def kept_positions(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`t` at the positions a (batch, seq) mask keeps when its leading dims are the mask's, else whole: what
     verification compares and recovery trains on."""
-    return t[mask.bool()] if mask is not None and _per_position(t, mask) else t
-
-
-def _per_position(t: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether `t`'s leading dims are the mask's (batch, seq): the one masking rule."""
-    return t.dim() >= 2 and t.shape[:2] == mask.shape
+    from rewrite.measure import per_position
+    return t[mask.bool()] if mask is not None and per_position(t, mask) else t
 
 
 def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact(),

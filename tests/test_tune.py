@@ -245,7 +245,8 @@ def test_the_front_picture_marks_the_target():
     labels = {text.get_text() for text in figure.axes[0].texts}
     assert labels == {"dgq", "(none)"}
     long = "dgq{act=tensor,max-bits=8,upgrade-bits=8},fwsvd{param-ratio=0.9}"
-    assert plots._short(long).endswith("…") and len(plots._short(long)) == 48 and plots._short("dgq") == "dgq"
+    assert plots._label(long).endswith("…") and len(plots._label(long)) == 48 and plots._label("dgq") == "dgq"
+    assert plots._short("model.encoder.layer.3.intermediate.dense") == "3.intermediate.dense"  # layer pictures'
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])  # onnxruntime: the final run also emits ONNX

@@ -40,7 +40,7 @@ from rewrite import verify
 from rewrite.calibration import first_tokens, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
-from rewrite.passes.dgq import mixed
+from rewrite.passes.dgq import kernels, mixed
 from rewrite.passes.dgq.format import DGQLinear, DGQWeights  # noqa: F401  (the format, from the pass's package)
 from rewrite.passes.dgq.search import (  # noqa: F401
     FEEDBACK_PATIENCE,
@@ -131,7 +131,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
                 continue
             shared = shared if shared is not None and shared.same(x) else LayerInputs(x)
-            s_x = _static_scale(x) if self.act == "static" else torch.empty(0)
+            s_x = kernels.static_scale(x) if self.act == "static" else torch.empty(0)
             for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x)):
                 w4[p] = found[0]
                 if self.budget_cos:  # the alternative mixed precision may choose
@@ -209,6 +209,3 @@ def _budget_note(p: DualGrainedQuant, reached: float | None) -> str:
     return (f"max-bits={p.max_bits:g} came first: output cosine {reached:.4f} < budget-cos={p.budget_cos}; raise "
             "max-bits for more layers with wider weights, or lower budget-cos for fewer bits")
 
-
-def _static_scale(x: torch.Tensor) -> torch.Tensor:
-    return (x.abs().max() / 127).clamp_min(1e-12).reshape(1)

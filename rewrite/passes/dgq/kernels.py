@@ -48,6 +48,11 @@ def quantize_activation(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
     return codes.to(torch.int8), scale
 
 
+def static_scale(x: Tensor) -> Tensor:
+    """act=static's one calibrated step: max|x|/127 over the whole tensor."""
+    return (x.abs().max() / 127).clamp_min(1e-12).reshape(1)
+
+
 def activation_codes(x: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
     """The int8 codes of x held in float32 (the GEMM below takes them so), and their scale."""
     # In place where the value is new, and max|x| as one op: at one token a call (decode) these small ops,
@@ -64,14 +69,19 @@ def a8w8(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor, s_x: Tensor) -> Tens
     """rewrite::a8w8_linear where a tracer must see the op (export, fx, dynamo, dispatch modes); in plain eager
     torch its body directly: the op's dispatch costs about 30 µs a call, which at one token a step (decode)
     is a third of the int8 GEMM's own time and made SmolLM2's decode slower than fp32."""
-    if type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+    if _plain_eager(x):
         return _a8w8_linear(x, w_s8, s1, bias, s_x, _shared_codes(x) if _sharable(x, s_x) else None)
     return a8w8_linear(x, w_s8, s1, bias, s_x)
 
 
+def _plain_eager(x: Tensor) -> bool:
+    """No tracer to see the op: a plain tensor, not compiling, no dispatch mode."""
+    return type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
 def a8w8_dynamic(x: Tensor, w_s8: Tensor, s1: Tensor, bias: Tensor) -> Tensor:
     """rewrite::a8w8_dynamic_linear where a tracer must see the op, else its body (as `a8w8`)."""
-    if type(x) is Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+    if _plain_eager(x):
         return _a8w8_dynamic_linear(x, w_s8, s1, bias, None if x.requires_grad else _shared_tensor_codes(x))
     return a8w8_dynamic_linear(x, w_s8, s1, bias)
 

@@ -93,7 +93,7 @@ def activation_step(x: torch.Tensor, act: str) -> torch.Tensor:
         return kernels.tensor_codes(x)[1]
     if act == "per-token":
         return kernels.activation_codes(x, torch.empty(0))[1]
-    return (x.abs().max() / 127).clamp_min(1e-12)
+    return kernels.static_scale(x)
 
 
 def _clip_scale(peak: torch.Tensor) -> torch.Tensor:
