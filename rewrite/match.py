@@ -206,11 +206,28 @@ class _LayerAwareMatcher(SubgraphMatcher):
     """SubgraphMatcher whose node equality knows layers (by type) and in-place spellings."""
 
     def __init__(self, pattern: fx.GraphModule, gm: fx.GraphModule, ignore_literals: bool, overlapping: bool = False):
-        super().__init__(pattern.graph, ignore_literals=ignore_literals, remove_overlapping_matches=not overlapping)
+        # fx's own ignore_literals also lets a pattern node stand for a literal (a placeholder never bound, a
+        # subtree never compared); here it means what it says: any two literals match (see _match_literals).
+        super().__init__(pattern.graph, ignore_literals=False, remove_overlapping_matches=not overlapping)
         self._equal = _Equality(pattern, gm, ignore_literals)
+        self._any_literal = ignore_literals
 
     def _nodes_are_equal(self, pn: fx.Node, gn: fx.Node, node_name_match: str = "") -> bool:
         return self._equal(pn, gn)
+
+    def _match_literals(self, pn: Any, gn: Any, match: Any) -> bool:
+        either_node = isinstance(pn, fx.Node) or isinstance(gn, fx.Node)
+        return super()._match_literals(pn, gn, match) or (self._any_literal and not either_node)
+
+    def _is_contained(self, nodes_map: dict[fx.Node, fx.Node]) -> bool:
+        """fx's leak check, blind to export's dtype assertions: they read a value only to check it."""
+        inner = {gn for pn, gn in nodes_map.items() if pn.op != "placeholder"}
+        return all(_is_check(user) or user in inner for pn, gn in nodes_map.items()
+                   if pn.op != "placeholder" and pn not in self.pattern_returning_nodes for user in gn.users)
+
+
+def _is_check(node: fx.Node) -> bool:
+    return node.target is torch.ops.aten._assert_tensor_metadata.default
 
 
 def _capture_pattern(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
@@ -219,6 +236,8 @@ def _capture_pattern(module: nn.Module, example_inputs: tuple) -> fx.GraphModule
     lift_layers(gm)
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)  # export's guard check: not part of what the pattern computes
+    for node in [n for n in gm.graph.nodes if _is_check(n)]:
+        gm.graph.erase_node(node)  # export's dtype assertions (a `.to()` adds one): nothing the pattern computes
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

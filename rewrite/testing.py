@@ -179,6 +179,39 @@ class GatedFFN(nn.Module):
         return (torch.randn(2, 6, 128),)
 
 
+class TinyRMSNorm(nn.Module):
+    """Llama's RMSNorm as Hugging Face writes it: weight · x/rms(x)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class TinyDecoder(nn.Module):
+    """Token embedding → two pre-norm SwiGLU blocks with residuals → final RMSNorm → output head: a Llama
+    decoder's residual stream without attention."""
+
+    def __init__(self, vocab: int = 64, width: int = 64, hidden: int = 128):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.norms = nn.ModuleList(TinyRMSNorm(width) for _ in range(2))
+        self.blocks = nn.ModuleList(GatedFFN(width, hidden, seed) for seed in range(2))
+        self.norm, self.head = TinyRMSNorm(width), nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, block in zip(self.norms, self.blocks):
+            x = x + block(norm(x))
+        return self.head(self.norm(x))
+
+    def example_inputs(self) -> tuple:
+        return (torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
 class RPEAttention(nn.Module):
     """Single-block self-attention with a learned relative-position bias b[j − i] per head (Toeplitz)."""
 
@@ -215,7 +248,8 @@ class ChannelMLP(nn.Module):
         return (torch.randn(4, 3, 64, 64),)
 
 
-TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO, SpectralChains, FFN, GatedFFN, RPEAttention, ChannelMLP]
+TOY_MODELS = [ConvBN, ParallelBranches, TinyMLP, ToyFNO, SpectralChains, FFN, GatedFFN, RPEAttention, ChannelMLP,
+              TinyDecoder]
 
 
 def register_toy(model_class: type) -> type:

@@ -38,6 +38,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
         if type(module) is type(paths[node.target]):
             continue  # not replaced: its weights come over below, into your tensors (ties kept: lm_head = embed)
         set_submodule(target, node.target, module)
+    _untie_held_apart(target, graph.state_dict())
     mine = target.state_dict()
     with torch.no_grad():
         for name, tensor in graph.state_dict().items():
@@ -51,6 +52,26 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
         return None
     return (target, got) if same else None
+
+
+def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:
+    """Tensors tied in `target` that the graph holds apart (rotate's output head, which takes the final norm's
+    weight, against the embedding) each get their own, and a config that ties them says it no longer does, so
+    that save_pretrained writes both and from_pretrained does not tie them again."""
+    tied: dict[int, list[str]] = {}
+    for name, tensor in target.state_dict(keep_vars=True).items():
+        tied.setdefault(tensor.data_ptr(), []).append(name)
+    for names in (names for names in tied.values() if len(names) > 1):
+        if any(name not in held for name in names) or len({held[name].data_ptr() for name in names}) == 1:
+            continue
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = target.get_submodule(owner)
+            old = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad))
+        config = getattr(target, "config", None)
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:

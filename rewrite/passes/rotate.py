@@ -1,0 +1,269 @@
+"""x·Wᵀ = (x·Q)·(W·Q)ᵀ: rotate a decoder's residual stream by an orthogonal Q, so that quantization after it
+meets no outlier channels. Exact in float.
+
+RMSNorm(x·Q) = RMSNorm(x)·Q (an orthogonal Q keeps every norm), so with each RMSNorm's weight γ folded into
+the Linears reading it (W ← W·diag(γ), γ ← 1), the whole stream can live rotated:
+
+    E ← E·Q (token embeddings),  W_read ← W_read·diag(γ)·Q,  W_write ← Qᵀ·W_write, b_write ← b_write·Q
+
+for the Linears reading a norm (q/k/v, gate/up, the output head) and those adding into the stream (o, down).
+A few channels that carry most of a decoder's activation mass (and their weights' columns) are spread over
+all channels, so int8 activations and 4-bit weight groups lose less (SmolLM2 under dgq: RESULTS.md).
+Q = diag(±1)·(R ⊗ H₆₄) with H₆₄ a normalized Hadamard matrix and R a random orthogonal matrix of order
+d/64 (a randomized Hadamard transform where d is not a power of two; plain random orthogonal where 64 ∤ d).
+An output head tied to the embedding is untied (the head takes diag(γ) of the final norm, the embedding does
+not): the model then stores the head apart, and its `config.tie_word_embeddings` says so.
+
+Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456 (2024)
+(the rotation of the residual stream, §4.1; SpinQuant, arXiv:2405.16406, learns Q instead). Contract: exact
+(float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
+only Linears read, and written only by Linears (Llama, Mistral, Qwen2, SmolLM); LayerNorm models (BERT,
+GPT-2) are left alone: its mean subtraction does not commute with Q.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from rewrite.match import Match, Pattern, Variant
+from rewrite.pass_base import Exact, Pass, PassContext, PassResult
+from rewrite.patterns import attribute, module_paths
+
+_aten = torch.ops.aten
+_PASS_THROUGH = {_aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.clone.default}
+_IGNORED = {_aten._assert_tensor_metadata.default}
+
+
+class _RMSNorm(nn.Module):
+    """weight · x / rms(x), as Hugging Face's LlamaRMSNorm computes it (cast) or torch's nn.RMSNorm (fused). The
+    weight is an input here, so any 1-D tensor of the graph matches; the check says it is a parameter."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x, weight):
+        if self.form == "fused":
+            return nn.functional.rms_norm(x, (x.shape[-1],), weight, 1e-6)
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return weight * (normed.to(torch.float32) if self.form == "cast" else normed)
+
+
+@functools.cache
+def rms_norm() -> Pattern:
+    """x → weight · x/rms(x): written out with or without the cast back to the input's dtype in between, or
+    torch's fused op; at any epsilon."""
+    example = (torch.randn(2, 3, 8), torch.randn(8))
+    return Pattern("rms-norm", *[Variant(_RMSNorm(form), example, ignore_literals=True, name=form)
+                                 for form in ("cast", "plain", "fused")], check=_norm_check)
+
+
+def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
+    weight = match.inputs[1]
+    if weight.op != "get_attr" or len(weight.users) != 1:
+        return "its weight is not a parameter of this norm alone"
+    return None
+
+
+@dataclass
+class _Stream:
+    embeddings: list[fx.Node]  # aten.embedding nodes whose tables add into the stream
+    norms: list[Match]
+    readers: dict[str, list[str]]  # norm output name → the Linears reading it
+    writers: list[str]  # Linears adding into the stream
+
+
+@dataclass(frozen=True)
+class Rotate(Pass):
+    name = "rotate"
+    paper = "Ashkboos et al., QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs, arXiv:2404.00456"
+    summary = "rotate a decoder's residual stream (exact): quantization after it meets no outlier channels"
+    contract = Exact()
+    applies_to = "decoders with RMSNorm (Llama, Mistral, Qwen2, SmolLM): the residual stream from the embedding"
+    level = "module"  # it reads the graph but changes weights only: the user's class takes them back
+    graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
+
+    seed: int = 0
+
+    @classmethod
+    def finds_nothing_in(cls, module: nn.Module) -> bool:
+        return not any(type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm) for m in module.modules())
+
+    @classmethod
+    def patterns(cls) -> list[Pattern]:
+        return [rms_norm()]
+
+    def call(self, gm: nn.Module, ctx: PassContext) -> PassResult:
+        if not isinstance(gm, fx.GraphModule):
+            return PassResult(gm, False, {}, [("model", "not captured: the residual stream is found in the graph")])
+        stream = residual_stream(gm)
+        if isinstance(stream, str):
+            return PassResult(gm, False, {}, [("residual stream", stream)])
+        width = attribute(gm, stream.embeddings[0].args[0].target).shape[1]
+        q = orthogonal(width, self.seed)
+        untied = _untie_readers(gm, stream)
+        with torch.no_grad():
+            for node in stream.embeddings:
+                table = attribute(gm, node.args[0].target)
+                table.copy_((table.double() @ q).to(table.dtype))
+            for norm in stream.norms:
+                gamma = attribute(gm, norm.inputs[1].target)
+                for path in stream.readers[norm.outputs[0].name]:
+                    weight = gm.get_submodule(path).weight
+                    weight.copy_(((weight.double() * gamma.double()) @ q).to(weight.dtype))
+                gamma.fill_(1.0)
+            for path in stream.writers:
+                layer = gm.get_submodule(path)
+                layer.weight.copy_((q.T @ layer.weight.double()).to(layer.weight.dtype))
+                if layer.bias is not None:
+                    layer.bias.copy_((layer.bias.double() @ q).to(layer.bias.dtype))
+        stats = {"width": width, "norms folded": len(stream.norms), "writers": len(stream.writers),
+                 "readers": sum(map(len, stream.readers.values()))}
+        if untied:
+            stats["untied"] = ", ".join(untied)
+        return PassResult(gm, True, stats)
+
+
+def orthogonal(width: int, seed: int) -> torch.Tensor:
+    """Q (float64): diag(±1)·(R ⊗ H₆₄), R random orthogonal, or a random orthogonal Q where 64 ∤ width."""
+    generator = torch.Generator().manual_seed(seed)
+    block = 64 if width % 64 == 0 else 1
+    q = _random_orthogonal(width // block, generator)
+    if block > 1:
+        q = torch.kron(q, _hadamard(block))
+    signs = torch.randint(0, 2, (width,), generator=generator, dtype=torch.float64) * 2 - 1
+    return signs[:, None] * q
+
+
+def _random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).contiguous()
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n ** 0.5
+
+
+def residual_stream(gm: fx.GraphModule) -> _Stream | str:
+    """The stream's embeddings, norms, readers and writers, or why a rotation cannot pass somewhere."""
+    embeddings = [n for n in gm.graph.nodes if n.target == _aten.embedding.default and n.args[0].op == "get_attr"]
+    if len(embeddings) != 1:
+        return f"{len(embeddings)} embedding lookups (a rotation needs the one the stream starts at)"
+    norms = {m.inputs[0]: m for m in rms_norm().find(gm) or []}
+    stream = _Stream(embeddings, [], {}, [])
+    todo, seen = [embeddings[0]], set()
+    while todo:
+        value = todo.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        for user in value.users:
+            why = _follow(gm, value, user, norms, stream, todo, seen)
+            if why:
+                return why
+    if not stream.norms:
+        return "no RMSNorm reads the residual stream"
+    return stream
+
+
+def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
+    """Take `user` of a stream value into `stream` (or the queue), or say why the rotation cannot pass it."""
+    if user.target in _IGNORED:
+        return None
+    if user.target in _PASS_THROUGH:
+        todo.append(user)
+        return None
+    if value in norms and user in norms[value].nodes.values():
+        match = norms[value]
+        if match not in stream.norms:
+            readers = _linear_readers(gm, match.outputs[0])
+            if readers is None:
+                return f"the norm at {match.outputs[0].name} also feeds something other than Linears"
+            stream.norms.append(match)
+            stream.readers[match.outputs[0].name] = readers
+        return None
+    if user.target == _aten.add.Tensor and all(isinstance(a, fx.Node) for a in user.args[:2]):
+        other = user.args[1] if user.args[0] is value else user.args[0]
+        if other in seen or other in todo:  # two stream values summed (parallel attention and MLP)
+            todo.append(user)
+            return None
+        if _is_linear(gm, other) and len(other.users) == 1:
+            stream.writers.append(other.target)
+            todo.append(user)
+            return None
+        return f"{user.name} adds {other.name}, which is not a Linear's output, into the stream"
+    if user.op == "output":
+        return "the residual stream is a model output (a rotation would change it)"
+    return f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
+
+
+def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> list[str] | None:
+    """The Linears reading `node`, also through casts and slices along other axes than the features (the
+    head reading the last position only), or None where something else reads it."""
+    readers = []
+    for user in node.users:
+        if user.target in _IGNORED:
+            continue
+        if _is_linear(gm, user):
+            readers.append(user.target)
+            continue
+        rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else None
+        slices_tokens = user.target == _aten.slice.Tensor and rank and user.args[1] % rank != rank - 1
+        more = _linear_readers(gm, user) if slices_tokens or user.target in _PASS_THROUGH else None
+        if more is None:
+            return None
+        readers += more
+    return readers
+
+
+def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
+
+
+def _untie_readers(gm: fx.GraphModule, stream: _Stream) -> list[str]:
+    """Readers whose weight the embedding also reads (a tied output head) get their own copy: the head takes
+    the final norm's γ and the embedding does not. The embedding's table moves to the eager model's name for
+    it (`model.embed_tokens.weight`), so that the user's class gets both tensors back."""
+    untied = []
+    for node in stream.embeddings:
+        owner = node.args[0].target.rpartition(".")[0]
+        if not any(owner in paths for paths in stream.readers.values()):
+            continue
+        layer = gm.get_submodule(owner)
+        table = layer.weight
+        layer.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+        _move_table(gm, node, table)
+        untied.append(owner)
+    return untied
+
+
+def _move_table(gm: fx.GraphModule, node: fx.Node, table: torch.Tensor) -> None:
+    """Point the embedding lookup `node` at `table`, kept under the eager module's path of the lookup."""
+    paths = module_paths(node)
+    path = paths[-1] if paths and not _has_attr(gm, f"{paths[-1]}.weight") else "rotated_embedding"
+    owner = gm
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    owner.register_parameter("weight", table if isinstance(table, nn.Parameter) else nn.Parameter(table))
+    old = node.args[0]
+    with gm.graph.inserting_before(node):
+        node.replace_input_with(old, gm.graph.get_attr(f"{path}.weight"))
+    if not old.users:
+        gm.graph.erase_node(old)
+    gm.recompile()
+
+
+def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        attribute(gm, target)
+        return True
+    except AttributeError:
+        return False

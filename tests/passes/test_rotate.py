@@ -1,0 +1,117 @@
+import pytest
+import torch
+import transformers
+
+import rewrite
+from rewrite import capture
+from rewrite.passes.rotate import Rotate, orthogonal, residual_stream
+from rewrite.patterns import set_submodule
+from rewrite.testing import TinyDecoder, check_pass
+from tests import fresh
+
+
+def _llama(tied=True, width=128):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 2.0)  # norms that are not ones: folding them is part of what is checked
+    return model
+
+
+def _ids(seed, shape=(2, 12)):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("width", [128, 576, 50])
+def test_q_is_orthogonal_hadamard_blocks_where_64_divides_the_width(width):
+    q = orthogonal(width, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(width, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, orthogonal(width, seed=3)) and not torch.equal(q, orthogonal(width, seed=4))
+    if width % 64 == 0:  # every entry of R ⊗ H₆₄ has H's magnitude 1/8 times one of R's
+        assert torch.allclose((q[:, :64].abs() * 8).std(1), torch.zeros(width, dtype=torch.float64), atol=1e-12)
+
+
+def test_the_stream_of_a_llama_has_its_norms_readers_and_writers():
+    model, ids = _llama(), _ids(0)
+    capture.without_kv_cache(model, (ids,))
+    stream = residual_stream(capture.capture(model, (ids,)).module)
+    assert len(stream.norms) == 5 and len(stream.writers) == 4  # 2 blocks × 2 norms + the final one; o, down
+    assert sorted(p for paths in stream.readers.values() for p in paths) == sorted(
+        [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                             "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+        + ["lm_head"])
+
+
+def test_rotation_is_exact_keeps_the_class_and_unties_the_head(tmp_path):
+    model, ids = _llama(), _ids(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = check_pass(Rotate(), model, (ids,), calib=[(_ids(s),) for s in range(3)])
+    record, rotated = result.report.records[0], result.model
+    assert record.status == "applied" and record.stats["untied"] == "lm_head"
+    assert isinstance(rotated, transformers.LlamaForCausalLM) and rotated.config.tie_word_embeddings is False
+    assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
+    assert all(torch.equal(norm.weight, torch.ones_like(norm.weight))
+               for name, norm in rotated.named_modules() if name.endswith("norm"))
+    with torch.no_grad():
+        want, got = model(_ids(9)).logits, rotated(_ids(9)).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the user's model untouched
+    assert torch.equal(rotated.generate(ids[:1], max_new_tokens=4, do_sample=False),
+                       model.generate(ids[:1], max_new_tokens=4, do_sample=False))
+    rotated.save_pretrained(tmp_path / "folder")
+    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "folder", _ids(9), tmp_path)
+    assert (reloaded - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_an_untied_head_stays_untied_and_nothing_grows():
+    model, ids = _llama(tied=False), _ids(0)
+    record = check_pass(Rotate(), model, (ids,), calib=[(ids,)]).report.records[0]
+    assert record.status == "applied" and "untied" not in record.stats
+    assert record.params_after == record.params_before
+
+
+def test_an_outlier_channel_costs_int8_activations_less_after_rotation():
+    """The point of the pass: one channel of the stream 200x the others (a decoder's massive activations) makes
+    every token's int8 grid coarse for the rest; rotated, its mass is spread over all channels, and dgq's A8W4
+    keeps more of the output."""
+    model, ids = _llama(tied=False), _ids(0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 7] *= 200
+    calib = [(_ids(s, (4, 16)),) for s in range(4)]
+    plain = rewrite.optimize(model, (ids,), "dgq{budget-cos=0,smooth=false}", calib=calib, measure_latency=False)
+    rotated = rewrite.optimize(model, (ids,), "rotate,dgq{budget-cos=0,smooth=false}", calib=calib,
+                               measure_latency=False)
+    assert [r.status for r in rotated.report.records] == ["applied", "applied"]
+    assert rotated.report.records[1].error["sqnr_db"] > plain.report.records[0].error["sqnr_db"] + 3
+
+
+def test_layernorm_models_are_left_alone_and_say_why():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    bert = transformers.BertModel(cfg).eval()
+    assert Rotate.finds_nothing_in(bert) and not Rotate.finds_nothing_in(_llama())
+    record = check_pass(Rotate(), bert, (_ids(0),), calib=[(_ids(1),)]).report.records[0]
+    assert record.status == "nothing to rewrite"
+    assert record.reason.startswith("residual stream:")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_plain_torch_decoder_rotates_with_either_rmsnorm(fused):
+    model = TinyDecoder()
+    with torch.no_grad():
+        for name in ("norms.0", "norms.1", "norm"):
+            norm = torch.nn.RMSNorm(64, eps=1e-5) if fused else model.get_submodule(name)
+            norm.weight.uniform_(0.5, 2.0)
+            set_submodule(model, name, norm)
+    (ids,) = model.example_inputs()
+    result = check_pass(Rotate(), model, (ids,), calib=[(ids,)])
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["norms folded"] == 3 and record.stats["writers"] == 2
+    with torch.no_grad():
+        assert torch.allclose(result.model(ids), model(ids), atol=1e-4)
