@@ -262,17 +262,20 @@ def test_a_pipeline_with_a_graph_pass_says_what_the_user_loses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,act", [("llama", "per-token"), ("qwen2", "per-token"), ("llama", "static"),
-                                        ("llama", "tensor")])
-def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, act, tmp_path):
+@pytest.mark.parametrize("family,act,before", [("llama", "per-token", ""), ("qwen2", "per-token", ""),
+                                               ("llama", "static", ""), ("llama", "tensor", ""),
+                                               ("qwen2", "per-token", "rotate,")])
+def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained_loads(family, act, before, tmp_path):
     """In a fresh process, AutoModelForCausalLM.from_pretrained gives the same weights and logits within the
     activation-rounding difference (compressed-tensors rounds per-token activations on max|x|/127.5, dgq on
-    /127; static ones on dgq's own scale, clamped at −128 where dgq clamps at −127)."""
+    /127; static ones on dgq's own scale, clamped at −128 where dgq clamps at −127). After `rotate` the tied
+    head is untied and quantized too, and the folder says so."""
     pytest.importorskip("compressed_tensors")
     model = _decoder(family)
     calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
-    result = rewrite.optimize(model, calib[0], f"dgq{{group=32,min-sqnr=-100,act={act}}}", calib=calib,
+    result = rewrite.optimize(model, calib[0], f"{before}dgq{{group=32,min-sqnr=-100,act={act}}}", calib=calib,
                               measure_latency=False)
+    assert [r.status for r in result.report.records] == ["applied"] * (2 if before else 1)
     result.model.save_pretrained(tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"

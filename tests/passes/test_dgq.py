@@ -411,6 +411,16 @@ def test_nan_weights_and_silent_inputs_are_skipped():
     assert "all zero" in reasons and "NaN" in reasons
 
 
+def test_keep_leaves_the_linears_it_names_in_float():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(16, 64)
+    result = api.optimize(model, (x,), "dgq{keep=4|0,budget-cos=0}", calib=[(x,)], measure_latency=False)
+    record = result.report.records[0]
+    kinds = {path: type(result.model.get_submodule(path)).__name__ for path in ("0", "2", "4")}
+    assert kinds == {"0": "Linear", "2": "DGQLinear", "4": "Linear"}
+    assert {path for path, why in record.skipped if "keep=4|0" in why} == {"0", "4"}
+
+
 def test_unsupported_bits_is_a_clear_error():
     with pytest.raises(RewriteError, match="bits=8 is not supported"):
         api.optimize(FFN(), (torch.randn(2, 32),), "dgq{bits=8}", measure_latency=False)

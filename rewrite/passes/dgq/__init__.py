@@ -30,6 +30,7 @@ arXiv:2310.04836 (2023); code ilur98/DGQ. Contract: approximate, SQNR ≥ min-sq
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,6 +81,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
     max_bits: float = 5.0
     upgrade_bits: int = 5
     min_sqnr: float = 10.0
+    # Linears left in float, by path pattern (fnmatch, several joined by "|"): `keep=lm_head`, as llm-compressor's
+    # recipes ignore the output head. After `rotate` SmolLM2's untied head lost the most on unseen prose (RESULTS.md).
+    keep: str = ""
 
     def __post_init__(self):
         if self.bits != 4:
@@ -182,6 +186,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 "upgraded": wide}
 
     def _why_not(self, module: nn.Module, path: str, linear: nn.Linear) -> str | None:
+        if self.keep and any(fnmatch.fnmatchcase(path, pattern) for pattern in self.keep.split("|")):
+            return f"kept in float (keep={self.keep})"
         if shared_weight(module, path):
             return "its weight is tied to another use (e.g. the input embedding): quantizing it would untie them"
         if self.form == "w4" and linear.in_features % self.group:
