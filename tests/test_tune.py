@@ -299,3 +299,12 @@ def test_a_family_with_nothing_to_rewrite_in_the_layers_is_left_out_without_a_ru
     assert "tconv" in tune.families_for(cnn) and "tconv" not in tune.families_for(mlp)
     assert "tconv" not in tune.families_for(pointwise_only)  # 1×1 and depthwise convs: nothing to factor
     assert [f for f, _ in tune.candidates(families=tune.families_for(mlp))].count("tconv") == 0
+
+
+def test_an_option_whose_extra_pass_finds_nothing_is_left_out_and_its_family_kept():
+    """rotate,dgq{…} is dgq's option for decoders with RMSNorm; an MLP gets dgq's other options only."""
+    from rewrite.testing import TinyDecoder
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    rotated = [o for o in tune.FAMILIES["dgq"] if o.startswith("rotate,")]
+    assert rotated and tune.families_for(TinyDecoder())["dgq"] == tune.FAMILIES["dgq"]
+    assert tune.families_for(mlp)["dgq"] == [o for o in tune.FAMILIES["dgq"] if o not in rotated]

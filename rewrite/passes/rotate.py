@@ -8,7 +8,9 @@ the Linears reading it (W ← W·diag(γ), γ ← 1), the whole stream can live 
 
 for the Linears reading a norm (q/k/v, gate/up, the output head) and those adding into the stream (o, down).
 A few channels that carry most of a decoder's activation mass (and their weights' columns) are spread over
-all channels, so int8 activations and 4-bit weight groups lose less (SmolLM2 under dgq: RESULTS.md).
+all channels, so int8 activations lose less. On SmolLM2 under dgq that helped on one calibration text (1.094x
+→ 1.063x fp32 perplexity on unseen text) and not on another, where the weights lost what the activations gained
+(RESULTS.md): a candidate to measure (`rewrite tune` does), not a default.
 Q = diag(±1)·(R ⊗ H₆₄) with H₆₄ a normalized Hadamard matrix and R a random orthogonal matrix of order
 d/64 (a randomized Hadamard transform where d is not a power of two; plain random orthogonal where 64 ∤ d).
 An output head tied to the embedding is untied (the head takes diag(γ) of the final norm, the embedding does
@@ -120,7 +122,7 @@ class Rotate(Pass):
                 layer.weight.copy_((q.T @ layer.weight.double()).to(layer.weight.dtype))
                 if layer.bias is not None:
                     layer.bias.copy_((layer.bias.double() @ q).to(layer.bias.dtype))
-        stats = {"width": width, "norms folded": len(stream.norms), "writers": len(stream.writers),
+        stats = {"width": width, "norms_folded": len(stream.norms), "writers": len(stream.writers),
                  "readers": sum(map(len, stream.readers.values()))}
         if untied:
             stats["untied"] = ", ".join(untied)
