@@ -156,7 +156,8 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
     """The stream's embeddings, norms, readers and writers, or why a rotation cannot pass somewhere."""
     embeddings = [n for n in gm.graph.nodes if n.target == _aten.embedding.default and n.args[0].op == "get_attr"]
     if len(embeddings) != 1:
-        return f"{len(embeddings)} embedding lookups (a rotation needs the one the stream starts at)"
+        return (f"{len(embeddings)} token embedding lookups in the graph: the rotation starts at the one embedding "
+                "the stream starts from (a whole decoder, not one block of it)")
     norms = {m.inputs[0]: m for m in rms_norm().find(gm) or []}
     stream = _Stream(embeddings, [], {}, [])
     todo, seen = [embeddings[0]], set()
@@ -186,7 +187,8 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
         if match not in stream.norms:
             readers = _linear_readers(gm, match.outputs[0])
             if readers is None:
-                return f"the norm at {match.outputs[0].name} also feeds something other than Linears"
+                return f"the norm at {match.outputs[0].name} feeds {_other_reader(gm, match.outputs[0])}, not only " \
+                       "plain Linears (rotate goes first in a pipeline, before any quantization)"
             stream.norms.append(match)
             stream.readers[match.outputs[0].name] = readers
         return None
@@ -222,6 +224,16 @@ def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> list[str] | None:
             return None
         readers += more
     return readers
+
+
+def _other_reader(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The first reader of `node` that is no plain Linear, in words."""
+    for user in node.users:
+        if user.op == "call_module" and not _is_linear(gm, user):
+            return f"{type(gm.get_submodule(user.target)).__name__} {user.target}"
+        if user.op != "call_module" and user.target not in _IGNORED:
+            return f"{user.name} ({user.target})"
+    return "another op"
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -115,3 +115,13 @@ def test_a_plain_torch_decoder_rotates_with_either_rmsnorm(fused):
     assert record.status == "applied" and record.stats["norms_folded"] == 3 and record.stats["writers"] == 2
     with torch.no_grad():
         assert torch.allclose(result.model(ids), model(ids), atol=1e-4)
+
+
+def test_after_quantization_it_says_to_go_first():
+    model, ids = _llama(tied=False), _ids(0)
+    calib = [(_ids(s),) for s in range(2)]
+    result = rewrite.optimize(model, (ids,), "dgq{budget-cos=0,min-sqnr=-100},rotate", calib=calib,
+                              measure_latency=False)
+    record = result.report.records[1]
+    assert record.status == "nothing to rewrite"
+    assert "DGQLinear" in record.reason and "rotate goes first" in record.reason
