@@ -105,28 +105,33 @@ class Rotate(Pass):
         if isinstance(stream, str):
             return PassResult(gm, False, {}, [("residual stream", stream)])
         width = attribute(gm, stream.embeddings[0].args[0].target).shape[1]
-        q = orthogonal(width, self.seed)
         untied = _untie_readers(gm, stream)
-        with torch.no_grad():
-            for node in stream.embeddings:
-                table = attribute(gm, node.args[0].target)
-                table.copy_((table.double() @ q).to(table.dtype))
-            for norm in stream.norms:
-                gamma = attribute(gm, norm.inputs[1].target)
-                for path in stream.readers[norm.outputs[0].name]:
-                    weight = gm.get_submodule(path).weight
-                    weight.copy_(((weight.double() * gamma.double()) @ q).to(weight.dtype))
-                gamma.fill_(1.0)
-            for path in stream.writers:
-                layer = gm.get_submodule(path)
-                layer.weight.copy_((q.T @ layer.weight.double()).to(layer.weight.dtype))
-                if layer.bias is not None:
-                    layer.bias.copy_((layer.bias.double() @ q).to(layer.bias.dtype))
+        _rotate_weights(gm, stream, orthogonal(width, self.seed))
         stats = {"width": width, "norms_folded": len(stream.norms), "writers": len(stream.writers),
                  "readers": sum(map(len, stream.readers.values()))}
         if untied:
             stats["untied"] = ", ".join(untied)
         return PassResult(gm, True, stats)
+
+
+@torch.no_grad()
+def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> None:
+    """E ← E·Q, W_read ← W_read·diag(γ)·Q with γ ← 1, W_write ← Qᵀ·W_write and b_write ← b_write·Q (in float64)."""
+    def rotated(tensor: torch.Tensor, product) -> None:
+        tensor.copy_(product(tensor.double()).to(tensor.dtype))
+
+    for node in stream.embeddings:
+        rotated(attribute(gm, node.args[0].target), lambda table: table @ q)
+    for norm in stream.norms:
+        gamma = attribute(gm, norm.inputs[1].target)
+        for path in stream.readers[norm.outputs[0].name]:
+            rotated(gm.get_submodule(path).weight, lambda w: (w * gamma.double()) @ q)
+        gamma.fill_(1.0)
+    for path in stream.writers:
+        layer = gm.get_submodule(path)
+        rotated(layer.weight, lambda w: q.T @ w)
+        if layer.bias is not None:
+            rotated(layer.bias, lambda b: b @ q)
 
 
 def orthogonal(width: int, seed: int) -> torch.Tensor:
