@@ -117,21 +117,23 @@ class Rotate(Pass):
 @torch.no_grad()
 def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> None:
     """E ← E·Q, W_read ← W_read·diag(γ)·Q with γ ← 1, W_write ← Qᵀ·W_write and b_write ← b_write·Q (in float64)."""
-    def rotated(tensor: torch.Tensor, product) -> None:
-        tensor.copy_(product(tensor.double()).to(tensor.dtype))
+    def set_to(tensor: torch.Tensor, value: torch.Tensor) -> None:
+        tensor.copy_(value.to(tensor.dtype))
 
     for node in stream.embeddings:
-        rotated(attribute(gm, node.args[0].target), lambda table: table @ q)
+        table = attribute(gm, node.args[0].target)
+        set_to(table, table.double() @ q)
     for norm in stream.norms:
         gamma = attribute(gm, norm.inputs[1].target)
         for path in stream.readers[norm.outputs[0].name]:
-            rotated(gm.get_submodule(path).weight, lambda w: (w * gamma.double()) @ q)
+            weight = gm.get_submodule(path).weight
+            set_to(weight, (weight.double() * gamma.double()) @ q)
         gamma.fill_(1.0)
     for path in stream.writers:
         layer = gm.get_submodule(path)
-        rotated(layer.weight, lambda w: q.T @ w)
+        set_to(layer.weight, q.T @ layer.weight.double())
         if layer.bias is not None:
-            rotated(layer.bias, lambda b: b @ q)
+            set_to(layer.bias, layer.bias.double() @ q)
 
 
 def orthogonal(width: int, seed: int) -> torch.Tensor:
