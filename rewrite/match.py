@@ -294,9 +294,13 @@ def _describe_pattern(node: fx.Node, pattern: fx.GraphModule) -> str:
 
 
 def erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    """Erase the given nodes nothing reads any more, last first (in-place ops too: DCE keeps those)."""
+    """Erase the given nodes nothing reads any more, last first (in-place ops too: DCE keeps those), with
+    export's dtype assertions on them (a match may hold a node that only such a check reads besides)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in sorted((n for n in nodes if n in order), key=order.get, reverse=True):
+        if node.users and all(map(_is_check, node.users)):
+            for check in list(node.users):
+                gm.graph.erase_node(check)
         if not node.users and node.op != "placeholder":
             gm.graph.erase_node(node)
 

@@ -141,3 +141,36 @@ def test_in_place_and_out_of_place_adds_are_one_spelling():
 
     pattern = Pattern("add-relu", Variant(Sum(), (torch.randn(3), torch.randn(3))))
     assert isinstance(pattern.find(_graph(InPlace(), torch.randn(3), torch.randn(3)))[0], Match)
+
+
+class _CastNorm(nn.Module):
+    """Hugging Face's RMSNorm: a `.to()` inside, which export checks with an `_assert_tensor_metadata` node."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return self.weight * h.to(torch.float32)
+
+
+class _Fused(nn.Module):
+    def forward(self, x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, 1e-5)
+
+
+def test_a_pattern_with_a_cast_matches_at_any_literal_and_its_dtype_checks_go_with_the_region():
+    """Export checks each `.to()` with an `_assert_tensor_metadata` node: a match is not refused as leaking
+    through it, and replacing the region erases the checks of what it erased. Literals ignored means any two
+    literals match (the pattern's ε is 1e-6, the graph's 1e-5), never a pattern node against a literal."""
+    from rewrite.passes.rotate import rms_norm
+    x = torch.randn(2, 3, 8)
+    norm = _CastNorm()
+    gm = _graph(norm, x)
+    [match] = rms_norm().find(gm)
+    assert match.variant == "cast" and match.inputs[1].op == "get_attr"
+    replace_match(gm, match, _Fused(), match.inputs, match.outputs, name="fused_norm")
+    assert not [n for n in gm.graph.nodes if "rsqrt" in str(n.target) or "pow" in str(n.target)]
+    torch.testing.assert_close(gm(x), norm(x), rtol=1e-5, atol=1e-6)
