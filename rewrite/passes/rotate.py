@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from rewrite.errors import InvalidValue
 from rewrite.match import Match, Pattern, Variant
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import attribute, module_paths
@@ -88,7 +89,11 @@ class Rotate(Pass):
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
 
-    seed: int = 0
+    seed: int = 0  # which randomized Hadamard transform (any gives the same float model)
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2 ** 63:
+            raise InvalidValue(f"seed={self.seed}: give a whole number from 0 to 2**63 - 1")
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:

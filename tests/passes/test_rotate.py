@@ -125,3 +125,9 @@ def test_after_quantization_it_says_to_go_first():
     record = result.report.records[1]
     assert record.status == "nothing to rewrite"
     assert "DGQLinear" in record.reason and "rotate goes first" in record.reason
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 70])
+def test_a_seed_out_of_range_is_a_clear_error(seed):
+    with pytest.raises(rewrite.RewriteError, match="seed="):
+        rewrite.optimize(_llama(), (_ids(0),), f"rotate{{seed={seed}}}", measure_latency=False)
