@@ -207,7 +207,7 @@ class _LayerAwareMatcher(SubgraphMatcher):
 
     def __init__(self, pattern: fx.GraphModule, gm: fx.GraphModule, ignore_literals: bool, overlapping: bool = False):
         # fx's own ignore_literals also lets a pattern node stand for a literal (a placeholder never bound, a
-        # subtree never compared); here it means what it says: any two literals match (see _match_literals).
+        # subtree never compared); here only the pattern's literals are wildcards (see _match_literals).
         super().__init__(pattern.graph, ignore_literals=False, remove_overlapping_matches=not overlapping)
         self._equal = _Equality(pattern, gm, ignore_literals)
         self._any_literal = ignore_literals
@@ -216,8 +216,9 @@ class _LayerAwareMatcher(SubgraphMatcher):
         return self._equal(pn, gn)
 
     def _match_literals(self, pn: Any, gn: Any, match: Any) -> bool:
-        either_node = isinstance(pn, fx.Node) or isinstance(gn, fx.Node)
-        return super()._match_literals(pn, gn, match) or (self._any_literal and not either_node)
+        """A literal of the pattern, ignored, stands for anything (a graph's symbolic size too); a node of the
+        pattern never stands for a literal of the graph."""
+        return super()._match_literals(pn, gn, match) or (self._any_literal and not isinstance(pn, fx.Node))
 
     def _is_contained(self, nodes_map: dict[fx.Node, fx.Node]) -> bool:
         """fx's leak check, blind to export's dtype assertions: they read a value only to check it."""
