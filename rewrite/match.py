@@ -223,11 +223,12 @@ class _LayerAwareMatcher(SubgraphMatcher):
     def _is_contained(self, nodes_map: dict[fx.Node, fx.Node]) -> bool:
         """fx's leak check, blind to export's dtype assertions: they read a value only to check it."""
         inner = {gn for pn, gn in nodes_map.items() if pn.op != "placeholder"}
-        return all(_is_check(user) or user in inner for pn, gn in nodes_map.items()
+        return all(is_dtype_check(user) or user in inner for pn, gn in nodes_map.items()
                    if pn.op != "placeholder" and pn not in self.pattern_returning_nodes for user in gn.users)
 
 
-def _is_check(node: fx.Node) -> bool:
+def is_dtype_check(node: fx.Node) -> bool:
+    """Export's `_assert_tensor_metadata` (one per `.to()`): it reads a value only to check its dtype."""
     return node.target is torch.ops.aten._assert_tensor_metadata.default
 
 
@@ -237,7 +238,7 @@ def _capture_pattern(module: nn.Module, example_inputs: tuple) -> fx.GraphModule
     lift_layers(gm)
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)  # export's guard check: not part of what the pattern computes
-    for node in [n for n in gm.graph.nodes if _is_check(n)]:
+    for node in [n for n in gm.graph.nodes if is_dtype_check(n)]:
         gm.graph.erase_node(node)  # export's dtype assertions (a `.to()` adds one): nothing the pattern computes
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -299,7 +300,7 @@ def erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
     export's dtype assertions on them (a match may hold a node that only such a check reads besides)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in sorted((n for n in nodes if n in order), key=order.get, reverse=True):
-        if node.users and all(map(_is_check, node.users)):
+        if node.users and all(map(is_dtype_check, node.users)):
             for check in list(node.users):
                 gm.graph.erase_node(check)
         if not node.users and node.op != "placeholder":

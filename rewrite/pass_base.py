@@ -112,6 +112,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     applies_to: ClassVar[str] = ""
     level: ClassVar[str] = "graph"
+    graph_note: ClassVar[str] = ""  # "works without a graph" in the docs, where `level` alone would mislead
     recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
     needs_recovery: ClassVar[bool] = False  # a different function by design: only useful after --recover
     # Adam's step size for --recover when no lr= is given: layers trained from a fresh start (snnk, t1, tconv) take

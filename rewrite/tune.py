@@ -21,8 +21,6 @@ carries the front (a table, and a picture with the chosen point marked) and its 
 """
 from __future__ import annotations
 
-import re
-
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -250,8 +248,7 @@ def families_for(module: nn.Module) -> dict[str, list[str]]:
     """The families whose passes may rewrite something in `module` (a look at its layers, no run: tconv on a
     model without a conv to factor would cost a candidate's time, minutes on an LLM, to find nothing)."""
     def may_rewrite(pipeline: str) -> bool:
-        names = re.sub(r"\{[^}]*\}", "", pipeline).split(",")
-        return not any(registry.load_pass(name).finds_nothing_in(module) for name in names)
+        return not any(type(p).finds_nothing_in(module) for p in spec.parse_spec(pipeline))
 
     return {family: [option for option in options if may_rewrite(option)] for family, options in FAMILIES.items()
             if may_rewrite(options[0])}

@@ -117,4 +117,4 @@ def markdown_page(name: str) -> str:
 
 def _without_graph(cls) -> str:
     """Module-level passes run on an eager module; one that only reads the graph says so (`graph_note`)."""
-    return getattr(cls, "graph_note", "") or ("yes" if cls.level == "module" else "no (needs a captured graph)")
+    return cls.graph_note or ("yes" if cls.level == "module" else "no (needs a captured graph)")

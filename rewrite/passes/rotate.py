@@ -31,13 +31,12 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import InvalidValue
-from rewrite.match import Match, Pattern, Variant
+from rewrite.match import Match, Pattern, Variant, is_dtype_check
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import attribute, module_paths
 
 _aten = torch.ops.aten
 _PASS_THROUGH = {_aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.clone.default}
-_IGNORED = {_aten._assert_tensor_metadata.default}
 
 
 class _RMSNorm(nn.Module):
@@ -73,7 +72,7 @@ def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
 
 @dataclass
 class _Stream:
-    embeddings: list[fx.Node]  # aten.embedding nodes whose tables add into the stream
+    embedding: fx.Node  # the token lookup the stream starts at
     norms: list[Match]
     readers: dict[str, list[str]]  # norm output name → the Linears reading it
     writers: list[str]  # Linears adding into the stream
@@ -109,7 +108,7 @@ class Rotate(Pass):
         stream = residual_stream(gm)
         if isinstance(stream, str):
             return PassResult(gm, False, {}, [("residual stream", stream)])
-        width = attribute(gm, stream.embeddings[0].args[0].target).shape[1]
+        width = attribute(gm, stream.embedding.args[0].target).shape[1]
         untied = _untie_readers(gm, stream)
         _rotate_weights(gm, stream, orthogonal(width, self.seed))
         stats = {"width": width, "norms_folded": len(stream.norms), "writers": len(stream.writers),
@@ -125,9 +124,8 @@ def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> Non
     def set_to(tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(value.to(tensor.dtype))
 
-    for node in stream.embeddings:
-        table = attribute(gm, node.args[0].target)
-        set_to(table, table.double() @ q)
+    table = attribute(gm, stream.embedding.args[0].target)
+    set_to(table, table.double() @ q)
     for norm in stream.norms:
         gamma = attribute(gm, norm.inputs[1].target)
         for path in stream.readers[norm.outputs[0].name]:
@@ -171,7 +169,7 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
         return (f"{len(embeddings)} token embedding lookups in the graph: the rotation starts at the one embedding "
                 "the stream starts from (a whole decoder, not one block of it)")
     norms = {m.inputs[0]: m for m in rms_norm().find(gm) or []}
-    stream = _Stream(embeddings, [], {}, [])
+    stream = _Stream(embeddings[0], [], {}, [])
     todo, seen = [embeddings[0]], set()
     while todo:
         value = todo.pop()
@@ -189,7 +187,7 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
 
 def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     """Take `user` of a stream value into `stream` (or the queue), or say why the rotation cannot pass it."""
-    if user.target in _IGNORED:
+    if is_dtype_check(user):
         return None
     if user.target in _PASS_THROUGH:
         todo.append(user)
@@ -197,10 +195,10 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     if value in norms and user in norms[value].nodes.values():
         match = norms[value]
         if match not in stream.norms:
-            readers = _linear_readers(gm, match.outputs[0])
-            if readers is None:
-                return f"the norm at {match.outputs[0].name} feeds {_other_reader(gm, match.outputs[0])}, not only " \
-                       "plain Linears (rotate goes first in a pipeline, before any quantization)"
+            readers, other = _linear_readers(gm, match.outputs[0])
+            if other:
+                return f"the norm at {match.outputs[0].name} feeds {other}, not only plain Linears (rotate goes " \
+                       "first in a pipeline, before any quantization)"
             stream.norms.append(match)
             stream.readers[match.outputs[0].name] = readers
         return None
@@ -219,33 +217,26 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     return f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
 
 
-def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> list[str] | None:
-    """The Linears reading `node`, also through casts and slices along other axes than the features (the
-    head reading the last position only), or None where something else reads it."""
+def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[str], str | None]:
+    """(the Linears reading `node`, also through casts and slices along other axes than the features, as the
+    head reading the last position only; the first other reader in words, or None)."""
     readers = []
     for user in node.users:
-        if user.target in _IGNORED:
+        if is_dtype_check(user):
             continue
         if _is_linear(gm, user):
             readers.append(user.target)
             continue
         rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else None
         slices_tokens = user.target == _aten.slice.Tensor and rank and user.args[1] % rank != rank - 1
-        more = _linear_readers(gm, user) if slices_tokens or user.target in _PASS_THROUGH else None
-        if more is None:
-            return None
+        if not (slices_tokens or user.target in _PASS_THROUGH):
+            layer = type(gm.get_submodule(user.target)).__name__ if user.op == "call_module" else None
+            return readers, f"{layer} {user.target}" if layer else f"{user.name} ({user.target})"
+        more, other = _linear_readers(gm, user)
         readers += more
-    return readers
-
-
-def _other_reader(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The first reader of `node` that is no plain Linear, in words."""
-    for user in node.users:
-        if user.op == "call_module" and not _is_linear(gm, user):
-            return f"{type(gm.get_submodule(user.target)).__name__} {user.target}"
-        if user.op != "call_module" and user.target not in _IGNORED:
-            return f"{user.name} ({user.target})"
-    return "another op"
+        if other:
+            return readers, other
+    return readers, None
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -253,32 +244,26 @@ def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _untie_readers(gm: fx.GraphModule, stream: _Stream) -> list[str]:
-    """Readers whose weight the embedding also reads (a tied output head) get their own copy: the head takes
+    """A reader whose weight the embedding also reads (a tied output head) gets its own copy: the head takes
     the final norm's γ and the embedding does not. The embedding's table moves to the eager model's name for
     it (`model.embed_tokens.weight`), so that the user's class gets both tensors back."""
-    untied = []
-    for node in stream.embeddings:
-        owner = node.args[0].target.rpartition(".")[0]
-        if not any(owner in paths for paths in stream.readers.values()):
-            continue
-        layer = gm.get_submodule(owner)
-        table = layer.weight
-        layer.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
-        _move_table(gm, node, table)
-        untied.append(owner)
-    return untied
+    owner = stream.embedding.args[0].target.rpartition(".")[0]
+    if not any(owner in paths for paths in stream.readers.values()):
+        return []
+    layer = gm.get_submodule(owner)
+    table = layer.weight
+    layer.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+    _move_table(gm, stream.embedding, table)
+    return [owner]
 
 
-def _move_table(gm: fx.GraphModule, node: fx.Node, table: torch.Tensor) -> None:
+def _move_table(gm: fx.GraphModule, node: fx.Node, table: nn.Parameter) -> None:
     """Point the embedding lookup `node` at `table`, kept under the eager module's path of the lookup."""
     paths = module_paths(node)
-    path = paths[-1] if paths and not _has_attr(gm, f"{paths[-1]}.weight") else "rotated_embedding"
-    owner = gm
-    for part in path.split("."):
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    owner.register_parameter("weight", table if isinstance(table, nn.Parameter) else nn.Parameter(table))
+    path = paths[-1] if paths else "rotated_embedding"
+    if hasattr(_module_at(gm, path), "weight"):
+        path = "rotated_embedding"
+    _module_at(gm, path).register_parameter("weight", table)
     old = node.args[0]
     with gm.graph.inserting_before(node):
         node.replace_input_with(old, gm.graph.get_attr(f"{path}.weight"))
@@ -287,9 +272,10 @@ def _move_table(gm: fx.GraphModule, node: fx.Node, table: torch.Tensor) -> None:
     gm.recompile()
 
 
-def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+def _module_at(gm: fx.GraphModule, path: str) -> nn.Module:
+    """The submodule at `path`, made (empty, with its parents) where the graph has none."""
     try:
-        attribute(gm, target)
-        return True
+        return gm.get_submodule(path)
     except AttributeError:
-        return False
+        gm.add_submodule(path, nn.Module())
+        return gm.get_submodule(path)
