@@ -32,3 +32,8 @@ class ArtifactError(RewriteError):
 
 class InvalidValue(RewriteError, ValueError):
     """A value the user gave (a pass option, an input shape) is out of range; still a ValueError for callers."""
+
+
+class NoCompressedForm(ValueError):
+    """A rewritten layer that the compressed-tensors format cannot describe: its model goes to rewrite's own
+    layers folder instead (an input rotated online, which transformers' loader would not apply)."""

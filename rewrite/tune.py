@@ -46,11 +46,12 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     # a layer (MiniLM: 0.50x at 0.984; per-token codes keep BERT's outlier tokens off the others' grid); with
     # int8 weights where mixed precision wants them, onnxruntime's quantize_dynamic in dgq's format (MiniLM: 0.48x
     # at held-out embedding cosine 0.993, 8 bits a weight)
-    # rotate first (decoders with RMSNorm), the untied head left in float: SmolLM2 calibrated on docstrings 1.063x
-    # fp32 perplexity on the licence text against dgq's 1.094x at the same 5 bits; calibrated on README prose no
-    # better than dgq (RESULTS.md): worth a candidate, not a default
-    "dgq": ["dgq", "rotate,dgq{keep=lm_head}", "dgq{budget-cos=0}", "dgq{form=w4}", "dgq{act=static}",
-            "dgq{act=tensor}", "dgq{act=tensor,upgrade-bits=8,max-bits=8}"],
+    # rotate first (decoders with RMSNorm), the untied head left in float, down_proj's input rotated online: SmolLM2
+    # at 5 bits, fp32 perplexity on unseen text 1.056x/1.026x calibrated on docstrings and 1.043x/1.037x on README
+    # prose, against dgq's 1.094x/1.036x and 1.067x/1.036x (RESULTS.md); its folder loads with rewrite.load, not
+    # from_pretrained (an online rotation has no compressed-tensors form that transformers applies)
+    "dgq": ["dgq", "rotate,dgq{keep=lm_head,hadamard=*down_proj}", "dgq{budget-cos=0}", "dgq{form=w4}",
+            "dgq{act=static}", "dgq{act=tensor}", "dgq{act=tensor,upgrade-bits=8,max-bits=8}"],
     "prune": ["prune", "prune{param-ratio=0.6}"],  # narrower dense FFNs: faster in every runtime
     "fwsvd+dgq": ["fwsvd,dgq"],
     "tconv": ["tconv", "tconv{param-ratio=0.5}"],  # factored convs (CNNs); left out where no conv has a k > 1 kernel

@@ -343,12 +343,14 @@ ANY = "min-sqnr=-100"  # random weights: the floor is not what these tests check
 @pytest.mark.parametrize("build, spec", [
     (lambda: _decoder("llama"), f"prune{{{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
     (lambda: _decoder("llama"), f"fwsvd{{param-ratio=0.75,{ANY}}},dgq{{budget-cos=0,{ANY}}}"),
-    (_gpt2, f"dgq{{budget-cos=0,{ANY}}}"), (_gpt2, f"dgq{{budget-cos=0,act=tensor,{ANY}}}")],
-    ids=["pruned", "factors-quantized", "conv1d", "conv1d-tensor"])
+    (_gpt2, f"dgq{{budget-cos=0,{ANY}}}"), (_gpt2, f"dgq{{budget-cos=0,act=tensor,{ANY}}}"),
+    (lambda: _decoder("llama"), f"rotate,dgq{{budget-cos=0,hadamard=*down_proj,{ANY}}}")],
+    ids=["pruned", "factors-quantized", "conv1d", "conv1d-tensor", "online-rotation"])
 def test_quantized_layers_whose_shapes_the_config_does_not_give_reload_through_the_layers_folder(build, spec, tmp_path):
     """prune then dgq once wrote a compressed-tensors folder whose narrower FFN from_pretrained refused (size
     mismatch), while the report said it loads; fwsvd then dgq and GPT-2's Conv1D (transposed) had no folder
-    at all. Now each is rewrite's layers folder, and rewrite.load gives the same logits in the user's class."""
+    at all. Now each is rewrite's layers folder, and rewrite.load gives the same logits in the user's class. So
+    is a layer whose input dgq rotates online (hadamard), which transformers' compressed-tensors loader ignores."""
     model = build()
     calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
     result = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False)
@@ -358,6 +360,7 @@ def test_quantized_layers_whose_shapes_the_config_does_not_give_reload_through_t
     back = rewrite.load(tmp_path / "m")
     assert type(back) is type(model)
     assert {type(m).__name__ for m in back.modules()} >= {"DGQLinear"}
+    assert sum(getattr(m, "rotated", False) for m in back.modules()) == (2 if "hadamard" in spec else 0)
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, result.model(ids).logits)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewrite.errors import RewriteError
+from rewrite.errors import NoCompressedForm, RewriteError
 
 COMPRESSED = "compressed-tensors"  # from_pretrained (and vLLM) load it
 LAYERS = "rewrite-layers"  # rewrite.load loads it (rewrite.checkpoint.load_layers)
@@ -43,7 +43,7 @@ def save(model: nn.Module, folder: str | Path) -> str:
         try:
             _save_compressed(model, folder)
             return COMPRESSED
-        except _NotInConfig:  # e.g. prune's narrower FFN, quantized after: rewrite's folder keeps the shapes
+        except (_NotInConfig, NoCompressedForm):  # prune's narrower FFN quantized after, an input rotated online
             pass
     write_layers(model, folder)
     return LAYERS
@@ -80,7 +80,7 @@ class Sharded:
             return
         try:
             part = _state(module, self.expected, lambda name: prefix[1] + name[len(prefix[0]):])
-        except RewriteError as exc:
+        except (RewriteError, NoCompressedForm) as exc:
             self.problem = str(exc)
             return
         save_file(part.tensors, str(self.folder / file), metadata={"format": "pt"})
@@ -136,6 +136,8 @@ def _state(model: nn.Module, expected: dict[str, tuple], rename=lambda name: nam
             continue
         try:
             tensors, args = module.compressed_tensors()
+        except NoCompressedForm:
+            raise
         except ValueError as exc:
             raise RewriteError(f"save_pretrained cannot write {rename(path)}: {exc}") from None
         _check_shape(rename(f"{path}.weight"), tensors["weight"], expected)

@@ -10,7 +10,8 @@ for the Linears reading a norm (q/k/v, gate/up, the output head) and those addin
 A few channels that carry most of a decoder's activation mass (and their weights' columns) are spread over
 all channels, so int8 activations lose less. On SmolLM2 under dgq that helped on one calibration text (1.094x
 → 1.063x fp32 perplexity on unseen text) and not on another, where the weights lost what the activations gained
-(RESULTS.md): a candidate to measure (`rewrite tune` does), not a default.
+(RESULTS.md): a candidate to measure (`rewrite tune` does), not a default. QuaRot's other half, the online
+rotation of inputs no offline Q reaches (down_proj's), is dgq's `hadamard` option.
 Q = diag(±1)·(R ⊗ H₆₄) with H₆₄ a normalized Hadamard matrix and R a random orthogonal matrix of order
 d/64 (a randomized Hadamard transform where d is not a power of two; plain random orthogonal where 64 ∤ d).
 An output head tied to the embedding is untied (the head takes diag(γ) of the final norm, the embedding does
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from rewrite import rotation
 from rewrite.errors import InvalidValue
 from rewrite.match import Match, Pattern, Variant, is_dtype_check
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
@@ -141,25 +143,7 @@ def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> Non
 
 def orthogonal(width: int, seed: int) -> torch.Tensor:
     """Q (float64): diag(±1)·(R ⊗ H₆₄), R random orthogonal, or a random orthogonal Q where 64 ∤ width."""
-    generator = torch.Generator().manual_seed(seed)
-    block = 64 if width % 64 == 0 else 1
-    q = _random_orthogonal(width // block, generator)
-    if block > 1:
-        q = torch.kron(q, _hadamard(block))
-    signs = torch.randint(0, 2, (width,), generator=generator, dtype=torch.float64) * 2 - 1
-    return signs[:, None] * q
-
-
-def _random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).contiguous()
-
-
-def _hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / n ** 0.5
+    return rotation.factors(width, seed).dense()
 
 
 def residual_stream(gm: fx.GraphModule) -> _Stream | str:

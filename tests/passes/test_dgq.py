@@ -678,3 +678,46 @@ def test_a_layer_pickled_before_act_tensor_runs_and_ships_as_its_scale_says(s_x,
     del layer.act  # what torch.load gives for a layer saved by an older rewrite
     assert layer.act is None and torch.equal(layer(x), want)
     assert layer.compressed_tensors()[1]["act"] == scheme
+
+
+def _mlp_with_a_hidden_outlier() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    with torch.no_grad():
+        model[0].weight[5] *= 200  # one hidden channel carries most of the second Linear's input
+    return model
+
+
+@pytest.mark.parametrize("form", ["int8", "w4"])
+def test_hadamard_rotates_the_inputs_it_names_and_loses_less_on_an_outlier_channel(form, tmp_path):
+    model, x = _mlp_with_a_hidden_outlier(), torch.randn(256, 64)
+    spec = f"dgq{{form={form},budget-cos=0,smooth=false,keep=0"  # the second Linear's error alone
+    plain = api.optimize(model, (x,), spec + "}", calib=[(x,)], measure_latency=False)
+    turned = api.optimize(model, (x,), spec + ",hadamard=2}", calib=[(x,)], measure_latency=False,
+                          emit="onnx" if form == "int8" else None, out=tmp_path)
+    first, second = turned.model.get_submodule("0"), turned.model.get_submodule("2")
+    assert isinstance(first, nn.Linear) and second.rotated and turned.report.records[0].stats["rotated_inputs"] == 1
+    held_out = torch.randn(64, 64)
+    with torch.no_grad():
+        want = model(held_out)
+        errors = [(m(held_out) - want).norm() / want.norm() for m in (plain.model, turned.model)]
+        assert errors[1] < 0.5 * errors[0]
+        # float_weight is in the input's own space: the rotation is undone, not left in the weights
+        rel = (second.float_weight() - model[2].weight).norm() / model[2].weight.norm()
+        assert rel < 0.15
+    if form == "int8":  # the rotation is float MatMuls before the int8 codes: a code may round the other way
+        got = onnx_emit.run(onnx_emit.session(tmp_path / "model.onnx"), (held_out,))[0]
+        with torch.no_grad():
+            assert (got - turned.model(held_out)).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_a_rotated_layer_rebuilds_from_its_tensors_and_has_no_compressed_tensors_form():
+    from rewrite.errors import NoCompressedForm
+    model, x = _mlp_with_a_hidden_outlier(), torch.randn(128, 64)
+    layer = api.optimize(model, (x,), "dgq{budget-cos=0,hadamard=*}", calib=[(x,)],
+                         measure_latency=False).model.get_submodule("2")
+    rebuilt = DGQLinear.from_state(dict(layer.named_buffers()), **layer.saved_config())
+    h = torch.randn(8, 256)
+    assert rebuilt.rotated and torch.equal(rebuilt(h), layer(h))
+    with pytest.raises(NoCompressedForm, match="rotated online"):
+        layer.compressed_tensors()

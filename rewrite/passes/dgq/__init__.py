@@ -9,7 +9,9 @@ quantize_dynamic scheme, x ≈ s_x·(q_x − z_x): one DynamicQuantizeMatMul nod
 (smooth=true, the default) each Linear input's channels are divided by s where the input is made (a norm's
 weight, `up`'s rows) and s multiplied into the consuming columns, x·W = (x/s)·(s·W), exact in float; s is DGQ
 §3.3's percentile clipping, AWQ's mean|x|^α or none, whichever leaves the lowest estimated output error on the
-first 1,024 calibration tokens (`smoothing`).
+first 1,024 calibration tokens (`smoothing`). hadamard=PATTERN instead rotates the inputs of the Linears it
+names online, x·Wᵀ = (x·Q)·(W·Q)ᵀ with Q a randomized Hadamard transform (QuaRot, arXiv:2404.00456, for
+down_proj's input, which `rotate` cannot reach): the codes are made from x·Q, whose outliers are spread.
 Two-phase search: per group, 20 clip ratios (1.01 → 0.80) minimizing that group's partial output error
 on calibration activations; then per row, up to 80 ratios (1.01 → 0.20) for s1 minimizing the row's output
 error, a row's search stopping once 8 ratios (40 without feedback) in a row found nothing better.
@@ -37,7 +39,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rewrite import verify
+from rewrite import rotation, verify
 from rewrite.calibration import first_tokens, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
@@ -57,6 +59,7 @@ from rewrite.patterns import layers, same_input, set_submodule, shared_weight
 MAX_TOKENS = 4096  # calibration tokens run through the model for the search (and kept per layer)
 PEAK_TOKENS = 1024  # tokens whose channel statistics choose the smoothing (outlier channels recur in every batch)
 ERROR_TOKENS = 512  # tokens each layer's reported error is measured on
+HADAMARD_SEED = 0  # one Q per input width, the same in every run
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,11 @@ class DualGrainedQuant(SqnrFloor, Pass):
     # Linears left in float, by path pattern (fnmatch, several joined by "|"): `keep=lm_head`, as llm-compressor's
     # recipes ignore the output head. After `rotate` SmolLM2's untied head lost the most on unseen prose (RESULTS.md).
     keep: str = ""
+    # Linears whose inputs are rotated online by a randomized Hadamard transform before their int8 codes (QuaRot's
+    # online rotation, the same fnmatch patterns): `hadamard=*down_proj`. On SmolLM2 after `rotate`, the int8
+    # activations then cost 0.2% of perplexity instead of 1.9% (RESULTS.md). compressed-tensors has no form
+    # for it that transformers loads: such a model is written as rewrite's layers folder.
+    hadamard: str = ""
 
     def __post_init__(self):
         if self.bits != 4:
@@ -99,7 +107,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.smooth:
             peak_batches = first_tokens(ctx.original_calibration or ctx.calibration, PEAK_TOKENS)
             smoothed, why_not = smooth_inputs(module, peak_batches, self.group,
-                                              self.act if self.form == "int8" else None)  # w4: fp activations
+                                              self.act if self.form == "int8" else None,  # w4: fp activations
+                                              lambda path: _named(path, self.hadamard))
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
@@ -134,9 +143,11 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 silent.update(group)
                 skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
                 continue
-            shared = shared if shared is not None and shared.same(x) else LayerInputs(x)
-            s_x = kernels.static_scale(x) if self.act == "static" else torch.empty(0)
-            for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x)):
+            turn = self._rotation(group, candidates[path].in_features)
+            fit_x = x if turn is None else rotation.apply(x, *_float(turn))
+            shared = shared if shared is not None and shared.same(fit_x) else LayerInputs(fit_x)
+            s_x = kernels.static_scale(fit_x) if self.act == "static" else torch.empty(0)
+            for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x, turn)):
                 w4[p] = found[0]
                 if self.budget_cos:  # the alternative mixed precision may choose
                     wide[p], originals[p] = found[1], candidates[p].weight.detach()
@@ -146,13 +157,23 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 set_submodule(module, p, w4[p])
         return w4, wide, errors, originals
 
-    def _quantized(self, linears: list[nn.Linear], x: LayerInputs, s_x: torch.Tensor) -> list[list[DGQLinear]]:
+    def _rotation(self, paths: list[str], width: int) -> rotation.Factors | None:
+        """Q for inputs that `hadamard` names (64 | width: a Hadamard block; elsewhere no rotation)."""
+        if any(_named(p, self.hadamard) for p in paths) and width % rotation.BLOCK == 0:
+            return rotation.factors(width, HADAMARD_SEED)
+        return None
+
+    def _quantized(self, linears: list[nn.Linear], x: LayerInputs, s_x: torch.Tensor,
+                   turn: rotation.Factors | None = None) -> list[list[DGQLinear]]:
         """Per layer (all reading x), the layer at 4 bits and, when mixed precision may choose it, with wider
         weights: upgrade-bits codes in the same format and int8 GEMM (found by the same search and feedback,
         side by side), or W8A8 (upgrade-bits=8). MiniLM, every layer wide: 5-bit codes reach embedding
         cosine 0.9929 at 5.16 bits, int8 weights 0.9920 at 8.1. (Without the scale search, SmolLM2's first 4
         blocks needed 20 layers wide for budget-cos=0.9995 instead of 16.)"""
         weights = [linear.weight.detach() for linear in linears]
+        if turn is not None:  # the weights as the rotated inputs meet them: x·Wᵀ = (x·Q)·(W·Q)ᵀ
+            weights = [rotation.apply(w.double(), turn.signs, turn.outer, rotation.hadamard(turn.block)).float()
+                       for w in weights]
         widths = (self.bits, self.upgrade_bits) if self.budget_cos and self.upgrade_bits < 8 else (self.bits,)
         found = quantize_layers(weights, x, self.group, self.search, self.feedback, widths, self._patience())
         layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8", self._act())
@@ -160,6 +181,10 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.budget_cos and self.upgrade_bits == 8:
             for linear, weight, per in zip(linears, weights, layers_found):
                 per.append(DGQLinear.int8_weights(weight, linear.bias, s_x, self._act()))
+        if turn is not None:
+            for per in layers_found:
+                for layer in per:
+                    layer.rotate_inputs(turn)
         return layers_found
 
     def _act(self) -> str | None:
@@ -176,6 +201,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         return {"quantized": len(chosen), "form": self.form, "act": self.act, "search": self.search,
                 "smoothed_inputs": sum(n for kind, n in smoothed.items() if kind != "none"),
                 "smoothing": ", ".join(f"{kind} {n}" for kind, n in smoothed.items()),  # inputs per kind of scale
+                "rotated_inputs": sum(layer.rotated for layer in chosen.values()),
                 "upgraded_layers": len(wide), "upgrade_bits": self.upgrade_bits, "budget_cos": self.budget_cos,
                 "calibration_cosine": round(reached, 5) if reached is not None else None,
                 "budget": _budget_note(self, reached),
@@ -186,7 +212,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 "upgraded": wide}
 
     def _why_not(self, module: nn.Module, path: str, linear: nn.Linear) -> str | None:
-        if self.keep and any(fnmatch.fnmatchcase(path, pattern) for pattern in self.keep.split("|")):
+        if _named(path, self.keep):
             return f"kept in float (keep={self.keep})"
         if shared_weight(module, path):
             return "its weight is tied to another use (e.g. the input embedding): quantizing it would untie them"
@@ -198,6 +224,15 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.form == "w4" and self.group & (self.group - 1):
             return "form=w4 (MatMulNBits) needs a power-of-two group"
         return None
+
+
+def _named(path: str, patterns: str) -> bool:
+    """Whether fnmatch patterns joined by "|" (keep, hadamard) name the layer at `path`."""
+    return bool(patterns) and any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns.split("|"))
+
+
+def _float(turn: rotation.Factors) -> tuple[torch.Tensor, ...]:
+    return turn.signs.float(), turn.outer.float(), rotation.hadamard(turn.block).float()
 
 
 def _rows(inputs: list[torch.Tensor]) -> torch.Tensor:

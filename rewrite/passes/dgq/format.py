@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rewrite import rotation
+from rewrite.errors import NoCompressedForm
 from rewrite.passes.dgq import kernels, ship
 
 
@@ -38,6 +40,7 @@ class DGQWeights:
         return self.s1[:, None] * self.w_s8().float()
 
 
+ROTATION = ("rot_signs", "rot_outer", "rot_block")  # an input rotated online: Q's factors (`rotation`)
 ACTS = ("per-token", "static", "tensor")  # int8 activations: dynamic per token, calibrated, dynamic per tensor
 
 
@@ -99,6 +102,7 @@ class DGQLinear(nn.Module):
                    bits: int, act: str | None = None) -> DGQLinear:
         """The layer its buffers and `saved_config()` describe (a layers folder, `rewrite.checkpoint`)."""
         names = ("bias", "w_s8", "s1", "s_x") if form == "int8" else ("bias", "packed", "scales", "zeros")
+        names += ROTATION if ROTATION[0] in tensors else ()
         if set(tensors) != set(names):
             raise ValueError(f"a {form} DGQ layer holds {', '.join(names)}, not {', '.join(sorted(tensors))}")
         layer = cls.__new__(cls)
@@ -108,6 +112,18 @@ class DGQLinear(nn.Module):
             layer.register_buffer(name, tensors[name])
         layer.act = act_of(tensors.get("s_x", torch.empty(0)), act)  # folders written before act=tensor: None
         return layer
+
+    def rotate_inputs(self, factors: rotation.Factors) -> DGQLinear:
+        """Multiply each input by Q before its int8 codes (`dgq{hadamard=…}`); the weights were quantized as W·Q,
+        so the layer still computes x·Wᵀ = (x·Q)·(W·Q)ᵀ."""
+        block = rotation.hadamard(factors.block)
+        for name, tensor in zip(ROTATION, (factors.signs, factors.outer, block)):
+            self.register_buffer(name, tensor.float().contiguous())
+        return self
+
+    @property
+    def rotated(self) -> bool:
+        return ROTATION[0] in self._buffers
 
     def _int8_buffers(self, w_s8: torch.Tensor, s1: torch.Tensor, s_x: torch.Tensor) -> None:
         self.register_buffer("w_s8", w_s8)
@@ -121,6 +137,9 @@ class DGQLinear(nn.Module):
         """(tensors, scheme arguments) of this layer in the compressed-tensors format (`dgq.ship`)."""
         if self.form != "int8":
             raise ValueError("form=w4 layers have no compressed-tensors form here yet: use form=int8")
+        if self.rotated:
+            raise NoCompressedForm("its input is rotated online (dgq's hadamard), which transformers' "
+                                   "compressed-tensors loader does not apply")
         tensors, bits, group = ship.encode(self.w_s8, self.s1, self.group)
         act = act_of(self.s_x, self.act)
         if act != "static":  # scales made from each input: per token, or per tensor with a zero point
@@ -138,12 +157,19 @@ class DGQLinear(nn.Module):
         return self.weight_bits + per_group + 32 / self.in_features
 
     def float_weight(self) -> torch.Tensor:
-        """The weights this layer multiplies by, dequantized (O, K) in float32."""
+        """The weights this layer multiplies its (unrotated) input by, dequantized (O, K) in float32."""
         if self.form == "int8":
-            return self.s1[:, None] * self.w_s8.float()
-        return kernels.unpack_w4(self.packed, self.zeros, self.scales, self.group)[:, :self.in_features]
+            weight = self.s1[:, None] * self.w_s8.float()
+        else:
+            weight = kernels.unpack_w4(self.packed, self.zeros, self.scales, self.group)[:, :self.in_features]
+        if not self.rotated:
+            return weight
+        q = rotation.Factors(self.rot_signs.double(), self.rot_outer.double()).dense()
+        return (weight.double() @ q.T).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotated:
+            x = rotation.apply(x, self.rot_signs, self.rot_outer, self.rot_block)
         if self.form == "int8" and self.act == "tensor":
             return kernels.a8w8_dynamic(x, self.w_s8, self.s1, self.bias)
         if self.form == "int8":

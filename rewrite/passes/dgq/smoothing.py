@@ -27,14 +27,15 @@ SAMPLE_ROWS = 256  # tokens whose int8 rounding estimates the activations' error
 WEIGHT_ROWS = 512  # output rows that estimate a candidate's error (gate and up together have 3,072 in SmolLM2)
 
 
-def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token"
-                  ) -> tuple[dict[str, int], list]:
+def smooth_inputs(module: nn.Module, batches: list[tuple], group: int = 64, act: str | None = "per-token",
+                  rotated=lambda path: False) -> tuple[dict[str, int], list]:
     """Choose and apply s at every value that only Linears read and whose channels an exact rescaling can
     reach. group: the weights' quantization group; act: "per-token", "static", "tensor" (int8 activations at that
-    scale) or None (weights only). Returns how many inputs took each kind of scale, and what was skipped."""
+    scale) or None (weights only); rotated(path): the Linear's input is rotated online after (left alone: the
+    rotation spreads what s would move). Returns how many inputs took each kind of scale, and what was skipped."""
     if not isinstance(module, fx.GraphModule):
         return {}, [("smooth", "needs a captured graph")]
-    points, skipped = _smoothing_points(module)
+    points, skipped = _smoothing_points(module, rotated)
     stats = input_stats(module, [consumers[0].target for _, consumers, _ in points], batches, SAMPLE_ROWS)
     chosen: dict[str, int] = {}
     for node, consumers, divide in points:
@@ -102,7 +103,7 @@ def _clip_scale(peak: torch.Tensor) -> torch.Tensor:
     baseline = peak.sort().values[-keep]
     return torch.where(peak > baseline, peak / baseline.clamp_min(1e-12), torch.ones_like(peak))
 
-def _smoothing_points(gm: fx.GraphModule) -> tuple[list, list]:
+def _smoothing_points(gm: fx.GraphModule, rotated) -> tuple[list, list]:
     """(node, its consuming Linear nodes, a function dividing the node's output channels by a scale) for
     every value that only Linears read and whose channels an exact rescaling can reach."""
     points, skipped = [], []
@@ -119,6 +120,8 @@ def _smoothing_points(gm: fx.GraphModule) -> tuple[list, list]:
         if any(shared_weight(gm, u.target) for u in consumers):
             skipped.append((node.name, "feeds a Linear whose weight is tied to another use: not smoothed"))
             continue
+        if any(rotated(u.target) for u in consumers):
+            continue  # hadamard: the rotation spreads the outliers instead
         points.append((node, consumers, divide))
     return points, skipped
 
