@@ -419,6 +419,8 @@ def test_keep_leaves_the_linears_it_names_in_float():
     kinds = {path: type(result.model.get_submodule(path)).__name__ for path in ("0", "2", "4")}
     assert kinds == {"0": "Linear", "2": "DGQLinear", "4": "Linear"}
     assert {path for path, why in record.skipped if "keep=4|0" in why} == {"0", "4"}
+    missed = api.optimize(model, (x,), "dgq{hadamard=down_proj,budget-cos=0}", calib=[(x,)], measure_latency=False)
+    assert any(what == "hadamard" and "names no Linear" in why for what, why in missed.report.records[0].skipped)
 
 
 def test_unsupported_bits_is_a_clear_error():

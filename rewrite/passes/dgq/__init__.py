@@ -114,6 +114,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
         reference = mixed.output_vectors(module, *judge) if judge else None
         candidates = dict(layers(module, (nn.Linear,)))
+        skipped += [(option, f"{option}={value} names no Linear (a pattern matches the whole path, e.g. *down_proj)")
+                    for option, value in (("keep", self.keep), ("hadamard", self.hadamard))
+                    if value and not any(_named(path, value) for path in candidates)]
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
         todo = [path for path, reason in reasons.items() if not reason]
