@@ -34,6 +34,6 @@ class InvalidValue(RewriteError, ValueError):
     """A value the user gave (a pass option, an input shape) is out of range; still a ValueError for callers."""
 
 
-class NoCompressedForm(ValueError):
+class NoCompressedForm(Exception):
     """A rewritten layer that the compressed-tensors format cannot describe: its model goes to rewrite's own
     layers folder instead (an input rotated online, which transformers' loader would not apply)."""

@@ -27,6 +27,10 @@ class Factors:
     def block(self) -> int:
         return len(self.signs) // len(self.outer)
 
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Q along x's last dimension, in x's dtype."""
+        return apply(x, *(t.to(x.dtype) for t in (self.signs, self.outer, hadamard(self.block))))
+
     def dense(self) -> torch.Tensor:
         return self.signs[:, None] * torch.kron(self.outer, hadamard(self.block))
 

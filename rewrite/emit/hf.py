@@ -136,8 +136,6 @@ def _state(model: nn.Module, expected: dict[str, tuple], rename=lambda name: nam
             continue
         try:
             tensors, args = module.compressed_tensors()
-        except NoCompressedForm:
-            raise
         except ValueError as exc:
             raise RewriteError(f"save_pretrained cannot write {rename(path)}: {exc}") from None
         _check_shape(rename(f"{path}.weight"), tensors["weight"], expected)

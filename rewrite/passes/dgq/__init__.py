@@ -147,7 +147,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
                 continue
             turn = self._rotation(group, candidates[path].in_features)
-            fit_x = x if turn is None else rotation.apply(x, *_float(turn))
+            fit_x = x if turn is None else turn.apply(x)
             shared = shared if shared is not None and shared.same(fit_x) else LayerInputs(fit_x)
             s_x = kernels.static_scale(fit_x) if self.act == "static" else torch.empty(0)
             for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x, turn)):
@@ -175,8 +175,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         blocks needed 20 layers wide for budget-cos=0.9995 instead of 16.)"""
         weights = [linear.weight.detach() for linear in linears]
         if turn is not None:  # the weights as the rotated inputs meet them: x·Wᵀ = (x·Q)·(W·Q)ᵀ
-            weights = [rotation.apply(w.double(), turn.signs, turn.outer, rotation.hadamard(turn.block)).float()
-                       for w in weights]
+            weights = [turn.apply(w.double()).float() for w in weights]
         widths = (self.bits, self.upgrade_bits) if self.budget_cos and self.upgrade_bits < 8 else (self.bits,)
         found = quantize_layers(weights, x, self.group, self.search, self.feedback, widths, self._patience())
         layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8", self._act())
@@ -232,10 +231,6 @@ class DualGrainedQuant(SqnrFloor, Pass):
 def _named(path: str, patterns: str) -> bool:
     """Whether fnmatch patterns joined by "|" (keep, hadamard) name the layer at `path`."""
     return bool(patterns) and any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns.split("|"))
-
-
-def _float(turn: rotation.Factors) -> tuple[torch.Tensor, ...]:
-    return turn.signs.float(), turn.outer.float(), rotation.hadamard(turn.block).float()
 
 
 def _rows(inputs: list[torch.Tensor]) -> torch.Tensor:
