@@ -190,7 +190,8 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
         speed = timer.speed(results[point.spec], PAIRED_BUDGET_S)
         point.speed, point.low, point.high, point.front = speed.ratio, speed.low, speed.high, True
     chosen, met = _choose(front, goal, metric)
-    search = {"target": target, "goal": goal, "backend": backend, "chosen": chosen.spec, "met": met,
+    search = {"target": target, "goal": goal, "backend": backend, "chosen": chosen.spec, "kept": chosen.applied,
+              "met": met,
               "more_accurate": _more_accurate(front, chosen, metric),
               "quality": _quality_name(metric),
               "against_defaults": _against_defaults(points, chosen, metric, before, after, idle),

@@ -49,6 +49,8 @@ def test_tune_chooses_writes_the_front_and_its_recipe_reproduces_the_model_bit_f
     search = report["search"]
     assert search["points"] and any(p["front"] for p in search["points"])
     assert search["chosen"] == json.loads((tmp_path / "t" / "recipe.json").read_text())["asked"]
+    kept = next(p["applied"] for p in search["points"] if p["spec"] == search["chosen"])
+    assert search["kept"] == kept and f"chose {kept} (" in " ".join(run.output.split())  # no pass that did nothing
     assert (tmp_path / "t" / "report-front.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Search" in (tmp_path / "t" / "report.md").read_text()
     again = CliRunner().invoke(app, ["optimize", "examples/cnn.py:build", "--recipe", str(tmp_path / "t" / "recipe.json"),

@@ -45,6 +45,6 @@ def tune(
                              force=force, seed=seed, trusted=trusted, backend=backend, progress=say)
     render.show_report(result.report)
     chosen = result.report.search
-    render.console.print(f"chose {chosen['chosen']} ({'meets' if chosen['met'] else 'does NOT meet'} {target}); "
+    render.console.print(f"chose {chosen['kept']} ({'meets' if chosen['met'] else 'does NOT meet'} {target}); "
                          f"wrote {out_dir}/ (report.md with the front, recipe.json: rewrite optimize MODEL --recipe "
                          f"{out_dir}/recipe.json reproduces it)", markup=False, soft_wrap=True)
