@@ -1,7 +1,7 @@
 """dgq on SmolLM2-135M judged on several unseen texts, and where its loss comes from.
 
     python benchmarks/dgq_texts.py --calib-text A.txt --eval-text B.txt --eval-text C.txt \
-        [--spec "dgq{budget-cos=0}" --spec dgq --spec "rotate,dgq{keep=lm_head,hadamard=*down_proj}" ...]
+        [--spec "dgq{budget-cos=0}" --spec dgq --spec "rotate,dgq{keep=lm_head,hadamard=*down_proj,group=128}" ...]
 
 Calibration: the first 8 windows of 512 tokens of A. Each evaluation text (another source than A) is cut
 into every 512-token window, as `rewrite optimize --eval-text` cuts it. Per spec, one `rewrite.optimize`
