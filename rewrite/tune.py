@@ -194,8 +194,7 @@ def _tune(model: Any, example_inputs: Any, target: str, time_limit: Any, run: di
         point.speed, point.low, point.high, point.front = speed.ratio, speed.low, speed.high, True
     chosen, met = _choose(front, goal, metric)
     search = {"target": target, "goal": goal, "backend": backend, "chosen": chosen.spec, "kept": chosen.applied,
-              "met": met,
-              "more_accurate": _more_accurate(front, chosen, metric),
+              "met": met, "more_accurate": _more_accurate(front, chosen, metric),
               "quality": _quality_name(metric),
               "against_defaults": _against_defaults(points, chosen, metric, before, after, idle),
               "seconds": round(time.perf_counter() - start, 1), "points": [asdict(p) for p in points],
