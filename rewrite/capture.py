@@ -73,17 +73,39 @@ class Captured:
 
 def without_kv_cache(model: nn.Module, inputs: tuple) -> str | None:
     """Hugging Face decoders return a KV-cache object by default, which export cannot return: turn it off
-    on our private copy (the rewrite computes the full-sequence forward) and say so when it returned one."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False) is not True:
+    on our private copy (the rewrite computes the full-sequence forward) and say so when it returned one.
+    Every config is turned off, not only the model's: T5 gives its decoder stack a copy of its own."""
+    flags = cache_flags(model)
+    if not any(flags.values()):
         return None
     outputs = run(model, inputs)
     values = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, tuple) else [outputs]
-    config.use_cache = False  # harmless where no cache was returned (encoders): one less thing to capture
+    set_cache_flags(model, dict.fromkeys(flags, False))  # harmless where no cache was returned (encoders)
     if any("Cache" in type(v).__name__ for v in values):
         return ("use_cache turned off for the rewrite: the rewritten model computes the full-sequence forward "
                 "and returns no KV cache (past_key_values)")
     return None
+
+
+def cache_flags(model: nn.Module) -> dict[str, bool]:
+    """config.use_cache of the model ("") and of each submodule with a config of its own, by module path."""
+    return {path: m.config.use_cache for path, m in model.named_modules()
+            if isinstance(getattr(getattr(m, "config", None), "use_cache", None), bool)}
+
+
+def set_cache_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    """config.use_cache set per module path (`cache_flags`' form); paths the model no longer has are left."""
+    for path, value in flags.items():
+        config = getattr(_submodule_or_none(model, path), "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = value
+
+
+def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def copied(module: Any) -> Any:

@@ -31,7 +31,7 @@ class Job:
     metric: str | None
     masks: list | None  # per batch: which output positions count (padding excluded)
     warnings: list[str]
-    use_cache: bool | None  # the model's config.use_cache, given back to the result
+    use_cache: dict[str, bool]  # config.use_cache by module path ("": the model's), given back to the result
     cache_note: str | None  # what a graph result loses of the KV cache
     outputs: list | None = None  # the private copy's outputs on data.batches (its check ran them), or None
 
@@ -51,7 +51,7 @@ def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, 
     eval = like_example(eval, inputs, model) if eval_is_text else eval
     calib = loaded.calibration if calib is None else calib
     torch.manual_seed(seed)
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    use_cache = capture.cache_flags(model)
     cache_note = capture.without_kv_cache(model, inputs)
     data, outputs, warns = calibration_data(calib, model, inputs, seed, passes, calib_batches)
     eval_data = evaluation_data(eval, metric, model, mask_input) if eval is not None else None

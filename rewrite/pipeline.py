@@ -100,6 +100,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     record.reason = flag or ""
     if not result.modified:
         record.reason = "; ".join(f"{w}: {why}" for w, why in record.skipped) or f"no layer matched ({pass_.applies_to})"
+        record.reason += _swapped_before(result.module, pass_.name)
     record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
     record.bytes_after = measure.weight_bytes(result.module)
     return result.module, new_outputs, record
@@ -165,6 +166,22 @@ def _recovered_errors(result: PassResult, outputs: list, ctx: PassContext, train
     if not held:
         result.stats["recovery_warning"] = "one calibration batch: checked on the data it trained on; give more"
     return held or None
+
+
+def _swapped_before(module: nn.Module, name: str) -> str:
+    """Where a pass found nothing: the layers earlier passes already swapped, which it may have looked for
+    (fwsvd after dgq finds no nn.Linear left), and the order that lets both apply."""
+    if not is_graph(module):
+        return ""
+    counts: dict[str, int] = {}
+    for node in module.graph.nodes:
+        made_by = node.meta.get("rewrite.pass")
+        if node.op == "call_module" and made_by and made_by != name:
+            counts[made_by] = counts.get(made_by, 0) + 1
+    if not counts:
+        return ""
+    done = ", ".join(f"{p} swapped {n}" for p, n in counts.items())
+    return f" ({done} layer(s) before it: to rewrite them too, put {name} earlier in the pipeline)"
 
 
 def _pick(items: list | None, idx: list[int]) -> list | None:

@@ -14,17 +14,18 @@ import torch
 from torch import fx, nn
 
 from rewrite import capture, verify
+from rewrite.errors import first_line
 from rewrite.patterns import set_submodule
 
 
 def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: list | None = None,
-               want: list | None = None) -> tuple[nn.Module, list] | None:
-    """(a copy of `eager` holding `graph`'s rewritten layers and weights, its outputs on `batches`), or None
+               want: list | None = None) -> tuple[nn.Module, list] | str:
+    """(a copy of `eager` holding `graph`'s rewritten layers and weights, its outputs on `batches`), or why not
     where it would compute something else than `graph` there (positions `masks` keep). `want`: the graph's
     outputs on `batches` where the caller has them (verification computed them); where the copy gives them
     bit for bit on the probe batches, they are its outputs (`capture.outputs_on`)."""
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
-        return None
+        return "the model was not captured as a graph"
     target = capture.copied(eager)
     paths = dict(target.named_modules())
     for node in graph.graph.nodes:
@@ -32,8 +33,8 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             continue
         module = graph.get_submodule(node.target)
         if node.target not in paths:
-            if capture.layer_count(module):
-                return None  # a layer at a path the model does not have: a graph pass made it
+            if capture.layer_count(module):  # a graph pass made it
+                return f"the graph has a layer at {node.target}, a path your model does not have"
             continue  # export's own helpers (_guards_fn); an output check below catches anything else
         if type(module) is type(paths[node.target]):
             continue  # not replaced: its weights come over below, into your tensors (ties kept: lm_head = embed)
@@ -49,9 +50,9 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
         got = capture.outputs_on(target, batches, want, masks)
         taken = all(g is w for g, w in zip(got, want))  # bit for bit on the probes: nothing left to compare
         same = taken or verify.compare(want, got, masks=masks).within_tolerance
-    except Exception:  # the copy cannot run what the graph runs (a graph pass changed a layer's calling)
-        return None
-    return (target, got) if same else None
+    except Exception as exc:  # the copy cannot run what the graph runs (model code reads what a layer lacks)
+        return f"your model's code raised {type(exc).__name__} with them: {first_line(exc, 200)}"
+    return (target, got) if same else "with them your model computed something else than the verified graph"
 
 
 def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:
@@ -74,14 +75,18 @@ def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:
             config.tie_word_embeddings = False
 
 
-def lost_in_the_graph(model: nn.Module, graph_passes: list[str]) -> str | None:
-    """What a user loses when the result is a GraphModule instead of their class (None: nothing to lose)."""
+def lost_in_the_graph(model: nn.Module, graph_passes: list[str], why: str = "") -> str | None:
+    """What a user loses when the result is a GraphModule instead of their class (None: nothing to lose);
+    `why`: what went wrong putting the layers back, where no graph pass applied."""
     kept = [m for m in ("generate", "save_pretrained", "config") if hasattr(model, m)]
     if not kept:
         return None
-    why = f"{', '.join(graph_passes)} changed the graph itself" if graph_passes else "its layers could not be put back"
-    return (f"the result is a graph, not your {type(model).__name__}: {why}, so {', '.join(kept)} and the KV "
-            "cache are not on it; run the layer passes (dgq, fwsvd, lowrank, tconv) alone to keep your class")
+    if graph_passes:
+        return (f"the result is a graph, not your {type(model).__name__}: {', '.join(graph_passes)} changed the graph "
+                f"itself, so {', '.join(kept)} and the KV cache are not on it; run the layer passes (dgq, fwsvd, "
+                "lowrank, tconv) alone to keep your class")
+    return (f"the result is a graph, not your {type(model).__name__}: its rewritten layers could not be put back "
+            f"({why or 'no reason given'}), so {', '.join(kept)} and the KV cache are not on it")
 
 
 def choose(graph: nn.Module, eager: nn.Module, graph_passes: list[str], batches: list[tuple],
@@ -91,8 +96,11 @@ def choose(graph: nn.Module, eager: nn.Module, graph_passes: list[str], batches:
     what the graph loses, if anything). Only a model with something to lose (a Hugging Face model's generate,
     config) is put back, and only when no graph pass applied: the graph then holds a rewrite the eager copy
     cannot."""
-    lost = lost_in_the_graph(eager, graph_passes)
-    own = onto_eager(graph, eager, batches, masks, graph_outputs) if lost and not graph_passes else None
-    if own is None:
-        return None, None, (lost if graph is not eager else None)
+    if lost_in_the_graph(eager, graph_passes) is None or graph is eager:
+        return None, None, None
+    if graph_passes:
+        return None, None, lost_in_the_graph(eager, graph_passes)
+    own = onto_eager(graph, eager, batches, masks, graph_outputs)
+    if isinstance(own, str):
+        return None, None, lost_in_the_graph(eager, graph_passes, own)
     return own[0], own[1], None

@@ -288,3 +288,17 @@ def test_dead_in_place_ops_are_flagged():
     model = TinyMLP()
     record = api.optimize(model, (torch.randn(4, 16),), [_LeavesDeadInPlace()], measure_latency=False).report.records[0]
     assert "dead in-place op(s) left running" in record.reason
+
+
+def test_a_pass_that_finds_nothing_after_an_earlier_pass_swapped_its_layers_says_which_order_works():
+    """fwsvd after dgq finds no nn.Linear left: the reason names dgq's swaps and the order that applies both;
+    fwsvd alone on a model without Linears gets no such hint."""
+    from tests.passes.test_lowrank import FFN
+    model, calib = FFN(), [(torch.randn(64, 32),) for _ in range(4)]
+    dgq_first = api.optimize(model, calib[0], "dgq{budget-cos=0},fwsvd{min-sqnr=-100}", calib=calib,
+                             measure_latency=False)
+    quantized, factorized = dgq_first.report.records
+    assert quantized.status == "applied" and factorized.status == "nothing to rewrite"
+    assert "dgq swapped 5 layer(s) before it" in factorized.reason and "put fwsvd earlier" in factorized.reason
+    alone = api.optimize(ConvBN(), torch.randn(2, 3, 8, 8), "fwsvd", measure_latency=False).report.records[0]
+    assert alone.status == "nothing to rewrite" and "earlier in the pipeline" not in alone.reason

@@ -173,6 +173,62 @@ def test_gpt2_conv1d_layers_are_linears_and_its_ffn_is_found():
     assert ["lm_head", "its weight is also used elsewhere in the graph (tied embeddings)"] in [list(s) for s in tied.skipped]
 
 
+def test_an_encoder_whose_config_has_no_use_cache_gets_its_folder(tmp_path):
+    """ViT's config has no use_cache: writing its folder once raised AttributeError (the run exited with "a bug in
+    rewrite"); the folder is written and the config is left without the field."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                    image_size=16, patch_size=8)
+    model = transformers.ViTModel(config).eval()
+    calib = [(torch.randn(2, 3, 16, 16),) for _ in range(2)]
+    result = rewrite.optimize(model, calib[0], "fwsvd{param-ratio=0.5,min-sqnr=-100}", calib=calib, out=tmp_path / "v",
+                              measure_latency=False)
+    assert result.report.records[0].status == "applied"
+    assert [a.kind for a in result.report.artifacts if a.kind == "hf"] == ["hf"]
+    assert "use_cache" not in json.loads((tmp_path / "v" / "config.json").read_text())
+    assert not hasattr(result.model.config, "use_cache")
+
+
+def test_an_encoder_decoder_is_captured_without_its_cache_and_comes_back_as_its_class_with_generate():
+    """T5 gives its decoder stack a copy of its config: turning off only the model's use_cache left the decoder
+    returning a cache that export refused (the graph passes were skipped). And T5's FFN reads `wo.weight`, which
+    a dgq layer lacked, so the layers could not go back into the user's class. Now: captured, quantized, the
+    user's T5ForConditionalGeneration with every config's use_cache as it was, and generate() runs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
+                                   vocab_size=64, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=g),
+              "decoder_input_ids": torch.randint(0, 64, (2, 6), generator=g)} for _ in range(3)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=16,min-sqnr=-100}", calib=calib, measure_latency=False)
+    assert result.report.capture.startswith("graph") and result.report.records[0].status == "applied"
+    rewritten = result.model
+    assert type(rewritten) is type(model) and rewritten.decoder.config.use_cache and not rewritten.encoder.config.use_cache
+    assert model.decoder.config.use_cache  # the user's model is untouched
+    tokens = rewritten.generate(calib[0]["input_ids"][:1], max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (1, 5)
+
+
+def test_layers_that_cannot_go_back_into_the_users_class_say_why():
+    """T5's FFN reads `wo.weight`, which a factorized layer does not have (it stores only its factors): the
+    result is the verified graph, and the warning says what the user's code raised, not only that it failed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(num_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
+                                   vocab_size=64)
+    model = transformers.T5Model(config).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=g),
+              "decoder_input_ids": torch.randint(0, 64, (2, 6), generator=g)} for _ in range(3)]
+    result = rewrite.optimize(model, calib[0], "fwsvd{target=all,param-ratio=0.5,min-sqnr=-100}", calib=calib,
+                              measure_latency=False)
+    assert result.report.records[0].status == "applied" and isinstance(result.model, torch.fx.GraphModule)
+    [lost] = [w for w in result.report.warnings if w.startswith("the result is a graph")]
+    assert "could not be put back (your model's code raised AttributeError" in lost and "'weight'" in lost, lost
+
+
 def _decoder(family):
     transformers = pytest.importorskip("transformers")
     config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

@@ -89,6 +89,21 @@ def test_error_feedback_keeps_the_searched_grid_and_lowers_the_output_error():
     assert error["feedback"] < 0.8 * error["search"], error
 
 
+
+def test_the_inverse_factor_is_upper_triangular_and_squares_to_the_damped_inverse_hessian():
+    """Uᵀ·U = (H + λ·mean(diag H)·I)⁻¹ with U upper triangular and a positive diagonal (feedback's row
+    updates read U so); a dead column (Σ x² = 0) gets a unit diagonal before the damping."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 40, generator=g) @ (torch.randn(40, 40, generator=g) / 6 + torch.eye(40))
+    x[:, 7] = 0.0
+    hessian = (x.T @ x).double()
+    upper = feedback.inverse_factor(hessian)
+    damped = hessian.clone()
+    damped[7, 7] = 1.0
+    damped += FEEDBACK_DAMP * damped.diagonal().mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
+
 def _ints(x_q, w_s8):
     return (x_q.double() @ w_s8.double().T)  # exact: |sums| < 2^53
 

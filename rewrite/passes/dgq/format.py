@@ -122,6 +122,13 @@ class DGQLinear(nn.Module):
         return self
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The stored integer weights (int8 W_s8, or form=w4's packed uint8), as bitsandbytes' int8 layers expose
+        theirs: model code that reads a Linear's weight for its dtype or device runs (T5's FFN casts its input
+        to `wo.weight.dtype` unless that is int8). `float_weight()` gives the values."""
+        return self.w_s8 if self.form == "int8" else self.packed
+
+    @property
     def rotated(self) -> bool:
         return ROTATION[0] in self._buffers
 
