@@ -124,7 +124,24 @@ def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     except Exception as exc:  # export raises many types; all mean "not capturable"
         return Captured(model, example_inputs, graph=False, note=explain_failure(exc, model), original=model)
     lift_layers(gm)
+    drop_inference_dropout(gm)
     return Captured(gm, example_inputs, graph=True, dynamic_dims=dynamic, original=model)
+
+
+def drop_inference_dropout(gm: fx.GraphModule) -> int:
+    """Remove the dropout nodes an eval-mode export keeps (aten.dropout with train=False: the identity), so that
+    patterns see what they read through (Phi-3's residual dropouts once hid its stream from `rotate`). Returns
+    how many were removed."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
+        if node.op == "call_function" and node.target == torch.ops.aten.dropout.default and train is False:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ A pattern's `check(match, gm)` returns None or the reason a structural match is 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,6 +26,19 @@ from torch import fx, nn
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from rewrite.capture import lift_layers, quiet_torch
+
+
+def cached_pattern(build: Callable[..., Pattern]) -> Callable[..., Pattern]:
+    """A pattern factory, built once per process, whose example modules and inputs draw from a random generator
+    of their own: building a pattern must not move the global RNG, or a run's random draws (calibration,
+    recovery) would depend on whether an earlier run in the process had built the pattern already."""
+    @functools.cache
+    @functools.wraps(build)
+    def cached(*args, **kwargs) -> Pattern:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build(*args, **kwargs)
+    return cached
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,12 @@
 """Shared patterns (built on rewrite.match) and small helpers over lifted graphs and eager trees."""
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import fx, nn
 
 from rewrite.capture import set_submodule  # noqa: F401  (passes take it from here, with the patterns)
-from rewrite.match import Pattern, Variant
+from rewrite.match import Pattern, Variant, cached_pattern
 
 
 
@@ -47,7 +46,7 @@ class _FeedForward(nn.Module):
         return self.down(self.drop(self.act(self.up(x))))
 
 
-@functools.cache
+@cached_pattern
 def feed_forward() -> Pattern:
     """Linear `up` → activation → (eval-mode dropout) → Linear `down`, the FFN of transformers and MLPs,
     also across submodules (Hugging Face's `intermediate` / `output`). Literals are ignored, so GELU's
@@ -59,18 +58,28 @@ def feed_forward() -> Pattern:
 
 
 class _Gated(nn.Module):
-    def __init__(self):
+    def __init__(self, act: nn.Module):
         super().__init__()
         self.gate, self.up, self.down = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False), nn.Linear(8, 4)
+        self.act = act
 
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
-@functools.cache
+# The gate's activation per variant, named as `ACTIVATIONS` are: SwiGLU (Llama, Qwen, Mistral), GeGLU with exact or
+# tanh GELU (Gemma's gelu_pytorch_tanh is the op's own tanh form; T5 v1.1's "gelu_new" is written out), ReGLU.
+GATES = {"SiLU": nn.SiLU, "GELU": nn.GELU, "TanhGELU": lambda: nn.GELU(approximate="tanh"),
+         "TanhGELU-written": TanhGELU, "ReLU": nn.ReLU}
+
+
+@cached_pattern
 def gated_feed_forward() -> Pattern:
-    """down(silu(gate(x)) · up(x)): the SwiGLU block of Llama-style decoders."""
-    return Pattern("gated-feed-forward", Variant(_Gated().eval(), (torch.randn(2, 4),), ignore_literals=True))
+    """down(act(gate(x)) · up(x)): the gated FFN of decoders (SwiGLU in Llama-style ones, GeGLU in Gemma's and
+    T5 v1.1's). A match's variant names the gate's activation (`GATES`)."""
+    return Pattern("gated-feed-forward", *[
+        Variant(_Gated(act()).eval(), (torch.randn(2, 4),), ignore_literals=True, name=name.split("-")[0])
+        for name, act in GATES.items()])
 
 
 def layer_of(gm: fx.GraphModule, node: object, kinds: tuple[type, ...]) -> nn.Module | None:

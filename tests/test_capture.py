@@ -202,3 +202,32 @@ def test_bit_equal_needs_the_same_structure_dtype_and_bits():
     assert not capture.bit_equal({"a": x}, {"b": x})
     assert not capture.bit_equal(x, x.double())
     assert not capture.bit_equal(x, torch.nextafter(x, x + 1))  # one unit in the last place
+
+
+class _ResidualDropout(nn.Module):
+    """A block whose residual branch goes through nn.Dropout, as Phi-3's attention and MLP outputs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.drop = nn.Linear(8, 8), nn.Dropout(0.1)
+
+    def forward(self, x):
+        return x + self.drop(self.proj(x))
+
+
+def test_eval_mode_dropout_leaves_the_captured_graph_and_the_outputs_stay():
+    model, inputs = _ResidualDropout().eval(), (torch.randn(3, 8),)
+    captured = capture.capture(model, inputs)
+    assert captured.graph
+    assert not [n for n in captured.module.graph.nodes if n.target == torch.ops.aten.dropout.default]
+    _same(model, captured, inputs)
+
+
+def test_training_mode_dropout_nodes_are_kept():
+    """Only train=False dropout is the identity; a graph with a real dropout keeps it."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.dropout.default, (x, 0.5, True)))
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert capture.drop_inference_dropout(gm) == 0
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.aten.dropout.default]

@@ -174,3 +174,39 @@ def test_a_pattern_with_a_cast_matches_at_any_literal_and_its_dtype_checks_go_wi
     replace_match(gm, match, _Fused(), match.inputs, match.outputs, name="fused_norm")
     assert not [n for n in gm.graph.nodes if "rsqrt" in str(n.target) or "pow" in str(n.target)]
     torch.testing.assert_close(gm(x), norm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_building_a_pattern_leaves_the_global_random_state_alone():
+    """Pattern factories make example modules and inputs; they draw from a generator of their own, so a run's
+    random draws do not depend on whether an earlier run in the process built the pattern first."""
+    from rewrite.match import cached_pattern
+
+    @cached_pattern
+    def made() -> Pattern:
+        return Pattern("linear", Variant(nn.Linear(3, 3), (torch.randn(2, 3),)))
+
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    pattern = made()
+    assert torch.equal(torch.rand(3), want) and made() is pattern
+
+
+@pytest.mark.parametrize("act,variant", [(F.silu, "SiLU"), (lambda h: F.gelu(h, approximate="tanh"), "GELU"),
+                                         (F.relu, "ReLU")])
+def test_gated_feed_forwards_match_with_the_gates_activation_named(act, variant):
+    """SwiGLU, GeGLU (Gemma's tanh GELU) and ReGLU blocks are all gated feed-forwards; the match names the gate's
+    activation, which snnk's kernel features follow. An ungated block is not one."""
+    from rewrite.patterns import gated_feed_forward
+
+    class Gated(nn.Module):
+        def __init__(self, gated=True):
+            super().__init__()
+            self.gate, self.up, self.down, self.gated = nn.Linear(6, 12), nn.Linear(6, 12), nn.Linear(12, 6), gated
+
+        def forward(self, x):
+            return self.down(act(self.gate(x)) * self.up(x) if self.gated else act(self.gate(x)))
+
+    [match] = gated_feed_forward().find(_graph(Gated(), torch.randn(3, 6)))
+    assert match.variant == variant and {match[k].target for k in ("gate", "up", "down")} == {"gate", "up", "down"}
+    assert not gated_feed_forward().find(_graph(Gated(gated=False), torch.randn(3, 6)))

@@ -205,7 +205,8 @@ def test_an_encoder_decoder_is_captured_without_its_cache_and_comes_back_as_its_
     result = rewrite.optimize(model, calib[0], "dgq{group=16,min-sqnr=-100}", calib=calib, measure_latency=False)
     assert result.report.capture.startswith("graph") and result.report.records[0].status == "applied"
     rewritten = result.model
-    assert type(rewritten) is type(model) and rewritten.decoder.config.use_cache and not rewritten.encoder.config.use_cache
+    assert type(rewritten) is type(model)
+    assert rewritten.decoder.config.use_cache and not rewritten.encoder.config.use_cache
     assert model.decoder.config.use_cache  # the user's model is untouched
     tokens = rewritten.generate(calib[0]["input_ids"][:1], max_new_tokens=4, do_sample=False)
     assert tokens.shape == (1, 5)
@@ -227,6 +228,20 @@ def test_layers_that_cannot_go_back_into_the_users_class_say_why():
     assert result.report.records[0].status == "applied" and isinstance(result.model, torch.fx.GraphModule)
     [lost] = [w for w in result.report.warnings if w.startswith("the result is a graph")]
     assert "could not be put back (your model's code raised AttributeError" in lost and "'weight'" in lost, lost
+
+
+def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate():
+    """Phi-3 adds its attention and MLP outputs to the residual stream through nn.Dropout modules; in eval mode they
+    are the identity, and `rotate` (which follows the stream from Linear to Linear) now applies, exactly."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=4, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    record = rewrite.optimize(model, calib[0], "rotate", calib=calib, measure_latency=False).report.records[0]
+    assert record.status == "applied", record.reason
 
 
 def _decoder(family):

@@ -9,14 +9,13 @@ BatchNorm without them is never a match.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from rewrite.match import Match, Pattern, Variant
+from rewrite.match import Match, Pattern, Variant, cached_pattern
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import set_submodule
 
@@ -34,7 +33,7 @@ class _LayerBN(nn.Module):
         return self.bn(self.layer(x))
 
 
-@functools.cache
+@cached_pattern
 def layer_bn() -> Pattern:
     """Conv/Linear → BatchNorm of matching rank; a Linear only on 2-D input (BatchNorm1d on 3-D input
     normalizes the sequence axis's neighbour, not the Linear's features)."""

@@ -24,13 +24,12 @@ Contract: exact (float tolerance).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from rewrite.match import Pattern, Variant
+from rewrite.match import Pattern, Variant, cached_pattern
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import alias_source
 
@@ -67,7 +66,7 @@ class _AddScaled(nn.Module):
         return w * v + x
 
 
-@functools.cache
+@cached_pattern
 def scaled_add() -> Pattern:
     """x + w ⊙ v in either order of the sum (the product's value is read by nothing else)."""
     example = tuple(torch.randn(2, 3) for _ in range(3))

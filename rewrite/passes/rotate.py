@@ -20,12 +20,12 @@ not): the model then stores the head apart, and its `config.tie_word_embeddings`
 Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456 (2024)
 (the rotation of the residual stream, §4.1; SpinQuant, arXiv:2405.16406, learns Q instead). Contract: exact
 (float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
-only Linears read, and written only by Linears (Llama, Mistral, Qwen2, SmolLM); LayerNorm models (BERT,
-GPT-2) are left alone: its mean subtraction does not commute with Q.
+only Linears read, and written only by Linears (Llama, Mistral, Qwen2, SmolLM, Phi-3; Gemma, whose constant
+embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ does); LayerNorm models (BERT, GPT-2)
+are left alone: its mean subtraction does not commute with Q.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +33,13 @@ from torch import fx, nn
 
 from rewrite import rotation
 from rewrite.errors import InvalidValue
-from rewrite.match import Match, Pattern, Variant, is_dtype_check
+from rewrite.match import Match, Pattern, Variant, cached_pattern, is_dtype_check
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import attribute, module_paths
 
 _aten = torch.ops.aten
-_PASS_THROUGH = {_aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.clone.default}
+_PASS_THROUGH = {_aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.clone.default,
+                 _aten.type_as.default}
 
 
 class _RMSNorm(nn.Module):
@@ -53,23 +54,41 @@ class _RMSNorm(nn.Module):
         if self.form == "fused":
             return nn.functional.rms_norm(x, (x.shape[-1],), weight, 1e-6)
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.form == "offset":  # Gemma's: the scale is 1 + weight (zero-initialized weights)
+            return normed * (1.0 + weight.float())
         return weight * (normed.to(torch.float32) if self.form == "cast" else normed)
 
 
-@functools.cache
+@cached_pattern
 def rms_norm() -> Pattern:
-    """x → weight · x/rms(x): written out with or without the cast back to the input's dtype in between, or
-    torch's fused op; at any epsilon."""
+    """x → γ · x/rms(x), γ = weight: written out with or without the cast back to the input's dtype in between, or
+    torch's fused op; or γ = c + weight (Gemma's c = 1, `offset`); at any epsilon."""
     example = (torch.randn(2, 3, 8), torch.randn(8))
     return Pattern("rms-norm", *[Variant(_RMSNorm(form), example, ignore_literals=True, name=form)
-                                 for form in ("cast", "plain", "fused")], check=_norm_check)
+                                 for form in ("cast", "plain", "fused", "offset")], check=_norm_check)
 
 
 def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
     weight = match.inputs[1]
-    if weight.op != "get_attr" or len(weight.users) != 1:
+    if weight.op != "get_attr" or len([u for u in weight.users if not is_dtype_check(u)]) != 1:
         return "its weight is not a parameter of this norm alone"
     return None
+
+
+def _offset(match: Match) -> float:
+    """c of γ = c + weight (the `offset` form's literal); 0 where γ is the weight itself."""
+    if match.variant != "offset":
+        return 0.0
+    weight = match.inputs[1]
+    for node in match.nodes.values():
+        if node.target == _aten.add.Tensor and any(_is_weight(a, weight) for a in node.args):
+            return float(next(a for a in node.args if isinstance(a, (int, float))))
+    raise ValueError("an offset RMSNorm without its c + weight")
+
+
+def _is_weight(arg, weight: fx.Node) -> bool:
+    """`arg` is the norm's weight, or the weight cast (`.float()`)."""
+    return arg is weight or (isinstance(arg, fx.Node) and arg.target in _PASS_THROUGH and arg.args[0] is weight)
 
 
 @dataclass
@@ -86,7 +105,8 @@ class Rotate(Pass):
     paper = "Ashkboos et al., QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs, arXiv:2404.00456"
     summary = "rotate a decoder's residual stream (exact): quantization after it meets no outlier channels"
     contract = Exact()
-    applies_to = "decoders with RMSNorm (Llama, Mistral, Qwen2, SmolLM): the residual stream from the embedding"
+    applies_to = ("decoders with RMSNorm (Llama, Mistral, Qwen2, SmolLM, Phi-3, Gemma): the residual stream from the "
+                  "embedding")
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
 
@@ -129,11 +149,11 @@ def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> Non
     table = attribute(gm, stream.embedding.args[0].target)
     set_to(table, table.double() @ q)
     for norm in stream.norms:
-        gamma = attribute(gm, norm.inputs[1].target)
+        gamma, offset = attribute(gm, norm.inputs[1].target), _offset(norm)
         for path in stream.readers[norm.outputs[0].name]:
             weight = gm.get_submodule(path).weight
-            set_to(weight, (weight.double() * gamma.double()) @ q)
-        gamma.fill_(1.0)
+            set_to(weight, (weight.double() * (gamma.double() + offset)) @ q)
+        gamma.fill_(1.0 - offset)  # γ = offset + weight = 1
     for path in stream.writers:
         layer = gm.get_submodule(path)
         set_to(layer.weight, q.T @ layer.weight.double())
@@ -171,9 +191,9 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
 
 def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     """Take `user` of a stream value into `stream` (or the queue), or say why the rotation cannot pass it."""
-    if is_dtype_check(user):
-        return None
-    if user.target in _PASS_THROUGH:
+    if is_dtype_check(user) or (user.target == _aten.type_as.default and user.args[0] is not value):
+        return None  # read for its dtype only (Gemma's norms cast back with type_as(out, x))
+    if user.target in _PASS_THROUGH or _scaled(user, value):
         todo.append(user)
         return None
     if value in norms and user in norms[value].nodes.values():
@@ -201,12 +221,36 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     return f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
 
 
+def _scaled(user: fx.Node, value: fx.Node) -> bool:
+    """`user` multiplies the stream by a constant scalar (Gemma scales its embeddings by √d): it commutes with Q."""
+    if user.target != _aten.mul.Tensor or value not in user.args[:2]:
+        return False
+    other = user.args[1] if user.args[0] is value else user.args[0]
+    return isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _constant_scalar(other))
+
+
+def _constant_scalar(node: fx.Node) -> bool:
+    """A one-element tensor computed from the model's own tensors only (no input reaches it)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.numel() != 1:
+        return False
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current.op == "placeholder":
+            return False
+        if current not in seen:
+            seen.add(current)
+            todo += current.all_input_nodes
+    return True
+
+
 def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[str], str | None]:
     """(the Linears reading `node`, also through casts and slices along other axes than the features, as the
     head reading the last position only; the first other reader in words, or None)."""
     readers = []
     for user in node.users:
-        if is_dtype_check(user):
+        if is_dtype_check(user) or (user.target == _aten.type_as.default and user.args[0] is not node):
             continue
         if _is_linear(gm, user):
             readers.append(user.target)

@@ -68,6 +68,33 @@ def test_rotation_is_exact_keeps_the_class_and_unties_the_head(tmp_path):
     assert (reloaded - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def test_a_gemma_rotates_exactly_through_its_scaled_embeddings_and_one_plus_weight_norms(tmp_path):
+    """Gemma scales its embeddings by √d (a constant scalar: it commutes with Q), its RMSNorms multiply by 1 + w
+    and cast back with type_as: rotate applies, folds 1 + w into the readers (w ← 0), keeps the class, and the
+    folder loads with from_pretrained to the same logits."""
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                   max_position_embeddings=64)
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 1.0)  # scales 1 + w from 0.5 to 2
+    result = check_pass(Rotate(), model, (_ids(0),), calib=[(_ids(s),) for s in range(2)])
+    record, rotated = result.report.records[0], result.model
+    assert record.status == "applied" and record.stats["norms_folded"] == 5, record.reason
+    assert isinstance(rotated, transformers.GemmaForCausalLM)
+    assert all(torch.equal(norm.weight, torch.zeros_like(norm.weight))
+               for name, norm in rotated.named_modules() if name.endswith("norm"))
+    with torch.no_grad():
+        want = model(_ids(9)).logits
+    assert (rotated(_ids(9)).logits - want).abs().max() < 1e-4 * want.abs().max()
+    rotated.save_pretrained(tmp_path / "folder")
+    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "folder", _ids(9), tmp_path)
+    assert (reloaded - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_an_untied_head_stays_untied_and_nothing_grows():
     model, ids = _llama(tied=False), _ids(0)
     record = check_pass(Rotate(), model, (ids,), calib=[(ids,)]).report.records[0]

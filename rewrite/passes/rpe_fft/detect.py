@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from rewrite.match import Match, Pattern, Variant
+from rewrite.match import Match, Pattern, Variant, cached_pattern
 
 _NEG = -1e4  # at or below this an additive score is a mask (exp underflows to 0 in float32 softmax)
 
@@ -39,6 +39,7 @@ class _SDPA(nn.Module):
         return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+@cached_pattern
 def attention() -> Pattern:
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))  # distinct tensors: export aliases repeated ones
     biases = [torch.randn(1, 2, 4, 4) for _ in range(2)]

@@ -9,9 +9,9 @@ approximation that recovery (`--recover`) trains toward the original. Bundling f
 in exactly: down(Ψ Φ(x)) = (V Ψ) Φ(x) + c, so the block is one fixed m-wide projection, a feature map and
 one trainable m → l' Linear: m·(d + l') multiply-adds per token instead of 2·d·l.
 
-Gated blocks (SwiGLU: down(silu(gate(x)) ⊙ up(x))): a kernel form of the whole gated product would be a
-bilinear map of Φ(x) ⊗ x (m·d·l' weights, more than the block), so only the gate branch is kernelized:
-silu(gate(x)) ≈ Ψ(W̃_gate)·Φ(x), the unbundled SNNK layer; the product with up(x) and `down` stay.
+Gated blocks (down(act(gate(x)) ⊙ up(x)): SwiGLU, GeGLU, ReGLU): a kernel form of the whole gated product would
+be a bilinear map of Φ(x) ⊗ x (m·d·l' weights, more than the block), so only the gate branch is kernelized:
+act(gate(x)) ≈ Ψ(W̃_gate)·Φ(x), the unbundled SNNK layer; the product with up(x) and `down` stay.
 The gate's l·d weights become l·m trainable ones plus the fixed G.
 
 Paper: Sehanobish, Choromanski et al., "Scalable Neural Network Kernels", ICLR 2024 (arXiv:2310.13225).
@@ -161,7 +161,7 @@ class ScalableKernels(SqnrFloor, Pass):
             before += sum(p.numel() for layer in replaced for p in layer.parameters())
             after += sum(p.numel() for p in built.parameters() if p.requires_grad)
         module.delete_all_unused_submodules()
-        kinds = sorted({self._kind(m.variant if m.pattern == "feed-forward" else "SiLU") for m in [*(found or []), *gates]})
+        kinds = sorted({self._kind(m.variant) for m in [*(found or []), *gates]})
         stats = {"blocks": len(done), "features": self.features, "kind": ",".join(k or "-" for k in kinds),
                  "forms": ", ".join(f"{k} {v}" for k, v in sorted(forms.items())) or "-", "init": self.init, "rewritten_params": f"{before:,} → {after:,}"}
         return PassResult(module, bool(done), stats, skipped)
@@ -178,7 +178,7 @@ class ScalableKernels(SqnrFloor, Pass):
         """(reason, None) or (None, the module that now runs in the graph)."""
         if gated and not self.gated:
             return "gated feed-forward (SwiGLU) left alone (gated=false)", None
-        activation = "SiLU" if gated else match.variant.split("+")[0]
+        activation = match.variant.split("+")[0]  # a gated match names its gate's (`patterns.GATES`)
         kind = self._kind(activation)
         if kind is None:
             return (f"kind={self.kind} estimates {' or '.join(_ESTIMATES[self.kind])}, not {activation} "

@@ -14,12 +14,11 @@ these apply to it; they apply to the linear chains that hand-written operators d
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import fx, nn
 
-from rewrite.match import Match, Pattern, Variant
+from rewrite.match import Match, Pattern, Variant, cached_pattern
 from rewrite.passes.t1.gemm import SpectralGEMM
 
 
@@ -129,7 +128,7 @@ class _Twice(nn.Module):
 _X = (torch.randn(2, 3, 8, 8),)
 
 
-@functools.cache
+@cached_pattern
 def shift_pairs() -> Pattern:
     """fftshift∘ifftshift = ifftshift∘fftshift = id; fftshift∘fftshift = id along even sizes."""
     fft = torch.fft
@@ -148,7 +147,7 @@ def _shift_check(match: Match, gm: fx.GraphModule) -> str | None:
     return None
 
 
-@functools.cache
+@cached_pattern
 def round_trips() -> Pattern:
     """irfft(rfft(x)) = x at x's own size over the same dims with matching norms (1-D, 2-D, n-D)."""
     fft = torch.fft
