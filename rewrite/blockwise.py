@@ -177,6 +177,15 @@ class Outcome:
     layout: tuple  # (pytree spec, constants, leaf count) of a block's call, for the output manifest
 
 
+def _needs_whole_model(pass_: Any) -> Any:
+    """One record for a pass that reads what no single block has, instead of one refusal per block."""
+    from rewrite.report import PassRecord
+    return PassRecord(name=pass_.name, spec=pass_.spec(), contract=pass_.contract.describe(), status="skipped",
+                      reason=f"it reads {pass_.whole_model}, and a checkpoint folder is rewritten block by block: load "
+                             "the model in Python (e.g. AutoModelForCausalLM.from_pretrained) and give it to "
+                             "rewrite.optimize, or as a file.py:factory, to run it")
+
+
 def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, strict: bool = False,
         recover: Any = None, say: Callable[..., None] = lambda *a, **k: None,
         load: Callable[[int], None] = lambda i: None, keep: Callable = in_place,
@@ -189,6 +198,8 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
     from rewrite.pass_base import PassContext
     path, blocks = find_stack(model)
     kind = type(blocks[0]).__name__
+    whole = [p for p in passes if p.whole_model]
+    passes = [p for p in passes if not p.whole_model]
     load(0)
     calls = first_block_calls(model, blocks[0], batches)
     layout = FlatCall(blocks[0], calls[0])
@@ -216,7 +227,7 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
         return module, records, captured
 
     reports = list(rewrite_blocks(blocks, calls, rewrite_one, keep, load))
-    records = [r for report in reports for r in report.records]
+    records = [_needs_whole_model(p) for p in whole] + [r for report in reports for r in report.records]
     mean = sum(r.seconds for r in reports) / len(reports)
     summary = (f"block by block: {len(blocks)} {kind} blocks of {path}, {mean:.1f} s per block, "
                f"peak resident memory {peak_rss_mib() / 1024:.2f} GiB")

@@ -113,6 +113,9 @@ class Pass:
     applies_to: ClassVar[str] = ""
     level: ClassVar[str] = "graph"
     graph_note: ClassVar[str] = ""  # "works without a graph" in the docs, where `level` alone would mislead
+    # What the pass reads of the whole model, where one block alone cannot show it (a checkpoint folder is rewritten
+    # block by block): "" for passes that work within a block.
+    whole_model: ClassVar[str] = ""
     recoverable: ClassVar[bool] = False  # the pipeline distills right after it when recovery is asked for
     needs_recovery: ClassVar[bool] = False  # a different function by design: only useful after --recover
     # Adam's step size for --recover when no lr= is given: layers trained from a fresh start (snnk, t1, tconv) take

@@ -65,6 +65,18 @@ def test_block_by_block_dgq_equals_the_whole_model_run():
         assert not isinstance(module, nn.Linear) or name == "lm_head"
 
 
+def test_a_pass_that_reads_the_whole_model_is_skipped_once_with_how_to_run_it():
+    """rotate follows the residual stream from the embedding to the head, which no block alone has: block by block
+    it is one skipped record that says how to run it (not one refusal per block), and the rest still runs."""
+    model, calib = _llama(), [(_ids(i),) for i in range(2)]
+    result = rewrite.optimize(model, calib[0], "rotate,dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib,
+                              measure_latency=False, blockwise=True)
+    rotate, *dgq = result.report.records
+    assert rotate.status == "skipped" and "block by block" in rotate.reason and "rewrite.optimize" in rotate.reason
+    assert [r.name for r in dgq] == ["dgq @ model.layers.0", "dgq @ model.layers.1"]
+    assert all(r.status == "applied" for r in dgq)
+
+
 def test_encoder_blocks_called_with_keyword_masks_are_rewritten_and_verified():
     model = _bert()
     ids, mask = _ids(1), torch.ones(2, 16, dtype=torch.long)

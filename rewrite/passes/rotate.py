@@ -109,6 +109,7 @@ class Rotate(Pass):
                   "embedding")
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
+    whole_model = "the residual stream from the token embedding to the output head"
 
     seed: int = 0  # which randomized Hadamard transform (any gives the same float model)
 
