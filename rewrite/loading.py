@@ -83,8 +83,14 @@ def _must_exist(path: Path) -> None:
         raise RewriteError(f"model path {str(path)!r} is a folder without config.json: give a Hugging Face "
                            "checkpoint folder, a .pt2, a torch.save'd module, or package.module:factory")
     if not path.is_file():
-        raise RewriteError(f"model file {str(path)!r} not found: give a .pt2, a torch.save'd module, "
-                           "or package.module:factory")
+        hub = "; names on the Hugging Face hub are not downloaded" if _looks_like_hub_name(str(path)) else ""
+        raise RewriteError(f"model file {str(path)!r} not found: give a Hugging Face checkpoint folder, a .pt2, a "
+                           f"torch.save'd module, or file.py:factory / package.module:factory{hub}")
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """`bert-base-uncased`, `HuggingFaceTB/SmolLM2-135M`: no suffix, at most one slash, not an absolute path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "." not in Path(name).name
 
 
 @contextlib.contextmanager

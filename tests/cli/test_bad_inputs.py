@@ -79,6 +79,7 @@ CASES = [
     (["optimize", "{d}/theirs/model.pt2", "-p", "fold-bn", "-o", "{d}/theirs", "--force"], "inside the output folder"),
     # model files
     (["optimize", "{d}/missing.pt", "-p", "fold-bn"], "not found"),
+    (["optimize", "HuggingFaceTB/SmolLM2-135M", "-p", "dgq"], "hub are not downloaded"),
     (["optimize", "{d}/a_folder", "-p", "fold-bn"], "is a folder"),
     (["optimize", "{d}/corrupt.pt", "-p", "fold-bn", "--inputs", "{d}/x.pt"], "cannot read model file"),
     (["optimize", "{d}/state.pt", "-p", "fold-bn", "--inputs", "{d}/x.pt"], "holds a state_dict"),
