@@ -10,7 +10,14 @@ from torch import fx, nn
 
 from rewrite import capture, verify
 from rewrite.errors import InvalidValue
-from rewrite.patterns import feed_forward, gated_feed_forward, layers, set_submodule
+from rewrite.patterns import (
+    feed_forward,
+    fused_gated_feed_forward,
+    gated_feed_forward,
+    layers,
+    set_submodule,
+)
+
 
 class Factorizes:
     """Mixin of the factorizing passes (lowrank, fwsvd): their pattern (target=ffn) and option checks."""
@@ -67,9 +74,12 @@ def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]
 
 
 def _ffn_paths(gm: fx.GraphModule) -> set[str]:
-    """Both Linears of every feed-forward block, and gate, up and down of every gated (SwiGLU) block."""
+    """Both Linears of every feed-forward block, and gate, up and down of every gated (SwiGLU) block (gate_up
+    and down where gate and up are one Linear)."""
     plain = {m[name].target for m in feed_forward().find(gm) or [] for name in ("up", "down")}
-    return plain | {m[name].target for m in gated_feed_forward().find(gm) or [] for name in ("gate", "up", "down")}
+    fused = {m[name].target for m in fused_gated_feed_forward().find(gm) or [] for name in ("gate_up", "down")}
+    gated = {m[name].target for m in gated_feed_forward().find(gm) or [] for name in ("gate", "up", "down")}
+    return plain | fused | gated
 
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:

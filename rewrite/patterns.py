@@ -82,6 +82,28 @@ def gated_feed_forward() -> Pattern:
         for name, act in GATES.items()])
 
 
+class _FusedGated(nn.Module):
+    """gate and up as one Linear whose output is chunked in two (Phi-3's gate_up_proj), either product order."""
+
+    def __init__(self, act: nn.Module, gate_first: bool):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(4, 16, bias=False), nn.Linear(8, 4)
+        self.act, self.gate_first = act, gate_first
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up if self.gate_first else up * self.act(gate))
+
+
+@cached_pattern
+def fused_gated_feed_forward() -> Pattern:
+    """down(act(gate) · up) with [gate; up] = gate_up(x), one Linear chunked in two along its outputs (Phi-3).
+    A hidden unit j is row j (gate) and row H + j (up) of `gate_up`, and column j of `down`."""
+    return Pattern("fused-gated-feed-forward", *[
+        Variant(_FusedGated(act(), first).eval(), (torch.randn(2, 4),), ignore_literals=True, name=name.split("-")[0])
+        for name, act in GATES.items() for first in (True, False)])
+
+
 def layer_of(gm: fx.GraphModule, node: object, kinds: tuple[type, ...]) -> nn.Module | None:
     """The module a call_module node runs, if it is one of `kinds`."""
     if isinstance(node, fx.Node) and node.op == "call_module":

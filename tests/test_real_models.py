@@ -230,7 +230,7 @@ def test_layers_that_cannot_go_back_into_the_users_class_say_why():
     assert "could not be put back (your model's code raised AttributeError" in lost and "'weight'" in lost, lost
 
 
-def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate():
+def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate_and_its_fused_mlp_prunes():
     """Phi-3 adds its attention and MLP outputs to the residual stream through nn.Dropout modules; in eval mode they
     are the identity, and `rotate` (which follows the stream from Linear to Linear) now applies, exactly."""
     transformers = pytest.importorskip("transformers")
@@ -242,6 +242,12 @@ def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate():
     calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
     record = rewrite.optimize(model, calib[0], "rotate", calib=calib, measure_latency=False).report.records[0]
     assert record.status == "applied", record.reason
+    # its MLP's gate and up are one Linear chunked in two: prune takes each unit's two rows together
+    result = rewrite.optimize(model, calib[0], "prune{min-sqnr=-100}", calib=calib, measure_latency=False)
+    assert result.report.records[0].status == "applied" and type(result.model) is type(model)
+    mlp = result.model.model.layers[0].mlp
+    assert mlp.gate_up_proj.out_features == 2 * mlp.down_proj.in_features < 2 * 128
+    assert result.model.generate(calib[0][0][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
 def _decoder(family):

@@ -1,7 +1,8 @@
 """y = D φ(U x) → y = D′ φ(U_S x) + c: feed-forward hidden units removed, the down Linear refit to what they did.
 
-For an FFN block (U: its up Linears, one, or gate and up of a SwiGLU; D: its down Linear; φ elementwise with
-φ(0) = 0), removing hidden units keeps the rows S of every U and refits D on the kept units. With
+For an FFN block (U: its up Linears, one, or gate and up of a gated block, or both as one Linear chunked in two
+as Phi-3's gate_up_proj, where unit j is rows j and H + j; D: its down Linear; φ elementwise with φ(0) = 0),
+removing hidden units keeps the rows S of every U and refits D on the kept units. With
 H = Σ h̃ h̃ᵀ over the calibration tokens, h̃ = [h; 1] (h: D's input, the 1 carries a removed unit's mean into
 the bias), and G = Σ g gᵀ over D's output gradients (the model's own Fisher, as fwsvd takes it), removing
 unit i from the current set costs, by Optimal Brain Surgeon,
@@ -34,7 +35,12 @@ from torch import fx, nn
 from rewrite import calibration, compress, measure, weighting
 from rewrite.errors import InvalidValue, RewriteError
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
-from rewrite.patterns import feed_forward, gated_feed_forward, set_submodule
+from rewrite.patterns import (
+    feed_forward,
+    fused_gated_feed_forward,
+    gated_feed_forward,
+    set_submodule,
+)
 
 KEEP_AT_LEAST = 8  # a block keeps at least 1/8 of its hidden units: the order is searched no further
 # ... nor past 3x the average share to remove: a greedy step costs O(k·n), so the order's length sets the time.
@@ -107,8 +113,9 @@ def candidate_groups(module: nn.Module) -> list[list[str]]:
     """The Linears of each feed-forward block: the shared matcher's matches in a graph; in an eager model,
     the FFN Linears (`compress.target_linears`) grouped by their block (the path above their parent)."""
     if isinstance(module, fx.GraphModule):
-        matches = (feed_forward().find(module) or []) + (gated_feed_forward().find(module) or [])
-        return [[m[k].target for k in ("gate", "up", "down") if k in m.nodes] for m in matches]
+        matches = [*(feed_forward().find(module) or []), *(gated_feed_forward().find(module) or []),
+                   *(fused_gated_feed_forward().find(module) or [])]
+        return [[m[k].target for k in ("gate", "up", "gate_up", "down") if k in m.nodes] for m in matches]
     groups: dict[str, list[str]] = defaultdict(list)
     for path, layer in compress.target_linears(module, "ffn"):
         if isinstance(layer, nn.Linear):
@@ -125,7 +132,7 @@ def confirmed_blocks(module: nn.Module, groups: list[list[str]], batch: tuple) -
         called = sorted((p for p in group if p in order), key=order.index)
         down, ups = (called[-1], called[:-1]) if len(called) >= 2 else (None, [])
         width = module.get_submodule(down).in_features if down else None
-        if not ups or any(module.get_submodule(u).out_features != width for u in ups):
+        if not ups or any(_chunks(module.get_submodule(u), width) is None for u in ups):
             skipped.append((group[-1], "could not tell its FFN's up and down Linears apart"))
             continue
         blocks.append(Block(ups, down))
@@ -133,6 +140,19 @@ def confirmed_blocks(module: nn.Module, groups: list[list[str]], batch: tuple) -
     skipped += [(b.down, "a layer between the up and down Linears mixes hidden units (or φ(0) ≠ 0)")
                 for b in blocks if not local[b.down]]
     return [b for b in blocks if local[b.down]], skipped
+
+
+def _chunks(up: nn.Linear, width: int | None) -> int | None:
+    """How many blocks of `width` hidden units an up Linear's outputs hold: 1, or 2 where gate and up are one
+    Linear (Phi-3's gate_up_proj: unit j is rows j and width + j); None where it is no whole number."""
+    if not width or up.out_features % width:
+        return None
+    return up.out_features // width
+
+
+def _unit_rows(up: nn.Linear, width: int, units: list[int]) -> list[int]:
+    """The rows of an up Linear that make hidden units `units` (in every chunk of its outputs)."""
+    return [c * width + j for c in range(_chunks(up, width)) for j in units]
 
 
 def _elementwise(module: nn.Module, blocks: list[Block], batch: tuple) -> dict[str, bool]:
@@ -148,7 +168,9 @@ def _elementwise(module: nn.Module, blocks: list[Block], batch: tuple) -> dict[s
             x = args[0]
             local[path] &= bool((x[..., masks[path]] == 0).all()) and bool((x[..., ~masks[path]] != 0).any())
         return hook
-    hooks = [module.get_submodule(u).register_forward_hook(zero(masks[b.down])) for b in blocks for u in b.ups]
+    hooks = [module.get_submodule(u).register_forward_hook(
+        zero(masks[b.down].repeat(_chunks(module.get_submodule(u), len(masks[b.down])))))
+        for b in blocks for u in b.ups]
     hooks += [module.get_submodule(b.down).register_forward_pre_hook(check(b.down)) for b in blocks]
     calibration.run_hooked(module, [batch], hooks)
     return local
@@ -176,7 +198,8 @@ class PruneFFN(SqnrFloor, Pass):
     paper = "Kurtic et al., ZipLM: Inference-Aware Structured Pruning of Language Models, NeurIPS 2023 " \
             "(arXiv:2302.04089)"
     summary = "FFN hidden units removed where the model's Fisher says they matter least, the down Linear refit (OBS)"
-    applies_to = "feed-forward blocks: Linear → activation → Linear, and SwiGLU (gate, up → down)"
+    applies_to = ("feed-forward blocks: Linear → activation → Linear, and gated ones (gate, up → down; SwiGLU, GeGLU; "
+                  "gate and up fused as in Phi-3)")
     needs_calibration = True
     level = "module"
     recoverable = True  # the narrower Linears train as any Linear
@@ -256,8 +279,9 @@ class PruneFFN(SqnrFloor, Pass):
         weight = refit(_with_bias(down), gram, columns)
         for path in block.ups:
             up = module.get_submodule(path)
+            rows = _unit_rows(up, down.in_features, kept)
             set_submodule(module, path, PrunedLinear.from_state(
-                {"weight": up.weight.detach()[kept]} | ({} if up.bias is None else {"bias": up.bias.detach()[kept]})))
+                {"weight": up.weight.detach()[rows]} | ({} if up.bias is None else {"bias": up.bias.detach()[rows]})))
         sqnr = _output_sqnr(_with_bias(down), weight, columns, gram)
         set_submodule(module, block.down, PrunedLinear.from_state({"weight": weight[:, :-1], "bias": weight[:, -1]}))
         return sqnr
@@ -268,8 +292,11 @@ class PruneFFN(SqnrFloor, Pass):
 
     @staticmethod
     def _unit_weights(module: nn.Module, block: Block) -> int:
-        """Weights one hidden unit holds: a row of each up Linear and a column of the down."""
-        return sum(module.get_submodule(u).in_features for u in block.ups) + module.get_submodule(block.down).out_features
+        """Weights one hidden unit holds: a row of each up Linear (of each chunk of a fused one) and a column of
+        the down."""
+        down = module.get_submodule(block.down)
+        return sum(up.in_features * _chunks(up, down.in_features) for up in map(module.get_submodule, block.ups)) \
+            + down.out_features
 
     @staticmethod
     def _weights(module: nn.Module, block: Block) -> int:

@@ -103,6 +103,38 @@ def test_gate_and_up_lose_the_same_units_and_the_down_gains_a_bias():
     assert down.bias is not None and gate.bias is None
 
 
+class FusedGated(nn.Module):
+    """Phi-3's MLP: gate and up as one Linear whose output is chunked in two, with a residual."""
+
+    def __init__(self, d=16, hidden=48):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(d, 2 * hidden, bias=False), nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return x + self.down(up * nn.functional.silu(gate))
+
+
+def test_a_fused_gate_up_loses_each_units_gate_row_and_up_row_together():
+    """Unit j of a fused gate_up is row j and row 48 + j. With the first 24 units dead (both rows zero, so
+    silu(0)·0 = 0) and half the units to go, those are what goes, and the output stays the same: removing the
+    wrong rows would change it."""
+    torch.manual_seed(0)
+    model = FusedGated().eval()
+    dead = torch.arange(24)
+    with torch.no_grad():
+        model.gate_up.weight[dead] = 0
+        model.gate_up.weight[dead + 48] = 0
+    calib = [torch.randn(64, 16) for _ in range(4)]
+    result = check_pass(PruneFFN(param_ratio=0.5, min_sqnr=0), model, (calib[0],), calib=calib)
+    gate_up, down = result.model.get_submodule("gate_up"), result.model.get_submodule("down")
+    assert result.report.records[0].status == "applied"
+    assert gate_up.out_features == 48 and down.in_features == 24
+    kept = torch.arange(24, 48)
+    assert torch.equal(gate_up.weight, model.gate_up.weight[torch.cat([kept, kept + 48])])
+    torch.testing.assert_close(result.model(calib[1]), model(calib[1]), rtol=1e-4, atol=1e-5)
+
+
 def test_a_non_elementwise_middle_is_left_alone_with_the_reason():
     class Mixed(nn.Module):
         def __init__(self):
