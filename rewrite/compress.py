@@ -19,6 +19,11 @@ from rewrite.patterns import (
 )
 
 
+# Why a layer whose weight the graph also reads elsewhere is left alone (replacing it would leave that reader
+# without its tensor).
+SHARED = "its weight is also used elsewhere in the graph (tied embeddings, or one layer shared by several blocks)"
+
+
 class Factorizes:
     """Mixin of the factorizing passes (lowrank, fwsvd): their pattern (target=ffn) and option checks."""
 

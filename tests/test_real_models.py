@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import rewrite
+from rewrite import compress
 from tests import fresh
 from tests.conftest import smollm2
 
@@ -170,7 +171,7 @@ def test_gpt2_conv1d_layers_are_linears_and_its_ffn_is_found():
     assert result.model(longer).logits.shape == (3, 20, 128)
     tied = rewrite.optimize(model, (ids,), "lowrank{target=all,min-sqnr=-100}", calib=[(ids,)] * 2,
                             measure_latency=False).report.records[0]
-    assert ["lm_head", "its weight is also used elsewhere in the graph (tied embeddings)"] in [list(s) for s in tied.skipped]
+    assert ["lm_head", compress.SHARED] in [list(s) for s in tied.skipped]
 
 
 def test_an_encoder_whose_config_has_no_use_cache_gets_its_folder(tmp_path):
@@ -248,6 +249,22 @@ def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate_and_its_fuse
     mlp = result.model.model.layers[0].mlp
     assert mlp.gate_up_proj.out_features == 2 * mlp.down_proj.in_features < 2 * 128
     assert result.model.generate(calib[0][0][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_albert_s_shared_layers_are_left_alone_with_the_reason_not_a_raise():
+    """ALBERT runs one layer in every block: its weights are read at several places of the graph. fwsvd once
+    raised taking a gradient with no weight left to take it for; now every pass leaves them with the reason."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=128)
+    model = transformers.AlbertModel(config).eval()
+    calib = [(torch.randint(5, 128, (2, 12), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    records = rewrite.optimize(model, calib[0], "fwsvd,lowrank,dgq", calib=calib, measure_latency=False).report.records
+    assert [r.status for r in records[:2]] == ["nothing to rewrite"] * 2, [r.reason for r in records]
+    assert all(why == compress.SHARED for r in records[:2] for _, why in r.skipped)
+    shared = [why for _, why in records[2].skipped if "several places" in why]
+    assert len(shared) == 6 and "one layer shared by several blocks" in shared[0]  # q, k, v, dense, ffn, ffn_output
 
 
 def _decoder(family):

@@ -133,6 +133,8 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
         if not paths:
             return PassResult(module, False, skipped=[("model", f"no Linear layers (target={self.target})")])
         paths = [p for p in paths if not shared_weight(module, p)]  # left alone below, with the reason
+        if not paths:  # every target is read elsewhere too: no weight to take a gradient for (ALBERT's shared layers)
+            return factorize_linears(self, module, ctx, lambda *_: "unused")
         build, how = self._whitened(module, paths, ctx) if self.whiten else self._weighted(module, paths, ctx)
         result = factorize_linears(self, module, ctx, build)
         result.stats["fisher"] = self.fisher + ("" if ctx.targets is None or self.fisher == "none" else " (labels)")
@@ -163,7 +165,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
 
         def build(linear: nn.Linear, path: str, ratio: float) -> nn.Module | str:
             if path not in spectra:
-                return "its weight is also used elsewhere in the graph (tied embeddings)"
+                return compress.SHARED
             rank = allocated.get(path) if allocated is not None else compress.saving_rank(linear, self.rank, ratio)
             if rank is None:
                 return f"kept dense: the global budget (param-ratio={self.param_ratio:g}) cuts where it hurts less"

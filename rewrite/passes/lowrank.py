@@ -213,7 +213,7 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
             skipped.append((path, "no ratio stays within the budget"))
             continue
         if shared_weight(module, path):
-            skipped.append((path, "its weight is also used elsewhere in the graph (tied embeddings)"))
+            skipped.append((path, compress.SHARED))
             continue
         replacement = build(linear, path, ratios[path])
         if isinstance(replacement, str):
