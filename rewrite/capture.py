@@ -280,7 +280,7 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
 
 def lift_layers(gm: fx.GraphModule) -> int:
     """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
-    lifted = 0
+    lifted = _lift_matmul_linears(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -307,6 +307,55 @@ def lift_layers(gm: fx.GraphModule) -> int:
 
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+_aten = torch.ops.aten
+
+
+def _lift_matmul_linears(gm: fx.GraphModule) -> int:
+    """`x @ W.T (+ b)` on a module's own weight and bias (Falcon's FalconLinear writes its forward so) into a call
+    of an nn.Linear holding them: the same product, so layer passes see the layer. Returns how many."""
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        found = _matmul_linear(gm, node)
+        if found is None:
+            continue
+        owner, x, result, layer = found
+        set_submodule(gm, owner, layer)
+        with gm.graph.inserting_before(result):
+            new = gm.graph.call_module(owner, (x,))
+        new.meta.update(result.meta)
+        result.replace_all_uses_with(new)
+        lifted += 1
+    gm.graph.eliminate_dead_code()
+    return lifted
+
+
+def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node) -> tuple[str, fx.Node, fx.Node, nn.Linear] | None:
+    """(owner path, x, the node giving x @ Wᵀ (+ b), its Linear) where `transpose` is Wᵀ of a 2-D weight that only
+    that matmul reads, on a holder of nothing but that weight (and the bias added right after)."""
+    weight = transpose.args[0] if transpose.op == "call_function" and transpose.args else None
+    flipped = transpose.target in (_aten.t.default, _aten.numpy_T.default) or (
+        transpose.target == _aten.transpose.int and sorted(transpose.args[1:3]) in ([-2, -1], [0, 1])) or (
+        transpose.target == _aten.permute.default and list(transpose.args[1]) == [1, 0])
+    if not (flipped and isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")
+            and len(transpose.users) == 1):
+        return None
+    [matmul] = transpose.users
+    if matmul.target != _aten.matmul.default or matmul.args[1] is not transpose or matmul.kwargs:
+        return None
+    owner = weight.target.rsplit(".", 1)[0]
+    holder = gm.get_submodule(owner)
+    params = dict(holder.named_parameters(recurse=False)) | dict(holder.named_buffers(recurse=False))
+    if type(holder) is not nn.Module or any(True for _ in holder.children()) or params["weight"].dim() != 2:
+        return None
+    result, add = matmul, next(iter(matmul.users)) if len(matmul.users) == 1 else None
+    bias = add.args[1] if add is not None and add.target == _aten.add.Tensor and add.args[0] is matmul else None
+    if isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias":
+        result = add
+    if set(params) != ({"weight", "bias"} if result is add and add is not None else {"weight"}):
+        return None
+    w = params["weight"]
+    return owner, matmul.args[0], result, _adopt(nn.Linear(w.shape[1], w.shape[0], bias="bias" in params,
+                                                            device="meta"), params)
 
 
 def _unflattened(addmm: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -231,3 +231,31 @@ def test_training_mode_dropout_nodes_are_kept():
     gm = fx.GraphModule(nn.Module(), graph)
     assert capture.drop_inference_dropout(gm) == 0
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [torch.ops.aten.dropout.default]
+
+
+class _MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: an nn.Linear whose forward is written as x @ Wᵀ (+ b)."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class _TwoMatmulLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = _MatmulLinear(8, 16), _MatmulLinear(16, 8, bias=False)
+        self.tied = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + x @ self.tied.T @ self.tied  # the tied weight is read twice
+
+
+def test_linears_written_as_a_matmul_with_the_transposed_weight_are_lifted():
+    model, inputs = _TwoMatmulLinears().eval(), (torch.randn(2, 5, 8),)
+    captured = capture.capture(model, inputs)
+    lifted = {n.target: type(captured.module.get_submodule(n.target)) for n in captured.module.graph.nodes
+              if n.op == "call_module" and n.target != "_guards_fn"}
+    assert lifted == {"up": nn.Linear, "down": nn.Linear}  # `tied` is read twice: no layer of its own
+    assert captured.module.get_submodule("up").bias is not None and captured.module.get_submodule("down").bias is None
+    _same(model, captured, inputs)

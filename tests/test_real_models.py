@@ -267,6 +267,19 @@ def test_albert_s_shared_layers_are_left_alone_with_the_reason_not_a_raise():
     assert len(shared) == 6 and "one layer shared by several blocks" in shared[0]  # q, k, v, dense, ffn, ffn_output
 
 
+def test_falcon_s_matmul_written_linears_are_quantized_and_the_class_comes_back():
+    """FalconLinear computes x @ Wᵀ itself, so export shows a matmul, not a linear: capture now lifts it into a
+    Linear, and dgq (which once found nothing) quantizes them, with the user's class and generate() back."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = transformers.FalconForCausalLM(config).eval()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,min-sqnr=-100}", calib=calib, measure_latency=False)
+    assert result.report.records[0].stats["quantized"] == 4 and type(result.model) is type(model)
+    assert result.model.generate(calib[0][0][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
 def _decoder(family):
     transformers = pytest.importorskip("transformers")
     config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
