@@ -32,8 +32,17 @@ class TanhGELU(nn.Module):
         return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, _named(torch.exp), _named(torch.sin),
-               _named(torch.cos))
+class FactoredTanhGELU(nn.Module):
+    """The same approximation with x factored out of the cubic, as BLOOM writes it."""
+
+    same_as = "TanhGELU"  # matches name the function, not its spelling (snnk's features follow the function)
+
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, _named(torch.exp),
+               _named(torch.sin), _named(torch.cos))
 
 
 class _FeedForward(nn.Module):
@@ -53,7 +62,7 @@ def feed_forward() -> Pattern:
     tanh approximation and any dropout rate match."""
     return Pattern("feed-forward", *[
         Variant(_FeedForward(act, dropout).eval(), (torch.randn(2, 4),), ignore_literals=True,
-                name=f"{act.__name__}{'+dropout' if dropout else ''}")
+                name=f"{getattr(act, 'same_as', act.__name__)}{'+dropout' if dropout else ''}")
         for act in ACTIVATIONS for dropout in (False, True)])
 
 

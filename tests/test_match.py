@@ -210,3 +210,19 @@ def test_gated_feed_forwards_match_with_the_gates_activation_named(act, variant)
     [match] = gated_feed_forward().find(_graph(Gated(), torch.randn(3, 6)))
     assert match.variant == variant and {match[k].target for k in ("gate", "up", "down")} == {"gate", "up", "down"}
     assert not gated_feed_forward().find(_graph(Gated(gated=False), torch.randn(3, 6)))
+
+
+def test_bloom_s_factored_tanh_gelu_is_a_feed_forward_named_for_its_function():
+    """BLOOM writes tanh-GELU as x·0.5·(1 + tanh(c·x·(1 + a·x²))): a feed-forward whose variant says TanhGELU."""
+    from rewrite.patterns import FactoredTanhGELU, feed_forward
+
+    class Bloomish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(6, 12), FactoredTanhGELU(), nn.Linear(12, 6)
+
+        def forward(self, x):
+            return self.down(self.act(self.up(x)))
+
+    [match] = feed_forward().find(_graph(Bloomish(), torch.randn(3, 6)))
+    assert match.variant == "TanhGELU" and (match["up"].target, match["down"].target) == ("up", "down")
