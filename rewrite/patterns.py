@@ -41,8 +41,15 @@ class FactoredTanhGELU(nn.Module):
         return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, _named(torch.exp),
-               _named(torch.sin), _named(torch.cos))
+class QuickGELU(nn.Module):
+    """x·σ(1.702·x), GELU's sigmoid approximation (CLIP's and OpenAI's models)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, QuickGELU,
+               _named(torch.exp), _named(torch.sin), _named(torch.cos))
 
 
 class _FeedForward(nn.Module):

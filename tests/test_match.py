@@ -212,17 +212,19 @@ def test_gated_feed_forwards_match_with_the_gates_activation_named(act, variant)
     assert not gated_feed_forward().find(_graph(Gated(gated=False), torch.randn(3, 6)))
 
 
-def test_bloom_s_factored_tanh_gelu_is_a_feed_forward_named_for_its_function():
-    """BLOOM writes tanh-GELU as x·0.5·(1 + tanh(c·x·(1 + a·x²))): a feed-forward whose variant says TanhGELU."""
-    from rewrite.patterns import FactoredTanhGELU, feed_forward
+@pytest.mark.parametrize("spelling,variant", [("FactoredTanhGELU", "TanhGELU"), ("QuickGELU", "QuickGELU")])
+def test_bloom_s_and_clip_s_gelu_spellings_are_feed_forwards_named_for_their_function(spelling, variant):
+    """BLOOM writes tanh-GELU as x·0.5·(1 + tanh(c·x·(1 + a·x²))), CLIP uses x·σ(1.702·x): both are feed-forwards,
+    the match named for the function (snnk's features follow it)."""
+    from rewrite import patterns
 
-    class Bloomish(nn.Module):
+    class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.up, self.act, self.down = nn.Linear(6, 12), FactoredTanhGELU(), nn.Linear(12, 6)
+            self.up, self.act, self.down = nn.Linear(6, 12), getattr(patterns, spelling)(), nn.Linear(12, 6)
 
         def forward(self, x):
             return self.down(self.act(self.up(x)))
 
-    [match] = feed_forward().find(_graph(Bloomish(), torch.randn(3, 6)))
-    assert match.variant == "TanhGELU" and (match["up"].target, match["down"].target) == ("up", "down")
+    [match] = patterns.feed_forward().find(_graph(Block(), torch.randn(3, 6)))
+    assert match.variant == variant and (match["up"].target, match["down"].target) == ("up", "down")
