@@ -285,7 +285,7 @@ def lift_layers(gm: fx.GraphModule) -> int:
         if node.op != "call_function":
             continue
         owner = _param_owner(gm, node)
-        if owner is None:
+        if owner is None or (node.target == torch.ops.aten.linear.default and _does_more_than(gm, owner, {node})):
             continue
         layer = _build_layer(gm, node, owner)
         if layer is None:
@@ -329,6 +329,23 @@ def _lift_matmul_linears(gm: fx.GraphModule) -> int:
     return lifted
 
 
+def _does_more_than(gm: fx.GraphModule, owner: str, nodes: set[fx.Node]) -> bool:
+    """Whether the module at `owner` computed tensors besides `nodes` (an MoE router takes the softmax and top-k of
+    its product and returns them too): the module is then more than the layer, which is not lifted (it could not
+    stand in for the module in your model, and routers are best left in float anyway). Other calls of the same
+    layer (ALBERT runs one layer in every block) read its tensors themselves and are not more."""
+    def own_tensors(node: fx.Node) -> bool:
+        return any(a.op == "get_attr" and a.target.startswith(owner + ".") for a in node.all_input_nodes)
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        inner = [path for path, _type in stack.values()][-1:]
+        if inner == [owner] and node not in nodes and node.op == "call_function" and not own_tensors(node) and \
+                isinstance(node.meta.get("val"), torch.Tensor):
+            return True
+    return False
+
+
 def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node) -> tuple[str, fx.Node, fx.Node, nn.Linear] | None:
     """(owner path, x, the node giving x @ Wᵀ (+ b), its Linear) where `transpose` is Wᵀ of a 2-D weight that only
     that matmul reads, on a holder of nothing but that weight (and the bias added right after)."""
@@ -352,6 +369,8 @@ def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node) -> tuple[str, fx.Node
     if isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias":
         result = add
     if set(params) != ({"weight", "bias"} if result is add and add is not None else {"weight"}):
+        return None
+    if _does_more_than(gm, owner, {transpose, matmul, result}):
         return None
     w = params["weight"]
     return owner, matmul.args[0], result, _adopt(nn.Linear(w.shape[1], w.shape[0], bias="bias" in params,

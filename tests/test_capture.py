@@ -259,3 +259,47 @@ def test_linears_written_as_a_matmul_with_the_transposed_weight_are_lifted():
     assert lifted == {"up": nn.Linear, "down": nn.Linear}  # `tied` is read twice: no layer of its own
     assert captured.module.get_submodule("up").bias is not None and captured.module.get_submodule("down").bias is None
     _same(model, captured, inputs)
+
+
+class _Router(nn.Module):
+    """An MoE router: a product with its own weight, then softmax and top-k, all returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        logits = nn.functional.linear(x, self.weight)
+        scores, index = logits.softmax(-1).topk(2, dim=-1)
+        return logits, scores, index
+
+
+class _Projection(nn.Module):
+    """A hand-written projection: nothing but F.linear with its own weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight)
+
+
+class _RoutedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.router = _Projection(), _Router()
+
+    def forward(self, x):
+        logits, scores, index = self.router(self.proj(x))
+        return logits + scores.sum(-1, keepdim=True) + index.sum(-1, keepdim=True)
+
+
+def test_a_module_that_does_more_than_its_product_is_not_lifted_into_a_linear():
+    """The router's module also takes softmax and top-k of its product: as a Linear it could not stand in for the
+    module in the user's model (and routers stay in float). The projection, nothing but F.linear, is lifted."""
+    model, inputs = _RoutedBlock().eval(), (torch.randn(3, 8),)
+    captured = capture.capture(model, inputs)
+    layers = {n.target for n in captured.module.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"}
+    assert layers == {"proj"}
+    _same(model, captured, inputs)

@@ -280,6 +280,24 @@ def test_falcon_s_matmul_written_linears_are_quantized_and_the_class_comes_back(
     assert result.model.generate(calib[0][0][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 
 
+def test_a_mixtral_keeps_its_router_in_float_and_comes_back_as_its_class():
+    """Mixtral's router computes a product with its weight, then softmax and top-k: it was lifted into a Linear and
+    quantized, and the rewritten layer could not stand in for the router in the user's class (the result was a
+    graph). Now the router is not a layer to rewrite; attention is quantized and the class comes back."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    model = transformers.MixtralForCausalLM(config).eval()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,min-sqnr=-100}", calib=calib, measure_latency=False)
+    stats = result.report.records[0].stats
+    assert type(result.model) is type(model) and "model.layers.0.mlp.gate" not in stats["layer_rel_err"]
+    assert stats["quantized"] == 5  # q, k, v, o and the head (the experts' 3-D tensors are not Linears)
+    assert result.model.generate(calib[0][0][:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
 def _decoder(family):
     transformers = pytest.importorskip("transformers")
     config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
