@@ -123,17 +123,17 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                            before=job.outputs, after=run.outputs, original_score=reuse.score if reuse else None)
         if reuse is not None and report.metric:
             reuse.score = report.metric["original"]
+        if run.own_class:  # your class back, its folder as your config says: generate() runs with its KV cache
+            capture.set_cache_flags(run.rewritten, job.use_cache)
         if folder is not None:  # the verified graph is what export takes (your class may return a KV cache)
             write.emit_all(report, job.model, run.graph, run.captured, emitters, stage, measure_latency, profile, say)
             if run.own_class and hf.is_hf(run.rewritten):
                 say("writing the model folder")
-                write.emit_hf(report, run.rewritten, stage, job.use_cache.get(""))
+                write.emit_hf(report, run.rewritten, stage)
             for artifact in report.artifacts:
                 artifact.path = folder.final(artifact.path)
             report.recipe = write.recipe(report, seed, job.inputs, pass_list)
             report.write(stage)
-    if run.own_class:
-        capture.set_cache_flags(run.rewritten, job.use_cache)  # your class back: generate() runs with its KV cache
     result = Result(guard_save_pretrained(run.rewritten, job.model), report, run.captured, pass_list, seed)
     if report.problems() and not allow_artifact_errors:
         raise ArtifactError(f"{'; '.join(report.problems())} (allow_artifact_errors=True accepts it)", result)

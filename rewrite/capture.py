@@ -280,26 +280,30 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
 
 def lift_layers(gm: fx.GraphModule) -> int:
     """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
-    lifted = _lift_matmul_linears(gm)
+    computed = _computed_by_module(gm)
+    lifted = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        owner = _param_owner(gm, node)
-        if owner is None or (node.target == torch.ops.aten.linear.default and _does_more_than(gm, owner, {node})):
-            continue
-        layer = _build_layer(gm, node, owner)
-        if layer is None:
-            continue
+        found = _matmul_linear(gm, node, computed)
+        if found is not None:
+            owner, data, result, layer = found
+        else:
+            owner = _param_owner(gm, node)
+            if owner is None or (node.target == torch.ops.aten.linear.default and
+                                 _does_more_than(computed, owner, {node})):
+                continue
+            layer = _build_layer(gm, node, owner)
+            if layer is None:
+                continue
+            data, result = node.args[0], node
+            if node.target == torch.ops.aten.addmm.default:  # addmm(bias, x, W), inside Conv1D's flatten/unflatten
+                data, result = _unflattened(node)
         set_submodule(gm, owner, layer)
-        data, result = node.args[0], node
-        if node.target == torch.ops.aten.addmm.default:  # addmm(bias, x, W), inside Conv1D's flatten/unflatten
-            data, result = _unflattened(node)
         with gm.graph.inserting_before(result):
             new = gm.graph.call_module(owner, (data,))
         new.meta.update(result.meta)
         result.replace_all_uses_with(new)
-        for dead in dict.fromkeys([result, node]):
-            gm.graph.erase_node(dead)
         lifted += 1
     gm.graph.eliminate_dead_code()
     gm.recompile()
@@ -310,26 +314,17 @@ _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops
 _aten = torch.ops.aten
 
 
-def _lift_matmul_linears(gm: fx.GraphModule) -> int:
-    """`x @ W.T (+ b)` on a module's own weight and bias (Falcon's FalconLinear writes its forward so) into a call
-    of an nn.Linear holding them: the same product, so layer passes see the layer. Returns how many."""
-    lifted = 0
-    for node in list(gm.graph.nodes):
-        found = _matmul_linear(gm, node)
-        if found is None:
-            continue
-        owner, x, result, layer = found
-        set_submodule(gm, owner, layer)
-        with gm.graph.inserting_before(result):
-            new = gm.graph.call_module(owner, (x,))
-        new.meta.update(result.meta)
-        result.replace_all_uses_with(new)
-        lifted += 1
-    gm.graph.eliminate_dead_code()
-    return lifted
+def _computed_by_module(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """The tensor-valued calls each module made itself (the innermost module of their trace), by module path."""
+    computed: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op == "call_function" and stack and isinstance(node.meta.get("val"), torch.Tensor):
+            computed.setdefault(list(stack.values())[-1][0], []).append(node)
+    return computed
 
 
-def _does_more_than(gm: fx.GraphModule, owner: str, nodes: set[fx.Node]) -> bool:
+def _does_more_than(computed: dict[str, list[fx.Node]], owner: str, nodes: set[fx.Node]) -> bool:
     """Whether the module at `owner` computed tensors besides `nodes` (an MoE router takes the softmax and top-k of
     its product and returns them too): the module is then more than the layer, which is not lifted (it could not
     stand in for the module in your model, and routers are best left in float anyway). Other calls of the same
@@ -337,16 +332,11 @@ def _does_more_than(gm: fx.GraphModule, owner: str, nodes: set[fx.Node]) -> bool
     def own_tensors(node: fx.Node) -> bool:
         return any(a.op == "get_attr" and a.target.startswith(owner + ".") for a in node.all_input_nodes)
 
-    for node in gm.graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        inner = [path for path, _type in stack.values()][-1:]
-        if inner == [owner] and node not in nodes and node.op == "call_function" and not own_tensors(node) and \
-                isinstance(node.meta.get("val"), torch.Tensor):
-            return True
-    return False
+    return any(node not in nodes and not own_tensors(node) for node in computed.get(owner, []))
 
 
-def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node) -> tuple[str, fx.Node, fx.Node, nn.Linear] | None:
+def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node, computed: dict[str, list[fx.Node]]
+                   ) -> tuple[str, fx.Node, fx.Node, nn.Linear] | None:
     """(owner path, x, the node giving x @ Wᵀ (+ b), its Linear) where `transpose` is Wᵀ of a 2-D weight that only
     that matmul reads, on a holder of nothing but that weight (and the bias added right after)."""
     weight = transpose.args[0] if transpose.op == "call_function" and transpose.args else None
@@ -370,7 +360,7 @@ def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node) -> tuple[str, fx.Node
         result = add
     if set(params) != ({"weight", "bias"} if result is add and add is not None else {"weight"}):
         return None
-    if _does_more_than(gm, owner, {transpose, matmul, result}):
+    if _does_more_than(computed, owner, {transpose, matmul, result}):
         return None
     w = params["weight"]
     return owner, matmul.args[0], result, _adopt(nn.Linear(w.shape[1], w.shape[0], bias="bias" in params,

@@ -53,24 +53,23 @@ ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, Factore
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, act: type, dropout: bool):
+    def __init__(self, act: type):
         super().__init__()
         self.up, self.act, self.down = nn.Linear(4, 8), act(), nn.Linear(8, 4)
-        self.drop = nn.Dropout(0.1) if dropout else nn.Identity()
 
     def forward(self, x):
-        return self.down(self.drop(self.act(self.up(x))))
+        return self.down(self.act(self.up(x)))
 
 
 @cached_pattern
 def feed_forward() -> Pattern:
-    """Linear `up` → activation → (eval-mode dropout) → Linear `down`, the FFN of transformers and MLPs,
-    also across submodules (Hugging Face's `intermediate` / `output`). Literals are ignored, so GELU's
-    tanh approximation and any dropout rate match."""
+    """Linear `up` → activation → Linear `down`, the FFN of transformers and MLPs, also across submodules (Hugging
+    Face's `intermediate` / `output`). Literals are ignored, so GELU's tanh approximation matches; an eval-mode
+    dropout between them is gone from captured graphs (`capture.drop_inference_dropout`)."""
     return Pattern("feed-forward", *[
-        Variant(_FeedForward(act, dropout).eval(), (torch.randn(2, 4),), ignore_literals=True,
-                name=f"{getattr(act, 'same_as', act.__name__)}{'+dropout' if dropout else ''}")
-        for act in ACTIVATIONS for dropout in (False, True)])
+        Variant(_FeedForward(act).eval(), (torch.randn(2, 4),), ignore_literals=True,
+                name=getattr(act, "same_as", act.__name__))
+        for act in ACTIVATIONS])
 
 
 class _Gated(nn.Module):

@@ -3,13 +3,11 @@ onnxruntime timing of an ONNX file against the original's, the Hugging Face fold
 as its own class, and the recipe that reproduces the run."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,31 +46,17 @@ def emit_all(report: RunReport, original: nn.Module, rewritten: nn.Module, captu
             report.profiles["onnxruntime, rewritten"] = measure.profile_onnx(artifact.path, captured.example_inputs)
 
 
-def emit_hf(report: RunReport, model: nn.Module, out_dir: Path, use_cache: bool | None) -> None:
+def emit_hf(report: RunReport, model: nn.Module, out_dir: Path) -> None:
     """The model's folder (compressed-tensors for from_pretrained, or rewrite's layers folder) with the
     tokenizer beside the original's weights; a warning, not a failed artifact, where a rewritten layer has no
     saved form (.pt2 holds the model)."""
     try:
-        with _config_use_cache(model.config, use_cache):  # the folder says what your config said
-            form = hf.save(model, out_dir)
+        form = hf.save(model, out_dir)
     except RewriteError as exc:
         report.warnings.append(f"no model folder: {first_line(exc, 300)}")
         return
     copy_tokenizer(Path(str(getattr(model.config, "_name_or_path", "") or "-")), out_dir)
     report.artifacts.append(hf_artifact(out_dir / "config.json", form))
-
-
-@contextlib.contextmanager
-def _config_use_cache(config: Any, use_cache: bool | None) -> Iterator[None]:
-    """config.use_cache set to `use_cache` inside; left alone where the config has none (encoders such as ViT)."""
-    if use_cache is None or not hasattr(config, "use_cache"):
-        yield
-        return
-    kept, config.use_cache = config.use_cache, use_cache
-    try:
-        yield
-    finally:
-        config.use_cache = kept
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> None:

@@ -192,8 +192,8 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
 
 def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     """Take `user` of a stream value into `stream` (or the queue), or say why the rotation cannot pass it."""
-    if is_dtype_check(user) or (user.target == _aten.type_as.default and user.args[0] is not value):
-        return None  # read for its dtype only (Gemma's norms cast back with type_as(out, x))
+    if _reads_dtype_only(user, value):
+        return None
     if user.target in _PASS_THROUGH or _scaled(user, value):
         todo.append(user)
         return None
@@ -220,6 +220,12 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     if user.op == "output":
         return "the residual stream is a model output (a rotation would change it)"
     return f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
+
+
+def _reads_dtype_only(user: fx.Node, value: fx.Node) -> bool:
+    """`user` reads `value` for its dtype alone: export's dtype checks, and type_as(other, value) (Gemma's norms cast
+    back so)."""
+    return is_dtype_check(user) or (user.target == _aten.type_as.default and user.args[0] is not value)
 
 
 def _scaled(user: fx.Node, value: fx.Node) -> bool:
@@ -251,7 +257,7 @@ def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[str], str |
     head reading the last position only; the first other reader in words, or None)."""
     readers = []
     for user in node.users:
-        if is_dtype_check(user) or (user.target == _aten.type_as.default and user.args[0] is not node):
+        if _reads_dtype_only(user, node):
             continue
         if _is_linear(gm, user):
             readers.append(user.target)

@@ -167,8 +167,7 @@ class ScalableKernels(SqnrFloor, Pass):
                  "forms": ", ".join(f"{k} {v}" for k, v in sorted(forms.items())) or "-", "init": self.init, "rewritten_params": f"{before:,} → {after:,}"}
         return PassResult(module, bool(done), stats, skipped)
 
-    def _kind(self, variant: str) -> str | None:
-        activation = variant.split("+")[0]
+    def _kind(self, activation: str) -> str | None:
         if self.kind == "auto":
             return _AUTO[activation]
         if activation not in _ESTIMATES.get(self.kind, (activation,)):
@@ -179,7 +178,7 @@ class ScalableKernels(SqnrFloor, Pass):
         """(reason, None) or (None, the module that now runs in the graph)."""
         if gated and not self.gated:
             return "gated feed-forward (SwiGLU) left alone (gated=false)", None
-        activation = match.variant.split("+")[0]  # a gated match names its gate's (`patterns.GATES`)
+        activation = match.variant  # the activation's name (a gated match: its gate's, `patterns.GATES`)
         kind = self._kind(activation)
         if kind is None:
             return (f"kind={self.kind} estimates {' or '.join(_ESTIMATES[self.kind])}, not {activation} "
