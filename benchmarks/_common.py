@@ -3,9 +3,10 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
-import torch  # noqa: E402
+import torch
+from _table import table  # noqa: F401  (re-exported: the benchmarks import it from here)
 
-from rewrite.measure import latency, torch_latency  # noqa: E402
+from rewrite.measure import latency, torch_latency
 
 torch.set_num_threads(2)
 
@@ -29,10 +30,3 @@ def time_ort(path, inputs, budget_s: float = 2.0) -> float:
     sess = onnx_emit.session(path)
     feed = onnx_emit.feed(sess, inputs)
     return latency(lambda: sess.run(None, feed), warmup=2, min_runs=3, budget_s=budget_s, max_runs=100)[0]
-
-
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)

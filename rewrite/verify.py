@@ -63,7 +63,7 @@ def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact
     if not ref:
         return OutputError(0.0, 0.0, math.inf, 1.0, True)
     # Sums leaf by leaf in float64 (an LLM's logits are hundreds of millions of values: no concatenated copy).
-    scale = max(1.0, max(float(r.abs().max()) if r.numel() else 0.0 for r in ref))
+    scale = max(1.0, max(_peak(r) for r in ref))
     signal = noise = dot = power = max_abs = 0.0
     close = finite = True
     for r, n in _chunks(ref, new):  # sums as dot products: a third of the passes over SmolLM2's 200M logits
@@ -82,6 +82,14 @@ def compare(reference: list[Any], candidate: list[Any], tolerance: Exact = Exact
         cosine=dot / max(math.sqrt(signal * power), 1e-300) if signal > 0 else 1.0,
         within_tolerance=close and finite,
     )
+
+
+def _peak(t: torch.Tensor) -> float:
+    """max|t| without a |t| temporary: aminmax reads t once (SmolLM2's 16 × 256 calibration logits: 0.5 → 0.03 s)."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
 
 
 def _decibels(signal: float, noise: float) -> float:

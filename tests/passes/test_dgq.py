@@ -104,6 +104,17 @@ def test_the_inverse_factor_is_upper_triangular_and_squares_to_the_damped_invers
     assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
     assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
 
+def test_the_triangular_inverse_by_halves_is_the_solve_against_the_identity():
+    """lower_inverse splits above INVERSE_BLOCK columns (an odd width: unequal halves, two levels deep)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(600, 301, generator=g, dtype=torch.float64)
+    low = torch.linalg.cholesky(x.T @ x)
+    inverse = feedback.lower_inverse(low)
+    assert torch.equal(inverse, inverse.tril())
+    assert torch.allclose(inverse, torch.linalg.solve_triangular(low, torch.eye(301, dtype=torch.float64),
+                                                                 upper=False), rtol=1e-10, atol=1e-12)
+
+
 def _ints(x_q, w_s8):
     return (x_q.double() @ w_s8.double().T)  # exact: |sums| < 2^53
 
