@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewrite import calibration, capture, checkpoint, measure, text
+from rewrite import calibration, capture, checkpoint, measure, text, verify
 from rewrite.errors import RewriteError, first_line
 from rewrite.loading import Loaded, Trust
 from rewrite.pass_base import Approx, Pass
@@ -140,7 +140,41 @@ def calibration_data(calib: Any, model: nn.Module, inputs: tuple, seed: int, pas
         except Exception as exc:
             raise RewriteError(f"calibration batch {i} {calibration.describe([batch])} is rejected by the model: "
                                f"{first_line(exc)}") from exc
+        if i == 0:
+            check_output_memory(outputs[0], len(data.batches), 2 + (len(passes) > 1))
     return data, outputs, []
+
+
+OUTPUT_MEMORY_SHARE = 0.8  # of the memory free once the model and its first outputs are in it
+
+
+def check_output_memory(first: Any, batches: int, sets: int) -> None:
+    """Refuse calibration data whose outputs would not fit in memory, before the forwards that fill it: a run
+    holds the model's outputs on every batch, the original's and the rewritten model's (and the last pass's
+    beside them where several passes run). A language model's are its logits: 512 tokens of SmolLM2 are
+    100 MB, so 100k calibration tokens would want 20 GB a set."""
+    free = free_memory()
+    each = sum(t.numel() * t.element_size() for t in verify.float_leaves(first, flatten=False))
+    if free is None or not each or sets * each * batches <= OUTPUT_MEMORY_SHARE * free:
+        return
+    fits = int(OUTPUT_MEMORY_SHARE * free // (sets * each))
+    need = sets * each * batches
+    raise RewriteError(f"the model's outputs on {batches} calibration batches would take {need / 2**30:.1f} GiB "
+                       f"({each / 2**20:.0f} MiB a batch, {sets} sets held at once), more than the "
+                       f"{free / 2**30:.1f} GiB free: give at most {fits} batches (--calib-batches {max(fits, 1)}), or "
+                       "save the model with save_pretrained and rewrite that folder, which runs block by block and "
+                       "keeps no whole-model outputs")
+
+
+def free_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def data_warnings(data: calibration.Data, passes: list[Pass]) -> list[str]:

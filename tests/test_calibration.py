@@ -160,3 +160,22 @@ def test_suffix_runs_start_at_the_module_that_holds_a_nested_layer():
     gm.pair[1].weight.data.mul_(2)
     with torch.no_grad():
         assert torch.equal(suffixes.outputs("pair.1")[0], gm(*batches[0]))
+
+
+def test_calibration_data_whose_outputs_do_not_fit_in_memory_is_refused_before_the_forwards(monkeypatch):
+    """The outputs of every batch are held (the original's and the rewritten model's): a run that would fill
+    the memory with them stops at the first batch with the sizes and how many batches fit."""
+    import rewrite
+    from rewrite import inputs
+    calls = []
+    model = TinyMLP()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    batches = [(torch.randn(4, 16),) for _ in range(10)]
+    each = 4 * 4 * 4  # TinyMLP's (4, 4) float32 output
+    monkeypatch.setattr(inputs, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) - 1)
+    with pytest.raises(RewriteError, match=r"10 calibration batches .* at most 9 batches \(--calib-batches 9\)"):
+        rewrite.optimize(model, batches[0], "fold-bn", calib=batches, calib_batches=10, measure_latency=False)
+    assert len(calls) == 2  # the example's check and the first batch: none of the other nine
+    monkeypatch.setattr(inputs, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) + 64)
+    assert rewrite.optimize(model, batches[0], "fold-bn", calib=batches, calib_batches=10,
+                            measure_latency=False).report.records
