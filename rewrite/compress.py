@@ -78,6 +78,14 @@ def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]
     return [(p, m) for p, m in found if p in ffn]
 
 
+def no_targets(module: nn.Module, target: str) -> str:
+    """Why `target_linears` found nothing: no Linear at all, or none in a feed-forward block (then target=all)."""
+    if target == "all" or not target_linears(module, "all"):
+        return f"no Linear layers (target={target})"
+    return ("no Linear in a feed-forward block (Linear → activation → Linear, or gated; mixture-of-experts weights "
+            "are not Linears): target=all takes the other Linears (attention projections)")
+
+
 def _ffn_paths(gm: fx.GraphModule) -> set[str]:
     """Both Linears of every feed-forward block, and gate, up and down of every gated (SwiGLU) block (gate_up
     and down where gate and up are one Linear)."""

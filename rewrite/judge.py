@@ -9,6 +9,7 @@ from typing import Callable
 from torch import nn
 
 from rewrite import calibration, capture, measure, verify
+from rewrite.errors import first_line
 from rewrite.report import Measurement, RunReport
 
 
@@ -39,10 +40,15 @@ def before_after(report: RunReport, original: nn.Module, rewritten: nn.Module, i
         add_timing(report, measure.compare_torch(original, rewritten, inputs), original, rewritten)
     if latency and own_class and measure.generates(rewritten):
         say("measuring generation (prefill, then 64 new tokens with the KV cache; alternating rounds)")
-        generation = measure.compare_generation(original, rewritten)
-        report.speeds += [generation["prefill"].speed, generation["decode"].speed]
-        report.generation = {k: generation[k] for k in ("prompt_tokens", "new_tokens", "prefill_ms",
-                                                        "decode_tokens_per_s")}
+        try:
+            generation = measure.compare_generation(original, rewritten)
+        except Exception as exc:  # a measurement: the rewrite stands, and the report says what was not measured
+            report.warnings.append(f"generation was not timed: generate() raised {type(exc).__name__}: "
+                                   f"{first_line(exc)}")
+        else:
+            report.speeds += [generation["prefill"].speed, generation["decode"].speed]
+            report.generation = {k: generation[k] for k in ("prompt_tokens", "new_tokens", "prefill_ms",
+                                                            "decode_tokens_per_s")}
     if eval_data is not None:
         score(report, original, rewritten, eval_data, metric, original_score)
     if profile:

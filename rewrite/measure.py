@@ -110,7 +110,7 @@ def generates(model: nn.Module) -> bool:
 def compare_generation(original: nn.Module, rewritten: nn.Module, budget_s: float = 2.0) -> dict[str, Any]:
     """Prefill of a 512-token prompt, and decoding 64 new tokens with the KV cache (greedy), both models in
     alternating rounds (eager torch). Returns the paired Speeds and each model's prefill ms and tokens/s."""
-    room = getattr(original.config, "max_position_embeddings", PROMPT_TOKENS + NEW_TOKENS) - NEW_TOKENS
+    room = context_length(original.config) - NEW_TOKENS
     prompt_len = max(8, min(PROMPT_TOKENS, room))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, original.config.vocab_size, (1, prompt_len), generator=gen)
@@ -132,6 +132,19 @@ def compare_generation(original: nn.Module, rewritten: nn.Module, budget_s: floa
     result["decode_tokens_per_s"] = [1e3 * NEW_TOKENS / result["decode"].original[0],
                                      1e3 * NEW_TOKENS / result["decode"].rewritten[0]]
     return result
+
+
+CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config: Any) -> int:
+    """The longest sequence a config allows, under the names model families give it (MPT: max_seq_len;
+    GPT-2: n_positions), or the prompt and new tokens where it names none."""
+    for name in CONTEXT_NAMES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return PROMPT_TOKENS + NEW_TOKENS
 
 
 def _inference_kw(module: nn.Module, ids: torch.Tensor, **kwargs: Any) -> None:

@@ -48,7 +48,14 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, QuickGELU,
+class SquaredReLU(nn.Module):
+    """relu(x)² (Primer, So et al. arXiv:2109.08668; Nemotron's "relu2")."""
+
+    def forward(self, x):
+        return torch.square(torch.relu(x))
+
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, QuickGELU, SquaredReLU,
                _named(torch.exp), _named(torch.sin), _named(torch.cos))
 
 

@@ -212,10 +212,11 @@ def test_gated_feed_forwards_match_with_the_gates_activation_named(act, variant)
     assert not gated_feed_forward().find(_graph(Gated(gated=False), torch.randn(3, 6)))
 
 
-@pytest.mark.parametrize("spelling,variant", [("FactoredTanhGELU", "TanhGELU"), ("QuickGELU", "QuickGELU")])
-def test_bloom_s_and_clip_s_gelu_spellings_are_feed_forwards_named_for_their_function(spelling, variant):
-    """BLOOM writes tanh-GELU as x·0.5·(1 + tanh(c·x·(1 + a·x²))), CLIP uses x·σ(1.702·x): both are feed-forwards,
-    the match named for the function (snnk's features follow it)."""
+@pytest.mark.parametrize("spelling,variant", [("FactoredTanhGELU", "TanhGELU"), ("QuickGELU", "QuickGELU"),
+                                              ("SquaredReLU", "SquaredReLU")])
+def test_bloom_s_clip_s_and_nemotron_s_activations_are_feed_forwards_named_for_their_function(spelling, variant):
+    """BLOOM writes tanh-GELU as x·0.5·(1 + tanh(c·x·(1 + a·x²))), CLIP uses x·σ(1.702·x), Nemotron relu(x)²: all
+    are feed-forwards, the match named for the function (snnk's features follow it)."""
     from rewrite import patterns
 
     class Block(nn.Module):

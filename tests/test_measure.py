@@ -201,3 +201,37 @@ def test_embedding_cosine_compares_each_sentences_mean_over_its_unpadded_positio
     assert measure.embedding_cosine([pooled], [pooled]) == pytest.approx(1.0)  # (batch, values): as it is
     assert measure.embedding_cosine([-hidden], [hidden], [mask]) == pytest.approx(-1.0)
     assert measure.HIGHER_IS_BETTER["embedding-cosine"] and "embedding-cosine" in measure.METRICS
+
+
+def test_the_context_length_is_read_under_each_family_s_name_for_it():
+    from types import SimpleNamespace
+    assert measure.context_length(SimpleNamespace(max_seq_len=128)) == 128  # MPT: a 512-token prompt would not fit
+    assert measure.context_length(SimpleNamespace(n_positions=64, vocab_size=10)) == 64  # GPT-2
+    assert measure.context_length(SimpleNamespace(vocab_size=10)) == measure.PROMPT_TOKENS + measure.NEW_TOKENS
+
+
+class _BrokenForCausalLM(nn.Module):
+    """A causal LM by its name whose generation raises: what timing must survive."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": 16, "max_seq_len": 32})()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **_):
+        return self.fc(x)
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("the cache is gone")
+
+
+def test_a_generation_that_cannot_be_timed_is_a_warning_in_the_report_not_a_failed_run():
+    from rewrite import judge
+    from rewrite.report import RunReport
+    model, inputs = _BrokenForCausalLM().eval(), (torch.randn(2, 4),)
+    report = RunReport(pipeline="-", capture="-", inputs="-")
+    judge.before_after(report, model, model, inputs, [inputs], None, None, None, latency=True, profile=False,
+                       own_class=True, say=lambda *a, **k: None)
+    assert [w for w in report.warnings if w.startswith("generation was not timed: generate() raised")]
+    assert not report.generation
+    assert {s.backend for s in report.speeds} == {"torch"}  # the forward's own timing stands

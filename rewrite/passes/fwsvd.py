@@ -131,7 +131,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
         compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
         paths = [p for p, _ in compress.target_linears(module, self.target)]
         if not paths:
-            return PassResult(module, False, skipped=[("model", f"no Linear layers (target={self.target})")])
+            return factorize_linears(self, module, ctx, lambda *_: "unused")  # says why nothing is a target
         paths = [p for p in paths if not shared_weight(module, p)]  # left alone below, with the reason
         if not paths:  # every target is read elsewhere too: no weight to take a gradient for (ALBERT's shared layers)
             return factorize_linears(self, module, ctx, lambda *_: "unused")

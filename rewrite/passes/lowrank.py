@@ -199,6 +199,8 @@ def _weights(layer: nn.Module) -> int:
 def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -> PassResult:
     """The shared loop of lowrank and fwsvd: choose layers, ratios (global or searched), swap, report."""
     targets = compress.target_linears(module, pass_.target)
+    if not targets:
+        return PassResult(module, False, skipped=[("model", compress.no_targets(module, pass_.target))])
     ratios = {p: pass_.param_ratio for p, _ in targets}
     searching = bool(pass_.budget_sqnr or pass_.budget_metric)
     if searching and targets:

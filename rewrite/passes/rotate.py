@@ -20,9 +20,10 @@ not): the model then stores the head apart, and its `config.tie_word_embeddings`
 Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456 (2024)
 (the rotation of the residual stream, §4.1; SpinQuant, arXiv:2405.16406, learns Q instead). Contract: exact
 (float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
-only Linears read, and written only by Linears (Llama, Mistral, Qwen2, SmolLM, Phi-3; Gemma, whose constant
-embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ does); LayerNorm models (BERT, GPT-2)
-are left alone: its mean subtraction does not commute with Q.
+only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
+SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
+does; Granite, whose residual multiplier does). LayerNorm models (BERT, GPT-2, Phi, Cohere) are left alone: its
+mean subtraction does not commute with Q; so are those with a norm on a block's output (OLMo 2, Gemma 2 and 3).
 """
 from __future__ import annotations
 
@@ -212,14 +213,39 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
         if other in seen or other in todo:  # two stream values summed (parallel attention and MLP)
             todo.append(user)
             return None
-        if _is_linear(gm, other) and len(other.users) == 1:
-            stream.writers.append(other.target)
+        writers = _written_by(gm, other)
+        if writers:
+            stream.writers += writers
             todo.append(user)
             return None
-        return f"{user.name} adds {other.name}, which is not a Linear's output, into the stream"
+        return (f"{user.name} adds {other.name} into the stream, which is not made of Linear outputs (rotate passes "
+                "Linear outputs, their sums and constant multiples; a norm on a block's output, as OLMo 2 and Gemma 2 "
+                "and 3 place one before the residual add, does not commute with a rotation)")
     if user.op == "output":
         return "the residual stream is a model output (a rotation would change it)"
-    return f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
+    why = f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
+    if user.target in (_aten.mean.dim, _aten.layer_norm.default):  # LayerNorm (RMSNorm's mean is of x², after pow)
+        why += " (a LayerNorm: rotate works on RMSNorm models, as Llama, Qwen, Mistral, Gemma and Granite are)"
+    return why
+
+
+def _written_by(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """The Linears whose outputs `node` is made of, read nowhere else: one Linear's output, a constant multiple of
+    it (Granite's residual multiplier), or a sum of such (a parallel block's attention and MLP, as Phi's). Each
+    Linear's output rows take the rotation, and it passes through scalars and sums. [] where `node` is more."""
+    if len(node.users) != 1:
+        return []
+    if _is_linear(gm, node):
+        return [node.target]
+    parts = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if node.target == _aten.mul.Tensor and len(parts) >= 1 and _scaled(node, parts[0]):
+        return _written_by(gm, parts[0])
+    if node.target == _aten.mul.Tensor and len(parts) == 2 and _scaled(node, parts[1]):
+        return _written_by(gm, parts[1])
+    if node.target == _aten.add.Tensor and len(parts) == 2 and len(node.args) == 2:
+        first, second = _written_by(gm, parts[0]), _written_by(gm, parts[1])
+        return first + second if first and second else []
+    return []
 
 
 def _reads_dtype_only(user: fx.Node, value: fx.Node) -> bool:

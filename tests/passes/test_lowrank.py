@@ -180,3 +180,20 @@ def test_whitened_factors_fit_the_outputs_better_than_the_weights(structure):
         with torch.no_grad():
             errors.append(float((new(x) - layer(x)).square().sum()))
     assert errors[0] < 0.5 * errors[1]
+
+
+@pytest.mark.parametrize("name", ["lowrank", "fwsvd"])
+def test_a_model_whose_linears_are_in_no_feed_forward_block_is_told_to_take_target_all(name):
+    """Attention-only Linears (a mixture of experts' FFN weights are 3-D tensors, not Linears): nothing to
+    rewrite at target=ffn, and the reason says that target=all takes the others."""
+    class AttentionOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ x
+
+    x = torch.randn(2, 5, 8)
+    record = api.optimize(AttentionOnly(), (x,), name, calib=[(x,)], measure_latency=False).report.records[0]
+    assert record.status == "nothing to rewrite" and "target=all takes the other Linears" in record.reason

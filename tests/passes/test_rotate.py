@@ -27,6 +27,16 @@ def _ids(seed, shape=(2, 12)):
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _same_logits_and_reloads(model, rotated, tmp_path):
+    """The rotated model's logits are the original's, and so are those of its folder loaded by from_pretrained."""
+    with torch.no_grad():
+        want = model(_ids(9)).logits
+    assert (rotated(_ids(9)).logits - want).abs().max() < 1e-4 * want.abs().max()
+    rotated.save_pretrained(tmp_path / "folder")
+    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "folder", _ids(9), tmp_path)
+    assert (reloaded - want).abs().max() < 1e-4 * want.abs().max()
+
+
 @pytest.mark.parametrize("width", [128, 576, 50])
 def test_q_is_orthogonal_hadamard_blocks_where_64_divides_the_width(width):
     q = orthogonal(width, seed=3)
@@ -87,12 +97,22 @@ def test_a_gemma_rotates_exactly_through_its_scaled_embeddings_and_one_plus_weig
     assert isinstance(rotated, transformers.GemmaForCausalLM)
     assert all(torch.equal(norm.weight, torch.zeros_like(norm.weight))
                for name, norm in rotated.named_modules() if name.endswith("norm"))
-    with torch.no_grad():
-        want = model(_ids(9)).logits
-    assert (rotated(_ids(9)).logits - want).abs().max() < 1e-4 * want.abs().max()
-    rotated.save_pretrained(tmp_path / "folder")
-    reloaded = fresh.run(fresh.RELOAD_LOGITS, tmp_path / "folder", _ids(9), tmp_path)
-    assert (reloaded - want).abs().max() < 1e-4 * want.abs().max()
+    _same_logits_and_reloads(model, rotated, tmp_path)
+
+
+def test_a_granite_rotates_exactly_through_its_residual_and_embedding_multipliers(tmp_path):
+    """Granite writes o_proj's and down_proj's outputs into the stream times a constant (residual_multiplier) and
+    scales its embeddings: both commute with Q, so rotate applies, the class is kept and the folder loads."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0)
+    model = transformers.GraniteForCausalLM(cfg).eval()
+    result = check_pass(Rotate(), model, (_ids(0),), calib=[(_ids(s),) for s in range(2)])
+    record, rotated = result.report.records[0], result.model
+    assert record.status == "applied" and record.stats["norms_folded"] == 5, record.reason
+    assert isinstance(rotated, transformers.GraniteForCausalLM)
+    _same_logits_and_reloads(model, rotated, tmp_path)
 
 
 def test_an_untied_head_stays_untied_and_nothing_grows():
@@ -142,6 +162,47 @@ def test_a_plain_torch_decoder_rotates_with_either_rmsnorm(fused):
     assert record.status == "applied" and record.stats["norms_folded"] == 3 and record.stats["writers"] == 2
     with torch.no_grad():
         assert torch.allclose(result.model(ids), model(ids), atol=1e-4)
+
+
+class _ParallelDecoder(TinyDecoder):
+    """Each block writes 0.5·(a(h) + b(h)) into the stream, h its norm's output: a parallel block (Phi, GPT-J)
+    whose sum is scaled by a constant (Granite's residual multiplier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(2))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, block, a in zip(self.norms, self.blocks, self.a):
+            h = norm(x)
+            x = x + 0.5 * (a(h) + block(h))
+        return self.head(self.norm(x))
+
+
+def test_a_parallel_block_s_scaled_sum_of_linear_outputs_is_written_into_the_stream_exactly():
+    model = _ParallelDecoder().eval()
+    (ids,) = model.example_inputs()
+    result = check_pass(Rotate(), model, (ids,), calib=[(ids,)])
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["writers"] == 4, record.reason
+    with torch.no_grad():
+        assert torch.allclose(result.model(ids), model(ids), atol=1e-4)
+
+
+def test_a_value_that_is_not_made_of_linear_outputs_is_refused_with_what_rotate_passes():
+    class Gelu(_ParallelDecoder):
+        def forward(self, ids):
+            x = self.embed(ids)
+            for norm, block, a in zip(self.norms, self.blocks, self.a):
+                h = norm(x)
+                x = x + torch.nn.functional.gelu(a(h) + block(h))
+            return self.head(self.norm(x))
+
+    model = Gelu().eval()
+    (ids,) = model.example_inputs()
+    record = check_pass(Rotate(), model, (ids,), calib=[(ids,)]).report.records[0]
+    assert record.status == "nothing to rewrite" and "their sums and constant multiples" in record.reason
 
 
 def test_after_quantization_it_says_to_go_first():

@@ -200,3 +200,11 @@ def test_llama_decoder_end_to_end_with_onnx_parity(tmp_path):
     assert names == ["model_layers_0_mlp_gate_proj_snnk", "model_layers_1_mlp_gate_proj_snnk"]
     onnx = next(a for a in result.report.artifacts if a.kind == "onnx")
     assert onnx.problem is None and onnx.parity["max_abs"] < 1e-4
+
+
+def test_every_feed_forward_variant_has_its_function_and_a_default_feature_kind():
+    """A new activation among the feed-forward patterns needs snnk's function of it and its kind=auto choice."""
+    from rewrite.passes.snnk import _ACTIVATION, _AUTO
+    from rewrite.patterns import feed_forward
+    names = {variant.name for variant in feed_forward().variants}
+    assert names <= set(_ACTIVATION) and names <= set(_AUTO)
