@@ -213,22 +213,45 @@ def test_an_encoder_decoder_is_captured_without_its_cache_and_comes_back_as_its_
     assert tokens.shape == (1, 5)
 
 
-def test_layers_that_cannot_go_back_into_the_users_class_say_why():
-    """T5's FFN reads `wo.weight`, which a factorized layer does not have (it stores only its factors): the
-    result is the verified graph, and the warning says what the user's code raised, not only that it failed."""
+def test_a_factorized_t5_comes_back_as_its_class_with_generate():
+    """T5's FFN casts to `wo.weight`'s dtype when that is a tensor: a factorized layer keeps no dense weight, and
+    says so with weight = None (as a Linear's absent bias), so the layers go back into the user's class."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.T5Config(num_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
-                                   vocab_size=64)
-    model = transformers.T5Model(config).eval()
+                                   vocab_size=64, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(1)
     calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=g),
               "decoder_input_ids": torch.randint(0, 64, (2, 6), generator=g)} for _ in range(3)]
     result = rewrite.optimize(model, calib[0], "fwsvd{target=all,param-ratio=0.5,min-sqnr=-100}", calib=calib,
                               measure_latency=False)
+    assert result.report.records[0].status == "applied" and type(result.model) is type(model)
+    assert result.model.generate(calib[0]["input_ids"][:1], max_new_tokens=4, do_sample=False).shape == (1, 5)
+
+
+class _ReadsItsWeight(torch.nn.Module):
+    """A model whose code reads a layer's dense weight at run time, which a factorized layer does not keep; its
+    `config` is what it would lose as a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+        self.config = {"hidden": 64}
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) / self.down.weight.shape[0]
+
+
+def test_layers_that_cannot_go_back_into_the_users_class_say_why():
+    """The result is then the verified graph, and the warning says what the user's code raised, not only that
+    it failed."""
+    model, x = _ReadsItsWeight().eval(), torch.randn(8, 16)
+    result = rewrite.optimize(model, (x,), "fwsvd{param-ratio=0.5,min-sqnr=-100}", calib=[(x,)],
+                              measure_latency=False)
     assert result.report.records[0].status == "applied" and isinstance(result.model, torch.fx.GraphModule)
     [lost] = [w for w in result.report.warnings if w.startswith("the result is a graph")]
-    assert "could not be put back (your model's code raised AttributeError" in lost and "'weight'" in lost, lost
+    assert "could not be put back (your model's code raised AttributeError" in lost and "'shape'" in lost, lost
 
 
 def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate_and_its_fused_mlp_prunes():

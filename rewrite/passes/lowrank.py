@@ -35,6 +35,10 @@ from rewrite.patterns import set_submodule, shared_weight
 class LowRankLinear(nn.Module):
     """second(first(x)): first = Linear(in → r, no bias), second = Linear(r → out, original bias)."""
 
+    # No dense weight is kept (forming it on each read would cost more than the layer): `weight` is None, as a Linear's
+    # absent bias is, so code that checks it (T5's FFN casts to `wo.weight`'s dtype if it is a tensor) runs.
+    weight = None
+
     def __init__(self, first: torch.Tensor, second: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.first = nn.Linear(first.shape[1], first.shape[0], bias=False)
@@ -66,6 +70,8 @@ class LowRankLinear(nn.Module):
 
 class BlockDenseLinear(nn.Module):
     """U · blockdiag(V₁…V_B) · x + b with V: (B, R/B, N/B), U: (M, R)."""
+
+    weight = None  # no dense weight, as `LowRankLinear`
 
     def __init__(self, blocks: torch.Tensor, mix: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
