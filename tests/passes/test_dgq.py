@@ -553,6 +553,24 @@ def test_smoothing_skips_post_norm_residuals():
     assert not chosen and "residual" in skipped[0][1]
 
 
+def test_a_norm_that_no_linear_reads_is_no_smoothing_candidate_and_not_reported():
+    """Qwen3's per-head q_norm feeds RoPE, not a Linear: nothing to smooth there, and nothing to say of it."""
+    from rewrite import capture
+    from rewrite.passes.dgq import smooth_inputs
+
+    class NormIntoActivation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(128), nn.Linear(128, 128)
+
+        def forward(self, x):
+            return self.fc(x) * torch.sigmoid(self.norm(x))
+
+    captured = capture.capture(NormIntoActivation().eval(), (torch.randn(4, 128),))
+    chosen, skipped = smooth_inputs(captured.module, [(torch.randn(4, 128),)])
+    assert not chosen and not skipped
+
+
 def test_float32_search_errors_choose_what_float64_chooses(monkeypatch):
     import rewrite.passes.dgq as dgq
     gen = torch.Generator().manual_seed(0)
@@ -663,7 +681,7 @@ def test_smoothing_reaches_rmsnorms_and_gated_blocks_of_a_llama_exactly():
     smoothed, skipped = smooth_inputs(gm, [(ids,)])
     # per block: q/k/v after the input norm, gate/up after the second norm, down after up
     assert sum(smoothed.values()) == 6
-    assert len(skipped) == 1  # the final norm: it feeds the tied lm_head (through a slice): left alone
+    assert not skipped  # the final norm feeds the tied lm_head through a slice: no Linear reads it, no candidate
     torch.testing.assert_close(gm(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 

@@ -112,7 +112,9 @@ def _smoothing_points(gm: fx.GraphModule, rotated) -> tuple[list, list]:
         if divide is None:
             continue
         consumers = [u for u in node.users if u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Linear)]
-        if not consumers or len(consumers) != len(node.users):
+        if not consumers:
+            continue  # no Linear reads it (Qwen3's per-head q_norm feeds RoPE; a head that reads a slice): no candidate
+        if len(consumers) != len(node.users):
             if node.target != torch.ops.aten.mul.Tensor or _norm_weight(node):  # a norm's output: say why
                 skipped.append((node.name, "a norm output that also feeds non-Linear ops (e.g. a residual): not "
                                            "smoothed"))
