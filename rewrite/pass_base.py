@@ -122,6 +122,10 @@ class Pass:
     # 1e-3; factors cut from pretrained weights (fwsvd, lowrank) a smaller one, which keeps the fit they start from.
     recovery_lr: ClassVar[float] = 1e-3
     shrinks: ClassVar[bool] = False  # an exact pass that promises fewer parameters/FLOPs: growth rolls it back
+    # The layer classes it rewrites, by name (their subclasses too): where it finds nothing, an earlier pass's swaps
+    # of these are what it may have looked for (fwsvd after dgq), and the report says to run it earlier; swaps of
+    # other layers are not named. GPT-2's Conv1D is a Linear transposed.
+    reads: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement call()")

@@ -100,7 +100,7 @@ def _run_one(pass_: Pass, module: nn.Module, outputs: list, ctx: PassContext, ca
     record.reason = flag or ""
     if not result.modified:
         record.reason = "; ".join(f"{w}: {why}" for w, why in record.skipped) or f"no layer matched ({pass_.applies_to})"
-        record.reason += _swapped_before(result.module, pass_.name)
+        record.reason += _swapped_before(result.module, pass_)
     record.params_after, record.layers_after = _params(result.module), capture.layer_count(result.module)
     record.bytes_after = measure.weight_bytes(result.module)
     return result.module, new_outputs, record
@@ -168,20 +168,20 @@ def _recovered_errors(result: PassResult, outputs: list, ctx: PassContext, train
     return held or None
 
 
-def _swapped_before(module: nn.Module, name: str) -> str:
-    """Where a pass found nothing: the layers earlier passes already swapped, which it may have looked for
-    (fwsvd after dgq finds no nn.Linear left), and the order that lets both apply."""
+def _swapped_before(module: nn.Module, pass_: Pass) -> str:
+    """Where a pass found nothing: the layers of the kinds it reads (`Pass.reads`) that earlier passes already
+    swapped (fwsvd after dgq finds no nn.Linear left), and the order that lets both apply."""
     if not is_graph(module):
         return ""
     counts: dict[str, int] = {}
     for node in module.graph.nodes:
-        made_by = node.meta.get("rewrite.pass")
-        if node.op == "call_module" and made_by and made_by != name:
+        made_by, replaced = node.meta.get("rewrite.pass"), node.meta.get("rewrite.replaced", ())
+        if node.op == "call_module" and made_by and made_by != pass_.name and set(replaced) & set(pass_.reads):
             counts[made_by] = counts.get(made_by, 0) + 1
     if not counts:
         return ""
     done = ", ".join(f"{p} swapped {n}" for p, n in counts.items())
-    return f" ({done} layer(s) before it: to rewrite them too, put {name} earlier in the pipeline)"
+    return f" ({done} layer(s) before it: to rewrite them too, put {pass_.name} earlier in the pipeline)"
 
 
 def _pick(items: list | None, idx: list[int]) -> list | None:
@@ -224,6 +224,8 @@ def _call(pass_: Pass, module: nn.Module, ctx: PassContext, plugin: str | None =
         for node, layer in _layer_identities(result.module).items():
             if before.get(node, layer) is not layer or node not in before:
                 node.meta["rewrite.pass"] = pass_.name  # the last pass that made or swapped it
+                if before.get(node) is not None and "rewrite.replaced" not in node.meta:  # the user's layer's kind
+                    node.meta["rewrite.replaced"] = tuple(c.__name__ for c in type(before[node]).__mro__)
         result.module.graph.lint()
         result.module.recompile()
     return result

@@ -302,3 +302,14 @@ def test_a_pass_that_finds_nothing_after_an_earlier_pass_swapped_its_layers_says
     assert "dgq swapped 5 layer(s) before it" in factorized.reason and "put fwsvd earlier" in factorized.reason
     alone = api.optimize(ConvBN(), torch.randn(2, 3, 8, 8), "fwsvd", measure_latency=False).report.records[0]
     assert alone.status == "nothing to rewrite" and "earlier in the pipeline" not in alone.reason
+
+
+def test_swaps_of_layers_a_pass_does_not_read_are_not_named_where_it_finds_nothing():
+    """tconv reads convolutions: after dgq quantized an MLP's Linears it finds nothing, and the reason does not
+    tell the user to run it before dgq (which would change nothing)."""
+    from tests.passes.test_lowrank import FFN
+    model, calib = FFN(), [(torch.randn(64, 32),) for _ in range(4)]
+    result = api.optimize(model, calib[0], "dgq{budget-cos=0},tconv", calib=calib, measure_latency=False)
+    quantized, convs = result.report.records
+    assert quantized.status == "applied" and convs.status == "nothing to rewrite"
+    assert "earlier in the pipeline" not in convs.reason, convs.reason

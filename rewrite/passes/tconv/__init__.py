@@ -46,6 +46,7 @@ class TensorFactoredConv(Pass):
     level = "module"
     recoverable = True
     shrinks = True
+    reads = ("Conv1d", "Conv2d", "Conv3d")
 
     format: Literal["cp", "tucker2", "separable"] = "cp"
     rank: int = 0
