@@ -22,8 +22,13 @@ Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", 
 (float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
 only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
 SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
-does; Granite, whose residual multiplier does). LayerNorm models (BERT, GPT-2, Phi, Cohere) are left alone: its
-mean subtraction does not commute with Q; so are those with a norm on a block's output (OLMo 2, Gemma 2 and 3).
+does; Granite, whose residual multiplier does). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi,
+GPT-J), as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
+addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the stream stays zero-mean; Q is
+taken to keep the all-ones direction (a reflection after the Hadamard transform), so the rotated stream stays
+zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q. The norms keep their
+class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a LayerNorm written out
+(Cohere), learned position tables or a norm on the embeddings (GPT-2, OPT, BLOOM), and post-norm encoders (BERT).
 """
 from __future__ import annotations
 
@@ -69,6 +74,28 @@ def rms_norm() -> Pattern:
                                  for form in ("cast", "plain", "fused", "offset")], check=_norm_check)
 
 
+class _LayerNorm(nn.Module):
+    """torch's LayerNorm with an elementwise weight and bias (both inputs here; the check says they are parameters)."""
+
+    def forward(self, x, weight, bias):
+        return nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
+
+
+@cached_pattern
+def layer_norm() -> Pattern:
+    """x → γ · (x − mean)/std + β (torch's LayerNorm op), at any epsilon."""
+    example = (torch.randn(2, 3, 8), torch.randn(8), torch.randn(8))
+    return Pattern("layer-norm", Variant(_LayerNorm(), example, ignore_literals=True, name="layer"),
+                   check=_layer_norm_check)
+
+
+def _layer_norm_check(match: Match, gm: fx.GraphModule) -> str | None:
+    for tensor in match.inputs[1:3]:
+        if tensor.op != "get_attr" or len([u for u in tensor.users if not is_dtype_check(u)]) != 1:
+            return "its weight or bias is not a parameter of this norm alone"
+    return None
+
+
 def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
     weight = match.inputs[1]
     if weight.op != "get_attr" or len([u for u in weight.users if not is_dtype_check(u)]) != 1:
@@ -98,6 +125,7 @@ class _Stream:
     norms: list[Match]
     readers: dict[str, list[str]]  # norm output name → the Linears reading it
     writers: list[str]  # Linears adding into the stream
+    centred: bool = False  # LayerNorms read it: every addition is centred, and Q keeps the all-ones direction
 
 
 @dataclass(frozen=True)
@@ -106,8 +134,8 @@ class Rotate(Pass):
     paper = "Ashkboos et al., QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs, arXiv:2404.00456"
     summary = "rotate a decoder's residual stream (exact): quantization after it meets no outlier channels"
     contract = Exact()
-    applies_to = ("decoders with RMSNorm (Llama, Mistral, Qwen2, SmolLM, Phi-3, Gemma): the residual stream from the "
-                  "embedding")
+    applies_to = ("pre-norm decoders with RMSNorm (Llama, Mistral, Qwen, SmolLM, Phi-3, Gemma, Granite) or LayerNorm "
+                  "(StableLM, StarCoder2, Phi, GPT-J): the residual stream from the embedding")
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
     whole_model = "the residual stream from the token embedding to the output head"
@@ -120,7 +148,10 @@ class Rotate(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return not any(type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm) for m in module.modules())
+        """No RMSNorm, and no LayerNorm in a causal LM (BERT's LayerNorms come after its residual adds)."""
+        decoder = type(module).__name__.endswith("ForCausalLM")
+        return not any(type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm) or
+                       (decoder and isinstance(m, nn.LayerNorm)) for m in module.modules())
 
     @classmethod
     def patterns(cls) -> list[Pattern]:
@@ -133,13 +164,26 @@ class Rotate(Pass):
         if isinstance(stream, str):
             return PassResult(gm, False, {}, [("residual stream", stream)])
         width = attribute(gm, stream.embedding.args[0].target).shape[1]
+        dead = _dead_layer_norm(gm, stream)
+        if dead:
+            return PassResult(gm, False, {}, [("residual stream", dead)])
         untied = _untie_readers(gm, stream)
-        _rotate_weights(gm, stream, orthogonal(width, self.seed))
+        q = orthogonal(width, self.seed)
+        _rotate_weights(gm, stream, keeping_ones(q) if stream.centred else q)
         stats = {"width": width, "norms_folded": len(stream.norms), "writers": len(stream.writers),
                  "readers": sum(map(len, stream.readers.values()))}
         if untied:
             stats["untied"] = ", ".join(untied)
         return PassResult(gm, True, stats)
+
+
+def _dead_layer_norm(gm: fx.GraphModule, stream: _Stream) -> str | None:
+    """Why a LayerNorm's β cannot move before its γ (β/γ where γ is 0 on a channel), or None."""
+    for norm in stream.norms:
+        if len(norm.inputs) > 2 and bool((attribute(gm, norm.inputs[1].target) == 0).any()):
+            return (f"the LayerNorm at {norm.outputs[0].name} has a zero weight on some channel: its bias cannot be "
+                    "folded")
+    return None
 
 
 @torch.no_grad()
@@ -148,19 +192,39 @@ def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> Non
     def set_to(tensor: torch.Tensor, value: torch.Tensor) -> None:
         tensor.copy_(value.to(tensor.dtype))
 
+    centre = _centring(q.shape[0]) if stream.centred else torch.eye(q.shape[0], dtype=torch.float64)
     table = attribute(gm, stream.embedding.args[0].target)
-    set_to(table, table.double() @ q)
+    set_to(table, table.double() @ centre @ q)
     for norm in stream.norms:
         gamma, offset = attribute(gm, norm.inputs[1].target), _offset(norm)
+        if len(norm.inputs) > 2:  # LayerNorm's β, added after γ: the readers see β/γ of the normed value, rotated
+            beta = attribute(gm, norm.inputs[2].target)
+            set_to(beta, (beta.double() / gamma.double()) @ q)
         for path in stream.readers[norm.outputs[0].name]:
             weight = gm.get_submodule(path).weight
             set_to(weight, (weight.double() * (gamma.double() + offset)) @ q)
         gamma.fill_(1.0 - offset)  # γ = offset + weight = 1
     for path in stream.writers:
         layer = gm.get_submodule(path)
-        set_to(layer.weight, q.T @ layer.weight.double())
+        set_to(layer.weight, q.T @ centre @ layer.weight.double())
         if layer.bias is not None:
-            set_to(layer.bias, layer.bias.double() @ q)
+            set_to(layer.bias, layer.bias.double() @ centre @ q)
+
+
+def _centring(width: int) -> torch.Tensor:
+    """C = I − 11ᵀ/d: what every addition into a LayerNorm's stream is multiplied by (LayerNorm ignores the mean)."""
+    return torch.eye(width, dtype=torch.float64) - 1.0 / width
+
+
+def keeping_ones(q: torch.Tensor) -> torch.Tensor:
+    """P·Q with P the reflection taking Q·u to u (u = 1/√d): orthogonal, and it maps the all-ones direction to itself,
+    so a centred stream stays centred when rotated and LayerNorm's mean subtraction commutes with it."""
+    u = torch.full((q.shape[0],), q.shape[0] ** -0.5, dtype=torch.float64)
+    w = q @ u - u
+    if float(w.norm()) < 1e-12:
+        return q
+    w = w / w.norm()
+    return q - 2.0 * torch.outer(w, w @ q)
 
 
 def orthogonal(width: int, seed: int) -> torch.Tensor:
@@ -174,8 +238,11 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
     if len(embeddings) != 1:
         return (f"{len(embeddings)} token embedding lookups in the graph: the rotation starts at the one embedding "
                 "the stream starts from (a whole decoder, not one block of it)")
-    norms = {m.inputs[0]: m for m in rms_norm().find(gm) or []}
-    stream = _Stream(embeddings[0], [], {}, [])
+    layer_norms = {m.inputs[0]: m for m in layer_norm().find(gm) or []}
+    norms = {**{m.inputs[0]: m for m in rms_norm().find(gm) or []}, **layer_norms}
+    if layer_norms and len(layer_norms) != len(norms):
+        return "the stream has both RMSNorms and LayerNorms: rotate folds one kind at a time"
+    stream = _Stream(embeddings[0], [], {}, [], centred=bool(layer_norms))
     todo, seen = [embeddings[0]], set()
     while todo:
         value = todo.pop()
@@ -187,7 +254,7 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
             if why:
                 return why
     if not stream.norms:
-        return "no RMSNorm reads the residual stream"
+        return "no RMSNorm or LayerNorm reads the residual stream"
     return stream
 
 
@@ -224,8 +291,8 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     if user.op == "output":
         return "the residual stream is a model output (a rotation would change it)"
     why = f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
-    if user.target in (_aten.mean.dim, _aten.layer_norm.default):  # LayerNorm (RMSNorm's mean is of x², after pow)
-        why += " (a LayerNorm: rotate works on RMSNorm models, as Llama, Qwen, Mistral, Gemma and Granite are)"
+    if user.target in (_aten.mean.dim, _aten.layer_norm.default):  # a LayerNorm the pattern did not take
+        why += " (a LayerNorm written out, or one without its own weight and bias: rotate folds torch's LayerNorm)"
     return why
 
 

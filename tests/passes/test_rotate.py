@@ -115,6 +115,40 @@ def test_a_granite_rotates_exactly_through_its_residual_and_embedding_multiplier
     _same_logits_and_reloads(model, rotated, tmp_path)
 
 
+def test_q_for_a_layernorm_stream_is_orthogonal_and_keeps_the_all_ones_direction():
+    from rewrite.passes.rotate import keeping_ones
+    q = keeping_ones(orthogonal(128, 3))
+    ones = torch.ones(128, dtype=torch.float64)
+    assert torch.allclose(q.T @ q, torch.eye(128, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(ones @ q, ones, atol=1e-12) and torch.allclose(q @ ones, ones, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["StableLm", "GPTJ"])
+def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family, tmp_path):
+    """StableLM (sequential blocks) and GPT-J (parallel attention and MLP) read their streams through torch's
+    LayerNorm, with weights and biases: every addition is centred, Q keeps the all-ones direction, γ folds into
+    the readers and β becomes (β/γ)·Q; the class, its LayerNorm modules and from_pretrained's folder stay."""
+    torch.manual_seed(0)
+    if family == "GPTJ":
+        cfg = transformers.GPTJConfig(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=16)
+    else:
+        cfg = transformers.StableLmConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "ln" in name):
+                p.add_(0.5 * torch.rand_like(p) + (0.25 if name.endswith("weight") else -0.25))
+    result = check_pass(Rotate(), model, (_ids(0),), calib=[(_ids(s),) for s in range(2)])
+    record, rotated = result.report.records[0], result.model
+    folded = 3 if family == "GPTJ" else 5  # one norm a block before both branches, or one before each
+    assert record.status == "applied" and record.stats["norms_folded"] == folded, record.reason
+    assert type(rotated) is type(model)
+    norms = [m for m in rotated.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == folded and all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
+    _same_logits_and_reloads(model, rotated, tmp_path)
+
+
 def test_an_untied_head_stays_untied_and_nothing_grows():
     model, ids = _llama(tied=False), _ids(0)
     record = check_pass(Rotate(), model, (ids,), calib=[(ids,)]).report.records[0]
@@ -122,11 +156,19 @@ def test_an_untied_head_stays_untied_and_nothing_grows():
     assert record.params_after == record.params_before
 
 
-def test_an_outlier_channel_costs_int8_activations_less_after_rotation():
+def _stablelm():
+    torch.manual_seed(0)
+    return transformers.StableLmForCausalLM(transformers.StableLmConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("build", [lambda: _llama(tied=False), _stablelm], ids=["rmsnorm", "layernorm"])
+def test_an_outlier_channel_costs_int8_activations_less_after_rotation(build):
     """The point of the pass: one channel of the stream 200x the others (a decoder's massive activations) makes
     every token's int8 grid coarse for the rest; rotated, its mass is spread over all channels, and dgq's A8W4
     keeps more of the output."""
-    model, ids = _llama(tied=False), _ids(0)
+    model, ids = build(), _ids(0)
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 7] *= 200
     calib = [(_ids(s, (4, 16)),) for s in range(4)]
@@ -134,7 +176,8 @@ def test_an_outlier_channel_costs_int8_activations_less_after_rotation():
     rotated = rewrite.optimize(model, (ids,), "rotate,dgq{budget-cos=0,smooth=false}", calib=calib,
                                measure_latency=False)
     assert [r.status for r in rotated.report.records] == ["applied", "applied"]
-    assert rotated.report.records[1].error["sqnr_db"] > plain.report.records[0].error["sqnr_db"] + 3
+    assert rotated.report.records[1].error["sqnr_db"] > plain.report.records[0].error["sqnr_db"] + 3, (
+        rotated.report.records[1].error["sqnr_db"], plain.report.records[0].error["sqnr_db"])
 
 
 def test_layernorm_models_are_left_alone_and_say_why():
