@@ -22,16 +22,18 @@ Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", 
 (float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
 only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
 SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
-does; Granite, whose residual multiplier does). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi,
-GPT-J), as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
+does; Granite, whose residual multiplier does; learned position tables added to the token embeddings, which
+take E's rotation). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder),
+as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
 addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the stream stays zero-mean; Q is
 taken to keep the all-ones direction (a reflection after the Hadamard transform), so the rotated stream stays
 zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q. The norms keep their
 class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a LayerNorm written out
-(Cohere), learned position tables or a norm on the embeddings (GPT-2, OPT, BLOOM), and post-norm encoders (BERT).
+(Cohere), a norm on the embeddings (BLOOM), GPT-2's Conv1D layers, and post-norm encoders (BERT).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +127,7 @@ class _Stream:
     norms: list[Match]
     readers: dict[str, list[str]]  # norm output name → the Linears reading it
     writers: list[str]  # Linears adding into the stream
+    tables: list[fx.Node] = dataclasses.field(default_factory=list)  # other lookups added in (learned positions)
     centred: bool = False  # LayerNorms read it: every addition is centred, and Q keeps the all-ones direction
 
 
@@ -135,7 +138,7 @@ class Rotate(Pass):
     summary = "rotate a decoder's residual stream (exact): quantization after it meets no outlier channels"
     contract = Exact()
     applies_to = ("pre-norm decoders with RMSNorm (Llama, Mistral, Qwen, SmolLM, Phi-3, Gemma, Granite) or LayerNorm "
-                  "(StableLM, StarCoder2, Phi, GPT-J): the residual stream from the embedding")
+                  "(OPT, GPT-Neo, GPT-J, Phi, StableLM, StarCoder): the residual stream from the embedding")
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
     whole_model = "the residual stream from the token embedding to the output head"
@@ -193,8 +196,9 @@ def _rotate_weights(gm: fx.GraphModule, stream: _Stream, q: torch.Tensor) -> Non
         tensor.copy_(value.to(tensor.dtype))
 
     centre = _centring(q.shape[0]) if stream.centred else torch.eye(q.shape[0], dtype=torch.float64)
-    table = attribute(gm, stream.embedding.args[0].target)
-    set_to(table, table.double() @ centre @ q)
+    for lookup in [stream.embedding, *stream.tables]:
+        table = attribute(gm, lookup.args[0].target)
+        set_to(table, table.double() @ centre @ q)
     for norm in stream.norms:
         gamma, offset = attribute(gm, norm.inputs[1].target), _offset(norm)
         if len(norm.inputs) > 2:  # LayerNorm's β, added after γ: the readers see β/γ of the normed value, rotated
@@ -235,7 +239,7 @@ def orthogonal(width: int, seed: int) -> torch.Tensor:
 def residual_stream(gm: fx.GraphModule) -> _Stream | str:
     """The stream's embeddings, norms, readers and writers, or why a rotation cannot pass somewhere."""
     embeddings = [n for n in gm.graph.nodes if n.target == _aten.embedding.default and n.args[0].op == "get_attr"]
-    if len(embeddings) != 1:
+    if not embeddings:
         return (f"{len(embeddings)} token embedding lookups in the graph: the rotation starts at the one embedding "
                 "the stream starts from (a whole decoder, not one block of it)")
     layer_norms = {m.inputs[0]: m for m in layer_norm().find(gm) or []}
@@ -262,7 +266,7 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     """Take `user` of a stream value into `stream` (or the queue), or say why the rotation cannot pass it."""
     if _reads_dtype_only(user, value):
         return None
-    if user.target in _PASS_THROUGH or _scaled(user, value):
+    if user.target in _PASS_THROUGH or _scaled(user, value) or _keeps_features(value, user):
         todo.append(user)
         return None
     if value in norms and user in norms[value].nodes.values():
@@ -282,7 +286,8 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
             return None
         writers = _written_by(gm, other)
         if writers:
-            stream.writers += writers
+            stream.writers += [n.target for n in writers if n.op == "call_module"]
+            stream.tables += [n for n in writers if n.op != "call_module"]
             todo.append(user)
             return None
         return (f"{user.name} adds {other.name} into the stream, which is not made of Linear outputs (rotate passes "
@@ -296,15 +301,19 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     return why
 
 
-def _written_by(gm: fx.GraphModule, node: fx.Node) -> list[str]:
-    """The Linears whose outputs `node` is made of, read nowhere else: one Linear's output, a constant multiple of
-    it (Granite's residual multiplier), or a sum of such (a parallel block's attention and MLP, as Phi's). Each
-    Linear's output rows take the rotation, and it passes through scalars and sums. [] where `node` is more."""
-    if len(node.users) != 1:
+def _written_by(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The Linears (and table lookups) whose outputs `node` is made of, read nowhere else: one Linear's output, a
+    constant multiple of it (Granite's residual multiplier), a sum of such (a parallel block's attention and MLP,
+    as Phi's), or a lookup in a table of its own (learned positions, added to the token embeddings). Each takes
+    the rotation in its output rows, and it passes through scalars and sums. [] where `node` is more."""
+    if len([u for u in node.users if not _reads_dtype_only(u, node)]) != 1:
         return []
-    if _is_linear(gm, node):
-        return [node.target]
+    if _is_linear(gm, node) or (node.target == _aten.embedding.default and node.args[0].op == "get_attr"
+                                and len(node.args[0].users) == 1):
+        return [node]
     parts = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if node.target in _PASS_THROUGH and parts:  # a cast (OPT's positions to the embeddings' dtype)
+        return _written_by(gm, parts[0])
     if node.target == _aten.mul.Tensor and len(parts) >= 1 and _scaled(node, parts[0]):
         return _written_by(gm, parts[0])
     if node.target == _aten.mul.Tensor and len(parts) == 2 and _scaled(node, parts[1]):
@@ -357,7 +366,7 @@ def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[str], str |
             continue
         rank = node.meta["val"].dim() if isinstance(node.meta.get("val"), torch.Tensor) else None
         slices_tokens = user.target == _aten.slice.Tensor and rank and user.args[1] % rank != rank - 1
-        if not (slices_tokens or user.target in _PASS_THROUGH):
+        if not (slices_tokens or user.target in _PASS_THROUGH or _keeps_features(node, user)):
             layer = type(gm.get_submodule(user.target)).__name__ if user.op == "call_module" else None
             return readers, f"{layer} {user.target}" if layer else f"{user.name} ({user.target})"
         more, other = _linear_readers(gm, user)
@@ -365,6 +374,14 @@ def _linear_readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[str], str |
         if other:
             return readers, other
     return readers, None
+
+
+def _keeps_features(node: fx.Node, user: fx.Node) -> bool:
+    """`user` reshapes `node` over its leading axes only (GPT-Neo views its final norm's output before the head)."""
+    if user.target not in (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default):
+        return False
+    before, after = node.meta.get("val"), user.meta.get("val")
+    return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.shape[-1] == after.shape[-1]
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -123,14 +123,18 @@ def test_q_for_a_layernorm_stream_is_orthogonal_and_keeps_the_all_ones_direction
     assert torch.allclose(ones @ q, ones, atol=1e-12) and torch.allclose(q @ ones, ones, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["StableLm", "GPTJ"])
+@pytest.mark.parametrize("family", ["StableLm", "GPTJ", "OPT"])
 def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family, tmp_path):
-    """StableLM (sequential blocks) and GPT-J (parallel attention and MLP) read their streams through torch's
-    LayerNorm, with weights and biases: every addition is centred, Q keeps the all-ones direction, γ folds into
-    the readers and β becomes (β/γ)·Q; the class, its LayerNorm modules and from_pretrained's folder stay."""
+    """StableLM (sequential blocks), GPT-J (parallel attention and MLP) and OPT (learned positions) read their
+    streams through torch's LayerNorm, with weights and biases: every addition is centred (the position table
+    too), Q keeps the all-ones direction, γ folds into the readers and β becomes (β/γ)·Q; the class, its LayerNorm
+    modules and from_pretrained's folder stay."""
     torch.manual_seed(0)
     if family == "GPTJ":
         cfg = transformers.GPTJConfig(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=16)
+    elif family == "OPT":  # learned positions added into the stream (a table of their own, cast), reshaped FFN inputs
+        cfg = transformers.OPTConfig(vocab_size=256, hidden_size=128, ffn_dim=256, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128)
     else:
         cfg = transformers.StableLmConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
