@@ -27,7 +27,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return "the model was not captured as a graph"
     target = capture.copied(eager)
-    paths = dict(target.named_modules())
+    paths, transposed = dict(target.named_modules()), set()
     for node in graph.graph.nodes:
         if node.op != "call_module":
             continue
@@ -38,11 +38,17 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             continue  # export's own helpers (_guards_fn); an output check below catches anything else
         if type(module) is type(paths[node.target]):
             continue  # not replaced: its weights come over below, into your tensors (ties kept: lm_head = embed)
+        if _lifted_conv1d(module, paths[node.target]):  # left a Linear: back into your Conv1D, as it stores it
+            _into_conv1d(module, paths[node.target])
+            transposed.add(node.target)
+            continue
         set_submodule(target, node.target, module)
     _untie_held_apart(target, graph.state_dict())
     mine = target.state_dict()
     with torch.no_grad():
         for name, tensor in graph.state_dict().items():
+            if name.rpartition(".")[0] in transposed:
+                continue
             if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
                 mine[name].copy_(tensor)
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
@@ -53,6 +59,22 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     except Exception as exc:  # the copy cannot run what the graph runs (model code reads what a layer lacks)
         return f"your model's code raised {type(exc).__name__} with them: {first_line(exc, 200)}"
     return (target, got) if same else "with them your model computed something else than the verified graph"
+
+
+def _lifted_conv1d(module: nn.Module, yours: nn.Module) -> bool:
+    """A plain Linear in the graph where your model has GPT-2's Conv1D (y = x·W + b, W stored (in, out)): capture
+    lifted it, and no pass replaced it. Put in as a Linear, its (out, in) weight would be saved under your Conv1D's
+    name, and your class would load it transposed."""
+    return (type(module) is nn.Linear and type(yours).__name__ == "Conv1D"
+            and tuple(getattr(yours, "weight", torch.empty(0)).shape) == tuple(module.weight.shape[::-1]))
+
+
+@torch.no_grad()
+def _into_conv1d(linear: nn.Linear, conv: nn.Module) -> None:
+    """The Linear's weights (a pass may have changed them in place: dgq's smoothing) into the Conv1D."""
+    conv.weight.copy_(linear.weight.t())
+    if linear.bias is not None and getattr(conv, "bias", None) is not None:
+        conv.bias.copy_(linear.bias)
 
 
 def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:

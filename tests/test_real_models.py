@@ -514,6 +514,23 @@ def test_quantized_layers_whose_shapes_the_config_does_not_give_reload_through_t
         assert torch.equal(back(ids).logits, result.model(ids).logits)
 
 
+def test_gpt2_layers_no_pass_replaced_go_back_as_its_conv1d_and_the_folder_reloads(tmp_path):
+    """Capture lifts GPT-2's Conv1D (W stored (in, out)) into Linears. Those fwsvd left dense (the attention's, and
+    those its budget kept) went back into the class as Linears, so the folder saved (out, in) weights under the
+    Conv1D's names, and rewrite.load failed on their shapes. They now go back as the user's Conv1D."""
+    model = _gpt2()
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], f"fwsvd{{{ANY}}}", calib=calib, measure_latency=False)
+    assert result.report.records[0].status == "applied" and type(result.model) is type(model)
+    kinds = {name: type(m).__name__ for name, m in result.model.named_modules() if name.endswith(("c_attn", "c_fc"))}
+    assert "Conv1D" in kinds.values() and "Linear" not in kinds.values(), kinds
+    result.model.save_pretrained(tmp_path / "m")
+    back = rewrite.load(tmp_path / "m")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, result.model(ids).logits)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda m: m["configs"].update({p: {"form": "int8"} for p in m["configs"]}), "cannot rebuild the layer"),
     (lambda m: m.update(configs=[]), "is not a rewrite-layers/1 manifest"),
