@@ -155,10 +155,10 @@ def check_output_memory(first: Any, batches: int, sets: int) -> None:
     100 MB, so 100k calibration tokens would want 20 GB a set."""
     free = free_memory()
     each = sum(t.numel() * t.element_size() for t in verify.float_leaves(first, flatten=False))
-    if free is None or not each or sets * each * batches <= OUTPUT_MEMORY_SHARE * free:
+    need = sets * each * batches
+    if free is None or not each or need <= OUTPUT_MEMORY_SHARE * free:
         return
     fits = int(OUTPUT_MEMORY_SHARE * free // (sets * each))
-    need = sets * each * batches
     raise RewriteError(f"the model's outputs on {batches} calibration batches would take {need / 2**30:.1f} GiB "
                        f"({each / 2**20:.0f} MiB a batch, {sets} sets held at once), more than the "
                        f"{free / 2**30:.1f} GiB free: give at most {fits} batches (--calib-batches {max(fits, 1)}), or "

@@ -129,12 +129,9 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
-        paths = [p for p, _ in compress.target_linears(module, self.target)]
-        if not paths:
-            return factorize_linears(self, module, ctx, lambda *_: "unused")  # says why nothing is a target
-        paths = [p for p in paths if not shared_weight(module, p)]  # left alone below, with the reason
-        if not paths:  # every target is read elsewhere too: no weight to take a gradient for (ALBERT's shared layers)
-            return factorize_linears(self, module, ctx, lambda *_: "unused")
+        paths = [p for p, _ in compress.target_linears(module, self.target) if not shared_weight(module, p)]
+        if not paths:  # no target, or each is read elsewhere too (ALBERT's shared layers): no weight to take a
+            return factorize_linears(self, module, ctx, lambda *_: "unused")  # gradient for; it says why of each
         build, how = self._whitened(module, paths, ctx) if self.whiten else self._weighted(module, paths, ctx)
         result = factorize_linears(self, module, ctx, build)
         result.stats["fisher"] = self.fisher + ("" if ctx.targets is None or self.fisher == "none" else " (labels)")

@@ -314,10 +314,9 @@ def _written_by(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     parts = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if node.target in _PASS_THROUGH and parts:  # a cast (OPT's positions to the embeddings' dtype)
         return _written_by(gm, parts[0])
-    if node.target == _aten.mul.Tensor and len(parts) >= 1 and _scaled(node, parts[0]):
-        return _written_by(gm, parts[0])
-    if node.target == _aten.mul.Tensor and len(parts) == 2 and _scaled(node, parts[1]):
-        return _written_by(gm, parts[1])
+    scaled = [part for part in parts if _scaled(node, part)]  # a constant times it: _scaled checks the mul
+    if scaled:
+        return _written_by(gm, scaled[0])
     if node.target == _aten.add.Tensor and len(parts) == 2 and len(node.args) == 2:
         first, second = _written_by(gm, parts[0]), _written_by(gm, parts[1])
         return first + second if first and second else []

@@ -535,39 +535,38 @@ def test_smoothing_chooses_a_scale_that_lowers_the_real_error_of_an_outlier_chan
     assert weights_only == ("none", None)  # nothing to gain on flat inputs: left alone
 
 
-def test_smoothing_skips_post_norm_residuals():
+class _NormAndLinear(nn.Module):
+    """A LayerNorm and a Linear over 128 channels, combined by `combine(norm, fc, x)`."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.norm, self.fc, self.combine = nn.LayerNorm(128), nn.Linear(128, 128), combine
+
+    def forward(self, x):
+        return self.combine(self.norm, self.fc, x)
+
+
+def _smoothed(combine):
+    """(kinds of scale chosen, what was skipped) of dgq's smoothing on `_NormAndLinear(combine)`."""
     from rewrite import capture
     from rewrite.passes.dgq import smooth_inputs
+    captured = capture.capture(_NormAndLinear(combine).eval(), (torch.randn(4, 128),))
+    return smooth_inputs(captured.module, [(torch.randn(4, 128),)])
 
-    class PostNorm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.fc = nn.LayerNorm(128), nn.Linear(128, 128)
 
-        def forward(self, x):
-            h = self.norm(x)
-            return h + self.fc(h)
+def _post_norm_residual(norm, fc, x):
+    h = norm(x)
+    return h + fc(h)
 
-    captured = capture.capture(PostNorm().eval(), (torch.randn(4, 128),))
-    chosen, skipped = smooth_inputs(captured.module, [(torch.randn(4, 128),)])
+
+def test_smoothing_skips_post_norm_residuals():
+    chosen, skipped = _smoothed(_post_norm_residual)
     assert not chosen and "residual" in skipped[0][1]
 
 
 def test_a_norm_that_no_linear_reads_is_no_smoothing_candidate_and_not_reported():
     """Qwen3's per-head q_norm feeds RoPE, not a Linear: nothing to smooth there, and nothing to say of it."""
-    from rewrite import capture
-    from rewrite.passes.dgq import smooth_inputs
-
-    class NormIntoActivation(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm, self.fc = nn.LayerNorm(128), nn.Linear(128, 128)
-
-        def forward(self, x):
-            return self.fc(x) * torch.sigmoid(self.norm(x))
-
-    captured = capture.capture(NormIntoActivation().eval(), (torch.randn(4, 128),))
-    chosen, skipped = smooth_inputs(captured.module, [(torch.randn(4, 128),)])
+    chosen, skipped = _smoothed(lambda norm, fc, x: fc(x) * torch.sigmoid(norm(x)))
     assert not chosen and not skipped
 
 
