@@ -23,13 +23,14 @@ Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", 
 only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
 SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
 does; Granite, whose residual multiplier does; learned position tables added to the token embeddings, which
-take E's rotation). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder),
+take E's rotation). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder,
+GPT-2, whose Conv1D layers capture lifts into Linears and puts back),
 as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
 addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the stream stays zero-mean; Q is
 taken to keep the all-ones direction (a reflection after the Hadamard transform), so the rotated stream stays
 zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q. The norms keep their
 class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a LayerNorm written out
-(Cohere), a norm on the embeddings (BLOOM), GPT-2's Conv1D layers, and post-norm encoders (BERT).
+(Cohere), a norm on the embeddings (BLOOM), and post-norm encoders (BERT).
 """
 from __future__ import annotations
 
