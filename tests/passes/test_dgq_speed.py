@@ -166,6 +166,15 @@ def test_the_int8_gemm_is_exact_and_repacks_a_weight_changed_in_place():
         assert torch.equal(kernels.onednn_int8.matmul(codes, w_s8), (codes.double() @ w_s8.double().T).float())
 
 
+@pytest.mark.parametrize("rows", [1, 8, 9, 300])  # 2, 16 (decode's path: |x| first), 18 and 600 rows in all
+def test_the_per_token_peak_is_the_inf_norm_of_each_row_nan_and_inf_included(rows):
+    x = torch.randn(2, rows, 40)
+    x[0, 0, 3], x[-1, -1, 5] = float("nan"), -float("inf")
+    want = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+    torch.testing.assert_close(kernels.row_abs_max(x), want, rtol=0, atol=0, equal_nan=True)
+    assert kernels.row_abs_max(x)[0, 0].isnan() and kernels.row_abs_max(x)[-1, -1].isinf()
+
+
 @pytest.mark.parametrize("shape", ["linear", "concave", "steps"])
 def test_the_mixed_precision_search_finds_the_fewest_layers_in_fewer_forwards_than_bisection(shape):
     """`fewest` on monotone cosine curves over 210 ranked layers: the k of a scan from 0 (or at most
