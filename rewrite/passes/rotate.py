@@ -23,14 +23,14 @@ Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", 
 only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
 SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
 does; Granite, whose residual multiplier does; learned position tables added to the token embeddings, which
-take E's rotation). Where torch's LayerNorms read it (StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder,
-GPT-2, whose Conv1D layers capture lifts into Linears and puts back),
+take E's rotation). Where LayerNorms read it (torch's: StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder,
+GPT-2, whose Conv1D layers capture lifts into Linears and puts back; Cohere's, written out without β),
 as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
 addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the stream stays zero-mean; Q is
 taken to keep the all-ones direction (a reflection after the Hadamard transform), so the rotated stream stays
 zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q. The norms keep their
-class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a LayerNorm written out
-(Cohere), a norm on the embeddings (BLOOM), and post-norm encoders (BERT).
+class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a norm on the embeddings (BLOOM),
+and post-norm encoders (BERT).
 """
 from __future__ import annotations
 
@@ -84,11 +84,24 @@ class _LayerNorm(nn.Module):
         return nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
 
 
+class _WrittenLayerNorm(nn.Module):
+    """A LayerNorm without β written out, as Hugging Face's CohereLayerNorm computes it (in float32: the cast of its
+    input to float32 is a node before the pattern, which the residual reads too)."""
+
+    def forward(self, x, weight):
+        mean = x.mean(-1, keepdim=True)
+        variance = (x - mean).pow(2).mean(-1, keepdim=True)
+        normed = (x - mean) * torch.rsqrt(variance + 1e-5)
+        return (weight.to(torch.float32) * normed).to(torch.float32)
+
+
 @cached_pattern
 def layer_norm() -> Pattern:
-    """x → γ · (x − mean)/std + β (torch's LayerNorm op), at any epsilon."""
-    example = (torch.randn(2, 3, 8), torch.randn(8), torch.randn(8))
-    return Pattern("layer-norm", Variant(_LayerNorm(), example, ignore_literals=True, name="layer"),
+    """x → γ · (x − mean)/std + β (torch's LayerNorm op), or γ · (x − mean)/std written out (Cohere's), at any
+    epsilon."""
+    x, w = torch.randn(2, 3, 8), torch.randn(8)
+    return Pattern("layer-norm", Variant(_LayerNorm(), (x, w, torch.randn(8)), ignore_literals=True, name="layer"),
+                   Variant(_WrittenLayerNorm(), (x, w), ignore_literals=True, name="written"),
                    check=_layer_norm_check)
 
 
@@ -298,7 +311,8 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
         return "the residual stream is a model output (a rotation would change it)"
     why = f"{user.name} ({user.target}) reads the residual stream and does not commute with a rotation"
     if user.target in (_aten.mean.dim, _aten.layer_norm.default):  # a LayerNorm the pattern did not take
-        why += " (a LayerNorm written out, or one without its own weight and bias: rotate folds torch's LayerNorm)"
+        why += (" (a LayerNorm in a form rotate does not know, or without its own weight: rotate folds torch's "
+                "LayerNorm and Cohere's written out)")
     return why
 
 

@@ -123,16 +123,20 @@ def test_q_for_a_layernorm_stream_is_orthogonal_and_keeps_the_all_ones_direction
     assert torch.allclose(ones @ q, ones, atol=1e-12) and torch.allclose(q @ ones, ones, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["StableLm", "GPTJ", "OPT", "GPT2"])
+@pytest.mark.parametrize("family", ["StableLm", "GPTJ", "OPT", "GPT2", "Cohere"])
 def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family, tmp_path):
     """StableLM (sequential blocks), GPT-J (parallel attention and MLP), OPT (learned positions) and GPT-2 (learned
     positions, Conv1D layers: capture lifts them into Linears, and they go back as Conv1D) read their
-    streams through torch's LayerNorm, with weights and biases: every addition is centred (the position table
+    streams through torch's LayerNorm, with weights and biases, and Cohere through its own, written out without β
+    (parallel blocks, the head's logit scale): every addition is centred (the position table
     too), Q keeps the all-ones direction, γ folds into the readers and β becomes (β/γ)·Q; the class, its LayerNorm
     modules and from_pretrained's folder stay."""
     torch.manual_seed(0)
     if family == "GPT2":
         cfg = transformers.GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64)
+    elif family == "Cohere":
+        cfg = transformers.CohereConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     elif family == "GPTJ":
         cfg = transformers.GPTJConfig(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=16)
     elif family == "OPT":  # learned positions added into the stream (a table of their own, cast), reshaped FFN inputs
@@ -148,10 +152,10 @@ def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family,
                 p.add_(0.5 * torch.rand_like(p) + (0.25 if name.endswith("weight") else -0.25))
     result = check_pass(Rotate(), model, (_ids(0),), calib=[(_ids(s),) for s in range(2)])
     record, rotated = result.report.records[0], result.model
-    folded = 3 if family == "GPTJ" else 5  # one norm a block before both branches, or one before each
+    folded = 3 if family in ("GPTJ", "Cohere") else 5  # one norm a block before both branches, or one before each
     assert record.status == "applied" and record.stats["norms_folded"] == folded, record.reason
     assert type(rotated) is type(model)
-    norms = [m for m in rotated.modules() if isinstance(m, torch.nn.LayerNorm)]
+    norms = [m for m in rotated.modules() if type(m).__name__.endswith("LayerNorm")]
     assert len(norms) == folded and all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in norms)
     if family == "GPT2":
         assert type(rotated.transformer.h[0].mlp.c_fc) is type(model.transformer.h[0].mlp.c_fc)  # Conv1D
