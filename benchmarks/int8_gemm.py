@@ -7,7 +7,10 @@ process, best of 7: oneDNN's u8·s8 GEMM (as one GEMM where this CPU sums u8·s8
 VNNI; otherwise over 2K with each weight split in halves of |w| ≤ 64, the only exact oneDNN form there),
 `integer_matmul`'s float path (float32 GEMMs of the integer codes, exact below 2^24), and the fp32 GEMM of
 float activations with float weights. Ratios are to the fp32 GEMM's time. dgq takes oneDNN only where it is
-exact as one GEMM; this table is why the halves form was dropped on AVX2.
+exact as one GEMM; this table is why the halves form was dropped on AVX2. The last two columns time making a
+layer's per-token activation codes from its float input (the step before the GEMM): `kernels.activation_codes`,
+whose row peak is max(amax, −amin), and the same codes with the peak as torch's inf-norm of each row, which
+reduced rows 10–20x slower here and was a third of a down_proj's time at 256 tokens until 2026-12-07.
 """
 import argparse
 import time
@@ -53,6 +56,12 @@ def float_path(codes: torch.Tensor, w_s8: torch.Tensor):
     return run
 
 
+def by_inf_norm(x: torch.Tensor) -> torch.Tensor:
+    """Per-token codes as dgq made them before: the row peak by torch's inf-norm."""
+    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).div_(127).clamp_min_(1e-12)
+    return torch.div(x, scale).round_()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,16,512,4096")
@@ -62,8 +71,8 @@ def main() -> None:
     form = "one GEMM (exact here)" if whole else "halves over 2K (one GEMM saturates here)"
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; oneDNN int8 form: {form}\n")
     print("| threads | tokens | out×in | oneDNN int8 ms | float path ms | fp32 GEMM ms | oneDNN / fp32 "
-          "| float / fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| float / fp32 | per-token codes ms | the same by inf-norm ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -75,9 +84,13 @@ def main() -> None:
                 int8 = onednn(codes, w_s8, halves=not whole)
                 want = (codes.double() @ w_s8.double().t()).float()
                 assert torch.equal(int8(), want) and torch.equal(float_path(codes, w_s8)(), want)
-                times = [best_ms(int8), best_ms(float_path(codes, w_s8)), best_ms(lambda x=x, w=w: x @ w.t())]
+                assert torch.equal(kernels.activation_codes(x, torch.empty(0))[0], by_inf_norm(x))
+                times = [best_ms(int8), best_ms(float_path(codes, w_s8)), best_ms(lambda x=x, w=w: x @ w.t()),
+                         best_ms(lambda x=x: kernels.activation_codes(x, torch.empty(0))),
+                         best_ms(lambda x=x: by_inf_norm(x))]
                 print(f"| {threads} | {tokens} | {out}×{inp} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} "
-                      f"| {times[0] / times[2]:.2f} | {times[1] / times[2]:.2f} |", flush=True)
+                      f"| {times[0] / times[2]:.2f} | {times[1] / times[2]:.2f} | {times[3]:.3f} | {times[4]:.3f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
