@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewrite.passes.dgq.format import DGQWeights, expand
+from rewrite.passes.dgq.format import DGQWeights
 
 # Feedback's damping, as a fraction of the Hessian's mean diagonal. GPTQ's 0.01 assumes thousands of tokens;
 # MiniLM calibrated on 340 tokens (K up to 1536: a rank-deficient xᵀx) overfits with it: held-out embedding
@@ -38,17 +38,19 @@ def with_feedback_all(weights: list[torch.Tensor], x: torch.Tensor, grids: list[
     column loop for all. Columns are rows here (the weights transposed), so each step reads contiguous
     memory; lazy batch updates in two levels (GPTQ's blocks of 128, rank-1 steps only within 16)."""
     k_padded = grids[0].q.shape[1]
-    scale, zero, lo, hi = (torch.cat(parts, 1) for parts in zip(*(_grid_columns(g) for g in grids)))
+    grid = _Grids(grids)
     hessian = gram(x, k_padded) if hessian is None else hessian
-    order, upper = ordered_factor(hessian, scale)
+    order, upper = ordered_factor(hessian, grid.mean_square_step())
     weight = torch.cat([nn.functional.pad(w.float(), (0, k_padded - w.shape[1])) for w in weights]).t()
-    weight[hessian.diagonal() == 0] = 0.0  # padding or channels that are always zero (Σ x² = 0): nothing to fit
+    dead = hessian.diagonal() == 0
+    if dead.any():
+        weight[dead] = 0.0  # padding or channels that are always zero (Σ x² = 0): nothing to fit
     weight = weight[order].contiguous()
-    scale, zero, lo, hi = (t[order] for t in (scale, zero, lo, hi))
     codes = torch.empty_like(weight)
     for start in range(0, k_padded, BLOCK):
         end = min(start + BLOCK, k_padded)
-        errors = _round_block(weight, upper, (scale, zero, lo, hi), codes, start, end)  # not yet scaled by 1/U[c, c]
+        columns = grid.columns(order[start:end])
+        errors = _round_block(weight, upper, columns, codes, start, end)  # not yet scaled by 1/U[c, c]
         scaled = upper[start:end, end:] / upper.diagonal()[start:end, None]
         weight[end:].addmm_(scaled.t(), errors, alpha=-1)
     codes[order] = codes.clone()
@@ -60,12 +62,12 @@ BLOCK, STEP = 128, 16  # GPTQ's lazy-update block; rank-1 updates only within a 
 
 
 def _round_block(weight, upper, grid, codes, start: int, end: int) -> torch.Tensor:
-    """Columns [start, end) rounded in order on `grid` (scale, zero, lo, hi per column), each column's error
-    scaled by 1/U[c, c] and pushed onto the block's later columns: rank-1 within a step of STEP columns,
+    """Columns [start, end) rounded in order on `grid` (the block's scale, zero, lo, hi per column), each column's
+    error scaled by 1/U[c, c] and pushed onto the block's later columns: rank-1 within a step of STEP columns,
     one GEMM per step. Returns the block's rounding errors."""
     part, errors = weight[start:end], torch.empty(end - start, weight.shape[1])
     scaled = upper[start:end, start:end] / upper.diagonal()[start:end, None]  # rows scaled by 1/U[c, c]
-    scale, zero, lo, hi = (t[start:end] for t in grid)
+    scale, zero, lo, hi = grid
     offsets = codes[start:end]  # q − z here; z is added once per block
     # Each column's rows as views taken at once: a step is a handful of vector ops, and indexing a tensor
     # per op would cost as much as the op.
@@ -83,22 +85,37 @@ def _round_block(weight, upper, grid, codes, start: int, end: int) -> torch.Tens
     return errors
 
 
-def _grid_columns(grid: DGQWeights) -> tuple[torch.Tensor, ...]:
-    """The grid per weight, transposed to (K, O): scale S·s1, zero z and the code range [lo, hi] that keeps
-    S·(q − z) within int8."""
-    scale = (expand(grid.S.float(), grid.group) * grid.s1[:, None]).t()
-    zero = expand(grid.z.float(), grid.group).t()
-    limit = torch.floor(127 / expand(grid.S.float(), grid.group)).t()
-    return scale, zero, (zero - limit).clamp_min(0), (zero + limit).clamp_max(2 ** grid.bits - 1)
+class _Grids:
+    """The grids of the weights side by side (rows), per group: scale S·s1, zero z and the code range [lo, hi]
+    that keeps S·(q − z) within int8. A block's columns are expanded when it is rounded: four (K, O) copies
+    of a 7B down_proj's two candidates took 1.4 GB and 3.5 s to make and reorder."""
+
+    def __init__(self, grids: list[DGQWeights]):
+        self.group = grids[0].group
+        self.scale = torch.cat([g.S.float() * g.s1[:, None] for g in grids])
+        self.zero = torch.cat([g.z.float() for g in grids])
+        limit = torch.floor(127 / torch.cat([g.S.float() for g in grids]))
+        top = torch.cat([torch.full((g.z.shape[0], 1), 2.0 ** g.bits - 1) for g in grids])
+        self.lo, self.hi = (self.zero - limit).clamp_min(0), torch.minimum(self.zero + limit, top)
+
+    def columns(self, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, zero, lo, hi) of these columns, each (len(columns), O)."""
+        groups = columns // self.group
+        return tuple(t[:, groups].t().contiguous() for t in (self.scale, self.zero, self.lo, self.hi))
+
+    def mean_square_step(self) -> torch.Tensor:
+        """Each column's squared step S·s1 averaged over the rows, (K,)."""
+        per_group = self.scale.square().t().contiguous().mean(1)
+        return per_group.repeat_interleave(self.group)
 
 
-def ordered_factor(hessian: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_factor(hessian: torch.Tensor, mean_square_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The column order of feedback and the inverse factor of H in that order: the columns whose rounding
     is expected to cost most first (H_cc times the mean squared grid step of column c), so their errors are
     made while the most columns are left to take them up. On a uniform grid this is GPTQ's act-order
     (largest xᵀx diagonal first); where a group's grid is coarse (a few large weights set its scale), it
     also puts the finer columns, which can absorb errors, last."""
-    cost = hessian.diagonal() * scale.square().mean(1)
+    cost = hessian.diagonal() * mean_square_step
     order = torch.argsort(cost, descending=True, stable=True)
     return order, inverse_factor(hessian[order][:, order])
 
