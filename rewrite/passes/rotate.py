@@ -119,6 +119,13 @@ def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _causal_lm(module: nn.Module) -> bool:
+    can_generate = getattr(module, "can_generate", None)
+    generates = callable(can_generate) and can_generate()
+    encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
+    return type(module).__name__.endswith("ForCausalLM") or (generates and not encoder_decoder)
+
+
 def _offset(match: Match) -> float:
     """c of γ = c + weight (the `offset` form's literal); 0 where γ is the weight itself."""
     if match.variant != "offset":
@@ -165,10 +172,11 @@ class Rotate(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        """No RMSNorm, and no LayerNorm in a causal LM (BERT's LayerNorms come after its residual adds)."""
-        decoder = type(module).__name__.endswith("ForCausalLM")
+        """No RMSNorm, and no LayerNorm in a causal LM (BERT's LayerNorms come after its residual adds): a class
+        named …ForCausalLM, or one that generates and is not an encoder-decoder (GPT-2's …LMHeadModel)."""
         return not any(type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm) or
-                       (decoder and isinstance(m, nn.LayerNorm)) for m in module.modules())
+                       (_causal_lm(module) and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")))
+                       for m in module.modules())
 
     @classmethod
     def patterns(cls) -> list[Pattern]:
