@@ -219,7 +219,8 @@ class PruneFFN(SqnrFloor, Pass):
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         groups = candidate_groups(module)
         if not groups:
-            why = "no feed-forward blocks (Linear → activation → Linear, or SwiGLU)"
+            why = ("no feed-forward blocks (Linear → activation → Linear, or SwiGLU; a mixture of experts' weights are "
+                   "not Linears, and prune leaves them)")
             return PassResult(module, False, skipped=[("model", why)])
         blocks, skipped = confirmed_blocks(module, groups, ctx.calibration[0])
         if not blocks:
