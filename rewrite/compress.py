@@ -95,6 +95,13 @@ def _ffn_paths(gm: fx.GraphModule) -> set[str]:
     return plain | fused | gated
 
 
+def ffn_down_paths(gm: fx.GraphModule) -> set[str]:
+    """The down Linear of every feed-forward block (plain, gated, or gate and up as one Linear), whatever the
+    family names it (down_proj, fc2, c_proj, output.dense)."""
+    return {m["down"].target for pattern in (feed_forward(), gated_feed_forward(), fused_gated_feed_forward())
+            for m in pattern.find(gm) or []}
+
+
 def _ffn_paths_eager(model: nn.Module) -> set[str]:
     """Without a graph, the usual names: HF BERT intermediate/output, *.fc1/fc2, *.mlp.*."""
     names = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]

@@ -46,14 +46,14 @@ FAMILIES = {  # each approximate family's main options, its defaults first (what
     # a layer (MiniLM: 0.50x at 0.984; per-token codes keep BERT's outlier tokens off the others' grid); with
     # int8 weights where mixed precision wants them, onnxruntime's quantize_dynamic in dgq's format (MiniLM: 0.48x
     # at held-out embedding cosine 0.993, 8 bits a weight)
-    # rotate first (pre-norm decoders), the untied head left in float, down_proj's input rotated online, groups
+    # rotate first (pre-norm decoders), the untied head left in float, each FFN's down input rotated online, groups
     # of 128 (the rotation lets a group share one scale): SmolLM2 at ≤ 5 bits, fp32 perplexity on unseen text
     # 1.034x/1.033x calibrated on docstrings and 1.043x/1.031x on README prose, against dgq's 1.094x/1.036x and
     # 1.067x/1.036x (RESULTS.md); its folder loads with rewrite.load, not from_pretrained (an online rotation has no
     # compressed-tensors form that transformers applies). The same at ≤ 4.25 bits, mixed precision capped there:
     # 1.07x on the unseen text of another kind than the licence, 1.11–1.18x on it, against A8W4's 1.085x and 1.24x
-    "dgq": ["dgq", "rotate,dgq{keep=lm_head,hadamard=*down_proj,group=128}",
-            "rotate,dgq{keep=lm_head,hadamard=*down_proj,group=128,max-bits=4.25}", "dgq{budget-cos=0}", "dgq{form=w4}",
+    "dgq": ["dgq", "rotate,dgq{keep=lm_head,hadamard=ffn-down,group=128}",
+            "rotate,dgq{keep=lm_head,hadamard=ffn-down,group=128,max-bits=4.25}", "dgq{budget-cos=0}", "dgq{form=w4}",
             "dgq{act=static}", "dgq{act=tensor}", "dgq{act=tensor,upgrade-bits=8,max-bits=8}"],
     "prune": ["prune", "prune{param-ratio=0.6}"],  # narrower dense FFNs: faster in every runtime
     "fwsvd+dgq": ["fwsvd,dgq"],

@@ -756,6 +756,22 @@ def test_hadamard_rotates_the_inputs_it_names_and_loses_less_on_an_outlier_chann
             assert (got - turned.model(held_out)).abs().max() < 1e-3 * want.abs().max()
 
 
+def test_hadamard_ffn_down_names_the_down_linear_of_each_feed_forward_block_by_its_pattern():
+    """`ffn-down` finds the down Linear through the shared matcher, whatever its name (GPT-2's mlp.c_proj, Phi's
+    fc2): here the MLP's second Linear, the same layer and the same model as naming it by its path."""
+    model, x = _mlp_with_a_hidden_outlier(), torch.randn(256, 64)
+    spec = "dgq{budget-cos=0,smooth=false,hadamard="
+    by_pattern = api.optimize(model, (x,), spec + "ffn-down}", calib=[(x,)], measure_latency=False)
+    by_path = api.optimize(model, (x,), spec + "2}", calib=[(x,)], measure_latency=False)
+    assert by_pattern.report.records[0].stats["rotated_inputs"] == 1
+    assert by_pattern.model.get_submodule("2").rotated and not by_pattern.model.get_submodule("0").rotated
+    held_out = torch.randn(16, 64)
+    assert torch.equal(by_pattern.model(held_out), by_path.model(held_out))
+    no_ffn = nn.Sequential(nn.Linear(64, 64)).eval()
+    missed = api.optimize(no_ffn, (x,), spec + "ffn-down}", calib=[(x,)], measure_latency=False)
+    assert any(what == "hadamard" and "names no Linear" in why for what, why in missed.report.records[0].skipped)
+
+
 def test_a_rotated_layer_rebuilds_from_its_tensors_and_has_no_compressed_tensors_form():
     from rewrite.errors import NoCompressedForm
     model, x = _mlp_with_a_hidden_outlier(), torch.randn(128, 64)

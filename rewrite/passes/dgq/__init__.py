@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from rewrite import rotation, verify
+from rewrite import compress, rotation, verify
 from rewrite.calibration import first_tokens, sequential_inputs
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Pass, PassContext, PassResult, SqnrFloor
@@ -90,7 +90,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
     # recipes ignore the output head. After `rotate` SmolLM2's untied head lost the most on unseen prose (RESULTS.md).
     keep: str = ""
     # Linears whose inputs are rotated online by a randomized Hadamard transform before their int8 codes (QuaRot's
-    # online rotation, the same fnmatch patterns): `hadamard=*down_proj`. On SmolLM2 after `rotate`, the int8
+    # online rotation, the same fnmatch patterns): `hadamard=*down_proj`, or `hadamard=ffn-down` for the down Linear
+    # of every feed-forward block, whatever the family calls it. On SmolLM2 after `rotate`, the int8
     # activations then cost 0.2% of perplexity instead of 1.9% (RESULTS.md). compressed-tensors has no form
     # for it that transformers loads: such a model is written as rewrite's layers folder.
     hadamard: str = ""
@@ -106,23 +107,25 @@ class DualGrainedQuant(SqnrFloor, Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         skipped, smoothed = [], {}
+        candidates = dict(layers(module, (nn.Linear,)))
+        rotated = self._rotated(module, candidates)
         if self.smooth:
             peak_batches = first_tokens(ctx.original_calibration or ctx.calibration, PEAK_TOKENS)
             smoothed, why_not = smooth_inputs(module, peak_batches, self.group,
                                               self.act if self.form == "int8" else None,  # w4: fp activations
-                                              lambda path: _named(path, self.hadamard))
+                                              lambda path: path in rotated)
             skipped += why_not
         fit, judge = mixed.fit_and_judge(ctx) if self.budget_cos else (ctx.calibration, None)
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
         reference = mixed.output_vectors(module, *judge) if judge else None
-        candidates = dict(layers(module, (nn.Linear,)))
         skipped += [(option, f"{option}={value} names no Linear (a pattern matches the whole path, e.g. *down_proj)")
-                    for option, value in (("keep", self.keep), ("hadamard", self.hadamard))
-                    if value and not any(_named(path, value) for path in candidates)]
+                    for option, value, named in (("keep", self.keep, [p for p in candidates if _named(p, self.keep)]),
+                                                 ("hadamard", self.hadamard, rotated))
+                    if value and not named]
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
         todo = [path for path, reason in reasons.items() if not reason]
-        w4, wide, errors, originals = self._quantize_all(module, ctx, candidates, todo, fit, skipped)
+        w4, wide, errors, originals = self._quantize_all(module, ctx, candidates, todo, fit, skipped, rotated)
         chosen, reached = {path: w4[path] for path in w4}, None
         if reference is not None and w4:
             chosen, reached = mixed.mixed_precision(module, ctx, judge, reference, w4, wide, originals, self.budget_cos,
@@ -134,7 +137,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         return PassResult(module, bool(w4), stats, skipped)
 
     def _quantize_all(self, module: nn.Module, ctx: PassContext, candidates: dict[str, nn.Linear], todo: list[str],
-                      fit: list[tuple], skipped: list) -> tuple[dict, dict, dict, dict]:
+                      fit: list[tuple], skipped: list, rotated: set[str]) -> tuple[dict, dict, dict, dict]:
         """Every layer in `todo`, in execution order, each on inputs through the layers already quantized; the
         layers that read the same value (q/k/v, gate/up) together, at their first."""
         w4, wide, errors, originals, shared, silent = {}, {}, {}, {}, None, set()
@@ -148,7 +151,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 silent.update(group)
                 skipped += [(p, "its calibration activations are all zero: no scale can be set") for p in group]
                 continue
-            turn = self._rotation(group, candidates[path].in_features)
+            turn = self._rotation(group, candidates[path].in_features, rotated)
             fit_x = x if turn is None else turn.apply(x)
             shared = shared if shared is not None and shared.same(fit_x) else LayerInputs(fit_x)
             s_x = kernels.static_scale(fit_x) if self.act == "static" else torch.empty(0)
@@ -162,9 +165,17 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 set_submodule(module, p, w4[p])
         return w4, wide, errors, originals
 
-    def _rotation(self, paths: list[str], width: int) -> rotation.Factors | None:
+    def _rotated(self, module: nn.Module, candidates: dict[str, nn.Linear]) -> set[str]:
+        """The Linears `hadamard` names: by fnmatch pattern, or `ffn-down`, the down Linear of every feed-forward
+        block as the shared matcher finds it (down_proj, fc2, c_proj, output.dense: one spec for every family)."""
+        rotated = {path for path in candidates if _named(path, self.hadamard)}
+        if FFN_DOWN in self.hadamard.split("|") and isinstance(module, fx.GraphModule):
+            rotated |= compress.ffn_down_paths(module) & set(candidates)
+        return rotated
+
+    def _rotation(self, paths: list[str], width: int, rotated: set[str]) -> rotation.Factors | None:
         """Q for inputs that `hadamard` names (64 | width: a Hadamard block; elsewhere no rotation)."""
-        if any(_named(p, self.hadamard) for p in paths) and width % rotation.BLOCK == 0:
+        if any(p in rotated for p in paths) and width % rotation.BLOCK == 0:
             return rotation.factors(width, HADAMARD_SEED)
         return None
 
@@ -229,6 +240,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.form == "w4" and self.group & (self.group - 1):
             return "form=w4 (MatMulNBits) needs a power-of-two group"
         return None
+
+
+FFN_DOWN = "ffn-down"  # hadamard's name for the down Linear of every feed-forward block
 
 
 def _named(path: str, patterns: str) -> bool:
