@@ -86,20 +86,17 @@ def no_targets(module: nn.Module, target: str) -> str:
             "are not Linears): target=all takes the other Linears (attention projections)")
 
 
-def _ffn_paths(gm: fx.GraphModule) -> set[str]:
-    """Both Linears of every feed-forward block, and gate, up and down of every gated (SwiGLU) block (gate_up
-    and down where gate and up are one Linear)."""
-    plain = {m[name].target for m in feed_forward().find(gm) or [] for name in ("up", "down")}
-    fused = {m[name].target for m in fused_gated_feed_forward().find(gm) or [] for name in ("gate_up", "down")}
-    gated = {m[name].target for m in gated_feed_forward().find(gm) or [] for name in ("gate", "up", "down")}
-    return plain | fused | gated
+def _ffn_paths(gm: fx.GraphModule, roles: tuple[str, ...] = ("up", "gate", "gate_up", "down")) -> set[str]:
+    """The Linears in these roles of every feed-forward block: up and down of a plain one, gate, up and down of a
+    gated (SwiGLU) one, gate_up and down where gate and up are one Linear."""
+    return {m[role].target for pattern in (feed_forward(), gated_feed_forward(), fused_gated_feed_forward())
+            for m in pattern.find(gm) or [] for role in roles if role in m.nodes}
 
 
 def ffn_down_paths(gm: fx.GraphModule) -> set[str]:
-    """The down Linear of every feed-forward block (plain, gated, or gate and up as one Linear), whatever the
-    family names it (down_proj, fc2, c_proj, output.dense)."""
-    return {m["down"].target for pattern in (feed_forward(), gated_feed_forward(), fused_gated_feed_forward())
-            for m in pattern.find(gm) or []}
+    """The down Linear of every feed-forward block, whatever the family names it (down_proj, fc2, c_proj,
+    output.dense)."""
+    return _ffn_paths(gm, ("down",))
 
 
 def _ffn_paths_eager(model: nn.Module) -> set[str]:

@@ -107,6 +107,15 @@ def generates(model: nn.Module) -> bool:
     return callable(getattr(model, "generate", None)) and type(model).__name__.endswith("ForCausalLM")
 
 
+def causal_lm(model: nn.Module) -> bool:
+    """A decoder language model: a class named …ForCausalLM, or one that generates and is not an encoder-decoder
+    (GPT-2's …LMHeadModel). `generates` keeps the name alone: timing GPT-2's generation is not tested yet."""
+    can_generate = getattr(model, "can_generate", None)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return type(model).__name__.endswith("ForCausalLM") or (callable(can_generate) and can_generate()
+                                                            and not encoder_decoder)
+
+
 def compare_generation(original: nn.Module, rewritten: nn.Module, budget_s: float = 2.0) -> dict[str, Any]:
     """Prefill of a 512-token prompt, and decoding 64 new tokens with the KV cache (greedy), both models in
     alternating rounds (eager torch). Returns the paired Speeds and each model's prefill ms and tokens/s."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from rewrite import capture, verify
+from rewrite import capture, compress, verify
 from rewrite.errors import first_line
 from rewrite.patterns import set_submodule
 
@@ -65,15 +65,15 @@ def _lifted_conv1d(module: nn.Module, yours: nn.Module) -> bool:
     """A plain Linear in the graph where your model has GPT-2's Conv1D (y = x·W + b, W stored (in, out)): capture
     lifted it, and no pass replaced it. Put in as a Linear, its (out, in) weight would be saved under your Conv1D's
     name, and your class would load it transposed."""
-    return (type(module) is nn.Linear and type(yours).__name__ == "Conv1D"
-            and tuple(getattr(yours, "weight", torch.empty(0)).shape) == tuple(module.weight.shape[::-1]))
+    return (type(module) is nn.Linear and compress.is_conv1d(yours)
+            and tuple(yours.weight.shape) == tuple(module.weight.shape[::-1]))
 
 
 @torch.no_grad()
 def _into_conv1d(linear: nn.Linear, conv: nn.Module) -> None:
     """The Linear's weights (a pass may have changed them in place: dgq's smoothing) into the Conv1D."""
     conv.weight.copy_(linear.weight.t())
-    if linear.bias is not None and getattr(conv, "bias", None) is not None:
+    if linear.bias is not None and conv.bias is not None:
         conv.bias.copy_(linear.bias)
 
 

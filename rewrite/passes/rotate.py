@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from rewrite import rotation
+from rewrite import measure, rotation
 from rewrite.errors import InvalidValue
 from rewrite.match import Match, Pattern, Variant, cached_pattern, is_dtype_check
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
@@ -102,28 +102,15 @@ def layer_norm() -> Pattern:
     x, w = torch.randn(2, 3, 8), torch.randn(8)
     return Pattern("layer-norm", Variant(_LayerNorm(), (x, w, torch.randn(8)), ignore_literals=True, name="layer"),
                    Variant(_WrittenLayerNorm(), (x, w), ignore_literals=True, name="written"),
-                   check=_layer_norm_check)
-
-
-def _layer_norm_check(match: Match, gm: fx.GraphModule) -> str | None:
-    for tensor in match.inputs[1:3]:
-        if tensor.op != "get_attr" or len([u for u in tensor.users if not is_dtype_check(u)]) != 1:
-            return "its weight or bias is not a parameter of this norm alone"
-    return None
+                   check=_norm_check)
 
 
 def _norm_check(match: Match, gm: fx.GraphModule) -> str | None:
-    weight = match.inputs[1]
-    if weight.op != "get_attr" or len([u for u in weight.users if not is_dtype_check(u)]) != 1:
-        return "its weight is not a parameter of this norm alone"
+    """The norm's weight (and a LayerNorm's bias) are parameters of this norm alone: folding them changes no other."""
+    for tensor in match.inputs[1:]:
+        if tensor.op != "get_attr" or len([u for u in tensor.users if not is_dtype_check(u)]) != 1:
+            return "its weight or bias is not a parameter of this norm alone"
     return None
-
-
-def _causal_lm(module: nn.Module) -> bool:
-    can_generate = getattr(module, "can_generate", None)
-    generates = callable(can_generate) and can_generate()
-    encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
-    return type(module).__name__.endswith("ForCausalLM") or (generates and not encoder_decoder)
 
 
 def _offset(match: Match) -> float:
@@ -159,7 +146,8 @@ class Rotate(Pass):
     summary = "rotate a decoder's residual stream (exact): quantization after it meets no outlier channels"
     contract = Exact()
     applies_to = ("pre-norm decoders with RMSNorm (Llama, Mistral, Qwen, SmolLM, Phi-3, Gemma, Granite) or LayerNorm "
-                  "(OPT, GPT-Neo, GPT-J, Phi, StableLM, StarCoder): the residual stream from the embedding")
+                  "(OPT, GPT-2, GPT-Neo, GPT-J, Phi, StableLM, StarCoder, Cohere): the residual stream from the "
+                  "embedding")
     level = "module"  # it reads the graph but changes weights only: the user's class takes them back
     graph_note = "no: it finds the residual stream in the captured graph (and changes weights only)"
     whole_model = "the residual stream from the token embedding to the output head"
@@ -172,10 +160,10 @@ class Rotate(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        """No RMSNorm, and no LayerNorm in a causal LM (BERT's LayerNorms come after its residual adds): a class
-        named …ForCausalLM, or one that generates and is not an encoder-decoder (GPT-2's …LMHeadModel)."""
+        """No RMSNorm, and no LayerNorm in a causal LM (BERT's LayerNorms come after its residual adds)."""
+        layer_norms = measure.causal_lm(module)
         return not any(type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.RMSNorm) or
-                       (_causal_lm(module) and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")))
+                       (layer_norms and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("LayerNorm")))
                        for m in module.modules())
 
     @classmethod
