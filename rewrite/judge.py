@@ -39,7 +39,7 @@ def before_after(report: RunReport, original: nn.Module, rewritten: nn.Module, i
         say("measuring latency (eager torch, original and rewritten in alternating rounds)")
         add_timing(report, measure.compare_torch(original, rewritten, inputs), original, rewritten)
     if latency and own_class and measure.generates(rewritten):
-        say("measuring generation (prefill, then 64 new tokens with the KV cache; alternating rounds)")
+        say("measuring generation (prefill, then up to 64 new tokens with the KV cache; alternating rounds)")
         try:
             generation = measure.compare_generation(original, rewritten)
         except Exception as exc:  # a measurement: the rewrite stands, and the report says what was not measured
