@@ -175,5 +175,6 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
 
 def _check_gradients(found: weighting.Moments, loss) -> None:
     if loss is not None and not any(bool(g.any()) for g in found.outputs.values()):
-        raise RewriteError("fwsvd: the model's outputs carry no gradient to the factorized layers (integer "
-                           "outputs?): give --calib with targets, or use fwsvd{fisher=none}")
+        raise RewriteError("fwsvd: the model's outputs do not move with the layers to factorize (their gradient is "
+                           "zero on every calibration batch: integer outputs, or a head whose weights are all zero, "
+                           "as timm's Mixer starts): use fwsvd{fisher=none}, or give --calib with targets")

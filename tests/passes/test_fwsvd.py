@@ -79,6 +79,16 @@ def test_integer_outputs_without_gradients_are_a_clear_error():
         api.optimize(Argmax(), (torch.randn(4, 8),), "fwsvd", calib=[torch.randn(4, 8)], measure_latency=False)
 
 
+def test_a_zero_head_that_hides_the_layers_gradients_names_the_fix():
+    model = nn.Sequential(FFN(), nn.Linear(32, 10)).eval()
+    nn.init.zeros_(model[1].weight)  # timm's Mixer starts so: the outputs ignore every layer before the head
+    calib = [torch.randn(8, 32) for _ in range(2)]
+    with pytest.raises(api.RewriteError, match=r"head whose weights are all zero.*fwsvd\{fisher=none\}"):
+        api.optimize(model, (calib[0],), "fwsvd", calib=calib, measure_latency=False)
+    result = api.optimize(model, (calib[0],), "fwsvd{fisher=none,param-ratio=0.5}", calib=calib, measure_latency=False)
+    assert result.report.records[0].status == "applied"
+
+
 def test_recovery_trains_the_fisher_factors_toward_the_original():
     torch.manual_seed(0)
     model = FFN().eval()
