@@ -56,7 +56,7 @@ class SquaredReLU(nn.Module):
 
 
 ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, TanhGELU, FactoredTanhGELU, QuickGELU, SquaredReLU,
-               _named(torch.exp), _named(torch.sin), _named(torch.cos))
+               nn.Hardswish, _named(torch.exp), _named(torch.sin), _named(torch.cos))  # Hardswish: LeViT's MLPs
 
 
 class _FeedForward(nn.Module):

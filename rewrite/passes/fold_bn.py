@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from rewrite.match import Match, Pattern, Variant, cached_pattern
+from rewrite.match import Match, Pattern, Variant, cached_pattern, erase_dead
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import set_submodule
 
@@ -33,17 +33,35 @@ class _LayerBN(nn.Module):
         return self.bn(self.layer(x))
 
 
+class _TokensBN(nn.Module):
+    """LeViT's LinearNorm (timm): a Linear on (batch, tokens, features), BatchNorm1d over every token of every
+    sequence, per feature, and the tokens put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.bn = nn.Linear(2, 2), nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+TOKENS = "Linear+BatchNorm1d over tokens"
+
+
 @cached_pattern
 def layer_bn() -> Pattern:
     """Conv/Linear → BatchNorm of matching rank; a Linear only on 2-D input (BatchNorm1d on 3-D input
-    normalizes the sequence axis's neighbour, not the Linear's features)."""
+    normalizes the sequence axis's neighbour, not the Linear's features), or on 3-D input whose tokens the
+    BatchNorm sees as rows (LeViT)."""
     variants = [Variant(_LayerBN(layer, bn), (torch.randn(*shape),), name=f"{layer.__name__}+{bn.__name__}")
                 for layer, bn, shape in _PAIRS]
-    return Pattern("layer-batchnorm", *variants, check=_check)
+    return Pattern("layer-batchnorm", *variants, Variant(_TokensBN(), (torch.randn(2, 3, 2),), name=TOKENS),
+                   check=_check)
 
 
 def _check(match: Match, gm: fx.GraphModule) -> str | None:
-    val = match["layer"].meta.get("val")
+    val = match["bn"].args[0].meta.get("val")
     if isinstance(match.layer(gm, "layer"), nn.Linear) and (val is None or val.dim() != 2):
         return "BatchNorm1d after a Linear on 3-D input normalizes another axis"
     return None
@@ -72,8 +90,8 @@ class FoldBatchNorm(Pass):
             layer, bn = match.layer(gm, "layer"), match.layer(gm, "bn")
             fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
             set_submodule(gm, match["layer"].target, fuse(layer.eval(), bn.eval()))
-            match["bn"].replace_all_uses_with(match["layer"])
-            gm.graph.erase_node(match["bn"])
+            match.outputs[0].replace_all_uses_with(match["layer"])  # the BatchNorm, or the tokens put back
+            erase_dead(gm, list(match.nodes.values()))
         gm.delete_all_unused_submodules()
         folded = {m["bn"].target for m in found or []}
         return PassResult(gm, bool(folded), {"folded": len(folded)}, _near_misses(gm, folded))

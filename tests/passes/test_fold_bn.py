@@ -66,3 +66,46 @@ def test_no_batchnorm_means_nothing_to_rewrite():
     result = check_pass(FoldBatchNorm(), _NoBN(), (torch.randn(2, 3, 8, 8),))
     record = result.report.records[0]
     assert record.status == "nothing to rewrite" and "BatchNorm" in record.reason
+
+
+class _LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: BatchNorm1d over every token of every sequence, per feature."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class _LeViTMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.act, self.ln2 = _LinearNorm(8, 16), nn.Hardswish(), _LinearNorm(16, 8)
+        randomize_batchnorm(self)
+
+    def forward(self, x):
+        return self.ln2(self.act(self.ln1(x)))
+
+
+def test_levit_s_batchnorm_over_tokens_folds_and_leaves_a_feed_forward():
+    from rewrite.patterns import feed_forward
+    model, x = _LeViTMlp().eval(), torch.randn(2, 5, 8)
+    result = check_pass(FoldBatchNorm(), model, (x,))
+    assert result.report.records[0].stats == {"folded": 2}
+    assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in _kinds(result.model))
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+    [match] = feed_forward().find(result.model)  # prune, fwsvd and snnk now see Linear → Hardswish → Linear
+    assert match.variant == "Hardswish"
+
+
+def test_a_batchnorm_over_the_tokens_of_4d_input_is_not_folded():
+    """flatten(0, 1) of (batch, heads, tokens, features) leaves BatchNorm1d a 3-D input: it normalizes axis 1."""
+    model = _LinearNorm(8, 6)
+    model.bn = nn.BatchNorm1d(4)  # the axis it normalizes: the 4 tokens, not the 6 features
+    randomize_batchnorm(model)
+    result = check_pass(FoldBatchNorm(), model.eval(), (torch.randn(2, 3, 4, 8),))
+    record = result.report.records[0]
+    assert record.status == "nothing to rewrite" and "matching rank" in record.reason

@@ -40,9 +40,9 @@ __all__ = ["ScalableKernels", "SNNKLayer", "SNNKBlock", "FeatureMap", "bundle", 
 _ACTIVATION = {"ReLU": torch.relu, "GELU": nn.functional.gelu, "SiLU": nn.functional.silu, "Tanh": torch.tanh,
                "TanhGELU": lambda z: nn.functional.gelu(z, approximate="tanh"), "Sigmoid": torch.sigmoid,
                "QuickGELU": lambda z: z * torch.sigmoid(1.702 * z), "SquaredReLU": lambda z: torch.relu(z).square(),
-               "exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
-_AUTO = {"ReLU": "relu", "GELU": "relu", "TanhGELU": "relu", "QuickGELU": "relu", "SiLU": "relu", "Tanh": "series",
-         "Sigmoid": "series", "SquaredReLU": "series", "exp": "exp", "sin": "fourier", "cos": "fourier"}
+               "Hardswish": nn.functional.hardswish, "exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
+_AUTO = {"ReLU": "relu", "GELU": "relu", "TanhGELU": "relu", "QuickGELU": "relu", "SiLU": "relu", "Hardswish": "relu",
+         "Tanh": "series", "Sigmoid": "series", "SquaredReLU": "series", "exp": "exp", "sin": "fourier", "cos": "fourier"}
 _ESTIMATES = {"exp": ("exp",), "fourier": ("sin", "cos")}  # kinds that estimate one activation exactly
 
 
