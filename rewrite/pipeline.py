@@ -176,12 +176,17 @@ def _swapped_before(module: nn.Module, pass_: Pass) -> str:
     counts: dict[str, int] = {}
     for node in module.graph.nodes:
         made_by, replaced = node.meta.get("rewrite.pass"), node.meta.get("rewrite.replaced", ())
-        if node.op == "call_module" and made_by and made_by != pass_.name and set(replaced) & set(pass_.reads):
+        if (node.op == "call_module" and made_by and made_by != pass_.name and set(replaced) & set(pass_.reads)
+                and not _kind_of(module.get_submodule(node.target)) & set(pass_.reads)):  # fold-bn's Linear stays one
             counts[made_by] = counts.get(made_by, 0) + 1
     if not counts:
         return ""
     done = ", ".join(f"{p} swapped {n}" for p, n in counts.items())
     return f" ({done} layer(s) before it: to rewrite them too, put {pass_.name} earlier in the pipeline)"
+
+
+def _kind_of(layer: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(layer).__mro__}
 
 
 def _pick(items: list | None, idx: list[int]) -> list | None:
@@ -225,7 +230,7 @@ def _call(pass_: Pass, module: nn.Module, ctx: PassContext, plugin: str | None =
             if before.get(node, layer) is not layer or node not in before:
                 node.meta["rewrite.pass"] = pass_.name  # the last pass that made or swapped it
                 if before.get(node) is not None and "rewrite.replaced" not in node.meta:  # the user's layer's kind
-                    node.meta["rewrite.replaced"] = tuple(c.__name__ for c in type(before[node]).__mro__)
+                    node.meta["rewrite.replaced"] = tuple(_kind_of(before[node]))
         result.module.graph.lint()
         result.module.recompile()
     return result

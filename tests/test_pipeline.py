@@ -313,3 +313,14 @@ def test_swaps_of_layers_a_pass_does_not_read_are_not_named_where_it_finds_nothi
     quantized, convs = result.report.records
     assert quantized.status == "applied" and convs.status == "nothing to rewrite"
     assert "earlier in the pipeline" not in convs.reason, convs.reason
+
+
+def test_swaps_that_leave_a_layer_of_the_kind_a_pass_reads_are_not_named():
+    """fold-bn's folded Linear is still a Linear: fwsvd finding nothing after it is not fold-bn's doing."""
+    from tests.passes.test_fold_bn import _LeViTMlp
+    model = _LeViTMlp().eval()
+    calib = [(torch.randn(2, 5, 8),) for _ in range(4)]
+    result = api.optimize(model, calib[0], "fold-bn,fwsvd{rank=16}", calib=calib, measure_latency=False)
+    folded, factorized = result.report.records
+    assert folded.status == "applied" and factorized.status == "nothing to rewrite"
+    assert "earlier in the pipeline" not in factorized.reason, factorized.reason
