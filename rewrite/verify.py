@@ -162,8 +162,18 @@ def judge(pass_: Any, before: Any, after: Any, outputs: list, new_outputs: list,
     grew = grew or _dead_in_place(after)
     if grew and getattr(pass_, "shrinks", False):
         return err, f"{grew}, though {pass_.name} promises a smaller model (the rewrite left work behind)", None
-    notes = [n for n in (judged, f"warning: {grew}" if grew else None) if n]
+    notes = [n for n in (judged, f"warning: {grew}" if grew else None, _unseen(pass_, err)) if n]
     return err, broken, "; ".join(notes) or None
+
+
+def _unseen(pass_: Any, err: OutputError) -> str | None:
+    """An approximate rewrite whose outputs are the original's bit for bit changed nothing they show: the
+    timm Mixer's head and LeViT's residual branches start at zero in a random-weight model, and a 0 there
+    says nothing of the trained one."""
+    if isinstance(pass_.contract, Approx) and err.max_abs == 0:
+        return ("warning: the outputs are the original's bit for bit: the layers it changed do not reach them on "
+                "this data (dead units, or a head or branch that starts at zero, as in random-weight models)")
+    return None
 
 
 PERPLEXITY_TOLERANCE = 0.05  # relative rise of held-out perplexity a recovered language model may show
