@@ -4,8 +4,9 @@
 
 Paper: standard inference folding (Ioffe & Szegedy, "Batch Normalization", ICML 2015, §3.2 at inference).
 Contract: exact (float tolerance). Applies when the layer's output feeds only the BatchNorm (the matcher
-refuses a region whose inner value escapes). Capture only lifts BatchNorms with running statistics, so a
-BatchNorm without them is never a match.
+refuses a region whose inner value escapes), or only LeViT's LinearNorm around it: BatchNorm1d over the
+Linear's output flattened to (batch × tokens, features), then reshaped back. Capture only lifts BatchNorms
+with running statistics, so a BatchNorm without them is never a match.
 """
 from __future__ import annotations
 
@@ -46,9 +47,6 @@ class _TokensBN(nn.Module):
         return self.bn(y.flatten(0, 1)).reshape_as(y)
 
 
-TOKENS = "Linear+BatchNorm1d over tokens"
-
-
 @cached_pattern
 def layer_bn() -> Pattern:
     """Conv/Linear → BatchNorm of matching rank; a Linear only on 2-D input (BatchNorm1d on 3-D input
@@ -56,8 +54,8 @@ def layer_bn() -> Pattern:
     BatchNorm sees as rows (LeViT)."""
     variants = [Variant(_LayerBN(layer, bn), (torch.randn(*shape),), name=f"{layer.__name__}+{bn.__name__}")
                 for layer, bn, shape in _PAIRS]
-    return Pattern("layer-batchnorm", *variants, Variant(_TokensBN(), (torch.randn(2, 3, 2),), name=TOKENS),
-                   check=_check)
+    tokens = Variant(_TokensBN(), (torch.randn(2, 3, 2),), name="Linear+BatchNorm1d over tokens")
+    return Pattern("layer-batchnorm", *variants, tokens, check=_check)
 
 
 def _check(match: Match, gm: fx.GraphModule) -> str | None:
