@@ -2,6 +2,10 @@
 
     W' = W·γ/σ (per output channel),  b' = β + (b − μ)·γ/σ,  σ = √(var + eps)
 
+or, a BatchNorm1d on (batch, features) before a Linear (LeViT's head), into the Linear after it:
+
+    W' = W·diag(γ/σ),  b' = b + W·(β − μ·γ/σ)
+
 Paper: standard inference folding (Ioffe & Szegedy, "Batch Normalization", ICML 2015, §3.2 at inference).
 Contract: exact (float tolerance). Applies when the layer's output feeds only the BatchNorm (the matcher
 refuses a region whose inner value escapes), or only LeViT's LinearNorm around it: BatchNorm1d over the
@@ -47,15 +51,30 @@ class _TokensBN(nn.Module):
         return self.bn(y.flatten(0, 1)).reshape_as(y)
 
 
+class _BNLinear(nn.Module):
+    """LeViT's NormLinear (timm): BatchNorm1d on (batch, features), then a Linear (its dropout is gone at capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.layer = nn.BatchNorm1d(2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.layer(self.bn(x))
+
+
+BN_FIRST = "BatchNorm1d+Linear"
+
+
 @cached_pattern
 def layer_bn() -> Pattern:
     """Conv/Linear → BatchNorm of matching rank; a Linear only on 2-D input (BatchNorm1d on 3-D input
     normalizes the sequence axis's neighbour, not the Linear's features), or on 3-D input whose tokens the
-    BatchNorm sees as rows (LeViT)."""
+    BatchNorm sees as rows (LeViT), or a BatchNorm1d on 2-D input before a Linear."""
     variants = [Variant(_LayerBN(layer, bn), (torch.randn(*shape),), name=f"{layer.__name__}+{bn.__name__}")
                 for layer, bn, shape in _PAIRS]
     tokens = Variant(_TokensBN(), (torch.randn(2, 3, 2),), name="Linear+BatchNorm1d over tokens")
-    return Pattern("layer-batchnorm", *variants, tokens, check=_check)
+    before = Variant(_BNLinear(), (torch.randn(2, 2),), name=BN_FIRST)
+    return Pattern("layer-batchnorm", *variants, tokens, before, check=_check)
 
 
 def _check(match: Match, gm: fx.GraphModule) -> str | None:
@@ -69,10 +88,10 @@ def _check(match: Match, gm: fx.GraphModule) -> str | None:
 class FoldBatchNorm(Pass):
     name = "fold-bn"
     paper = "Ioffe & Szegedy, Batch Normalization, ICML 2015 (inference-time folding)"
-    summary = "fold eval-mode BatchNorm into the preceding Conv/Linear"
+    summary = "fold eval-mode BatchNorm into the preceding Conv/Linear (or the Linear after a BatchNorm1d)"
     contract = Exact()
     shrinks = True
-    applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm"
+    applies_to = "Conv1d/2d/3d or Linear followed by BatchNorm; BatchNorm1d followed by a Linear"
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
@@ -86,13 +105,28 @@ class FoldBatchNorm(Pass):
         found = layer_bn().find(gm)
         for match in found or []:
             layer, bn = match.layer(gm, "layer"), match.layer(gm, "bn")
-            fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-            set_submodule(gm, match["layer"].target, fuse(layer.eval(), bn.eval()))
-            match.outputs[0].replace_all_uses_with(match["layer"])  # the BatchNorm, or the tokens put back
+            if match.variant == BN_FIRST:
+                set_submodule(gm, match["layer"].target, _into_next_linear(bn.eval(), layer))
+                match["bn"].replace_all_uses_with(match["bn"].args[0])
+            else:
+                fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+                set_submodule(gm, match["layer"].target, fuse(layer.eval(), bn.eval()))
+                match.outputs[0].replace_all_uses_with(match["layer"])  # the BatchNorm, or the tokens put back
             erase_dead(gm, list(match.nodes.values()))
         gm.delete_all_unused_submodules()
         folded = {m["bn"].target for m in found or []}
         return PassResult(gm, bool(folded), {"folded": len(folded)}, _near_misses(gm, folded))
+
+
+def _into_next_linear(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
+    """W' = W·diag(γ/σ), b' = b + W·(β − μ·γ/σ): the Linear of the normalized input."""
+    with torch.no_grad():
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # capture lifts affine BatchNorms only
+        shift = bn.bias - bn.running_mean * scale
+        folded = nn.Linear(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
+        folded.weight.copy_(linear.weight * scale)
+        folded.bias.copy_(linear.weight @ shift + (linear.bias if linear.bias is not None else 0.0))
+    return folded
 
 
 def _near_misses(gm: fx.GraphModule, folded: set[str]) -> list[tuple[str, str]]:

@@ -109,3 +109,23 @@ def test_a_batchnorm_over_the_tokens_of_4d_input_is_not_folded():
     result = check_pass(FoldBatchNorm(), model.eval(), (torch.randn(2, 3, 4, 8),))
     record = result.report.records[0]
     assert record.status == "nothing to rewrite" and "matching rank" in record.reason
+
+
+class _NormLinear(nn.Module):
+    """timm LeViT's head: BatchNorm1d on (batch, features), dropout, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 3)
+        randomize_batchnorm(self)
+
+    def forward(self, x):
+        return self.linear(self.drop(self.bn(x)))
+
+
+def test_a_batchnorm_before_a_linear_folds_into_it():
+    model, x = _NormLinear().eval(), torch.randn(5, 8)
+    result = check_pass(FoldBatchNorm(), model, (x,))
+    assert result.report.records[0].stats == {"folded": 1}
+    assert not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in _kinds(result.model))
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
