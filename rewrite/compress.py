@@ -81,9 +81,17 @@ def target_linears(module: nn.Module, target: str) -> list[tuple[str, nn.Linear]
 def no_targets(module: nn.Module, target: str) -> str:
     """Why `target_linears` found nothing: no Linear at all, or none in a feed-forward block (then target=all)."""
     if target == "all" or not target_linears(module, "all"):
-        return f"no Linear layers (target={target})"
+        return f"no Linear layers (target={target})" + unread_convs(module)
     return ("no Linear in a feed-forward block (Linear → activation → Linear, or gated; mixture-of-experts weights "
-            "are not Linears): target=all takes the other Linears (attention projections)")
+            "are not Linears): target=all takes the other Linears (attention projections)" + unread_convs(module))
+
+
+def unread_convs(module: nn.Module) -> str:
+    """What a Linear-reading pass leaves of a model whose MLPs may be 1×1 convolutions (PoolFormer, ConvNeXt-atto)."""
+    count = sum(1 for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and all(k == 1 for k in m.kernel_size) and m.groups == 1)
+    return (f"; its {count} 1×1 convolutions are not read (an MLP written with them, as PoolFormer's and "
+            "ConvNeXt-atto's, is left as it is)") if count else ""
 
 
 def _ffn_paths(gm: fx.GraphModule, roles: tuple[str, ...] = ("up", "gate", "gate_up", "down")) -> set[str]:

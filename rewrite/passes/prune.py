@@ -220,7 +220,7 @@ class PruneFFN(SqnrFloor, Pass):
         groups = candidate_groups(module)
         if not groups:
             why = ("no feed-forward blocks (Linear → activation → Linear, or SwiGLU; a mixture of experts' weights are "
-                   "not Linears, and prune leaves them)")
+                   "not Linears, and prune leaves them)" + compress.unread_convs(module))
             return PassResult(module, False, skipped=[("model", why)])
         blocks, skipped = confirmed_blocks(module, groups, ctx.calibration[0])
         if not blocks:

@@ -157,6 +157,15 @@ def test_a_model_without_a_feed_forward_block_is_not_touched():
     assert record.status != "applied" and "feed-forward" in " ".join(why for _, why in record.skipped)
 
 
+@pytest.mark.parametrize("spec", ["prune", "fwsvd"])
+def test_an_mlp_of_1x1_convolutions_is_named_as_what_is_not_read(spec):
+    """PoolFormer's and ConvNeXt-atto's MLPs are 1×1 convolutions: the reason says so, not only "no Linear"."""
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.GELU(), nn.Conv2d(16, 4, 1)).eval()
+    calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
+    record = api.optimize(model, calib[0], spec, calib=calib, measure_latency=False).report.records[0]
+    assert record.status == "nothing to rewrite" and "its 2 1×1 convolutions are not read" in record.reason
+
+
 def test_param_ratio_outside_zero_one_is_a_clear_error():
     with pytest.raises(api.RewriteError, match="param-ratio"):
         api.optimize(FFN(), (torch.randn(2, 32),), "prune{param-ratio=1.5}", calib=[torch.randn(2, 32)])
