@@ -60,6 +60,7 @@ MAX_TOKENS = 4096  # calibration tokens run through the model for the search (an
 PEAK_TOKENS = 1024  # tokens whose channel statistics choose the smoothing (outlier channels recur in every batch)
 ERROR_TOKENS = 512  # tokens each layer's reported error is measured on
 HADAMARD_SEED = 0  # one Q per input width, the same in every run
+FFN_DOWN = "ffn-down"  # hadamard's name for the down Linear of every feed-forward block
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,6 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self.form == "w4" and self.group & (self.group - 1):
             return "form=w4 (MatMulNBits) needs a power-of-two group"
         return None
-
-
-FFN_DOWN = "ffn-down"  # hadamard's name for the down Linear of every feed-forward block
 
 
 def _named(path: str, patterns: str) -> bool:
