@@ -80,3 +80,13 @@ def test_per_layer_errors_name_the_replaced_layers_with_their_error_and_size():
                               calib=calib, measure_latency=False).report.records[0]
     assert record.status == "applied" and [row["layer"] for row in record.layers] == ["0", "2"]
     assert all(row["bytes_after"] < row["bytes_before"] and 0 < row["sqnr_db"] < 100 for row in record.layers)
+
+
+def test_perplexity_on_eval_data_reads_as_a_ratio_too_and_an_accuracy_as_a_difference():
+    """SmolLM2's report said '12.78 → 13.91 (+1.128)', which reads like 1.128x where it was 1.088x."""
+    report = RunReport("dgq", "graph", "1 batch", metric_name="perplexity",
+                       metric={"original": 12.78, "rewritten": 13.91})
+    assert "perplexity on eval data: original 12.78 → rewritten 13.91 (+1.13, 1.088x the original)" in report.verdicts()
+    report.metric_name, report.metric = "accuracy", {"original": 0.9, "rewritten": 0.88}
+    assert [line for line in report.verdicts() if "accuracy" in line] == [
+        "accuracy on eval data: original 0.9 → rewritten 0.88 (-0.02)"]
