@@ -165,7 +165,8 @@ class RunReport:
         if self.metric_name and len(self.metric) == 2:
             a, b = self.metric["original"], self.metric["rewritten"]
             ratio = f", {b / a:.3f}x the original" if self.metric_name == "perplexity" and a > 0 else ""
-            lines.append(f"{self.metric_name} on eval data: original {a:.4g} → rewritten {b:.4g} ({b - a:+.4g}{ratio})")
+            lines.append(f"{self.metric_name} on eval data: original {a:.4g} → rewritten {b:.4g} "
+                         f"({b - a:+.4g}{ratio})")
         if self.generation:
             g = self.generation
             lines.append(f"generation (eager torch, KV cache): prefill of {g['prompt_tokens']} tokens "

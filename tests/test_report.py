@@ -86,7 +86,8 @@ def test_perplexity_on_eval_data_reads_as_a_ratio_too_and_an_accuracy_as_a_diffe
     """SmolLM2's report said '12.78 → 13.91 (+1.128)', which reads like 1.128x where it was 1.088x."""
     report = RunReport("dgq", "graph", "1 batch", metric_name="perplexity",
                        metric={"original": 12.78, "rewritten": 13.91})
-    assert "perplexity on eval data: original 12.78 → rewritten 13.91 (+1.13, 1.088x the original)" in report.verdicts()
+    want = "perplexity on eval data: original 12.78 → rewritten 13.91 (+1.13, 1.088x the original)"
+    assert want in report.verdicts()
     report.metric_name, report.metric = "accuracy", {"original": 0.9, "rewritten": 0.88}
     assert [line for line in report.verdicts() if "accuracy" in line] == [
         "accuracy on eval data: original 0.9 → rewritten 0.88 (-0.02)"]
