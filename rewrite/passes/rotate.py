@@ -17,20 +17,20 @@ d/64 (a randomized Hadamard transform where d is not a power of two; plain rando
 An output head tied to the embedding is untied (the head takes diag(γ) of the final norm, the embedding does
 not): the model then stores the head apart, and its `config.tie_word_embeddings` says so.
 
-Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456 (2024)
-(the rotation of the residual stream, §4.1; SpinQuant, arXiv:2405.16406, learns Q instead). Contract: exact
-(float tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs
-only Linears read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3,
-SmolLM, Phi-3; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
-does; Granite, whose residual multiplier does; learned position tables added to the token embeddings, which
-take E's rotation). Where LayerNorms read it (torch's: StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, OPT, StarCoder,
-GPT-2, whose Conv1D layers capture lifts into Linears and puts back; Cohere's, written out without β),
-as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores its input's mean, so every
-addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the stream stays zero-mean; Q is
-taken to keep the all-ones direction (a reflection after the Hadamard transform), so the rotated stream stays
-zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q. The norms keep their
-class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a norm on the embeddings (BLOOM),
-and post-norm encoders (BERT).
+Paper: Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", arXiv:2404.00456 (2024) (the
+rotation of the residual stream, §4.1; SpinQuant, arXiv:2405.16406, learns Q instead). Contract: exact (float
+tolerance). Applies where the stream, from the embedding on, is read only by RMSNorms whose outputs only Linears
+read, and written only by Linears, their sums and constant multiples (Llama, Mistral, Qwen2 and 3, SmolLM,
+Phi-3, Mamba; Gemma, whose constant embedding scale commutes with Q and whose norms' γ = 1 + w folds as any γ
+does; Granite, whose residual multiplier does; learned position tables added to the token embeddings, which take
+E's rotation). Where LayerNorms read it (torch's: StableLM, StarCoder2, Phi, GPT-J, GPT-Neo, GPT-NeoX with a
+norm for each parallel branch, OPT, StarCoder, GPT-2, whose Conv1D layers capture lifts into Linears and puts
+back; Cohere's, written out without β), as SliceGPT does (Ashkboos et al., arXiv:2401.15024): LayerNorm ignores
+its input's mean, so every addition is first centred (E ← E·C, W_write ← C·W_write, C = I − 11ᵀ/d) and the
+stream stays zero-mean; Q is taken to keep the all-ones direction (a reflection after the Hadamard transform),
+so the rotated stream stays zero-mean too and LN(x·Q) = LN(x)·Q with γ = 1; β, added after γ, becomes (β/γ)·Q.
+The norms keep their class and form. Left alone: a norm on a block's output (OLMo 2, Gemma 2 and 3), a norm on
+the embeddings (BLOOM), and post-norm encoders (BERT).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from rewrite.patterns import attribute, module_paths
 
 _aten = torch.ops.aten
 _PASS_THROUGH = {_aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default, _aten.clone.default,
-                 _aten.type_as.default}
+                 _aten.type_as.default, _aten.alias.default}  # alias: a no-op `.to()` (Mamba's mixer input)
 
 
 class _RMSNorm(nn.Module):
@@ -252,10 +252,12 @@ def residual_stream(gm: fx.GraphModule) -> _Stream | str:
     if not embeddings:
         return (f"{len(embeddings)} token embedding lookups in the graph: the rotation starts at the one embedding "
                 "the stream starts from (a whole decoder, not one block of it)")
-    layer_norms = {m.inputs[0]: m for m in layer_norm().find(gm) or []}
-    norms = {**{m.inputs[0]: m for m in rms_norm().find(gm) or []}, **layer_norms}
-    if layer_norms and len(layer_norms) != len(norms):
+    layer_norms, rms_norms = layer_norm().find(gm) or [], rms_norm().find(gm) or []
+    if layer_norms and {m.inputs[0] for m in rms_norms} - {m.inputs[0] for m in layer_norms}:
         return "the stream has both RMSNorms and LayerNorms: rotate folds one kind at a time"
+    norms: dict[fx.Node, list[Match]] = {}  # by the value each reads: two norms on one (GPT-NeoX's parallel block)
+    for match in layer_norms or rms_norms:
+        norms.setdefault(match.inputs[0], []).append(match)
     stream = _Stream(embeddings[0], [], {}, [], centred=bool(layer_norms))
     todo, seen = [embeddings[0]], set()
     while todo:
@@ -279,8 +281,8 @@ def _follow(gm, value, user, norms, stream, todo, seen) -> str | None:
     if user.target in _PASS_THROUGH or _scaled(user, value) or _keeps_features(value, user):
         todo.append(user)
         return None
-    if value in norms and user in norms[value].nodes.values():
-        match = norms[value]
+    match = next((m for m in norms.get(value, []) if user in m.nodes.values()), None)
+    if match is not None:
         if match not in stream.norms:
             readers, other = _linear_readers(gm, match.outputs[0])
             if other:

@@ -123,9 +123,10 @@ def test_q_for_a_layernorm_stream_is_orthogonal_and_keeps_the_all_ones_direction
     assert torch.allclose(ones @ q, ones, atol=1e-12) and torch.allclose(q @ ones, ones, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["StableLm", "GPTJ", "OPT", "GPT2", "Cohere"])
+@pytest.mark.parametrize("family", ["StableLm", "GPTJ", "GPTNeoX", "OPT", "GPT2", "Cohere"])
 def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family, tmp_path):
-    """StableLM (sequential blocks), GPT-J (parallel attention and MLP), OPT (learned positions) and GPT-2 (learned
+    """StableLM (sequential blocks), GPT-J (parallel attention and MLP), GPT-NeoX (Pythia: parallel, with a norm for
+    each branch, both reading one stream value), OPT (learned positions) and GPT-2 (learned
     positions, Conv1D layers: capture lifts them into Linears, and they go back as Conv1D) read their
     streams through torch's LayerNorm, with weights and biases, and Cohere through its own, written out without β
     (parallel blocks, the head's logit scale): every addition is centred (the position table
@@ -139,6 +140,9 @@ def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     elif family == "GPTJ":
         cfg = transformers.GPTJConfig(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=16)
+    elif family == "GPTNeoX":
+        cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64)
     elif family == "OPT":  # learned positions added into the stream (a table of their own, cast), reshaped FFN inputs
         cfg = transformers.OPTConfig(vocab_size=256, hidden_size=128, ffn_dim=256, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=128)
@@ -161,6 +165,24 @@ def test_a_layernorm_decoder_rotates_exactly_keeping_its_norms_and_class(family,
     if family == "GPT2":
         assert type(rotated.transformer.h[0].mlp.c_fc) is type(model.transformer.h[0].mlp.c_fc)  # Conv1D
     _same_logits_and_reloads(model, rotated, tmp_path)
+
+
+def test_a_mamba_rotates_exactly_through_the_no_op_cast_before_its_mixer(tmp_path):
+    """Mamba's mixer reads the normed stream through a no-op that export writes as aten.alias (with one sequence a
+    batch), which rotate once took for a reader that does not commute ("feeds alias")."""
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, state_size=8, expand=2)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.5 * torch.rand_like(p))
+    one = (1, 12)  # one sequence a batch: the cast is written as an alias only then
+    result = check_pass(Rotate(), model, (_ids(0, one),), calib=[(_ids(s, one),) for s in range(2)])
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["norms_folded"] == 3, record.reason  # one a block, the last
+    assert type(result.model) is type(model)
+    _same_logits_and_reloads(model, result.model, tmp_path)
 
 
 def test_an_untied_head_stays_untied_and_nothing_grows():
