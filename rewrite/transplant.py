@@ -10,6 +10,8 @@ computes what the verified graph computes on the calibration batches; where a pa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx, nn
 
@@ -27,7 +29,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return "the model was not captured as a graph"
     target = capture.copied(eager)
-    paths, transposed = dict(target.named_modules()), set()
+    paths, transposed, replaced = dict(target.named_modules()), set(), []
     for node in graph.graph.nodes:
         if node.op != "call_module":
             continue
@@ -43,6 +45,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             transposed.add(node.target)
             continue
         set_submodule(target, node.target, module)
+        replaced.append(node.target)
     _untie_held_apart(target, graph.state_dict())
     mine = target.state_dict()
     with torch.no_grad():
@@ -52,13 +55,44 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
                 mine[name].copy_(tensor)
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
+    running: list[str] = []  # the rewritten layers being called, innermost last
     try:
-        got = capture.outputs_on(target, batches, want, masks)
+        with _tracked(target, replaced, running):
+            got = capture.outputs_on(target, batches, want, masks)
         taken = all(g is w for g, w in zip(got, want))  # bit for bit on the probes: nothing left to compare
         same = taken or verify.compare(want, got, masks=masks).within_tolerance
     except Exception as exc:  # the copy cannot run what the graph runs (model code reads what a layer lacks)
-        return f"your model's code raised {type(exc).__name__} with them: {first_line(exc, 200)}"
+        where = _inside(target, running)
+        return f"your model's code raised {type(exc).__name__} with them{where}: {first_line(exc, 200)}"
     return (target, got) if same else "with them your model computed something else than the verified graph"
+
+
+@contextlib.contextmanager
+def _tracked(model: nn.Module, paths: list[str], running: list[str]):
+    """Keep `running` as the stack of the rewritten layers being called (Mamba's head cast its input to the
+    int8 dtype of a dgq layer's weight: the error alone did not say which layer)."""
+    def enter(path: str):
+        return lambda *_: running.append(path)
+
+    def leave(*_) -> None:  # None: the layer's output stays as it is
+        running.pop()
+
+    handles = []
+    for path in paths:
+        layer = model.get_submodule(path)
+        handles += [layer.register_forward_pre_hook(enter(path)), layer.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _inside(model: nn.Module, running: list[str]) -> str:
+    """' in <path> (<class>; …)' for the innermost rewritten layer that was running when it raised, or ''."""
+    if not running:
+        return ""
+    return f" in {running[-1]} ({type(model.get_submodule(running[-1])).__name__}; leave it out of the pass)"
 
 
 def _lifted_conv1d(module: nn.Module, yours: nn.Module) -> bool:

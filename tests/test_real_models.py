@@ -254,6 +254,29 @@ def test_layers_that_cannot_go_back_into_the_users_class_say_why():
     assert "could not be put back (your model's code raised AttributeError" in lost and "'shape'" in lost, lost
 
 
+
+class _CastsForItsHead(nn.Module):
+    """Model code that casts a layer's input to the layer's weight dtype, as Mamba's head does."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.head = nn.Linear(64, 128), nn.Linear(128, 64)
+        self.config = {"hidden": 64}
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(x)).to(self.head.weight.dtype))
+
+
+def test_a_layer_that_breaks_the_users_code_is_named():
+    """Mamba after `rotate,dgq`: "your model's code raised RuntimeError with them: result type Float can't be cast
+    to the desired output type Char", and no word of which layer: its head's input, cast to the int8 dtype of the
+    dgq layer's stored weight."""
+    model, x = _CastsForItsHead().eval(), torch.randn(32, 64)
+    result = rewrite.optimize(model, (x,), "dgq{budget-cos=0}", calib=[(x,)], measure_latency=False)
+    assert result.report.records[0].status == "applied" and isinstance(result.model, torch.fx.GraphModule)
+    [lost] = [w for w in result.report.warnings if w.startswith("the result is a graph")]
+    assert "raised RuntimeError with them in head (DGQLinear; leave it out of the pass)" in lost, lost
+
 def test_phi3s_residual_dropouts_do_not_hide_its_stream_from_rotate_and_its_fused_mlp_prunes():
     """Phi-3 adds its attention and MLP outputs to the residual stream through nn.Dropout modules; in eval mode they
     are the identity, and `rotate` (which follows the stream from Linear to Linear) now applies, exactly."""
