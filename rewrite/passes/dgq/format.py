@@ -175,6 +175,9 @@ class DGQLinear(nn.Module):
         return (weight.double() @ q.T).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # model code cast it to `weight`'s dtype (Mamba's head): the values are lost
+            raise TypeError(f"a dgq layer got a {x.dtype} input: the model's code casts this layer's input to its "
+                            "weight's dtype, which is the stored int8; leave the layer in float (dgq{keep=PATH})")
         if self.rotated:
             x = rotation.apply(x, self.rot_signs, self.rot_outer, self.rot_block)
         if self.form == "int8" and self.act == "tensor":
