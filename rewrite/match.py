@@ -46,9 +46,15 @@ class NoMatch:
     """A failed match, falsy, with the reason (for reports: "why didn't my rule fire?")."""
 
     reason: str
+    nothing_alike: bool = False  # no candidate at all (else `check` refused some, and `reason` says why)
 
     def __bool__(self) -> bool:
         return False
+
+    def or_else(self, wanted: str) -> str:
+        """The reason, or where nothing was alike, what the pass looks for (`applies_to`): "no subgraph matches
+        'attention-with-bias'" told a DeBERTa user nothing about what rpe-fft rewrites."""
+        return f"no part of the model has the form {wanted}" if self.nothing_alike else self.reason
 
 
 @dataclass
@@ -105,7 +111,7 @@ class Pattern:
             taken |= region
         if found:
             return found
-        return NoMatch("; ".join(refused) if refused else f"no subgraph matches {self.name!r}")
+        return NoMatch("; ".join(refused) if refused else f"no subgraph matches {self.name!r}", not refused)
 
     def refusals(self, gm: fx.GraphModule) -> list[tuple[Match, str]]:
         """Structural matches that `check` refused, with the reasons (for a pass's `skipped` list)."""

@@ -40,6 +40,7 @@ def test_no_match_is_falsy_and_explains_itself():
     gm = _graph(_FFN(nn.Tanh()), torch.randn(2, 8))
     found = FFN.find(gm)
     assert isinstance(found, NoMatch) and not found and "no subgraph matches 'ffn'" in found.reason
+    assert found.or_else("Linear → GELU → Linear") == "no part of the model has the form Linear → GELU → Linear"
     why = FFN.explain(gm, "down")
     assert "tanh" in why and "where the pattern has" in why
 
@@ -50,6 +51,7 @@ def test_a_check_refuses_with_its_reason():
     gm = _graph(_FFN(nn.GELU()), torch.randn(2, 8))
     found = wide_only.find(gm)
     assert not found and "hidden layer too narrow" in found.reason
+    assert found.or_else("Linear → GELU → Linear") == found.reason  # a refusal's reason is the better one
     assert "too narrow" in wide_only.explain(gm, "down")
 
 

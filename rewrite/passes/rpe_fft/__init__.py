@@ -71,7 +71,7 @@ class KernelizedRPE(SqnrFloor, Pass):
             return PassResult(module, False, skipped=[("model", "rpe-fft needs a captured graph")])
         found = detect.attention().find(module)
         if not found:
-            return PassResult(module, False, skipped=[("model", found.reason)])
+            return PassResult(module, False, skipped=[("model", found.or_else(self.applies_to))])
         done, skipped, shared = [], [], []
         lengths = tuple(L for L in (4096, 2048, 1024, 512, 256, 128, 64, 32) if L <= self.max_length)
         for i, match in enumerate(found):

@@ -146,7 +146,7 @@ class ScalableKernels(SqnrFloor, Pass):
         gates = gated_feed_forward().find(module) or []
         found = feed_forward().find(module)
         if not found and not gates:
-            return PassResult(module, False, skipped=[("model", found.reason)])
+            return PassResult(module, False, skipped=[("model", found.or_else(self.applies_to))])
         done, skipped, before, after, forms = [], [], 0, 0, {}
         for i, match in enumerate([*(found or []), *gates]):
             gated = match.pattern == "gated-feed-forward"
