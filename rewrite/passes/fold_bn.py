@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from rewrite import compress
 from rewrite.match import Match, Pattern, Variant, cached_pattern, erase_dead
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult
 from rewrite.patterns import set_submodule
@@ -123,10 +124,8 @@ def _into_next_linear(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
     with torch.no_grad():
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # capture lifts affine BatchNorms only
         shift = bn.bias - bn.running_mean * scale
-        folded = nn.Linear(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
-        folded.weight.copy_(linear.weight * scale)
-        folded.bias.copy_(linear.weight @ shift + (linear.bias if linear.bias is not None else 0.0))
-    return folded
+        bias = linear.weight @ shift + (linear.bias if linear.bias is not None else 0.0)
+        return compress.linear_from({"weight": linear.weight * scale, "bias": bias})
 
 
 def _near_misses(gm: fx.GraphModule, folded: set[str]) -> list[tuple[str, str]]:
