@@ -171,9 +171,11 @@ def _export(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, 
 
 
 def _dynamic_dims_hold(gm: fx.GraphModule, model: nn.Module, inputs: tuple, dynamic: dict[int, list[int]]) -> bool:
-    """Run both at a grown shape (each dynamic dim + 1, by repeating a slice) and compare."""
+    """Run both at a grown shape (each dynamic dim + 1, by repeating a slice) and compare. Where every input's
+    batch dim is free, the check runs on 2 rows, not batch + 1: on 8 × 512 calibration windows of SmolLM2 the two
+    forwards at 9 × 513 took 6.5 s."""
     grown = []
-    for i, x in enumerate(inputs):
+    for i, x in enumerate(_first_row(inputs, dynamic)):
         for d in dynamic.get(i, []):
             x = torch.cat([x, x.narrow(d, x.shape[d] - 1, 1)], dim=d)
         grown.append(x)
@@ -183,6 +185,15 @@ def _dynamic_dims_hold(gm: fx.GraphModule, model: nn.Module, inputs: tuple, dyna
     except Exception:
         return False
     return _same(want, got)
+
+
+def _first_row(inputs: tuple, dynamic: dict[int, list[int]]) -> tuple:
+    """`inputs` cut to their first row where all tensors share a free batch dim, else as they are."""
+    tensors = [(i, x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.dim() == 0 or 0 not in dynamic.get(i, []) or x.shape[0] != tensors[0][1].shape[0]
+                          for i, x in tensors):
+        return inputs
+    return tuple(x[:1] if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 def _same(want: Any, got: Any, tolerance: float = 1e-4) -> bool:

@@ -27,6 +27,16 @@ def test_plain_module_keeps_batch_dynamic():
     _same(model, c, (torch.randn(7, 16),))  # another batch size than captured
 
 
+def test_dynamic_batch_is_checked_on_two_rows_not_the_whole_batch():
+    # The grown-shape check runs the model eagerly; at batch + 1 it cost two whole calibration forwards.
+    model, seen = TinyMLP(), []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]) if type(args[0].shape[0]) is int
+                                    else None)
+    c = capture.capture(model, (torch.randn(8, 16),))
+    assert c.graph and 0 in c.dynamic_dims[0]
+    assert 2 in seen and 9 not in seen
+
+
 def test_cnn_with_batchnorm_lifts_layers_to_modules():
     model = ConvBN()
     c = capture.capture(model, model.example_inputs())
