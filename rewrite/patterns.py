@@ -79,6 +79,39 @@ def feed_forward() -> Pattern:
         for act in ACTIVATIONS])
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_pointwise_conv(layer: nn.Module) -> bool:
+    """A 1×1 convolution that is a Linear over channels: stride 1, no padding, one group."""
+    return (type(layer) in _CONVS and all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+            and (layer.padding == "valid" or not any(layer.padding)) and layer.groups == 1)
+
+
+class _PointwiseFeedForward(nn.Module):
+    def __init__(self, act: type):
+        super().__init__()
+        self.up, self.act, self.down = nn.Conv2d(4, 8, 1), act(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def _both_pointwise(match, gm: fx.GraphModule) -> str | None:
+    kernels = [match.layer(gm, role).kernel_size for role in ("up", "down")
+               if not is_pointwise_conv(match.layer(gm, role))]
+    return f"its convolutions are not all 1×1 with stride 1 and no padding ({kernels})" if kernels else None
+
+
+@cached_pattern
+def pointwise_feed_forward() -> Pattern:
+    """up → activation → down where both are 1×1 convolutions: the MLPs of PoolFormer and ConvNeXt-atto, a
+    feed-forward block over the channels of every grid point (`compress.OverChannels` reads them as Linears)."""
+    return Pattern("pointwise-feed-forward", *[
+        Variant(_PointwiseFeedForward(act).eval(), (torch.randn(2, 4, 3, 3),), ignore_literals=True, name=act.__name__)
+        for act in (nn.GELU, nn.ReLU, nn.SiLU, nn.Hardswish)], check=_both_pointwise)
+
+
 class _Gated(nn.Module):
     def __init__(self, act: nn.Module):
         super().__init__()

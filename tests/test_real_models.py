@@ -560,6 +560,27 @@ def test_gpt2_layers_no_pass_replaced_go_back_as_its_conv1d_and_the_folder_reloa
         assert torch.equal(back(ids).logits, result.model(ids).logits)
 
 
+def test_a_hugging_face_cnn_keeps_its_class_with_quantized_1x1_convolutions_and_the_folder_reloads(tmp_path):
+    """HF ResNet's bottlenecks: their 1×1 convolutions are dgq's Linears over channels (`OverChannels`), kept in
+    the user's class; the layers folder rebuilds each wrapper around its rebuilt DGQLinear."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck",
+                          num_labels=10)
+    model = ResNetForImageClassification(config).eval()
+    calib = [(torch.randn(2, 3, 32, 32),) for _ in range(3)]
+    result = rewrite.optimize(model, calib[0], f"dgq{{{ANY}}}", calib=calib, measure_latency=False)
+    assert result.report.records[0].status == "applied" and type(result.model) is type(model)
+    wrapped = [m for m in result.model.modules() if type(m).__name__ == "OverChannels"]
+    assert len(wrapped) == 5 and all(type(m.linear).__name__ == "DGQLinear" for m in wrapped)
+    result.model.save_pretrained(tmp_path / "m")
+    back = rewrite.load(tmp_path / "m")
+    assert type(back) is type(model)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, result.model(x).logits)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda m: m["configs"].update({p: {"form": "int8"} for p in m["configs"]}), "cannot rebuild the layer"),
     (lambda m: m.update(configs=[]), "is not a rewrite-layers/1 manifest"),

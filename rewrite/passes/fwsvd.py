@@ -110,7 +110,8 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     name = "fwsvd"
     paper = "Hsu et al., Language model compression with weighted low-rank factorization, ICLR 2022 (arXiv:2207.00112)"
     summary = "Linears → two low-rank Linears by whitened, Fisher-weighted SVD; ranks under one parameter budget"
-    applies_to = "Linear layers and GPT-2 Conv1D (target=ffn: Linear→activation→Linear pairs; target=all)"
+    applies_to = ("Linear layers, GPT-2 Conv1D and 1×1 convolutions (target=ffn: Linear→activation→Linear pairs; "
+                  "target=all)")
     needs_calibration = True
     level = "module"
     recoverable = True  # its factors train like lowrank's (the benchmark's `--recover` rows were no-ops)

@@ -149,7 +149,8 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
     name = "lowrank"
     paper = "Wei et al., Structured Feedforward Layers, NeurIPS 2024 (arXiv:2406.16450)"
     summary = "FFN Linears → low-rank or block-dense factors (whitened truncated SVD closed forms)"
-    applies_to = "Linear layers and GPT-2 Conv1D (target=ffn: Linear→activation→Linear pairs; target=all)"
+    applies_to = ("Linear layers, GPT-2 Conv1D and 1×1 convolutions (target=ffn: Linear→activation→Linear pairs; "
+                  "target=all)")
     level = "module"
     recoverable = True
     # MiniLM, half the FFN weights, 200 steps: held-out cosine 0.845 at lr 1e-3 and 3e-4 (no step beat the start),
@@ -238,4 +239,4 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
              "target_weights_kept": round(after / before, 4) if before else 1.0}
     if searching:
         stats["ratios"] = ",".join(f"{r:g}" for r in sorted(set(ratios.values())))
-    return PassResult(module, bool(done), stats, skipped)
+    return PassResult(module, bool(done), stats, compress.restore_pointwise(module, skipped))

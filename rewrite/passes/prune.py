@@ -13,7 +13,8 @@ where d_i is column i of the current D. Units are removed greedily in that order
 up to the error of the least-squares refit of its kept set, D′ = D H_{:,S} H_SS⁻¹, in the loss's units, so
 one budget is spent across all blocks: cheapest units first until `param-ratio` of the FFN weights is left.
 Unlike a low-rank pair, the result is a narrower dense FFN, so its time falls with its weights in any
-runtime. On pretrained MiniLM, a quarter of the FFN weights removed keeps a held-out embedding cosine of
+runtime. An MLP of 1×1 convolutions (PoolFormer, ConvNeXt-atto) is the same block over each grid point's
+channels, and is pruned as its Linears (`compress.OverChannels`). On pretrained MiniLM, a quarter of the FFN weights removed keeps a held-out embedding cosine of
 0.965 (fwsvd's whitened factors: 0.951); on SmolLM2 the licence text's perplexity suffers more than under
 fwsvd (RESULTS.md).
 
@@ -39,6 +40,7 @@ from rewrite.patterns import (
     feed_forward,
     fused_gated_feed_forward,
     gated_feed_forward,
+    pointwise_feed_forward,
     set_submodule,
 )
 
@@ -110,12 +112,16 @@ def _damped(gram: torch.Tensor, features: int) -> torch.Tensor:
 
 
 def candidate_groups(module: nn.Module) -> list[list[str]]:
-    """The Linears of each feed-forward block: the shared matcher's matches in a graph; in an eager model,
+    """The Linears of each feed-forward block: the shared matcher's matches in a graph (an MLP of 1×1
+    convolutions wrapped as `compress.OverChannels`, its Linears named); in an eager model,
     the FFN Linears (`compress.target_linears`) grouped by their block (the path above their parent)."""
     if isinstance(module, fx.GraphModule):
         matches = [*(feed_forward().find(module) or []), *(gated_feed_forward().find(module) or []),
                    *(fused_gated_feed_forward().find(module) or [])]
-        return [[m[k].target for k in ("gate", "up", "gate_up", "down") if k in m.nodes] for m in matches]
+        convs = [[m["up"].target, m["down"].target] for m in pointwise_feed_forward().find(module) or []]
+        compress.linearize_pointwise(module, {p for pair in convs for p in pair})  # their Linears over channels
+        return [[m[k].target for k in ("gate", "up", "gate_up", "down") if k in m.nodes] for m in matches] + [
+            [f"{up}.linear", f"{down}.linear"] for up, down in convs]
     groups: dict[str, list[str]] = defaultdict(list)
     for path, layer in compress.target_linears(module, "ffn"):
         if isinstance(layer, nn.Linear):
@@ -199,7 +205,7 @@ class PruneFFN(SqnrFloor, Pass):
             "(arXiv:2302.04089)"
     summary = "FFN hidden units removed where the model's Fisher says they matter least, the down Linear refit (OBS)"
     applies_to = ("feed-forward blocks: Linear → activation → Linear, and gated ones (gate, up → down; SwiGLU, GeGLU; "
-                  "gate and up fused as in Phi-3)")
+                  "gate and up fused as in Phi-3), and MLPs of 1×1 convolutions (PoolFormer, ConvNeXt-atto)")
     needs_calibration = True
     level = "module"
     recoverable = True  # the narrower Linears train as any Linear
@@ -224,7 +230,7 @@ class PruneFFN(SqnrFloor, Pass):
             return PassResult(module, False, skipped=[("model", why)])
         blocks, skipped = confirmed_blocks(module, groups, ctx.calibration[0])
         if not blocks:
-            return PassResult(module, False, skipped=skipped)
+            return PassResult(module, False, skipped=compress.restore_pointwise(module, skipped))
         found = self._moments(module, blocks, ctx)
         orders = {}
         for k, block in enumerate(blocks):
@@ -241,12 +247,13 @@ class PruneFFN(SqnrFloor, Pass):
             kept = [j for j in range(width) if j not in removed]
             kept_units.append((len(kept), width))
             if removed:
-                row = {"layer": block.down, "bytes_before": self._bytes(module, block)}
+                row = {"layer": compress.user_path(module, block.down), "bytes_before": self._bytes(module, block)}
                 row["sqnr_db"] = self._narrow(module, block, kept, found.with_constant(block.down))
                 rows.append(row | {"bytes_after": self._bytes(module, block)})
         after = sum(self._weights(module, b) for b in blocks)
         stats = {"blocks": len(blocks), "units_kept": _spread(kept_units),
                  "target_weights_kept": round(after / before, 4)}
+        skipped = compress.restore_pointwise(module, skipped)
         return PassResult(module, any(counts.values()), stats, skipped, layers=rows)
 
     @staticmethod

@@ -449,6 +449,26 @@ def test_keep_leaves_the_linears_it_names_in_float():
     assert any(what == "hadamard" and "names no Linear" in why for what, why in missed.report.records[0].skipped)
 
 
+def test_1x1_convolutions_are_quantized_as_linears_over_channels_and_export_at_parity(tmp_path):
+    """MobileNet's, EfficientNet's and PoolFormer's pointwise convolutions hold most of their weights; dgq once
+    quantized only a CNN's head. Each is now an int8 Linear over every grid point's channels; a 3×3 convolution
+    stays, a kept one goes back as the model's own convolution (named by its own path), and ONNX matches."""
+    from tests.passes.test_prune import ConvMLP
+    torch.manual_seed(0)
+    model = ConvMLP().eval()
+    calib = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    result = api.optimize(model, calib[0], "dgq{keep=head}", calib=calib, emit="onnx", out=tmp_path,
+                          measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied" and record.stats["quantized"] == 2
+    assert {type(result.model.get_submodule(f"mlp.{i}.linear")).__name__ for i in (0, 2)} == {"DGQLinear"}
+    assert type(result.model.stem) is type(result.model.head) is nn.Conv2d
+    assert ["head", "kept in float (keep=head)"] in [list(s) for s in record.skipped]
+    assert record.error["sqnr_db"] > 20
+    [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
+    assert onnx.parity["rel_l2"] < 1e-5, onnx.parity  # the int8 codes are the same in onnxruntime
+
+
 def test_unsupported_bits_is_a_clear_error():
     with pytest.raises(RewriteError, match="bits=8 is not supported"):
         api.optimize(FFN(), (torch.randn(2, 32),), "dgq{bits=8}", measure_latency=False)

@@ -157,13 +157,49 @@ def test_a_model_without_a_feed_forward_block_is_not_touched():
     assert record.status != "applied" and "feed-forward" in " ".join(why for _, why in record.skipped)
 
 
-@pytest.mark.parametrize("spec", ["prune", "fwsvd"])
-def test_an_mlp_of_1x1_convolutions_is_named_as_what_is_not_read(spec):
-    """PoolFormer's and ConvNeXt-atto's MLPs are 1×1 convolutions: the reason says so, not only "no Linear"."""
-    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.GELU(), nn.Conv2d(16, 4, 1)).eval()
+class ConvMLP(nn.Module):
+    """PoolFormer's and ConvNeXt-atto's block: an MLP of 1×1 convolutions, between a 3×3 stem and a 1×1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Conv2d(16, 64, 1), nn.GELU(), nn.Conv2d(64, 16, 1))
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.mlp(x))
+
+
+@pytest.mark.parametrize("spec, inner", [("prune", "PrunedLinear"), ("fwsvd", "LowRankLinear")])
+def test_an_mlp_of_1x1_convolutions_is_rewritten_as_its_linears_over_channels(spec, inner):
+    """They once said "its 2 1×1 convolutions are not read". Each is now its Linear over the channels of every
+    grid point (`compress.OverChannels`); the 1×1 head, in no feed-forward block, and the 3×3 stem stay."""
+    torch.manual_seed(0)
+    model = ConvMLP().eval()
+    calib = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    result = api.optimize(model, calib[0], f"{spec}{{min-sqnr=0}}", calib=calib, measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied"
+    assert {type(result.model.get_submodule(f"mlp.{i}")).__name__ for i in (0, 2)} == {"OverChannels"}
+    assert {type(result.model.get_submodule(f"mlp.{i}.linear")).__name__ for i in (0, 2)} == {inner}
+    assert type(result.model.stem) is type(result.model.head) is nn.Conv2d
+    assert record.error["sqnr_db"] > 15
+    with torch.no_grad():  # the rewritten model is channels-first to its callers, at another grid size too
+        x = torch.randn(2, 3, 5, 7)
+        assert result.model(x).shape == model(x).shape == (2, 8, 5, 7)
+
+
+@pytest.mark.parametrize("spec, hint", [("prune", ""), ("fwsvd", ": target=all takes them")])
+def test_1x1_convolutions_in_no_feed_forward_block_are_named(spec, hint):
+    """MobileNet's pointwise convolutions sit between norms and depthwise ones: no MLP to prune or factorize."""
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, groups=16),
+                          nn.Conv2d(16, 4, 1)).eval()
     calib = [(torch.randn(2, 4, 6, 6),) for _ in range(2)]
     record = api.optimize(model, calib[0], spec, calib=calib, measure_latency=False).report.records[0]
-    assert record.status == "nothing to rewrite" and "its 2 1×1 convolutions are not read" in record.reason
+    assert record.status == "nothing to rewrite"
+    assert f"its 2 1×1 convolutions are in no feed-forward block (1×1 conv → activation → 1×1 conv){hint}" in \
+        record.reason
 
 
 def test_param_ratio_outside_zero_one_is_a_clear_error():

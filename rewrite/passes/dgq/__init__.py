@@ -22,6 +22,8 @@ arXiv:2210.17323; DGQ's code offers it as a weight function); with feedback the 
 error by H's diagonal alone (feedback then handles the rest: lower output error than the full d·H·dᵀ on
 SmolLM2's layers). Layers are quantized one at a time, each calibrated on activations produced by the
 already-quantized layers before it; layers that read the same value (q/k/v, gate/up) are quantized together.
+A 1×1 convolution (stride 1, no padding, one group) is the Linear over each grid point's channels and is
+quantized as one (`compress.OverChannels`), its output left channels-last for the convolutions after it.
 Speed depends on the CPU's int8 dot products, and the report measures it on yours. With AVX-512 VNNI
 (oneDNN's int8 GEMM) SmolLM2 ran 1.62x fp32's prefill speed and 1.16x its decode in eager torch, and
 MiniLM 1.9x in onnxruntime. On x86 with AVX2 only, the exact int8 sums need float32 GEMMs of the converted
@@ -68,7 +70,8 @@ class DualGrainedQuant(SqnrFloor, Pass):
     name = "dgq"
     paper = "Zhang et al., Dual Grained Quantization (A8W4), arXiv:2310.04836"
     summary = "Linears → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
-    applies_to = "Linear layers (form=w4: in_features a multiple of the group size)"
+    applies_to = ("Linear layers, and 1×1 convolutions as Linears over channels (form=w4: in_features a multiple of "
+                  "the group size)")
     needs_calibration = True
     level = "module"
 
@@ -108,6 +111,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         skipped, smoothed = [], {}
+        compress.linearize_pointwise(module)  # 1×1 convolutions are Linears over channels
         candidates = dict(layers(module, (nn.Linear,)))
         rotated = self._rotated(module, candidates)
         if self.smooth:
@@ -120,7 +124,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         fit = first_tokens(fit, MAX_TOKENS)  # more text than the search keeps would only cost forwards
         reference = mixed.output_vectors(module, *judge) if judge else None
         skipped += [(option, f"{option}={value} names no Linear (a pattern matches the whole path, e.g. *down_proj)")
-                    for option, value, named in (("keep", self.keep, [p for p in candidates if _named(p, self.keep)]),
+                    for option, value, named in (("keep", self.keep, [p for p in candidates if self._kept(module, p)]),
                                                  ("hadamard", self.hadamard, rotated))
                     if value and not named]
         reasons = {path: self._why_not(module, path, linear) for path, linear in candidates.items()}
@@ -135,7 +139,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if judge:
             stats["budget_judged_on"] = ("held-out calibration batches" if len(judge[0]) < len(ctx.calibration) else
                                          "the calibration data the weights were fit on (one batch: none held out)")
-        return PassResult(module, bool(w4), stats, skipped)
+        return PassResult(module, bool(w4), stats, compress.restore_pointwise(module, skipped))
 
     def _quantize_all(self, module: nn.Module, ctx: PassContext, candidates: dict[str, nn.Linear], todo: list[str],
                       fit: list[tuple], skipped: list, rotated: set[str]) -> tuple[dict, dict, dict, dict]:
@@ -227,8 +231,11 @@ class DualGrainedQuant(SqnrFloor, Pass):
                 "worst_layer_rel_err": round(max(errors.values()), 4) if errors else 0, "layer_rel_err": errors,
                 "upgraded": wide}
 
+    def _kept(self, module: nn.Module, path: str) -> bool:
+        return _named(path, self.keep) or _named(compress.user_path(module, path), self.keep)
+
     def _why_not(self, module: nn.Module, path: str, linear: nn.Linear) -> str | None:
-        if _named(path, self.keep):
+        if self._kept(module, path):
             return f"kept in float (keep={self.keep})"
         if shared_weight(module, path):
             return ("its weight is read at several places of the graph (tied to the embedding, or one layer shared by "

@@ -1,0 +1,63 @@
+"""dgq and prune on timm CNNs whose weights are mostly 1×1 convolutions, read as Linears over channels.
+
+Run: python benchmarks/dgq_cnn.py [--models efficientnet_b0,poolformer_s12] [--size 224] [--batch 8]
+Each model is built by timm with random weights (no weights can be downloaded here), so the SQNR column says
+how the codes behave on these activations, not what a trained model's accuracy does. Calibration: 4 batches
+of random images, verified on them as `rewrite.optimize` does. Speed is the report's paired timing in eager
+torch (original and rewritten alternating in one process, 2 threads); size is the weights' bytes.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _common import table  # noqa: E402
+
+import torch  # noqa: E402
+
+import rewrite  # noqa: E402
+from rewrite.patterns import is_pointwise_conv  # noqa: E402
+from tests.conftest import timm as import_timm  # noqa: E402  (timm beside the CPU torch, as CI installs it)
+
+PASSES = {"efficientnet_b0": ["fold-bn", "fold-bn,dgq"], "mobilenetv3_large_100": ["fold-bn", "fold-bn,dgq"],
+          "resnet50": ["fold-bn", "fold-bn,dgq"], "convnext_atto": ["dgq", "prune"], "poolformer_s12": ["dgq", "prune"]}
+
+
+def run(name: str, spec: str, size: int, batch: int) -> list[str]:
+    timm = import_timm()
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000).eval()
+    calib = [(torch.randn(batch, 3, size, size),) for _ in range(4)]
+    start = time.perf_counter()
+    report = rewrite.optimize(model, calib[0], spec, calib=calib).report
+    seconds = time.perf_counter() - start
+    last = report.records[-1]
+    [speed] = [s for s in report.speeds if s.backend == "torch"]
+    before, after = report.records[0].bytes_before, last.bytes_after
+    pointwise = sum(1 for m in model.modules() if is_pointwise_conv(m))
+    rewrote = ", ".join(f"{k}={v}" for k, v in list(last.stats.items())[:1])
+    return [name, str(pointwise), spec, " / ".join(r.status for r in report.records), rewrote,
+            f"{before / after:.2f}x", f"{speed.ratio:.2f}x ({speed.low:.2f}–{speed.high:.2f})",
+            f"{report.error_vs_original['sqnr_db']:.1f}", f"{seconds:.0f}"]
+
+
+def main(models: list[str], size: int, batch: int) -> None:
+    torch.set_num_threads(2)
+    rows = [["model", "1×1 convs", "passes", "status", "rewrote (last pass)", "weights smaller", "torch speed",
+             "SQNR dB", "s"]]
+    for name in models:
+        for spec in PASSES[name]:
+            rows.append(run(name, spec, size, batch))
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"{size}² images, batch {batch}, 2 threads\n\n{table(rows)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default=",".join(PASSES))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    main(args.models.split(","), args.size, args.batch)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch import nn
+
+from rewrite import compress
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(6, 10, 1), (2, 6, 7)), (nn.Conv2d(6, 10, 1), (2, 6, 5, 3)),
+                                         (nn.Conv3d(6, 10, 1, bias=False), (2, 6, 3, 4, 2))])
+def test_a_pointwise_convolution_is_its_linear_over_channels_and_goes_back(conv, shape):
+    x = torch.randn(shape)
+    wrapped = compress.OverChannels.from_conv(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), conv(x), rtol=1e-5, atol=1e-6)
+        back = wrapped.as_conv()
+        assert type(back) is type(conv)
+        torch.testing.assert_close(back(x), conv(x), rtol=0, atol=0)
+
+
+def test_only_1x1_convolutions_with_stride_1_no_padding_and_one_group_are_wrapped():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1, stride=2),
+                          nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1, padding=1), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+        assert compress.linearize_pointwise(model) == 2
+        assert [type(m).__name__ for m in model] == ["OverChannels"] + ["Conv2d"] * 4 + ["OverChannels"]
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+        compress.restore_pointwise(model, [])
+    assert all(type(m) is nn.Conv2d for m in model)
+
+
+def test_wrapped_layers_a_pass_rewrote_stay_and_skipped_paths_are_the_model_s_own():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1))
+    compress.linearize_pointwise(model)
+    model[0].linear = nn.Sequential(model[0].linear)  # as a pass would rewrite it: no longer a plain Linear
+    named = compress.restore_pointwise(model, [("1.linear", "kept"), ("keep", "names no Linear")])
+    assert named == [("1", "kept"), ("keep", "names no Linear")]
+    assert type(model[0]) is compress.OverChannels and type(model[1]) is nn.Conv2d
+
+
+def test_a_model_without_pointwise_convolutions_is_left_as_it_is():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(4, 4))
+    assert compress.linearize_pointwise(model) == 0 and compress.unread_convs(model) == ""
