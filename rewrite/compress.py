@@ -31,7 +31,8 @@ class Factorizes:
 
     @classmethod
     def patterns(cls) -> list:
-        return [feed_forward(), gated_feed_forward()]  # target=ffn; target=all takes every Linear
+        # target=ffn; target=all takes every Linear and 1×1 convolution
+        return [feed_forward(), gated_feed_forward(), pointwise_feed_forward()]
 
     def __post_init__(self):
         check_rank_options(self.rank, self.param_ratio)

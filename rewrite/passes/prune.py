@@ -216,7 +216,7 @@ class PruneFFN(SqnrFloor, Pass):
 
     @classmethod
     def patterns(cls) -> list:
-        return [feed_forward(), gated_feed_forward()]
+        return [feed_forward(), gated_feed_forward(), fused_gated_feed_forward(), pointwise_feed_forward()]
 
     def __post_init__(self):
         if not 0 < self.param_ratio < 1:

@@ -69,7 +69,7 @@ FFN_DOWN = "ffn-down"  # hadamard's name for the down Linear of every feed-forwa
 class DualGrainedQuant(SqnrFloor, Pass):
     name = "dgq"
     paper = "Zhang et al., Dual Grained Quantization (A8W4), arXiv:2310.04836"
-    summary = "Linears → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
+    summary = "Linears and 1×1 convolutions → int4 groups with int8 group scales and int8 activations (int8 GEMM)"
     applies_to = ("Linear layers, and 1×1 convolutions as Linears over channels (form=w4: in_features a multiple of "
                   "the group size)")
     needs_calibration = True
