@@ -206,7 +206,8 @@ def _cut_short(inputs: tuple, dynamic: dict[int, list[int]]) -> tuple:
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor):
             for d in dynamic.get(i, []):
-                x = x.narrow(d, 0, (1 if one_row else x.shape[0]) if d == 0 else min(x.shape[d], SHORT))
+                if d > 0 or one_row:
+                    x = x.narrow(d, 0, min(x.shape[d], SHORT) if d else 1)
         cut.append(x)
     same = all(not isinstance(x, torch.Tensor) or x.shape == y.shape for x, y in zip(inputs, cut))
     return inputs if same else tuple(cut)

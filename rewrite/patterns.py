@@ -82,10 +82,22 @@ def feed_forward() -> Pattern:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def not_pointwise(conv: nn.Module) -> str | None:
+    """Why a convolution is not the Linear over its channels, or None where it is (1×1, stride 1, no padding,
+    one group)."""
+    if any(k != 1 for k in conv.kernel_size):
+        return f"kernel {tuple(conv.kernel_size)} is not 1×1"
+    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation):
+        return "strided or dilated"
+    if conv.padding != "valid" and any(p != 0 for p in (conv.padding if isinstance(conv.padding, tuple) else [1])):
+        return "padded (its border outputs are the bias alone)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (a grouped 1×1 conv is a block-diagonal GEMM: not rewritten)"
+    return None
+
+
 def is_pointwise_conv(layer: nn.Module) -> bool:
-    """A 1×1 convolution that is a Linear over channels: stride 1, no padding, one group."""
-    return (type(layer) in _CONVS and all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
-            and (layer.padding == "valid" or not any(layer.padding)) and layer.groups == 1)
+    return type(layer) in _CONVS and not_pointwise(layer) is None
 
 
 class _PointwiseFeedForward(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from rewrite import measure
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult, pinned_choices
 from rewrite.calibration import layer_values
-from rewrite.patterns import layers, set_submodule
+from rewrite.patterns import layers, not_pointwise, set_submodule
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TIE = 0.05  # timings closer than this are a tie (noise on a shared machine)
@@ -76,7 +76,7 @@ class Pointwise(Pass):
         shapes = {path: inputs[0].shape for path, inputs in seen.items() if inputs}
         forms, times, skipped = {}, {}, []
         for path, conv in convs:
-            reason = _why_not(conv) or (None if path in shapes else "not run on the calibration inputs")
+            reason = not_pointwise(conv) or (None if path in shapes else "not run on the calibration inputs")
             if reason:
                 skipped.append((path, reason))
                 continue
@@ -91,7 +91,7 @@ class Pointwise(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return all(_why_not(conv) for _, conv in layers(module, _CONVS))
+        return all(not_pointwise(conv) for _, conv in layers(module, _CONVS))
 
     def __post_init__(self):
         pinned_choices(self.layers, ("matmul", "linear", "conv"))  # a malformed one is refused when parsed
@@ -114,18 +114,6 @@ class Pointwise(Pass):
         gemm = min(("matmul", "linear"), key=timed.get)
         # The convolution stays only when measurably faster: a tie goes to the GEMM (ONNX: a plain MatMul).
         return (None if timed["conv"] < (1 - TIE) * timed[gemm] else gemm), timed
-
-
-def _why_not(conv: nn.Module) -> str | None:
-    if any(k != 1 for k in conv.kernel_size):
-        return f"kernel {tuple(conv.kernel_size)} is not 1×1"
-    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation):
-        return "strided or dilated"
-    if conv.padding != "valid" and any(p != 0 for p in (conv.padding if isinstance(conv.padding, tuple) else [1])):
-        return "padded (its border outputs are the bias alone)"
-    if conv.groups != 1:
-        return f"groups={conv.groups} (a grouped 1×1 conv is a block-diagonal GEMM: not rewritten)"
-    return None
 
 
 def _ms(timed: dict[str, float]) -> str:

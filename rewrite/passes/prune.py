@@ -14,9 +14,9 @@ up to the error of the least-squares refit of its kept set, D′ = D H_{:,S} H_S
 one budget is spent across all blocks: cheapest units first until `param-ratio` of the FFN weights is left.
 Unlike a low-rank pair, the result is a narrower dense FFN, so its time falls with its weights in any
 runtime. An MLP of 1×1 convolutions (PoolFormer, ConvNeXt-atto) is the same block over each grid point's
-channels, and is pruned as its Linears (`compress.OverChannels`). On pretrained MiniLM, a quarter of the FFN weights removed keeps a held-out embedding cosine of
-0.965 (fwsvd's whitened factors: 0.951); on SmolLM2 the licence text's perplexity suffers more than under
-fwsvd (RESULTS.md).
+channels, and is pruned as its Linears (`compress.OverChannels`). On pretrained MiniLM, a quarter of the FFN
+weights removed keeps a held-out embedding cosine of 0.965 (fwsvd's whitened factors: 0.951); on SmolLM2 the
+licence text's perplexity suffers more than under fwsvd (RESULTS.md).
 
 Papers: Kurtic, Frantar, Alistarh, "ZipLM: Inference-Aware Structured Pruning of Language Models",
 NeurIPS 2023 (arXiv:2302.04089); Hassibi & Stork, "Second order derivatives for network pruning: Optimal
@@ -40,6 +40,7 @@ from rewrite.patterns import (
     feed_forward,
     fused_gated_feed_forward,
     gated_feed_forward,
+    is_pointwise_conv,
     pointwise_feed_forward,
     set_submodule,
 )
@@ -112,21 +113,25 @@ def _damped(gram: torch.Tensor, features: int) -> torch.Tensor:
 
 
 def candidate_groups(module: nn.Module) -> list[list[str]]:
-    """The Linears of each feed-forward block: the shared matcher's matches in a graph (an MLP of 1×1
-    convolutions wrapped as `compress.OverChannels`, its Linears named); in an eager model,
+    """The Linears of each feed-forward block (or its 1×1 convolutions): the shared matcher's matches in a graph;
+    in an eager model,
     the FFN Linears (`compress.target_linears`) grouped by their block (the path above their parent)."""
     if isinstance(module, fx.GraphModule):
         matches = [*(feed_forward().find(module) or []), *(gated_feed_forward().find(module) or []),
-                   *(fused_gated_feed_forward().find(module) or [])]
-        convs = [[m["up"].target, m["down"].target] for m in pointwise_feed_forward().find(module) or []]
-        compress.linearize_pointwise(module, {p for pair in convs for p in pair})  # their Linears over channels
-        return [[m[k].target for k in ("gate", "up", "gate_up", "down") if k in m.nodes] for m in matches] + [
-            [f"{up}.linear", f"{down}.linear"] for up, down in convs]
+                   *(fused_gated_feed_forward().find(module) or []), *(pointwise_feed_forward().find(module) or [])]
+        return [[m[k].target for k in ("gate", "up", "gate_up", "down") if k in m.nodes] for m in matches]
     groups: dict[str, list[str]] = defaultdict(list)
     for path, layer in compress.target_linears(module, "ffn"):
         if isinstance(layer, nn.Linear):
             groups[path.rsplit(".", 2)[0]].append(path)
     return list(groups.values())
+
+
+def over_channels(module: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """`groups` with each 1×1 convolution wrapped as `compress.OverChannels` and named by its Linear."""
+    convs = {path for group in groups for path in group if is_pointwise_conv(module.get_submodule(path))}
+    compress.linearize_pointwise(module, convs)
+    return [[f"{path}.linear" if path in convs else path for path in group] for group in groups]
 
 
 def confirmed_blocks(module: nn.Module, groups: list[list[str]], batch: tuple) -> tuple[list[Block], list]:
@@ -228,7 +233,7 @@ class PruneFFN(SqnrFloor, Pass):
             why = ("no feed-forward blocks (Linear → activation → Linear, or SwiGLU; a mixture of experts' weights are "
                    "not Linears, and prune leaves them)" + compress.unread_convs(module))
             return PassResult(module, False, skipped=[("model", why)])
-        blocks, skipped = confirmed_blocks(module, groups, ctx.calibration[0])
+        blocks, skipped = confirmed_blocks(module, over_channels(module, groups), ctx.calibration[0])
         if not blocks:
             return PassResult(module, False, skipped=compress.restore_pointwise(module, skipped))
         found = self._moments(module, blocks, ctx)
