@@ -467,6 +467,11 @@ def test_1x1_convolutions_are_quantized_as_linears_over_channels_and_export_at_p
     assert record.error["sqnr_db"] > 20
     [onnx] = [a for a in result.report.artifacts if a.kind == "onnx"]
     assert onnx.parity["rel_l2"] < 1e-5, onnx.parity  # the int8 codes are the same in onnxruntime
+    # Their activation codes take one scale per tensor (conv-act), the Linears' act stays per token.
+    assert {result.model.get_submodule(f"mlp.{i}.linear").act for i in (0, 2)} == {"tensor"}
+    assert record.stats["convolutions"] == 2 and record.stats["act"] == "per-token"
+    per_token = api.optimize(model, calib[0], "dgq{conv-act=per-token}", calib=calib, measure_latency=False).model
+    assert {per_token.get_submodule(p).act for p in ("mlp.0.linear", "mlp.2.linear", "head.linear")} == {"per-token"}
 
 
 def test_unsupported_bits_is_a_clear_error():

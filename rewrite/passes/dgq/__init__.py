@@ -23,7 +23,9 @@ error by H's diagonal alone (feedback then handles the rest: lower output error 
 SmolLM2's layers). Layers are quantized one at a time, each calibrated on activations produced by the
 already-quantized layers before it; layers that read the same value (q/k/v, gate/up) are quantized together.
 A 1×1 convolution (stride 1, no padding, one group) is the Linear over each grid point's channels and is
-quantized as one (`compress.OverChannels`), its output left channels-last for the convolutions after it.
+quantized as one (`compress.OverChannels`), its output left channels-last for the convolutions after it, its
+activation codes one scale per tensor (conv-act=tensor: per-token scales cost most where many grid points have
+few channels).
 Speed depends on the CPU's int8 dot products, and the report measures it on yours. With AVX-512 VNNI
 (oneDNN's int8 GEMM) SmolLM2 ran 1.62x fp32's prefill speed and 1.16x its decode in eager torch, and
 MiniLM 1.9x in onnxruntime. On x86 with AVX2 only, the exact int8 sums need float32 GEMMs of the converted
@@ -79,6 +81,10 @@ class DualGrainedQuant(SqnrFloor, Pass):
     # whose spread channels share a scale well, 128 lost less at 5 and at 4.25 bits (RESULTS.md).
     group: int = 64
     act: Literal["static", "per-token", "tensor"] = "per-token"
+    # The activation codes of 1×1 convolutions (read as Linears over channels): one scale per tensor. Many grid
+    # points of few channels make per-token scales costly: MobileNetV3-Large after fold-bn ran 1.37x with them
+    # per tensor against 1.15x per token in eager torch, and 0.69x against 0.59x in onnxruntime (RESULTS.md).
+    conv_act: Literal["static", "per-token", "tensor"] = "tensor"
     search: bool = True
     feedback: bool = True
     form: Literal["int8", "w4"] = "int8"
@@ -136,6 +142,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
             chosen, reached = mixed.mixed_precision(module, ctx, judge, reference, w4, wide, originals, self.budget_cos,
                                                            self.max_bits, self.upgrade_bits)
         stats = self._stats(chosen, errors, smoothed, reached)
+        convs = sum(compress.user_path(module, path) != path for path in chosen)
+        if convs:
+            stats |= {"convolutions": convs, "conv_act": self.conv_act}
         if judge:
             stats["budget_judged_on"] = ("held-out calibration batches" if len(judge[0]) < len(ctx.calibration) else
                                          "the calibration data the weights were fit on (one batch: none held out)")
@@ -159,8 +168,9 @@ class DualGrainedQuant(SqnrFloor, Pass):
             turn = self._rotation(group, candidates[path].in_features, rotated)
             fit_x = x if turn is None else turn.apply(x)
             shared = shared if shared is not None and shared.same(fit_x) else LayerInputs(fit_x)
-            s_x = kernels.static_scale(fit_x) if self.act == "static" else torch.empty(0)
-            for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x, turn)):
+            act = self.conv_act if compress.user_path(module, path) != path else self.act
+            s_x = kernels.static_scale(fit_x) if act == "static" else torch.empty(0)
+            for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x, act, turn)):
                 w4[p] = found[0]
                 if self.budget_cos:  # the alternative mixed precision may choose
                     wide[p], originals[p] = found[1], candidates[p].weight.detach()
@@ -184,7 +194,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
             return rotation.factors(width, HADAMARD_SEED)
         return None
 
-    def _quantized(self, linears: list[nn.Linear], x: LayerInputs, s_x: torch.Tensor,
+    def _quantized(self, linears: list[nn.Linear], x: LayerInputs, s_x: torch.Tensor, act: str,
                    turn: rotation.Factors | None = None) -> list[list[DGQLinear]]:
         """Per layer (all reading x), the layer at 4 bits and, when mixed precision may choose it, with wider
         weights: upgrade-bits codes in the same format and int8 GEMM (found by the same search and feedback,
@@ -196,19 +206,17 @@ class DualGrainedQuant(SqnrFloor, Pass):
             weights = [turn.apply(w.double()).float() for w in weights]
         widths = (self.bits, self.upgrade_bits) if self.budget_cos and self.upgrade_bits < 8 else (self.bits,)
         found = quantize_layers(weights, x, self.group, self.search, self.feedback, widths, self._patience())
-        layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8", self._act())
+        act = act if self.form == "int8" else None  # form=w4: MatMulNBits quantizes per block itself
+        layers_found = [[DGQLinear(q, linear.bias, s_x, self.form if q.bits == self.bits else "int8", act)
                          for q in per] for linear, per in zip(linears, found)]
         if self.budget_cos and self.upgrade_bits == 8:
             for linear, weight, per in zip(linears, weights, layers_found):
-                per.append(DGQLinear.int8_weights(weight, linear.bias, s_x, self._act()))
+                per.append(DGQLinear.int8_weights(weight, linear.bias, s_x, act))
         if turn is not None:
             for per in layers_found:
                 for layer in per:
                     layer.rotate_inputs(turn)
         return layers_found
-
-    def _act(self) -> str | None:
-        return self.act if self.form == "int8" else None  # form=w4: MatMulNBits quantizes per block itself
 
     def _patience(self) -> int:
         return FEEDBACK_PATIENCE if self.feedback else PATIENCE
