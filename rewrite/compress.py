@@ -167,6 +167,11 @@ def restore_pointwise(module: nn.Module, skipped: list[tuple[str, str]]) -> list
     return named
 
 
+def of_convolution(module: nn.Module, path: str) -> bool:
+    """Whether the Linear at `path` is a 1×1 convolution's (inside `OverChannels`)."""
+    return user_path(module, path) != path
+
+
 def user_path(module: nn.Module, path: str) -> str:
     """The model's own path of a Linear a pass names: a pointwise convolution's, not its `OverChannels.linear`."""
     owner, _, name = path.rpartition(".")

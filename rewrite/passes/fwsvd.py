@@ -129,7 +129,7 @@ class FisherSVD(compress.Factorizes, SqnrFloor, Pass):
     min_sqnr: float = 10.0
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
+        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D and 1×1 convolutions, as Linears
         paths = [p for p, _ in compress.target_linears(module, self.target) if not shared_weight(module, p)]
         if not paths:  # no target, or each is read elsewhere too (ALBERT's shared layers): no weight to take a
             return factorize_linears(self, module, ctx, lambda *_: "unused")  # gradient for; it says why of each

@@ -179,7 +179,7 @@ class StructuredFFN(compress.Factorizes, SqnrFloor, Pass):
             raise InvalidValue("blocks must be ≥ 1")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D: a Linear transposed
+        compress.linearize_targets(module, self.target)  # GPT-2's Conv1D and 1×1 convolutions, as Linears
         paths = [p for p, _ in compress.target_linears(module, self.target) if not shared_weight(module, p)]
         grams = weighting.moments(module, paths, ctx.calibration, ctx.masks).inputs if self.whiten and paths else {}
         return factorize_linears(self, module, ctx, lambda linear, path, ratio:

@@ -142,7 +142,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
             chosen, reached = mixed.mixed_precision(module, ctx, judge, reference, w4, wide, originals, self.budget_cos,
                                                            self.max_bits, self.upgrade_bits)
         stats = self._stats(chosen, errors, smoothed, reached)
-        convs = sum(compress.user_path(module, path) != path for path in chosen)
+        convs = sum(compress.of_convolution(module, path) for path in chosen)
         if convs:
             stats |= {"convolutions": convs, "conv_act": self.conv_act}
         if judge:
@@ -168,7 +168,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
             turn = self._rotation(group, candidates[path].in_features, rotated)
             fit_x = x if turn is None else turn.apply(x)
             shared = shared if shared is not None and shared.same(fit_x) else LayerInputs(fit_x)
-            act = self.conv_act if compress.user_path(module, path) != path else self.act
+            act = self.conv_act if compress.of_convolution(module, path) else self.act
             s_x = kernels.static_scale(fit_x) if act == "static" else torch.empty(0)
             for p, found in zip(group, self._quantized([candidates[p] for p in group], shared, s_x, act, turn)):
                 w4[p] = found[0]
