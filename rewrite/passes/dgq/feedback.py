@@ -92,21 +92,23 @@ class _Grids:
 
     def __init__(self, grids: list[DGQWeights]):
         self.group = grids[0].group
-        self.scale = torch.cat([g.S.float() * g.s1[:, None] for g in grids])
-        self.zero = torch.cat([g.z.float() for g in grids])
+        scale = torch.cat([g.S.float() * g.s1[:, None] for g in grids])
+        zero = torch.cat([g.z.float() for g in grids])
         limit = torch.floor(127 / torch.cat([g.S.float() for g in grids]))
         top = torch.cat([torch.full((g.z.shape[0], 1), 2.0 ** g.bits - 1) for g in grids])
-        self.lo, self.hi = (self.zero - limit).clamp_min(0), torch.minimum(self.zero + limit, top)
+        lo, hi = (zero - limit).clamp_min(0), torch.minimum(zero + limit, top)
+        # Held per group (groups, O): a block's columns are then whole rows to gather, 35x faster than
+        # gathering columns of (O, groups) and transposing them (3 of SmolLM2's 50 s search).
+        self.scale, self.zero, self.lo, self.hi = (t.t().contiguous() for t in (scale, zero, lo, hi))
 
     def columns(self, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(scale, zero, lo, hi) of these columns, each (len(columns), O)."""
         groups = columns // self.group
-        return tuple(t[:, groups].t().contiguous() for t in (self.scale, self.zero, self.lo, self.hi))
+        return tuple(t.index_select(0, groups) for t in (self.scale, self.zero, self.lo, self.hi))
 
     def mean_square_step(self) -> torch.Tensor:
         """Each column's squared step S·s1 averaged over the rows, (K,)."""
-        per_group = self.scale.square().t().contiguous().mean(1)
-        return per_group.repeat_interleave(self.group)
+        return self.scale.square().mean(1).repeat_interleave(self.group)
 
 
 def ordered_factor(hessian: torch.Tensor, mean_square_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
