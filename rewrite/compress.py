@@ -189,6 +189,52 @@ def unread_convs(module: nn.Module, hint: str = "") -> str:
             + hint) if count else ""
 
 
+# A holder of weights outside the layers a pass reads is named where its weights are at least this share of the
+# model's: a router or a learned position table is not worth a line.
+UNREAD_SHARE = 0.01
+_READ = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+
+
+def unread_weights(module: nn.Module, reads: str) -> list[tuple[str, str]]:
+    """Weights of two or more dimensions held outside Linears, convolutions and embeddings, which a pass that
+    reads Linears leaves in float without a word otherwise: a mixture-of-experts block's 3-D expert weights
+    (Mixtral, Qwen3-MoE: most of the model), nn.MultiheadAttention's in_proj, GPT-2's Conv1D where no graph
+    lifted it. One (where, why) per kind of holder, its paths as one pattern (`model.layers.*.mlp.experts`)."""
+    total = sum(p.numel() for p in module.parameters())
+    tables = _embedding_tables(module)
+    kinds: dict[tuple, list[int]] = {}
+    for path, holder in module.named_modules():
+        if isinstance(holder, _READ):
+            continue
+        own = [(name, p) for name, p in holder.named_parameters(recurse=False)
+               if p.dim() >= 2 and f"{path}.{name}".lstrip(".") not in tables]
+        if own:
+            key = (_pattern(path), tuple(name for name, _ in own), max(p.dim() for _, p in own))
+            kinds.setdefault(key, []).append(sum(p.numel() for _, p in own))
+    found = []
+    for (where, names, dims), counts in kinds.items():
+        share = sum(counts) / max(total, 1)
+        if share >= UNREAD_SHARE:
+            why = (f"{' and '.join(names)}: {dims}-D weights ({share:.0%} of the model's), not in Linear layers; "
+                   f"{reads}, so they stay in float")
+            found.append((where or "<root>", why))
+    return found
+
+
+def _pattern(path: str) -> str:
+    """A module path with its block indices as `*`: model.layers.3.mlp.experts → model.layers.*.mlp.experts."""
+    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+
+
+def _embedding_tables(module: nn.Module) -> set[str]:
+    """Parameters a captured graph reads by embedding lookup (an eager model's are nn.Embedding's own)."""
+    if not isinstance(module, fx.GraphModule):
+        return set()
+    lookups = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.default)
+    return {str(node.target) for node in module.graph.nodes
+            if node.op == "get_attr" and any(user.target in lookups for user in node.users)}
+
+
 def _ffn_paths(gm: fx.GraphModule, roles: tuple[str, ...] = ("up", "gate", "gate_up", "down")) -> set[str]:
     """The Linears in these roles of every feed-forward block: up and down of a plain one, gate, up and down of a
     gated (SwiGLU) one, gate_up and down where gate and up are one Linear."""

@@ -42,3 +42,48 @@ def test_wrapped_layers_a_pass_rewrote_stay_and_skipped_paths_are_the_model_s_ow
 def test_a_model_without_pointwise_convolutions_is_left_as_it_is():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(4, 4))
     assert compress.linearize_pointwise(model) == 0 and compress.unread_convs(model) == ""
+
+
+class _Experts(nn.Module):
+    """A mixture-of-experts block as transformers 5 stores it: one 3-D weight per projection, no Linears."""
+
+    def __init__(self, experts: int = 4, width: int = 16, hidden: int = 32):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, width) / width ** 0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # every expert on every token, averaged (a toy router)
+        gate, up = torch.einsum("tw,ehw->eth", x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.einsum("eth,ewh->tw", nn.functional.silu(gate) * up, self.down_proj) / len(self.down_proj)
+
+
+class MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attn": nn.Linear(16, 16), "experts": _Experts()})
+                                     for _ in range(2)])
+        self.router = nn.Parameter(torch.randn(1, 16))  # below the share worth naming
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) * self.router
+        for block in self.blocks:
+            x = x + block["experts"](block["attn"](x))
+        return x
+
+
+def test_weights_outside_linears_are_named_once_per_kind_with_their_share():
+    from rewrite import capture
+    model = MoE().eval()
+    eager = compress.unread_weights(model, "dgq quantizes Linears")
+    captured = capture.capture(model, (torch.randint(0, 64, (8,)),)).module
+    graph = compress.unread_weights(captured, "dgq quantizes Linears")
+    assert len(eager) == 1 and eager == graph  # 12,288 of 13,872; the embedding table (a lookup) is not named
+    where, why = eager[0]
+    assert where == "blocks.*.experts"
+    assert why.startswith("gate_up_proj and down_proj: 3-D weights (89% of the model's), not in Linear layers")
+
+
+def test_a_model_of_linears_and_embeddings_has_no_unread_weights():
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Conv1d(16, 16, 3))
+    assert compress.unread_weights(model, "x") == []

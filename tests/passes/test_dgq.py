@@ -807,3 +807,16 @@ def test_a_rotated_layer_rebuilds_from_its_tensors_and_has_no_compressed_tensors
     assert rebuilt.rotated and torch.equal(rebuilt(h), layer(h))
     with pytest.raises(NoCompressedForm, match="rotated online"):
         layer.compressed_tensors()
+
+
+def test_expert_weights_outside_linears_are_named_not_passed_over_in_silence():
+    """A mixture-of-experts model (transformers 5 keeps each expert projection as one 3-D weight) once came back
+    'applied' with only its attention quantized and no word about the experts, most of its weights."""
+    from tests.test_compress import MoE
+    torch.manual_seed(0)
+    calib = [(torch.randint(0, 64, (8,)),) for _ in range(4)]
+    result = api.optimize(MoE().eval(), calib[0], "dgq{budget-cos=0,min-sqnr=0}", calib=calib, measure_latency=False)
+    record = result.report.records[0]
+    assert record.stats["quantized"] == 2
+    [(where, why)] = [s for s in record.skipped if "experts" in s[0]]
+    assert where == "blocks.*.experts" and "89% of the model's" in why and "stay in float" in why

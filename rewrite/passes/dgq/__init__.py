@@ -25,7 +25,9 @@ already-quantized layers before it; layers that read the same value (q/k/v, gate
 A 1×1 convolution (stride 1, no padding, one group) is the Linear over each grid point's channels and is
 quantized as one (`compress.OverChannels`), its output left channels-last for the convolutions after it, its
 activation codes one scale per tensor (conv-act=tensor: per-token scales cost most where many grid points have
-few channels).
+few channels). Weights outside Linears stay in float, and the report names them with their share of the model:
+a mixture-of-experts block's 3-D expert weights (transformers 5's Mixtral, Qwen3-MoE: most of such a model),
+nn.MultiheadAttention's in_proj.
 Speed depends on the CPU's int8 dot products, and the report measures it on yours. With AVX-512 VNNI
 (oneDNN's int8 GEMM) SmolLM2 ran 1.62x fp32's prefill speed and 1.16x its decode in eager torch, and
 MiniLM 1.9x in onnxruntime. On x86 with AVX2 only, the exact int8 sums need float32 GEMMs of the converted
@@ -116,7 +118,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
             raise InvalidValue("group must be a positive even number (64 by default, 128 in the paper)")
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        skipped, smoothed = [], {}
+        skipped, smoothed = compress.unread_weights(module, "dgq quantizes Linears and 1×1 convolutions"), {}
         compress.linearize_pointwise(module)  # 1×1 convolutions are Linears over channels
         candidates = dict(layers(module, (nn.Linear,)))
         rotated = self._rotated(module, candidates)
