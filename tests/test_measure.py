@@ -78,7 +78,7 @@ def test_the_onnxruntime_worker_runs_without_torch(tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_a_pair_of_slow_calls_is_warmed_up_once_and_timed_once_before_the_rounds():
+def test_a_pair_of_slow_calls_is_warmed_up_once_and_its_sizing_calls_are_the_first_round():
     import time
     calls = [0, 0]
 
@@ -88,7 +88,15 @@ def test_a_pair_of_slow_calls_is_warmed_up_once_and_timed_once_before_the_rounds
             time.sleep(timing.ROUND_MS / 1e3)  # one call fills a round: one call a round
         return run
     first, second, _ = timing.paired_rounds(call(0), call(1), budget_s=0, min_rounds=3)
-    assert len(first) == len(second) == 3 and calls == [2 + 3, 2 + 3]
+    assert len(first) == len(second) == 3 and calls == [1 + 3, 1 + 3]  # a decode's call is seconds: none wasted
+
+    def quick(which):
+        def run():
+            calls[which] += 1
+        return run
+    calls[:] = [0, 0]
+    first, second, every = timing.paired_rounds(quick(0), quick(1), budget_s=0, min_rounds=3)
+    assert len(first) == 3 and len(every[0]) == 150 and calls == [2 + 150, 2 + 150]  # rounds of 50; sizing apart
 
 
 def test_onnx_pair_is_timed_in_a_worker(tmp_path):
