@@ -3,6 +3,7 @@ a per-layer rank search against an output-error budget."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 import torch
@@ -222,8 +223,9 @@ def unread_weights(module: nn.Module, reads: str) -> list[tuple[str, str]]:
 
 
 def _pattern(path: str) -> str:
-    """A module path with its block indices as `*`: model.layers.3.mlp.experts → model.layers.*.mlp.experts."""
-    return ".".join("*" if part.isdigit() else part for part in path.split("."))
+    """A module path with its block indices as `*`: model.layers.3.mlp.experts → model.layers.*.mlp.experts,
+    torchvision's encoder.layers.encoder_layer_3 → encoder.layers.encoder_layer_*."""
+    return ".".join(re.sub(r"^\d+$|(?<=_)\d+$", "*", part) for part in path.split("."))
 
 
 def _embedding_tables(module: nn.Module) -> set[str]:

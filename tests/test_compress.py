@@ -87,3 +87,11 @@ def test_weights_outside_linears_are_named_once_per_kind_with_their_share():
 def test_a_model_of_linears_and_embeddings_has_no_unread_weights():
     model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Conv1d(16, 16, 3))
     assert compress.unread_weights(model, "x") == []
+
+
+@pytest.mark.parametrize("path, pattern", [("model.layers.3.mlp.experts", "model.layers.*.mlp.experts"),
+                                           ("encoder.layers.encoder_layer_11.self_attention",  # torchvision's ViT
+                                            "encoder.layers.encoder_layer_*.self_attention"),
+                                           ("blocks.fc2", "blocks.fc2")])
+def test_holders_in_numbered_blocks_are_named_by_one_pattern(path, pattern):
+    assert compress._pattern(path) == pattern
