@@ -1,5 +1,6 @@
-"""Shared by the factorizing passes (lowrank, fwsvd): which Linears to touch, ranks from ratios, and
-a per-layer rank search against an output-error budget."""
+"""Shared by the passes that rewrite Linears (lowrank, fwsvd, prune, dgq): which Linears to touch (GPT-2's
+Conv1D and 1×1 convolutions taken as Linears; weights held outside Linears named), ranks from ratios, and a
+per-layer rank search against an output-error budget."""
 from __future__ import annotations
 
 import math
