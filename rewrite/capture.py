@@ -309,11 +309,15 @@ _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default
 def lift_layers(gm: fx.GraphModule) -> int:
     """Turn aten linear/conv/batch_norm calls on parameters into call_module nodes. Returns how many."""
     computed = _computed_by_module(gm)
-    lifted = 0
+    lifted, moved = 0, []
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         found = _matmul_linear(gm, node, computed)
+        packed = None if found is not None else _packed_linear(gm, node)
+        if packed is not None:
+            *found, names = packed
+            moved.append((gm.get_submodule(found[0].rpartition(".")[0]), names))
         if found is not None:
             owner, data, result, layer = found
         else:
@@ -334,6 +338,9 @@ def lift_layers(gm: fx.GraphModule) -> int:
         result.replace_all_uses_with(new)
         lifted += 1
     gm.graph.eliminate_dead_code()
+    for holder, names in moved:  # their get_attr nodes are gone with the product now in the Linear
+        for name in names:
+            delattr(holder, name)
     gm.recompile()
     return lifted
 
@@ -393,6 +400,30 @@ def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node, computed: dict[str, l
     w = params["weight"]
     return owner, matmul.args[0], result, _adopt(nn.Linear(w.shape[1], w.shape[0], bias="bias" in params,
                                                             device="meta"), params)
+
+
+def _packed_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, fx.Node, nn.Linear, list[str]] | None:
+    """(new path, x, the node, its Linear, the holder's names it takes over) for linear(x, W, b) on tensors that a
+    holder keeps under other names and reads nowhere else: nn.MultiheadAttention's in_proj_weight and in_proj_bias,
+    q, k and v in one product (a fifth of a ViT's weights, which Linear-reading passes would not see). The tensors
+    move into a Linear `in_proj` beside the holder's other children."""
+    if node.target != _aten.linear.default or node.kwargs or len(node.args) not in (2, 3):
+        return None
+    weight, bias = node.args[1], node.args[2] if len(node.args) == 3 else None
+    tensors = [t for t in (weight, bias) if t is not None]
+    if not all(isinstance(t, fx.Node) and t.op == "get_attr" and len(t.users) == 1 for t in tensors):
+        return None
+    owner, _, name = weight.target.rpartition(".")
+    stem = name.removesuffix("_weight")
+    if stem in ("", name) or (bias is not None and bias.target != f"{owner}.{stem}_bias".lstrip(".")):
+        return None
+    holder, path = gm.get_submodule(owner), f"{owner}.{stem}".lstrip(".")
+    w = getattr(holder, name)
+    if w.dim() != 2 or hasattr(holder, stem) or not isinstance(w, nn.Parameter):
+        return None
+    params = {"weight": w} | ({"bias": getattr(holder, bias.target.rpartition(".")[2])} if bias is not None else {})
+    layer = _adopt(nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta"), params)
+    return path, node.args[0], node, layer, [t.target.rpartition(".")[2] for t in tensors]
 
 
 def _unflattened(addmm: fx.Node) -> tuple[fx.Node, fx.Node]:

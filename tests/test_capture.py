@@ -314,3 +314,30 @@ def test_a_module_that_does_more_than_its_product_is_not_lifted_into_a_linear():
     layers = {n.target for n in captured.module.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"}
     assert layers == {"proj"}
     _same(model, captured, inputs)
+
+
+class _SelfAttention(nn.Module):
+    """torchvision's ViT block in small: nn.MultiheadAttention keeps q, k and v in one in_proj_weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.scale = nn.Parameter(torch.randn(16, 16))  # a `_weight`-less tensor read twice: nothing to lift
+        self.other_weight = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        x = self.attn(x, x, x, need_weights=False)[0]
+        y = nn.functional.linear(x, self.other_weight) + nn.functional.linear(x, self.other_weight.T)
+        return y @ self.scale
+
+
+def test_multihead_attention_s_packed_in_proj_is_lifted_into_a_linear_of_its_own():
+    model, inputs = _SelfAttention().eval(), (torch.randn(2, 5, 16),)
+    captured = capture.capture(model, inputs)
+    layers = {n.target for n in captured.module.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"}
+    assert layers == {"attn.in_proj", "attn.out_proj"}  # other_weight is read twice: left as it is
+    attn = captured.module.get_submodule("attn")
+    assert attn.in_proj.weight.shape == (48, 16) and attn.in_proj.bias.shape == (48,)
+    assert not hasattr(attn, "in_proj_weight") and not hasattr(attn, "in_proj_bias")  # moved, not copied
+    assert hasattr(captured.module, "other_weight")
+    _same(model, captured, inputs)
