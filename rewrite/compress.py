@@ -18,6 +18,7 @@ from rewrite.patterns import (
     gated_feed_forward,
     is_pointwise_conv,
     layers,
+    not_pointwise,
     pointwise_feed_forward,
     set_submodule,
 )
@@ -194,32 +195,34 @@ def unread_convs(module: nn.Module, hint: str = "") -> str:
 # A holder of weights outside the layers a pass reads is named where its weights are at least this share of the
 # model's: a router or a learned position table is not worth a line.
 UNREAD_SHARE = 0.01
-_READ = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+_READ = (nn.Linear, nn.Embedding, nn.EmbeddingBag)  # and 1×1 convolutions (as Linears over channels)
 
 
 def unread_weights(module: nn.Module, reads: str) -> list[tuple[str, str]]:
-    """Weights of two or more dimensions held outside Linears, convolutions and embeddings, which a pass that
-    reads Linears leaves in float without a word otherwise: a mixture-of-experts block's 3-D expert weights
-    (Mixtral, Qwen3-MoE: most of the model), nn.MultiheadAttention's in_proj, GPT-2's Conv1D where no graph
-    lifted it. One (where, why) per kind of holder, its paths as one pattern (`model.layers.*.mlp.experts`)."""
+    """Weights of two or more dimensions held outside Linears, 1×1 convolutions and embedding tables, which a
+    pass that reads Linears leaves in float without a word otherwise: a mixture-of-experts block's 3-D expert
+    weights (Mixtral, Qwen3-MoE: most of the model), a CNN's spatial convolutions, a MultiheadAttention's
+    in_proj that capture could not lift (q apart from k and v). One (where, why) per kind of holder, its paths
+    as one pattern (`model.layers.*.mlp.experts`)."""
     total = sum(p.numel() for p in module.parameters())
     tables = _embedding_tables(module)
-    kinds: dict[tuple, list[int]] = {}
+    kinds: dict[tuple, list[tuple[str, int]]] = {}
     for path, holder in module.named_modules():
-        if isinstance(holder, _READ):
+        if isinstance(holder, _READ) or is_pointwise_conv(holder):
             continue
         own = [(name, p) for name, p in holder.named_parameters(recurse=False)
                if p.dim() >= 2 and f"{path}.{name}".lstrip(".") not in tables]
         if own:
-            key = (_pattern(path), tuple(name for name, _ in own), max(p.dim() for _, p in own))
-            kinds.setdefault(key, []).append(sum(p.numel() for _, p in own))
+            names, dims = " and ".join(n for n, _ in own), max(p.dim() for _, p in own)
+            what = (f"convolution weights ({{share}} of the model's), {not_pointwise(holder)}" if type(holder) in _CONVS
+                    else f"{names}: {dims}-D weights ({{share}} of the model's), not in Linear layers")
+            kinds.setdefault((_pattern(path), what), []).append((path, sum(p.numel() for _, p in own)))
     found = []
-    for (where, names, dims), counts in kinds.items():
-        share = sum(counts) / max(total, 1)
+    for (pattern, what), holders in kinds.items():
+        share = sum(count for _, count in holders) / max(total, 1)
+        where = holders[0][0] if len(holders) == 1 else pattern  # one holder: its own path
         if share >= UNREAD_SHARE:
-            why = (f"{' and '.join(names)}: {dims}-D weights ({share:.0%} of the model's), not in Linear layers; "
-                   f"{reads}, so they stay in float")
-            found.append((where or "<root>", why))
+            found.append((where or "<root>", f"{what.format(share=f'{share:.0%}')}; {reads}, so they stay in float"))
     return found
 
 

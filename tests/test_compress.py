@@ -84,9 +84,12 @@ def test_weights_outside_linears_are_named_once_per_kind_with_their_share():
     assert why.startswith("gate_up_proj and down_proj: 3-D weights (89% of the model's), not in Linear layers")
 
 
-def test_a_model_of_linears_and_embeddings_has_no_unread_weights():
-    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Conv1d(16, 16, 3))
+def test_a_model_of_linears_embeddings_and_1x1_convolutions_has_no_unread_weights_and_a_3x3_one_is_named():
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Conv1d(16, 16, 1))
     assert compress.unread_weights(model, "x") == []
+    model.append(nn.Conv1d(16, 16, 3))  # a spatial convolution: dgq leaves it in float
+    [(where, why)] = compress.unread_weights(model, "dgq reads Linears")
+    assert where == "4" and why.startswith("convolution weights (") and "kernel (3,) is not 1×1; dgq reads" in why
 
 
 @pytest.mark.parametrize("path, pattern", [("model.layers.3.mlp.experts", "model.layers.*.mlp.experts"),

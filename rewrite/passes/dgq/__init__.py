@@ -25,9 +25,9 @@ already-quantized layers before it; layers that read the same value (q/k/v, gate
 A 1×1 convolution (stride 1, no padding, one group) is the Linear over each grid point's channels and is
 quantized as one (`compress.OverChannels`), its output left channels-last for the convolutions after it, its
 activation codes one scale per tensor (conv-act=tensor: per-token scales cost most where many grid points have
-few channels). Weights outside Linears stay in float, and the report names them with their share of the model:
-a mixture-of-experts block's 3-D expert weights (transformers 5's Mixtral, Qwen3-MoE: most of such a model),
-nn.MultiheadAttention's in_proj.
+few channels). Weights outside Linears and 1×1 convolutions stay in float, and the report names them with their
+share of the model: a CNN's spatial convolutions, a mixture-of-experts block's 3-D expert weights (transformers 5's
+Mixtral, Qwen3-MoE: most of such a model).
 Speed depends on the CPU's int8 dot products, and the report measures it on yours. With AVX-512 VNNI
 (oneDNN's int8 GEMM) SmolLM2 ran 1.62x fp32's prefill speed and 1.16x its decode in eager torch, and
 MiniLM 1.9x in onnxruntime. On x86 with AVX2 only, the exact int8 sums need float32 GEMMs of the converted
