@@ -198,7 +198,7 @@ UNREAD_SHARE = 0.01
 _READ = (nn.Linear, nn.Embedding, nn.EmbeddingBag)  # and 1×1 convolutions (as Linears over channels)
 
 
-def unread_weights(module: nn.Module, reads: str) -> list[tuple[str, str]]:
+def unread_weights(module: nn.Module, reads: str, left: str = "in float") -> list[tuple[str, str]]:
     """Weights of two or more dimensions held outside Linears, 1×1 convolutions and embedding tables, which a
     pass that reads Linears leaves in float without a word otherwise: a mixture-of-experts block's 3-D expert
     weights (Mixtral, Qwen3-MoE: most of the model), a CNN's spatial convolutions, a MultiheadAttention's
@@ -222,7 +222,7 @@ def unread_weights(module: nn.Module, reads: str) -> list[tuple[str, str]]:
         share = sum(count for _, count in holders) / max(total, 1)
         where = holders[0][0] if len(holders) == 1 else pattern  # one holder: its own path
         if share >= UNREAD_SHARE:
-            found.append((where or "<root>", f"{what.format(share=f'{share:.0%}')}; {reads}, so they stay in float"))
+            found.append((where or "<root>", f"{what.format(share=f'{share:.0%}')}; {reads}, so they stay {left}"))
     return found
 
 

@@ -206,8 +206,11 @@ def _weights(layer: nn.Module) -> int:
 def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -> PassResult:
     """The shared loop of lowrank and fwsvd: choose layers, ratios (global or searched), swap, report."""
     targets = compress.target_linears(module, pass_.target)
+    # target=all: what no Linear holds (MoE experts, spatial convolutions) is named; target=ffn says it elsewhere
+    unread = compress.unread_weights(module, f"{pass_.name} factorizes Linears and 1×1 convolutions", "dense") \
+        if pass_.target == "all" else []
     if not targets:
-        return PassResult(module, False, skipped=[("model", compress.no_targets(module, pass_.target))])
+        return PassResult(module, False, skipped=[("model", compress.no_targets(module, pass_.target)), *unread])
     ratios = {p: pass_.param_ratio for p, _ in targets}
     searching = bool(pass_.budget_sqnr or pass_.budget_metric)
     if searching and targets:
@@ -216,7 +219,7 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
                                        ctx.evaluate, ctx.metric, ctx.masks)
         usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
         ratios = compress.search_ratios(module, usable, build, ctx.calibration, reference, within)
-    done, skipped, errors = [], [], []
+    done, skipped, errors = [], unread, []
     for path, linear in targets:
         if path not in ratios:
             skipped.append((path, "no ratio stays within the budget"))

@@ -197,3 +197,13 @@ def test_a_model_whose_linears_are_in_no_feed_forward_block_is_told_to_take_targ
     x = torch.randn(2, 5, 8)
     record = api.optimize(AttentionOnly(), (x,), name, calib=[(x,)], measure_latency=False).report.records[0]
     assert record.status == "nothing to rewrite" and "target=all takes the other Linears" in record.reason
+
+
+def test_target_all_names_the_expert_weights_it_leaves_dense():
+    from tests.test_compress import MoE
+    torch.manual_seed(0)
+    calib = [(torch.randint(0, 64, (8,)),) for _ in range(4)]
+    result = api.optimize(MoE().eval(), calib[0], "lowrank{target=all,whiten=false,min-sqnr=-100}", calib=calib,
+                          measure_latency=False)
+    [why] = [why for where, why in result.report.records[0].skipped if where == "blocks.*.experts"]
+    assert "lowrank factorizes Linears and 1×1 convolutions, so they stay dense" in why
