@@ -302,8 +302,11 @@ def _user_frames(exc: BaseException, torch_dir: str) -> list:
 
 # --- lifting parametrized aten ops back into modules -------------------------------------------
 
+# The `.padding` overloads are convolutions given padding="valid" or "same" (SigLIP's and ViTs' patch embeddings);
+# nn.ConvNd takes the same string.
 _CONV = {torch.ops.aten.conv1d.default: nn.Conv1d, torch.ops.aten.conv2d.default: nn.Conv2d,
-         torch.ops.aten.conv3d.default: nn.Conv3d}
+         torch.ops.aten.conv3d.default: nn.Conv3d, torch.ops.aten.conv1d.padding: nn.Conv1d,
+         torch.ops.aten.conv2d.padding: nn.Conv2d, torch.ops.aten.conv3d.padding: nn.Conv3d}
 
 
 def lift_layers(gm: fx.GraphModule) -> int:

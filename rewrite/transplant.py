@@ -29,12 +29,15 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     if not isinstance(graph, fx.GraphModule) or isinstance(eager, fx.GraphModule):
         return "the model was not captured as a graph"
     target = capture.copied(eager)
-    paths, transposed, replaced = dict(target.named_modules()), set(), []
+    paths, transposed, packed, replaced = dict(target.named_modules()), set(), set(), []
     for node in graph.graph.nodes:
         if node.op != "call_module":
             continue
         module = graph.get_submodule(node.target)
         if node.target not in paths:
+            if _lifted_packed(module, node.target, paths):  # left a Linear: its tensors go back under your names
+                packed.add(node.target)
+                continue
             if capture.layer_count(module):  # a graph pass made it
                 return f"the graph has a layer at {node.target}, a path your model does not have"
             continue  # export's own helpers (_guards_fn); an output check below catches anything else
@@ -50,8 +53,11 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
     mine = target.state_dict()
     with torch.no_grad():
         for name, tensor in graph.state_dict().items():
-            if name.rpartition(".")[0] in transposed:
+            owner, _, kind = name.rpartition(".")
+            if owner in transposed:
                 continue
+            if owner in packed:  # attn.in_proj.weight → attn.in_proj_weight
+                name = f"{owner}_{kind}"
             if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
                 mine[name].copy_(tensor)
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
@@ -93,6 +99,15 @@ def _inside(model: nn.Module, running: list[str]) -> str:
     if not running:
         return ""
     return f" in {running[-1]} ({type(model.get_submodule(running[-1])).__name__}; leave it out of the pass)"
+
+
+def _lifted_packed(module: nn.Module, path: str, yours: dict[str, nn.Module]) -> bool:
+    """A plain Linear in the graph where your model holds the same tensors as `<stem>_weight` (and `_bias`) and
+    passes them to a function (nn.MultiheadAttention's in_proj): capture lifted it, and no pass replaced it."""
+    owner, _, stem = path.rpartition(".")
+    holder = yours.get(owner)
+    return type(module) is nn.Linear and holder is not None and isinstance(getattr(holder, f"{stem}_weight", None),
+                                                                           torch.Tensor)
 
 
 def _lifted_conv1d(module: nn.Module, yours: nn.Module) -> bool:

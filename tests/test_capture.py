@@ -341,3 +341,13 @@ def test_multihead_attention_s_packed_in_proj_is_lifted_into_a_linear_of_its_own
     assert not hasattr(attn, "in_proj_weight") and not hasattr(attn, "in_proj_bias")  # moved, not copied
     assert hasattr(captured.module, "other_weight")
     _same(model, captured, inputs)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_convolutions_given_padding_by_name_are_lifted(padding):
+    """SigLIP's patch embedding is nn.Conv2d(padding="valid"): aten's conv2d.padding overload, once left unlifted."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=padding), nn.ReLU()).eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    captured = capture.capture(model, inputs)
+    assert type(captured.module.get_submodule("0")) is nn.Conv2d
+    _same(model, captured, inputs)

@@ -219,8 +219,11 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
                                        ctx.evaluate, ctx.metric, ctx.masks)
         usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
         ratios = compress.search_ratios(module, usable, build, ctx.calibration, reference, within)
-    done, skipped, errors = [], unread, []
+    done, skipped, errors, held = [], unread, [], compress.read_as_tensors(ctx.original)
     for path, linear in targets:
+        if path in held:
+            skipped.append((path, held[path]))
+            continue
         if path not in ratios:
             skipped.append((path, "no ratio stays within the budget"))
             continue

@@ -820,3 +820,31 @@ def test_expert_weights_outside_linears_are_named_not_passed_over_in_silence():
     assert record.stats["quantized"] == 2
     [(where, why)] = [s for s in record.skipped if "experts" in s[0]]
     assert where == "blocks.*.experts" and "89% of the model's" in why and "stay in float" in why
+
+
+class _PooledEncoder(nn.Module):
+    """A class worth keeping (save_pretrained, config) with SigLIP's pooling head: nn.MultiheadAttention reads its
+    out_proj's weight as a tensor, so an int8 out_proj cannot go back into the class."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+        self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def save_pretrained(self, path):
+        torch.save(self.state_dict(), path)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_a_layer_its_class_reads_as_a_tensor_stays_in_float_so_the_class_comes_back():
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 5, 16),) for _ in range(4)]
+    result = api.optimize(_PooledEncoder().eval(), calib[0], "dgq{budget-cos=0,min-sqnr=0}", calib=calib,
+                          measure_latency=False)
+    skipped = dict(result.report.records[0].skipped)
+    assert "reads its weight as a tensor" in skipped["attn.out_proj"] and "attn.in_proj" in skipped
+    assert type(result.model) is _PooledEncoder and type(result.model.proj).__name__ == "DGQLinear"
