@@ -3,6 +3,7 @@ Conv1D and 1×1 convolutions taken as Linears; weights held outside Linears name
 per-layer rank search against an output-error budget."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable
@@ -211,7 +212,7 @@ def unread_weights(module: nn.Module, reads: str, left: str = "in float") -> lis
         if isinstance(holder, _READ) or is_pointwise_conv(holder):
             continue
         own = [(name, p) for name, p in holder.named_parameters(recurse=False)
-               if p.dim() >= 2 and f"{path}.{name}".lstrip(".") not in tables]
+               if p.dim() >= 2 and p.data_ptr() not in tables]
         if own:
             names, dims = " and ".join(n for n, _ in own), max(p.dim() for _, p in own)
             what = (f"convolution weights ({{share}} of the model's), {not_pointwise(holder)}" if type(holder) in _CONVS
@@ -246,12 +247,14 @@ def _pattern(path: str) -> str:
     return ".".join(re.sub(r"^\d+$|(?<=_)\d+$", "*", part) for part in path.split("."))
 
 
-def _embedding_tables(module: nn.Module) -> set[str]:
-    """Parameters a captured graph reads by embedding lookup (an eager model's are nn.Embedding's own)."""
+def _embedding_tables(module: nn.Module) -> set[int]:
+    """The storages of the tensors a captured graph reads by embedding lookup (an eager model's are nn.Embedding's
+    own), by address: a table tied to the output head is read under the head's name (SmolLM2: lm_head.weight)
+    and listed under the embedding's."""
     if not isinstance(module, fx.GraphModule):
         return set()
     lookups = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.default)
-    return {str(node.target) for node in module.graph.nodes
+    return {functools.reduce(getattr, str(node.target).split("."), module).data_ptr() for node in module.graph.nodes
             if node.op == "get_attr" and any(user.target in lookups for user in node.users)}
 
 

@@ -98,3 +98,20 @@ def test_a_model_of_linears_embeddings_and_1x1_convolutions_has_no_unread_weight
                                            ("blocks.fc2", "blocks.fc2")])
 def test_holders_in_numbered_blocks_are_named_by_one_pattern(path, pattern):
     assert compress._pattern(path) == pattern
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(64, 16), nn.Linear(16, 16), nn.Linear(16, 64, bias=False)
+        self.head.weight = self.embed.weight  # tied, as SmolLM2's: the graph reads the table as head.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def test_a_table_tied_to_the_head_is_an_embedding_under_either_name():
+    from rewrite import capture
+    model = _TiedLM().eval()
+    captured = capture.capture(model, (torch.randint(0, 64, (8,)),)).module
+    assert compress.unread_weights(captured, "x") == compress.unread_weights(model, "x") == []
