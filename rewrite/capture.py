@@ -101,6 +101,15 @@ def set_cache_flags(model: nn.Module, flags: dict[str, bool]) -> None:
             config.use_cache = value
 
 
+CLASS_FEATURES = ("generate", "save_pretrained", "config")
+
+
+def class_features(model: nn.Module | None) -> list[str]:
+    """What a user keeps when their model comes back as its own class rather than a graph (a Hugging Face
+    model's generate, save_pretrained, config); [] where there is nothing to keep."""
+    return [name for name in CLASS_FEATURES if model is not None and hasattr(model, name)]
+
+
 def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
     try:
         return model.get_submodule(path)
@@ -316,11 +325,7 @@ def lift_layers(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        found = _matmul_linear(gm, node, computed)
-        packed = None if found is not None else _packed_linear(gm, node)
-        if packed is not None:
-            *found, names = packed
-            moved.append((gm.get_submodule(found[0].rpartition(".")[0]), names))
+        found = _matmul_linear(gm, node, computed) or _packed_linear(gm, node, moved)
         if found is not None:
             owner, data, result, layer = found
         else:
@@ -405,11 +410,19 @@ def _matmul_linear(gm: fx.GraphModule, transpose: fx.Node, computed: dict[str, l
                                                             device="meta"), params)
 
 
-def _packed_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, fx.Node, nn.Linear, list[str]] | None:
-    """(new path, x, the node, its Linear, the holder's names it takes over) for linear(x, W, b) on tensors that a
-    holder keeps under other names and reads nowhere else: nn.MultiheadAttention's in_proj_weight and in_proj_bias,
-    q, k and v in one product (a fifth of a ViT's weights, which Linear-reading passes would not see). The tensors
-    move into a Linear `in_proj` beside the holder's other children."""
+def packed_name(layer_path: str, kind: str) -> str:
+    """Where a model keeps the tensor `kind` (weight, bias) of a Linear that capture lifted from a packed product:
+    attn.in_proj, weight → attn.in_proj_weight (`_packed_linear`; the transplant puts them back there)."""
+    return f"{layer_path}_{kind}"
+
+
+def _packed_linear(gm: fx.GraphModule, node: fx.Node, moved: list[tuple[nn.Module, list[str]]]
+                   ) -> tuple[str, fx.Node, fx.Node, nn.Linear] | None:
+    """(new path, x, the node, its Linear) for linear(x, W, b) on tensors that a holder keeps under other names and
+    reads nowhere else: nn.MultiheadAttention's in_proj_weight and in_proj_bias, q, k and v in one product (a fifth
+    of a ViT's weights, which Linear-reading passes would not see). The tensors move into a Linear `in_proj` beside
+    the holder's other children; (holder, their old names) goes into `moved`, to be deleted once the graph no
+    longer reads them."""
     if node.target != _aten.linear.default or node.kwargs or len(node.args) not in (2, 3):
         return None
     weight, bias = node.args[1], node.args[2] if len(node.args) == 3 else None
@@ -418,15 +431,18 @@ def _packed_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, fx.
         return None
     owner, _, name = weight.target.rpartition(".")
     stem = name.removesuffix("_weight")
-    if stem in ("", name) or (bias is not None and bias.target != f"{owner}.{stem}_bias".lstrip(".")):
+    path = f"{owner}.{stem}".lstrip(".")
+    if stem in ("", name) or (bias is not None and bias.target != packed_name(path, "bias")):
         return None
-    holder, path = gm.get_submodule(owner), f"{owner}.{stem}".lstrip(".")
+    holder = gm.get_submodule(owner)
     w = getattr(holder, name)
     if w.dim() != 2 or hasattr(holder, stem) or not isinstance(w, nn.Parameter):
         return None
-    params = {"weight": w} | ({"bias": getattr(holder, bias.target.rpartition(".")[2])} if bias is not None else {})
-    layer = _adopt(nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta"), params)
-    return path, node.args[0], node, layer, [t.target.rpartition(".")[2] for t in tensors]
+    names = [t.target.rpartition(".")[2] for t in tensors]
+    params = dict(zip(("weight", "bias"), (getattr(holder, n) for n in names)))
+    moved.append((holder, names))
+    return path, node.args[0], node, _adopt(nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta"),
+                                            params)
 
 
 def _unflattened(addmm: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -14,6 +14,7 @@ from torch import fx, nn
 from rewrite import capture, verify
 from rewrite.errors import InvalidValue
 from rewrite.patterns import (
+    CONVS,
     feed_forward,
     fused_gated_feed_forward,
     gated_feed_forward,
@@ -97,7 +98,6 @@ def no_targets(module: nn.Module, target: str) -> str:
             "are not Linears): target=all takes the other Linears (attention projections)" + unread_convs(module, hint))
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class OverChannels(nn.Module):
@@ -130,7 +130,7 @@ class OverChannels(nn.Module):
     def as_conv(self) -> nn.Module:
         """The convolution it came from (its Linear still a plain one)."""
         linear = self.linear
-        conv = _CONVS[self.dims - 1](linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+        conv = CONVS[self.dims - 1](linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
                                      device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(linear.weight.reshape(conv.weight.shape))
@@ -149,7 +149,7 @@ class OverChannels(nn.Module):
 def linearize_pointwise(module: nn.Module, only: set[str] | None = None) -> int:
     """Every pointwise convolution the model runs (or those at `only`) wrapped as `OverChannels`: MobileNet's
     and EfficientNet's expansions and projections, PoolFormer's and ConvNeXt-atto's MLPs. Returns how many."""
-    found = [path for path, layer in layers(module, _CONVS)
+    found = [path for path, layer in layers(module, CONVS)
              if is_pointwise_conv(layer) and (only is None or path in only)]
     for path in found:
         set_submodule(module, path, OverChannels.from_conv(module.get_submodule(path)))
@@ -207,23 +207,24 @@ def unread_weights(module: nn.Module, reads: str, left: str = "in float") -> lis
     as one pattern (`model.layers.*.mlp.experts`)."""
     total = sum(p.numel() for p in module.parameters())
     tables = _embedding_tables(module)
-    kinds: dict[tuple, list[tuple[str, int]]] = {}
+    kinds: dict[tuple[str, str, str], list[tuple[str, int]]] = {}  # (pattern, what, why not read) → holders
     for path, holder in module.named_modules():
         if isinstance(holder, _READ) or is_pointwise_conv(holder):
             continue
         own = [(name, p) for name, p in holder.named_parameters(recurse=False)
                if p.dim() >= 2 and p.data_ptr() not in tables]
         if own:
-            names, dims = " and ".join(n for n, _ in own), max(p.dim() for _, p in own)
-            what = (f"convolution weights ({{share}} of the model's), {not_pointwise(holder)}" if type(holder) in _CONVS
-                    else f"{names}: {dims}-D weights ({{share}} of the model's), not in Linear layers")
-            kinds.setdefault((_pattern(path), what), []).append((path, sum(p.numel() for _, p in own)))
+            what, why = (("convolution weights", not_pointwise(holder)) if type(holder) in CONVS else
+                         (f"{' and '.join(n for n, _ in own)}: {max(p.dim() for _, p in own)}-D weights",
+                          "not in Linear layers"))
+            kinds.setdefault((_pattern(path), what, why), []).append((path, sum(p.numel() for _, p in own)))
     found = []
-    for (pattern, what), holders in kinds.items():
+    for (pattern, what, why), holders in kinds.items():
         share = sum(count for _, count in holders) / max(total, 1)
         where = holders[0][0] if len(holders) == 1 else pattern  # one holder: its own path
         if share >= UNREAD_SHARE:
-            found.append((where or "<root>", f"{what.format(share=f'{share:.0%}')}; {reads}, so they stay {left}"))
+            found.append((where or "<root>",
+                          f"{what} ({share:.0%} of the model's), {why}; {reads}, so they stay {left}"))
     return found
 
 
@@ -233,7 +234,7 @@ def read_as_tensors(original: nn.Module | None) -> dict[str, str]:
     to the attention function. Rewritten, such a layer cannot go back into the class, and a Hugging Face model
     (SigLIP's pooling head) would come back as a graph without save_pretrained and config. Only where the model
     has such a class to keep; else {}."""
-    if original is None or not hasattr(original, "save_pretrained"):
+    if not capture.class_features(original):
         return {}
     why = (f"nn.MultiheadAttention in your {type(original).__name__} reads its weight as a tensor: rewritten, your "
            "model would come back as a graph without save_pretrained and config; kept as it is")

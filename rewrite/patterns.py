@@ -79,7 +79,7 @@ def feed_forward() -> Pattern:
         for act in ACTIVATIONS])
 
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def not_pointwise(conv: nn.Module) -> str | None:
@@ -97,7 +97,7 @@ def not_pointwise(conv: nn.Module) -> str | None:
 
 
 def is_pointwise_conv(layer: nn.Module) -> bool:
-    return type(layer) in _CONVS and not_pointwise(layer) is None
+    return type(layer) in CONVS and not_pointwise(layer) is None
 
 
 class _PointwiseFeedForward(nn.Module):

@@ -57,7 +57,7 @@ def onto_eager(graph: nn.Module, eager: nn.Module, batches: list[tuple], masks: 
             if owner in transposed:
                 continue
             if owner in packed:  # attn.in_proj.weight → attn.in_proj_weight
-                name = f"{owner}_{kind}"
+                name = capture.packed_name(owner, kind)
             if name in mine and mine[name].shape == tensor.shape and mine[name].data_ptr() != tensor.data_ptr():
                 mine[name].copy_(tensor)
     want = want if want is not None else [capture.run(graph, batch) for batch in batches]
@@ -106,8 +106,8 @@ def _lifted_packed(module: nn.Module, path: str, yours: dict[str, nn.Module]) ->
     passes them to a function (nn.MultiheadAttention's in_proj): capture lifted it, and no pass replaced it."""
     owner, _, stem = path.rpartition(".")
     holder = yours.get(owner)
-    return type(module) is nn.Linear and holder is not None and isinstance(getattr(holder, f"{stem}_weight", None),
-                                                                           torch.Tensor)
+    return type(module) is nn.Linear and isinstance(getattr(holder, capture.packed_name(stem, "weight"), None),
+                                                    torch.Tensor)
 
 
 def _lifted_conv1d(module: nn.Module, yours: nn.Module) -> bool:
@@ -149,7 +149,7 @@ def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:
 def lost_in_the_graph(model: nn.Module, graph_passes: list[str], why: str = "") -> str | None:
     """What a user loses when the result is a GraphModule instead of their class (None: nothing to lose);
     `why`: what went wrong putting the layers back, where no graph pass applied."""
-    kept = [m for m in ("generate", "save_pretrained", "config") if hasattr(model, m)]
+    kept = capture.class_features(model)
     if not kept:
         return None
     if graph_passes:

@@ -26,9 +26,8 @@ from torch import nn
 from rewrite import measure
 from rewrite.pass_base import Exact, Pass, PassContext, PassResult, pinned_choices
 from rewrite.calibration import layer_values
-from rewrite.patterns import layers, not_pointwise, set_submodule
+from rewrite.patterns import CONVS, layers, not_pointwise, set_submodule
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TIE = 0.05  # timings closer than this are a tie (noise on a shared machine)
 
 
@@ -71,7 +70,7 @@ class Pointwise(Pass):
     layers: str = ""  # `path:form;…` (form matmul, linear or conv): form=auto's choices pinned (a recipe writes it)
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
-        convs = layers(module, _CONVS)
+        convs = layers(module, CONVS)
         seen = layer_values(module, [p for p, _ in convs], ctx.calibration[:1])
         shapes = {path: inputs[0].shape for path, inputs in seen.items() if inputs}
         forms, times, skipped = {}, {}, []
@@ -91,7 +90,7 @@ class Pointwise(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return all(not_pointwise(conv) for _, conv in layers(module, _CONVS))
+        return all(not_pointwise(conv) for _, conv in layers(module, CONVS))
 
     def __post_init__(self):
         pinned_choices(self.layers, ("matmul", "linear", "conv"))  # a malformed one is refused when parsed

@@ -30,9 +30,8 @@ from rewrite.calibration import layer_values
 from rewrite.errors import InvalidValue
 from rewrite.pass_base import Approx, Pass, PassContext, PassResult
 from rewrite.passes.tconv import factors
-from rewrite.patterns import layers, set_submodule
+from rewrite.patterns import CONVS, layers, set_submodule
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -59,7 +58,7 @@ class TensorFactoredConv(Pass):
 
     @classmethod
     def finds_nothing_in(cls, module: nn.Module) -> bool:
-        return all(_kind_not_factored(conv) for _, conv in layers(module, _CONVS + _TRANSPOSED))
+        return all(_kind_not_factored(conv) for _, conv in layers(module, CONVS + _TRANSPOSED))
 
     def __post_init__(self):
         if self.rank < 0 or not 0 < self.param_ratio < 1:
@@ -73,7 +72,7 @@ class TensorFactoredConv(Pass):
 
     def call(self, module: nn.Module, ctx: PassContext) -> PassResult:
         candidates, skipped = [], []
-        for path, conv in layers(module, _CONVS + _TRANSPOSED):
+        for path, conv in layers(module, CONVS + _TRANSPOSED):
             reason = self._why_not(conv)
             (skipped.append((path, reason)) if reason else candidates.append((path, conv)))
         ratios = self._ratios(module, candidates, ctx)
