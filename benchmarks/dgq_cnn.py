@@ -1,6 +1,7 @@
-"""dgq and prune on timm CNNs whose weights are mostly 1×1 convolutions, read as Linears over channels.
+"""dgq and prune on timm CNNs whose weights are mostly 1×1 convolutions, read as Linears over channels, and dgq on
+torchvision's ViT-B/16, whose attention is nn.MultiheadAttention (its packed in_proj lifted into a Linear).
 
-Run: python benchmarks/dgq_cnn.py [--models efficientnet_b0,poolformer_s12] [--size 224] [--batch 8]
+Run: python benchmarks/dgq_cnn.py [--models efficientnet_b0,poolformer_s12,vit_b_16] [--size 224] [--batch 8]
 Each model is built by timm with random weights (no weights can be downloaded here), so the SQNR column says
 how the codes behave on these activations, not what a trained model's accuracy does. Calibration: 4 batches
 of random images, verified on them as `rewrite.optimize` does. Speed is the report's paired timing in eager
@@ -25,13 +26,23 @@ from rewrite.patterns import is_pointwise_conv  # noqa: E402
 from tests.conftest import timm as import_timm  # noqa: E402  (timm beside the CPU torch, as CI installs it)
 
 PASSES = {"efficientnet_b0": ["fold-bn", "fold-bn,dgq"], "mobilenetv3_large_100": ["fold-bn", "fold-bn,dgq"],
-          "resnet50": ["fold-bn", "fold-bn,dgq"], "convnext_atto": ["dgq", "prune"], "poolformer_s12": ["dgq", "prune"]}
+          "resnet50": ["fold-bn", "fold-bn,dgq"], "convnext_atto": ["dgq", "prune"], "poolformer_s12": ["dgq", "prune"],
+          "vit_b_16": ["dgq"]}
+
+
+def build(name: str) -> torch.nn.Module:
+    timm = import_timm()  # torchvision too, beside the CPU torch
+    torch.manual_seed(0)
+    if name != "vit_b_16":
+        return timm.create_model(name, num_classes=1000).eval()
+    from torchvision.models import vit_b_16
+    model = vit_b_16().eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero: outputs all equal
+    return model
 
 
 def run(name: str, spec: str, size: int, batch: int) -> list[str]:
-    timm = import_timm()
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000).eval()
+    model = build(name)
     calib = [(torch.randn(batch, 3, size, size),) for _ in range(4)]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
