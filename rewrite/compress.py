@@ -228,20 +228,6 @@ def unread_weights(module: nn.Module, reads: str, left: str = "in float") -> lis
     return found
 
 
-def read_as_tensors(original: nn.Module | None) -> dict[str, str]:
-    """Linears that the model's own class reads as bare tensors instead of calling them, with why they are kept:
-    nn.MultiheadAttention hands its out_proj's weight (and its packed in_proj, which capture lifts into a Linear)
-    to the attention function. Rewritten, such a layer cannot go back into the class, and a Hugging Face model
-    (SigLIP's pooling head) would come back as a graph without save_pretrained and config. Only where the model
-    has such a class to keep; else {}."""
-    if not capture.class_features(original):
-        return {}
-    why = (f"nn.MultiheadAttention in your {type(original).__name__} reads its weight as a tensor: rewritten, your "
-           "model would come back as a graph without save_pretrained and config; kept as it is")
-    return {f"{path}.{child}".lstrip("."): why for path, layer in original.named_modules()
-            if isinstance(layer, nn.MultiheadAttention) for child in ("in_proj", "out_proj")}
-
-
 def _pattern(path: str) -> str:
     """A module path with its block indices as `*`: model.layers.3.mlp.experts → model.layers.*.mlp.experts,
     torchvision's encoder.layers.encoder_layer_3 → encoder.layers.encoder_layer_*."""

@@ -160,7 +160,7 @@ def _whole_model(job: inputs.Job, passes: list[Pass], emitters: list[str], recov
     ctx = PassContext(calibration=job.data.batches, targets=job.data.targets, original=job.model, seed=seed,
                       synthetic_calibration=job.data.synthetic, emit=tuple(emitters), recover=recovery,
                       evaluate=evaluate, metric=job.metric, masks=job.masks, metric_floor=floor,
-                      time_limit=time_limit)
+                      time_limit=time_limit, leave_as_is=transplant.read_as_tensors(job.model))
     before = reuse.outputs if reuse is not None else capture.outputs_on(captured.module, job.data.batches,
                                                                           job.outputs, job.masks)
     graph, records, outputs = pipeline.run_passes(captured, passes, ctx, strict=strict, progress=say, outputs=before)

@@ -4,7 +4,8 @@ The rules every pass follows, built-in or plugin:
 - It reads and mutates only the module it is given. `ctx.original` is a teacher for distillation and
   nothing more (an earlier pass's change is in the given module, not there). One exception, guarded:
   `t1` reads neuraloperator layer objects there (a graph keeps their tensors, not their conventions),
-  and only while the graph still holds those tensors unchanged.
+  and only while the graph still holds those tensors unchanged. The layers in `ctx.leave_as_is` stay as
+  they are (the model's class reads them as tensors; the pipeline says which), each in `skipped` with its why.
 - It may measure to choose (a rank, a kernel form) and records the choice in its stats (they go to the
   recipe); it never measures to accept: the pipeline verifies the declared contract on calibration
   inputs after it runs and rolls it back when the contract is broken.
@@ -74,6 +75,9 @@ class PassContext:
     metric_floor: float | None = None  # --floor metric=Y: approximate passes are judged by the task metric
     progress: Any = None  # progress(message, done, total): how a long pass says where it is (never print)
     time_limit: float | None = None  # seconds one pass's call may run (--pass-timeout); the pipeline enforces it
+    # Layers a pass must leave as they are, with why (path → reason for the report): your class reads them as
+    # bare tensors, so a rewritten one could not go back into it (`transplant.read_as_tensors`).
+    leave_as_is: dict[str, str] = field(default_factory=dict)
 
     def step(self, message: str, done: int, total: int) -> None:
         """Report progress inside a pass (e.g. the layer being searched); a no-op without a listener."""

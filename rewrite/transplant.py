@@ -146,6 +146,20 @@ def _untie_held_apart(target: nn.Module, held: dict[str, torch.Tensor]) -> None:
             config.tie_word_embeddings = False
 
 
+def read_as_tensors(model: nn.Module) -> dict[str, str]:
+    """The layers a pass must leave as they are for the rewritten layers to go back into your class, with why:
+    nn.MultiheadAttention hands its out_proj's weight (and its packed in_proj, which capture lifts into a Linear)
+    to the attention function as bare tensors, where no rewritten layer can stand in. Rewritten, your model
+    (SigLIP's pooling head) would come back as a graph without save_pretrained and config. {} where the model
+    has no class to keep (its graph is the result)."""
+    if not capture.class_features(model):
+        return {}
+    why = (f"nn.MultiheadAttention in your {type(model).__name__} reads its weight as a tensor: rewritten, your "
+           "model would come back as a graph without save_pretrained and config; kept as it is")
+    return {f"{path}.{child}".lstrip("."): why for path, layer in model.named_modules()
+            if isinstance(layer, nn.MultiheadAttention) for child in ("in_proj", "out_proj")}
+
+
 def lost_in_the_graph(model: nn.Module, graph_passes: list[str], why: str = "") -> str | None:
     """What a user loses when the result is a GraphModule instead of their class (None: nothing to lose);
     `why`: what went wrong putting the layers back, where no graph pass applied."""

@@ -219,7 +219,7 @@ def factorize_linears(pass_: Pass, module: nn.Module, ctx: PassContext, build) -
                                        ctx.evaluate, ctx.metric, ctx.masks)
         usable = [p for p, m in targets if not isinstance(build(m, p, 0.2), str)]
         ratios = compress.search_ratios(module, usable, build, ctx.calibration, reference, within)
-    done, skipped, errors, held = [], unread, [], compress.read_as_tensors(ctx.original)
+    done, skipped, errors, held = [], unread, [], ctx.leave_as_is
     for path, linear in targets:
         if path in held:
             skipped.append((path, held[path]))

@@ -170,3 +170,19 @@ def test_gpt2_conv1d_layers_are_factorized(spec, expected):
     assert len(before) == 8 and all(type(m).__name__ == "Conv1D" for p, m in model.named_modules() if p in before)
     assert record.params_after < record.params_before
     assert hasattr(result.model, "generate")
+
+
+def test_the_layers_the_pipeline_says_to_leave_are_left_with_its_reason():
+    """ctx.leave_as_is (your class reads them as tensors: nn.MultiheadAttention's projections) is honoured by the
+    factorizing passes too, so the class comes back."""
+    from tests.passes.test_dgq import _PooledEncoder
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 5, 16),) for _ in range(4)]
+    result = api.optimize(_PooledEncoder().eval(), calib[0], "fwsvd{target=all,param-ratio=0.5,min-sqnr=-100}",
+                          calib=calib, measure_latency=False)
+    record = result.report.records[0]
+    assert record.status == "applied", record.reason
+    skipped = dict(record.skipped)
+    assert "reads its weight as a tensor" in skipped["attn.out_proj"] and "attn.in_proj" in skipped
+    assert type(result.model) is _PooledEncoder and isinstance(result.model.attn.out_proj, nn.Linear)
+    assert not isinstance(result.model.attn.out_proj, LowRankLinear)

@@ -135,7 +135,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
                     for option, value, named in (("keep", self.keep, [p for p in candidates if self._kept(module, p)]),
                                                  ("hadamard", self.hadamard, rotated))
                     if value and not named]
-        held = compress.read_as_tensors(ctx.original)
+        held = ctx.leave_as_is
         reasons = {path: held.get(path) or self._why_not(module, path, linear) for path, linear in candidates.items()}
         skipped += [(path, reason) for path, reason in reasons.items() if reason]
         todo = [path for path, reason in reasons.items() if not reason]
