@@ -170,13 +170,42 @@ def quiet_torch():
 
 def _export(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]]:
     with quiet_torch():
-        gm, dynamic = _export_loud(model, inputs)
+        found = _export_two_rows(model, inputs)
+        gm, dynamic = found if found is not None else _export_loud(model, inputs)
     if any(dynamic.values()) and not _dynamic_dims_hold(gm, model, inputs, dynamic):
         # Export believed a dim was free, but the model bakes shape-specific constants (e.g. cached grids).
         with quiet_torch():
             gm = torch.export.export(model, inputs, strict=False).module()
         dynamic = {i: [] for i in dynamic}
     return gm, dynamic
+
+
+def _export_two_rows(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, dict[int, list[int]]] | None:
+    """Export traced on two rows where the example has one, or None. Export fixes every dim of size 1 that it is
+    traced at, so an example of batch 1 (an LLM's prompt, a text window) gave a graph that took no other batch:
+    calibration batches of 2 were refused, and the .pt2 ran one row at a time. Traced on the example's row twice,
+    the batch stays free; the graph is kept only where it computes what the model does on one row."""
+    wide = _two_rows(inputs)
+    if wide is None:
+        return None
+    try:
+        gm, dynamic = _export_loud(model, wide)
+        if not all(0 in dynamic.get(i, []) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)):
+            return None
+        probe = _cut_short(inputs, dynamic)  # the example's row, at most SHORT positions: a forward costs little
+        with torch.no_grad():
+            return (gm, dynamic) if _same(model(*probe), gm(*probe)) else None
+    except Exception:  # noqa: BLE001 (export raises many types): trace the example as it is
+        return None
+
+
+def _two_rows(inputs: tuple) -> tuple | None:
+    """`inputs` with each tensor's one row repeated, where every tensor input has a first dim of size 1 (one
+    batch, as the models' own batch); None otherwise."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not tensors or any(x.dim() == 0 or x.shape[0] != 1 for x in tensors):
+        return None
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 SHORT = 16  # free dims are checked cut to this many positions (then + 1), whatever the example's sizes

@@ -28,7 +28,8 @@ from rewrite.patterns import (
 
 # Why a layer whose weight the graph also reads elsewhere is left alone (replacing it would leave that reader
 # without its tensor).
-SHARED = "its weight is also used elsewhere in the graph (tied embeddings, or one layer shared by several blocks)"
+SHARED = ("its weight is read at several places of the graph (tied to the embedding, or one layer shared by several "
+          "blocks)")
 
 
 class Factorizes:

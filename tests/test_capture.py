@@ -27,6 +27,31 @@ def test_plain_module_keeps_batch_dynamic():
     _same(model, c, (torch.randn(7, 16),))  # another batch size than captured
 
 
+def test_an_example_of_one_row_still_gives_a_graph_of_any_batch():
+    """Export fixes the dims it traces at size 1: an LLM prompt of batch 1 once gave a graph that refused
+    calibration batches of 2. Traced on the row twice, the batch is free, and the graph is checked on the example
+    as given."""
+    model = TinyMLP()
+    c = capture.capture(model, (torch.randn(1, 16),))
+    assert c.graph and c.dynamic_dims[0] == [0] and tuple(c.example_inputs[0].shape) == (1, 16)
+    _same(model, c, (torch.randn(1, 16),))
+    _same(model, c, (torch.randn(3, 16),))
+
+
+class _RowSpecific(nn.Module):
+    """Computes something else at one row than at two: its graph traced on two rows would be wrong on one."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 1 else x
+
+
+def test_a_model_that_computes_otherwise_at_one_row_is_traced_on_the_example_as_given():
+    model = _RowSpecific()
+    c = capture.capture(model, (torch.randn(1, 4),))
+    assert c.graph and 0 not in c.dynamic_dims[0]
+    _same(model, c, (torch.randn(1, 4),))
+
+
 def test_dynamic_dims_are_checked_on_short_inputs_not_the_whole_example():
     # The grown-shape check runs the model eagerly; at the example's sizes + 1 it cost two whole calibration
     # forwards (30 s of SmolLM2's 46 s capture from 8 × 512 tokens).

@@ -249,8 +249,7 @@ class DualGrainedQuant(SqnrFloor, Pass):
         if self._kept(module, path):
             return f"kept in float (keep={self.keep})"
         if shared_weight(module, path):
-            return ("its weight is read at several places of the graph (tied to the embedding, or one layer shared by "
-                    "several blocks): quantizing it would untie them")
+            return f"{compress.SHARED}: quantizing it would untie them"
         if self.form == "w4" and linear.in_features % self.group:
             return (f"in_features {linear.in_features} is not a multiple of group={self.group} (form=w4 packs whole "
                     "groups; the default form=int8 pads the last group)")
