@@ -1,7 +1,7 @@
 """Block by block: a transformer stack rewritten one repeated block at a time.
 
-The calibration batches run through everything before the stack once (the embedding); then each block is
-captured alone, rewritten by the passes with the activations that the already-rewritten blocks before it
+The calibration batches run through everything before the stack once (the embedding, each block stood in
+for by a recorder of how the model calls it: `block_calls`); then each block is captured alone, rewritten by the passes with the activations that the already-rewritten blocks before it
 produce (sequential calibration, as in GPTQ: errors do not compound unseen), verified, and its outputs
 passed on. Memory holds one block and its calibration activations, whatever the depth; with a checkpoint
 folder (`rewrite.checkpoint`), the weights of the other blocks stay on disk.
@@ -57,18 +57,70 @@ def first_block_calls(model: nn.Module, first: nn.Module, batches: list[tuple]) 
 
     hook = first.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(*batch)
-                except _Reached:
-                    pass
+        _run_until_reached(model, batches)
     finally:
         hook.remove()
     if len(calls) != len(batches):
         raise RewriteError("the model did not call its first block on every calibration batch: --blockwise "
                            "needs a model whose forward runs its stack of blocks")
     return calls
+
+
+def _run_until_reached(model: nn.Module, batches: list[tuple]) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            try:
+                model(*batch)
+            except _Reached:
+                pass
+
+
+def block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[tuple]) -> list[list[Call]]:
+    """Per block, how the model calls it on each calibration batch. Blocks of one stack are not always called
+    alike: Gemma 2 and 3 alternate sliding-window and full attention, each with its own mask and rotary table
+    (and a full layer's mask may be None where a sliding one's is a tensor), so block 0's call, given the next
+    block's hidden states, calibrated the others on inputs they never see. Each block is stood in for by a
+    recorder that passes its hidden states on unchanged (block 0's output structure, its hidden states
+    replaced), so one run of the embedding and the loop, with no block's weights, records every call."""
+    first = first_block_calls(model, blocks[0], batches[:1])[0]
+    with torch.no_grad():
+        template = blocks[0](*first[0], **first[1])
+    recorded: list[list[Call]] = [[] for _ in blocks]
+    real = list(blocks)
+    try:
+        for index, block in enumerate(real):
+            blocks[index] = _Recorder(block, recorded[index], template, last=index == len(real) - 1)
+        _run_until_reached(model, batches)
+    finally:
+        for index, block in enumerate(real):
+            blocks[index] = block
+    if any(len(calls) != len(batches) for calls in recorded):
+        raise RewriteError("the model did not call every block of its stack on every calibration batch: "
+                           "--blockwise needs a model whose forward runs each of its blocks once")
+    return recorded
+
+
+class _Recorder(nn.Module):
+    """A block's stand-in for `block_calls`: records the call, returns the hidden states as the block would
+    return its own. Attributes the model's loop reads on a block (Gemma 3's `attention_type`) are the block's."""
+
+    def __init__(self, block: nn.Module, calls: list[Call], template: Any, last: bool):
+        super().__init__()
+        self.block, self.calls, self.template, self.last = block, calls, template, last
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((tuple(args), dict(kwargs)))
+        if self.last:
+            raise _Reached
+        leaves, spec = tree_flatten(self.template)
+        first = next(i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor))
+        return tree_unflatten([hidden_of((args, kwargs)) if i == first else v for i, v in enumerate(leaves)], spec)
 
 
 class FlatCall(nn.Module):
@@ -117,9 +169,13 @@ class BlockCall(nn.Module):
         return self.rewritten(*[v for v in leaves if isinstance(v, torch.Tensor)])
 
 
-def next_call(call: Call, output: Any) -> Call:
-    """The next block's call: the same keyword arguments, the hidden states replaced by this block's."""
-    hidden = output if isinstance(output, torch.Tensor) else tree_leaves(output)[0]
+def hidden_of(output: Any) -> torch.Tensor:
+    """A block's hidden states: its output's first tensor, or the first argument of a call (args, kwargs)."""
+    return output if isinstance(output, torch.Tensor) else tree_leaves(output)[0]
+
+
+def with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    """`call` with its hidden states (the first argument, positional or by keyword) replaced by `hidden`."""
     args, kwargs = call
     if args:
         return (hidden, *args[1:]), kwargs
@@ -140,25 +196,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rewrite_blocks(blocks: nn.ModuleList, calls: list[Call], rewrite_one: Callable, keep: Callable,
+def rewrite_blocks(blocks: nn.ModuleList, calls: list[list[Call]], rewrite_one: Callable, keep: Callable,
                    load: Callable[[int], None]) -> Iterator[BlockReport]:
-    """For each block: load it, rewrite it on the calls the rewritten blocks before it made, pass its outputs
-    on, and put back what `keep(index, rewritten, captured, flat)` returns (a BlockCall, or a stand-in once the
-    block is on disk). `rewrite_one(index, flat, batches, original_batches) → (module, records, captured)`,
-    where original_batches are the block's inputs as the original blocks before it make them."""
-    originals = calls
+    """For each block: load it, rewrite it on its own calls (`block_calls`) with the hidden states the rewritten
+    blocks before it made, pass its outputs on, and put back what `keep(index, rewritten, captured, flat)` returns
+    (a BlockCall, or a stand-in once the block is on disk). `rewrite_one(index, flat, batches, original_batches)
+    → (module, records, captured)`, where original_batches are the block's inputs as the original blocks before
+    it make them."""
+    hidden = originals = [hidden_of(call) for call in calls[0]]
     for index in range(len(blocks)):
         start = time.perf_counter()
         load(index)
-        flat = FlatCall(blocks[index], calls[0])
-        batches = [flat.tensors(call) for call in calls]
-        original_batches = [flat.tensors(call) for call in originals]
+        flat = FlatCall(blocks[index], calls[index][0])
+        batches = [flat.tensors(with_hidden(call, h)) for call, h in zip(calls[index], hidden)]
+        original_batches = [flat.tensors(with_hidden(call, h)) for call, h in zip(calls[index], originals)]
         with torch.no_grad():  # the original block, once, before the passes change it
-            originals = [next_call(call, flat(*batch)) for call, batch in zip(originals, original_batches)]
+            originals = [hidden_of(flat(*batch)) for batch in original_batches]
         blocks[index] = nn.Identity()  # the block lives in `flat` alone, so capture's copy can replace it
         rewritten, records, captured = rewrite_one(index, flat, batches, original_batches)
         with torch.no_grad():
-            calls = [next_call(call, rewritten(*batch)) for call, batch in zip(calls, batches)]
+            hidden = [hidden_of(rewritten(*batch)) for batch in batches]
         blocks[index] = keep(index, rewritten, captured, flat)
         del flat, rewritten, captured, batches, original_batches
         gc.collect()
@@ -174,7 +231,7 @@ class Outcome:
     model: nn.Module
     records: list
     summary: str
-    layout: tuple  # (pytree spec, constants, leaf count) of a block's call, for the output manifest
+    layouts: list[tuple]  # per block, (pytree spec, constants, leaf count) of its call, for the output manifest
 
 
 def _needs_whole_model(pass_: Any) -> Any:
@@ -201,9 +258,8 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
     whole = [p for p in passes if p.whole_model]
     passes = [p for p in passes if not p.whole_model]
     load(0)
-    calls = first_block_calls(model, blocks[0], batches)
-    layout = FlatCall(blocks[0], calls[0])
-    layout = (layout.spec, layout.constants, layout.count)
+    calls = block_calls(model, blocks, batches)
+    layouts = [(flat.spec, flat.constants, flat.count) for flat in (FlatCall(nn.Identity(), own[0]) for own in calls)]
 
     def rewrite_one(index: int, flat: FlatCall, block_batches: list, original_batches: list
                     ) -> tuple[nn.Module, list, Any]:
@@ -231,4 +287,4 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
     mean = sum(r.seconds for r in reports) / len(reports)
     summary = (f"block by block: {len(blocks)} {kind} blocks of {path}, {mean:.1f} s per block, "
                f"peak resident memory {peak_rss_mib() / 1024:.2f} GiB")
-    return Outcome(model, records, summary, layout)
+    return Outcome(model, records, summary, layouts)

@@ -190,13 +190,23 @@ def _export_two_rows(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, d
         return None
     try:
         gm, dynamic = _export_loud(model, wide)
-        if not all(0 in dynamic.get(i, []) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)):
-            return None
-        probe = _cut_short(inputs, dynamic)  # the example's row, at most SHORT positions: a forward costs little
-        with torch.no_grad():
-            return (gm, dynamic) if _same(model(*probe), gm(*probe)) else None
     except Exception:  # noqa: BLE001 (export raises many types): trace the example as it is
         return None
+    if not all(0 in dynamic.get(i, []) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)):
+        return None
+    short = _cut_short(inputs, dynamic)  # the example's row, at most SHORT positions: a forward costs little
+    agrees = (short is not inputs and _agrees(gm, model, short)) or _agrees(gm, model, inputs)
+    return (gm, dynamic) if agrees else None
+
+
+def _agrees(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
+    """Whether the graph computes what the model does on `inputs` (False where either raises: a ViT's patch
+    grid cut too short for its guards)."""
+    try:
+        with torch.no_grad():
+            return _same(model(*inputs), gm(*inputs))
+    except Exception:  # noqa: BLE001 (a guard, a shape error: the model's code raises what it likes)
+        return False
 
 
 def _two_rows(inputs: tuple) -> tuple | None:

@@ -330,14 +330,15 @@ def write_rest(model: nn.Module, stack: str, folder: Path) -> dict[str, str]:
     return aliases
 
 
-def write_manifest(folder: Path, source: Path, stack: str, count: int, call: Any, aliases: dict[str, str]) -> None:
+def write_manifest(folder: Path, source: Path, stack: str, layouts: list[tuple], aliases: dict[str, str]) -> None:
+    """`layouts`: per block, (pytree spec, constants, leaf count) of how the model calls it (Gemma 3's sliding
+    and full attention layers take other arguments)."""
     shutil.copyfile(source / "config.json", folder / "config.json")
-    flat_spec, constants, leaves = call
+    calls = [{"spec": treespec_dumps(flat_spec), "constants": {str(i): v for i, v in constants.items()},
+              "leaves": leaves} for flat_spec, constants, leaves in layouts]
     (folder / MANIFEST).write_text(json.dumps({
-        "format": FORMAT, "stack": stack, "blocks": [block_file(i) for i in range(count)],
-        "call": {"spec": treespec_dumps(flat_spec), "constants": {str(i): v for i, v in constants.items()},
-                 "leaves": leaves},
-        "aliases": aliases}, indent=2))
+        "format": FORMAT, "stack": stack, "blocks": [block_file(i) for i in range(len(layouts))],
+        "calls": calls, "aliases": aliases}, indent=2))
 
 
 def block_file(index: int) -> str:
@@ -361,10 +362,10 @@ def load_rewritten(folder: str | Path, trusted: Any = False) -> nn.Module:
     model.load_state_dict(load_file(str(folder / "rest.safetensors")), strict=False, assign=True)
     _restore_aliases(model, manifest["aliases"])
     stack = model.get_submodule(manifest["stack"])
-    call = manifest["call"]
-    spec, constants = treespec_loads(call["spec"]), {int(i): v for i, v in call["constants"].items()}
-    for index, file in enumerate(manifest["blocks"]):
+    calls = manifest.get("calls") or [manifest["call"]] * len(manifest["blocks"])  # older folders: one "call" for all
+    for index, (file, call) in enumerate(zip(manifest["blocks"], calls)):
         module, _ = load_pt2(folder / file, trust.pickle)
+        spec, constants = treespec_loads(call["spec"]), {int(i): v for i, v in call["constants"].items()}
         stack[index] = blockwise.BlockCall(module, spec, constants, call["leaves"])
     _check_complete(model, folder)
     gc.collect()

@@ -221,7 +221,7 @@ def checkpoint_folder(folder: Path, example_inputs: Any, passes: list[Pass], cal
         outcome = blockwise.run(lazy.model, data.batches, passes, seed=seed, strict=strict, recover=recovery, say=say,
                                 load=lazy.load, keep=keep, time_limit=time_limit)
         aliases = checkpoint.write_rest(lazy.model, lazy.stack, stage)
-        checkpoint.write_manifest(stage, folder, lazy.stack, len(lazy.blocks), outcome.layout, aliases)
+        checkpoint.write_manifest(stage, folder, lazy.stack, outcome.layouts, aliases)
         shards.add(lazy.model, "model-00000.safetensors")
         shards.finish(json.loads((folder / "config.json").read_text()))
         write.copy_tokenizer(folder, stage)

@@ -65,6 +65,63 @@ def test_block_by_block_dgq_equals_the_whole_model_run():
         assert not isinstance(module, nn.Linear) or name == "lm_head"
 
 
+def _gemma3():
+    """Sliding-window and full attention layers in turn, the window shorter than the calibration windows: each
+    kind gets its own mask and rotary table, and a full layer's mask is None where a sliding one's is a tensor."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        max_position_embeddings=64)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+def test_each_block_is_calibrated_on_the_call_the_model_makes_to_it():
+    """Block 0's call, given the next block's hidden states, once stood for every block's: Gemma 3's full
+    attention layers were calibrated with the sliding window's mask and rotary table, and the blocks after
+    them on hidden states the model never makes (and in-memory results raised on the first forward)."""
+    model, calib = _gemma3(), [(_ids(i),) for i in range(2)]
+    model.config.use_cache = False  # as rewrite runs it
+    seen = []
+    hooks = [block.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+             for block in model.model.layers]
+    with torch.no_grad():
+        model(*calib[0])
+    for hook in hooks:
+        hook.remove()
+    _, blocks = blockwise.find_stack(model)
+    calls = blockwise.block_calls(model, blocks, calib)
+    assert [type(b).__name__ for b in model.model.layers] == ["Gemma3DecoderLayer"] * 4  # the blocks are back
+    hidden = blockwise.hidden_of(seen[0])
+    with torch.no_grad():
+        for index, block in enumerate(model.model.layers):
+            args, kwargs = blockwise.with_hidden(calls[index][0], hidden)
+            for name, value in kwargs.items():  # the mask and rotary table the model gives this block
+                for a, b in zip(blockwise.tree_leaves(value), blockwise.tree_leaves(seen[index][1][name])):
+                    assert a is b or torch.equal(a, b), (index, name)
+            assert kwargs["attention_mask"] is not None or index % 2  # the sliding layers' masks, at least
+            hidden = blockwise.hidden_of(block(*args, **kwargs))
+            if index + 1 < len(seen):
+                torch.testing.assert_close(hidden, blockwise.hidden_of(seen[index + 1]))
+    spec = "dgq{group=32,budget-cos=0,min-sqnr=-100}"
+    whole = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False)
+    by_block = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True)
+    with torch.no_grad():
+        torch.testing.assert_close(by_block.model(*calib[1]).logits, whole.model(*calib[1]).logits)
+
+
+def test_a_checkpoint_of_blocks_called_differently_reloads_with_each_block_s_call(tmp_path):
+    model = _gemma3()
+    model.save_pretrained(tmp_path / "ckpt")
+    calib = [(_ids(i),) for i in range(2)]
+    spec = "dgq{group=32,budget-cos=0,min-sqnr=-100}"
+    rewrite.optimize(str(tmp_path / "ckpt"), None, spec, calib=calib, out=tmp_path / "out", measure_latency=False)
+    in_memory = rewrite.optimize(model, calib[0], spec, calib=calib, measure_latency=False, blockwise=True)
+    reloaded = rewrite.load(str(tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(calib[1][0]).logits, in_memory.model(calib[1][0]).logits)
+
+
 def test_a_pass_that_reads_the_whole_model_is_skipped_once_with_how_to_run_it():
     """rotate follows the residual stream from the embedding to the head, which no block alone has: block by block
     it is one skipped record that says how to run it (not one refusal per block), and the rest still runs."""
