@@ -153,7 +153,7 @@ def check_output_memory(first: Any, batches: int, sets: int) -> None:
     holds the model's outputs on every batch, the original's and the rewritten model's (and the last pass's
     beside them where several passes run). A language model's are its logits: 512 tokens of SmolLM2 are
     100 MB, so 100k calibration tokens would want 20 GB a set."""
-    free = free_memory()
+    free = measure.free_memory()
     each = sum(t.numel() * t.element_size() for t in verify.float_leaves(first, flatten=False))
     need = sets * each * batches
     if free is None or not each or need <= OUTPUT_MEMORY_SHARE * free:
@@ -164,17 +164,6 @@ def check_output_memory(first: Any, batches: int, sets: int) -> None:
                        f"{free / 2**30:.1f} GiB free: give at most {fits} batches (--calib-batches {max(fits, 1)}), or "
                        "save the model with save_pretrained and rewrite that folder, which runs block by block and "
                        "keeps no whole-model outputs")
-
-
-def free_memory() -> int | None:
-    """Bytes the kernel can give without swapping (MemAvailable), or None where it does not say."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def data_warnings(data: calibration.Data, passes: list[Pass]) -> list[str]:

@@ -405,3 +405,14 @@ def _top(events: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
     total = sum(ms for _, ms in events) or 1.0
     ranked = sorted(events, key=lambda e: e[1], reverse=True)[:PROFILE_TOP]
     return [(name, round(ms, 3), round(ms / total, 3)) for name, ms in ranked]
+
+
+def free_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -166,16 +166,16 @@ def test_calibration_data_whose_outputs_do_not_fit_in_memory_is_refused_before_t
     """The outputs of every batch are held (the original's and the rewritten model's): a run that would fill
     the memory with them stops at the first batch with the sizes and how many batches fit."""
     import rewrite
-    from rewrite import inputs
+    from rewrite import inputs, measure
     calls = []
     model = TinyMLP()
     model.register_forward_hook(lambda *_: calls.append(1))
     batches = [(torch.randn(4, 16),) for _ in range(10)]
     each = 4 * 4 * 4  # TinyMLP's (4, 4) float32 output
-    monkeypatch.setattr(inputs, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) - 1)
+    monkeypatch.setattr(measure, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) - 1)
     with pytest.raises(RewriteError, match=r"10 calibration batches .* at most 9 batches \(--calib-batches 9\)"):
         rewrite.optimize(model, batches[0], "fold-bn", calib=batches, calib_batches=10, measure_latency=False)
     assert len(calls) == 2  # the example's check and the first batch: none of the other nine
-    monkeypatch.setattr(inputs, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) + 64)
+    monkeypatch.setattr(measure, "free_memory", lambda: int(2 * each * 10 / inputs.OUTPUT_MEMORY_SHARE) + 64)
     assert rewrite.optimize(model, batches[0], "fold-bn", calib=batches, calib_batches=10,
                             measure_latency=False).report.records

@@ -10,6 +10,7 @@ from torch import nn
 
 import rewrite
 from rewrite import compress
+from rewrite.emit import hf
 from tests import fresh
 from tests.conftest import smollm2
 
@@ -466,6 +467,53 @@ def test_dgq_save_pretrained_is_a_compressed_tensors_folder_that_from_pretrained
         mine, original = result.model(ids).logits, model(ids).logits
     quantization = float((mine - original).norm())
     assert float((reloaded - mine).norm()) < 0.35 * quantization, (float((reloaded - mine).norm()), quantization)
+
+
+@pytest.mark.slow
+def test_a_folder_your_class_cannot_load_from_pretrained_is_written_as_rewrite_s_layers_with_why(tmp_path):
+    """transformers renames some classes' checkpoint weights as it loads them (DINOv2 splits a fused SwiGLU weight
+    in two), and for DINOv2 that refused every compressed-tensors folder: the artifact said from_pretrained loads
+    it. The folder is now loaded back before it is called that; where the class refuses it, it is rewrite's
+    layers folder, with the reason, and rewrite.load reads it. Either way the folder loads where it says."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=32, patch_size=8, mlp_ratio=2)
+    model = transformers.Dinov2Model(cfg).eval()
+    calib = [(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib,
+                              out=tmp_path / "out", measure_latency=False)
+    [artifact] = [a for a in result.report.artifacts if a.kind == "hf"]
+    images = torch.randn(1, 3, 32, 32)
+    if (tmp_path / "out" / "model.safetensors").exists():
+        reloaded = transformers.Dinov2Model.from_pretrained(tmp_path / "out").eval()
+    else:
+        assert "from_pretrained refused its compressed-tensors form" in artifact.note, artifact.note
+        reloaded = rewrite.load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images).last_hidden_state, result.model(images).last_hidden_state,
+                                   rtol=0.05, atol=0.05)
+
+
+def test_a_class_whose_from_pretrained_refuses_the_compressed_form_gets_the_layers_folder(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+
+    def refuse(*_args, **_kwargs):
+        raise ValueError("a rename this class makes cannot take quantized tensors")
+
+    model = _decoder("llama")
+    calib = [(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    result = rewrite.optimize(model, calib[0], "dgq{group=32,budget-cos=0,min-sqnr=-100}", calib=calib,
+                              measure_latency=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(transformers.LlamaForCausalLM, "from_pretrained", refuse)
+        result.model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists() and (tmp_path / "q" / hf.LAYERS_FILE).exists()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(rewrite.load(tmp_path / "q")(ids).logits, result.model(ids).logits)
 
 
 @pytest.mark.slow

@@ -12,6 +12,9 @@ model.safetensors" instead of loading random weights.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import types
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewrite.errors import NoCompressedForm, RewriteError
+from rewrite.errors import NoCompressedForm, RewriteError, first_line
 
 COMPRESSED = "compressed-tensors"  # from_pretrained (and vLLM) load it
 LAYERS = "rewrite-layers"  # rewrite.load loads it (rewrite.checkpoint.load_layers)
@@ -35,18 +38,65 @@ def is_hf(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config") and hasattr(model.config, "to_dict")
 
 
-def save(model: nn.Module, folder: str | Path) -> str:
-    """The model's folder: compressed-tensors where every rewritten layer has that form, else rewrite's
-    layers folder. Returns which (COMPRESSED or LAYERS)."""
+@dataclass
+class Saved:
+    form: str  # COMPRESSED or LAYERS
+    why_not_compressed: str = ""  # where the compressed-tensors form was written, and from_pretrained refused it
+
+
+def save(model: nn.Module, folder: str | Path) -> Saved:
+    """The model's folder: compressed-tensors where every rewritten layer has that form and from_pretrained
+    loads it back (checked where compressed-tensors is installed and the model fits twice in memory), else
+    rewrite's layers folder."""
     folder = Path(folder)
     if all(hasattr(layer, "compressed_tensors") for layer in rewritten_layers(model).values()):
         try:
             _save_compressed(model, folder)
-            return COMPRESSED
+            refused = _from_pretrained_refuses(model, folder)
+            if not refused:
+                return Saved(COMPRESSED)
+            for name in ("config.json", "generation_config.json", "model.safetensors"):
+                (folder / name).unlink(missing_ok=True)
+            write_layers(model, folder)
+            return Saved(LAYERS, refused)
         except (_NotInConfig, NoCompressedForm):  # prune's narrower FFN quantized after, an input rotated online
             pass
     write_layers(model, folder)
-    return LAYERS
+    return Saved(LAYERS)
+
+
+def _from_pretrained_refuses(model: nn.Module, folder: Path) -> str:
+    """Why your class's from_pretrained cannot load the compressed-tensors folder, or "". transformers renames
+    some checkpoints' weights as it loads them, and a rename that splits one tensor in two (DINOv2's fused
+    SwiGLU weights_in, under `conversion_mapping`) refuses the quantized tensors beside it, for any model of
+    the class. A weight it would leave unset would be random. Not checked ("") without compressed-tensors or where a
+    second copy of the model would not fit in memory."""
+    from rewrite import measure
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = measure.free_memory()
+    if importlib.util.find_spec("compressed_tensors") is None or free is None or 4 * size > free:
+        return ""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
+            _, info = type(model).from_pretrained(folder, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 (transformers and compressed-tensors raise what they like)
+        return f"{type(model).__name__}.from_pretrained refused its compressed-tensors form ({first_line(exc, 160)})"
+    unset = [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]  # extra tensors are only not read
+    if unset:
+        return (f"{type(model).__name__}.from_pretrained would leave {len(unset)} weights unset from its "
+                f"compressed-tensors form ({', '.join(map(str, unset[:3]))})")
+    return ""
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _save_compressed(model: nn.Module, folder: Path) -> None:

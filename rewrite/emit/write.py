@@ -51,12 +51,12 @@ def emit_hf(report: RunReport, model: nn.Module, out_dir: Path) -> None:
     tokenizer beside the original's weights; a warning, not a failed artifact, where a rewritten layer has no
     saved form (.pt2 holds the model)."""
     try:
-        form = hf.save(model, out_dir)
+        saved = hf.save(model, out_dir)
     except RewriteError as exc:
         report.warnings.append(f"no model folder: {first_line(exc, 300)}")
         return
     copy_tokenizer(Path(str(getattr(model.config, "_name_or_path", "") or "-")), out_dir)
-    report.artifacts.append(hf_artifact(out_dir / "config.json", form))
+    report.artifacts.append(hf_artifact(out_dir / "config.json", saved.form, saved.why_not_compressed))
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> None:
@@ -78,9 +78,10 @@ def _code_files(config: Path) -> list[str]:
     return [ref.rsplit(".", 1)[0] + ".py" for ref in refs if "--" not in ref and "/" not in ref]
 
 
-def hf_artifact(config: Path, form: str) -> Artifact:
+def hf_artifact(config: Path, form: str, why_not_compressed: str = "") -> Artifact:
     quantized = "quantization_config" in json.loads(config.read_text())
-    how = ("rewrite.load(DIR) gives your class back (from_pretrained cannot: its layers have no standard form)"
+    cannot = why_not_compressed or "its layers have no standard form"
+    how = (f"rewrite.load(DIR) gives your class back (from_pretrained cannot: {cannot})"
            if form == hf.LAYERS else "AutoModel*.from_pretrained(DIR) loads it" +
            (" (with pip install compressed-tensors)" if quantized else ""))
     return Artifact("hf", str(config), None, how)
