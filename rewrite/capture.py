@@ -48,6 +48,15 @@ class Captured:
             for i, x in enumerate(self.example_inputs)
         )
 
+    @property
+    def export_inputs(self) -> tuple:
+        """The inputs to export the rewritten graph with (`dynamic_shapes` beside them): the example, or its one
+        row twice where the batch is free, since export fixes a dim it traces at size 1 (as `_export_two_rows`)."""
+        batch_free = self.graph and all(0 in self.dynamic_dims.get(i, []) for i, x in enumerate(self.example_inputs)
+                                        if isinstance(x, torch.Tensor))
+        two = _two_rows(self.example_inputs) if batch_free else None
+        return two if two is not None else self.example_inputs
+
     def shape_problem(self, batch: tuple) -> str | None:
         """Why a captured graph cannot run `batch` (a dim export specialized differs), else None."""
         if not self.graph:

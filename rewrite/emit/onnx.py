@@ -24,7 +24,7 @@ def export_onnx(module: nn.Module, captured: Captured, path: Path) -> None:
         warnings.simplefilter("ignore")
         table = kernels.onnx_translations()
         try:
-            torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False,
+            torch.onnx.export(module, captured.export_inputs, str(path), dynamo=True, verbose=False,
                               dynamic_shapes=captured.dynamic_shapes, custom_translation_table=table)
         except Exception:  # a rewrite may have made some dims static
             torch.onnx.export(module, captured.example_inputs, str(path), dynamo=True, verbose=False,

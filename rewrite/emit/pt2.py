@@ -16,11 +16,11 @@ from rewrite.report import Artifact
 
 
 def export_program(module: nn.Module, captured: Captured) -> torch.export.ExportedProgram:
-    inputs = captured.example_inputs
     try:
-        return torch.export.export(module, inputs, dynamic_shapes=captured.dynamic_shapes, strict=False)
+        return torch.export.export(module, captured.export_inputs, dynamic_shapes=captured.dynamic_shapes,
+                                   strict=False)
     except Exception:
-        return torch.export.export(module, inputs, strict=False)  # dims the rewrite made static
+        return torch.export.export(module, captured.example_inputs, strict=False)  # dims the rewrite made static
 
 
 def emit_pt2(module: nn.Module, captured: Captured, out_dir: Path) -> Artifact:

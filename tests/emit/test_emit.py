@@ -40,6 +40,19 @@ def test_onnx_passes_the_checker_and_matches_in_onnxruntime(cnn_run):
     torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
 
 
+def test_an_example_of_one_row_writes_a_pt2_and_onnx_of_any_batch(tmp_path):
+    """The artifacts are exported again from the rewritten graph: traced at the example's one row, export fixed
+    the batch of the .pt2 and the ONNX file to 1 (and torch warned of it on the user's terminal)."""
+    from rewrite.testing import TinyMLP
+    model = TinyMLP()
+    calib = [(torch.randn(1, 16),) for _ in range(2)]
+    api.optimize(model, calib[0], "fold-bn", calib=calib, emit="onnx", out=tmp_path, measure_latency=False)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(torch.export.load(tmp_path / "model.pt2").module()(x), model(x))
+    got = onnx_emit.run(onnx_emit.session(tmp_path / "model.onnx"), (x,))[0]
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_report_files_and_latency_per_backend(cnn_run):
     _, _, result, out = cnn_run
