@@ -1,10 +1,11 @@
 """Block by block: a transformer stack rewritten one repeated block at a time.
 
 The calibration batches run through everything before the stack once (the embedding, each block stood in
-for by a recorder of how the model calls it: `block_calls`); then each block is captured alone, rewritten by the passes with the activations that the already-rewritten blocks before it
-produce (sequential calibration, as in GPTQ: errors do not compound unseen), verified, and its outputs
-passed on. Memory holds one block and its calibration activations, whatever the depth; with a checkpoint
-folder (`rewrite.checkpoint`), the weights of the other blocks stay on disk.
+for by a recorder of how the model calls it: `block_calls`); then each block is captured alone, rewritten
+by the passes with the activations that the already-rewritten blocks before it produce (sequential
+calibration, as in GPTQ: errors do not compound unseen), verified, and its outputs passed on. Memory holds
+one block and its calibration activations, whatever the depth; with a checkpoint folder
+(`rewrite.checkpoint`), the weights of the other blocks stay on disk.
 
 A block is an element of the largest `nn.ModuleList` of two or more layers of one class with the same
 parameter shapes (a Hugging Face encoder's `encoder.layer`, a decoder's `model.layers`). Blocks are called

@@ -52,8 +52,7 @@ class Captured:
     def export_inputs(self) -> tuple:
         """The inputs to export the rewritten graph with (`dynamic_shapes` beside them): the example, or its one
         row twice where the batch is free, since export fixes a dim it traces at size 1 (as `_export_two_rows`)."""
-        batch_free = self.graph and all(0 in self.dynamic_dims.get(i, []) for i, x in enumerate(self.example_inputs)
-                                        if isinstance(x, torch.Tensor))
+        batch_free = self.graph and _batch_free(self.example_inputs, self.dynamic_dims)
         two = _two_rows(self.example_inputs) if batch_free else None
         return two if two is not None else self.example_inputs
 
@@ -201,7 +200,7 @@ def _export_two_rows(model: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, d
         gm, dynamic = _export_loud(model, wide)
     except Exception:  # noqa: BLE001 (export raises many types): trace the example as it is
         return None
-    if not all(0 in dynamic.get(i, []) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)):
+    if not _batch_free(inputs, dynamic):
         return None
     short = _cut_short(inputs, dynamic)  # the example's row, at most SHORT positions: a forward costs little
     agrees = (short is not inputs and _agrees(gm, model, short)) or _agrees(gm, model, inputs)
@@ -216,6 +215,11 @@ def _agrees(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
             return _same(model(*inputs), gm(*inputs))
     except Exception:  # noqa: BLE001 (a guard, a shape error: the model's code raises what it likes)
         return False
+
+
+def _batch_free(inputs: tuple, dynamic: dict[int, list[int]]) -> bool:
+    """Whether every tensor input's first dim is free in the graph."""
+    return all(0 in dynamic.get(i, []) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor))
 
 
 def _two_rows(inputs: tuple) -> tuple | None:
@@ -245,12 +249,7 @@ def _hold_grown(gm: fx.GraphModule, model: nn.Module, inputs: tuple, dynamic: di
         for d in dynamic.get(i, []):
             x = torch.cat([x, x.narrow(d, x.shape[d] - 1, 1)], dim=d)
         grown.append(x)
-    try:
-        with torch.no_grad():
-            want, got = model(*grown), gm(*grown)
-    except Exception:
-        return False
-    return _same(want, got)
+    return _agrees(gm, model, tuple(grown))
 
 
 def _cut_short(inputs: tuple, dynamic: dict[int, list[int]]) -> tuple:

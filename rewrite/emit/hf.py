@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rewrite import measure
 from rewrite.errors import NoCompressedForm, RewriteError, first_line
 
 COMPRESSED = "compressed-tensors"  # from_pretrained (and vLLM) load it
@@ -69,9 +70,8 @@ def _from_pretrained_refuses(model: nn.Module, folder: Path) -> str:
     """Why your class's from_pretrained cannot load the compressed-tensors folder, or "". transformers renames
     some checkpoints' weights as it loads them, and a rename that splits one tensor in two (DINOv2's fused
     SwiGLU weights_in, under `conversion_mapping`) refuses the quantized tensors beside it, for any model of
-    the class. A weight it would leave unset would be random. Not checked ("") without compressed-tensors or where a
-    second copy of the model would not fit in memory."""
-    from rewrite import measure
+    the class. A weight it would leave unset would be random. Not checked ("") without compressed-tensors or
+    where a second copy of the model would not fit in memory."""
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     free = measure.free_memory()
     if importlib.util.find_spec("compressed_tensors") is None or free is None or 4 * size > free:
