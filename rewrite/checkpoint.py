@@ -266,7 +266,13 @@ class Lazy:
         self.model = build_empty(self.folder, remote_code=remote_code)
         self.shards = Shards(self.folder)
         self._check_layouts()
-        self.stack, self.blocks = blockwise.find_stack(self.model)
+        try:
+            self.stack, self.blocks = blockwise.find_stack(self.model)
+        except RewriteError:  # ModernBERT: its first layer has no attention norm, so its layers differ
+            raise RewriteError(f"{type(self.model).__name__} has no stack of identical blocks (an nn.ModuleList of "
+                               "layers of one class and shape), and a checkpoint folder is rewritten block by block: "
+                               "load it in Python (AutoModel.from_pretrained) and give it to rewrite.optimize, or "
+                               "as a file.py:factory, to rewrite it whole") from None
         self._load_rest()
 
     def _check_layouts(self) -> None:

@@ -236,6 +236,20 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path, damage, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_without_a_stack_of_identical_blocks_says_how_to_rewrite_it_whole(tmp_path):
+    """ModernBERT's first layer has no attention norm, so its layers are not one stack; a folder can only be
+    rewritten block by block, and "run without --blockwise" was no fix for it."""
+    torch.manual_seed(0)
+    cfg = transformers.ModernBertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        cls_token_id=1, sep_token_id=2)
+    transformers.ModernBertModel(cfg).eval().save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(RewriteError, match=r"ModernBertModel has no stack .* load it in Python \(AutoModel"):
+        rewrite.optimize(str(tmp_path / "ckpt"), None, "dgq", calib=[(_ids(0),)], out=tmp_path / "out",
+                         measure_latency=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_needs_an_output_folder(tmp_path):
     _, folder = _checkpoint(tmp_path)
     with pytest.raises(RewriteError, match="no output folder"):
