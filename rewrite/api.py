@@ -92,7 +92,7 @@ def optimize(model: nn.Module | str, example_inputs: Any, passes: str | list, *,
                        "model": model if isinstance(model, (str, Path)) else type(model).__name__,
                        "calibration data": calib, "example inputs": example_inputs})
     emitters, recovery = write.emitters(emit, out), spec.recover_spec(recover)
-    if checkpoint.is_checkpoint(model):
+    if checkpoint.is_checkpoint(model) and checkpoint.by_blocks(model, trust.remote_code):
         modes.refuse_for_checkpoints(out, emitters, eval)
         folder = OutputFolder(out, force, protect=steps.model_file(model))
         calib, _, _ = steps.tokenized(model, calib, None, None, tokenizer, seq_len, calib_batches, trust.remote_code)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
+from rewrite import measure
 from rewrite.errors import RewriteError, first_line
 from rewrite.text import inside
 from rewrite.emit import hf
@@ -268,11 +269,8 @@ class Lazy:
         self._check_layouts()
         try:
             self.stack, self.blocks = blockwise.find_stack(self.model)
-        except RewriteError:  # ModernBERT: its first layer has no attention norm, so its layers differ
-            raise RewriteError(f"{type(self.model).__name__} has no stack of identical blocks (an nn.ModuleList of "
-                               "layers of one class and shape), and a checkpoint folder is rewritten block by block: "
-                               "load it in Python (AutoModel.from_pretrained) and give it to rewrite.optimize, or "
-                               "as a file.py:factory, to rewrite it whole") from None
+        except RewriteError:  # ModernBERT (its first layer has no attention norm), a CNN: read whole (load_whole)
+            self.stack, self.blocks = None, []
         self._load_rest()
 
     def _check_layouts(self) -> None:
@@ -288,12 +286,14 @@ class Lazy:
                     f"{list(expected.shape)}: the weights and config.json do not belong together")
 
     def _load_rest(self) -> None:
-        inside = self.stack + "."
-        names = [n for n in self.model.state_dict() if not n.startswith(inside) and n in self.shards.files]
+        def outside(name: str) -> bool:
+            return self.stack is None or not name.startswith(self.stack + ".")
+
+        names = [n for n in self.model.state_dict() if outside(n) and n in self.shards.files]
         self.model.load_state_dict(self.shards.read(names), strict=False, assign=True)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
-        empty = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(inside)]
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta and outside(n)]
         if empty:
             raise RewriteError(f"checkpoint {str(self.folder)!r} lacks the weight(s) {', '.join(empty[:3])}: "
                                "copy the whole checkpoint")
@@ -406,6 +406,27 @@ class OnDisk(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RewriteError(f"this block was written to {self.file} and is not in memory: load the output folder "
                            "with rewrite.load(OUT)")
+
+
+def by_blocks(folder: str | Path, remote_code: bool = False) -> bool:
+    """Whether the checkpoint's model has a stack of identical blocks to rewrite one at a time; a model without one
+    (ModernBERT, whose first layer has no attention norm; a CNN) is read whole, where it fits in memory."""
+    from rewrite import blockwise
+    try:
+        model = build_empty(Path(folder), remote_code=remote_code)
+    except RewriteError:
+        return True  # a folder that builds no model: the block route's checks say why, in their order
+    try:
+        blockwise.find_stack(model)
+        return True
+    except RewriteError:
+        pass
+    size, free = Shards(Path(folder)).nbytes(), measure.free_memory()
+    if free is not None and 2 * size > free:
+        raise RewriteError(f"{type(model).__name__} has no stack of identical blocks (an nn.ModuleList of layers of "
+                           f"one class and shape) to rewrite one at a time, and its {size / 2**30:.1f} GiB would not "
+                           f"fit in memory twice ({free / 2**30:.1f} GiB free)")
+    return False
 
 
 def load_whole(folder: str | Path, remote_code: bool = False) -> nn.Module:

@@ -45,6 +45,8 @@ def prepare(model: Any, example_inputs: Any, passes: list[Pass], *, calib: Any, 
                                     Trust.of(trusted).remote_code)
     if example_inputs is None and loaded.inputs is None and calib_is_text:
         example_inputs = calib[0]  # text in: the first calibration window is the example
+    elif example_inputs is None and loaded.inputs is None and calib is not None and checkpoint.is_checkpoint(model):
+        example_inputs = calibration.from_user(calib, loaded.module, "calibration", 1).batches[0]  # a folder has none
     model = private_copy(loaded.module)
     inputs = check_model_and_inputs(model, loaded.inputs if example_inputs is None else example_inputs)
     calib = like_example(calib, inputs, model) if calib_is_text else calib

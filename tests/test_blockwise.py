@@ -236,15 +236,34 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path, damage, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_without_a_stack_of_identical_blocks_says_how_to_rewrite_it_whole(tmp_path):
-    """ModernBERT's first layer has no attention norm, so its layers are not one stack; a folder can only be
-    rewritten block by block, and "run without --blockwise" was no fix for it."""
+def _modernbert():
+    """ModernBERT's first layer has no attention norm, so its layers are not one stack of identical blocks."""
     torch.manual_seed(0)
     cfg = transformers.ModernBertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                         num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                         cls_token_id=1, sep_token_id=2)
-    transformers.ModernBertModel(cfg).eval().save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(RewriteError, match=r"ModernBertModel has no stack .* load it in Python \(AutoModel"):
+    return transformers.ModernBertModel(cfg).eval()
+
+
+def test_a_checkpoint_without_a_stack_of_identical_blocks_is_read_whole_and_written_as_a_folder(tmp_path):
+    """Once refused with "run without --blockwise", which a folder cannot: now read whole where it fits in memory,
+    its first calibration batch the example, and written as a folder from_pretrained loads."""
+    model = _modernbert()
+    model.save_pretrained(tmp_path / "ckpt")
+    calib = [(_ids(i),) for i in range(3)]
+    result = rewrite.optimize(str(tmp_path / "ckpt"), None, "dgq{budget-cos=0}", calib=calib, out=tmp_path / "out",
+                              measure_latency=False)
+    assert result.report.records[0].status == "applied" and "block by block" not in result.report.capture
+    reloaded = transformers.ModernBertModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*calib[1]).last_hidden_state, result.model(*calib[1]).last_hidden_state,
+                                   rtol=0.05, atol=0.05)
+
+
+def test_a_checkpoint_without_a_stack_too_large_to_read_whole_is_refused_with_its_size(tmp_path, monkeypatch):
+    _modernbert().save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(measure, "free_memory", lambda: 100_000)
+    with pytest.raises(RewriteError, match=r"ModernBertModel has no stack of identical blocks .* would not fit"):
         rewrite.optimize(str(tmp_path / "ckpt"), None, "dgq", calib=[(_ids(0),)], out=tmp_path / "out",
                          measure_latency=False)
     assert not (tmp_path / "out").exists()
