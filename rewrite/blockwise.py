@@ -124,6 +124,13 @@ class _Recorder(nn.Module):
         return tree_unflatten([hidden_of((args, kwargs)) if i == first else v for i, v in enumerate(leaves)], spec)
 
 
+def call_layout(call: Call) -> tuple[TreeSpec, dict[int, Any], int]:
+    """(pytree spec, non-tensor leaves by position, leaf count) of a block's call: what `FlatCall` fixes, and what
+    `BlockCall` and the output manifest need to call the rewritten block as the original was called."""
+    leaves, spec = tree_flatten(call)
+    return spec, {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}, len(leaves)
+
+
 class FlatCall(nn.Module):
     """`block(*args, **kwargs)` as a module of positional tensors, for capture; non-tensor arguments (flags,
     None) are fixed to the values of the first call."""
@@ -133,9 +140,7 @@ class FlatCall(nn.Module):
     def __init__(self, block: nn.Module, call: Call):
         super().__init__()
         self.block = block
-        leaves, self.spec = tree_flatten(call)
-        self.constants = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
-        self.count = len(leaves)
+        self.spec, self.constants, self.count = call_layout(call)
 
     def tensors(self, call: Call) -> tuple[torch.Tensor, ...]:
         leaves, spec = tree_flatten(call)
@@ -260,7 +265,7 @@ def run(model: nn.Module, batches: list[tuple], passes: list, *, seed: int = 0, 
     passes = [p for p in passes if not p.whole_model]
     load(0)
     calls = block_calls(model, blocks, batches)
-    layouts = [(flat.spec, flat.constants, flat.count) for flat in (FlatCall(nn.Identity(), own[0]) for own in calls)]
+    layouts = [call_layout(own[0]) for own in calls]
 
     def rewrite_one(index: int, flat: FlatCall, block_batches: list, original_batches: list
                     ) -> tuple[nn.Module, list, Any]:

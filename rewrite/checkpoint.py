@@ -260,17 +260,13 @@ class Lazy:
     """A checkpoint's model whose stack of blocks is read from disk one block at a time."""
 
     def __init__(self, folder: str | Path, remote_code: bool = False):
-        from rewrite import blockwise
         return_freed_memory()
         self.folder = Path(folder)
         _refuse_quantized(self.folder)
         self.model = build_empty(self.folder, remote_code=remote_code)
         self.shards = Shards(self.folder)
         self._check_layouts()
-        try:
-            self.stack, self.blocks = blockwise.find_stack(self.model)
-        except RewriteError:  # ModernBERT (its first layer has no attention norm), a CNN: read whole (load_whole)
-            self.stack, self.blocks = None, []
+        self.stack, self.blocks = _stack_of(self.model)  # (None, []): read whole (load_whole)
         self._load_rest()
 
     def _check_layouts(self) -> None:
@@ -411,22 +407,28 @@ class OnDisk(nn.Module):
 def by_blocks(folder: str | Path, remote_code: bool = False) -> bool:
     """Whether the checkpoint's model has a stack of identical blocks to rewrite one at a time; a model without one
     (ModernBERT, whose first layer has no attention norm; a CNN) is read whole, where it fits in memory."""
-    from rewrite import blockwise
     try:
         model = build_empty(Path(folder), remote_code=remote_code)
     except RewriteError:
         return True  # a folder that builds no model: the block route's checks say why, in their order
-    try:
-        blockwise.find_stack(model)
+    if _stack_of(model)[0] is not None:
         return True
-    except RewriteError:
-        pass
     size, free = Shards(Path(folder)).nbytes(), measure.free_memory()
     if free is not None and 2 * size > free:
         raise RewriteError(f"{type(model).__name__} has no stack of identical blocks (an nn.ModuleList of layers of "
                            f"one class and shape) to rewrite one at a time, and its {size / 2**30:.1f} GiB would not "
                            f"fit in memory twice ({free / 2**30:.1f} GiB free)")
     return False
+
+
+def _stack_of(model: nn.Module) -> tuple[str | None, Any]:
+    """(path, blocks) of the model's stack of identical blocks, or (None, []) where it has none (ModernBERT, whose
+    first layer has no attention norm; a CNN)."""
+    from rewrite import blockwise
+    try:
+        return blockwise.find_stack(model)
+    except RewriteError:
+        return None, []
 
 
 def load_whole(folder: str | Path, remote_code: bool = False) -> nn.Module:
