@@ -45,26 +45,7 @@ def _identical(blocks: list[nn.Module]) -> bool:
 
 
 class _Reached(Exception):
-    """Raised by the hook on the first block: the rest of the model need not run."""
-
-
-def first_block_calls(model: nn.Module, first: nn.Module, batches: list[tuple]) -> list[Call]:
-    """How the model calls its first block on each calibration batch (the embedding runs, nothing after)."""
-    calls: list[Call] = []
-
-    def record(_module, args, kwargs):
-        calls.append((tuple(args), dict(kwargs)))
-        raise _Reached
-
-    hook = first.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        _run_until_reached(model, batches)
-    finally:
-        hook.remove()
-    if len(calls) != len(batches):
-        raise RewriteError("the model did not call its first block on every calibration batch: --blockwise "
-                           "needs a model whose forward runs its stack of blocks")
-    return calls
+    """Raised by the last block's recorder (`block_calls`): the rest of the model need not run."""
 
 
 def _run_until_reached(model: nn.Module, batches: list[tuple]) -> None:
@@ -82,12 +63,10 @@ def block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[tuple]) -
     (and a full layer's mask may be None where a sliding one's is a tensor), so block 0's call, given the next
     block's hidden states, calibrated the others on inputs they never see. Each block is stood in for by a
     recorder that passes its hidden states on unchanged (block 0's output structure, its hidden states
-    replaced), so one run of the embedding and the loop, with no block's weights, records every call."""
-    first = first_block_calls(model, blocks[0], batches[:1])[0]
-    with torch.no_grad():
-        template = blocks[0](*first[0], **first[1])
+    replaced), so one run of the embedding and the loop, with block 0 run once for that structure, records every
+    call."""
     recorded: list[list[Call]] = [[] for _ in blocks]
-    real = list(blocks)
+    real, template = list(blocks), []  # block 0's first output, made by its recorder on the first call
     try:
         for index, block in enumerate(real):
             blocks[index] = _Recorder(block, recorded[index], template, last=index == len(real) - 1)
@@ -105,7 +84,7 @@ class _Recorder(nn.Module):
     """A block's stand-in for `block_calls`: records the call, returns the hidden states as the block would
     return its own. Attributes the model's loop reads on a block (Gemma 3's `attention_type`) are the block's."""
 
-    def __init__(self, block: nn.Module, calls: list[Call], template: Any, last: bool):
+    def __init__(self, block: nn.Module, calls: list[Call], template: list, last: bool):
         super().__init__()
         self.block, self.calls, self.template, self.last = block, calls, template, last
 
@@ -119,7 +98,9 @@ class _Recorder(nn.Module):
         self.calls.append((tuple(args), dict(kwargs)))
         if self.last:
             raise _Reached
-        leaves, spec = tree_flatten(self.template)
+        if not self.template:  # block 0's first call: the only block run for real
+            self.template.append(self.block(*args, **kwargs))
+        leaves, spec = tree_flatten(self.template[0])
         first = next(i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor))
         return tree_unflatten([hidden_of((args, kwargs)) if i == first else v for i, v in enumerate(leaves)], spec)
 
